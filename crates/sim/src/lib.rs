@@ -1,0 +1,1 @@
+//! Deterministic discrete-event simulator for shoal's sans-IO layers: many nodes on a virtual clock and network.

@@ -1,0 +1,1 @@
+//! The relinquish / notice / acquire handoff of datums between nodes, as a sans-IO state machine.

@@ -1,0 +1,1 @@
+//! QUIC transport for shoal: one endpoint per node, mutual TLS, datagrams and framed messages over streams.
