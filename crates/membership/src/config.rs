@@ -1,0 +1,272 @@
+//! Timers, limits and the three profiles (`lan`, `wan`, `local`).
+
+use std::time::Duration;
+
+use crate::Error;
+
+/// Every timer and limit of the protocol.
+///
+/// Start from a profile ([`Config::lan`], the default, [`Config::wan`] or
+/// [`Config::local`]) and change fields as needed; [`Membership::new`]
+/// validates the result.
+///
+/// The detection time and bandwidth each profile gives are computed in
+/// `docs/membership.md`; in short, with `N` members:
+///
+/// - suspicion timeout `min = suspicion_mult × max(1, log10(N)) ×
+///   probe_interval`, `max = suspicion_max_mult × min`, shrinking from `max`
+///   to `min` as independent members confirm the suspicion;
+/// - a failed member is first probed after about one `probe_interval`, the
+///   probe fails one `probe_interval` later, and the "dead" verdict then takes
+///   a few gossip rounds to reach everyone;
+/// - each update is piggybacked `retransmit_mult × ceil(log10(N + 1))` times.
+///
+/// [`Membership::new`]: crate::Membership::new
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Time between two probes of this node (one member per period, in
+    /// round-robin over a shuffled list). Multiplied by the local health
+    /// score + 1 when this node is the slow one (Lifeguard).
+    pub probe_interval: Duration,
+    /// How long a direct ping waits for its ack before indirect probes are
+    /// sent through other members. Must be below `probe_interval`.
+    pub probe_timeout: Duration,
+    /// Suspicion multiplier: the minimal suspicion timeout is
+    /// `suspicion_mult × max(1, log10(N)) × probe_interval`. The number of
+    /// independent confirmations expected is `suspicion_mult − 2`.
+    pub suspicion_mult: u32,
+    /// The suspicion timeout starts at `suspicion_max_mult` times the minimal
+    /// one and shrinks towards it with each independent confirmation.
+    pub suspicion_max_mult: u32,
+    /// Number of members asked to probe a target indirectly after a direct
+    /// ping went unanswered.
+    pub indirect_checks: usize,
+    /// Retransmit multiplier: each update is piggybacked
+    /// `retransmit_mult × ceil(log10(N + 1))` times by every member that
+    /// learns it.
+    pub retransmit_mult: u32,
+    /// Time between two gossip rounds (only sent when updates are queued).
+    pub gossip_interval: Duration,
+    /// Members each gossip round sends to.
+    pub gossip_fanout: usize,
+    /// Time between two full-state push-pull exchanges with one random member
+    /// (alive, suspect or dead, so partitions heal). Scaled up above 32
+    /// members as memberlist does: `× (ceil(log2(N) − log2(32)) + 1)`.
+    pub push_pull_interval: Duration,
+    /// How long dead members still receive gossip (so a wrongly declared
+    /// member or the far side of a healed partition learns the verdict and
+    /// refutes it).
+    pub gossip_to_dead: Duration,
+    /// How long a dead or left member is remembered (as a tombstone: stale
+    /// updates about it are recognised and ignored) before it is forgotten.
+    pub reap_after: Duration,
+    /// Send a reliable ping alongside the indirect probes (memberlist's TCP
+    /// fallback), so one lossy path alone does not raise a suspicion.
+    pub reliable_ping: bool,
+    /// Largest unreliable packet this node sends (and accepts). Default
+    /// 1,150 bytes: what one QUIC datagram carries.
+    pub max_packet_size: usize,
+    /// Largest reliable transmit (push-pull full state) this node sends and
+    /// accepts. A larger state is sent in part, starting from a random member,
+    /// so successive exchanges cover everyone.
+    pub max_state_size: usize,
+    /// Largest user metadata; [`Membership::set_metadata`] refuses more.
+    ///
+    /// [`Membership::set_metadata`]: crate::Membership::set_metadata
+    pub max_metadata_len: usize,
+    /// Longest member name, in bytes.
+    pub max_name_len: usize,
+    /// Local health (awareness) ceiling: the score runs from 0 to
+    /// `awareness_max − 1`, and the probe interval is multiplied by score + 1.
+    pub awareness_max: u32,
+    /// First delay before join push-pulls to the seeds are retried; doubles
+    /// up to `push_pull_interval` until a seed answers.
+    pub join_retry_interval: Duration,
+    /// Indirect probes this node relays at once for others; further requests
+    /// are dropped (and counted) until some finish.
+    pub max_relays: usize,
+    /// Transmits waiting in [`Membership::poll_transmit`]'s queue; when full,
+    /// new transmits are dropped (and counted): membership tolerates loss.
+    ///
+    /// [`Membership::poll_transmit`]: crate::Membership::poll_transmit
+    pub max_queued_transmits: usize,
+    /// Events waiting in [`Membership::poll_event`]'s queue; when full, the
+    /// oldest is dropped (and counted). The coalesced `ViewChanged` is never
+    /// lost: it is built from the current state when polled.
+    ///
+    /// [`Membership::poll_event`]: crate::Membership::poll_event
+    pub max_queued_events: usize,
+    /// Emit `Event::ViewChanged` (building it costs O(N) each time it is
+    /// polled). A simulator of 10,000 nodes can turn it off.
+    pub view_events: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::lan()
+    }
+}
+
+impl Config {
+    /// The default profile, for one data centre (round trips under a few
+    /// milliseconds): probe every 200 ms with a 100 ms ack timeout,
+    /// suspicion multiplier 4, 3 indirect probes, retransmit multiplier 4,
+    /// gossip to 3 members every 200 ms, push-pull every 30 s.
+    ///
+    /// It probes five times as often as memberlist's LAN profile (1 s), so a
+    /// crashed member of 16 is marked dead by everyone in about 1.5–2 s
+    /// (memberlist: about 6 s). Probe traffic is about 0.5 kB/s per node,
+    /// gossip at most `3 × 1,150 B / 200 ms ≈ 17 kB/s` and only while updates
+    /// are queued. A node that stops answering for about one second (the
+    /// minimal suspicion timeout at 16 members) is declared dead: use `wan`
+    /// if pauses that long are normal.
+    pub fn lan() -> Config {
+        Config {
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(100),
+            suspicion_mult: 4,
+            suspicion_max_mult: 6,
+            indirect_checks: 3,
+            retransmit_mult: 4,
+            gossip_interval: Duration::from_millis(200),
+            gossip_fanout: 3,
+            push_pull_interval: Duration::from_secs(30),
+            gossip_to_dead: Duration::from_secs(30),
+            reap_after: Duration::from_secs(15 * 60),
+            reliable_ping: true,
+            max_packet_size: 1150,
+            max_state_size: 4 << 20,
+            max_metadata_len: 512,
+            max_name_len: 128,
+            awareness_max: 8,
+            join_retry_interval: Duration::from_secs(1),
+            max_relays: 256,
+            max_queued_transmits: 4096,
+            max_queued_events: 65_536,
+            view_events: true,
+        }
+    }
+
+    /// Members spread over regions (round trips up to a few hundred
+    /// milliseconds): memberlist's WAN timings, probe every 5 s with a 3 s
+    /// timeout, suspicion multiplier 6, gossip to 4 members every 500 ms,
+    /// push-pull every 60 s. Detection at 16 members takes about 45 s.
+    pub fn wan() -> Config {
+        Config {
+            probe_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(3),
+            suspicion_mult: 6,
+            indirect_checks: 3,
+            retransmit_mult: 4,
+            gossip_interval: Duration::from_millis(500),
+            gossip_fanout: 4,
+            push_pull_interval: Duration::from_secs(60),
+            gossip_to_dead: Duration::from_secs(60),
+            reap_after: Duration::from_secs(60 * 60),
+            join_retry_interval: Duration::from_secs(2),
+            ..Config::lan()
+        }
+    }
+
+    /// All members on one host (tests, local demos): probe every 100 ms with
+    /// a 50 ms timeout, suspicion multiplier 4, gossip every 50 ms,
+    /// push-pull every 15 s. Detection at 16 members takes under 1 s.
+    pub fn local() -> Config {
+        Config {
+            probe_interval: Duration::from_millis(100),
+            probe_timeout: Duration::from_millis(50),
+            gossip_interval: Duration::from_millis(50),
+            push_pull_interval: Duration::from_secs(15),
+            gossip_to_dead: Duration::from_secs(15),
+            reap_after: Duration::from_secs(5 * 60),
+            join_retry_interval: Duration::from_millis(200),
+            ..Config::lan()
+        }
+    }
+
+    /// Checks that the configuration is usable; [`Membership::new`] calls it.
+    ///
+    /// [`Membership::new`]: crate::Membership::new
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &'static str| Err(Error::InvalidConfig(what));
+        if self.probe_interval.is_zero() {
+            return bad("probe_interval must be positive");
+        }
+        if self.probe_timeout.is_zero() || self.probe_timeout >= self.probe_interval {
+            return bad("probe_timeout must be positive and below probe_interval");
+        }
+        if self.suspicion_mult == 0 || self.suspicion_max_mult == 0 {
+            return bad("suspicion multipliers must be positive");
+        }
+        if self.retransmit_mult == 0 {
+            return bad("retransmit_mult must be positive");
+        }
+        if self.gossip_interval.is_zero() || self.push_pull_interval.is_zero() {
+            return bad("gossip_interval and push_pull_interval must be positive");
+        }
+        if self.awareness_max == 0 {
+            return bad("awareness_max must be at least 1");
+        }
+        if self.max_name_len == 0 || self.max_name_len > 1024 {
+            return bad("max_name_len must be between 1 and 1024");
+        }
+        if self.join_retry_interval.is_zero() {
+            return bad("join_retry_interval must be positive");
+        }
+        // A packet must hold a ping to a suspect (ping plus the suspicion)
+        // plus one full alive update (the largest piggybacked message), or
+        // updates with full metadata never travel.
+        let needed = crate::wire::HEADER_LEN
+            + crate::wire::max_ping_len(self.max_name_len)
+            + crate::wire::max_accusation_len(self.max_name_len)
+            + crate::wire::max_alive_len(self.max_name_len, self.max_metadata_len);
+        if self.max_packet_size < needed {
+            return bad("max_packet_size too small for a ping plus one update with full metadata");
+        }
+        if self.max_state_size < self.max_packet_size {
+            return bad("max_state_size must be at least max_packet_size");
+        }
+        if self.max_queued_transmits == 0 || self.max_queued_events == 0 {
+            return bad("queue limits must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_are_valid() {
+        Config::lan().validate().unwrap();
+        Config::wan().validate().unwrap();
+        Config::local().validate().unwrap();
+        assert_eq!(Config::default(), Config::lan());
+    }
+
+    #[test]
+    fn rejects_packets_too_small_for_metadata() {
+        let config = Config {
+            max_packet_size: 600,
+            ..Config::lan()
+        };
+        assert!(matches!(config.validate(), Err(Error::InvalidConfig(_))));
+        let config = Config {
+            max_packet_size: 600,
+            max_metadata_len: 64,
+            max_name_len: 64,
+            ..Config::lan()
+        };
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_timeout_above_interval() {
+        let config = Config {
+            probe_timeout: Duration::from_millis(300),
+            ..Config::lan()
+        };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! A small seeded hasher for member names.
+//!
+//! The standard library's `RandomState` draws its keys from the operating
+//! system, which a sans-IO core must not do; this hasher takes its seed from
+//! the node's seeded RNG instead, so runs are reproducible. Names come from
+//! authenticated members only (mutual TLS), so a fast multiplicative hash is
+//! enough.
+
+use std::hash::{BuildHasher, Hasher};
+
+const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Builds [`NameHasher`]s sharing one seed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeededState {
+    seed: u64,
+}
+
+impl SeededState {
+    pub(crate) fn new(seed: u64) -> Self {
+        SeededState { seed }
+    }
+
+    /// Hash of one string, as the map computes it.
+    pub(crate) fn hash_str(&self, name: &str) -> u64 {
+        self.hash_one(name)
+    }
+}
+
+impl BuildHasher for SeededState {
+    type Hasher = NameHasher;
+
+    fn build_hasher(&self) -> NameHasher {
+        NameHasher { state: self.seed }
+    }
+}
+
+/// Folded-multiply hasher over 8-byte words with a final avalanche.
+#[derive(Debug, Clone)]
+pub(crate) struct NameHasher {
+    state: u64,
+}
+
+impl NameHasher {
+    /// Folded multiply: the 128-bit product's halves xored, so every input
+    /// bit reaches every output bit.
+    fn mix(&mut self, word: u64) {
+        let product = u128::from(self.state ^ word) * u128::from(MULTIPLIER);
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            let mut word = [0u8; 8];
+            word[..tail.len()].copy_from_slice(tail);
+            self.mix(u64::from_le_bytes(word));
+        }
+        // The length keeps "ab" and "ab\0" apart.
+        self.mix(bytes.len() as u64);
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.mix(u64::from(byte) | 0x100);
+    }
+
+    fn finish(&self) -> u64 {
+        // murmur3's 64-bit finaliser.
+        let mut x = self.state;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn distinct_names_hash_apart_and_seed_matters() {
+        let a = SeededState::new(1);
+        let b = SeededState::new(2);
+        assert_eq!(a.hash_str("node-1"), a.hash_str("node-1"));
+        assert_ne!(a.hash_str("node-1"), b.hash_str("node-1"));
+        let hashes: HashSet<u64> = (0..10_000)
+            .map(|i| a.hash_str(&format!("node-{i}")))
+            .collect();
+        assert_eq!(hashes.len(), 10_000);
+        assert_ne!(a.hash_str("ab"), a.hash_str("ab\0"));
+    }
+}

@@ -1,0 +1,1745 @@
+//! The state machine.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rand::seq::SliceRandom;
+use tracing::{debug, info, warn};
+
+use crate::broadcast::Broadcasts;
+use crate::hash::SeededState;
+use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
+use crate::wire::{
+    self, Accusation, Alive, IndirectPing, Limits, Message, Ping, PushPull, State, WireState,
+};
+use crate::{
+    Claimant, Config, DecodeError, Error, Event, LocalNode, Member, MemberState, Stats, Transmit,
+};
+
+/// Broadcast-queue key of updates about this node.
+const LOCAL_SLOT: u32 = u32::MAX;
+/// Random draws tried before falling back to a scan when picking members.
+const SAMPLE_ATTEMPTS: usize = 32;
+
+/// `now + d`, saturating far in the future instead of overflowing.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(1 << 32)))
+        .unwrap_or(now)
+}
+
+/// The probe in progress.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    slot: u32,
+    generation: u64,
+    seq: u32,
+    indirect_at: Instant,
+    deadline: Instant,
+    indirect_sent: bool,
+    expected_nacks: u32,
+    nacks: u32,
+}
+
+/// An indirect probe this node runs for another member.
+#[derive(Debug, Clone, Copy)]
+struct Relay {
+    seq: u32,
+    requester: SocketAddr,
+    requester_seq: u32,
+    nack_at: Instant,
+}
+
+/// Join attempts in progress.
+#[derive(Debug, Clone)]
+struct Join {
+    seeds: Vec<SocketAddr>,
+    next_at: Instant,
+    delay: Duration,
+}
+
+/// Where a member name comes from: borrowed from a packet, or shared.
+#[derive(Clone, Copy)]
+enum NameSrc<'a> {
+    Wire(&'a str),
+    Shared(&'a Arc<str>),
+}
+
+impl NameSrc<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            NameSrc::Wire(name) => name,
+            NameSrc::Shared(name) => name,
+        }
+    }
+
+    fn to_arc(self) -> Arc<str> {
+        match self {
+            NameSrc::Wire(name) => Arc::from(name),
+            NameSrc::Shared(name) => Arc::clone(name),
+        }
+    }
+}
+
+/// Where metadata comes from: borrowed from a packet, or shared.
+#[derive(Clone, Copy)]
+enum MetaSrc<'a> {
+    Wire(&'a [u8]),
+    Shared(&'a Arc<[u8]>),
+}
+
+impl MetaSrc<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            MetaSrc::Wire(meta) => meta,
+            MetaSrc::Shared(meta) => meta,
+        }
+    }
+
+    fn to_arc(self, empty: &Arc<[u8]>) -> Arc<[u8]> {
+        match self {
+            MetaSrc::Wire([]) => Arc::clone(empty),
+            MetaSrc::Wire(meta) => Arc::from(meta),
+            MetaSrc::Shared(meta) => Arc::clone(meta),
+        }
+    }
+}
+
+/// An alive announcement, from the wire or from a snapshot.
+#[derive(Clone, Copy)]
+struct AliveInfo<'a> {
+    name: NameSrc<'a>,
+    generation: u64,
+    incarnation: u64,
+    addr: SocketAddr,
+    ready: bool,
+    metadata: MetaSrc<'a>,
+}
+
+impl<'a> AliveInfo<'a> {
+    fn from_wire(alive: &Alive<'a>) -> Self {
+        AliveInfo {
+            name: NameSrc::Wire(alive.name),
+            generation: alive.generation,
+            incarnation: alive.incarnation,
+            addr: alive.addr,
+            ready: alive.ready,
+            metadata: MetaSrc::Wire(alive.metadata),
+        }
+    }
+
+    fn from_member(member: &'a Member) -> Self {
+        AliveInfo {
+            name: NameSrc::Shared(&member.name),
+            generation: member.generation,
+            incarnation: member.incarnation,
+            addr: member.addr,
+            ready: member.ready,
+            metadata: MetaSrc::Shared(&member.metadata),
+        }
+    }
+}
+
+/// Whether changes are announced (gossip, push-pull) or applied silently
+/// (bootstrap from a snapshot: no per-member events, nothing re-broadcast).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Announce,
+    Quiet,
+}
+
+/// One node's view of the cluster: SWIM failure detection with the Lifeguard
+/// extensions, and gossip of member state. Sans-IO: feed it packets and
+/// timeouts, poll what it wants to send and what happened.
+///
+/// See the [crate documentation](crate) for the protocol and an example.
+pub struct Membership<R: Rng> {
+    config: Config,
+    rng: R,
+    limits: Limits,
+    hasher: SeededState,
+    empty_metadata: Arc<[u8]>,
+
+    local: Member,
+    /// True once another process won this node's name: the node is passive.
+    superseded: bool,
+    /// Remote members; `None` marks a reaped slot that `free` will reuse.
+    members: Vec<Option<Member>>,
+    free: Vec<u32>,
+    index: HashMap<Arc<str>, u32, SeededState>,
+    /// Alive and suspect members, this node included while it is live.
+    live: usize,
+
+    probe_order: Vec<u32>,
+    probe_pos: usize,
+    probe: Option<Probe>,
+    next_probe_at: Instant,
+    awareness: u32,
+    next_seq: u32,
+    relays: VecDeque<Relay>,
+
+    suspicions: HashMap<u32, Suspicion>,
+    suspicion_deadlines: BTreeSet<(Instant, u32)>,
+    down_since: HashMap<u32, Instant>,
+    reap_queue: BTreeSet<(Instant, u32)>,
+
+    broadcasts: Broadcasts,
+    next_gossip_at: Instant,
+    next_push_pull_at: Instant,
+    join: Option<Join>,
+
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    view_dirty: bool,
+    stats: Stats,
+    scratch_slots: Vec<u32>,
+    deferred_acks: Vec<(SocketAddr, u32, bool)>,
+}
+
+impl<R: Rng> std::fmt::Debug for Membership<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("local", &self.local)
+            .field("members", &self.index.len())
+            .field("live", &self.live)
+            .field("awareness", &self.awareness)
+            .field("broadcasts", &self.broadcasts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Rng> Membership<R> {
+    /// A node that knows only itself. Call [`join`](Self::join) with seed
+    /// addresses, or [`bootstrap`](Self::bootstrap) with a snapshot.
+    pub fn new(config: Config, local: LocalNode, mut rng: R, now: Instant) -> Result<Self, Error> {
+        config.validate()?;
+        if local.name.is_empty() || local.name.len() > config.max_name_len {
+            return Err(Error::InvalidName {
+                len: local.name.len(),
+                max: config.max_name_len,
+            });
+        }
+        if local.metadata.len() > config.max_metadata_len {
+            return Err(Error::MetadataTooLarge {
+                len: local.metadata.len(),
+                max: config.max_metadata_len,
+            });
+        }
+        let hasher = SeededState::new(rng.random());
+        let empty_metadata: Arc<[u8]> = Arc::from(&[][..]);
+        let metadata = if local.metadata.is_empty() {
+            Arc::clone(&empty_metadata)
+        } else {
+            Arc::from(local.metadata)
+        };
+        let limits = Limits {
+            max_len: config.max_state_size.max(config.max_packet_size),
+            max_name_len: config.max_name_len,
+            max_metadata_len: config.max_metadata_len,
+        };
+        let jitter = |rng: &mut R, d: Duration| d.mul_f64(rng.random_range(0.0..1.0));
+        let next_probe_at = later(now, jitter(&mut rng, config.probe_interval));
+        let next_gossip_at = later(now, jitter(&mut rng, config.gossip_interval));
+        let next_push_pull_at = later(now, jitter(&mut rng, config.push_pull_interval));
+        let mut membership = Membership {
+            limits,
+            hasher,
+            empty_metadata,
+            local: Member {
+                name: Arc::from(local.name),
+                generation: local.generation,
+                addr: local.addr,
+                incarnation: 0,
+                state: MemberState::Alive,
+                ready: local.ready,
+                metadata,
+            },
+            superseded: false,
+            members: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::with_hasher(hasher),
+            live: 1,
+            probe_order: Vec::new(),
+            probe_pos: 0,
+            probe: None,
+            next_probe_at,
+            awareness: 0,
+            next_seq: rng.random(),
+            relays: VecDeque::new(),
+            suspicions: HashMap::new(),
+            suspicion_deadlines: BTreeSet::new(),
+            down_since: HashMap::new(),
+            reap_queue: BTreeSet::new(),
+            broadcasts: Broadcasts::default(),
+            next_gossip_at,
+            next_push_pull_at,
+            join: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            view_dirty: true,
+            stats: Stats::default(),
+            scratch_slots: Vec::new(),
+            deferred_acks: Vec::new(),
+            config,
+            rng,
+        };
+        membership.broadcast_local_alive();
+        Ok(membership)
+    }
+
+    // ----- public API -------------------------------------------------------
+
+    /// Contacts the seeds with a join push-pull (this node's state; each seed
+    /// answers with its full state). Retried with backoff until some member
+    /// answers. Rejoins after [`leave`](Self::leave).
+    pub fn join(&mut self, seeds: &[SocketAddr], now: Instant) {
+        if self.superseded {
+            return;
+        }
+        if self.local.state == MemberState::Left {
+            self.local.state = MemberState::Alive;
+            self.local.incarnation += 1;
+            self.live += 1;
+            self.view_dirty = true;
+            self.broadcast_local_alive();
+            self.next_probe_at = now;
+            info!(name = %self.local.name, incarnation = self.local.incarnation, "rejoining");
+        }
+        let seeds: Vec<SocketAddr> = seeds
+            .iter()
+            .copied()
+            .filter(|addr| *addr != self.local.addr)
+            .collect();
+        if seeds.is_empty() {
+            return;
+        }
+        self.join = Some(Join {
+            seeds,
+            next_at: now,
+            delay: self.config.join_retry_interval,
+        });
+        self.fire_join(now);
+    }
+
+    /// Leaves gracefully: announces "left" (a dead message about itself) and
+    /// stops probing. Keep driving the node for a few gossip intervals (until
+    /// [`pending_broadcasts`](Self::pending_broadcasts) is 0) so the news
+    /// spreads before the process exits.
+    pub fn leave(&mut self, now: Instant) {
+        if self.superseded || self.local.state != MemberState::Alive {
+            return;
+        }
+        self.local.state = MemberState::Left;
+        self.live = self.live.saturating_sub(1);
+        self.probe = None;
+        self.join = None;
+        self.view_dirty = true;
+        let msg = Message::Dead(Accusation {
+            name: &self.local.name,
+            generation: self.local.generation,
+            incarnation: self.local.incarnation,
+            from: &self.local.name,
+        });
+        let bytes = wire::encode_one(&msg);
+        self.queue_broadcast(LOCAL_SLOT, bytes);
+        self.emit(Event::Left(self.local.clone()));
+        info!(name = %self.local.name, incarnation = self.local.incarnation, "leaving");
+        self.next_gossip_at = now;
+        self.fire_gossip(now);
+    }
+
+    /// Announces this node ready (or not) to own datums.
+    pub fn set_ready(&mut self, ready: bool, _now: Instant) {
+        if self.local.ready == ready {
+            return;
+        }
+        self.local.ready = ready;
+        self.local_changed();
+    }
+
+    /// Replaces this node's user metadata. More than `max_metadata_len` bytes
+    /// is an error and changes nothing.
+    pub fn set_metadata(&mut self, metadata: Vec<u8>, _now: Instant) -> Result<(), Error> {
+        if metadata.len() > self.config.max_metadata_len {
+            return Err(Error::MetadataTooLarge {
+                len: metadata.len(),
+                max: self.config.max_metadata_len,
+            });
+        }
+        if *self.local.metadata == *metadata {
+            return Ok(());
+        }
+        self.local.metadata = if metadata.is_empty() {
+            Arc::clone(&self.empty_metadata)
+        } else {
+            Arc::from(metadata)
+        };
+        self.local_changed();
+        Ok(())
+    }
+
+    /// Handles one packet (unreliable or reliable) from `from`. A malformed
+    /// or oversized packet is counted, dropped whole, and returned as an
+    /// error; it changes nothing.
+    pub fn handle_packet(
+        &mut self,
+        from: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), DecodeError> {
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        if let Err(error) = wire::check_packet(bytes, &self.limits) {
+            self.stats.decode_errors += 1;
+            debug!(%from, %error, len = bytes.len(), "dropped malformed membership packet");
+            return Err(error);
+        }
+        if self.superseded {
+            return Ok(());
+        }
+        let mut push_pull: Option<PushPull<'_>> = None;
+        for msg in wire::Messages::new(bytes) {
+            self.stats.messages_in += 1;
+            match msg {
+                Message::Ping(ping) => self.on_ping(from, &ping),
+                Message::IndirectPing(req) => self.on_indirect_ping(from, &req, now),
+                Message::Ack(seq) => self.on_ack(seq),
+                Message::Nack(seq) => self.on_nack(seq),
+                Message::Alive(alive) => {
+                    self.apply_alive(AliveInfo::from_wire(&alive), Mode::Announce, now)
+                }
+                Message::Suspect(acc) => self.apply_suspect(&acc, Mode::Announce, now),
+                Message::Dead(acc) => self.apply_dead(&acc, Mode::Announce, now),
+                Message::PushPull(header) => {
+                    self.stats.push_pulls_received += 1;
+                    if header.join {
+                        debug!(from = header.from, %from, "join request");
+                    }
+                    push_pull = Some(header);
+                }
+                Message::State(state) => {
+                    if let Some(header) = push_pull {
+                        self.merge_state(&state, header.from, now);
+                    }
+                }
+            }
+        }
+        // Acks leave after the whole packet was applied, so a refutation
+        // triggered by a suspicion piggybacked on the ping rides on the ack.
+        let acks = std::mem::take(&mut self.deferred_acks);
+        for &(to, seq, reliable) in &acks {
+            self.send_ack(to, seq, reliable);
+        }
+        self.deferred_acks = acks;
+        self.deferred_acks.clear();
+        if let Some(header) = push_pull {
+            // Some member answered: the join (if any) is done.
+            self.join = None;
+            if header.reply && self.local.state.is_live() {
+                self.send_state(from, false, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every timer due at `now`: probes, indirect probes, suspicion
+    /// timeouts, gossip, push-pull, join retries, reaping.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.superseded {
+            return;
+        }
+        self.fire_relays(now);
+        self.fire_probe(now);
+        self.fire_suspicions(now);
+        self.fire_gossip(now);
+        self.fire_push_pull(now);
+        self.fire_join(now);
+        self.fire_reap(now);
+    }
+
+    /// The next packet to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event, if any. Individual events first; then the coalesced
+    /// `ViewChanged`, built from the current state.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        if let Some(event) = self.events.pop_front() {
+            return Some(event);
+        }
+        if self.view_dirty {
+            self.view_dirty = false;
+            if self.config.view_events {
+                return Some(Event::ViewChanged(self.live_members().cloned().collect()));
+            }
+        }
+        None
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called
+    /// (possibly already past). `None` once this node lost its name.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.superseded {
+            return None;
+        }
+        let live = self.local.state.is_live();
+        let candidates = [
+            (live && self.probe.is_none()).then_some(self.next_probe_at),
+            self.probe.map(|p| {
+                if p.indirect_sent {
+                    p.deadline
+                } else {
+                    p.indirect_at
+                }
+            }),
+            (!self.broadcasts.is_empty()).then_some(self.next_gossip_at),
+            live.then_some(self.next_push_pull_at),
+            self.suspicion_deadlines.first().map(|(at, _)| *at),
+            self.relays.front().map(|r| r.nack_at),
+            self.reap_queue.first().map(|(at, _)| *at),
+            self.join.as_ref().map(|j| j.next_at),
+        ];
+        candidates.into_iter().flatten().min()
+    }
+
+    /// Every member known, this node first, in any state (dead and left
+    /// members until they are reaped).
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        std::iter::once(&self.local).chain(self.members.iter().flatten())
+    }
+
+    /// Alive and suspect members, this node included while it is live: the
+    /// view `ViewChanged` carries.
+    pub fn live_members(&self) -> impl Iterator<Item = &Member> {
+        self.members().filter(|m| m.state.is_live())
+    }
+
+    /// A member by name (this node included).
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        if name == &*self.local.name {
+            return Some(&self.local);
+        }
+        self.index.get(name).and_then(|slot| self.slot(*slot))
+    }
+
+    /// Number of alive and suspect members, this node included while live.
+    pub fn num_live(&self) -> usize {
+        self.live
+    }
+
+    /// This node as it announces itself.
+    pub fn local(&self) -> &Member {
+        &self.local
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The Lifeguard local health score, 0 (healthy) to `awareness_max − 1`.
+    /// The probe interval is multiplied by score + 1.
+    pub fn awareness(&self) -> u32 {
+        self.awareness
+    }
+
+    /// Updates waiting to be piggybacked (0 once a leave has been fully
+    /// gossiped).
+    pub fn pending_broadcasts(&self) -> usize {
+        self.broadcasts.len()
+    }
+
+    /// Whether another process won this node's name: the node no longer
+    /// announces itself, answers nothing, and should be shut down.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded
+    }
+
+    /// For simulators and restarts: merges a member snapshot as push-pull
+    /// would, silently (no per-member events, nothing re-broadcast; one
+    /// `ViewChanged` follows). Unknown members are inserted in the state
+    /// given (a suspect one as alive); known ones follow the usual precedence
+    /// rules. Entries about this node are ignored. Names and metadata are
+    /// shared with the snapshot, not copied.
+    pub fn bootstrap(&mut self, members: impl IntoIterator<Item = Member>, now: Instant) {
+        for member in members {
+            if member.name == self.local.name {
+                continue;
+            }
+            if member.name.is_empty() || member.name.len() > self.config.max_name_len {
+                continue;
+            }
+            if member.metadata.len() > self.config.max_metadata_len {
+                continue;
+            }
+            let info = AliveInfo::from_member(&member);
+            match (self.index.get(&*member.name), member.state) {
+                (None, MemberState::Alive | MemberState::Suspect) => {
+                    self.apply_alive(info, Mode::Quiet, now);
+                }
+                (None, state @ (MemberState::Dead | MemberState::Left)) => {
+                    self.insert_down(info, state, now);
+                }
+                (Some(_), MemberState::Alive) => self.apply_alive(info, Mode::Quiet, now),
+                (Some(_), state) => {
+                    let from = if state == MemberState::Left {
+                        Arc::clone(&member.name)
+                    } else {
+                        Arc::clone(&self.local.name)
+                    };
+                    let acc = Accusation {
+                        name: &member.name,
+                        generation: member.generation,
+                        incarnation: member.incarnation,
+                        from: &from,
+                    };
+                    if state == MemberState::Left {
+                        self.apply_dead(&acc, Mode::Quiet, now);
+                    } else {
+                        self.apply_suspect(&acc, Mode::Quiet, now);
+                    }
+                }
+            }
+        }
+        self.view_dirty = true;
+    }
+
+    // ----- members table ----------------------------------------------------
+
+    fn slot(&self, slot: u32) -> Option<&Member> {
+        self.members.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    fn slot_mut(&mut self, slot: u32) -> Option<&mut Member> {
+        self.members.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    fn insert_member(&mut self, member: Member) -> u32 {
+        let name = Arc::clone(&member.name);
+        let live = member.state.is_live();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                if let Some(entry) = self.members.get_mut(slot as usize) {
+                    *entry = Some(member);
+                }
+                slot
+            }
+            None => {
+                let slot = u32::try_from(self.members.len()).unwrap_or(LOCAL_SLOT - 1);
+                self.members.push(Some(member));
+                slot
+            }
+        };
+        self.index.insert(name, slot);
+        if live {
+            self.add_to_probe_order(slot);
+        }
+        slot
+    }
+
+    /// New members are probed in the current round, at a random place.
+    fn add_to_probe_order(&mut self, slot: u32) {
+        self.probe_order.push(slot);
+        let len = self.probe_order.len();
+        if self.probe_pos < len {
+            let at = self.rng.random_range(self.probe_pos..len);
+            self.probe_order.swap(at, len - 1);
+        }
+    }
+
+    fn insert_down(&mut self, info: AliveInfo<'_>, state: MemberState, now: Instant) {
+        let member = Member {
+            name: info.name.to_arc(),
+            generation: info.generation,
+            addr: info.addr,
+            incarnation: info.incarnation,
+            state,
+            ready: info.ready,
+            metadata: info.metadata.to_arc(&self.empty_metadata),
+        };
+        let slot = self.insert_member(member);
+        self.mark_down(slot, now);
+    }
+
+    fn mark_down(&mut self, slot: u32, now: Instant) {
+        if let Some(old) = self.down_since.insert(slot, now) {
+            self.reap_queue
+                .remove(&(later(old, self.config.reap_after), slot));
+        }
+        self.reap_queue
+            .insert((later(now, self.config.reap_after), slot));
+    }
+
+    fn clear_down(&mut self, slot: u32) {
+        if let Some(old) = self.down_since.remove(&slot) {
+            self.reap_queue
+                .remove(&(later(old, self.config.reap_after), slot));
+        }
+    }
+
+    fn clear_suspicion(&mut self, slot: u32) {
+        if let Some(s) = self.suspicions.remove(&slot) {
+            self.suspicion_deadlines.remove(&(s.deadline, slot));
+        }
+    }
+
+    fn remove_member(&mut self, slot: u32) {
+        let Some(member) = self.members.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.index.remove(&*member.name);
+        self.free.push(slot);
+        self.broadcasts.remove(slot);
+        self.clear_suspicion(slot);
+        self.clear_down(slot);
+        if member.state.is_live() {
+            self.live = self.live.saturating_sub(1);
+        }
+        if self.probe.is_some_and(|p| p.slot == slot) {
+            self.probe = None;
+        }
+        self.stats.reaped += 1;
+        debug!(member = %member.name, generation = member.generation, "reaped");
+    }
+
+    // ----- outputs ----------------------------------------------------------
+
+    fn emit(&mut self, event: Event) {
+        if self.events.len() >= self.config.max_queued_events {
+            self.events.pop_front();
+            self.stats.events_dropped += 1;
+        }
+        self.events.push_back(event);
+    }
+
+    fn send(&mut self, to: SocketAddr, reliable: bool, payload: Vec<u8>) {
+        if self.transmits.len() >= self.config.max_queued_transmits {
+            self.stats.transmits_dropped += 1;
+            return;
+        }
+        if reliable {
+            self.stats.reliable_out += 1;
+            self.stats.reliable_bytes_out += payload.len() as u64;
+        } else {
+            self.stats.packets_out += 1;
+            self.stats.bytes_out += payload.len() as u64;
+        }
+        self.transmits.push_back(Transmit {
+            to,
+            reliable,
+            payload,
+        });
+    }
+
+    fn retransmit_limit(&self) -> u32 {
+        retransmit_limit(self.config.retransmit_mult, self.live.max(1))
+    }
+
+    fn new_packet(&self) -> Vec<u8> {
+        wire::new_packet(self.config.max_packet_size)
+    }
+
+    /// Adds piggybacked updates to an unreliable packet and queues it.
+    fn finish_unreliable(&mut self, to: SocketAddr, mut buf: Vec<u8>) {
+        let limit = self.retransmit_limit();
+        self.broadcasts
+            .fill(&mut buf, self.config.max_packet_size, limit);
+        self.send(to, false, buf);
+    }
+
+    fn send_ack(&mut self, to: SocketAddr, seq: u32, reliable: bool) {
+        let mut buf = self.new_packet();
+        wire::encode(&Message::Ack(seq), &mut buf);
+        if reliable {
+            self.send(to, true, buf);
+        } else {
+            self.finish_unreliable(to, buf);
+        }
+    }
+
+    fn queue_broadcast(&mut self, slot: u32, bytes: Vec<u8>) {
+        self.stats.broadcasts_queued += 1;
+        self.broadcasts.push(slot, bytes);
+    }
+
+    fn broadcast_local_alive(&mut self) {
+        let bytes = wire::encode_one(&Message::Alive(alive_of(&self.local)));
+        self.queue_broadcast(LOCAL_SLOT, bytes);
+    }
+
+    fn broadcast_alive(&mut self, slot: u32) {
+        let Some(member) = self.slot(slot) else {
+            return;
+        };
+        let bytes = wire::encode_one(&Message::Alive(alive_of(member)));
+        self.queue_broadcast(slot, bytes);
+    }
+
+    fn local_changed(&mut self) {
+        self.view_dirty = self.view_dirty || self.local.state.is_live();
+        if self.local.state != MemberState::Alive || self.superseded {
+            return;
+        }
+        self.local.incarnation += 1;
+        self.broadcast_local_alive();
+        self.emit(Event::Updated(self.local.clone()));
+    }
+
+    // ----- precedence rules -------------------------------------------------
+
+    fn apply_alive(&mut self, info: AliveInfo<'_>, mode: Mode, now: Instant) {
+        if info.name.as_str() == &*self.local.name {
+            self.alive_about_self(&info);
+            return;
+        }
+        let Some(slot) = self.index.get(info.name.as_str()).copied() else {
+            let member = Member {
+                name: info.name.to_arc(),
+                generation: info.generation,
+                addr: info.addr,
+                incarnation: info.incarnation,
+                state: MemberState::Alive,
+                ready: info.ready,
+                metadata: info.metadata.to_arc(&self.empty_metadata),
+            };
+            let slot = self.insert_member(member);
+            self.live += 1;
+            self.view_dirty = true;
+            if mode == Mode::Announce {
+                if let Some(m) = self.slot(slot) {
+                    debug!(member = %m.name, generation = m.generation, incarnation = m.incarnation, addr = %m.addr, "joined");
+                    self.emit(Event::Joined(m.clone()));
+                }
+                self.broadcast_alive(slot);
+            }
+            return;
+        };
+        let Some(record) = self.slot(slot) else {
+            return;
+        };
+        let (generation, incarnation, addr, state) = (
+            record.generation,
+            record.incarnation,
+            record.addr,
+            record.state,
+        );
+        if info.generation < generation {
+            self.stats.ignored_updates += 1;
+            return;
+        }
+        if info.generation > generation {
+            self.replace_identity(slot, info, mode, now);
+            return;
+        }
+        if info.addr != addr && state.is_live() {
+            // Two live processes claim one (name, generation): the higher
+            // address wins, the same way everywhere.
+            self.stats.name_conflicts += 1;
+            let theirs = Claimant {
+                generation: info.generation,
+                addr: info.addr,
+            };
+            let ours = Claimant { generation, addr };
+            let (winner, loser) = if info.addr > addr {
+                (theirs, ours)
+            } else {
+                (ours, theirs)
+            };
+            warn!(member = info.name.as_str(), generation, winner = %winner.addr, loser = %loser.addr, "name conflict");
+            if mode == Mode::Announce {
+                self.emit(Event::NameConflict {
+                    name: info.name.to_arc(),
+                    winner,
+                    loser,
+                    local_lost: false,
+                });
+            }
+            if info.addr > addr {
+                self.replace_identity(slot, info, mode, now);
+            }
+            return;
+        }
+        if info.incarnation <= incarnation {
+            self.stats.ignored_updates += 1;
+            return;
+        }
+        let empty = Arc::clone(&self.empty_metadata);
+        let Some(record) = self.slot_mut(slot) else {
+            return;
+        };
+        let changed = record.ready != info.ready || *record.metadata != *info.metadata.as_slice();
+        record.incarnation = info.incarnation;
+        record.addr = info.addr;
+        record.ready = info.ready;
+        if changed {
+            record.metadata = info.metadata.to_arc(&empty);
+        }
+        record.state = MemberState::Alive;
+        match state {
+            MemberState::Alive => {}
+            MemberState::Suspect => self.clear_suspicion(slot),
+            MemberState::Dead | MemberState::Left => {
+                self.clear_down(slot);
+                self.live += 1;
+                self.view_dirty = true;
+                self.add_to_probe_order(slot);
+            }
+        }
+        if changed {
+            self.view_dirty = true;
+        }
+        if mode == Mode::Announce {
+            if let Some(m) = self.slot(slot).cloned() {
+                match state {
+                    MemberState::Alive => {}
+                    MemberState::Suspect | MemberState::Dead => {
+                        debug!(member = %m.name, incarnation = m.incarnation, was = ?state, "alive again");
+                        self.emit(Event::Alive(m.clone()));
+                    }
+                    MemberState::Left => {
+                        debug!(member = %m.name, incarnation = m.incarnation, "rejoined");
+                        self.emit(Event::Joined(m.clone()));
+                    }
+                }
+                if changed && state != MemberState::Left {
+                    self.emit(Event::Updated(m));
+                }
+            }
+            self.broadcast_alive(slot);
+        }
+    }
+
+    /// A new generation (or the winner of a name conflict) takes a record.
+    fn replace_identity(&mut self, slot: u32, info: AliveInfo<'_>, mode: Mode, _now: Instant) {
+        let empty = Arc::clone(&self.empty_metadata);
+        let Some(record) = self.slot_mut(slot) else {
+            return;
+        };
+        let old = record.clone();
+        record.generation = info.generation;
+        record.incarnation = info.incarnation;
+        record.addr = info.addr;
+        record.ready = info.ready;
+        record.metadata = info.metadata.to_arc(&empty);
+        record.state = MemberState::Alive;
+        self.clear_suspicion(slot);
+        if old.state.is_live() {
+            if self.probe.is_some_and(|p| p.slot == slot) {
+                self.probe = None;
+            }
+        } else {
+            self.clear_down(slot);
+            self.live += 1;
+            self.add_to_probe_order(slot);
+        }
+        self.view_dirty = true;
+        debug!(member = %old.name, old_generation = old.generation, generation = info.generation, "new generation");
+        if mode == Mode::Announce {
+            if old.state.is_live() {
+                self.emit(Event::Failed(old));
+            }
+            if let Some(m) = self.slot(slot).cloned() {
+                self.emit(Event::Joined(m));
+            }
+            self.broadcast_alive(slot);
+        } else {
+            self.broadcasts.remove(slot);
+        }
+    }
+
+    fn alive_about_self(&mut self, info: &AliveInfo<'_>) {
+        let ours = Claimant {
+            generation: self.local.generation,
+            addr: self.local.addr,
+        };
+        let theirs = Claimant {
+            generation: info.generation,
+            addr: info.addr,
+        };
+        if info.generation < ours.generation {
+            // An older process of ours is still talked about: re-announce.
+            self.refresh_local_alive();
+            return;
+        }
+        if info.generation == ours.generation && info.addr == ours.addr {
+            if info.incarnation > self.local.incarnation && self.local.state == MemberState::Alive {
+                self.refute(info.incarnation);
+            }
+            return;
+        }
+        // Another live process claims our name.
+        self.stats.name_conflicts += 1;
+        let we_lose = (info.generation, info.addr) > (ours.generation, ours.addr);
+        if we_lose {
+            warn!(name = %self.local.name, winner = %theirs.addr, winner_generation = theirs.generation,
+                "another process took this node's name; going passive");
+            self.emit(Event::NameConflict {
+                name: Arc::clone(&self.local.name),
+                winner: theirs,
+                loser: ours,
+                local_lost: true,
+            });
+            self.stats.declared_failed += 1;
+            self.emit(Event::DeclaredFailed);
+            if self.local.state.is_live() {
+                self.live = self.live.saturating_sub(1);
+            }
+            self.local.state = MemberState::Dead;
+            self.superseded = true;
+            self.probe = None;
+            self.join = None;
+            self.broadcasts.remove(LOCAL_SLOT);
+            self.view_dirty = true;
+        } else {
+            warn!(name = %self.local.name, loser = %theirs.addr, "another process claims this node's name; keeping it");
+            self.emit(Event::NameConflict {
+                name: Arc::clone(&self.local.name),
+                winner: ours,
+                loser: theirs,
+                local_lost: false,
+            });
+            self.refresh_local_alive();
+        }
+    }
+
+    /// Re-queues our alive announcement unless one is already queued.
+    fn refresh_local_alive(&mut self) {
+        if self.local.state == MemberState::Alive && !self.broadcasts.contains(LOCAL_SLOT) {
+            self.broadcast_local_alive();
+        }
+    }
+
+    /// Raises our incarnation above an accusation and announces it.
+    fn refute(&mut self, accused: u64) {
+        self.local.incarnation = self.local.incarnation.max(accused) + 1;
+        self.stats.refutations += 1;
+        self.bump_awareness(1);
+        self.broadcast_local_alive();
+        debug!(name = %self.local.name, incarnation = self.local.incarnation, "refuted");
+    }
+
+    /// Whether an accusation about this node is to be refuted: same process,
+    /// not leaving, at least our incarnation.
+    fn accusation_about_self(&mut self, acc: &Accusation<'_>) -> bool {
+        if self.local.state != MemberState::Alive {
+            return false;
+        }
+        if acc.generation < self.local.generation {
+            self.refresh_local_alive();
+            return false;
+        }
+        acc.generation == self.local.generation && acc.incarnation >= self.local.incarnation
+    }
+
+    fn apply_suspect(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
+        if acc.name == &*self.local.name {
+            if self.accusation_about_self(acc) {
+                self.refute(acc.incarnation);
+            }
+            return;
+        }
+        let Some(slot) = self.index.get(acc.name).copied() else {
+            self.stats.ignored_updates += 1;
+            return;
+        };
+        let Some(record) = self.slot(slot) else {
+            return;
+        };
+        if acc.generation != record.generation || acc.incarnation < record.incarnation {
+            self.stats.ignored_updates += 1;
+            return;
+        }
+        let accuser = self.hasher.hash_str(acc.from);
+        match record.state {
+            MemberState::Dead | MemberState::Left => {
+                self.stats.ignored_updates += 1;
+            }
+            MemberState::Suspect => {
+                let Some(s) = self.suspicions.get_mut(&slot) else {
+                    return;
+                };
+                let old_deadline = s.deadline;
+                if s.confirm(accuser) {
+                    let new_deadline = s.deadline;
+                    self.suspicion_deadlines.remove(&(old_deadline, slot));
+                    self.suspicion_deadlines.insert((new_deadline, slot));
+                    if mode == Mode::Announce {
+                        self.queue_broadcast(slot, wire::encode_one(&Message::Suspect(*acc)));
+                    }
+                } else {
+                    self.stats.ignored_updates += 1;
+                }
+            }
+            MemberState::Alive => {
+                let n = self.live;
+                let mut k = self.config.suspicion_mult.saturating_sub(2);
+                if n.saturating_sub(2) < k as usize {
+                    k = 0;
+                }
+                let min = suspicion_min(self.config.suspicion_mult, n, self.config.probe_interval);
+                let max = min.saturating_mul(self.config.suspicion_max_mult);
+                let suspicion = Suspicion::new(accuser, now, min, max, k);
+                self.suspicion_deadlines.insert((suspicion.deadline, slot));
+                self.suspicions.insert(slot, suspicion);
+                self.stats.suspicions += 1;
+                let Some(record) = self.slot_mut(slot) else {
+                    return;
+                };
+                record.state = MemberState::Suspect;
+                record.incarnation = acc.incarnation;
+                if mode == Mode::Announce {
+                    if let Some(m) = self.slot(slot).cloned() {
+                        debug!(member = %m.name, incarnation = m.incarnation, accuser = acc.from, "suspected");
+                        self.emit(Event::Suspected(m));
+                    }
+                    self.queue_broadcast(slot, wire::encode_one(&Message::Suspect(*acc)));
+                }
+            }
+        }
+    }
+
+    fn apply_dead(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
+        let left = acc.from == acc.name;
+        if acc.name == &*self.local.name {
+            if self.accusation_about_self(acc) {
+                if !left {
+                    warn!(name = %self.local.name, incarnation = acc.incarnation, accuser = acc.from,
+                        "the cluster declared this node failed; refuting");
+                    self.stats.declared_failed += 1;
+                    self.emit(Event::DeclaredFailed);
+                }
+                self.refute(acc.incarnation);
+            }
+            return;
+        }
+        let Some(slot) = self.index.get(acc.name).copied() else {
+            self.stats.ignored_updates += 1;
+            return;
+        };
+        let Some(record) = self.slot_mut(slot) else {
+            return;
+        };
+        if acc.generation != record.generation
+            || acc.incarnation < record.incarnation
+            || !record.state.is_live()
+        {
+            self.stats.ignored_updates += 1;
+            return;
+        }
+        record.state = if left {
+            MemberState::Left
+        } else {
+            MemberState::Dead
+        };
+        record.incarnation = acc.incarnation;
+        self.clear_suspicion(slot);
+        self.live = self.live.saturating_sub(1);
+        self.mark_down(slot, now);
+        self.view_dirty = true;
+        if self.probe.is_some_and(|p| p.slot == slot) {
+            self.probe = None;
+        }
+        if !left {
+            self.stats.failures += 1;
+        }
+        if mode == Mode::Announce {
+            if let Some(m) = self.slot(slot).cloned() {
+                if left {
+                    info!(member = %m.name, incarnation = m.incarnation, "left");
+                    self.emit(Event::Left(m));
+                } else {
+                    info!(member = %m.name, incarnation = m.incarnation, accuser = acc.from, "failed");
+                    self.emit(Event::Failed(m));
+                }
+            }
+            self.queue_broadcast(slot, wire::encode_one(&Message::Dead(*acc)));
+        }
+    }
+
+    /// One member of a push-pull state; `from` is the sender, counted as the
+    /// accuser of the suspect and dead members it reports.
+    fn merge_state(&mut self, state: &State<'_>, from: &str, now: Instant) {
+        let member = &state.member;
+        let acc = Accusation {
+            name: member.name,
+            generation: member.generation,
+            incarnation: member.incarnation,
+            from,
+        };
+        let known = member.name == &*self.local.name || self.index.contains_key(member.name);
+        match state.state {
+            WireState::Alive => self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now),
+            WireState::Suspect | WireState::Dead if member.name == &*self.local.name => {
+                if state.state == WireState::Dead {
+                    self.apply_dead(&acc, Mode::Announce, now);
+                } else {
+                    self.apply_suspect(&acc, Mode::Announce, now);
+                }
+            }
+            WireState::Suspect => {
+                // Learn an unknown member first, then the suspicion.
+                self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now);
+                self.apply_suspect(&acc, Mode::Announce, now);
+            }
+            WireState::Dead if !known => {
+                self.insert_down(AliveInfo::from_wire(member), MemberState::Dead, now);
+            }
+            WireState::Dead => {
+                // The remote may be wrong (a partition): only suspect.
+                self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now);
+                self.apply_suspect(&acc, Mode::Announce, now);
+            }
+            WireState::Left if !known => {
+                self.insert_down(AliveInfo::from_wire(member), MemberState::Left, now);
+            }
+            WireState::Left => {
+                let acc = Accusation {
+                    from: member.name,
+                    ..acc
+                };
+                self.apply_dead(&acc, Mode::Announce, now);
+            }
+        }
+    }
+
+    // ----- probing ----------------------------------------------------------
+
+    fn next_seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.next_seq
+    }
+
+    fn bump_awareness(&mut self, delta: i64) {
+        let max = i64::from(self.config.awareness_max.saturating_sub(1));
+        let score = (i64::from(self.awareness) + delta).clamp(0, max);
+        self.awareness = u32::try_from(score).unwrap_or(0);
+    }
+
+    fn scaled_probe_interval(&self) -> Duration {
+        self.config
+            .probe_interval
+            .saturating_mul(self.awareness + 1)
+    }
+
+    fn on_ping(&mut self, from: SocketAddr, ping: &Ping<'_>) {
+        if ping.target != &*self.local.name {
+            self.stats.ignored_updates += 1;
+            return;
+        }
+        if ping.generation < self.local.generation {
+            // Aimed at an older process of ours: do not ack for it, but make
+            // sure the prober learns the new generation.
+            self.refresh_local_alive();
+            return;
+        }
+        if ping.generation > self.local.generation {
+            self.stats.ignored_updates += 1;
+            return;
+        }
+        self.deferred_acks.push((from, ping.seq, ping.reliable));
+    }
+
+    fn on_indirect_ping(&mut self, from: SocketAddr, req: &IndirectPing<'_>, now: Instant) {
+        if req.target == &*self.local.name {
+            if req.generation == self.local.generation {
+                self.deferred_acks.push((from, req.seq, false));
+            }
+            return;
+        }
+        if self.relays.len() >= self.config.max_relays {
+            self.stats.relays_dropped += 1;
+            return;
+        }
+        let seq = self.next_seq();
+        let mut buf = self.new_packet();
+        wire::encode(
+            &Message::Ping(Ping {
+                seq,
+                target: req.target,
+                generation: req.generation,
+                reliable: false,
+            }),
+            &mut buf,
+        );
+        self.finish_unreliable(req.addr, buf);
+        self.stats.relays += 1;
+        // The relay nacks at 80 % of the probe timeout so the nack reaches
+        // the prober before its own deadline.
+        let nack_at = later(now, self.config.probe_timeout.mul_f64(0.8));
+        self.relays.push_back(Relay {
+            seq,
+            requester: from,
+            requester_seq: req.seq,
+            nack_at,
+        });
+    }
+
+    fn on_ack(&mut self, seq: u32) {
+        if let Some(probe) = self.probe
+            && probe.seq == seq
+        {
+            // A direct answer in time means we are healthy; an answer after
+            // indirect probes proves nothing either way.
+            if !probe.indirect_sent {
+                self.bump_awareness(-1);
+            }
+            self.probe = None;
+            return;
+        }
+        if let Some(pos) = self.relays.iter().position(|r| r.seq == seq) {
+            if let Some(relay) = self.relays.remove(pos) {
+                let mut buf = self.new_packet();
+                wire::encode(&Message::Ack(relay.requester_seq), &mut buf);
+                self.finish_unreliable(relay.requester, buf);
+            }
+            return;
+        }
+        self.stats.stray_acks += 1;
+    }
+
+    fn on_nack(&mut self, seq: u32) {
+        if let Some(probe) = self.probe.as_mut()
+            && probe.seq == seq
+            && probe.indirect_sent
+        {
+            probe.nacks = (probe.nacks + 1).min(probe.expected_nacks);
+            self.stats.nacks_received += 1;
+        }
+    }
+
+    fn fire_relays(&mut self, now: Instant) {
+        while let Some(relay) = self.relays.front().copied() {
+            if relay.nack_at > now {
+                break;
+            }
+            self.relays.pop_front();
+            let mut buf = self.new_packet();
+            wire::encode(&Message::Nack(relay.requester_seq), &mut buf);
+            self.finish_unreliable(relay.requester, buf);
+        }
+    }
+
+    fn fire_probe(&mut self, now: Instant) {
+        if let Some(probe) = self.probe {
+            if !probe.indirect_sent && now >= probe.indirect_at {
+                self.send_indirect_probes();
+            }
+            if now >= probe.deadline {
+                self.probe_failed(now);
+            }
+        }
+        if self.probe.is_none()
+            && now >= self.next_probe_at
+            && self.local.state == MemberState::Alive
+        {
+            self.start_probe(now);
+        }
+    }
+
+    fn next_probe_target(&mut self) -> Option<u32> {
+        for _ in 0..2 {
+            while let Some(&slot) = self.probe_order.get(self.probe_pos) {
+                self.probe_pos += 1;
+                if self.slot(slot).is_some_and(|m| m.state.is_live()) {
+                    return Some(slot);
+                }
+            }
+            // End of a round: reshuffle the live members.
+            self.probe_order.clear();
+            self.probe_order.extend(
+                self.members
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.as_ref().is_some_and(|m| m.state.is_live()))
+                    .filter_map(|(slot, _)| u32::try_from(slot).ok()),
+            );
+            self.probe_order.shuffle(&mut self.rng);
+            self.probe_pos = 0;
+            if self.probe_order.is_empty() {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn start_probe(&mut self, now: Instant) {
+        let interval = self.scaled_probe_interval();
+        self.next_probe_at = later(now, interval);
+        let Some(slot) = self.next_probe_target() else {
+            return;
+        };
+        let seq = self.next_seq();
+        let Some(target) = self.slot(slot) else {
+            return;
+        };
+        let mut buf = self.new_packet();
+        wire::encode(
+            &Message::Ping(Ping {
+                seq,
+                target: &target.name,
+                generation: target.generation,
+                reliable: false,
+            }),
+            &mut buf,
+        );
+        if target.state == MemberState::Suspect {
+            // Lifeguard's buddy system: tell a suspect at once so it refutes.
+            wire::encode(
+                &Message::Suspect(Accusation {
+                    name: &target.name,
+                    generation: target.generation,
+                    incarnation: target.incarnation,
+                    from: &self.local.name,
+                }),
+                &mut buf,
+            );
+        }
+        let (addr, generation) = (target.addr, target.generation);
+        self.probe = Some(Probe {
+            slot,
+            generation,
+            seq,
+            indirect_at: later(now, self.config.probe_timeout),
+            deadline: later(now, interval),
+            indirect_sent: false,
+            expected_nacks: 0,
+            nacks: 0,
+        });
+        self.stats.probes += 1;
+        self.finish_unreliable(addr, buf);
+    }
+
+    fn send_indirect_probes(&mut self) {
+        let Some(mut probe) = self.probe else { return };
+        probe.indirect_sent = true;
+        let Some(target) = self.slot(probe.slot) else {
+            self.probe = None;
+            return;
+        };
+        if target.generation != probe.generation {
+            self.probe = None;
+            return;
+        }
+        let (name, addr) = (Arc::clone(&target.name), target.addr);
+        let exclude = probe.slot;
+        let mut relays = std::mem::take(&mut self.scratch_slots);
+        self.sample_members(self.config.indirect_checks, &mut relays, |slot, m| {
+            slot != exclude && m.state == MemberState::Alive
+        });
+        for &relay in &relays {
+            let Some(relay_addr) = self.slot(relay).map(|m| m.addr) else {
+                continue;
+            };
+            let mut buf = self.new_packet();
+            wire::encode(
+                &Message::IndirectPing(IndirectPing {
+                    seq: probe.seq,
+                    target: &name,
+                    generation: probe.generation,
+                    addr,
+                }),
+                &mut buf,
+            );
+            self.finish_unreliable(relay_addr, buf);
+            self.stats.indirect_probes += 1;
+        }
+        probe.expected_nacks = u32::try_from(relays.len()).unwrap_or(u32::MAX);
+        self.scratch_slots = relays;
+        self.probe = Some(probe);
+        if self.config.reliable_ping {
+            let mut buf = self.new_packet();
+            wire::encode(
+                &Message::Ping(Ping {
+                    seq: probe.seq,
+                    target: &name,
+                    generation: probe.generation,
+                    reliable: true,
+                }),
+                &mut buf,
+            );
+            self.send(addr, true, buf);
+        }
+    }
+
+    fn probe_failed(&mut self, now: Instant) {
+        let Some(probe) = self.probe.take() else {
+            return;
+        };
+        // Lifeguard: missing nacks mean the problem may be ours.
+        let delta = if probe.expected_nacks > 0 {
+            probe.expected_nacks - probe.nacks.min(probe.expected_nacks)
+        } else {
+            1
+        };
+        self.bump_awareness(i64::from(delta));
+        self.stats.probes_failed += 1;
+        let Some(target) = self.slot(probe.slot) else {
+            return;
+        };
+        if target.generation != probe.generation || !target.state.is_live() {
+            return;
+        }
+        let name = Arc::clone(&target.name);
+        let local = Arc::clone(&self.local.name);
+        let acc = Accusation {
+            name: &name,
+            generation: target.generation,
+            incarnation: target.incarnation,
+            from: &local,
+        };
+        debug!(member = %name, awareness = self.awareness, nacks = probe.nacks, expected_nacks = probe.expected_nacks, "probe failed");
+        self.apply_suspect(&acc, Mode::Announce, now);
+    }
+
+    /// Picks up to `count` distinct remote members passing `keep` into `out`,
+    /// at random: random draws first (O(count) when most members qualify),
+    /// then a scan of everyone.
+    fn sample_members(
+        &mut self,
+        count: usize,
+        out: &mut Vec<u32>,
+        keep: impl Fn(u32, &Member) -> bool,
+    ) {
+        out.clear();
+        let len = self.members.len();
+        if count == 0 || len == 0 {
+            return;
+        }
+        for _ in 0..SAMPLE_ATTEMPTS.max(count * 4) {
+            if out.len() >= count {
+                return;
+            }
+            let slot = self.rng.random_range(0..len);
+            let Ok(slot) = u32::try_from(slot) else {
+                continue;
+            };
+            if out.contains(&slot) {
+                continue;
+            }
+            if self.slot(slot).is_some_and(|m| keep(slot, m)) {
+                out.push(slot);
+            }
+        }
+        if out.len() >= count {
+            return;
+        }
+        let mut all: Vec<u32> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, m)| {
+                let slot = u32::try_from(slot).ok()?;
+                m.as_ref().filter(|m| keep(slot, m)).map(|_| slot)
+            })
+            .collect();
+        let (chosen, _) = all.partial_shuffle(&mut self.rng, count);
+        out.clear();
+        out.extend_from_slice(chosen);
+    }
+
+    fn fire_suspicions(&mut self, now: Instant) {
+        while let Some(&(at, slot)) = self.suspicion_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.suspicion_deadlines.pop_first();
+            let Some(suspicion) = self.suspicions.remove(&slot) else {
+                continue;
+            };
+            let Some(member) = self.slot(slot) else {
+                continue;
+            };
+            if member.state != MemberState::Suspect {
+                continue;
+            }
+            let name = Arc::clone(&member.name);
+            let local = Arc::clone(&self.local.name);
+            let acc = Accusation {
+                name: &name,
+                generation: member.generation,
+                incarnation: member.incarnation,
+                from: &local,
+            };
+            debug!(member = %name, confirmations = suspicion.confirmations(),
+                after_ms = u64::try_from(now.saturating_duration_since(suspicion.start).as_millis()).unwrap_or(u64::MAX),
+                "suspicion timed out");
+            self.apply_dead(&acc, Mode::Announce, now);
+        }
+    }
+
+    // ----- dissemination ----------------------------------------------------
+
+    fn fire_gossip(&mut self, now: Instant) {
+        if now < self.next_gossip_at {
+            return;
+        }
+        self.next_gossip_at = later(now, self.config.gossip_interval);
+        if self.broadcasts.is_empty() {
+            return;
+        }
+        let gossip_to_dead = self.config.gossip_to_dead;
+        let mut targets = std::mem::take(&mut self.scratch_slots);
+        // The filter reads `down_since` while sampling needs `&mut self`.
+        let down_since = std::mem::take(&mut self.down_since);
+        self.sample_members(self.config.gossip_fanout, &mut targets, |slot, m| {
+            match m.state {
+                MemberState::Alive | MemberState::Suspect => true,
+                MemberState::Dead => down_since
+                    .get(&slot)
+                    .is_some_and(|since| now.saturating_duration_since(*since) < gossip_to_dead),
+                MemberState::Left => false,
+            }
+        });
+        self.down_since = down_since;
+        let limit = self.retransmit_limit();
+        for &slot in &targets {
+            let Some(addr) = self.slot(slot).map(|m| m.addr) else {
+                continue;
+            };
+            let mut buf = self.new_packet();
+            if self
+                .broadcasts
+                .fill(&mut buf, self.config.max_packet_size, limit)
+                == 0
+            {
+                break;
+            }
+            self.stats.gossip_packets += 1;
+            self.send(addr, false, buf);
+        }
+        self.scratch_slots = targets;
+    }
+
+    fn fire_push_pull(&mut self, now: Instant) {
+        if now < self.next_push_pull_at {
+            return;
+        }
+        let interval = push_pull_scale(self.config.push_pull_interval, self.live);
+        self.next_push_pull_at = later(now, interval);
+        if !self.local.state.is_live() {
+            return;
+        }
+        // Dead members too, so the two sides of a healed partition meet.
+        let mut targets = std::mem::take(&mut self.scratch_slots);
+        self.sample_members(1, &mut targets, |_, m| m.state != MemberState::Left);
+        let target = targets
+            .first()
+            .and_then(|slot| self.slot(*slot))
+            .map(|m| m.addr);
+        self.scratch_slots = targets;
+        if let Some(addr) = target {
+            self.send_state(addr, false, true);
+        }
+    }
+
+    /// Sends this node's full state (reliable), truncated to
+    /// `max_state_size` from a random starting member if need be.
+    fn send_state(&mut self, to: SocketAddr, join: bool, reply: bool) {
+        let max = self.config.max_state_size;
+        let mut buf = wire::new_packet(self.config.max_packet_size.min(max));
+        wire::encode(
+            &Message::PushPull(PushPull {
+                from: &self.local.name,
+                join,
+                reply,
+            }),
+            &mut buf,
+        );
+        let local_state = wire_state(self.local.state);
+        wire::encode(
+            &Message::State(State {
+                member: alive_of(&self.local),
+                state: local_state,
+            }),
+            &mut buf,
+        );
+        let len = self.members.len();
+        let start = if len == 0 {
+            0
+        } else {
+            self.rng.random_range(0..len)
+        };
+        let mut truncated = false;
+        for i in 0..len {
+            let Some(Some(m)) = self.members.get((start + i) % len) else {
+                continue;
+            };
+            let before = buf.len();
+            wire::encode(
+                &Message::State(State {
+                    member: alive_of(m),
+                    state: wire_state(m.state),
+                }),
+                &mut buf,
+            );
+            if buf.len() > max {
+                buf.truncate(before);
+                truncated = true;
+                break;
+            }
+        }
+        if truncated {
+            self.stats.states_truncated += 1;
+        }
+        self.stats.push_pulls += 1;
+        self.send(to, true, buf);
+    }
+
+    fn fire_join(&mut self, now: Instant) {
+        let Some(join) = self.join.as_mut() else {
+            return;
+        };
+        if now < join.next_at {
+            return;
+        }
+        join.next_at = later(now, join.delay);
+        join.delay = join
+            .delay
+            .saturating_mul(2)
+            .min(self.config.push_pull_interval);
+        let seeds = join.seeds.clone();
+        for seed in seeds {
+            self.send_state(seed, true, true);
+        }
+    }
+
+    fn fire_reap(&mut self, now: Instant) {
+        while let Some(&(at, slot)) = self.reap_queue.first() {
+            if at > now {
+                break;
+            }
+            self.reap_queue.pop_first();
+            let current = self
+                .down_since
+                .get(&slot)
+                .is_some_and(|since| later(*since, self.config.reap_after) == at);
+            if current && self.slot(slot).is_some_and(|m| !m.state.is_live()) {
+                self.remove_member(slot);
+            }
+        }
+    }
+}
+
+fn alive_of(member: &Member) -> Alive<'_> {
+    Alive {
+        name: &member.name,
+        generation: member.generation,
+        incarnation: member.incarnation,
+        addr: member.addr,
+        ready: member.ready,
+        metadata: &member.metadata,
+    }
+}
+
+fn wire_state(state: MemberState) -> WireState {
+    match state {
+        MemberState::Alive => WireState::Alive,
+        MemberState::Suspect => WireState::Suspect,
+        MemberState::Dead => WireState::Dead,
+        MemberState::Left => WireState::Left,
+    }
+}

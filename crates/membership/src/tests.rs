@@ -1,0 +1,1192 @@
+//! Unit tests of the protocol rules, driving one node with crafted packets,
+//! and a tiny in-memory cluster on a virtual clock.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use crate::wire::{self, Accusation, Alive, Message, Ping, PushPull, State, WireState};
+use crate::{
+    Config, DecodeError, Error, Event, LocalNode, Member, MemberState, Membership, Transmit,
+};
+
+type Node = Membership<SmallRng>;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn local(name: &str, port: u16) -> LocalNode {
+    LocalNode {
+        name: name.into(),
+        generation: 100,
+        addr: addr(port),
+        ready: false,
+        metadata: Vec::new(),
+    }
+}
+
+fn node_with(config: Config, name: &str, port: u16, now: Instant) -> Node {
+    Membership::new(
+        config,
+        local(name, port),
+        SmallRng::seed_from_u64(u64::from(port)),
+        now,
+    )
+    .unwrap()
+}
+
+fn node(now: Instant) -> Node {
+    node_with(Config::lan(), "me", 1, now)
+}
+
+fn packet(msgs: &[Message<'_>]) -> Vec<u8> {
+    let mut buf = wire::new_packet(256);
+    for msg in msgs {
+        wire::encode(msg, &mut buf);
+    }
+    buf
+}
+
+fn alive(name: &str, generation: u64, incarnation: u64, port: u16) -> Message<'_> {
+    Message::Alive(Alive {
+        name,
+        generation,
+        incarnation,
+        addr: addr(port),
+        ready: false,
+        metadata: &[],
+    })
+}
+
+fn suspect<'a>(name: &'a str, generation: u64, incarnation: u64, from: &'a str) -> Message<'a> {
+    Message::Suspect(Accusation {
+        name,
+        generation,
+        incarnation,
+        from,
+    })
+}
+
+fn dead<'a>(name: &'a str, generation: u64, incarnation: u64, from: &'a str) -> Message<'a> {
+    Message::Dead(Accusation {
+        name,
+        generation,
+        incarnation,
+        from,
+    })
+}
+
+fn deliver(node: &mut Node, msgs: &[Message<'_>], now: Instant) {
+    node.handle_packet(addr(9999), &packet(msgs), now).unwrap();
+}
+
+fn drain_events(node: &mut Node) -> Vec<Event> {
+    std::iter::from_fn(|| node.poll_event()).collect()
+}
+
+fn drain_transmits(node: &mut Node) -> Vec<Transmit> {
+    std::iter::from_fn(|| node.poll_transmit()).collect()
+}
+
+fn state_of(node: &Node, name: &str) -> Option<(MemberState, u64)> {
+    node.member(name).map(|m| (m.state, m.incarnation))
+}
+
+/// All messages of every transmit.
+fn sent_messages(transmits: &[Transmit]) -> Vec<Message<'_>> {
+    transmits
+        .iter()
+        .flat_map(|t| wire::Messages::new(&t.payload))
+        .collect()
+}
+
+// ----- precedence -----------------------------------------------------------
+
+#[test]
+fn alive_needs_strictly_higher_incarnation() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 5, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 5)));
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Joined(m) if &*m.name == "x"));
+    // Equal or lower incarnation: ignored (no change of metadata either).
+    let meta = b"new";
+    let same = Message::Alive(Alive {
+        name: "x",
+        generation: 1,
+        incarnation: 5,
+        addr: addr(2),
+        ready: true,
+        metadata: meta,
+    });
+    deliver(&mut n, &[same, alive("x", 1, 4, 2)], now);
+    assert!(!n.member("x").unwrap().ready);
+    // Higher: applied, Updated reported.
+    let higher = Message::Alive(Alive {
+        name: "x",
+        generation: 1,
+        incarnation: 6,
+        addr: addr(2),
+        ready: true,
+        metadata: meta,
+    });
+    drain_events(&mut n);
+    deliver(&mut n, &[higher], now);
+    let x = n.member("x").unwrap();
+    assert!(x.ready);
+    assert_eq!(&*x.metadata, meta);
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Updated(m) if m.ready));
+    assert!(matches!(&events[1], Event::ViewChanged(v) if v.len() == 2));
+}
+
+#[test]
+fn suspect_applies_at_equal_incarnation_and_alive_refutes_only_higher() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 5, 2)], now);
+    deliver(&mut n, &[suspect("x", 1, 4, "y")], now);
+    assert_eq!(
+        state_of(&n, "x"),
+        Some((MemberState::Alive, 5)),
+        "lower incarnation ignored"
+    );
+    deliver(&mut n, &[suspect("x", 1, 5, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 5)));
+    deliver(&mut n, &[alive("x", 1, 5, 2)], now);
+    assert_eq!(
+        state_of(&n, "x"),
+        Some((MemberState::Suspect, 5)),
+        "equal alive does not refute"
+    );
+    drain_events(&mut n);
+    deliver(&mut n, &[alive("x", 1, 6, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 6)));
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Alive(m) if m.incarnation == 6));
+}
+
+#[test]
+fn dead_overrides_suspect_and_is_not_resurrected_without_higher_incarnation() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 5, 2), suspect("x", 1, 5, "y")], now);
+    deliver(&mut n, &[dead("x", 1, 4, "y")], now);
+    assert_eq!(
+        state_of(&n, "x"),
+        Some((MemberState::Suspect, 5)),
+        "lower dead ignored"
+    );
+    drain_events(&mut n);
+    deliver(&mut n, &[dead("x", 1, 5, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Dead, 5)));
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Failed(m) if &*m.name == "x"));
+    assert!(matches!(&events[1], Event::ViewChanged(v) if v.len() == 1));
+    deliver(&mut n, &[alive("x", 1, 5, 2), suspect("x", 1, 5, "z")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Dead, 5)));
+    deliver(&mut n, &[alive("x", 1, 6, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 6)));
+    assert_eq!(n.num_live(), 2);
+}
+
+#[test]
+fn dead_from_the_member_itself_is_a_leave() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2), alive("y", 1, 1, 3)], now);
+    drain_events(&mut n);
+    deliver(&mut n, &[dead("x", 1, 1, "x"), dead("y", 1, 1, "me")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Left, 1)));
+    assert_eq!(state_of(&n, "y"), Some((MemberState::Dead, 1)));
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Left(m) if &*m.name == "x"));
+    assert!(matches!(&events[1], Event::Failed(m) if &*m.name == "y"));
+    // A left member rejoining with a higher incarnation is a join.
+    deliver(&mut n, &[alive("x", 1, 2, 2)], now);
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Joined(m) if &*m.name == "x"));
+}
+
+#[test]
+fn updates_about_unknown_members_are_ignored_except_alive() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(
+        &mut n,
+        &[suspect("ghost", 1, 1, "y"), dead("ghost", 1, 1, "y")],
+        now,
+    );
+    assert!(n.member("ghost").is_none());
+    assert_eq!(n.stats().ignored_updates, 2);
+}
+
+// ----- generations and conflicts --------------------------------------------
+
+#[test]
+fn new_generation_supersedes_and_old_generation_is_stale() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 9, 2)], now);
+    drain_events(&mut n);
+    deliver(&mut n, &[alive("x", 2, 0, 3)], now);
+    let x = n.member("x").unwrap();
+    assert_eq!((x.generation, x.incarnation, x.addr), (2, 0, addr(3)));
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Failed(m) if m.generation == 1));
+    assert!(matches!(&events[1], Event::Joined(m) if m.generation == 2));
+    // Anything about generation 1 is now stale.
+    deliver(
+        &mut n,
+        &[
+            alive("x", 1, 50, 2),
+            suspect("x", 1, 50, "y"),
+            dead("x", 1, 50, "y"),
+        ],
+        now,
+    );
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 0)));
+    assert_eq!(n.member("x").unwrap().generation, 2);
+    // A new generation replaces a dead record too, without a Failed event.
+    deliver(&mut n, &[dead("x", 2, 0, "y")], now);
+    drain_events(&mut n);
+    deliver(&mut n, &[alive("x", 3, 0, 4)], now);
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Joined(m) if m.generation == 3));
+    assert_eq!(n.num_live(), 2);
+}
+
+#[test]
+fn name_conflict_between_live_processes_is_resolved_by_address() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 5)], now);
+    drain_events(&mut n);
+    // Same generation, lower address: the existing claimant keeps the name.
+    deliver(&mut n, &[alive("x", 1, 7, 4)], now);
+    assert_eq!(n.member("x").unwrap().addr, addr(5));
+    let events = drain_events(&mut n);
+    assert!(
+        matches!(&events[0], Event::NameConflict { winner, loser, local_lost: false, .. }
+        if winner.addr == addr(5) && loser.addr == addr(4))
+    );
+    // Higher address: takes the name.
+    deliver(&mut n, &[alive("x", 1, 0, 6)], now);
+    assert_eq!(n.member("x").unwrap().addr, addr(6));
+    assert_eq!(n.stats().name_conflicts, 2);
+}
+
+#[test]
+fn local_node_losing_its_name_goes_passive_and_reports_it() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_events(&mut n);
+    deliver(&mut n, &[alive("me", 101, 0, 7)], now);
+    let events = drain_events(&mut n);
+    assert!(
+        matches!(&events[0], Event::NameConflict { local_lost: true, winner, .. } if winner.generation == 101)
+    );
+    assert_eq!(events[1], Event::DeclaredFailed);
+    assert!(n.is_superseded());
+    assert_eq!(n.poll_timeout(), None);
+    assert_eq!(n.local().state, MemberState::Dead);
+    // Passive: answers nothing.
+    drain_transmits(&mut n);
+    deliver(
+        &mut n,
+        &[Message::Ping(Ping {
+            seq: 1,
+            target: "me",
+            generation: 100,
+            reliable: false,
+        })],
+        now,
+    );
+    assert!(n.poll_transmit().is_none());
+}
+
+#[test]
+fn local_node_keeps_its_name_against_an_older_or_lower_claimant() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_transmits(&mut n);
+    drain_events(&mut n);
+    // An older generation of ours: re-announce ourselves, no conflict.
+    deliver(&mut n, &[alive("me", 99, 40, 1)], now);
+    assert!(drain_events(&mut n).is_empty());
+    // Same generation, lower address: we win and say so.
+    deliver(&mut n, &[alive("me", 100, 3, 0)], now);
+    let events = drain_events(&mut n);
+    assert!(matches!(
+        &events[0],
+        Event::NameConflict {
+            local_lost: false,
+            ..
+        }
+    ));
+    assert!(!n.is_superseded());
+}
+
+// ----- refutation and self-fencing -------------------------------------------
+
+#[test]
+fn suspicion_about_self_is_refuted_with_higher_incarnation() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    drain_transmits(&mut n);
+    deliver(&mut n, &[suspect("me", 100, 0, "x")], now);
+    assert_eq!(n.local().incarnation, 1);
+    assert_eq!(n.stats().refutations, 1);
+    assert_eq!(n.awareness(), 1, "refuting counts against local health");
+    // Stale suspicion (lower incarnation) is ignored.
+    deliver(&mut n, &[suspect("me", 100, 0, "x")], now);
+    assert_eq!(n.local().incarnation, 1);
+    // A higher one is refuted above it.
+    deliver(&mut n, &[suspect("me", 100, 7, "x")], now);
+    assert_eq!(n.local().incarnation, 8);
+    assert!(!drain_events(&mut n).contains(&Event::DeclaredFailed));
+}
+
+#[test]
+fn declared_dead_is_reported_then_refuted() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_events(&mut n);
+    deliver(&mut n, &[dead("me", 100, 0, "x")], now);
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert_eq!(n.local().incarnation, 1);
+    assert_eq!(n.local().state, MemberState::Alive);
+    assert_eq!(n.stats().declared_failed, 1);
+}
+
+#[test]
+fn buddy_ping_refutation_rides_on_the_ack() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_transmits(&mut n);
+    let ping = Message::Ping(Ping {
+        seq: 42,
+        target: "me",
+        generation: 100,
+        reliable: false,
+    });
+    deliver(&mut n, &[ping, suspect("me", 100, 0, "x")], now);
+    let transmits = drain_transmits(&mut n);
+    assert_eq!(transmits.len(), 1);
+    let msgs = sent_messages(&transmits);
+    assert_eq!(msgs[0], Message::Ack(42));
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, Message::Alive(a) if a.name == "me" && a.incarnation == 1)),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn ping_for_other_name_or_older_generation_is_not_acked() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_transmits(&mut n);
+    for (target, generation) in [("other", 100), ("me", 99), ("me", 101)] {
+        deliver(
+            &mut n,
+            &[Message::Ping(Ping {
+                seq: 1,
+                target,
+                generation,
+                reliable: false,
+            })],
+            now,
+        );
+    }
+    assert!(sent_messages(&drain_transmits(&mut n)).is_empty());
+    // A reliable ping is answered on the reliable path.
+    deliver(
+        &mut n,
+        &[Message::Ping(Ping {
+            seq: 2,
+            target: "me",
+            generation: 100,
+            reliable: true,
+        })],
+        now,
+    );
+    let transmits = drain_transmits(&mut n);
+    assert!(transmits[0].reliable);
+    assert_eq!(sent_messages(&transmits)[0], Message::Ack(2));
+}
+
+// ----- suspicion timer --------------------------------------------------------
+
+/// A node that knows `n` alive members named m0..m{n-1}.
+fn node_knowing(n: usize, now: Instant) -> Node {
+    let mut node = node(now);
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        deliver(&mut node, &[alive(name, 1, 1, 1000 + i as u16)], now);
+    }
+    drain_events(&mut node);
+    node
+}
+
+/// Runs the node until `name` is dead; every other member acks its pings.
+fn time_to_dead(node: &mut Node, name: &str, start: Instant) -> Duration {
+    let mut t = start;
+    while node.member(name).unwrap().state != MemberState::Dead {
+        t += Duration::from_millis(1);
+        node.handle_timeout(t);
+        let transmits = drain_transmits(node);
+        for transmit in &transmits {
+            for msg in wire::Messages::new(&transmit.payload) {
+                if let Message::Ping(ping) = msg
+                    && ping.target != name
+                {
+                    deliver(node, &[Message::Ack(ping.seq)], t);
+                }
+            }
+        }
+        assert!(t - start < Duration::from_secs(60), "never declared dead");
+    }
+    t - start
+}
+
+#[test]
+fn suspicion_times_out_at_max_without_confirmations() {
+    let now = Instant::now();
+    // 15 members + this node: N = 16, min = 4 × log10(16) × 200 ms = 963 ms,
+    // max = 6 × min.
+    let mut n = node_knowing(15, now);
+    // This node is the first accuser, so its own failing probes of m3 add no
+    // confirmation; m3 never answers.
+    deliver(&mut n, &[suspect("m3", 1, 1, "me")], now);
+    let took = time_to_dead(&mut n, "m3", now);
+    assert!(took.as_millis().abs_diff(6 * 963) <= 2, "{took:?}");
+}
+
+#[test]
+fn suspicion_shrinks_with_independent_confirmations() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "m1")], now);
+    // The same accuser twice counts once; two others confirm: k = 2 → min.
+    deliver(&mut n, &[suspect("m3", 1, 1, "m1")], now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "m2")], now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "m4")], now);
+    let took = time_to_dead(&mut n, "m3", now);
+    assert!(took.as_millis().abs_diff(963) <= 2, "{took:?}");
+    let events = drain_events(&mut n);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Failed(m) if &*m.name == "m3"))
+    );
+    assert_eq!(n.stats().failures, 1);
+}
+
+#[test]
+fn suspicion_with_one_confirmation_is_between_min_and_max() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(
+        &mut n,
+        &[suspect("m3", 1, 1, "me"), suspect("m3", 1, 1, "m2")],
+        now,
+    );
+    let took = time_to_dead(&mut n, "m3", now);
+    // max − (max − min) × ln 2 / ln 3 with min = 963.2 ms, max = 5779 ms.
+    assert!(took.as_millis().abs_diff(2741) <= 3, "{took:?}");
+}
+
+#[test]
+fn small_cluster_expects_no_confirmations() {
+    let now = Instant::now();
+    // N = 3: k = mult − 2 = 2 > N − 2 = 1, so k = 0 and min applies at once.
+    let mut n = node_knowing(2, now);
+    deliver(&mut n, &[suspect("m0", 1, 1, "m1")], now);
+    let took = time_to_dead(&mut n, "m0", now);
+    assert!(took.as_millis().abs_diff(800) <= 2, "{took:?}");
+}
+
+// ----- dissemination -----------------------------------------------------------
+
+#[test]
+fn updates_are_retransmitted_up_to_the_limit() {
+    let now = Instant::now();
+    // N = 16 → limit 4 × ceil(log10 17) = 8.
+    let mut n = node_knowing(15, now);
+    let mut t = now;
+    // Let the joins' own re-broadcasts drain first.
+    for _ in 0..200 {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        drain_transmits(&mut n);
+        if n.pending_broadcasts() == 0 {
+            break;
+        }
+    }
+    assert_eq!(n.pending_broadcasts(), 0);
+    n.set_metadata(b"hello".to_vec(), t).unwrap();
+    let mut carried = 0;
+    for _ in 0..200 {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        carried += sent_messages(&transmits)
+            .iter()
+            .filter(|m| matches!(m, Message::Alive(a) if a.name == "me" && a.metadata == b"hello"))
+            .count();
+    }
+    assert_eq!(carried, 8);
+    assert_eq!(n.pending_broadcasts(), 0);
+}
+
+#[test]
+fn packets_stay_within_the_size_bound_with_many_updates_queued() {
+    let now = Instant::now();
+    let mut n = node(now);
+    let meta = vec![7u8; 512];
+    let names: Vec<String> = (0..500)
+        .map(|i| format!("member-with-a-longish-name-{i}"))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let msg = Message::Alive(Alive {
+            name,
+            generation: 1,
+            incarnation: 1,
+            addr: addr(2000 + i as u16),
+            ready: true,
+            metadata: &meta,
+        });
+        n.handle_packet(addr(9999), &packet(&[msg]), now).unwrap();
+    }
+    assert!(n.pending_broadcasts() > 400);
+    let mut t = now;
+    let mut sent = 0;
+    for _ in 0..100 {
+        t += Duration::from_millis(50);
+        n.handle_timeout(t);
+        for transmit in drain_transmits(&mut n) {
+            if !transmit.reliable {
+                assert!(transmit.payload.len() <= 1150, "{}", transmit.payload.len());
+                sent += 1;
+            } else {
+                assert!(transmit.payload.len() <= Config::lan().max_state_size);
+            }
+        }
+    }
+    assert!(sent > 10);
+}
+
+#[test]
+fn probe_of_a_suspect_carries_the_suspicion() {
+    let now = Instant::now();
+    let mut n = node_knowing(1, now);
+    deliver(&mut n, &[suspect("m0", 1, 1, "zz")], now);
+    drain_transmits(&mut n);
+    let mut t = now;
+    let mut found = false;
+    for _ in 0..100 {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        let msgs = sent_messages(&transmits);
+        if let Some(pos) = msgs
+            .iter()
+            .position(|m| matches!(m, Message::Ping(p) if p.target == "m0"))
+        {
+            assert!(
+                matches!(msgs.get(pos + 1), Some(Message::Suspect(a)) if a.name == "m0" && a.from == "me")
+            );
+            found = true;
+            break;
+        }
+    }
+    assert!(found);
+}
+
+// ----- metadata and ready -------------------------------------------------------
+
+#[test]
+fn metadata_over_the_limit_is_an_error_and_changes_nothing() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_events(&mut n);
+    let before = n.local().clone();
+    let err = n.set_metadata(vec![0; 513], now).unwrap_err();
+    assert_eq!(err, Error::MetadataTooLarge { len: 513, max: 512 });
+    assert_eq!(n.local(), &before);
+    assert!(drain_events(&mut n).is_empty());
+    n.set_metadata(vec![1; 512], now).unwrap();
+    assert_eq!(n.local().incarnation, 1);
+    // Construction refuses too.
+    let mut big = local("a", 3);
+    big.metadata = vec![0; 600];
+    let r = Membership::new(Config::lan(), big, SmallRng::seed_from_u64(1), now);
+    assert!(matches!(r, Err(Error::MetadataTooLarge { len: 600, .. })));
+    let r = Membership::new(Config::lan(), local("", 3), SmallRng::seed_from_u64(1), now);
+    assert!(matches!(r, Err(Error::InvalidName { len: 0, .. })));
+}
+
+#[test]
+fn ready_change_raises_incarnation_and_reports() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_events(&mut n);
+    n.set_ready(true, now);
+    n.set_ready(true, now);
+    assert_eq!(n.local().incarnation, 1);
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Updated(m) if m.ready));
+    assert!(matches!(&events[1], Event::ViewChanged(v) if v[0].ready));
+    assert_eq!(events.len(), 2);
+}
+
+// ----- view events ---------------------------------------------------------------
+
+#[test]
+fn view_changed_is_coalesced_and_carries_the_newest_view() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(
+        &mut n,
+        &[
+            alive("a", 1, 1, 2),
+            alive("b", 1, 1, 3),
+            alive("c", 1, 1, 4),
+        ],
+        now,
+    );
+    deliver(&mut n, &[dead("c", 1, 1, "c")], now);
+    let events = drain_events(&mut n);
+    let views: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, Event::ViewChanged(_)))
+        .collect();
+    assert_eq!(views.len(), 1);
+    let Event::ViewChanged(view) = views[0] else {
+        unreachable!()
+    };
+    let names: HashSet<&str> = view.iter().map(|m| &*m.name).collect();
+    assert_eq!(names, HashSet::from(["me", "a", "b"]));
+    assert!(matches!(events.last(), Some(Event::ViewChanged(_))));
+    // Suspicion does not change the view.
+    deliver(&mut n, &[suspect("a", 1, 1, "b")], now);
+    let events = drain_events(&mut n);
+    assert_eq!(events.len(), 1);
+    assert!(matches!(&events[0], Event::Suspected(_)));
+}
+
+#[test]
+fn event_queue_is_bounded() {
+    let now = Instant::now();
+    let config = Config {
+        max_queued_events: 4,
+        view_events: false,
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, now);
+    let names: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        deliver(&mut n, &[alive(name, 1, 1, 10 + i as u16)], now);
+    }
+    let events = drain_events(&mut n);
+    assert_eq!(events.len(), 4);
+    assert!(matches!(&events[0], Event::Joined(m) if &*m.name == "n6"));
+    assert_eq!(n.stats().events_dropped, 6);
+}
+
+// ----- push-pull -----------------------------------------------------------------
+
+fn state<'a>(name: &'a str, incarnation: u64, port: u16, state: WireState) -> Message<'a> {
+    Message::State(State {
+        member: Alive {
+            name,
+            generation: 1,
+            incarnation,
+            addr: addr(port),
+            ready: false,
+            metadata: &[],
+        },
+        state,
+    })
+}
+
+#[test]
+fn push_pull_merges_remote_dead_as_suspect() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2)], now);
+    let header = Message::PushPull(PushPull {
+        from: "peer",
+        join: false,
+        reply: true,
+    });
+    drain_transmits(&mut n);
+    deliver(
+        &mut n,
+        &[
+            header,
+            state("peer", 1, 9, WireState::Alive),
+            state("x", 3, 2, WireState::Dead),
+            state("gone", 1, 4, WireState::Dead),
+            state("bye", 1, 5, WireState::Left),
+        ],
+        now,
+    );
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 3)));
+    assert_eq!(state_of(&n, "peer"), Some((MemberState::Alive, 1)));
+    // Unknown dead and left members are remembered as such, silently.
+    assert_eq!(state_of(&n, "gone"), Some((MemberState::Dead, 1)));
+    assert_eq!(state_of(&n, "bye"), Some((MemberState::Left, 1)));
+    let events = drain_events(&mut n);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Failed(_) | Event::Left(_)))
+    );
+    // It answered with its own full state, reliably.
+    let transmits = drain_transmits(&mut n);
+    let reply = transmits.iter().find(|t| t.reliable).unwrap();
+    assert_eq!(reply.to, addr(9999));
+    let msgs: Vec<_> = wire::Messages::new(&reply.payload).collect();
+    assert!(matches!(
+        msgs[0],
+        Message::PushPull(PushPull { reply: false, .. })
+    ));
+    assert_eq!(msgs.len(), 1 + 5);
+}
+
+#[test]
+fn push_pull_saying_we_are_dead_is_declared_failed() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_events(&mut n);
+    let header = Message::PushPull(PushPull {
+        from: "peer",
+        join: false,
+        reply: false,
+    });
+    let mut buf = wire::new_packet(64);
+    wire::encode(&header, &mut buf);
+    wire::encode(
+        &Message::State(State {
+            member: Alive {
+                name: "me",
+                generation: 100,
+                incarnation: 0,
+                addr: addr(1),
+                ready: false,
+                metadata: &[],
+            },
+            state: WireState::Dead,
+        }),
+        &mut buf,
+    );
+    n.handle_packet(addr(5), &buf, now).unwrap();
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert_eq!(n.local().incarnation, 1);
+}
+
+#[test]
+fn state_is_truncated_to_max_state_size() {
+    let now = Instant::now();
+    let config = Config {
+        max_state_size: 2000,
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, now);
+    let names: Vec<String> = (0..200).map(|i| format!("member-{i:04}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        deliver(&mut n, &[alive(name, 1, 1, 2000 + i as u16)], now);
+    }
+    drain_transmits(&mut n);
+    n.join(&[addr(7)], now);
+    let transmits = drain_transmits(&mut n);
+    let join = transmits.iter().find(|t| t.reliable).unwrap();
+    assert!(join.payload.len() <= 2000);
+    assert_eq!(n.stats().states_truncated, 1);
+    let msgs: Vec<_> = wire::Messages::new(&join.payload).collect();
+    assert!(matches!(
+        msgs[1],
+        Message::State(State {
+            member: Alive { name: "me", .. },
+            ..
+        })
+    ));
+}
+
+// ----- reaping and leaving -------------------------------------------------------
+
+#[test]
+fn dead_and_left_members_are_reaped_after_the_configured_time() {
+    let now = Instant::now();
+    let config = Config {
+        reap_after: Duration::from_secs(10),
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, now);
+    deliver(&mut n, &[alive("x", 1, 1, 2), alive("y", 1, 1, 3)], now);
+    deliver(&mut n, &[dead("x", 1, 1, "z")], now);
+    deliver(
+        &mut n,
+        &[dead("y", 1, 1, "y")],
+        now + Duration::from_secs(5),
+    );
+    n.handle_timeout(now + Duration::from_secs(9));
+    assert!(n.member("x").is_some());
+    n.handle_timeout(now + Duration::from_secs(10));
+    assert!(n.member("x").is_none());
+    assert!(n.member("y").is_some());
+    // Refuted in between: y's reap is cancelled.
+    deliver(
+        &mut n,
+        &[alive("y", 1, 2, 3)],
+        now + Duration::from_secs(12),
+    );
+    n.handle_timeout(now + Duration::from_secs(20));
+    assert_eq!(state_of(&n, "y"), Some((MemberState::Alive, 2)));
+    assert_eq!(n.stats().reaped, 1);
+    // The slot is reused by a newcomer.
+    deliver(
+        &mut n,
+        &[alive("w", 1, 1, 4)],
+        now + Duration::from_secs(21),
+    );
+    assert_eq!(n.members().count(), 3);
+}
+
+#[test]
+fn leave_announces_left_and_stops_probing() {
+    let now = Instant::now();
+    let mut n = node_knowing(3, now);
+    drain_transmits(&mut n);
+    n.leave(now);
+    assert_eq!(n.local().state, MemberState::Left);
+    let events = drain_events(&mut n);
+    assert!(matches!(&events[0], Event::Left(m) if &*m.name == "me"));
+    assert!(matches!(&events[1], Event::ViewChanged(v) if v.len() == 3));
+    let transmits = drain_transmits(&mut n);
+    assert!(
+        sent_messages(&transmits)
+            .iter()
+            .any(|m| matches!(m, Message::Dead(a) if a.name == "me" && a.from == "me"))
+    );
+    // Keeps gossiping the leave, never probes again.
+    let mut t = now;
+    for _ in 0..100 {
+        t += Duration::from_millis(50);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        assert!(
+            !sent_messages(&transmits)
+                .iter()
+                .any(|m| matches!(m, Message::Ping(_)))
+        );
+    }
+    assert_eq!(n.pending_broadcasts(), 0);
+    // A death verdict about a left node is not refuted.
+    deliver(&mut n, &[dead("me", 100, 0, "m1")], t);
+    assert!(drain_events(&mut n).is_empty());
+}
+
+// ----- bad input -----------------------------------------------------------------
+
+#[test]
+fn bad_packets_are_counted_and_change_nothing() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    drain_events(&mut n);
+    drain_transmits(&mut n);
+    let before: Vec<Member> = n.members().cloned().collect();
+    // A valid update followed by garbage: nothing applied.
+    let mut bad = packet(&[alive("x", 1, 5, 2)]);
+    bad.push(0xee);
+    assert!(matches!(
+        n.handle_packet(addr(3), &bad, now),
+        Err(DecodeError::Malformed { index: 1, .. })
+    ));
+    assert_eq!(n.handle_packet(addr(3), &[], now), Err(DecodeError::Empty));
+    assert_eq!(
+        n.handle_packet(addr(3), &[2, 0], now),
+        Err(DecodeError::Version(2))
+    );
+    let huge = vec![wire::VERSION; (4 << 20) + 1];
+    assert!(matches!(
+        n.handle_packet(addr(3), &huge, now),
+        Err(DecodeError::TooLarge { .. })
+    ));
+    assert_eq!(n.stats().decode_errors, 4);
+    let after: Vec<Member> = n.members().cloned().collect();
+    assert_eq!(before, after);
+    assert!(drain_events(&mut n).is_empty());
+    assert!(n.poll_transmit().is_none());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+    #[test]
+    fn random_packets_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1300), header in proptest::bool::ANY) {
+        let now = Instant::now();
+        let mut n = node_knowing(3, now);
+        let mut bytes = bytes;
+        if header {
+            bytes.insert(0, wire::VERSION);
+        }
+        let before: Vec<Member> = n.members().cloned().collect();
+        if n.handle_packet(addr(3), &bytes, now).is_err() {
+            let after: Vec<Member> = n.members().cloned().collect();
+            proptest::prop_assert_eq!(before, after);
+        }
+        n.handle_timeout(now + Duration::from_secs(1));
+    }
+}
+
+// ----- awareness -------------------------------------------------------------------
+
+#[test]
+fn failed_probes_without_nacks_raise_awareness_and_slow_probing() {
+    let now = Instant::now();
+    let mut n = node_knowing(5, now);
+    drain_transmits(&mut n);
+    let mut t = now;
+    let mut pings = Vec::new();
+    // Nobody answers anything: every probe fails with no nacks.
+    for _ in 0..3000 {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        if sent_messages(&transmits)
+            .iter()
+            .any(|m| matches!(m, Message::Ping(p) if !p.reliable))
+        {
+            pings.push(t);
+        }
+    }
+    assert_eq!(n.awareness(), 7);
+    let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    let last = *gaps.last().unwrap();
+    assert_eq!(
+        last,
+        Duration::from_millis(1600),
+        "probe interval × (7 + 1)"
+    );
+    assert!(gaps[0] < Duration::from_millis(300));
+}
+
+// ----- a small cluster on a virtual clock ------------------------------------------
+
+/// Nodes exchanging packets in memory with 1 ms latency.
+struct Cluster {
+    nodes: Vec<Node>,
+    crashed: HashSet<usize>,
+    now: Instant,
+    in_flight: Vec<(Instant, usize, SocketAddr, Vec<u8>)>,
+    failed: Vec<(usize, Arc<str>, Duration)>,
+    start: Instant,
+}
+
+impl Cluster {
+    fn new(n: usize, config: Config) -> Cluster {
+        let start = Instant::now();
+        let nodes: Vec<Node> = (0..n)
+            .map(|i| node_with(config.clone(), &format!("n{i}"), 100 + i as u16, start))
+            .collect();
+        let mut cluster = Cluster {
+            nodes,
+            crashed: HashSet::new(),
+            now: start,
+            in_flight: Vec::new(),
+            failed: Vec::new(),
+            start,
+        };
+        let seed = cluster.nodes[0].local().addr;
+        for i in 1..n {
+            cluster.nodes[i].join(&[seed], start);
+        }
+        cluster
+    }
+
+    fn index_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.local().addr == addr)
+    }
+
+    fn run(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        while self.now < end {
+            self.now += Duration::from_millis(1);
+            let now = self.now;
+            // Deliver what arrived.
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+                .into_iter()
+                .partition(|(at, ..)| *at <= now);
+            self.in_flight = later;
+            for (_, to, from, payload) in due {
+                if !self.crashed.contains(&to) {
+                    self.nodes[to].handle_packet(from, &payload, now).unwrap();
+                }
+            }
+            for i in 0..self.nodes.len() {
+                if self.crashed.contains(&i) {
+                    continue;
+                }
+                if self.nodes[i].poll_timeout().is_some_and(|at| at <= now) {
+                    self.nodes[i].handle_timeout(now);
+                }
+                let from = self.nodes[i].local().addr;
+                while let Some(t) = self.nodes[i].poll_transmit() {
+                    if let Some(to) = self.index_of(t.to) {
+                        self.in_flight
+                            .push((now + Duration::from_millis(1), to, from, t.payload));
+                    }
+                }
+                while let Some(event) = self.nodes[i].poll_event() {
+                    if let Event::Failed(m) = event {
+                        self.failed.push((i, m.name, now - self.start));
+                    }
+                }
+            }
+        }
+    }
+
+    fn all_see(&self, name: &str, state: MemberState) -> bool {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.crashed.contains(i))
+            .all(|(_, n)| n.member(name).is_some_and(|m| m.state == state))
+    }
+}
+
+#[test]
+fn cluster_converges_without_false_positives() {
+    let mut c = Cluster::new(8, Config::lan());
+    c.run(Duration::from_secs(60));
+    for n in &c.nodes {
+        assert_eq!(n.num_live(), 8, "{} sees {}", n.local().name, n.num_live());
+        assert_eq!(n.stats().suspicions, 0);
+    }
+    assert!(c.failed.is_empty(), "{:?}", c.failed);
+}
+
+#[test]
+fn cluster_detects_a_crash_quickly() {
+    let mut c = Cluster::new(8, Config::lan());
+    c.run(Duration::from_secs(5));
+    c.crashed.insert(3);
+    let crash = c.now;
+    let mut detected = None;
+    for _ in 0..100 {
+        c.run(Duration::from_millis(100));
+        if c.all_see("n3", MemberState::Dead) {
+            detected = Some(c.now - crash);
+            break;
+        }
+    }
+    let detected = detected.expect("crash never detected by everyone");
+    // N = 8: min = 4 × 1 × 200 ms = 800 ms plus probing and gossip.
+    assert!(detected < Duration::from_secs(3), "{detected:?}");
+    assert!(
+        c.failed.iter().all(|(_, name, _)| &**name == "n3"),
+        "{:?}",
+        c.failed
+    );
+    c.run(Duration::from_secs(5));
+    for (i, n) in c.nodes.iter().enumerate() {
+        if i != 3 {
+            assert_eq!(n.num_live(), 7);
+        }
+    }
+}
+
+#[test]
+fn cluster_sees_a_leave_as_left() {
+    let mut c = Cluster::new(6, Config::lan());
+    c.run(Duration::from_secs(5));
+    let now = c.now;
+    c.nodes[2].leave(now);
+    c.run(Duration::from_secs(2));
+    assert!(c.all_see("n2", MemberState::Left));
+    assert!(c.failed.is_empty(), "{:?}", c.failed);
+    assert_eq!(c.nodes[2].pending_broadcasts(), 0);
+}
+
+#[test]
+fn cluster_accepts_a_restarted_generation() {
+    let mut c = Cluster::new(5, Config::lan());
+    c.run(Duration::from_secs(5));
+    // n4 restarts: same name and address, new generation.
+    let now = c.now;
+    let mut restarted = local("n4", 104);
+    restarted.generation = 200;
+    c.nodes[4] =
+        Membership::new(Config::lan(), restarted, SmallRng::seed_from_u64(77), now).unwrap();
+    let seed = c.nodes[0].local().addr;
+    c.nodes[4].join(&[seed], now);
+    c.run(Duration::from_secs(3));
+    for n in &c.nodes {
+        let m = n.member("n4").unwrap();
+        assert_eq!(
+            (m.generation, m.state),
+            (200, MemberState::Alive),
+            "at {}",
+            n.local().name
+        );
+        assert_eq!(n.num_live(), 5);
+    }
+}
+
+#[test]
+fn bootstrap_builds_a_view_without_events_or_gossip() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_events(&mut n);
+    let name: Arc<str> = Arc::from("x");
+    let snapshot = vec![
+        Member {
+            name: Arc::clone(&name),
+            generation: 1,
+            addr: addr(2),
+            incarnation: 3,
+            state: MemberState::Alive,
+            ready: true,
+            metadata: Arc::from(&b"m"[..]),
+        },
+        Member {
+            name: Arc::from("d"),
+            generation: 1,
+            addr: addr(3),
+            incarnation: 1,
+            state: MemberState::Dead,
+            ready: false,
+            metadata: Arc::from(&[][..]),
+        },
+        Member {
+            name: Arc::from("me"),
+            generation: 100,
+            addr: addr(1),
+            incarnation: 50,
+            state: MemberState::Dead,
+            ready: false,
+            metadata: Arc::from(&[][..]),
+        },
+    ];
+    let pending = n.pending_broadcasts();
+    n.bootstrap(snapshot, now);
+    assert_eq!(n.pending_broadcasts(), pending);
+    assert_eq!(n.num_live(), 2);
+    assert_eq!(state_of(&n, "d"), Some((MemberState::Dead, 1)));
+    assert_eq!(n.local().incarnation, 0);
+    // The name is shared with the snapshot, not copied.
+    assert!(Arc::ptr_eq(&n.member("x").unwrap().name, &name));
+    let events = drain_events(&mut n);
+    assert_eq!(events.len(), 1);
+    assert!(matches!(&events[0], Event::ViewChanged(v) if v.len() == 2));
+}
