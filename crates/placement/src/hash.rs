@@ -11,9 +11,9 @@
 //!   prime `0x100000001b3`);
 //! - [`datum_hash`]: `mix64(id as u64 + 0x9e3779b97f4a7c15)`, the stable mix of
 //!   a datum id (sequential ids come out spread over the whole `u64` range);
-//! - [`name_key`]: `mix64(fnv1a64(name))`, a node name's rendezvous key;
-//! - [`partition_hash`] and [`rendezvous_score`], which define the minimal-
-//!   movement strategy's weights.
+//! - [`reduce`]: a hash onto `0..buckets` by multiply-shift;
+//! - [`name_key`], [`partition_hash`], [`mix32`] and [`rendezvous_score`],
+//!   which define the minimal-movement strategy's weights.
 //!
 //! The outputs are pinned by unit tests with literal values: changing any of
 //! these functions changes where datums live, so it is a breaking change of
@@ -66,28 +66,44 @@ pub const fn reduce(hash: u64, buckets: u32) -> u32 {
     ((hash as u128 * buckets as u128) >> 64) as u32
 }
 
-/// A node name's rendezvous key. It depends on the name only, not the
-/// generation, so a restarted node gets the same partitions back.
+/// A node name's rendezvous key: the high half of `mix64(fnv1a64(name))`. It
+/// depends on the name only, not the generation, so a restarted node gets
+/// the same partitions back.
 #[inline]
 #[must_use]
-pub fn name_key(name: &str) -> u64 {
-    mix64(fnv1a64(FNV_OFFSET, name.as_bytes()))
+pub fn name_key(name: &str) -> u32 {
+    (mix64(fnv1a64(FNV_OFFSET, name.as_bytes())) >> 32) as u32
 }
 
-/// A partition's hash, the first half of its rendezvous weights.
+/// A partition's hash, the first half of its rendezvous weights: the high
+/// half of `mix64(partition ^ 0x5f2ea1c3d8b49e07)`.
 #[inline]
 #[must_use]
-pub const fn partition_hash(partition: u32) -> u64 {
-    mix64((partition as u64) ^ 0x5f2e_a1c3_d8b4_9e07)
+pub const fn partition_hash(partition: u32) -> u32 {
+    (mix64((partition as u64) ^ 0x5f2e_a1c3_d8b4_9e07) >> 32) as u32
+}
+
+/// The 32-bit "lowbias32" mixer (Wellons, hash-prospector): a bijection of
+/// `u32` with low avalanche bias, cheap enough to evaluate for every
+/// (partition, node) pair.
+#[inline]
+#[must_use]
+pub const fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
 }
 
 /// Rendezvous weight of a node (by its [`name_key`]) for a partition (by its
-/// [`partition_hash`]): higher wins. `mix64` of the sum, as SplitMix64 does
-/// for its stream, gives weights that behave as independent uniform draws.
+/// [`partition_hash`]): higher wins. [`mix32`] of the sum, the way
+/// SplitMix mixes its counter, gives weights that behave as independent
+/// uniform draws (the balance and movement tests check it).
 #[inline]
 #[must_use]
-pub const fn rendezvous_score(partition_hash: u64, name_key: u64) -> u64 {
-    mix64(partition_hash.wrapping_add(name_key))
+pub const fn rendezvous_score(partition_hash: u32, name_key: u32) -> u32 {
+    mix32(partition_hash.wrapping_add(name_key))
 }
 
 #[cfg(test)]
@@ -119,6 +135,15 @@ mod tests {
         // Distinct ids never collide (mix64 is a bijection).
         assert_ne!(datum_hash(i64::MIN), datum_hash(i64::MAX));
         assert_ne!(datum_hash(-1), datum_hash(1));
+    }
+
+    #[test]
+    fn rendezvous_inputs_are_pinned() {
+        assert_eq!(mix32(0), 0);
+        assert_eq!(mix32(1), 0x6889_90c0);
+        assert_eq!(name_key("node-1"), 0x1395_0d4e);
+        assert_eq!(partition_hash(0), 0x3cda_ae75);
+        assert_eq!(rendezvous_score(1, 2), 0x53f1_e9dd);
     }
 
     #[test]

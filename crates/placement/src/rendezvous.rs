@@ -8,15 +8,18 @@
 //! `1 + 2.5 / sqrt(P/n)` times the mean.
 //!
 //! To cap that, every node accepts at most `cap = ceil(P × (100 + b) /
-//! (100 × n))` partitions, and the assignment is the *stable* one (the
-//! partition-proposing deferred acceptance of Gale and Shapley): each
-//! partition proposes to its nodes from the highest weight down; a full node
-//! keeps the proposals of highest weight and rejects the weakest. Because
-//! both sides rank by the same weights the stable assignment is unique, so
-//! it does not depend on the order partitions are processed in, and when the
-//! load bound does not bind it is exactly plain rendezvous. A joining node
-//! takes the partitions that weigh it highest (up to its cap); a leaving
-//! node's partitions go to their next choices.
+//! (100 × n))` partitions, and the assignment is the partition-optimal
+//! *stable* one, computed by the partition-proposing deferred acceptance of
+//! Gale and Shapley: each partition proposes to its nodes from the highest
+//! weight down; a full node keeps the proposals of highest weight and rejects
+//! the weakest, which then propose to their next choice. Deferred acceptance
+//! reaches the same assignment whatever the order of proposals, and when the
+//! bound does not bind it is exactly plain rendezvous. A joining node takes
+//! the partitions that weigh it highest (up to its cap); a leaving node's
+//! partitions go to their next choices. The bound costs extra moves only
+//! where it binds: nodes at the cap shed their weakest partitions when the
+//! cap drops by one, which is rare while `P/n` is large (see
+//! `docs/placement.md`).
 //!
 //! Replicas of a partition are the highest-weight nodes other than its
 //! primary (without a load bound).
@@ -27,16 +30,15 @@ use std::collections::BinaryHeap;
 use crate::hash::{name_key, partition_hash, rendezvous_score};
 use crate::view::{NodeIndex, View};
 
-/// Extra candidates kept per partition beyond its `copies`, so that most
-/// rejections find the next choice without a scan of every node.
-const SPARE_CANDIDATES: usize = 3;
+/// A (partition, node) weight: the 32-bit score in the high half, the
+/// node's name rank in the low half. Distinct nodes never have equal
+/// weights; when scores tie (probability 2^-32 per pair) the name decides,
+/// which still does not depend on the rest of the view.
+type Weight = u64;
 
-/// A (partition, node) weight: score in the high 64 bits, the node's name
-/// rank in the low 32. Distinct nodes never have equal weights.
-type Weight = u128;
-
-fn weight(score: u64, name_rank: u32) -> Weight {
-    (u128::from(score) << 32) | u128::from(name_rank)
+#[inline]
+fn weight(score: u32, name_rank: u32) -> Weight {
+    (u64::from(score) << 32) | u64::from(name_rank)
 }
 
 fn rank_of(w: Weight) -> u32 {
@@ -45,7 +47,7 @@ fn rank_of(w: Weight) -> u32 {
 
 /// Nodes of a view as the assignment sees them.
 struct Nodes {
-    keys: Vec<u64>,
+    keys: Vec<u32>,
     name_ranks: Vec<u32>,
     /// Name rank -> node index.
     by_rank: Vec<u32>,
@@ -53,7 +55,7 @@ struct Nodes {
 
 impl Nodes {
     fn new(view: &View) -> Nodes {
-        let keys: Vec<u64> = view.nodes().iter().map(|n| name_key(&n.name)).collect();
+        let keys: Vec<u32> = view.nodes().iter().map(|n| name_key(&n.name)).collect();
         let name_ranks = view.name_ranks();
         let mut by_rank = vec![0u32; name_ranks.len()];
         for (index, &rank) in name_ranks.iter().enumerate() {
@@ -73,7 +75,7 @@ impl Nodes {
     }
 
     /// The highest weight of partition hash `ph` strictly below `bound`.
-    fn best_below(&self, ph: u64, bound: Weight) -> Option<Weight> {
+    fn best_below(&self, ph: u32, bound: Weight) -> Option<Weight> {
         let mut best: Option<Weight> = None;
         for (&key, &rank) in self.keys.iter().zip(&self.name_ranks) {
             let w = weight(rendezvous_score(ph, key), rank);
@@ -100,16 +102,36 @@ pub(crate) fn assign(
     if n == 0 || p_count == 0 || copies == 0 {
         return Vec::new();
     }
-    let depth = (copies + SPARE_CANDIDATES).min(n);
+    let depth = copies.min(n);
 
     // 1. The `depth` best candidates of every partition, best first.
     let mut top: Vec<Weight> = Vec::with_capacity(p_count * depth);
     let mut best: Vec<Weight> = Vec::with_capacity(depth + 1);
+    let mut scores: Vec<u32> = Vec::with_capacity(n);
     for p in 0..partitions {
         let ph = partition_hash(p);
+        if depth == 1 {
+            // The common case: the highest score, then (rarely needed) the
+            // tie-break among the nodes that reach it.
+            scores.clear();
+            scores.extend(nodes.keys.iter().map(|&key| rendezvous_score(ph, key)));
+            let max = scores.iter().copied().fold(0, u32::max);
+            let w = scores
+                .iter()
+                .zip(&nodes.name_ranks)
+                .filter(|&(&s, _)| s == max)
+                .map(|(&s, &rank)| weight(s, rank))
+                .fold(0, Weight::max);
+            top.push(w);
+            continue;
+        }
+        let weights = nodes
+            .keys
+            .iter()
+            .zip(&nodes.name_ranks)
+            .map(|(&key, &rank)| weight(rendezvous_score(ph, key), rank));
         best.clear();
-        for (&key, &rank) in nodes.keys.iter().zip(&nodes.name_ranks) {
-            let w = weight(rendezvous_score(ph, key), rank);
+        for w in weights {
             if best.len() == depth {
                 match best.last() {
                     Some(&last) if w > last => {
@@ -218,4 +240,136 @@ pub(crate) fn capacity(partitions: u32, nodes: usize, load_bound_percent: u32) -
     usize::try_from(num.div_ceil(den))
         .unwrap_or(usize::MAX)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::NodeId;
+
+    fn view(n: usize) -> View {
+        View::from_nodes((0..n).map(|i| NodeId::new(format!("n{i}"), (i as u64 * 7919) % 13)))
+    }
+
+    /// All weights of partition `p`, indexed by node.
+    fn weights(nodes: &Nodes, p: u32) -> Vec<Weight> {
+        let ph = partition_hash(p);
+        nodes
+            .keys
+            .iter()
+            .zip(&nodes.name_ranks)
+            .map(|(&k, &r)| weight(rendezvous_score(ph, k), r))
+            .collect()
+    }
+
+    /// Checks that `rows` is the stable assignment under the load bound, with
+    /// replicas the best other nodes.
+    fn check_stable(n: usize, partitions: u32, copies: usize, bound: u32) {
+        let v = view(n);
+        let nodes = Nodes::new(&v);
+        let rows = assign(&v, partitions, copies, bound);
+        assert_eq!(rows.len(), partitions as usize * copies);
+        let cap = capacity(partitions, n, bound);
+        let primary: Vec<usize> = rows.chunks(copies).map(|r| r[0].get()).collect();
+        let mut load = vec![0usize; n];
+        for &p in &primary {
+            load[p] += 1;
+        }
+        assert!(load.iter().all(|&l| l <= cap), "over cap {cap}: {load:?}");
+        let all: Vec<Vec<Weight>> = (0..partitions).map(|p| weights(&nodes, p)).collect();
+        // The weakest (weight, partition) each node holds.
+        let mut weakest = vec![(Weight::MAX, u32::MAX); n];
+        for (p, &node) in primary.iter().enumerate() {
+            weakest[node] = weakest[node].min((all[p][node], p as u32));
+        }
+        for (p, &node) in primary.iter().enumerate() {
+            let mine = all[p][node];
+            for m in 0..n {
+                if all[p][m] > mine {
+                    // p prefers m: m must be full of partitions it prefers to p.
+                    assert_eq!(load[m], cap, "blocking pair p{p} n{m}");
+                    assert!(
+                        weakest[m] > (all[p][m], p as u32),
+                        "blocking pair p{p} n{m}"
+                    );
+                }
+            }
+            // Replicas: the best other nodes, best first.
+            let mut others: Vec<(Weight, usize)> = (0..n)
+                .filter(|&m| m != node)
+                .map(|m| (all[p][m], m))
+                .collect();
+            others.sort_unstable_by(|a, b| b.cmp(a));
+            let expected: Vec<usize> = others.iter().take(copies - 1).map(|&(_, m)| m).collect();
+            let got: Vec<usize> = rows[p * copies + 1..(p + 1) * copies]
+                .iter()
+                .map(|i| i.get())
+                .collect();
+            assert_eq!(got, expected, "replicas of p{p}");
+        }
+    }
+
+    #[test]
+    fn assignment_is_stable_under_the_bound() {
+        for (n, partitions, copies, bound) in [
+            (1, 10, 1, 0),
+            (2, 7, 1, 0),
+            (3, 100, 2, 0),
+            (5, 64, 3, 5),
+            (7, 1000, 1, 0),
+            (7, 1000, 4, 5),
+            (10, 50, 2, 0),
+            (13, 5, 2, 0), // fewer partitions than nodes
+            (40, 4000, 1, 2),
+        ] {
+            check_stable(n, partitions, copies, bound);
+        }
+    }
+
+    #[test]
+    fn without_a_binding_bound_it_is_plain_rendezvous() {
+        let v = view(9);
+        let nodes = Nodes::new(&v);
+        let rows = assign(&v, 500, 1, 10_000);
+        for (p, owner) in rows.iter().enumerate() {
+            let w = weights(&nodes, p as u32);
+            let best = (0..9).max_by_key(|&m| w[m]).unwrap();
+            assert_eq!(owner.get(), best);
+        }
+    }
+
+    #[test]
+    fn zero_bound_balances_exactly() {
+        // With b = 0 the cap is ceil(P/n): loads differ by at most one when
+        // n divides into P evenly or nearly.
+        let rows = assign(&view(6), 600, 1, 0);
+        let mut load = [0usize; 6];
+        for r in &rows {
+            load[r.get()] += 1;
+        }
+        assert_eq!(load, [100; 6]);
+    }
+
+    #[test]
+    fn capacity_rounds_up_and_covers_all_partitions() {
+        assert_eq!(capacity(100, 3, 0), 34);
+        assert_eq!(capacity(100, 3, 5), 35);
+        assert_eq!(capacity(131_072, 100, 5), 1377);
+        assert_eq!(capacity(5, 13, 5), 1);
+        for (p, n, b) in [
+            (1, 1, 0),
+            (7, 3, 0),
+            (1 << 24, 1 << 24, 5),
+            (u32::MAX, 1, 5),
+        ] {
+            assert!(capacity(p, n, b) * n >= p as usize);
+        }
+    }
+
+    #[test]
+    fn degenerate_inputs_give_no_rows() {
+        assert!(assign(&View::default(), 10, 1, 5).is_empty());
+        assert!(assign(&view(3), 0, 1, 5).is_empty());
+        assert!(assign(&view(3), 10, 0, 5).is_empty());
+    }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Which rule maps datums to nodes. Deserialisable from configuration files.
 ///
 /// serde form (externally tagged): `"ModN"`, or
-/// `{"Rendezvous": {"partitions": 65536}}` (`partitions` may be left out for
+/// `{"Rendezvous": {"partitions": 131072}}` (`partitions` may be left out for
 /// [`Strategy::DEFAULT_PARTITIONS`]). The aliases `"mod_n"` and
 /// `"rendezvous"` are accepted as well.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -39,11 +39,11 @@ fn default_partitions() -> u32 {
 }
 
 impl Strategy {
-    /// Default partition count of [`Strategy::Rendezvous`]: 2^16. With the
+    /// Default partition count of [`Strategy::Rendezvous`]: 2^17. With the
     /// load bound this keeps the most loaded node within 10 % of the mean for
     /// clusters up to a few hundred nodes (see `docs/placement.md` for the
     /// figures and the trade-off).
-    pub const DEFAULT_PARTITIONS: u32 = 1 << 16;
+    pub const DEFAULT_PARTITIONS: u32 = 1 << 17;
 
     /// Largest accepted partition count (2^24).
     pub const MAX_PARTITIONS: u32 = 1 << 24;

@@ -405,3 +405,250 @@ impl TableDiff {
         self.primary_moves.is_empty() && self.replica_changes.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(names: &[(&str, u64)]) -> View {
+        View::from_nodes(names.iter().map(|&(n, g)| NodeId::new(n, g)))
+    }
+
+    fn abc() -> View {
+        view(&[("a", 1), ("b", 2), ("c", 3)])
+    }
+
+    fn names(t: &PlacementTable, id: i64) -> Vec<&str> {
+        t.owner_ids(id).map(|n| n.name.as_str()).collect()
+    }
+
+    #[test]
+    fn modn_follows_the_seed_formula() {
+        let t = PlacementTable::build(abc(), &Strategy::ModN, 2).unwrap();
+        assert_eq!(names(&t, 0), ["a", "b"]);
+        assert_eq!(names(&t, 1), ["b", "c"]);
+        assert_eq!(names(&t, 2), ["c", "a"]);
+        assert_eq!(names(&t, 3), ["a", "b"]);
+        assert_eq!(t.width(), 2);
+        assert_eq!(t.copies(), 2);
+        assert_eq!(t.slot_count(), 3);
+    }
+
+    #[test]
+    fn negative_and_extreme_ids() {
+        let t = PlacementTable::build(abc(), &Strategy::ModN, 3).unwrap();
+        // Euclidean remainder: -1 mod 3 = 2.
+        assert_eq!(names(&t, -1), ["c", "a", "b"]);
+        assert_eq!(names(&t, -3), ["a", "b", "c"]);
+        // i64::MIN = -9223372036854775808 ≡ 1 (mod 3); i64::MAX ≡ 1 (mod 3).
+        assert_eq!(i64::MIN.rem_euclid(3), 1);
+        assert_eq!(names(&t, i64::MIN), ["b", "c", "a"]);
+        assert_eq!(names(&t, i64::MAX), ["b", "c", "a"]);
+        assert_eq!(t.slot(i64::MIN), Some(1));
+        for strategy in [Strategy::ModN, Strategy::Rendezvous { partitions: 64 }] {
+            let t = PlacementTable::build(abc(), &strategy, 2).unwrap();
+            for id in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX - 1, i64::MAX] {
+                assert_eq!(t.owners(id).len(), 2, "{strategy:?} {id}");
+                assert!(t.primary(id).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn copies_beyond_nodes_gives_each_node_once() {
+        for strategy in [Strategy::ModN, Strategy::Rendezvous { partitions: 16 }] {
+            let t = PlacementTable::build(abc(), &strategy, 10).unwrap();
+            assert_eq!(t.copies(), 10);
+            assert_eq!(t.width(), 3);
+            for id in -20..20 {
+                let mut owners = t.owners(id).to_vec();
+                owners.sort();
+                assert_eq!(owners, [NodeIndex(0), NodeIndex(1), NodeIndex(2)]);
+            }
+        }
+    }
+
+    #[test]
+    fn no_ready_node_no_owner() {
+        let empty = View::new([crate::Member::new("a", 1, false)]);
+        for strategy in [Strategy::ModN, Strategy::rendezvous()] {
+            let t = PlacementTable::build(empty.clone(), &strategy, 2).unwrap();
+            assert!(t.owners(5).is_empty());
+            assert_eq!(t.primary(i64::MIN), None);
+            assert_eq!(t.owner_ids(0).count(), 0);
+            assert_eq!(t.slot(0), None);
+            assert_eq!(t.slot_count(), 0);
+            assert!(t.slot_owners(0).is_empty());
+        }
+        let t = PlacementTable::empty();
+        assert!(t.owners(0).is_empty());
+        assert_eq!(t.view_id(), View::default().id());
+        assert_eq!(t.width(), 0);
+    }
+
+    #[test]
+    fn configuration_errors() {
+        assert_eq!(
+            PlacementTable::build(abc(), &Strategy::ModN, 0).unwrap_err(),
+            PlacementError::ZeroCopies
+        );
+        assert_eq!(
+            PlacementTable::build(View::default(), &Strategy::ModN, 0).unwrap_err(),
+            PlacementError::ZeroCopies
+        );
+        assert_eq!(
+            PlacementTable::build(abc(), &Strategy::Rendezvous { partitions: 0 }, 1).unwrap_err(),
+            PlacementError::ZeroPartitions
+        );
+        assert_eq!(
+            PlacementTable::build(
+                View::default(),
+                &Strategy::Rendezvous {
+                    partitions: u32::MAX
+                },
+                1
+            )
+            .unwrap_err(),
+            PlacementError::TooManyPartitions {
+                partitions: u32::MAX,
+                max: Strategy::MAX_PARTITIONS
+            }
+        );
+        let err = PlacementTable::build(
+            abc(),
+            &Strategy::Rendezvous {
+                partitions: Strategy::MAX_PARTITIONS,
+            },
+            2,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            PlacementError::TableTooLarge {
+                entries: 2 * u64::from(Strategy::MAX_PARTITIONS),
+                max: PlacementTable::MAX_ENTRIES
+            }
+        );
+        assert!(err.to_string().contains("owner entries"));
+    }
+
+    #[test]
+    fn one_node_owns_everything() {
+        let one = view(&[("solo", 9)]);
+        for strategy in [Strategy::ModN, Strategy::Rendezvous { partitions: 8 }] {
+            let t = PlacementTable::build(one.clone(), &strategy, 3).unwrap();
+            for id in [i64::MIN, -7, 0, 7, i64::MAX] {
+                assert_eq!(t.owners(id), &[NodeIndex(0)]);
+            }
+        }
+    }
+
+    #[test]
+    fn slot_owners_match_owners() {
+        for strategy in [Strategy::ModN, Strategy::Rendezvous { partitions: 32 }] {
+            let t = PlacementTable::build(abc(), &strategy, 2).unwrap();
+            for id in -50..50 {
+                let slot = t.slot(id).unwrap();
+                assert!((slot as usize) < t.slot_count());
+                assert_eq!(t.slot_owners(slot), t.owners(id));
+            }
+            assert!(t.slot_owners(u32::MAX).is_empty());
+        }
+    }
+
+    #[test]
+    fn diff_reports_primary_moves_with_from_and_to() {
+        let old = PlacementTable::build(abc(), &Strategy::ModN, 1).unwrap();
+        let new = PlacementTable::build(
+            view(&[("a", 1), ("b", 2), ("c", 3), ("d", 4)]),
+            &Strategy::ModN,
+            1,
+        )
+        .unwrap();
+        let diff = old.diff(&new, [0, 1, 2, 3, 4]);
+        // Old: a b c a b; new: a b c d a.
+        assert_eq!(
+            diff.primary_moves,
+            vec![
+                PrimaryMove {
+                    id: 3,
+                    from: Some(NodeId::new("a", 1)),
+                    to: Some(NodeId::new("d", 4))
+                },
+                PrimaryMove {
+                    id: 4,
+                    from: Some(NodeId::new("b", 2)),
+                    to: Some(NodeId::new("a", 1))
+                },
+            ]
+        );
+        assert!(diff.replica_changes.is_empty());
+        assert!(old.diff(&old, -10..10).is_empty());
+    }
+
+    #[test]
+    fn diff_reports_replica_changes() {
+        // Same n, same slots: c restarts (new generation) and is a different node.
+        let old = PlacementTable::build(abc(), &Strategy::ModN, 2).unwrap();
+        let restarted = view(&[("a", 1), ("b", 2), ("c", 30)]);
+        let new = PlacementTable::build(restarted, &Strategy::ModN, 2).unwrap();
+        let diff = old.diff(&new, 0..6);
+        // Rows: 0 = [a, b] same; 1 = [b, c] replica; 2 = [c, a] primary.
+        assert_eq!(diff.replica_changes, vec![1, 4]);
+        let moved: Vec<i64> = diff.primary_moves.iter().map(|m| m.id).collect();
+        assert_eq!(moved, vec![2, 5]);
+        assert_eq!(diff.primary_moves[0].from, Some(NodeId::new("c", 3)));
+        assert_eq!(diff.primary_moves[0].to, Some(NodeId::new("c", 30)));
+
+        // More copies, same primary: the owner set grows.
+        let wider = PlacementTable::build(abc(), &Strategy::ModN, 3).unwrap();
+        let diff = old.diff(&wider, 0..3);
+        assert!(diff.primary_moves.is_empty());
+        assert_eq!(diff.replica_changes, vec![0, 1, 2]);
+
+        // Replica order does not matter, only the set.
+        let two = view(&[("a", 1), ("b", 2)]);
+        let t2 = PlacementTable::build(two, &Strategy::ModN, 2).unwrap();
+        let t3 = PlacementTable::build(abc(), &Strategy::ModN, 2).unwrap();
+        // n differs: per-datum comparison path. Id 0: [a,b] -> [a,b] same.
+        let diff = t2.diff(&t3, [0]);
+        assert!(diff.is_empty());
+    }
+
+    #[test]
+    fn diff_from_and_to_nothing() {
+        let empty = PlacementTable::empty();
+        let full = PlacementTable::build(abc(), &Strategy::rendezvous(), 1).unwrap();
+        let up = empty.diff(&full, [1, 2]);
+        assert_eq!(up.primary_moves.len(), 2);
+        assert!(
+            up.primary_moves
+                .iter()
+                .all(|m| m.from.is_none() && m.to.is_some())
+        );
+        let down = full.diff(&empty, [1, 2]);
+        assert!(
+            down.primary_moves
+                .iter()
+                .all(|m| m.from.is_some() && m.to.is_none())
+        );
+        assert!(empty.diff(&PlacementTable::empty(), [1]).is_empty());
+    }
+
+    #[test]
+    fn diff_reports_duplicates_in_input_order() {
+        let old = PlacementTable::build(abc(), &Strategy::ModN, 1).unwrap();
+        let new = PlacementTable::build(view(&[("a", 1), ("b", 2)]), &Strategy::ModN, 1).unwrap();
+        let diff = old.diff(&new, [2, 2, -1]);
+        let ids: Vec<i64> = diff.primary_moves.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![2, 2, -1]);
+    }
+
+    #[test]
+    fn debug_is_a_summary() {
+        let t = PlacementTable::build(abc(), &Strategy::rendezvous(), 1).unwrap();
+        let s = format!("{t:?}");
+        assert!(s.contains("nodes: 3") && s.contains("Rendezvous"), "{s}");
+        assert!(s.len() < 300);
+    }
+}

@@ -1,0 +1,108 @@
+//! Movement and balance of the minimal-movement strategy at its default
+//! partition count, on fixed node names (deterministic), against the targets
+//! in `docs/placement.md`: a join moves at most 1.1/(N+1) of the datums, a
+//! leave at most 1.1/N, and the most loaded primary carries at most 1.10
+//! times the mean, for every cluster size up to 100.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_placement::{NodeId, PlacementTable, Strategy, View};
+
+const DATUMS: i64 = 1_000_000;
+
+fn node(prefix: &str, i: usize) -> NodeId {
+    NodeId::new(
+        format!("{prefix}-{i}"),
+        1_700_000_000_000_000_000 + i as u64,
+    )
+}
+
+fn table(prefix: &str, nodes: impl Iterator<Item = usize>) -> PlacementTable {
+    let view = View::from_nodes(nodes.map(|i| node(prefix, i)));
+    PlacementTable::build(view, &Strategy::rendezvous(), 1).unwrap()
+}
+
+/// Fraction of the datums `0..DATUMS` whose primary differs.
+fn moved(a: &PlacementTable, b: &PlacementTable) -> f64 {
+    let moved = (0..DATUMS)
+        .filter(|&id| a.owner_ids(id).next() != b.owner_ids(id).next())
+        .count();
+    moved as f64 / DATUMS as f64
+}
+
+fn max_over_mean(t: &PlacementTable) -> f64 {
+    let mut load = vec![0u64; t.view().len()];
+    for id in 0..DATUMS {
+        load[t.primary(id).unwrap().get()] += 1;
+    }
+    *load.iter().max().unwrap() as f64 * t.view().len() as f64 / DATUMS as f64
+}
+
+fn check(prefix: &str, sizes: &[usize]) {
+    for &n in sizes {
+        let base = table(prefix, 0..n);
+        let joined = table(prefix, 0..=n);
+        let middle = n / 2;
+        let left = table(prefix, (0..n).filter(|&i| i != middle));
+
+        let join = moved(&base, &joined);
+        let ideal_join = 1.0 / (n as f64 + 1.0);
+        assert!(
+            join <= 1.1 * ideal_join,
+            "{prefix} n={n}: join moved {join}"
+        );
+        assert!(
+            join >= 0.9 * ideal_join,
+            "{prefix} n={n}: join moved {join}"
+        );
+
+        let leave = moved(&base, &left);
+        let ideal_leave = 1.0 / n as f64;
+        assert!(
+            leave <= 1.1 * ideal_leave,
+            "{prefix} n={n}: leave moved {leave}"
+        );
+        assert!(
+            leave >= 0.9 * ideal_leave,
+            "{prefix} n={n}: leave moved {leave}"
+        );
+
+        let balance = max_over_mean(&base);
+        assert!(balance <= 1.10, "{prefix} n={n}: max/mean {balance}");
+    }
+}
+
+#[test]
+fn small_clusters_move_about_one_share() {
+    check("node", &[2, 3, 4, 5, 7, 10]);
+}
+
+#[test]
+fn larger_clusters_move_about_one_share() {
+    check("host", &[16, 31, 50, 64, 99]);
+}
+
+#[test]
+fn restarting_a_node_moves_only_its_datums_and_back_to_it() {
+    // Rendezvous keys on the name: a restarted node (new generation) takes
+    // back exactly the partitions it had, so only its datums change primary,
+    // from its old generation to its new one.
+    let nodes: Vec<NodeId> = (0..8).map(|i| node("r", i)).collect();
+    let mut restarted = nodes.clone();
+    restarted[3].generation += 1_000;
+    let rule = Strategy::rendezvous();
+    let a = PlacementTable::build(View::from_nodes(nodes.clone()), &rule, 2).unwrap();
+    let b = PlacementTable::build(View::from_nodes(restarted.clone()), &rule, 2).unwrap();
+    let diff = a.diff(&b, 0..100_000);
+    assert!(!diff.primary_moves.is_empty());
+    for m in &diff.primary_moves {
+        assert_eq!(m.from.as_ref(), Some(&nodes[3]));
+        assert_eq!(m.to.as_ref(), Some(&restarted[3]));
+    }
+    // Datums it held as a replica only: replica changes.
+    for &id in &diff.replica_changes {
+        assert!(a.owner_ids(id).skip(1).any(|n| *n == nodes[3]));
+    }
+    let share = diff.primary_moves.len() as f64 / 100_000.0;
+    assert!((0.08..0.17).contains(&share), "{share}");
+}
