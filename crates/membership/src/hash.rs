@@ -8,6 +8,8 @@
 
 use std::hash::{BuildHasher, Hasher};
 
+use crate::Member;
+
 const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Builds [`NameHasher`]s sharing one seed.
@@ -80,6 +82,63 @@ impl Hasher for NameHasher {
         x ^= x >> 33;
         x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
         x ^ (x >> 33)
+    }
+}
+
+/// Name → slot index over the member table, storing only the slot (4 bytes
+/// and one control byte a member; names live once, in the table).
+#[derive(Debug, Clone)]
+pub(crate) struct NameIndex {
+    table: hashbrown::HashTable<u32>,
+    hasher: SeededState,
+}
+
+/// Name of the member in `slot`, if the slot is occupied.
+fn name_at(members: &[Option<Member>], slot: u32) -> Option<&str> {
+    members
+        .get(slot as usize)
+        .and_then(Option::as_ref)
+        .map(|m| &*m.name)
+}
+
+impl NameIndex {
+    pub(crate) fn new(hasher: SeededState) -> Self {
+        NameIndex {
+            table: hashbrown::HashTable::new(),
+            hasher,
+        }
+    }
+
+    /// Slot of the member called `name`.
+    pub(crate) fn get(&self, name: &str, members: &[Option<Member>]) -> Option<u32> {
+        let hash = self.hasher.hash_str(name);
+        self.table
+            .find(hash, |&slot| name_at(members, slot) == Some(name))
+            .copied()
+    }
+
+    /// Indexes the member already stored in `slot`.
+    pub(crate) fn insert(&mut self, slot: u32, members: &[Option<Member>]) {
+        let Some(name) = name_at(members, slot) else {
+            return;
+        };
+        let hasher = self.hasher;
+        self.table
+            .insert_unique(hasher.hash_str(name), slot, |&other| {
+                name_at(members, other).map_or(0, |n| hasher.hash_str(n))
+            });
+    }
+
+    /// Forgets `slot`, indexed under `name`.
+    pub(crate) fn remove(&mut self, name: &str, slot: u32) {
+        let hash = self.hasher.hash_str(name);
+        if let Ok(entry) = self.table.find_entry(hash, |&other| other == slot) {
+            entry.remove();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
     }
 }
 

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use tracing::{debug, info, warn};
 
 use crate::broadcast::Broadcasts;
-use crate::hash::SeededState;
+use crate::hash::{NameIndex, SeededState};
 use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
 use crate::wire::{
     self, Accusation, Alive, IndirectPing, Limits, Message, Ping, PushPull, State, WireState,
@@ -169,7 +169,7 @@ pub struct Membership<R: Rng> {
     /// Remote members; `None` marks a reaped slot that `free` will reuse.
     members: Vec<Option<Member>>,
     free: Vec<u32>,
-    index: HashMap<Arc<str>, u32, SeededState>,
+    index: NameIndex,
     /// Alive and suspect members, this node included while it is live.
     live: usize,
 
@@ -260,7 +260,7 @@ impl<R: Rng> Membership<R> {
             superseded: false,
             members: Vec::new(),
             free: Vec::new(),
-            index: HashMap::with_hasher(hasher),
+            index: NameIndex::new(hasher),
             live: 1,
             probe_order: Vec::new(),
             probe_pos: 0,
@@ -523,7 +523,9 @@ impl<R: Rng> Membership<R> {
         if name == &*self.local.name {
             return Some(&self.local);
         }
-        self.index.get(name).and_then(|slot| self.slot(*slot))
+        self.index
+            .get(name, &self.members)
+            .and_then(|slot| self.slot(slot))
     }
 
     /// Number of alive and suspect members, this node included while live.
@@ -577,7 +579,7 @@ impl<R: Rng> Membership<R> {
                 continue;
             }
             let info = AliveInfo::from_member(&member);
-            match (self.index.get(&*member.name), member.state) {
+            match (self.index.get(&member.name, &self.members), member.state) {
                 (None, MemberState::Alive | MemberState::Suspect) => {
                     self.apply_alive(info, Mode::Quiet, now);
                 }
@@ -619,7 +621,6 @@ impl<R: Rng> Membership<R> {
     }
 
     fn insert_member(&mut self, member: Member) -> u32 {
-        let name = Arc::clone(&member.name);
         let live = member.state.is_live();
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -634,7 +635,7 @@ impl<R: Rng> Membership<R> {
                 slot
             }
         };
-        self.index.insert(name, slot);
+        self.index.insert(slot, &self.members);
         if live {
             self.add_to_probe_order(slot);
         }
@@ -691,7 +692,7 @@ impl<R: Rng> Membership<R> {
         let Some(member) = self.members.get_mut(slot as usize).and_then(Option::take) else {
             return;
         };
-        self.index.remove(&*member.name);
+        self.index.remove(&member.name, slot);
         self.free.push(slot);
         self.broadcasts.remove(slot);
         self.clear_suspicion(slot);
@@ -796,7 +797,7 @@ impl<R: Rng> Membership<R> {
             self.alive_about_self(&info);
             return;
         }
-        let Some(slot) = self.index.get(info.name.as_str()).copied() else {
+        let Some(slot) = self.index.get(info.name.as_str(), &self.members) else {
             let member = Member {
                 name: info.name.to_arc(),
                 generation: info.generation,
@@ -1042,7 +1043,7 @@ impl<R: Rng> Membership<R> {
             }
             return;
         }
-        let Some(slot) = self.index.get(acc.name).copied() else {
+        let Some(slot) = self.index.get(acc.name, &self.members) else {
             self.stats.ignored_updates += 1;
             return;
         };
@@ -1116,7 +1117,7 @@ impl<R: Rng> Membership<R> {
             }
             return;
         }
-        let Some(slot) = self.index.get(acc.name).copied() else {
+        let Some(slot) = self.index.get(acc.name, &self.members) else {
             self.stats.ignored_updates += 1;
             return;
         };
@@ -1170,7 +1171,8 @@ impl<R: Rng> Membership<R> {
             incarnation: member.incarnation,
             from,
         };
-        let known = member.name == &*self.local.name || self.index.contains_key(member.name);
+        let known = member.name == &*self.local.name
+            || self.index.get(member.name, &self.members).is_some();
         match state.state {
             WireState::Alive => self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now),
             WireState::Suspect | WireState::Dead if member.name == &*self.local.name => {

@@ -1091,6 +1091,10 @@ fn cluster_detects_a_crash_quickly() {
         }
     }
     let detected = detected.expect("crash never detected by everyone");
+    eprintln!(
+        "detected by all after {detected:?}; probes {}",
+        c.nodes[0].stats().probes
+    );
     // N = 8: min = 4 × 1 × 200 ms = 800 ms plus probing and gossip.
     assert!(detected < Duration::from_secs(3), "{detected:?}");
     assert!(
