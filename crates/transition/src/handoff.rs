@@ -1,0 +1,1791 @@
+//! The per-node handoff state machine. See the crate docs and
+//! `docs/transition.md` for the protocol; this file is its implementation.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_placement::{NodeId, NodeIndex, PlacementTable, ViewId};
+use tracing::{debug, info, warn};
+
+use crate::datum::{DetState, TypeRegistry};
+use crate::error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError};
+use crate::types::{
+    Config, Counters, Event, Job, JobKind, NoticeReport, Progress, Release, ReleaseTo,
+    ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
+};
+use crate::wire::{NoticeBatch, NoticeGroup};
+use crate::{Datum, DatumType};
+
+/// Where one registered datum stands on this node.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// Not held here, nothing pending.
+    Free = 0,
+    /// Acquired here: work is processed here.
+    Held,
+    /// Held, waiting for a relinquish job slot.
+    RelinquishQueued,
+    /// Relinquish job handed to the application.
+    Relinquishing,
+    /// Relinquish failed; waiting to retry.
+    RelinquishBackoff,
+    /// Primary here; waiting for the notice (the "token").
+    Awaiting,
+    /// Was primary and waiting, is not primary any more: passes the notice
+    /// on if it arrives here. Passive: does not keep a transition running.
+    Relay,
+    /// Have the token, primary here; waiting for an acquire job slot.
+    AcquireQueued,
+    /// Acquire job handed to the application.
+    Acquiring,
+    /// Acquire failed; waiting to retry.
+    AcquireBackoff,
+    /// Relinquished; the notice's send failed, waiting to retry.
+    TokenWait,
+    /// Relinquished; notice in the outgoing buffer.
+    TokenQueued,
+    /// Relinquished; no node owns the datum in the current view.
+    TokenParked,
+    /// Relinquished; notice handed out for sending, outcome not known yet.
+    Passed,
+}
+
+const PHASES: usize = 14;
+
+#[derive(Copy, Clone, Debug)]
+struct Slot {
+    /// Cohort (see [`Cohort`]) whose deadlines apply to the current flight.
+    flight: u64,
+    phase: Phase,
+    /// Attempts so far of the current job or send.
+    attempt: u8,
+}
+
+/// All registered datums with their phase, and how many are in each phase.
+#[derive(Default)]
+struct Registry {
+    map: HashMap<Datum, Slot, DetState>,
+    counts: [usize; PHASES],
+}
+
+impl Registry {
+    #[inline]
+    fn get(&self, d: &Datum) -> Option<Slot> {
+        self.map.get(d).copied()
+    }
+
+    #[inline]
+    fn set(&mut self, d: Datum, slot: Slot) {
+        if let Some(s) = self.map.get_mut(&d) {
+            if let Some(c) = self.counts.get_mut(s.phase as usize) {
+                *c = c.saturating_sub(1);
+            }
+            if let Some(c) = self.counts.get_mut(slot.phase as usize) {
+                *c += 1;
+            }
+            *s = slot;
+        }
+    }
+
+    fn insert(&mut self, d: Datum) -> bool {
+        if self.map.contains_key(&d) {
+            return false;
+        }
+        let slot = Slot {
+            flight: 0,
+            phase: Phase::Free,
+            attempt: 0,
+        };
+        self.map.insert(d, slot);
+        self.counts[Phase::Free as usize] += 1;
+        true
+    }
+
+    fn remove(&mut self, d: &Datum) -> Option<Slot> {
+        let s = self.map.remove(d)?;
+        if let Some(c) = self.counts.get_mut(s.phase as usize) {
+            *c = c.saturating_sub(1);
+        }
+        Some(s)
+    }
+
+    #[inline]
+    fn count(&self, p: Phase) -> usize {
+        self.counts.get(p as usize).copied().unwrap_or(0)
+    }
+}
+
+/// A past view, remembered while it was replaced less than `timeout` ago.
+struct PastView {
+    table: Arc<PlacementTable>,
+    self_index: Option<NodeIndex>,
+    left: Instant,
+    /// The cohort id of the install that replaced it: a wait whose flight is
+    /// at least this never saw this view in force.
+    left_epoch: u64,
+    /// Per node index: declared failed or left.
+    gone: Vec<bool>,
+}
+
+/// Datums that entered a flight at the same instant: they share deadlines
+/// (`start + relinquish_timeout`, `start + timeout`). Cohorts are created in
+/// time order, so their deadlines are too: a FIFO, no heap.
+struct Cohort {
+    id: u64,
+    start: Instant,
+    datums: Vec<Datum>,
+}
+
+#[derive(Default)]
+struct OutBuf {
+    datums: Vec<Datum>,
+    since: Option<Instant>,
+}
+
+struct SentBatch {
+    datums: Vec<Datum>,
+}
+
+struct Parked {
+    first: Instant,
+    datums: HashSet<Datum, DetState>,
+}
+
+#[derive(Debug)]
+enum TimerKind {
+    RelinquishRetry { datum: Datum, flight: u64, attempt: u8 },
+    AcquireRetry { datum: Datum, flight: u64, attempt: u8 },
+    Resend { key: u64 },
+}
+
+#[derive(Debug)]
+struct Timer {
+    at: Instant,
+    seq: u64,
+    kind: TimerKind,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at && self.seq == other.seq
+    }
+}
+impl Eq for Timer {}
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Timer {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// How this node came to have a datum's token (the right to acquire it).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Source {
+    /// No node could have held it: first owner.
+    Fresh,
+    /// This node's relinquish succeeded.
+    Relinquished,
+    /// A relinquish notice arrived.
+    Notice,
+    /// Every possible holder is gone.
+    OwnerGone,
+    /// The wait timed out.
+    Timeout,
+    /// The view changed: route the token again.
+    Reroute,
+    /// A token this node had not acquired yet, passed on.
+    PassOn,
+}
+
+enum Candidates {
+    /// No other node was primary in a recent view.
+    None,
+    /// Some were, all declared failed or left.
+    AllGone,
+    /// At least one that may hold the datum is alive.
+    SomeAlive,
+}
+
+enum ViewAt {
+    Current,
+    Past(usize),
+    Stale,
+    Unknown,
+}
+
+enum Primary {
+    Me,
+    Other(NodeIndex),
+    Nobody,
+}
+
+/// One node's handoff state machine: registry of datums, placement table in
+/// force, handoffs in flight. Sans-IO: every input takes `now`, outputs are
+/// polled. `W` is the application's work held for datums in flight.
+///
+/// See the [crate documentation](crate) for the protocol and an example.
+pub struct Handoff<W = Vec<u8>> {
+    local: NodeId,
+    config: Config,
+    types: TypeRegistry,
+    registry: Registry,
+    current: Arc<PlacementTable>,
+    self_index: Option<NodeIndex>,
+    history: VecDeque<PastView>,
+    seen: HashMap<ViewId, Instant, DetState>,
+    gone: BTreeSet<NodeId>,
+    cohorts: VecDeque<Cohort>,
+    /// Cohorts before this index had their relinquish deadline processed.
+    rcursor: usize,
+    next_epoch: u64,
+    relinquish_queue: VecDeque<Datum>,
+    acquire_queue: VecDeque<Datum>,
+    out: Vec<OutBuf>,
+    transmits: VecDeque<Transmit>,
+    sent: HashMap<u64, SentBatch, DetState>,
+    next_send: u64,
+    retrying: HashMap<u64, Vec<Datum>, DetState>,
+    next_retry: u64,
+    timers: BinaryHeap<Reverse<Timer>>,
+    timer_seq: u64,
+    parked: HashMap<ViewId, Parked, DetState>,
+    parked_total: usize,
+    held: HashMap<Datum, VecDeque<W>, DetState>,
+    held_total: usize,
+    releases: VecDeque<Release<W>>,
+    events: VecDeque<Event>,
+    counters: Counters,
+    fenced: bool,
+    now: Option<Instant>,
+    transition: Option<ViewId>,
+}
+
+impl<W> std::fmt::Debug for Handoff<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("local", &self.local)
+            .field("view", &self.current.view_id())
+            .field("progress", &self.progress())
+            .field("fenced", &self.fenced)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W> Handoff<W> {
+    /// A node's state machine, with no datum and the empty placement table
+    /// (no owner for anything).
+    ///
+    /// Install the table of the cluster as this node sees it *before* this
+    /// node is ready, so that its first table naming itself has the previous
+    /// owners to wait for; a datum is acquired without waiting only when no
+    /// other node was its primary in a recent view.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when `config` does not validate.
+    pub fn new(local: NodeId, config: Config) -> Result<Handoff<W>, ConfigError> {
+        config.validate()?;
+        Ok(Handoff {
+            local,
+            config,
+            types: TypeRegistry::default(),
+            registry: Registry::default(),
+            current: Arc::new(PlacementTable::empty()),
+            self_index: None,
+            history: VecDeque::new(),
+            seen: HashMap::default(),
+            gone: BTreeSet::new(),
+            cohorts: VecDeque::new(),
+            rcursor: 0,
+            next_epoch: 1,
+            relinquish_queue: VecDeque::new(),
+            acquire_queue: VecDeque::new(),
+            out: Vec::new(),
+            transmits: VecDeque::new(),
+            sent: HashMap::default(),
+            next_send: 0,
+            retrying: HashMap::default(),
+            next_retry: 0,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            parked: HashMap::default(),
+            parked_total: 0,
+            held: HashMap::default(),
+            held_total: 0,
+            releases: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+            fenced: false,
+            now: None,
+            transition: None,
+        })
+    }
+
+    // ----- accessors -------------------------------------------------------
+
+    /// This node's identity.
+    #[must_use]
+    pub fn local(&self) -> &NodeId {
+        &self.local
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The placement table in force. Owner lookups on it are O(1) and never
+    /// wait for a transition; share the `Arc` with readers.
+    #[must_use]
+    pub fn table(&self) -> &Arc<PlacementTable> {
+        &self.current
+    }
+
+    /// The id of the view in force.
+    #[must_use]
+    pub fn view_id(&self) -> ViewId {
+        self.current.view_id()
+    }
+
+    /// The primary owner of `id` in the view in force.
+    #[must_use]
+    pub fn owner(&self, id: i64) -> Option<&NodeId> {
+        self.current
+            .primary(id)
+            .and_then(|i| self.current.view().node(i))
+    }
+
+    /// Interns a datum type name (1 to 255 bytes; at most 65,536 types).
+    ///
+    /// # Errors
+    /// [`RegistryError::BadTypeName`] or [`RegistryError::TooManyTypes`].
+    pub fn datum_type(&mut self, name: &str) -> Result<DatumType, RegistryError> {
+        self.types.intern(name)
+    }
+
+    /// The interned type of `name`, if this node interned it.
+    #[must_use]
+    pub fn lookup_type(&self, name: &str) -> Option<DatumType> {
+        self.types.lookup(name)
+    }
+
+    /// The name of an interned type.
+    #[must_use]
+    pub fn type_name(&self, ty: DatumType) -> Option<&str> {
+        self.types.name(ty)
+    }
+
+    /// Whether `datum` is registered.
+    #[must_use]
+    pub fn is_registered(&self, datum: Datum) -> bool {
+        self.registry.map.contains_key(&datum)
+    }
+
+    /// Whether this node holds `datum` acquired (work for it is processed here).
+    #[must_use]
+    pub fn is_held(&self, datum: Datum) -> bool {
+        self.registry
+            .get(&datum)
+            .is_some_and(|s| s.phase == Phase::Held)
+    }
+
+    /// The running counters.
+    #[must_use]
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Whether the cluster declared this node failed (it then does nothing more).
+    #[must_use]
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// Datums in flight on this node (see [`Progress::in_flight`]).
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        use Phase::*;
+        [
+            RelinquishQueued,
+            Relinquishing,
+            RelinquishBackoff,
+            Awaiting,
+            AcquireQueued,
+            Acquiring,
+            AcquireBackoff,
+            TokenWait,
+            TokenQueued,
+            Passed,
+        ]
+        .iter()
+        .map(|&p| self.registry.count(p))
+        .sum()
+    }
+
+    /// Whether nothing is in flight (the transition, if any, has ended).
+    #[must_use]
+    pub fn is_idle(&self) -> bool {
+        self.in_flight() == 0
+    }
+
+    /// A snapshot of what is in flight.
+    #[must_use]
+    pub fn progress(&self) -> Progress {
+        use Phase::*;
+        let c = |p| self.registry.count(p);
+        Progress {
+            view: Some(self.current.view_id()),
+            registered: self.registry.map.len(),
+            held: c(Held),
+            relinquishing: c(RelinquishQueued) + c(Relinquishing) + c(RelinquishBackoff),
+            awaiting: c(Awaiting),
+            acquiring: c(AcquireQueued) + c(Acquiring) + c(AcquireBackoff),
+            notices_pending: c(TokenWait) + c(TokenQueued) + c(Passed),
+            unowned: c(TokenParked),
+            relaying: c(Relay),
+            in_flight: self.in_flight(),
+            held_work: self.held_total,
+            parked_notices: self.parked_total,
+        }
+    }
+
+    /// The datums this node is primary of and still waits for (O(registered)).
+    pub fn awaiting(&self) -> impl Iterator<Item = Datum> + '_ {
+        self.registry
+            .map
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Awaiting)
+            .map(|(d, _)| *d)
+    }
+
+    /// The work held right now, per datum, oldest first.
+    pub fn held_work(&self) -> impl Iterator<Item = (Datum, &W)> + '_ {
+        self.held
+            .iter()
+            .flat_map(|(d, q)| q.iter().map(move |w| (*d, w)))
+    }
+
+    // ----- routing and held work -------------------------------------------
+
+    /// Where work for `datum` must go right now. Never waits; O(1).
+    #[must_use]
+    pub fn route(&self, datum: Datum) -> Route<'_> {
+        if self.fenced {
+            return Route::Fenced;
+        }
+        let by_table = || match self.primary_of(datum.id) {
+            Primary::Me => Route::Process,
+            Primary::Other(i) => self
+                .current
+                .view()
+                .node(i)
+                .map_or(Route::Hold, Route::Forward),
+            Primary::Nobody => Route::Hold,
+        };
+        let Some(s) = self.registry.get(&datum) else {
+            return by_table();
+        };
+        use Phase::*;
+        match s.phase {
+            Held => Route::Process,
+            RelinquishQueued | Relinquishing | RelinquishBackoff | Awaiting | AcquireQueued
+            | Acquiring | AcquireBackoff => Route::Hold,
+            Free | Relay | TokenWait | TokenQueued | TokenParked | Passed => match by_table() {
+                Route::Process => Route::Hold,
+                other => other,
+            },
+        }
+    }
+
+    /// Keeps `work` for `datum` until the datum lands; it is then released
+    /// once (see [`Handoff::poll_release`]), to this node or to the owner.
+    ///
+    /// # Errors
+    /// The work is handed back in a [`HoldError`]: `Full` when the node's hold
+    /// buffer (`Config::hold_capacity`) is full (push back on the sender),
+    /// `NotHeld` when [`Handoff::route`] is not [`Route::Hold`], `Fenced`.
+    pub fn hold(&mut self, datum: Datum, work: W) -> Result<(), HoldError<W>> {
+        let kind = match self.route(datum) {
+            Route::Fenced => Some(HoldErrorKind::Fenced),
+            Route::Hold if self.held_total >= self.config.hold_capacity => {
+                self.counters.hold_refused += 1;
+                Some(HoldErrorKind::Full)
+            }
+            Route::Hold => None,
+            Route::Process | Route::Forward(_) => Some(HoldErrorKind::NotHeld),
+        };
+        if let Some(kind) = kind {
+            return Err(HoldError { kind, datum, work });
+        }
+        self.held.entry(datum).or_default().push_back(work);
+        self.held_total += 1;
+        Ok(())
+    }
+
+    // ----- registry --------------------------------------------------------
+
+    /// Registers a datum (the seed's `LoadDistData`). Registering again is a
+    /// no-op returning `false`. If this node is its primary and no other node
+    /// was in a recent view, it is acquired at once; during a transition it
+    /// waits for the previous owner's notice like any moving datum.
+    ///
+    /// # Errors
+    /// [`RegistryError::UnknownType`] for a type not interned here,
+    /// [`RegistryError::Fenced`].
+    pub fn register(&mut self, datum: Datum, now: Instant) -> Result<bool, RegistryError> {
+        if self.fenced {
+            return Err(RegistryError::Fenced);
+        }
+        if self.types.name(datum.ty).is_none() {
+            return Err(RegistryError::UnknownType(datum.ty.index()));
+        }
+        let now = self.clock(now);
+        if !self.registry.insert(datum) {
+            return Ok(false);
+        }
+        if let Primary::Me = self.primary_of(datum.id) {
+            let view = self.current.view_id();
+            let parked_here = self
+                .parked
+                .get_mut(&view)
+                .is_some_and(|p| p.datums.remove(&datum));
+            if let Some(slot) = self.registry.get(&datum) {
+                if parked_here {
+                    self.parked_total = self.parked_total.saturating_sub(1);
+                    self.counters.notices_accepted += 1;
+                    self.take_token(datum, slot, Source::Notice, now);
+                } else {
+                    self.begin_wait(datum, slot, now);
+                }
+            }
+        }
+        self.maybe_release(datum);
+        self.check_ended();
+        Ok(true)
+    }
+
+    /// Interns `ty` and registers the datum; returns it.
+    ///
+    /// # Errors
+    /// As [`Handoff::datum_type`] and [`Handoff::register`].
+    pub fn register_named(
+        &mut self,
+        ty: &str,
+        id: i64,
+        now: Instant,
+    ) -> Result<Datum, RegistryError> {
+        let datum = Datum::new(self.datum_type(ty)?, id);
+        self.register(datum, now)?;
+        Ok(datum)
+    }
+
+    /// Forgets a datum, whatever it is doing: a running job's completion will
+    /// be ignored, a notice it was owed is dropped, work held for it comes
+    /// back as [`ReturnReason::Unregistered`]. Returns whether it was registered.
+    pub fn unregister(&mut self, datum: Datum, now: Instant) -> bool {
+        self.clock(now);
+        if self.registry.remove(&datum).is_none() {
+            return false;
+        }
+        if let Some(work) = self.held.remove(&datum) {
+            self.held_total = self.held_total.saturating_sub(work.len());
+            self.releases.push_back(Release {
+                datum,
+                to: ReleaseTo::Returned(ReturnReason::Unregistered),
+                work: work.into(),
+            });
+        }
+        self.check_ended();
+        true
+    }
+
+    // ----- inputs ----------------------------------------------------------
+
+    /// Installs a new placement table (a new view). Every registered datum
+    /// whose primary changes starts moving; what was already in flight
+    /// carries on under the new view without being relinquished or acquired
+    /// twice. Installing the view already in force does nothing.
+    pub fn install(&mut self, table: impl Into<Arc<PlacementTable>>, now: Instant) {
+        let table = table.into();
+        let now = self.clock(now);
+        if self.fenced || table.view_id() == self.current.view_id() {
+            return;
+        }
+        self.process_timeouts(now);
+        let running = self.transition.filter(|_| !self.is_idle());
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.cohorts.push_back(Cohort {
+            id: epoch,
+            start: now,
+            datums: Vec::new(),
+        });
+
+        let old = std::mem::replace(&mut self.current, Arc::clone(&table));
+        let old_self = self.self_index;
+        self.self_index = table.view().index_of_id(&self.local);
+        let gone = old
+            .view()
+            .nodes()
+            .iter()
+            .map(|n| self.gone.contains(n))
+            .collect();
+        self.seen.insert(old.view_id(), now);
+        self.seen.remove(&table.view_id());
+        self.history.push_front(PastView {
+            table: Arc::clone(&old),
+            self_index: old_self,
+            left: now,
+            left_epoch: epoch,
+            gone,
+        });
+        // The view in force is never "past": drop an older entry of the same id.
+        let current_id = table.view_id();
+        self.history.retain(|p| p.table.view_id() != current_id);
+        self.prune(now);
+        self.counters.views += 1;
+
+        // Outgoing buffers are per node index of the view in force: their
+        // tokens are routed again below.
+        self.out.clear();
+        self.out.resize_with(table.view().len(), OutBuf::default);
+
+        if old.copies() > 1 || table.copies() > 1 {
+            self.replica_events(&old, old_self, &table);
+        }
+
+        let me = self.self_index;
+        let todo: Vec<Datum> = self
+            .registry
+            .map
+            .iter()
+            .filter(|(d, s)| {
+                let mine = me.is_some() && table.primary(d.id) == me;
+                !matches!((s.phase, mine), (Phase::Free, false) | (Phase::Held, true))
+            })
+            .map(|(d, _)| *d)
+            .collect();
+        for d in todo {
+            self.on_view_change(d, now);
+        }
+        if self
+            .cohorts
+            .back()
+            .is_some_and(|c| c.id == epoch && c.datums.is_empty())
+        {
+            self.cohorts.pop_back();
+        }
+
+        // Notices that arrived before this view did.
+        if let Some(parked) = self.parked.remove(&current_id) {
+            self.parked_total = self.parked_total.saturating_sub(parked.datums.len());
+            let mut report = NoticeReport::default();
+            let mut datums: Vec<Datum> = parked.datums.into_iter().collect();
+            datums.sort_unstable();
+            for d in datums {
+                self.take_notice(ViewAt::Current, d, now, &mut report);
+            }
+            self.count_report(&report);
+        }
+        self.recheck_held();
+
+        if let Some(view) = running {
+            self.events.push_back(Event::TransitionSuperseded {
+                view,
+                by: current_id,
+            });
+        }
+        let p = self.progress();
+        info!(
+            node = %self.local, view = %current_id, nodes = table.view().len(),
+            relinquish = p.relinquishing, awaiting = p.awaiting, acquire = p.acquiring,
+            "transition started"
+        );
+        self.events.push_back(Event::TransitionStarted {
+            view: current_id,
+            relinquish: p.relinquishing,
+            awaiting: p.awaiting,
+            acquire: p.acquiring,
+        });
+        self.transition = Some(current_id);
+        self.check_ended();
+    }
+
+    /// The outcome of a job handed out by [`Handoff::poll_job`]. `Err` holds
+    /// the application's error message. A completion for a job that is no
+    /// longer current (the datum was unregistered, or its relinquish was
+    /// abandoned) is counted and ignored.
+    pub fn job_done(&mut self, job: Job, outcome: Result<(), String>, now: Instant) {
+        let now = self.clock(now);
+        if self.fenced {
+            return;
+        }
+        let d = job.datum;
+        let expected = match job.kind {
+            JobKind::Relinquish => Phase::Relinquishing,
+            JobKind::Acquire => Phase::Acquiring,
+        };
+        let Some(mut s) = self
+            .registry
+            .get(&d)
+            .filter(|s| s.phase == expected && s.flight == job.flight)
+            .filter(|s| u32::from(s.attempt) + 1 == job.attempt)
+        else {
+            self.counters.stale_completions += 1;
+            return;
+        };
+        let mine = matches!(self.primary_of(d.id), Primary::Me);
+        match (job.kind, outcome) {
+            (JobKind::Relinquish, Ok(())) => {
+                self.counters.relinquished += 1;
+                self.take_token(d, s, Source::Relinquished, now);
+            }
+            (JobKind::Relinquish, Err(error)) => {
+                self.counters.relinquish_failures += 1;
+                debug!(node = %self.local, datum = %d, attempt = job.attempt, %error, "relinquish failed");
+                if mine {
+                    // The datum came back here meanwhile: keep it.
+                    s.phase = Phase::Held;
+                    self.registry.set(d, s);
+                } else {
+                    s.attempt = s.attempt.saturating_add(1);
+                    s.phase = Phase::RelinquishBackoff;
+                    self.registry.set(d, s);
+                    let at = now + self.backoff(s.attempt);
+                    self.add_timer(
+                        at,
+                        TimerKind::RelinquishRetry {
+                            datum: d,
+                            flight: s.flight,
+                            attempt: s.attempt,
+                        },
+                    );
+                }
+                self.events.push_back(Event::RelinquishFailed {
+                    datum: d,
+                    attempt: job.attempt,
+                    error,
+                    retry: !mine,
+                });
+                self.maybe_release(d);
+            }
+            (JobKind::Acquire, Ok(())) => {
+                self.counters.acquired += 1;
+                s.phase = Phase::Held;
+                self.registry.set(d, s);
+                if !mine {
+                    // The view moved on during the acquire: hand it on.
+                    self.start_relinquish(d, s, now);
+                }
+                self.maybe_release(d);
+            }
+            (JobKind::Acquire, Err(error)) => {
+                self.counters.acquire_failures += 1;
+                debug!(node = %self.local, datum = %d, attempt = job.attempt, %error, "acquire failed");
+                let retry = mine && job.attempt < u32::from(self.config.max_acquire_attempts);
+                if !mine {
+                    s.flight = self.enter_cohort(d, now);
+                    self.take_token(d, s, Source::PassOn, now);
+                } else if retry {
+                    s.attempt = s.attempt.saturating_add(1);
+                    s.phase = Phase::AcquireBackoff;
+                    self.registry.set(d, s);
+                    let at = now + self.backoff(s.attempt);
+                    self.add_timer(
+                        at,
+                        TimerKind::AcquireRetry {
+                            datum: d,
+                            flight: s.flight,
+                            attempt: s.attempt,
+                        },
+                    );
+                } else {
+                    warn!(node = %self.local, datum = %d, "acquire keeps failing: processing the datum anyway");
+                    s.phase = Phase::Held;
+                    self.registry.set(d, s);
+                    self.maybe_release(d);
+                }
+                self.events.push_back(Event::AcquireFailed {
+                    datum: d,
+                    attempt: job.attempt,
+                    error,
+                    retry,
+                });
+            }
+        }
+        self.check_ended();
+    }
+
+    /// Decodes and takes a notice batch received from the authenticated peer `from`.
+    ///
+    /// # Errors
+    /// [`NoticeError`] when the batch is refused as a whole (counted; nothing
+    /// else changes). Individual notices that are stale, duplicate or
+    /// misdirected are counted in the returned report, never an error.
+    pub fn handle_notices(
+        &mut self,
+        from: &NodeId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<NoticeReport, NoticeError> {
+        match NoticeBatch::decode(bytes, &self.config.wire) {
+            Ok(batch) => self.handle_batch(from, batch, now),
+            Err(e) => {
+                self.counters.batches_rejected += 1;
+                debug!(node = %self.local, peer = %from, error = %e, "undecodable notice batch");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes a decoded notice batch received from the authenticated peer `from`.
+    ///
+    /// # Errors
+    /// As [`Handoff::handle_notices`].
+    pub fn handle_batch(
+        &mut self,
+        from: &NodeId,
+        batch: NoticeBatch,
+        now: Instant,
+    ) -> Result<NoticeReport, NoticeError> {
+        let now = self.clock(now);
+        let refused = if self.fenced {
+            Some(NoticeError::Fenced)
+        } else if batch.from != *from {
+            Some(NoticeError::SenderMismatch {
+                claimed: batch.from.clone(),
+                peer: from.clone(),
+            })
+        } else if batch.to != self.local {
+            Some(NoticeError::Misaddressed {
+                to: batch.to.clone(),
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.counters.batches_rejected += 1;
+            debug!(node = %self.local, peer = %from, error = %e, "notice batch refused");
+            return Err(e);
+        }
+        self.counters.batches_received += 1;
+        let mut report = NoticeReport::default();
+        let at = self.locate_view(batch.view);
+        for group in batch.groups {
+            let Some(ty) = self.types.lookup(&group.datum_type) else {
+                report.unknown_type += group.ids.len();
+                continue;
+            };
+            for id in group.ids {
+                let d = Datum::new(ty, id);
+                match at {
+                    ViewAt::Stale => report.stale += 1,
+                    ViewAt::Unknown => self.park(batch.view, d, now, &mut report),
+                    ViewAt::Current => self.take_notice(ViewAt::Current, d, now, &mut report),
+                    ViewAt::Past(i) => self.take_notice(ViewAt::Past(i), d, now, &mut report),
+                }
+            }
+        }
+        self.count_report(&report);
+        self.check_ended();
+        Ok(report)
+    }
+
+    /// The outcome of sending a [`Transmit`]: `Ok` once the peer received
+    /// it, `Err` when the transport gave up. After a failure the notices are
+    /// routed again (to the primary in force then) after a backoff, until
+    /// they expire at the timeout.
+    pub fn send_done(&mut self, id: SendId, outcome: Result<(), String>, now: Instant) {
+        let now = self.clock(now);
+        let Some(batch) = self.sent.remove(&id.0) else {
+            return;
+        };
+        if self.fenced {
+            return;
+        }
+        match outcome {
+            Ok(()) => {
+                for d in batch.datums {
+                    if let Some(mut s) = self.registry.get(&d).filter(|s| s.phase == Phase::Passed)
+                    {
+                        s.phase = Phase::Free;
+                        s.attempt = 0;
+                        self.registry.set(d, s);
+                    }
+                }
+            }
+            Err(error) => {
+                self.counters.send_failures += 1;
+                debug!(node = %self.local, send = id.0, %error, "notice batch not delivered");
+                let mut back = Vec::new();
+                let mut attempt = 0u8;
+                for d in batch.datums {
+                    let Some(mut s) = self.registry.get(&d) else {
+                        continue;
+                    };
+                    match s.phase {
+                        Phase::Passed => {
+                            s.phase = Phase::TokenWait;
+                            s.attempt = s.attempt.saturating_add(1);
+                            attempt = attempt.max(s.attempt);
+                            self.registry.set(d, s);
+                            back.push(d);
+                        }
+                        // Our own notice came back to a node waiting for it.
+                        Phase::Awaiting | Phase::Relay => {
+                            self.take_token(d, s, Source::Reroute, now);
+                        }
+                        _ => {}
+                    }
+                }
+                if !back.is_empty() {
+                    let key = self.next_retry;
+                    self.next_retry += 1;
+                    self.retrying.insert(key, back);
+                    let at = now + self.backoff(attempt);
+                    self.add_timer(at, TimerKind::Resend { key });
+                }
+            }
+        }
+        self.check_ended();
+    }
+
+    /// Membership declared `node` failed. Waits whose every possible holder
+    /// is now gone end at once (failover), instead of at the timeout. If
+    /// `node` is this node, this is [`Handoff::fence`].
+    pub fn peer_failed(&mut self, node: &NodeId, now: Instant) {
+        self.peer_gone(node, now);
+    }
+
+    /// `node` left the cluster gracefully (it relinquished what it held
+    /// first). Same effect on waits as [`Handoff::peer_failed`].
+    pub fn peer_left(&mut self, node: &NodeId, now: Instant) {
+        self.peer_gone(node, now);
+    }
+
+    /// The cluster declared *this* node failed: stop processing every datum
+    /// at once. [`Event::Fenced`] is the next event; no job, notice or
+    /// release is handed out any more except held work, returned as
+    /// [`ReturnReason::Fenced`]. Final: a node rejoins with a new generation
+    /// and a new state machine.
+    pub fn fence(&mut self, now: Instant) {
+        self.clock(now);
+        if self.fenced {
+            return;
+        }
+        self.fenced = true;
+        let datums = self.registry.map.len()
+            - self.registry.count(Phase::Free)
+            - self.registry.count(Phase::Relay)
+            - self.registry.count(Phase::TokenParked);
+        warn!(node = %self.local, datums, "declared failed by the cluster: fenced");
+        self.events.push_front(Event::Fenced { datums });
+        self.relinquish_queue.clear();
+        self.acquire_queue.clear();
+        self.out.clear();
+        self.transmits.clear();
+        self.sent.clear();
+        self.retrying.clear();
+        self.timers.clear();
+        let mut held: Vec<(Datum, VecDeque<W>)> = self.held.drain().collect();
+        held.sort_unstable_by_key(|(d, _)| *d);
+        self.held_total = 0;
+        for (datum, work) in held {
+            self.releases.push_back(Release {
+                datum,
+                to: ReleaseTo::Returned(ReturnReason::Fenced),
+                work: work.into(),
+            });
+        }
+        self.transition = None;
+    }
+
+    /// Runs everything due at `now`: relinquish deadlines, wait timeouts,
+    /// retries, batch lingering, expiry of parked notices.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.clock(now);
+        if self.fenced {
+            return;
+        }
+        self.process_timeouts(now);
+        self.check_ended();
+    }
+
+    // ----- outputs ---------------------------------------------------------
+
+    /// The next relinquish or acquire job for the application, within the
+    /// configured concurrency caps. Report it with [`Handoff::job_done`].
+    pub fn poll_job(&mut self) -> Option<Job> {
+        if self.fenced {
+            return None;
+        }
+        let view = self.current.view_id();
+        while self.registry.count(Phase::Relinquishing) < self.config.max_relinquish_jobs {
+            let Some(d) = self.relinquish_queue.pop_front() else {
+                break;
+            };
+            if let Some(mut s) = self
+                .registry
+                .get(&d)
+                .filter(|s| s.phase == Phase::RelinquishQueued)
+            {
+                s.phase = Phase::Relinquishing;
+                self.registry.set(d, s);
+                return Some(Job {
+                    kind: JobKind::Relinquish,
+                    datum: d,
+                    view,
+                    attempt: u32::from(s.attempt) + 1,
+                    flight: s.flight,
+                });
+            }
+        }
+        while self.registry.count(Phase::Acquiring) < self.config.max_acquire_jobs {
+            let Some(d) = self.acquire_queue.pop_front() else {
+                break;
+            };
+            if let Some(mut s) = self
+                .registry
+                .get(&d)
+                .filter(|s| s.phase == Phase::AcquireQueued)
+            {
+                s.phase = Phase::Acquiring;
+                self.registry.set(d, s);
+                return Some(Job {
+                    kind: JobKind::Acquire,
+                    datum: d,
+                    view,
+                    attempt: u32::from(s.attempt) + 1,
+                    flight: s.flight,
+                });
+            }
+        }
+        None
+    }
+
+    /// The next notice batch to send. Batches fill up to `max_batch`; a
+    /// partly filled one goes out once no relinquish is queued or running,
+    /// or after `batch_linger`. Report the outcome with [`Handoff::send_done`].
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.fenced {
+            return None;
+        }
+        if self.transmits.is_empty()
+            && self.registry.count(Phase::RelinquishQueued) == 0
+            && self.registry.count(Phase::Relinquishing) == 0
+        {
+            for i in 0..self.out.len() {
+                self.flush(i);
+            }
+        }
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next release of held work.
+    pub fn poll_release(&mut self) -> Option<Release<W>> {
+        self.releases.pop_front()
+    }
+
+    /// When [`Handoff::handle_timeout`] should be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.fenced {
+            return None;
+        }
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        };
+        if let Some(c) = self.cohorts.get(self.rcursor) {
+            consider(c.start + self.config.relinquish_timeout);
+        }
+        if let Some(c) = self.cohorts.front() {
+            consider(c.start + self.config.timeout);
+        }
+        if let Some(Reverse(t)) = self.timers.peek() {
+            consider(t.at);
+        }
+        for b in &self.out {
+            if let Some(since) = b.since {
+                consider(since + self.config.batch_linger);
+            }
+        }
+        for p in self.parked.values() {
+            consider(p.first + self.config.timeout);
+        }
+        next
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    fn clock(&mut self, now: Instant) -> Instant {
+        let now = match self.now {
+            Some(prev) if prev > now => prev,
+            _ => now,
+        };
+        self.now = Some(now);
+        now
+    }
+
+    #[inline]
+    fn primary_of(&self, id: i64) -> Primary {
+        match self.current.primary(id) {
+            None => Primary::Nobody,
+            Some(p) if Some(p) == self.self_index => Primary::Me,
+            Some(p) => Primary::Other(p),
+        }
+    }
+
+    fn backoff(&self, attempt: u8) -> Duration {
+        let factor = 1u32 << u32::from(attempt.saturating_sub(1)).min(16);
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    fn add_timer(&mut self, at: Instant, kind: TimerKind) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse(Timer {
+            at,
+            seq: self.timer_seq,
+            kind,
+        }));
+    }
+
+    /// Puts `d` in the cohort of instant `now`, creating it if needed.
+    fn enter_cohort(&mut self, d: Datum, now: Instant) -> u64 {
+        if let Some(c) = self.cohorts.back_mut().filter(|c| c.start == now) {
+            c.datums.push(d);
+            return c.id;
+        }
+        let id = self.next_epoch;
+        self.next_epoch += 1;
+        self.cohorts.push_back(Cohort {
+            id,
+            start: now,
+            datums: vec![d],
+        });
+        id
+    }
+
+    fn start_relinquish(&mut self, d: Datum, mut s: Slot, now: Instant) {
+        s.phase = Phase::RelinquishQueued;
+        s.attempt = 0;
+        s.flight = self.enter_cohort(d, now);
+        self.registry.set(d, s);
+        self.relinquish_queue.push_back(d);
+    }
+
+    /// Which nodes other than this one were the datum's primary in a recent view.
+    fn candidates(&self, id: i64) -> Candidates {
+        let mut any = false;
+        for past in &self.history {
+            let Some(p) = past.table.primary(id) else {
+                continue;
+            };
+            if Some(p) == past.self_index {
+                continue;
+            }
+            any = true;
+            if !past.gone.get(p.get()).copied().unwrap_or(false) {
+                return Candidates::SomeAlive;
+            }
+        }
+        if any {
+            Candidates::AllGone
+        } else {
+            Candidates::None
+        }
+    }
+
+    /// This node became primary of a datum it does not hold.
+    fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
+        match self.candidates(d.id) {
+            Candidates::None => self.take_token(d, s, Source::Fresh, now),
+            Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
+            Candidates::SomeAlive => {
+                s.phase = Phase::Awaiting;
+                s.attempt = 0;
+                s.flight = self.enter_cohort(d, now);
+                self.registry.set(d, s);
+            }
+        }
+    }
+
+    /// One datum under a new view (the view in force is already the new one).
+    fn on_view_change(&mut self, d: Datum, now: Instant) {
+        let Some(mut s) = self.registry.get(&d) else {
+            return;
+        };
+        let mine = matches!(self.primary_of(d.id), Primary::Me);
+        use Phase::*;
+        match (s.phase, mine) {
+            (Free | Passed, true) => self.begin_wait(d, s, now),
+            (Held, false) => self.start_relinquish(d, s, now),
+            (RelinquishQueued | RelinquishBackoff, true) => {
+                // Came back before the relinquish ran: keep it.
+                s.phase = Held;
+                self.registry.set(d, s);
+            }
+            (Awaiting, false) => {
+                s.phase = Relay;
+                self.registry.set(d, s);
+            }
+            (Relay, true) => {
+                s.phase = Awaiting;
+                self.registry.set(d, s);
+                match self.candidates(d.id) {
+                    Candidates::SomeAlive => {}
+                    Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
+                    Candidates::None => self.take_token(d, s, Source::Fresh, now),
+                }
+            }
+            (AcquireQueued | AcquireBackoff, false) => {
+                // Not acquired yet: pass the token on instead.
+                s.flight = self.enter_cohort(d, now);
+                self.take_token(d, s, Source::PassOn, now);
+            }
+            (TokenWait | TokenQueued | TokenParked, _) => {
+                self.take_token(d, s, Source::Reroute, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// This node has the datum's token (the right to acquire it): acquire it
+    /// if primary here, else pass it to the primary, else keep it.
+    fn take_token(&mut self, d: Datum, mut s: Slot, source: Source, now: Instant) {
+        match self.primary_of(d.id) {
+            Primary::Me => {
+                s.phase = Phase::AcquireQueued;
+                s.attempt = 0;
+                self.registry.set(d, s);
+                self.acquire_queue.push_back(d);
+                let reason = match source {
+                    Source::Timeout => {
+                        self.counters.acquired_after_timeout += 1;
+                        Some(WithoutNotice::Timeout)
+                    }
+                    Source::OwnerGone => {
+                        self.counters.acquired_owner_gone += 1;
+                        Some(WithoutNotice::OwnerGone)
+                    }
+                    _ => None,
+                };
+                if let Some(reason) = reason {
+                    debug!(node = %self.local, datum = %d, ?reason, "acquiring without notice");
+                    self.events
+                        .push_back(Event::AcquiredWithoutNotice { datum: d, reason });
+                }
+            }
+            Primary::Other(i) => {
+                if matches!(source, Source::Notice | Source::OwnerGone) {
+                    self.counters.notices_relayed += 1;
+                }
+                s.phase = Phase::TokenQueued;
+                self.registry.set(d, s);
+                let full = if let Some(buf) = self.out.get_mut(i.get()) {
+                    buf.datums.push(d);
+                    if buf.since.is_none() {
+                        buf.since = Some(now);
+                    }
+                    buf.datums.len() >= self.config.max_batch
+                } else {
+                    false
+                };
+                if full {
+                    self.flush(i.get());
+                }
+            }
+            Primary::Nobody => {
+                s.phase = Phase::TokenParked;
+                self.registry.set(d, s);
+            }
+        }
+        self.maybe_release(d);
+    }
+
+    /// Moves the outgoing buffer of node index `i` to the transmit queue.
+    fn flush(&mut self, i: usize) {
+        let Some(buf) = self.out.get_mut(i) else {
+            return;
+        };
+        buf.since = None;
+        let pending = std::mem::take(&mut buf.datums);
+        if pending.is_empty() {
+            return;
+        }
+        let Some(to) = self.current.view().node(NodeIndex(i as u32)).cloned() else {
+            return;
+        };
+        let mut datums = Vec::with_capacity(pending.len());
+        for d in pending {
+            if let Some(mut s) = self
+                .registry
+                .get(&d)
+                .filter(|s| s.phase == Phase::TokenQueued)
+            {
+                s.phase = Phase::Passed;
+                self.registry.set(d, s);
+                datums.push(d);
+            }
+        }
+        if datums.is_empty() {
+            return;
+        }
+        datums.sort_unstable();
+        let mut groups: Vec<NoticeGroup> = Vec::new();
+        let mut current_ty: Option<DatumType> = None;
+        for d in &datums {
+            if current_ty != Some(d.ty) {
+                current_ty = Some(d.ty);
+                let name = self.types.name(d.ty).unwrap_or_default().to_owned();
+                groups.push(NoticeGroup {
+                    datum_type: name,
+                    ids: Vec::new(),
+                });
+            }
+            if let Some(g) = groups.last_mut() {
+                g.ids.push(d.id);
+            }
+        }
+        let id = self.next_send;
+        self.next_send += 1;
+        self.counters.batches_sent += 1;
+        self.counters.notices_sent += datums.len() as u64;
+        let batch = NoticeBatch {
+            view: self.current.view_id(),
+            from: self.local.clone(),
+            to: to.clone(),
+            groups,
+        };
+        self.sent.insert(id, SentBatch { datums });
+        self.transmits.push_back(Transmit {
+            id: SendId(id),
+            to,
+            batch,
+        });
+    }
+
+    fn locate_view(&self, view: ViewId) -> ViewAt {
+        if view == self.current.view_id() {
+            return ViewAt::Current;
+        }
+        if let Some(i) = self.history.iter().position(|p| p.table.view_id() == view) {
+            return ViewAt::Past(i);
+        }
+        if self.seen.contains_key(&view) {
+            ViewAt::Stale
+        } else {
+            ViewAt::Unknown
+        }
+    }
+
+    /// One notice for a view this node knows (in force or recent).
+    fn take_notice(&mut self, at: ViewAt, d: Datum, now: Instant, report: &mut NoticeReport) {
+        let (table, self_idx, left_epoch) = match at {
+            ViewAt::Current => (&self.current, self.self_index, None),
+            ViewAt::Past(i) => match self.history.get(i) {
+                Some(p) => (&p.table, p.self_index, Some(p.left_epoch)),
+                None => {
+                    report.stale += 1;
+                    return;
+                }
+            },
+            ViewAt::Stale | ViewAt::Unknown => {
+                report.stale += 1;
+                return;
+            }
+        };
+        let view = table.view_id();
+        let primary = table.primary(d.id);
+        if primary.is_none() || primary != self_idx {
+            report.misdirected += 1;
+            return;
+        }
+        let Some(s) = self.registry.get(&d) else {
+            // Not registered (yet): keep it for a registration during this view.
+            self.park(view, d, now, report);
+            return;
+        };
+        match s.phase {
+            Phase::Awaiting | Phase::Relay => {
+                // A past view counts only if it was in force during this wait.
+                if left_epoch.is_some_and(|left| left <= s.flight) {
+                    report.stale += 1;
+                    return;
+                }
+                report.accepted += 1;
+                self.take_token(d, s, Source::Notice, now);
+            }
+            Phase::Free => report.stale += 1,
+            _ => report.duplicate += 1,
+        }
+    }
+
+    fn park(&mut self, view: ViewId, d: Datum, now: Instant, report: &mut NoticeReport) {
+        if self.parked_total >= self.config.max_parked {
+            report.overflow += 1;
+            return;
+        }
+        let p = self.parked.entry(view).or_insert_with(|| Parked {
+            first: now,
+            datums: HashSet::default(),
+        });
+        if p.datums.insert(d) {
+            self.parked_total += 1;
+            report.parked += 1;
+        } else {
+            report.duplicate += 1;
+        }
+    }
+
+    fn count_report(&mut self, r: &NoticeReport) {
+        let c = &mut self.counters;
+        c.notices_accepted += r.accepted as u64;
+        c.notices_duplicate += r.duplicate as u64;
+        c.notices_stale += r.stale as u64;
+        c.notices_misdirected += r.misdirected as u64;
+        c.notices_parked += r.parked as u64;
+        c.notices_parked_dropped += r.overflow as u64;
+        c.notices_unknown_type += r.unknown_type as u64;
+    }
+
+    fn peer_gone(&mut self, node: &NodeId, now: Instant) {
+        let now = self.clock(now);
+        if self.fenced {
+            return;
+        }
+        if *node == self.local {
+            self.fence(now);
+            return;
+        }
+        if !self.gone.insert(node.clone()) {
+            return;
+        }
+        info!(node = %self.local, peer = %node, "peer gone");
+        for past in &mut self.history {
+            if let Some(i) = past.table.view().index_of_id(node) {
+                if let Some(g) = past.gone.get_mut(i.get()) {
+                    *g = true;
+                }
+            }
+        }
+        let mut waiting = Vec::new();
+        for c in &self.cohorts {
+            for d in &c.datums {
+                if self.registry.get(d).is_some_and(|s| {
+                    s.flight == c.id && matches!(s.phase, Phase::Awaiting | Phase::Relay)
+                }) {
+                    waiting.push(*d);
+                }
+            }
+        }
+        for d in waiting {
+            let Some(s) = self
+                .registry
+                .get(&d)
+                .filter(|s| matches!(s.phase, Phase::Awaiting | Phase::Relay))
+            else {
+                continue;
+            };
+            if !matches!(self.candidates(d.id), Candidates::SomeAlive) {
+                self.take_token(d, s, Source::OwnerGone, now);
+            }
+        }
+        self.check_ended();
+    }
+
+    fn process_timeouts(&mut self, now: Instant) {
+        // Relinquish deadlines: give up and stop holding.
+        while let Some(c) = self.cohorts.get_mut(self.rcursor) {
+            if c.start + self.config.relinquish_timeout > now {
+                break;
+            }
+            let id = c.id;
+            let datums = std::mem::take(&mut c.datums);
+            for &d in &datums {
+                self.abandon_relinquish(d, id);
+            }
+            if let Some(c) = self.cohorts.get_mut(self.rcursor) {
+                c.datums = datums;
+            }
+            self.rcursor += 1;
+        }
+        // Full deadlines: waits acquire, tokens expire, relays stop.
+        while let Some(c) = self.cohorts.front() {
+            if c.start + self.config.timeout > now {
+                break;
+            }
+            let Some(c) = self.cohorts.pop_front() else {
+                break;
+            };
+            self.rcursor = self.rcursor.saturating_sub(1);
+            for d in c.datums {
+                let Some(mut s) = self.registry.get(&d).filter(|s| s.flight == c.id) else {
+                    continue;
+                };
+                use Phase::*;
+                match s.phase {
+                    Awaiting => self.take_token(d, s, Source::Timeout, now),
+                    Relay => {
+                        s.phase = Free;
+                        self.registry.set(d, s);
+                    }
+                    TokenWait | TokenQueued | TokenParked | Passed => {
+                        self.counters.notices_expired += 1;
+                        s.phase = Free;
+                        self.registry.set(d, s);
+                        self.maybe_release(d);
+                    }
+                    RelinquishQueued | Relinquishing | RelinquishBackoff => {
+                        self.abandon_relinquish(d, c.id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Retries.
+        while let Some(Reverse(t)) = self.timers.peek() {
+            if t.at > now {
+                break;
+            }
+            let Some(Reverse(t)) = self.timers.pop() else {
+                break;
+            };
+            self.fire(t.kind, now);
+        }
+        // Lingering batches.
+        for i in 0..self.out.len() {
+            let due = self
+                .out
+                .get(i)
+                .and_then(|b| b.since)
+                .is_some_and(|since| since + self.config.batch_linger <= now);
+            if due {
+                self.flush(i);
+            }
+        }
+        // Parked notices for views that never came.
+        let timeout = self.config.timeout;
+        let expired: Vec<ViewId> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.first + timeout <= now)
+            .map(|(v, _)| *v)
+            .collect();
+        for v in expired {
+            if let Some(p) = self.parked.remove(&v) {
+                self.parked_total = self.parked_total.saturating_sub(p.datums.len());
+                self.counters.notices_parked_dropped += p.datums.len() as u64;
+            }
+        }
+        self.prune(now);
+    }
+
+    fn abandon_relinquish(&mut self, d: Datum, flight: u64) {
+        let Some(mut s) = self.registry.get(&d).filter(|s| {
+            s.flight == flight
+                && matches!(
+                    s.phase,
+                    Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
+                )
+        }) else {
+            return;
+        };
+        warn!(node = %self.local, datum = %d, "relinquish abandoned at its deadline");
+        self.counters.relinquish_abandoned += 1;
+        s.phase = Phase::Free;
+        self.registry.set(d, s);
+        self.events.push_back(Event::RelinquishAbandoned { datum: d });
+        self.maybe_release(d);
+    }
+
+    fn fire(&mut self, kind: TimerKind, now: Instant) {
+        match kind {
+            TimerKind::RelinquishRetry {
+                datum,
+                flight,
+                attempt,
+            } => {
+                let Some(mut s) = self.registry.get(&datum).filter(|s| {
+                    s.phase == Phase::RelinquishBackoff
+                        && s.flight == flight
+                        && s.attempt == attempt
+                }) else {
+                    return;
+                };
+                if matches!(self.primary_of(datum.id), Primary::Me) {
+                    s.phase = Phase::Held;
+                    self.registry.set(datum, s);
+                    self.maybe_release(datum);
+                } else {
+                    s.phase = Phase::RelinquishQueued;
+                    self.registry.set(datum, s);
+                    self.relinquish_queue.push_back(datum);
+                }
+            }
+            TimerKind::AcquireRetry {
+                datum,
+                flight,
+                attempt,
+            } => {
+                let Some(mut s) = self.registry.get(&datum).filter(|s| {
+                    s.phase == Phase::AcquireBackoff && s.flight == flight && s.attempt == attempt
+                }) else {
+                    return;
+                };
+                if matches!(self.primary_of(datum.id), Primary::Me) {
+                    s.phase = Phase::AcquireQueued;
+                    self.registry.set(datum, s);
+                    self.acquire_queue.push_back(datum);
+                } else {
+                    s.flight = self.enter_cohort(datum, now);
+                    self.take_token(datum, s, Source::PassOn, now);
+                }
+            }
+            TimerKind::Resend { key } => {
+                for d in self.retrying.remove(&key).unwrap_or_default() {
+                    if let Some(s) = self
+                        .registry
+                        .get(&d)
+                        .filter(|s| s.phase == Phase::TokenWait)
+                    {
+                        self.take_token(d, s, Source::Reroute, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        let timeout = self.config.timeout;
+        while self.history.len() > self.config.max_history {
+            self.history.pop_back();
+        }
+        while self.history.back().is_some_and(|p| p.left + timeout < now) {
+            self.history.pop_back();
+        }
+        // Views seen are remembered longer, to recognise stale notices.
+        let keep = timeout.saturating_mul(16);
+        if self.seen.len() > 64 {
+            self.seen.retain(|_, left| *left + keep >= now);
+        }
+        if self.seen.len() > 4096 {
+            let mut by_age: Vec<(Instant, ViewId)> =
+                self.seen.iter().map(|(v, t)| (*t, *v)).collect();
+            by_age.sort_unstable();
+            for (_, v) in by_age.iter().take(self.seen.len() - 4096) {
+                self.seen.remove(v);
+            }
+        }
+        if !self.gone.is_empty() {
+            let current = Arc::clone(&self.current);
+            let history = &self.history;
+            self.gone.retain(|n| {
+                current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
+            });
+        }
+    }
+
+    fn replica_events(
+        &mut self,
+        old: &PlacementTable,
+        old_self: Option<NodeIndex>,
+        new: &PlacementTable,
+    ) {
+        let map: Vec<Option<NodeIndex>> = old
+            .view()
+            .nodes()
+            .iter()
+            .map(|n| new.view().index_of_id(n))
+            .collect();
+        let role = |row: &[NodeIndex], me: Option<NodeIndex>| match me
+            .and_then(|me| row.iter().position(|&x| x == me))
+        {
+            Some(0) => Role::Primary,
+            Some(_) => Role::Replica,
+            None => Role::None,
+        };
+        let mut datums: Vec<Datum> = self.registry.map.keys().copied().collect();
+        datums.sort_unstable();
+        for d in datums {
+            let old_row = old.owners(d.id);
+            let new_row = new.owners(d.id);
+            let previous = role(old_row, old_self);
+            let current = role(new_row, self.self_index);
+            if previous == Role::None && current == Role::None {
+                continue;
+            }
+            let same = old_row.len() == new_row.len()
+                && old_row.iter().all(|i| {
+                    map.get(i.get())
+                        .copied()
+                        .flatten()
+                        .is_some_and(|j| new_row.contains(&j))
+                });
+            if !same {
+                self.events.push_back(Event::ReplicasChanged {
+                    datum: d,
+                    view: new.view_id(),
+                    previous,
+                    current,
+                });
+            }
+        }
+    }
+
+    fn maybe_release(&mut self, d: Datum) {
+        if self.held.is_empty() || !self.held.contains_key(&d) {
+            return;
+        }
+        let to = match self.route(d) {
+            Route::Hold => return,
+            Route::Process => ReleaseTo::Process,
+            Route::Forward(n) => ReleaseTo::Forward(n.clone()),
+            Route::Fenced => ReleaseTo::Returned(ReturnReason::Fenced),
+        };
+        if let Some(work) = self.held.remove(&d) {
+            self.held_total = self.held_total.saturating_sub(work.len());
+            self.releases.push_back(Release {
+                datum: d,
+                to,
+                work: work.into(),
+            });
+        }
+    }
+
+    fn recheck_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut keys: Vec<Datum> = self.held.keys().copied().collect();
+        keys.sort_unstable();
+        for d in keys {
+            self.maybe_release(d);
+        }
+    }
+
+    fn check_ended(&mut self) {
+        if let Some(view) = self.transition {
+            if self.is_idle() {
+                self.transition = None;
+                info!(node = %self.local, view = %view, "transition ended");
+                self.events.push_back(Event::TransitionEnded { view });
+            }
+        }
+    }
+}
