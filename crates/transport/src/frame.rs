@@ -1,0 +1,576 @@
+//! The wire format: stream preambles, length-prefixed frames and the postcard
+//! envelope, with optional zstd compression.
+//!
+//! Everything here is pure (no I/O) so it can be fuzzed and property-tested.
+//!
+//! ```text
+//! stream   = kind:u8 frame*            (kind: see StreamKind)
+//! frame    = len:u32 little-endian, envelope (len bytes)
+//! envelope = header (postcard) body    (body runs to the end of the frame)
+//! header   = { version: u8 = 1, channel: u32 varint, encoding }
+//! encoding = Plain | Zstd { raw_len: u64 varint }
+//! datagram = DATAGRAM_TAG:u8 payload
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Version written in every envelope header; a frame with another version is
+/// refused (counted as malformed) and skipped.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+/// First byte of every datagram; a datagram that does not start with it is
+/// malformed.
+pub const DATAGRAM_TAG: u8 = 0x01;
+
+/// Bytes of the frame length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Upper bound of an encoded envelope header (version, channel, encoding).
+pub const MAX_HEADER_LEN: usize = 20;
+
+/// Largest frame sent on the shared per-peer message stream. Larger one-way
+/// messages travel on a stream of their own (see [`StreamKind::Single`]); a
+/// frame header announcing more on the shared stream is a protocol violation.
+/// Every node's message limit is at least this large (checked by the config).
+pub const INLINE_FRAME_MAX: usize = 64 * 1024;
+
+/// What a stream carries, from its first byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamKind {
+    /// Uni: one frame holding a [`Hello`], then the end of the stream.
+    Hello = 1,
+    /// Uni, long-lived: one-way message frames back to back.
+    Messages = 2,
+    /// Bi: one one-way message too large for the shared stream; the receiver
+    /// answers by finishing its half (accepted) or resetting it (refused).
+    Single = 3,
+    /// Bi: one request frame; the answer is one response frame.
+    Request = 4,
+}
+
+impl StreamKind {
+    /// Parses a stream's first byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Hello),
+            2 => Some(Self::Messages),
+            3 => Some(Self::Single),
+            4 => Some(Self::Request),
+            _ => None,
+        }
+    }
+}
+
+/// Application error codes used to stop or reset streams and close connections.
+pub mod code {
+    /// Normal end (graceful close).
+    pub const OK: u32 = 0;
+    /// A frame announced more than the receiver's limit.
+    pub const TOO_LARGE: u32 = 1;
+    /// The peer broke the framing protocol.
+    pub const PROTOCOL: u32 = 2;
+    /// The application dropped a request without answering.
+    pub const NO_RESPONSE: u32 = 3;
+    /// The peer failed a check after the handshake (name, hello).
+    pub const REJECTED: u32 = 4;
+    /// The connection was idle and is closed to free resources.
+    pub const IDLE: u32 = 5;
+    /// A newer connection to the same node replaced this one.
+    pub const SUPERSEDED: u32 = 6;
+    /// The endpoint shuts down.
+    pub const SHUTDOWN: u32 = 7;
+    /// The receiving application is gone (its inbound queue was dropped).
+    pub const GONE: u32 = 8;
+}
+
+/// How the body of an envelope is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// The body is the message itself.
+    Plain,
+    /// The body is a zstd frame that decompresses to exactly `raw_len` bytes.
+    Zstd {
+        /// Size of the message once decompressed.
+        raw_len: u64,
+    },
+}
+
+/// The envelope header (postcard). Fields are positional: only ever append
+/// enum variants, and bump [`ENVELOPE_VERSION`] for anything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// [`ENVELOPE_VERSION`].
+    pub version: u8,
+    /// The application's channel (message type) id.
+    pub channel: u32,
+    /// How the body is encoded.
+    pub encoding: Encoding,
+}
+
+/// The first and only frame of a [`StreamKind::Hello`] stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`ENVELOPE_VERSION`].
+    pub version: u8,
+    /// Random per process start: tells a restarted peer from a racing dial.
+    pub instance: u64,
+}
+
+/// Why bytes from the network were refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A frame announced more bytes than the receiver accepts.
+    #[error("frame of {announced} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Length from the frame header (or decompressed length).
+        announced: u64,
+        /// The receiver's limit.
+        limit: u64,
+    },
+    /// The envelope header did not parse.
+    #[error("malformed envelope header: {0}")]
+    Header(String),
+    /// The envelope carries a version this node does not speak.
+    #[error("unsupported envelope version {0}")]
+    Version(u8),
+    /// The compressed body did not decompress to its announced size.
+    #[error("bad compressed body: {0}")]
+    Compression(String),
+    /// A stream started with an unknown kind byte.
+    #[error("unknown stream kind {0}")]
+    StreamKind(u8),
+    /// A datagram was empty or had an unknown tag.
+    #[error("malformed datagram")]
+    Datagram,
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// A message ready for the wire: its header and its (possibly compressed) body.
+#[derive(Clone, Debug)]
+pub struct OutFrame {
+    /// The envelope header.
+    pub header: Header,
+    /// The encoded body.
+    pub body: Bytes,
+}
+
+impl OutFrame {
+    /// Prepares `body` for `channel`, compressing it with zstd when it is at
+    /// least `compress_min` bytes long and compression makes it smaller.
+    ///
+    /// The caller checks the size limit first: this never refuses.
+    pub fn new(channel: u32, body: Bytes, compress_min: usize, level: i32) -> Self {
+        let mut header = Header {
+            version: ENVELOPE_VERSION,
+            channel,
+            encoding: Encoding::Plain,
+        };
+        if body.len() >= compress_min
+            && let Ok(compressed) = zstd::bulk::compress(&body, level)
+            && compressed.len() < body.len()
+        {
+            header.encoding = Encoding::Zstd {
+                raw_len: body.len() as u64,
+            };
+            return Self {
+                header,
+                body: Bytes::from(compressed),
+            };
+        }
+        Self { header, body }
+    }
+
+    /// Size of the message before compression.
+    pub fn header_raw_len(&self) -> u64 {
+        match self.header.encoding {
+            Encoding::Plain => self.body.len() as u64,
+            Encoding::Zstd { raw_len } => raw_len,
+        }
+    }
+
+    /// Whether the body is compressed.
+    pub fn is_compressed(&self) -> bool {
+        matches!(self.header.encoding, Encoding::Zstd { .. })
+    }
+
+    /// Length of the frame on the wire, prefix included.
+    pub fn wire_len(&self) -> usize {
+        LEN_PREFIX + header_len(&self.header) + self.body.len()
+    }
+
+    /// Appends the frame (length prefix, header, body) to `out`.
+    pub fn write_to(&self, out: &mut BytesMut) {
+        out.reserve(LEN_PREFIX + MAX_HEADER_LEN + self.body.len());
+        self.write_head(out);
+        out.put_slice(&self.body);
+    }
+
+    /// The length prefix and header alone (the body follows them on the wire).
+    pub fn head_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(LEN_PREFIX + MAX_HEADER_LEN);
+        self.write_head(&mut out);
+        out.freeze()
+    }
+
+    fn write_head(&self, out: &mut BytesMut) {
+        let mut header = [0u8; MAX_HEADER_LEN];
+        // The header always fits MAX_HEADER_LEN: version 1 byte, channel at
+        // most 5 (u32 varint), encoding tag 1, raw_len at most 10 (u64 varint).
+        let used = postcard::to_slice(&self.header, &mut header)
+            .map(|s| s.len())
+            .unwrap_or(0);
+        out.put_u32_le((used + self.body.len()) as u32);
+        out.put_slice(header.get(..used).unwrap_or_default());
+    }
+
+    /// The frame as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.wire_len());
+        self.write_to(&mut out);
+        out.freeze()
+    }
+}
+
+fn header_len(header: &Header) -> usize {
+    let mut buf = [0u8; MAX_HEADER_LEN];
+    postcard::to_slice(header, &mut buf)
+        .map(|s| s.len())
+        .unwrap_or(MAX_HEADER_LEN)
+}
+
+/// Largest frame (without its length prefix) that can carry a message of
+/// `max_message` bytes.
+pub fn max_frame_len(max_message: usize) -> usize {
+    max_message.saturating_add(MAX_HEADER_LEN)
+}
+
+/// Checks a frame length prefix against the receiver's limits.
+pub fn check_frame_len(len: u32, max_frame: usize) -> Result<usize, DecodeError> {
+    let len = len as usize;
+    if len > max_frame {
+        return Err(DecodeError::TooLarge {
+            announced: len as u64,
+            limit: max_frame as u64,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes one frame (without its length prefix) into `(channel, message)`.
+///
+/// The message is a zero-copy slice of `frame` when uncompressed. A
+/// compressed body is decompressed into a buffer of exactly its announced
+/// size, allocated only after that size was checked against `max_message`.
+pub fn decode_envelope(frame: Bytes, max_message: usize) -> Result<(u32, Bytes), DecodeError> {
+    let (header, rest) = postcard::take_from_bytes::<Header>(&frame)
+        .map_err(|e| DecodeError::Header(e.to_string()))?;
+    if header.version != ENVELOPE_VERSION {
+        return Err(DecodeError::Version(header.version));
+    }
+    let offset = frame.len() - rest.len();
+    match header.encoding {
+        Encoding::Plain => {
+            if rest.len() > max_message {
+                return Err(DecodeError::TooLarge {
+                    announced: rest.len() as u64,
+                    limit: max_message as u64,
+                });
+            }
+            Ok((header.channel, frame.slice(offset..)))
+        }
+        Encoding::Zstd { raw_len } => {
+            if raw_len > max_message as u64 {
+                return Err(DecodeError::TooLarge {
+                    announced: raw_len,
+                    limit: max_message as u64,
+                });
+            }
+            let raw_len = raw_len as usize;
+            let mut out = Vec::with_capacity(raw_len);
+            let n = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(rest, &mut out))
+                .map_err(|e| DecodeError::Compression(e.to_string()))?;
+            if n != raw_len {
+                return Err(DecodeError::Compression(format!(
+                    "{n} bytes instead of the announced {raw_len}"
+                )));
+            }
+            Ok((header.channel, Bytes::from(out)))
+        }
+    }
+}
+
+/// Encodes a [`Hello`] as a frame.
+pub fn encode_hello(hello: &Hello) -> Bytes {
+    let mut body = [0u8; 32];
+    let used = postcard::to_slice(hello, &mut body)
+        .map(|s| s.len())
+        .unwrap_or(0);
+    let mut out = BytesMut::with_capacity(1 + LEN_PREFIX + used);
+    out.put_u8(StreamKind::Hello as u8);
+    out.put_u32_le(used as u32);
+    out.put_slice(body.get(..used).unwrap_or_default());
+    out.freeze()
+}
+
+/// Largest hello frame accepted.
+pub const MAX_HELLO_LEN: usize = 64;
+
+/// Decodes a [`Hello`] frame body.
+pub fn decode_hello(frame: &[u8]) -> Result<Hello, DecodeError> {
+    let hello: Hello =
+        postcard::from_bytes(frame).map_err(|e| DecodeError::Header(e.to_string()))?;
+    if hello.version != ENVELOPE_VERSION {
+        return Err(DecodeError::Version(hello.version));
+    }
+    Ok(hello)
+}
+
+/// Splits a byte stream of length-prefixed frames back into frames.
+///
+/// Chunks go in with [`FrameReader::push`]; whole frames come out of
+/// [`FrameReader::next_frame`] as zero-copy slices. A length prefix above the
+/// reader's limit is an error and the stream must be abandoned: nothing is
+/// allocated for it.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl FrameReader {
+    /// A reader that refuses frames longer than `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete frame, `None` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
+        let Some(prefix) = self.buf.get(..LEN_PREFIX) else {
+            return Ok(None);
+        };
+        let mut len_bytes = [0u8; LEN_PREFIX];
+        len_bytes.copy_from_slice(prefix);
+        let len = check_frame_len(u32::from_le_bytes(len_bytes), self.max_frame)?;
+        if self.buf.len() < LEN_PREFIX + len {
+            return Ok(None);
+        }
+        let _ = self.buf.split_to(LEN_PREFIX);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// Whether bytes of an unfinished frame are buffered.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// Checks a received datagram and returns its payload.
+pub fn decode_datagram(datagram: Bytes) -> Result<Bytes, DecodeError> {
+    match datagram.first() {
+        Some(&DATAGRAM_TAG) => Ok(datagram.slice(1..)),
+        _ => Err(DecodeError::Datagram),
+    }
+}
+
+/// Frames a datagram payload.
+pub fn encode_datagram(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(1 + payload.len());
+    out.put_u8(DATAGRAM_TAG);
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Runs every decoder over arbitrary bytes, as a peer could send them: the
+/// entry point of the fuzz target and of the random-bytes property test.
+/// Returns how many messages decoded; never panics.
+pub fn decode_untrusted(data: &[u8], max_message: usize) -> usize {
+    let mut decoded = 0;
+    let _ = decode_datagram(Bytes::copy_from_slice(data));
+    let _ = decode_hello(data);
+    let Some((&kind, rest)) = data.split_first() else {
+        return 0;
+    };
+    let _ = StreamKind::from_byte(kind);
+    let mut reader = FrameReader::new(max_frame_len(max_message));
+    // Feed in uneven chunks to exercise reassembly.
+    for chunk in rest.chunks(usize::from(kind % 13) + 1) {
+        reader.push(chunk);
+        loop {
+            match reader.next_frame() {
+                Ok(Some(frame)) => {
+                    if decode_envelope(frame, max_message).is_ok() {
+                        decoded += 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return decoded,
+            }
+        }
+    }
+    decoded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(channel: u32, body: &[u8], compress_min: usize) -> (u32, Bytes, bool) {
+        let frame = OutFrame::new(channel, Bytes::copy_from_slice(body), compress_min, 1);
+        let compressed = frame.is_compressed();
+        let wire = frame.to_bytes();
+        assert_eq!(wire.len(), frame.wire_len());
+        let mut reader = FrameReader::new(max_frame_len(1 << 20));
+        reader.push(&wire);
+        let f = reader.next_frame().unwrap().unwrap();
+        assert!(!reader.has_partial());
+        let (ch, msg) = decode_envelope(f, 1 << 20).unwrap();
+        (ch, msg, compressed)
+    }
+
+    #[test]
+    fn small_message_stays_plain_and_round_trips() {
+        let (ch, msg, compressed) = roundtrip(7, b"hello", 0);
+        assert_eq!(ch, 7);
+        assert_eq!(&msg[..], b"hello");
+        assert!(!compressed, "compression must not grow a small message");
+    }
+
+    #[test]
+    fn compressible_message_is_compressed_and_restored() {
+        let body = vec![b'a'; 100_000];
+        let (ch, msg, compressed) = roundtrip(u32::MAX, &body, 1024);
+        assert!(compressed);
+        assert_eq!(ch, u32::MAX);
+        assert_eq!(&msg[..], &body[..]);
+    }
+
+    #[test]
+    fn incompressible_message_is_sent_plain() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let body: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let (_, msg, compressed) = roundtrip(1, &body, 16);
+        assert!(!compressed);
+        assert_eq!(&msg[..], &body[..]);
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_buffering() {
+        let mut reader = FrameReader::new(100);
+        reader.push(&1000u32.to_le_bytes());
+        assert!(matches!(
+            reader.next_frame(),
+            Err(DecodeError::TooLarge {
+                announced: 1000,
+                limit: 100
+            })
+        ));
+    }
+
+    #[test]
+    fn decompression_bomb_is_refused_by_announced_size() {
+        let body = vec![0u8; 1 << 20];
+        let frame = OutFrame::new(1, Bytes::from(body), 1, 1);
+        assert!(frame.is_compressed());
+        let wire = frame.to_bytes();
+        let err = decode_envelope(wire.slice(LEN_PREFIX..), 1000).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { .. }));
+    }
+
+    #[test]
+    fn lying_raw_len_is_refused() {
+        let body = vec![7u8; 10_000];
+        let mut frame = OutFrame::new(1, Bytes::from(body), 1, 1);
+        frame.header.encoding = Encoding::Zstd { raw_len: 9_000 };
+        let wire = frame.to_bytes();
+        assert!(decode_envelope(wire.slice(LEN_PREFIX..), 1 << 20).is_err());
+        frame.header.encoding = Encoding::Zstd { raw_len: 11_000 };
+        let wire = frame.to_bytes();
+        assert!(decode_envelope(wire.slice(LEN_PREFIX..), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let mut frame = OutFrame::new(1, Bytes::from_static(b"x"), 100, 1);
+        frame.header.version = 2;
+        let wire = frame.to_bytes();
+        assert_eq!(
+            decode_envelope(wire.slice(LEN_PREFIX..), 100),
+            Err(DecodeError::Version(2))
+        );
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        let hello = Hello {
+            version: ENVELOPE_VERSION,
+            instance: u64::MAX,
+        };
+        let wire = encode_hello(&hello);
+        assert_eq!(wire[0], StreamKind::Hello as u8);
+        let mut reader = FrameReader::new(MAX_HELLO_LEN);
+        reader.push(&wire[1..]);
+        let frame = reader.next_frame().unwrap().unwrap();
+        assert_eq!(decode_hello(&frame).unwrap(), hello);
+    }
+
+    #[test]
+    fn datagram_tag_is_checked() {
+        let d = encode_datagram(b"ping");
+        assert_eq!(&decode_datagram(d).unwrap()[..], b"ping");
+        assert!(decode_datagram(Bytes::new()).is_err());
+        assert!(decode_datagram(Bytes::from_static(b"\x02ping")).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = decode_untrusted(&data, 1024);
+        }
+
+        #[test]
+        fn frames_round_trip_in_any_chunking(
+            msgs in proptest::collection::vec((any::<u32>(), proptest::collection::vec(any::<u8>(), 0..2000)), 1..20),
+            chunk in 1usize..300,
+        ) {
+            let mut wire = BytesMut::new();
+            for (ch, body) in &msgs {
+                OutFrame::new(*ch, Bytes::copy_from_slice(body), 512, 1).write_to(&mut wire);
+            }
+            let mut reader = FrameReader::new(max_frame_len(4096));
+            let mut out = Vec::new();
+            for piece in wire.chunks(chunk) {
+                reader.push(piece);
+                while let Some(frame) = reader.next_frame().unwrap() {
+                    out.push(decode_envelope(frame, 4096).unwrap());
+                }
+            }
+            prop_assert!(!reader.has_partial());
+            prop_assert_eq!(out.len(), msgs.len());
+            for ((ch, body), (och, obody)) in msgs.iter().zip(out) {
+                prop_assert_eq!(*ch, och);
+                prop_assert_eq!(&body[..], &obody[..]);
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! What the transport delivers to the application, and how requests are
+//! answered.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::endpoint::{BusyGuard, Inner};
+use crate::error::TransportError;
+use crate::frame::{OutFrame, code};
+use crate::name::{Dest, Peer};
+use crate::stats::Stats;
+
+/// A datagram from a verified peer.
+#[derive(Clone, Debug)]
+pub struct Datagram {
+    /// Who sent it.
+    pub from: Peer,
+    /// The payload, as the peer passed it to [`crate::Transport::send_datagram`].
+    pub payload: Bytes,
+}
+
+/// A message from a verified peer: one-way, or a request to answer.
+#[derive(Debug)]
+pub struct Message {
+    /// Who sent it.
+    pub from: Peer,
+    /// The channel (message type) id the sender chose.
+    pub channel: u32,
+    /// The message, decompressed.
+    pub body: Bytes,
+    /// For a request: the way to answer it. Dropping it unanswered tells the
+    /// requester ([`TransportError::Closed`]).
+    pub reply: Option<Responder>,
+}
+
+/// One item from [`Incoming::recv`].
+#[derive(Debug)]
+pub enum Inbound {
+    /// A datagram.
+    Datagram(Datagram),
+    /// A message or request.
+    Message(Message),
+}
+
+/// Answers one request. Use it once; dropping it unanswered resets the
+/// request's stream so the requester learns at once.
+pub struct Responder {
+    pub(crate) stream: Option<quinn::SendStream>,
+    pub(crate) peer: Peer,
+    pub(crate) channel: u32,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) _busy: BusyGuard,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("peer", &self.peer)
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    /// Sends `body` as the answer (on the request's channel).
+    ///
+    /// # Errors
+    /// [`TransportError::TooLarge`] above this node's message limit (the
+    /// requester then sees its request refused), [`TransportError::Closed`]
+    /// when the connection or the requester went away.
+    pub async fn respond(mut self, body: Bytes) -> Result<(), TransportError> {
+        let dest = Dest::from(&self.peer);
+        let Some(mut stream) = self.stream.take() else {
+            return Err(TransportError::Closed {
+                peer: dest,
+                reason: "already answered".into(),
+            });
+        };
+        let config = &self.inner.config;
+        if body.len() > config.max_message_size {
+            let _ = stream.reset(code::TOO_LARGE.into());
+            return Err(TransportError::TooLarge {
+                peer: dest,
+                size: body.len() as u64,
+                limit: config.max_message_size as u64,
+                side: "local limit",
+            });
+        }
+        let frame = OutFrame::new(
+            self.channel,
+            body,
+            config.compress_min,
+            config.compression_level,
+        );
+        let wire = frame.wire_len() as u64;
+        let mut chunks = [frame.head_bytes(), frame.body.clone()];
+        let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
+            peer: Dest::from(&self.peer),
+            reason: e.to_string(),
+        };
+        stream
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| closed(&e))?;
+        let _ = stream.finish();
+        Stats::add(&self.inner.stats.bytes_sent, wire);
+        if frame.is_compressed() {
+            Stats::inc(&self.inner.stats.messages_compressed);
+        }
+        Ok(())
+    }
+
+    /// The requester.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(mut stream) = self.stream.take() {
+            let _ = stream.reset(code::NO_RESPONSE.into());
+        }
+    }
+}
+
+/// The receiving side of a transport: messages and datagrams from verified
+/// peers, in two bounded queues.
+///
+/// Messages: when the application does not read, the queue fills, the
+/// transport stops reading streams and QUIC flow control makes the senders
+/// wait (their send queues fill, then their `send` waits or fails as they
+/// chose). Nothing is dropped. Datagrams: when their queue is full, new
+/// datagrams are dropped and counted (`datagrams_dropped`).
+#[derive(Debug)]
+pub struct Incoming {
+    pub(crate) messages: mpsc::Receiver<Message>,
+    pub(crate) datagrams: mpsc::Receiver<Datagram>,
+}
+
+impl Incoming {
+    /// The next datagram or message, datagrams first when both wait (they
+    /// carry failure detection, which must not queue behind bulk messages).
+    /// `None` once the transport is shut down and both queues are empty.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        tokio::select! {
+            biased;
+            Some(d) = self.datagrams.recv() => Some(Inbound::Datagram(d)),
+            Some(m) = self.messages.recv() => Some(Inbound::Message(m)),
+            else => None,
+        }
+    }
+
+    /// The next message (datagrams stay queued).
+    pub async fn recv_message(&mut self) -> Option<Message> {
+        self.messages.recv().await
+    }
+
+    /// The next datagram (messages stay queued).
+    pub async fn recv_datagram(&mut self) -> Option<Datagram> {
+        self.datagrams.recv().await
+    }
+
+    /// Splits into separate message and datagram receivers, for reading them
+    /// from different tasks.
+    pub fn split(self) -> (MessageReceiver, DatagramReceiver) {
+        (
+            MessageReceiver(self.messages),
+            DatagramReceiver(self.datagrams),
+        )
+    }
+}
+
+/// The message half of [`Incoming::split`].
+#[derive(Debug)]
+pub struct MessageReceiver(mpsc::Receiver<Message>);
+
+impl MessageReceiver {
+    /// The next message; `None` after shutdown.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.0.recv().await
+    }
+
+    /// Takes up to `limit` waiting messages into `out` (waiting for at least
+    /// one); returns how many, 0 after shutdown.
+    pub async fn recv_many(&mut self, out: &mut Vec<Message>, limit: usize) -> usize {
+        self.0.recv_many(out, limit).await
+    }
+}
+
+/// The datagram half of [`Incoming::split`].
+#[derive(Debug)]
+pub struct DatagramReceiver(mpsc::Receiver<Datagram>);
+
+impl DatagramReceiver {
+    /// The next datagram; `None` after shutdown.
+    pub async fn recv(&mut self) -> Option<Datagram> {
+        self.0.recv().await
+    }
+}

@@ -1,0 +1,84 @@
+//! Counters of an endpoint.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $field:ident),* $(,)?) => {
+        /// Live counters of one endpoint (relaxed atomics, shared by its tasks).
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats {
+            $(pub(crate) $field: AtomicU64,)*
+        }
+
+        /// A snapshot of an endpoint's counters, from [`crate::Transport::stats`].
+        /// All counters only grow.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot {
+                    $($field: self.$field.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl StatsSnapshot {
+            /// `(name, value)` pairs, for exporting to a metrics system.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections established and admitted (both directions).
+    connections_opened,
+    /// Connections that ended (closed by either side, lost, idle).
+    connections_closed,
+    /// Handshakes refused: bad or foreign certificate, wrong name, no hello.
+    handshakes_rejected,
+    /// Datagrams handed to QUIC.
+    datagrams_sent,
+    /// Datagrams delivered to the application.
+    datagrams_received,
+    /// Datagrams received but dropped because the inbound datagram queue was full.
+    datagrams_dropped,
+    /// Datagrams without the shoal tag.
+    datagrams_malformed,
+    /// One-way messages and requests handed to QUIC.
+    messages_sent,
+    /// One-way messages and requests delivered to the application.
+    messages_received,
+    /// Responses received by requesters.
+    responses_received,
+    /// Messages sent with zstd compression.
+    messages_compressed,
+    /// Messages accepted into a send queue that were lost because the
+    /// connection died before they were written.
+    messages_lost,
+    /// Sends refused because a queue was full and the caller chose not to wait.
+    send_queue_full,
+    /// Frames with a bad header, version, compressed body or stream kind.
+    frames_malformed,
+    /// Inbound frames refused because they exceed this node's message limit.
+    frames_too_large,
+    /// Frame and datagram bytes written (headers included).
+    bytes_sent,
+    /// Frame and datagram bytes read (headers included).
+    bytes_received,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
