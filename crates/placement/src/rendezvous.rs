@@ -51,6 +51,10 @@ struct Nodes {
     name_ranks: Vec<u32>,
     /// Name rank -> node index.
     by_rank: Vec<u32>,
+    /// Whether all keys differ. Then, for a given partition, all scores
+    /// differ too (`mix32` and adding the partition hash are bijections), so
+    /// the highest score needs no tie-break.
+    distinct_keys: bool,
 }
 
 impl Nodes {
@@ -63,10 +67,14 @@ impl Nodes {
                 *slot = u32::try_from(index).unwrap_or(u32::MAX);
             }
         }
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        let distinct_keys = sorted.windows(2).all(|w| w.first() != w.get(1));
         Nodes {
             keys,
             name_ranks,
             by_rank,
+            distinct_keys,
         }
     }
 
@@ -111,17 +119,22 @@ pub(crate) fn assign(
     for p in 0..partitions {
         let ph = partition_hash(p);
         if depth == 1 {
-            // The common case: the highest score, then (rarely needed) the
-            // tie-break among the nodes that reach it.
+            // The common case: the highest score, then the node that has it
+            // (the tie-break by name only when two names share a key).
             scores.clear();
             scores.extend(nodes.keys.iter().map(|&key| rendezvous_score(ph, key)));
             let max = scores.iter().copied().fold(0, u32::max);
-            let w = scores
-                .iter()
-                .zip(&nodes.name_ranks)
-                .filter(|&(&s, _)| s == max)
-                .map(|(&s, &rank)| weight(s, rank))
-                .fold(0, Weight::max);
+            let w = if nodes.distinct_keys {
+                let at = scores.iter().position(|&s| s == max).unwrap_or(0);
+                weight(max, nodes.name_ranks.get(at).copied().unwrap_or(0))
+            } else {
+                scores
+                    .iter()
+                    .zip(&nodes.name_ranks)
+                    .filter(|&(&s, _)| s == max)
+                    .map(|(&s, &rank)| weight(s, rank))
+                    .fold(0, Weight::max)
+            };
             top.push(w);
             continue;
         }
@@ -265,7 +278,12 @@ mod tests {
     /// Checks that `rows` is the stable assignment under the load bound, with
     /// replicas the best other nodes.
     fn check_stable(n: usize, partitions: u32, copies: usize, bound: u32) {
-        let v = view(n);
+        check_stable_view(&view(n), partitions, copies, bound);
+    }
+
+    fn check_stable_view(v: &View, partitions: u32, copies: usize, bound: u32) {
+        let n = v.len();
+        let v = v.clone();
         let nodes = Nodes::new(&v);
         let rows = assign(&v, partitions, copies, bound);
         assert_eq!(rows.len(), partitions as usize * copies);
@@ -364,6 +382,37 @@ mod tests {
         ] {
             assert!(capacity(p, n, b) * n >= p as usize);
         }
+    }
+
+    #[test]
+    fn names_sharing_a_key_are_told_apart_by_name() {
+        // Two names whose 32-bit keys collide: every score ties between them.
+        assert_eq!(name_key("c36330"), name_key("c116803"));
+        let v = View::from_nodes([
+            NodeId::new("c36330", 1),
+            NodeId::new("c116803", 2),
+            NodeId::new("other", 3),
+        ]);
+        let nodes = Nodes::new(&v);
+        assert!(!nodes.distinct_keys);
+        assert!(Nodes::new(&view(50)).distinct_keys);
+        for copies in [1, 2, 3] {
+            let rows = assign(&v, 400, copies, 10_000);
+            for (p, row) in rows.chunks(copies).enumerate() {
+                let w = weights(&nodes, p as u32);
+                let mut order: Vec<usize> = (0..3).collect();
+                order.sort_unstable_by_key(|&m| std::cmp::Reverse(w[m]));
+                let got: Vec<usize> = row.iter().map(|i| i.get()).collect();
+                assert_eq!(got, order[..copies], "p{p}");
+                // Of the two colliding names, the later name ("c36330") wins.
+                let a = got.iter().position(|&m| m == 0);
+                let b = got.iter().position(|&m| m == 1);
+                if let (Some(a), Some(b)) = (a, b) {
+                    assert!(a < b);
+                }
+            }
+        }
+        check_stable_view(&v, 400, 2, 0);
     }
 
     #[test]

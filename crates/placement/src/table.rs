@@ -288,17 +288,27 @@ impl PlacementTable {
             Vec::new()
         };
         for id in ids {
-            let old_row = self.owners(id);
-            let new_row = new.owners(id);
-            let change = match self.slot(id).and_then(|s| per_slot.get_mut(s as usize)) {
-                Some(cached) => {
-                    if *cached == Change::Unknown {
-                        *cached = cmp.compare(old_row, new_row);
-                    }
-                    *cached
-                }
-                None => cmp.compare(old_row, new_row),
+            // With shared slots the slot is computed once and the rows are
+            // only read for a cache miss or a move.
+            let slot = if per_slot.is_empty() {
+                None
+            } else {
+                self.slot(id)
             };
+            let (change, old_row, new_row) =
+                match slot.and_then(|s| Some((s, per_slot.get_mut(s as usize)?))) {
+                    Some((s, cached)) => {
+                        let (old_row, new_row) = (self.slot_owners(s), new.slot_owners(s));
+                        if *cached == Change::Unknown {
+                            *cached = cmp.compare(old_row, new_row);
+                        }
+                        (*cached, old_row, new_row)
+                    }
+                    None => {
+                        let (old_row, new_row) = (self.owners(id), new.owners(id));
+                        (cmp.compare(old_row, new_row), old_row, new_row)
+                    }
+                };
             match change {
                 Change::Primary => diff.primary_moves.push(PrimaryMove {
                     id,
