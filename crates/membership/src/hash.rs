@@ -137,6 +137,14 @@ impl NameIndex {
         }
     }
 
+    /// Makes room for `additional` more members without rehashing.
+    pub(crate) fn reserve(&mut self, additional: usize, members: &[Option<Member>]) {
+        let hasher = self.hasher;
+        self.table.reserve(additional, |&other| {
+            name_at(members, other).map_or(0, |n| hasher.hash_str(n))
+        });
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.table.len()
     }

@@ -392,7 +392,8 @@ impl<R: Rng> Membership<R> {
     ) -> Result<(), DecodeError> {
         self.stats.packets_in += 1;
         self.stats.bytes_in += bytes.len() as u64;
-        if let Err(error) = wire::check_packet(bytes, &self.limits) {
+        let mut msgs = Vec::new();
+        if let Err(error) = wire::decode_packet(bytes, &self.limits, &mut msgs) {
             self.stats.decode_errors += 1;
             debug!(%from, %error, len = bytes.len(), "dropped malformed membership packet");
             return Err(error);
@@ -401,7 +402,7 @@ impl<R: Rng> Membership<R> {
             return Ok(());
         }
         let mut push_pull: Option<PushPull<'_>> = None;
-        for msg in wire::Messages::new(bytes) {
+        for msg in msgs {
             self.stats.messages_in += 1;
             match msg {
                 Message::Ping(ping) => self.on_ping(from, &ping),
@@ -568,6 +569,10 @@ impl<R: Rng> Membership<R> {
     /// rules. Entries about this node are ignored. Names and metadata are
     /// shared with the snapshot, not copied.
     pub fn bootstrap(&mut self, members: impl IntoIterator<Item = Member>, now: Instant) {
+        let members = members.into_iter();
+        let expected = members.size_hint().0;
+        self.members.reserve(expected);
+        self.index.reserve(expected, &self.members);
         for member in members {
             if member.name == self.local.name {
                 continue;

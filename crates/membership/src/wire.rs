@@ -224,7 +224,35 @@ fn check_message(index: usize, msg: &Message<'_>, limits: &Limits) -> Result<(),
 /// Validates a whole packet: size, version, every message and its limits, and
 /// the structure (a push-pull header comes first and only then may `State`
 /// messages follow). Returns the number of messages.
+#[cfg(test)]
 pub(crate) fn check_packet(bytes: &[u8], limits: &Limits) -> Result<usize, DecodeError> {
+    let mut out = Vec::new();
+    decode_packet(bytes, limits, &mut out)?;
+    Ok(out.len())
+}
+
+/// Decodes and validates a whole packet into `out` (cleared first): size,
+/// version, every message and its limits, and the structure (a push-pull
+/// header comes first and only then may `State` messages follow). On error
+/// `out` is left empty. Names and metadata borrow from `bytes`.
+pub(crate) fn decode_packet<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+    out: &mut Vec<Message<'a>>,
+) -> Result<(), DecodeError> {
+    out.clear();
+    let result = decode_into(bytes, limits, out);
+    if result.is_err() {
+        out.clear();
+    }
+    result
+}
+
+fn decode_into<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+    out: &mut Vec<Message<'a>>,
+) -> Result<(), DecodeError> {
     if bytes.len() > limits.max_len {
         return Err(DecodeError::TooLarge {
             len: bytes.len(),
@@ -249,20 +277,24 @@ pub(crate) fn check_packet(bytes: &[u8], limits: &Limits) -> Result<usize, Decod
             Message::State(_) if !push_pull => return Err(DecodeError::Unexpected { index }),
             _ => {}
         }
+        out.push(msg);
         rest = tail;
         index += 1;
     }
     if index == 0 {
         return Err(DecodeError::Unexpected { index });
     }
-    Ok(index)
+    Ok(())
 }
 
-/// Iterates over the messages of a packet that [`check_packet`] accepted.
+/// Iterates over the messages of an encoded packet (tests read what a node
+/// sent with it).
+#[cfg(test)]
 pub(crate) struct Messages<'a> {
     rest: &'a [u8],
 }
 
+#[cfg(test)]
 impl<'a> Messages<'a> {
     pub(crate) fn new(packet: &'a [u8]) -> Self {
         Messages {
@@ -271,6 +303,7 @@ impl<'a> Messages<'a> {
     }
 }
 
+#[cfg(test)]
 impl<'a> Iterator for Messages<'a> {
     type Item = Message<'a>;
 
