@@ -1289,9 +1289,9 @@ async fn datagram_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
                     from: pc.peer.clone(),
                     payload,
                 };
-                match inner.datagrams_tx.try_send(d) {
-                    Ok(()) => Stats::inc(&inner.stats.datagrams_received),
-                    Err(_) => Stats::inc(&inner.stats.datagrams_dropped),
+                Stats::inc(&inner.stats.datagrams_received);
+                if inner.datagrams_tx.try_send(d).is_err() {
+                    Stats::inc(&inner.stats.datagrams_dropped);
                 }
             }
             Err(_) => {
@@ -1364,11 +1364,11 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
                             body,
                             reply: None,
                         };
+                        Stats::inc(&inner.stats.messages_received);
                         if inner.messages_tx.send(msg).await.is_err() {
                             let _ = recv.stop(code::GONE.into());
                             return;
                         }
-                        Stats::inc(&inner.stats.messages_received);
                     }
                     Err(e) => {
                         count_decode_error(inner, &e);
@@ -1462,13 +1462,13 @@ async fn handle_bi(
         body,
         reply,
     };
+    Stats::inc(&inner.stats.messages_received);
     if inner.messages_tx.send(msg).await.is_err() {
         if let Some(mut send) = verdict {
             let _ = send.reset(code::GONE.into());
         }
         return;
     }
-    Stats::inc(&inner.stats.messages_received);
     if let Some(mut send) = verdict {
         let _ = send.finish();
     }

@@ -44,15 +44,16 @@ counters! {
     handshakes_rejected,
     /// Datagrams handed to QUIC.
     datagrams_sent,
-    /// Datagrams delivered to the application.
+    /// Well-formed datagrams received (including those then dropped).
     datagrams_received,
-    /// Datagrams received but dropped because the inbound datagram queue was full.
+    /// Of those, datagrams dropped because the inbound datagram queue was full.
     datagrams_dropped,
     /// Datagrams without the shoal tag.
     datagrams_malformed,
     /// One-way messages and requests handed to QUIC.
     messages_sent,
-    /// One-way messages and requests delivered to the application.
+    /// Well-formed one-way messages and requests received (handed to the
+    /// inbound queue, waiting for room when it is full).
     messages_received,
     /// Responses received by requesters.
     responses_received,
