@@ -1,0 +1,86 @@
+//! Scenario smoke tests that assert the protocol outcome, and determinism.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_sim::scenario::{self, Report};
+use shoal_sim::{ScenarioKind, ScenarioOptions};
+
+fn run(kind: ScenarioKind, nodes: u32, seed: u64) -> Report {
+    let r = scenario::run(&ScenarioOptions::new(kind, nodes, seed));
+    assert!(r.ok, "{r}");
+    assert_eq!(r.invariant_violations, 0, "{r}");
+    r
+}
+
+#[test]
+fn kill_one_is_detected_by_every_survivor() {
+    let r = run(ScenarioKind::KillOne, 16, 1);
+    let all = r.detect_all_s.expect("every survivor marked the crash");
+    let first = r.detect_first_s.unwrap();
+    assert!(first <= all);
+    assert!(r.suspect_first_s.unwrap() <= first);
+    assert_eq!(r.false_positives, 0, "{r}");
+    assert!(r.settle_s.is_some());
+    assert!(r.bytes_per_node_per_s.unwrap() > 0.0);
+    assert!(r.converge_s.is_none() && r.stalled_marked_failed.is_none());
+}
+
+#[test]
+fn kill_one_under_loss_keeps_healthy_members() {
+    let r = scenario::run(&ScenarioOptions {
+        loss: 0.1,
+        ..ScenarioOptions::new(ScenarioKind::KillOne, 16, 2)
+    });
+    assert!(r.ok, "{r}");
+    assert!(r.detect_all_s.is_some(), "{r}");
+    assert_eq!(r.false_positives, 0, "{r}");
+}
+
+#[test]
+fn a_stalled_node_makes_no_healthy_member_fail() {
+    let r = run(ScenarioKind::StalledNode, 16, 1);
+    assert_eq!(r.false_positives, 0, "{r}");
+    assert!(r.stalled_marked_failed.is_some());
+    assert!(r.detect_all_s.is_none());
+}
+
+#[test]
+fn a_partition_heals() {
+    let r = run(ScenarioKind::PartitionHeal, 12, 3);
+    assert!(r.settle_s.is_some(), "{r}");
+    assert_eq!(r.false_positives, 0, "{r}");
+}
+
+#[test]
+fn churn_settles() {
+    let r = run(ScenarioKind::Churn, 8, 4);
+    assert!(r.settle_s.is_some(), "{r}");
+}
+
+#[test]
+fn an_update_reaches_everyone() {
+    // Above the bootstrap threshold, so the 10,000-node path is exercised.
+    let r = run(ScenarioKind::Update, 200, 5);
+    let t = r.converge_s.expect("99.99 % reached");
+    assert!(r.converge_all_s.unwrap() >= t);
+    assert!(t < 10.0, "{r}");
+}
+
+#[test]
+fn same_seed_same_run_other_seed_other_run() {
+    let opts = ScenarioOptions {
+        loss: 0.05,
+        duplicate: 0.05,
+        ..ScenarioOptions::new(ScenarioKind::Random, 6, 77)
+    };
+    let a = scenario::run(&opts);
+    let b = scenario::run(&opts);
+    let strip = |r: &Report| Report {
+        wall_s: 0.0,
+        peak_rss_mib: None,
+        ..r.clone()
+    };
+    assert_eq!(strip(&a), strip(&b));
+    assert!(a.events > 1_000);
+    let c = scenario::run(&ScenarioOptions { seed: 78, ..opts });
+    assert_ne!(a.trace_hash, c.trace_hash);
+}
