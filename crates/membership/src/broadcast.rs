@@ -7,7 +7,9 @@
 //! a bounded number of entries.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::hash::SlotMap;
 
 /// Queue key: (times transmitted, newest first).
 type Key = (u32, Reverse<u64>);
@@ -26,7 +28,7 @@ const MIN_MESSAGE: usize = 4;
 #[derive(Debug, Default)]
 pub(crate) struct Broadcasts {
     order: BTreeMap<Key, Entry>,
-    by_slot: HashMap<u32, Key>,
+    by_slot: SlotMap<Key>,
     next_id: u64,
     chosen: Vec<Key>,
 }

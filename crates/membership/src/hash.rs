@@ -12,8 +12,9 @@ use crate::Member;
 
 const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// Builds [`NameHasher`]s sharing one seed.
-#[derive(Debug, Clone, Copy)]
+/// Builds [`NameHasher`]s sharing one seed. The default seed is 0 (for maps
+/// keyed by slot numbers, which only this node chooses).
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct SeededState {
     seed: u64,
 }
@@ -149,6 +150,10 @@ impl NameIndex {
         self.table.len()
     }
 }
+
+/// A map keyed by member slot, with a deterministic hasher (the standard
+/// `RandomState` reads the operating system's randomness).
+pub(crate) type SlotMap<V> = std::collections::HashMap<u32, V, SeededState>;
 
 #[cfg(test)]
 mod tests {

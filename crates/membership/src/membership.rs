@@ -1,6 +1,6 @@
 //! The state machine.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use tracing::{debug, info, warn};
 
 use crate::broadcast::Broadcasts;
-use crate::hash::{NameIndex, SeededState};
+use crate::hash::{NameIndex, SeededState, SlotMap};
 use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
 use crate::wire::{
     self, Accusation, Alive, IndirectPing, Limits, Message, Ping, PushPull, State, WireState,
@@ -181,9 +181,9 @@ pub struct Membership<R: Rng> {
     next_seq: u32,
     relays: VecDeque<Relay>,
 
-    suspicions: HashMap<u32, Suspicion>,
+    suspicions: SlotMap<Suspicion>,
     suspicion_deadlines: BTreeSet<(Instant, u32)>,
-    down_since: HashMap<u32, Instant>,
+    down_since: SlotMap<Instant>,
     reap_queue: BTreeSet<(Instant, u32)>,
 
     broadcasts: Broadcasts,
@@ -269,9 +269,9 @@ impl<R: Rng> Membership<R> {
             awareness: 0,
             next_seq: rng.random(),
             relays: VecDeque::new(),
-            suspicions: HashMap::new(),
+            suspicions: SlotMap::default(),
             suspicion_deadlines: BTreeSet::new(),
-            down_since: HashMap::new(),
+            down_since: SlotMap::default(),
             reap_queue: BTreeSet::new(),
             broadcasts: Broadcasts::default(),
             next_gossip_at,
@@ -301,7 +301,7 @@ impl<R: Rng> Membership<R> {
         }
         if self.local.state == MemberState::Left {
             self.local.state = MemberState::Alive;
-            self.local.incarnation += 1;
+            self.local.incarnation = self.local.incarnation.saturating_add(1);
             self.live += 1;
             self.view_dirty = true;
             self.broadcast_local_alive();
@@ -790,7 +790,7 @@ impl<R: Rng> Membership<R> {
         if self.local.state != MemberState::Alive || self.superseded {
             return;
         }
-        self.local.incarnation += 1;
+        self.local.incarnation = self.local.incarnation.saturating_add(1);
         self.broadcast_local_alive();
         self.emit(Event::Updated(self.local.clone()));
     }
@@ -1021,7 +1021,9 @@ impl<R: Rng> Membership<R> {
 
     /// Raises our incarnation above an accusation and announces it.
     fn refute(&mut self, accused: u64) {
-        self.local.incarnation = self.local.incarnation.max(accused) + 1;
+        // Saturates: a (buggy) accusation at u64::MAX cannot be refuted, but
+        // cannot overflow either.
+        self.local.incarnation = self.local.incarnation.max(accused).saturating_add(1);
         self.stats.refutations += 1;
         self.bump_awareness(1);
         self.broadcast_local_alive();
@@ -1069,7 +1071,7 @@ impl<R: Rng> Membership<R> {
                     return;
                 };
                 let old_deadline = s.deadline;
-                if s.confirm(accuser) {
+                if s.confirm(accuser, now) {
                     let new_deadline = s.deadline;
                     self.suspicion_deadlines.remove(&(old_deadline, slot));
                     self.suspicion_deadlines.insert((new_deadline, slot));
@@ -1334,8 +1336,13 @@ impl<R: Rng> Membership<R> {
         if let Some(probe) = self.probe {
             if !probe.indirect_sent && now >= probe.indirect_at {
                 self.send_indirect_probes();
-            }
-            if now >= probe.deadline {
+                // Woken late (this node was slow): still give the relays
+                // their full window before accusing anyone.
+                let window = probe.deadline.saturating_duration_since(probe.indirect_at);
+                if let Some(p) = self.probe.as_mut() {
+                    p.deadline = p.deadline.max(later(now, window));
+                }
+            } else if now >= probe.deadline {
                 self.probe_failed(now);
             }
         }
@@ -1554,6 +1561,19 @@ impl<R: Rng> Membership<R> {
                 break;
             }
             self.suspicion_deadlines.pop_first();
+            // Woken long after the deadline: this node was stalled, and a
+            // refutation may be waiting in its input. Grant one probe
+            // interval to read it before declaring anyone dead (once).
+            if let Some(s) = self.suspicions.get_mut(&slot)
+                && !s.graced
+                && now.saturating_duration_since(at.max(s.set_at)) >= self.config.probe_interval
+            {
+                s.graced = true;
+                s.deadline = later(now, self.config.probe_interval);
+                let deadline = s.deadline;
+                self.suspicion_deadlines.insert((deadline, slot));
+                continue;
+            }
             let Some(suspicion) = self.suspicions.remove(&slot) else {
                 continue;
             };

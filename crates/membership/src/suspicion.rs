@@ -53,6 +53,11 @@ pub(crate) struct Suspicion {
     /// Hashes of the distinct accusers; the first is the original one.
     accusers: Vec<u64>,
     pub deadline: Instant,
+    /// When the deadline was last computed (a confirmation can move it into
+    /// the past; that is not lateness).
+    pub set_at: Instant,
+    /// The deadline was already extended once because this node woke late.
+    pub graced: bool,
 }
 
 impl Suspicion {
@@ -66,6 +71,8 @@ impl Suspicion {
             k,
             accusers,
             deadline,
+            set_at: start,
+            graced: false,
         }
     }
 
@@ -76,11 +83,12 @@ impl Suspicion {
 
     /// Counts `accuser` once; returns true (and moves the deadline earlier)
     /// when it is a new confirmation that still matters.
-    pub(crate) fn confirm(&mut self, accuser: u64) -> bool {
+    pub(crate) fn confirm(&mut self, accuser: u64, now: Instant) -> bool {
         if self.confirmations() >= self.k || self.accusers.contains(&accuser) {
             return false;
         }
         self.accusers.push(accuser);
+        self.set_at = now;
         self.deadline =
             self.start + suspicion_timeout(self.min, self.max, self.k, self.confirmations());
         true
@@ -125,14 +133,20 @@ mod tests {
         let max = Duration::from_secs(12);
         let mut s = Suspicion::new(1, start, min, max, 2);
         assert_eq!(s.deadline, start + max);
-        assert!(!s.confirm(1), "the original accuser does not confirm");
-        assert!(s.confirm(2));
-        assert!(!s.confirm(2), "a repeated accuser counts once");
+        assert!(
+            !s.confirm(1, start),
+            "the original accuser does not confirm"
+        );
+        assert!(s.confirm(2, start));
+        assert!(!s.confirm(2, start), "a repeated accuser counts once");
         assert_eq!(s.confirmations(), 1);
         assert_eq!(ms(s.deadline - start), 5690);
-        assert!(s.confirm(3));
+        assert!(s.confirm(3, start));
         assert_eq!(s.deadline, start + min);
-        assert!(!s.confirm(4), "beyond k confirmations nothing changes");
+        assert!(
+            !s.confirm(4, start),
+            "beyond k confirmations nothing changes"
+        );
     }
 
     #[test]

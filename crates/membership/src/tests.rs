@@ -1194,3 +1194,85 @@ fn bootstrap_builds_a_view_without_events_or_gossip() {
     assert_eq!(events.len(), 1);
     assert!(matches!(&events[0], Event::ViewChanged(v) if v.len() == 2));
 }
+
+// ----- a node that wakes late -----------------------------------------------------
+
+#[test]
+fn late_wakeup_grants_one_probe_interval_before_declaring_dead() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "me")], now);
+    // The suspicion is due after max = 5.78 s; this node sleeps until 8 s.
+    let late = now + Duration::from_secs(8);
+    n.handle_timeout(late);
+    assert_eq!(
+        state_of(&n, "m3"),
+        Some((MemberState::Suspect, 1)),
+        "graced, not dead"
+    );
+    // The refutation that was waiting in its input arrives: no failure.
+    deliver(&mut n, &[alive("m3", 1, 2, 1003)], late);
+    n.handle_timeout(late + Duration::from_secs(1));
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Alive, 2)));
+    // Without a refutation the verdict comes one probe interval later.
+    deliver(&mut n, &[suspect("m4", 1, 1, "me")], late);
+    let later_still = late + Duration::from_secs(20);
+    n.handle_timeout(later_still);
+    assert_eq!(state_of(&n, "m4"), Some((MemberState::Suspect, 1)));
+    n.handle_timeout(later_still + Duration::from_millis(199));
+    assert_eq!(state_of(&n, "m4"), Some((MemberState::Suspect, 1)));
+    n.handle_timeout(later_still + Duration::from_millis(200));
+    assert_eq!(state_of(&n, "m4"), Some((MemberState::Dead, 1)));
+}
+
+#[test]
+fn confirmation_moving_the_deadline_into_the_past_is_not_lateness() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "me")], now);
+    // Two confirmations 2 s later: the deadline (start + min = 963 ms) is
+    // already past, and the member is declared dead at the next timeout.
+    let t = now + Duration::from_secs(2);
+    deliver(
+        &mut n,
+        &[suspect("m3", 1, 1, "m1"), suspect("m3", 1, 1, "m2")],
+        t,
+    );
+    n.handle_timeout(t);
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Dead, 1)));
+}
+
+#[test]
+fn late_direct_timeout_still_gives_relays_their_window() {
+    let now = Instant::now();
+    let mut n = node_knowing(5, now);
+    drain_transmits(&mut n);
+    // Find the first probe.
+    let mut t = now;
+    let ping_at = loop {
+        t += Duration::from_millis(1);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        if sent_messages(&transmits)
+            .iter()
+            .any(|m| matches!(m, Message::Ping(_)))
+        {
+            break t;
+        }
+    };
+    // Asleep past the whole probe period (200 ms): the indirect probes go
+    // out now, and the probe fails only a relay window (100 ms) later.
+    let woke = ping_at + Duration::from_millis(500);
+    n.handle_timeout(woke);
+    let msgs = drain_transmits(&mut n);
+    assert!(
+        sent_messages(&msgs)
+            .iter()
+            .any(|m| matches!(m, Message::IndirectPing(_)))
+    );
+    assert_eq!(n.stats().probes_failed, 0);
+    n.handle_timeout(woke + Duration::from_millis(99));
+    assert_eq!(n.stats().probes_failed, 0);
+    n.handle_timeout(woke + Duration::from_millis(100));
+    assert_eq!(n.stats().probes_failed, 1);
+}
