@@ -256,6 +256,8 @@ struct Net {
     queue: BinaryHeap<Reverse<Scheduled>>,
     /// One node handling every input late: (node, from, until, delay).
     stall: Option<(usize, Instant, Instant, Duration)>,
+    /// Nodes below the split cannot reach those above until this instant.
+    partition: Option<(usize, Instant)>,
     seq: u64,
     by_addr: HashMap<SocketAddr, usize>,
     rng: SmallRng,
@@ -280,6 +282,7 @@ impl Net {
             armed: vec![None; n],
             queue: BinaryHeap::new(),
             stall: None,
+            partition: None,
             seq: 0,
             by_addr: (0..n).map(|i| (addr(i), i)).collect(),
             rng: SmallRng::seed_from_u64(seed),
@@ -315,15 +318,22 @@ impl Net {
             let Some(&to) = self.by_addr.get(&t.to) else {
                 continue;
             };
+            if let Some((split, until)) = self.partition
+                && self.now < until
+                && (i < split) != (to < split)
+            {
+                continue;
+            }
             let latency = Duration::from_micros(500 + self.rng.random_range(0..1000));
             let at = self.now + latency;
             self.push(at, to, Some((from, t.payload)));
         }
-        if let Some(at) = self.nodes[i].poll_timeout()
+        // A deadline in the past means "now".
+        if let Some(at) = self.nodes[i].poll_timeout().map(|at| at.max(self.now))
             && self.armed[i] != Some(at)
         {
             self.armed[i] = Some(at);
-            self.push(at.max(self.now), i, None);
+            self.push(at, i, None);
         }
     }
 
@@ -463,6 +473,54 @@ fn faults(args: &Args, label: &str, kill: bool, loss: f64, stall: bool) {
     );
 }
 
+/// 16 nodes split 8 / 8 for 60 s (longer than gossip to the dead), then
+/// healed: time until every node sees all 16 alive again.
+fn partition_heal(args: &Args) {
+    let config = Config::lan();
+    let n = 16;
+    let mut heal_times = Vec::new();
+    let mut failed_runs = 0;
+    for seed in 0..args.seeds {
+        let start = Instant::now();
+        let mut net = Net::new(n, &config, seed, start);
+        net.run(start + Duration::from_secs(10), |_, _| false);
+        let heal = net.now + Duration::from_secs(60);
+        net.partition = Some((n / 2, heal));
+        net.run(heal, |_, _| false);
+        let split_ok = net.nodes.iter().all(|m| m.num_live() == n / 2);
+        let mut healed_at = None;
+        net.run(heal + Duration::from_secs(300), |net, _| {
+            while net.nodes.iter_mut().any(|m| m.poll_event().is_some()) {}
+            if net.nodes.iter().all(|m| m.num_live() == n) {
+                healed_at = Some(net.now - heal);
+                return true;
+            }
+            false
+        });
+        match (split_ok, healed_at) {
+            (true, Some(d)) => heal_times.push(d.as_secs_f64()),
+            _ => failed_runs += 1,
+        }
+    }
+    let mean = if heal_times.is_empty() {
+        f64::NAN
+    } else {
+        heal_times.iter().sum::<f64>() / heal_times.len() as f64
+    };
+    let max = heal_times.iter().copied().fold(f64::NAN, f64::max);
+    report(
+        args,
+        "partition_heal_16_lan",
+        &[
+            ("heal_s_mean", mean),
+            ("heal_s_max", max),
+            ("runs", args.seeds as f64),
+            ("runs_not_split_or_not_healed", failed_runs as f64),
+        ],
+        "(virtual seconds after a 60 s 8/8 partition ends)",
+    );
+}
+
 fn update(args: &Args) {
     let config = Config {
         view_events: false,
@@ -525,5 +583,6 @@ fn main() {
     faults(&args, "kill_one_16_lan", true, 0.0, false);
     faults(&args, "kill_one_16_lan_loss10", true, 0.1, false);
     faults(&args, "stalled_16_lan", false, 0.0, true);
+    partition_heal(&args);
     update(&args);
 }
