@@ -59,6 +59,9 @@ const PHASES: usize = 14;
 struct Slot {
     /// Cohort (see [`Cohort`]) whose deadlines apply to the current flight.
     flight: u64,
+    /// For a wait: the epoch (cohort id) at which it began. A notice for a
+    /// past view counts only if that view was still in force after this.
+    since: u64,
     phase: Phase,
     /// Attempts so far of the current job or send.
     attempt: u8,
@@ -96,6 +99,7 @@ impl Registry {
         }
         let slot = Slot {
             flight: 0,
+            since: 0,
             phase: Phase::Free,
             attempt: 0,
         };
@@ -147,6 +151,8 @@ struct OutBuf {
 
 struct SentBatch {
     datums: Vec<Datum>,
+    /// For a done marker: the view it was for, and the addressee.
+    done: Option<(ViewId, NodeId)>,
 }
 
 struct Parked {
@@ -156,9 +162,23 @@ struct Parked {
 
 #[derive(Debug)]
 enum TimerKind {
-    RelinquishRetry { datum: Datum, flight: u64, attempt: u8 },
-    AcquireRetry { datum: Datum, flight: u64, attempt: u8 },
-    Resend { key: u64 },
+    RelinquishRetry {
+        datum: Datum,
+        flight: u64,
+        attempt: u8,
+    },
+    AcquireRetry {
+        datum: Datum,
+        flight: u64,
+        attempt: u8,
+    },
+    Resend {
+        key: u64,
+    },
+    ResendDone {
+        to: NodeId,
+        view: ViewId,
+    },
 }
 
 #[derive(Debug)]
@@ -265,6 +285,13 @@ pub struct Handoff<W = Vec<u8>> {
     fenced: bool,
     now: Option<Instant>,
     transition: Option<ViewId>,
+    /// Nodes (other than this one, not gone) that may hold a datum of this
+    /// node and have not said "done" for the view in force yet.
+    done_missing: BTreeSet<NodeId>,
+    /// Done markers received for views not installed yet.
+    done_parked: HashMap<ViewId, (Instant, BTreeSet<NodeId>), DetState>,
+    /// The view this node sent its own done markers for.
+    done_sent: Option<ViewId>,
 }
 
 impl<W> std::fmt::Debug for Handoff<W> {
@@ -324,6 +351,9 @@ impl<W> Handoff<W> {
             fenced: false,
             now: None,
             transition: None,
+            done_missing: BTreeSet::new(),
+            done_parked: HashMap::default(),
+            done_sent: None,
         })
     }
 
@@ -651,6 +681,7 @@ impl<W> Handoff<W> {
         self.history.retain(|p| p.table.view_id() != current_id);
         self.prune(now);
         self.counters.views += 1;
+        self.reset_done(now);
 
         // Outgoing buffers are per node index of the view in force: their
         // tokens are routed again below.
@@ -878,6 +909,7 @@ impl<W> Handoff<W> {
         self.counters.batches_received += 1;
         let mut report = NoticeReport::default();
         let at = self.locate_view(batch.view);
+        let (done, view) = (batch.done, batch.view);
         for group in batch.groups {
             let Some(ty) = self.types.lookup(&group.datum_type) else {
                 report.unknown_type += group.ids.len();
@@ -894,6 +926,29 @@ impl<W> Handoff<W> {
             }
         }
         self.count_report(&report);
+        if done {
+            match at {
+                ViewAt::Current => {
+                    self.done_missing.remove(from);
+                    self.release_unheld_waits(now);
+                }
+                ViewAt::Unknown => {
+                    // Bounded: at most 1,024 views of at most 65,536 nodes.
+                    let room =
+                        self.done_parked.len() < 1_024 || self.done_parked.contains_key(&view);
+                    if room {
+                        let entry = self
+                            .done_parked
+                            .entry(view)
+                            .or_insert_with(|| (now, BTreeSet::new()));
+                        if entry.1.len() < 65_536 {
+                            entry.1.insert(from.clone());
+                        }
+                    }
+                }
+                ViewAt::Past(_) | ViewAt::Stale => {}
+            }
+        }
         self.check_ended();
         Ok(report)
     }
@@ -924,6 +979,10 @@ impl<W> Handoff<W> {
             Err(error) => {
                 self.counters.send_failures += 1;
                 debug!(node = %self.local, send = id.0, %error, "notice batch not delivered");
+                if let Some((view, to)) = batch.done {
+                    let at = now + self.config.retry_base;
+                    self.add_timer(at, TimerKind::ResendDone { to, view });
+                }
                 let mut back = Vec::new();
                 let mut attempt = 0u8;
                 for d in batch.datums {
@@ -1084,6 +1143,7 @@ impl<W> Handoff<W> {
             for i in 0..self.out.len() {
                 self.flush(i);
             }
+            self.maybe_send_done();
         }
         self.transmits.pop_front()
     }
@@ -1200,7 +1260,17 @@ impl<W> Handoff<W> {
                 continue;
             }
             any = true;
-            if !past.gone.get(p.get()).copied().unwrap_or(false) {
+            // Gone counts only once the view in force no longer has the
+            // node: a node that left (or died) may have passed its notice on
+            // under a view this node has not installed yet; the done markers
+            // of a view without it cover every notice it sent.
+            let gone = past.gone.get(p.get()).copied().unwrap_or(false)
+                && past
+                    .table
+                    .view()
+                    .node(p)
+                    .is_some_and(|n| !self.current.view().contains(n));
+            if !gone {
                 return Candidates::SomeAlive;
             }
         }
@@ -1213,13 +1283,15 @@ impl<W> Handoff<W> {
 
     /// This node became primary of a datum it does not hold.
     fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
+        let all_done = self.done_missing.is_empty();
         match self.candidates(d.id) {
-            Candidates::None => self.take_token(d, s, Source::Fresh, now),
-            Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
-            Candidates::SomeAlive => {
+            Candidates::None if all_done => self.take_token(d, s, Source::Fresh, now),
+            Candidates::AllGone if all_done => self.take_token(d, s, Source::OwnerGone, now),
+            Candidates::None | Candidates::AllGone | Candidates::SomeAlive => {
                 s.phase = Phase::Awaiting;
                 s.attempt = 0;
                 s.flight = self.enter_cohort(d, now);
+                s.since = s.flight;
                 self.registry.set(d, s);
             }
         }
@@ -1244,13 +1316,23 @@ impl<W> Handoff<W> {
                 s.phase = Relay;
                 self.registry.set(d, s);
             }
+            (Awaiting, true) => {
+                // Still waiting: the holder may have seen views this node did
+                // not (and kept the datum meanwhile), so the deadline restarts
+                // at every view change. It never ends early, only late.
+                s.flight = self.enter_cohort(d, now);
+                self.registry.set(d, s);
+            }
             (Relay, true) => {
                 s.phase = Awaiting;
+                s.flight = self.enter_cohort(d, now);
                 self.registry.set(d, s);
-                match self.candidates(d.id) {
-                    Candidates::SomeAlive => {}
-                    Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
-                    Candidates::None => self.take_token(d, s, Source::Fresh, now),
+                if self.done_missing.is_empty() {
+                    match self.candidates(d.id) {
+                        Candidates::SomeAlive => {}
+                        Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
+                        Candidates::None => self.take_token(d, s, Source::Fresh, now),
+                    }
                 }
             }
             (AcquireQueued | AcquireBackoff, false) => {
@@ -1371,8 +1453,9 @@ impl<W> Handoff<W> {
             from: self.local.clone(),
             to: to.clone(),
             groups,
+            done: false,
         };
-        self.sent.insert(id, SentBatch { datums });
+        self.sent.insert(id, SentBatch { datums, done: None });
         self.transmits.push_back(Transmit {
             id: SendId(id),
             to,
@@ -1424,7 +1507,7 @@ impl<W> Handoff<W> {
         match s.phase {
             Phase::Awaiting | Phase::Relay => {
                 // A past view counts only if it was in force during this wait.
-                if left_epoch.is_some_and(|left| left <= s.flight) {
+                if left_epoch.is_some_and(|left| left <= s.since) {
                     report.stale += 1;
                     return;
                 }
@@ -1484,6 +1567,17 @@ impl<W> Handoff<W> {
                 }
             }
         }
+        self.done_missing.remove(node);
+        self.release_unheld_waits(now);
+        self.check_ended();
+    }
+
+    /// Once every node that may hold something has said "done" for the view
+    /// in force: the waits that no live node can answer end now.
+    fn release_unheld_waits(&mut self, now: Instant) {
+        if !self.done_missing.is_empty() {
+            return;
+        }
         let mut waiting = Vec::new();
         for c in &self.cohorts {
             for d in &c.datums {
@@ -1502,11 +1596,98 @@ impl<W> Handoff<W> {
             else {
                 continue;
             };
-            if !matches!(self.candidates(d.id), Candidates::SomeAlive) {
-                self.take_token(d, s, Source::OwnerGone, now);
+            match self.candidates(d.id) {
+                Candidates::SomeAlive => {}
+                Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
+                Candidates::None => self.take_token(d, s, Source::Fresh, now),
             }
         }
-        self.check_ended();
+    }
+
+    /// A new view is in force: every node of it and of the recent views
+    /// (other than this one, not gone) must say "done" again.
+    fn reset_done(&mut self, now: Instant) {
+        let mut expected = BTreeSet::new();
+        for n in self.current.view().nodes() {
+            expected.insert(n.clone());
+        }
+        for p in &self.history {
+            for n in p.table.view().nodes() {
+                expected.insert(n.clone());
+            }
+        }
+        expected.remove(&self.local);
+        for g in &self.gone {
+            expected.remove(g);
+        }
+        if let Some((_, done)) = self.done_parked.remove(&self.current.view_id()) {
+            for n in &done {
+                expected.remove(n);
+            }
+        }
+        let timeout = self.config.timeout;
+        self.done_parked
+            .retain(|_, (first, _)| *first + timeout > now);
+        self.done_missing = expected;
+    }
+
+    /// Sends this node's done markers for the view in force once nothing is
+    /// left to relinquish (or acquire and then hand on) under it.
+    fn maybe_send_done(&mut self) {
+        use Phase::*;
+        let view = self.current.view_id();
+        if self.fenced || self.done_sent == Some(view) {
+            return;
+        }
+        let busy = [
+            RelinquishQueued,
+            Relinquishing,
+            RelinquishBackoff,
+            TokenWait,
+            TokenQueued,
+            Acquiring,
+        ]
+        .iter()
+        .any(|&p| self.registry.count(p) > 0);
+        if busy {
+            return;
+        }
+        self.done_sent = Some(view);
+        let peers: Vec<NodeId> = self
+            .current
+            .view()
+            .nodes()
+            .iter()
+            .filter(|n| **n != self.local && !self.gone.contains(*n))
+            .cloned()
+            .collect();
+        for to in peers {
+            self.push_done(to, view);
+        }
+    }
+
+    fn push_done(&mut self, to: NodeId, view: ViewId) {
+        let id = self.next_send;
+        self.next_send += 1;
+        let batch = NoticeBatch {
+            view,
+            from: self.local.clone(),
+            to: to.clone(),
+            groups: Vec::new(),
+            done: true,
+        };
+        self.sent.insert(
+            id,
+            SentBatch {
+                datums: Vec::new(),
+                done: Some((view, to.clone())),
+            },
+        );
+        self.transmits.push_back(Transmit {
+            id: SendId(id),
+            to,
+            batch,
+        });
     }
 
     fn process_timeouts(&mut self, now: Instant) {
@@ -1610,7 +1791,8 @@ impl<W> Handoff<W> {
         self.counters.relinquish_abandoned += 1;
         s.phase = Phase::Free;
         self.registry.set(d, s);
-        self.events.push_back(Event::RelinquishAbandoned { datum: d });
+        self.events
+            .push_back(Event::RelinquishAbandoned { datum: d });
         self.maybe_release(d);
     }
 
@@ -1655,6 +1837,11 @@ impl<W> Handoff<W> {
                 } else {
                     s.flight = self.enter_cohort(datum, now);
                     self.take_token(datum, s, Source::PassOn, now);
+                }
+            }
+            TimerKind::ResendDone { to, view } => {
+                if view == self.current.view_id() && !self.gone.contains(&to) {
+                    self.push_done(to, view);
                 }
             }
             TimerKind::Resend { key } => {
@@ -1780,6 +1967,7 @@ impl<W> Handoff<W> {
     }
 
     fn check_ended(&mut self) {
+        self.maybe_send_done();
         if let Some(view) = self.transition {
             if self.is_idle() {
                 self.transition = None;

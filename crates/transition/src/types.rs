@@ -5,9 +5,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shoal_placement::{NodeId, ViewId};
 
+use crate::Datum;
 use crate::error::ConfigError;
 use crate::wire::{NoticeBatch, WireLimits};
-use crate::Datum;
 
 /// Tuning of one node's handoff state machine. Every node of a cluster should
 /// use the same `timeout` and `relinquish_timeout`.

@@ -62,6 +62,10 @@ pub struct NoticeBatch {
     pub to: NodeId,
     /// The notices, grouped by datum type.
     pub groups: Vec<NoticeGroup>,
+    /// The done marker: `from` has nothing left to relinquish under `view`
+    /// (every notice it owed for that view was handed to the transport
+    /// before this). Lets a primary acquire a datum nobody notified it of.
+    pub done: bool,
 }
 
 impl NoticeBatch {
@@ -106,6 +110,7 @@ impl NoticeBatch {
             from: self.from.clone(),
             to: self.to.clone(),
             groups,
+            done: self.done,
         });
         let mut out = vec![WIRE_VERSION];
         // Serialising plain structs into a Vec cannot fail; keep the version
@@ -174,6 +179,7 @@ impl NoticeBatch {
             from: n.from,
             to: n.to,
             groups,
+            done: n.done,
         })
     }
 }
@@ -190,6 +196,7 @@ struct WireNotices {
     from: NodeId,
     to: NodeId,
     groups: Vec<WireGroup>,
+    done: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -218,6 +225,7 @@ mod tests {
                     ids: vec![i64::MIN, -1, 0, i64::MAX],
                 },
             ],
+            done: true,
         }
     }
 
@@ -230,6 +238,7 @@ mod tests {
         assert_eq!(back.view, b.view);
         assert_eq!(back.from, b.from);
         assert_eq!(back.to, b.to);
+        assert!(back.done);
         assert_eq!(back.len(), 7);
     }
 
