@@ -387,21 +387,27 @@ impl Net {
 
 /// Runs 16 lan nodes per seed; crashes node 5 (if `kill`), drops `loss` of
 /// the datagrams, stalls node 3 for 30 s by 2 s (if `stall`).
-fn faults(args: &Args, label: &str, kill: bool, loss: f64, stall: bool) {
-    let config = Config::lan();
-    let n = 16;
+fn faults(args: &Args, label: &str, n: usize, seeds: u64, kill: bool, loss: f64, stall: bool) {
+    let config = Config {
+        view_events: false,
+        ..Config::lan()
+    };
     let victim = 5;
     let stalled = 3;
     let mut firsts = Vec::new();
     let mut alls = Vec::new();
     let mut false_positives = 0usize;
     let mut stalled_failed = 0usize;
-    for seed in 0..args.seeds {
+    let mut idle_bytes = Vec::new();
+    for seed in 0..seeds {
         let start = Instant::now();
         let mut net = Net::new(n, &config, seed, start);
         net.loss = loss;
+        net.run(start + Duration::from_secs(5), |_, _| false);
+        let bytes_before = net.bytes_sent;
         let warm = start + Duration::from_secs(10);
         net.run(warm, |_, _| false);
+        idle_bytes.push((net.bytes_sent - bytes_before) as f64 / n as f64 / 5.0);
         let victim_name = name(victim);
         let stalled_name = name(stalled);
         if kill {
@@ -451,8 +457,9 @@ fn faults(args: &Args, label: &str, kill: bool, loss: f64, stall: bool) {
     };
     let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
     let mut fields = vec![
-        ("runs", args.seeds as f64),
+        ("runs", seeds as f64),
         ("false_positives", false_positives as f64),
+        ("idle_payload_bytes_per_node_per_s", mean(&idle_bytes)),
     ];
     if kill {
         fields.extend([
@@ -580,9 +587,18 @@ fn main() {
     let args = parse_args();
     cpu_benches(&args);
     memory_benches(&args);
-    faults(&args, "kill_one_16_lan", true, 0.0, false);
-    faults(&args, "kill_one_16_lan_loss10", true, 0.1, false);
-    faults(&args, "stalled_16_lan", false, 0.0, true);
+    faults(&args, "kill_one_16_lan", 16, args.seeds, true, 0.0, false);
+    faults(
+        &args,
+        "kill_one_16_lan_loss10",
+        16,
+        args.seeds,
+        true,
+        0.1,
+        false,
+    );
+    faults(&args, "stalled_16_lan", 16, args.seeds, false, 0.0, true);
+    faults(&args, "kill_one_1000_lan", 1000, 1, true, 0.0, false);
     partition_heal(&args);
     update(&args);
 }

@@ -613,6 +613,10 @@ impl<R: Rng> Membership<R> {
             }
         }
         self.view_dirty = true;
+        // Spread the first push-pull over the (size-scaled) interval, so nodes
+        // bootstrapped together do not all exchange state at once.
+        let interval = push_pull_scale(self.config.push_pull_interval, self.live);
+        self.next_push_pull_at = later(now, interval.mul_f64(self.rng.random_range(0.0..1.0)));
     }
 
     // ----- members table ----------------------------------------------------
