@@ -30,6 +30,8 @@ pub(crate) struct Fate {
     pub(crate) crashed: bool,
     pub(crate) leaving: bool,
     pub(crate) stalled: bool,
+    /// Was cut off from part of the cluster by a partition.
+    pub(crate) partitioned: bool,
 }
 
 /// Time from a measured crash to its detection.
@@ -65,6 +67,8 @@ pub(crate) struct Checks {
     pub(crate) fates: HashMap<ProcKey, Fate>,
     pub(crate) false_positives: HashSet<ProcKey>,
     pub(crate) false_positive_events: u64,
+    /// False-positive "failed" events whose accuser was a stalled process.
+    pub(crate) false_positive_events_by_stalled: u64,
     pub(crate) stalled_marked_failed: bool,
     pub(crate) declared_failed_events: u64,
     pub(crate) detections: Vec<Detection>,
@@ -75,8 +79,6 @@ pub(crate) struct Checks {
 pub(crate) trait World {
     /// The slot of the node with this name.
     fn slot_of(&self, name: &str) -> Option<u32>;
-    /// Were these two slots ever on different sides of a partition?
-    fn ever_apart(&self, a: u32, b: u32) -> bool;
 }
 
 pub(crate) fn is_live(state: &MemberState) -> bool {
@@ -182,7 +184,7 @@ impl Checks {
         };
         let key = self.observe_member(observer, member, world)?;
         match event {
-            Event::Failed(_) => self.on_failed(observer, key, now_ns, world),
+            Event::Failed(_) => self.on_failed(observer, key, now_ns),
             Event::Suspected(_) => {
                 for d in &mut self.detections {
                     if d.victim == key {
@@ -211,14 +213,18 @@ impl Checks {
         Ok(())
     }
 
-    fn on_failed(&mut self, observer: ProcKey, key: ProcKey, now_ns: u64, world: &dyn World) {
+    fn on_failed(&mut self, observer: ProcKey, key: ProcKey, now_ns: u64) {
         let fate = self.fate(key);
         if fate.stalled {
             self.stalled_marked_failed = true;
         }
-        let healthy = fate.up && !fate.leaving && !fate.stalled && !fate.crashed;
-        if healthy && !world.ever_apart(observer.0, key.0) {
+        let healthy =
+            fate.up && !fate.leaving && !fate.stalled && !fate.crashed && !fate.partitioned;
+        if healthy {
             self.false_positive_events += 1;
+            if self.fate(observer).stalled {
+                self.false_positive_events_by_stalled += 1;
+            }
             self.false_positives.insert(key);
             tracing::warn!(
                 observer_slot = observer.0,

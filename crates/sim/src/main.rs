@@ -191,6 +191,12 @@ fn print_summary(reports: &[Report]) {
             );
         }
     }
-    let fp: u64 = reports.iter().map(|r| r.false_positives).sum();
-    println!("  false positives total  {fp}");
+    let fp: u64 = reports.iter().filter_map(|r| r.false_positives).sum();
+    let with_fp = reports
+        .iter()
+        .filter(|r| r.false_positives.unwrap_or(0) > 0)
+        .count();
+    let rediverged = reports.iter().filter(|r| r.rediverged > 0).count();
+    println!("  false positives        {fp} in all, in {with_fp} runs");
+    println!("  runs that diverged again after settling: {rediverged}");
 }

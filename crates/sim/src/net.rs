@@ -117,10 +117,6 @@ pub(crate) enum Copies {
 pub(crate) struct Partitions {
     /// Group of each slot; slots beyond the end are in group 0.
     current: Vec<u32>,
-    /// Every partition layout that was ever in force (healed layouts are not
-    /// recorded): two nodes ever apart are excused for declaring each other
-    /// failed.
-    history: Vec<Vec<u32>>,
 }
 
 impl Partitions {
@@ -134,9 +130,6 @@ impl Partitions {
 
     /// Puts the listed slots in the given groups (other slots in group 0).
     pub(crate) fn split(&mut self, groups: Vec<u32>) {
-        if groups.iter().any(|&g| g != 0) {
-            self.history.push(groups.clone());
-        }
         self.current = groups;
     }
 
@@ -144,11 +137,9 @@ impl Partitions {
         self.current.clear();
     }
 
-    /// Were `a` and `b` ever on different sides of a partition?
-    pub(crate) fn ever_apart(&self, a: u32, b: u32) -> bool {
-        self.history
-            .iter()
-            .any(|layout| group_of(layout, a) != group_of(layout, b))
+    /// Whether some slots are cut off from others.
+    pub(crate) fn is_split(&self) -> bool {
+        self.current.iter().any(|&g| g != 0)
     }
 }
 
@@ -226,17 +217,17 @@ mod tests {
     }
 
     #[test]
-    fn partitions_separate_groups_and_remember_history() {
+    fn partitions_separate_groups_until_healed() {
         let mut p = Partitions::default();
         assert!(p.connected(0, 5));
         p.split(vec![0, 0, 1, 1]);
+        assert!(p.is_split());
         assert!(p.connected(0, 1));
         assert!(!p.connected(1, 2));
         assert!(p.connected(0, 9), "slots past the layout are in group 0");
         p.heal();
         assert!(p.connected(1, 2));
-        assert!(p.ever_apart(1, 2));
-        assert!(!p.ever_apart(0, 1));
+        assert!(!p.is_split());
     }
 
     #[test]
