@@ -162,7 +162,9 @@ pub(crate) fn assign(
 
     // 2. Stable assignment under the load bound (deferred acceptance).
     let cap = capacity(partitions, n, load_bound_percent);
-    let mut held: Vec<BinaryHeap<Reverse<(Weight, u32)>>> = vec![BinaryHeap::new(); n];
+    let mut held: Vec<BinaryHeap<Reverse<(Weight, u32)>>> = (0..n)
+        .map(|_| BinaryHeap::with_capacity((p_count / n + 1).min(cap + 1)))
+        .collect();
     // The weight of the node each partition last proposed to.
     let mut current: Vec<Weight> = Vec::with_capacity(p_count);
     for p in 0..p_count {
