@@ -22,7 +22,11 @@ const IDLE_CONNS: usize = 200;
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -95,7 +99,9 @@ async fn run(json: bool, window: Duration) {
             let payload = Bytes::from(vec![0xab; PAYLOAD]);
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                a.send(&to_b, 1, payload.clone(), WhenFull::Wait).await.unwrap();
+                a.send(&to_b, 1, payload.clone(), WhenFull::Wait)
+                    .await
+                    .unwrap();
                 sent += 1;
             }
             sent
@@ -124,7 +130,9 @@ async fn run(json: bool, window: Duration) {
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
-                a.request(&to_b, 2, body.clone(), Duration::from_secs(5)).await.unwrap();
+                a.request(&to_b, 2, body.clone(), Duration::from_secs(5))
+                    .await
+                    .unwrap();
                 lat.push(t.elapsed());
             }
             lat
@@ -168,12 +176,25 @@ async fn run(json: bool, window: Duration) {
             stats.messages_lost
         );
     } else {
-        println!("transport benchmark (two nodes, one process, loopback, mTLS, {}-s windows)", window.as_secs());
+        println!(
+            "transport benchmark (two nodes, one process, loopback, mTLS, {}-s windows)",
+            window.as_secs()
+        );
         println!("  one-way {PAYLOAD}-byte messages   {msgs_per_s:>12.0} msg/s");
-        println!("  request/response (16 in flight) {requests_per_s:>12.0} req/s   p50 {p50:.3} ms   p99 {p99:.3} ms");
-        println!("  handshake (connect + hellos)    {handshake_ms:>12.3} ms mean   p50 {:.3} ms", percentile(&hs, 0.5));
-        println!("  idle connection memory         {idle_conn_kib:>12.1} KiB (both ends, RSS delta / {IDLE_CONNS})");
-        println!("  messages lost                  {:>12}", stats.messages_lost);
+        println!(
+            "  request/response (16 in flight) {requests_per_s:>12.0} req/s   p50 {p50:.3} ms   p99 {p99:.3} ms"
+        );
+        println!(
+            "  handshake (connect + hellos)    {handshake_ms:>12.3} ms mean   p50 {:.3} ms",
+            percentile(&hs, 0.5)
+        );
+        println!(
+            "  idle connection memory         {idle_conn_kib:>12.1} KiB (both ends, RSS delta / {IDLE_CONNS})"
+        );
+        println!(
+            "  messages lost                  {:>12}",
+            stats.messages_lost
+        );
     }
     for (c, _) in &clients {
         c.shutdown().await;

@@ -128,6 +128,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::field_reassign_with_default)]
     fn default_is_valid_and_bad_values_are_refused() {
         assert!(TransportConfig::default().validate().is_ok());
         let mut c = TransportConfig::default();

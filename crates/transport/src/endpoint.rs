@@ -236,12 +236,10 @@ impl Transport {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BindError::NoRuntime);
         }
-        let addr = socket
-            .local_addr()
-            .map_err(|source| BindError::Socket {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })?;
+        let addr = socket.local_addr().map_err(|source| BindError::Socket {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
         Self::start(identity, config, |ep_config, server_config| {
             quinn::Endpoint::new_with_abstract_socket(
                 ep_config,
@@ -304,7 +302,13 @@ impl Transport {
         });
         tokio::spawn(accept_loop(inner.clone()));
         info!(node = %inner.me, addr = %local_addr, "transport listening");
-        Ok((Self { inner }, Incoming { messages, datagrams }))
+        Ok((
+            Self { inner },
+            Incoming {
+                messages,
+                datagrams,
+            },
+        ))
     }
 
     /// The address this endpoint listens on (and sends from).
@@ -450,12 +454,7 @@ impl Transport {
         let config = &self.inner.config;
         self.check_size(dest, body.len())?;
         let inline = body.len() <= INLINE_BODY_MAX;
-        let frame = OutFrame::new(
-            channel,
-            body,
-            config.compress_min,
-            config.compression_level,
-        );
+        let frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
         let timeout = config.send_timeout;
         let pc = match tokio::time::timeout(timeout, self.connection(dest)).await {
             Ok(pc) => pc?,
@@ -472,10 +471,14 @@ impl Transport {
         let peer = || Dest::from(&pc.peer);
         let need = frame.wire_len() as u32;
         let permit = match when_full {
-            WhenFull::Fail => pc.budget.clone().try_acquire_many_owned(need).map_err(|_| {
-                Stats::inc(&self.inner.stats.send_queue_full);
-                TransportError::QueueFull { peer: peer() }
-            })?,
+            WhenFull::Fail => pc
+                .budget
+                .clone()
+                .try_acquire_many_owned(need)
+                .map_err(|_| {
+                    Stats::inc(&self.inner.stats.send_queue_full);
+                    TransportError::QueueFull { peer: peer() }
+                })?,
             WhenFull::Wait => {
                 match tokio::time::timeout(timeout, pc.budget.clone().acquire_many_owned(need))
                     .await
@@ -517,12 +520,7 @@ impl Transport {
     ) -> Result<Bytes, TransportError> {
         let config = &self.inner.config;
         self.check_size(dest, body.len())?;
-        let frame = OutFrame::new(
-            channel,
-            body,
-            config.compress_min,
-            config.compression_level,
-        );
+        let frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
         match tokio::time::timeout(timeout, self.request_inner(dest, frame)).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::TimedOut {
@@ -559,7 +557,10 @@ impl Transport {
             }
             Err(ReadFrameError::Stream(e)) => return Err(read_error(&peer, &e)),
         };
-        Stats::add(&inner.stats.bytes_received, (response.len() + LEN_PREFIX) as u64);
+        Stats::add(
+            &inner.stats.bytes_received,
+            (response.len() + LEN_PREFIX) as u64,
+        );
         match frame::decode_envelope(response, inner.config.max_message_size) {
             Ok((_, body)) => {
                 Stats::inc(&inner.stats.responses_received);
@@ -675,10 +676,11 @@ impl Transport {
             }
             let mut wait = {
                 let mut table = lock(&self.inner.table);
-                if let Some(pc) = table.conns.get(&addr) {
-                    if !pc.is_closed() && dest.name.as_ref().is_none_or(|n| *n == pc.peer.name) {
-                        return Ok(pc.clone());
-                    }
+                if let Some(pc) = table.conns.get(&addr)
+                    && !pc.is_closed()
+                    && dest.name.as_ref().is_none_or(|n| *n == pc.peer.name)
+                {
+                    return Ok(pc.clone());
                 }
                 match table.dialing.get(&addr) {
                     Some(rx) => rx.clone(),
@@ -969,7 +971,9 @@ fn verified_name(conn: &quinn::Connection) -> Result<NodeName, String> {
                 .ok()
         })
         .ok_or_else(|| "no peer certificate".to_owned())?;
-    let cert = certs.first().ok_or_else(|| "empty certificate chain".to_owned())?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| "empty certificate chain".to_owned())?;
     node_name_of(cert).map_err(|e| e.to_string())
 }
 
@@ -1116,7 +1120,8 @@ fn install(inner: &Inner, pc: &Arc<PeerConn>) {
             Some(cur) if cur.is_closed() => true,
             Some(cur)
                 if cur.peer.name != pc.peer.name
-                    || cur.instance.load(Ordering::Relaxed) != pc.instance.load(Ordering::Relaxed) =>
+                    || cur.instance.load(Ordering::Relaxed)
+                        != pc.instance.load(Ordering::Relaxed) =>
             {
                 // Another node, or the same node restarted: the old one is dead.
                 close_old = Some(cur.clone());
@@ -1249,7 +1254,11 @@ async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
         if idle_ticks >= limit {
             {
                 let mut table = lock(&inner.table);
-                if table.conns.get(&pc.peer.addr).is_some_and(|c| Arc::ptr_eq(c, &pc)) {
+                if table
+                    .conns
+                    .get(&pc.peer.addr)
+                    .is_some_and(|c| Arc::ptr_eq(c, &pc))
+                {
                     table.conns.remove(&pc.peer.addr);
                 }
             }
@@ -1259,7 +1268,11 @@ async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
     };
     {
         let mut table = lock(&inner.table);
-        if table.conns.get(&pc.peer.addr).is_some_and(|c| Arc::ptr_eq(c, &pc)) {
+        if table
+            .conns
+            .get(&pc.peer.addr)
+            .is_some_and(|c| Arc::ptr_eq(c, &pc))
+        {
             table.conns.remove(&pc.peer.addr);
         }
     }
@@ -1428,7 +1441,10 @@ async fn handle_bi(
             return;
         }
     };
-    Stats::add(&inner.stats.bytes_received, (f.len() + LEN_PREFIX + 1) as u64);
+    Stats::add(
+        &inner.stats.bytes_received,
+        (f.len() + LEN_PREFIX + 1) as u64,
+    );
     let (channel, body) = match frame::decode_envelope(f, max_message) {
         Ok(x) => x,
         Err(e) => {

@@ -487,12 +487,13 @@ impl ServerCertVerifier for AnyNodeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let name = node_name_of(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(e)),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         })?;
-        let name = ServerName::try_from(name.as_str().to_owned())
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let name = ServerName::try_from(name.as_str().to_owned()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
         self.inner
             .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
     }
@@ -551,7 +552,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.join("node.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.join("node.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "key readable by others");
         }
         std::fs::remove_dir_all(&dir).unwrap();
@@ -575,6 +579,9 @@ mod tests {
     #[test]
     fn pem_encoding_matches_rcgen() {
         let ca = ClusterCa::generate().unwrap();
-        assert_eq!(to_pem("CERTIFICATE", ca.cert_der()).trim(), ca.cert_pem().trim());
+        assert_eq!(
+            to_pem("CERTIFICATE", ca.cert_der()).trim(),
+            ca.cert_pem().trim()
+        );
     }
 }

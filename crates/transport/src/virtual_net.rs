@@ -2,7 +2,7 @@
 //!
 //! [`VirtualNetwork`] routes packets between [`VirtualSocket`]s by address,
 //! in process. A `VirtualSocket` implements quinn's
-//! [`AsyncUdpSocket`](quinn::AsyncUdpSocket), so
+//! [`quinn::AsyncUdpSocket`], so
 //! [`Transport::with_socket`](crate::Transport::with_socket) runs a full
 //! endpoint (TLS included) on it. quinn reads time through the tokio runtime,
 //! so a paused tokio clock applies. Links can be cut to model partitions;
@@ -80,11 +80,7 @@ impl VirtualNetwork {
     /// `AddrInUse` if a live socket already has that address.
     pub fn bind(&self, addr: SocketAddr) -> io::Result<Arc<VirtualSocket>> {
         let mut net = lock(&self.net);
-        if net
-            .sockets
-            .get(&addr)
-            .is_some_and(|w| w.strong_count() > 0)
-        {
+        if net.sockets.get(&addr).is_some_and(|w| w.strong_count() > 0) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, addr.to_string()));
         }
         let inbox = Arc::new(Mutex::new(Inbox::default()));

@@ -49,14 +49,18 @@ async fn datagram_round_trip_with_verified_sender() {
     let (a, mut a_in) = start(&ids[0], TransportConfig::default());
     let (b, mut b_in) = start(&ids[1], TransportConfig::default());
 
-    within(a.send_datagram(&dest_of(&b), b"ping")).await.unwrap();
+    within(a.send_datagram(&dest_of(&b), b"ping"))
+        .await
+        .unwrap();
     let d = within(b_in.recv_datagram()).await.unwrap();
     assert_eq!(&d.payload[..], b"ping");
     assert_eq!(d.from.name.as_str(), "a");
     assert_eq!(d.from.addr, a.local_addr());
 
     // Answer the verified sender by its peer record.
-    within(b.send_datagram(&Dest::from(&d.from), b"pong")).await.unwrap();
+    within(b.send_datagram(&Dest::from(&d.from), b"pong"))
+        .await
+        .unwrap();
     match within(a_in.recv()).await.unwrap() {
         Inbound::Datagram(d) => {
             assert_eq!(&d.payload[..], b"pong");
@@ -69,10 +73,14 @@ async fn datagram_round_trip_with_verified_sender() {
     let max = a.max_datagram_size(&dest_of(&b)).unwrap();
     assert!(max >= 1000, "max datagram {max}");
     let big = vec![0u8; max + 1];
-    let err = within(a.send_datagram(&dest_of(&b), &big)).await.unwrap_err();
+    let err = within(a.send_datagram(&dest_of(&b), &big))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
     assert_eq!(err.peer().unwrap().addr, b.local_addr());
-    within(a.send_datagram(&dest_of(&b), &vec![7u8; max])).await.unwrap();
+    within(a.send_datagram(&dest_of(&b), &vec![7u8; max]))
+        .await
+        .unwrap();
     let d = within(b_in.recv_datagram()).await.unwrap();
     assert_eq!(d.payload.len(), max);
     assert!(b.stats().datagrams_received >= 2);
@@ -85,9 +93,14 @@ async fn messages_and_requests_both_ways() {
     let (b, mut b_in) = start(&ids[1], TransportConfig::default());
 
     for i in 0..200u32 {
-        within(a.send(&dest_of(&b), 5, Bytes::from(i.to_le_bytes().to_vec()), WhenFull::Wait))
-            .await
-            .unwrap();
+        within(a.send(
+            &dest_of(&b),
+            5,
+            Bytes::from(i.to_le_bytes().to_vec()),
+            WhenFull::Wait,
+        ))
+        .await
+        .unwrap();
     }
     for i in 0..200u32 {
         let m = next_message(&mut b_in).await;
@@ -105,7 +118,10 @@ async fn messages_and_requests_both_ways() {
         .await
         .unwrap();
     let m = next_message(&mut a_in).await;
-    assert_eq!((&m.body[..], m.channel, m.from.name.as_str()), (&b"back"[..], 9, "b"));
+    assert_eq!(
+        (&m.body[..], m.channel, m.from.name.as_str()),
+        (&b"back"[..], 9, "b")
+    );
 
     // Requests both ways, answered by a task reading the inbound queue.
     let responder = |mut inc: Incoming| {
@@ -141,7 +157,10 @@ async fn messages_and_requests_both_ways() {
         tasks.push(tokio::spawn(async move {
             let body = Bytes::from(format!("req-{i}"));
             let ans = a.request(&to, 2, body, HANG).await.unwrap();
-            assert_eq!(String::from_utf8(ans.to_vec()).unwrap(), format!("req-{i}").chars().rev().collect::<String>());
+            assert_eq!(
+                String::from_utf8(ans.to_vec()).unwrap(),
+                format!("req-{i}").chars().rev().collect::<String>()
+            );
         }));
     }
     for t in tasks {
@@ -152,7 +171,11 @@ async fn messages_and_requests_both_ways() {
         .await
         .unwrap_err();
     assert!(matches!(err, TransportError::Closed { .. }), "{err}");
-    assert_eq!(a.open_connections(), 1, "one connection serves both directions");
+    assert_eq!(
+        a.open_connections(),
+        1,
+        "one connection serves both directions"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,13 +192,19 @@ async fn ten_mib_message_is_compressed_and_restored() {
     }
     body.truncate(10 << 20);
     let body = Bytes::from(body);
-    within(a.send(&dest_of(&b), 3, body.clone(), WhenFull::Wait)).await.unwrap();
+    within(a.send(&dest_of(&b), 3, body.clone(), WhenFull::Wait))
+        .await
+        .unwrap();
     let m = next_message(&mut b_in).await;
     assert_eq!(m.body.len(), body.len());
     assert!(m.body == body, "restored bytes differ");
     let s = a.stats();
     assert_eq!(s.messages_compressed, 1);
-    assert!(s.bytes_sent < (body.len() / 2) as u64, "sent {} bytes", s.bytes_sent);
+    assert!(
+        s.bytes_sent < (body.len() / 2) as u64,
+        "sent {} bytes",
+        s.bytes_sent
+    );
     // The same as a request answer.
     let (a2, b2) = (a.clone(), body.clone());
     let h = tokio::spawn(async move {
@@ -199,11 +228,22 @@ async fn over_limit_messages_are_refused_on_both_sides() {
     let to_b = dest_of(&b);
 
     // Over the sender's own limit: refused before anything is sent.
-    let err = within(a.send(&to_b, 1, Bytes::from(vec![0u8; (16 << 20) + 1]), WhenFull::Wait))
-        .await
-        .unwrap_err();
+    let err = within(a.send(
+        &to_b,
+        1,
+        Bytes::from(vec![0u8; (16 << 20) + 1]),
+        WhenFull::Wait,
+    ))
+    .await
+    .unwrap_err();
     assert!(
-        matches!(err, TransportError::TooLarge { side: "local limit", .. }),
+        matches!(
+            err,
+            TransportError::TooLarge {
+                side: "local limit",
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(a.stats().bytes_sent, 0);
@@ -224,10 +264,18 @@ async fn over_limit_messages_are_refused_on_both_sides() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, TransportError::TooLarge { side: "refused by the receiver", .. }),
+        matches!(
+            err,
+            TransportError::TooLarge {
+                side: "refused by the receiver",
+                ..
+            }
+        ),
         "{err}"
     );
-    let err = within(a.request(&to_b, 1, Bytes::from(noise), HANG)).await.unwrap_err();
+    let err = within(a.request(&to_b, 1, Bytes::from(noise), HANG))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
     // A compressible message that only its decompressed size betrays.
     let err = within(a.send(&to_b, 1, Bytes::from(vec![1u8; 3 << 20]), WhenFull::Wait))
@@ -238,7 +286,9 @@ async fn over_limit_messages_are_refused_on_both_sides() {
     assert_eq!(b.stats().messages_received, 0);
 
     // The connection still serves normal traffic.
-    within(a.send(&to_b, 2, Bytes::from_static(b"fine"), WhenFull::Wait)).await.unwrap();
+    within(a.send(&to_b, 2, Bytes::from_static(b"fine"), WhenFull::Wait))
+        .await
+        .unwrap();
     let m = next_message(&mut b_in).await;
     assert_eq!(&m.body[..], b"fine");
 }
@@ -255,7 +305,13 @@ async fn node_of_another_ca_delivers_nothing_in_either_role() {
     // Rogue dials b: refused, nothing delivered to b.
     let r = within(rogue.send_datagram(&dest_of(&b), b"evil")).await;
     assert!(r.is_err(), "rogue datagram accepted");
-    let r = within(rogue.send(&Dest::addr(b.local_addr()), 1, Bytes::from_static(b"evil"), WhenFull::Wait)).await;
+    let r = within(rogue.send(
+        &Dest::addr(b.local_addr()),
+        1,
+        Bytes::from_static(b"evil"),
+        WhenFull::Wait,
+    ))
+    .await;
     assert!(matches!(r, Err(TransportError::Rejected { .. })), "{r:?}");
     let r = within(rogue.request(&dest_of(&b), 1, Bytes::from_static(b"evil"), HANG)).await;
     assert!(r.is_err());
@@ -264,11 +320,17 @@ async fn node_of_another_ca_delivers_nothing_in_either_role() {
     assert_eq!(b.stats().connections_opened, 0);
 
     // b dials the rogue (rogue accepting): b refuses its certificate.
-    let err = within(b.connect(&Dest::addr(rogue.local_addr()))).await.unwrap_err();
+    let err = within(b.connect(&Dest::addr(rogue.local_addr())))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::Rejected { .. }), "{err}");
     let named = Dest::node(NodeName::new("a").unwrap(), rogue.local_addr());
     assert!(within(b.send_datagram(&named, b"hi")).await.is_err());
-    assert!(within(b.send(&named, 1, Bytes::from_static(b"hi"), WhenFull::Wait)).await.is_err());
+    assert!(
+        within(b.send(&named, 1, Bytes::from_static(b"hi"), WhenFull::Wait))
+            .await
+            .is_err()
+    );
     assert_silent(&mut rogue_in).await;
     assert_eq!(rogue.stats().connections_opened, 0);
 }
@@ -280,17 +342,23 @@ async fn certificate_for_the_wrong_name_is_refused() {
     let (b, _b_in) = start(&ids[1], TransportConfig::default());
     // b expects node "c" at a's address; a's certificate names "a".
     let wrong = Dest::node(NodeName::new("c").unwrap(), a.local_addr());
-    let err = within(b.send(&wrong, 1, Bytes::from_static(b"x"), WhenFull::Wait)).await.unwrap_err();
+    let err = within(b.send(&wrong, 1, Bytes::from_static(b"x"), WhenFull::Wait))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::Rejected { .. }), "{err}");
     assert_eq!(err.peer(), Some(&wrong));
     assert!(within(b.send_datagram(&wrong, b"x")).await.is_err());
     assert_silent(&mut a_in).await;
     assert!(b.stats().handshakes_rejected >= 1);
     // The right name at the same address works.
-    within(b.send(&dest_of(&a), 1, Bytes::from_static(b"ok"), WhenFull::Wait)).await.unwrap();
+    within(b.send(&dest_of(&a), 1, Bytes::from_static(b"ok"), WhenFull::Wait))
+        .await
+        .unwrap();
     assert_eq!(&next_message(&mut a_in).await.body[..], b"ok");
     // With a connection to "a" open, asking for "c" there is still refused.
-    let err = within(b.send(&wrong, 1, Bytes::from_static(b"x"), WhenFull::Wait)).await.unwrap_err();
+    let err = within(b.send(&wrong, 1, Bytes::from_static(b"x"), WhenFull::Wait))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::Rejected { .. }), "{err}");
 }
 
@@ -300,7 +368,9 @@ async fn restarted_peer_on_the_same_address_is_reached_again() {
     let (a, _a_in) = start(&ids[0], TransportConfig::default());
     let (b, mut b_in) = start(&ids[1], TransportConfig::default());
     let to_b = dest_of(&b);
-    within(a.send(&to_b, 1, Bytes::from_static(b"one"), WhenFull::Wait)).await.unwrap();
+    within(a.send(&to_b, 1, Bytes::from_static(b"one"), WhenFull::Wait))
+        .await
+        .unwrap();
     assert_eq!(&next_message(&mut b_in).await.body[..], b"one");
 
     // b stops without telling a (crash-like: only its own side closes).
@@ -332,7 +402,15 @@ async fn restarted_peer_on_the_same_address_is_reached_again() {
     // the old connection's remains).
     let answer = within(async {
         loop {
-            match a.request(&to_b, 1, Bytes::from_static(b"again"), Duration::from_secs(2)).await {
+            match a
+                .request(
+                    &to_b,
+                    1,
+                    Bytes::from_static(b"again"),
+                    Duration::from_secs(2),
+                )
+                .await
+            {
                 Ok(ans) => break ans,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -351,7 +429,9 @@ async fn raw_client(id: &NodeIdentity, server: &Transport) -> (quinn::Endpoint, 
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(id.ca_pem().as_bytes()).unwrap()).unwrap();
+    roots
+        .add(CertificateDer::from_pem_slice(id.ca_pem().as_bytes()).unwrap())
+        .unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -365,14 +445,21 @@ async fn raw_client(id: &NodeIdentity, server: &Transport) -> (quinn::Endpoint, 
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client(localhost()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = within(endpoint.connect(server.local_addr(), server.name().as_str()).unwrap())
-        .await
-        .unwrap();
+    let conn = within(
+        endpoint
+            .connect(server.local_addr(), server.name().as_str())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     // Say hello like a real node, so the server admits the connection.
     let mut s = conn.open_uni().await.unwrap();
-    s.write_all(&frame::encode_hello(&frame::Hello { version: 1, instance: 42 }))
-        .await
-        .unwrap();
+    s.write_all(&frame::encode_hello(&frame::Hello {
+        version: 1,
+        instance: 42,
+    }))
+    .await
+    .unwrap();
     s.finish().unwrap();
     (endpoint, conn)
 }
@@ -385,7 +472,8 @@ async fn garbage_is_counted_and_dropped_while_others_are_served() {
     let (_ep, raw) = raw_client(&ids[2], &b).await;
 
     // Garbage datagrams: untagged, and empty.
-    raw.send_datagram(Bytes::from_static(b"\x7fgarbage")).unwrap();
+    raw.send_datagram(Bytes::from_static(b"\x7fgarbage"))
+        .unwrap();
     raw.send_datagram(Bytes::new()).unwrap();
     // A tagged datagram still gets through, named by the client's certificate.
     raw.send_datagram(frame::encode_datagram(b"real")).unwrap();
@@ -417,7 +505,10 @@ async fn garbage_is_counted_and_dropped_while_others_are_served() {
     // Then a length prefix no message stream may carry: the stream is stopped.
     s.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
     let stopped = within(s.stopped()).await.unwrap();
-    assert_eq!(stopped, Some(quinn::VarInt::from_u32(frame::code::PROTOCOL)));
+    assert_eq!(
+        stopped,
+        Some(quinn::VarInt::from_u32(frame::code::PROTOCOL))
+    );
 
     // A request announcing more than the limit is refused by a reset.
     let (mut send, mut recv) = raw.open_bi().await.unwrap();
@@ -428,11 +519,19 @@ async fn garbage_is_counted_and_dropped_while_others_are_served() {
     assert!(r.is_err(), "over-limit request answered: {r:?}");
 
     // Meanwhile a well-behaved node is served as usual.
-    within(a.send(&dest_of(&b), 2, Bytes::from_static(b"from a"), WhenFull::Wait)).await.unwrap();
+    within(a.send(
+        &dest_of(&b),
+        2,
+        Bytes::from_static(b"from a"),
+        WhenFull::Wait,
+    ))
+    .await
+    .unwrap();
     let m = next_message(&mut b_in).await;
     assert_eq!((&m.body[..], m.from.name.as_str()), (&b"from a"[..], "a"));
     // And the raw client's connection is still up for valid traffic.
-    raw.send_datagram(frame::encode_datagram(b"still here")).unwrap();
+    raw.send_datagram(frame::encode_datagram(b"still here"))
+        .unwrap();
     let d = within(b_in.recv_datagram()).await.unwrap();
     assert_eq!(&d.payload[..], b"still here");
 
@@ -479,17 +578,28 @@ async fn full_queue_fails_or_waits_and_loses_nothing() {
     // A waiting sender blocks instead, and completes once b reads.
     let (a2, to_b2) = (a.clone(), to_b.clone());
     let waiting = tokio::spawn(async move {
-        a2.send(&to_b2, 1, Bytes::from(u64::MAX.to_le_bytes().to_vec()), WhenFull::Wait)
-            .await
+        a2.send(
+            &to_b2,
+            1,
+            Bytes::from(u64::MAX.to_le_bytes().to_vec()),
+            WhenFull::Wait,
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!waiting.is_finished(), "a full queue must make the sender wait");
+    assert!(
+        !waiting.is_finished(),
+        "a full queue must make the sender wait"
+    );
     for expected in 0..accepted {
         let m = next_message(&mut b_in).await;
         assert_eq!(&m.body[..], &expected.to_le_bytes(), "lost or reordered");
     }
     within(waiting).await.unwrap().unwrap();
-    assert_eq!(&next_message(&mut b_in).await.body[..], &u64::MAX.to_le_bytes());
+    assert_eq!(
+        &next_message(&mut b_in).await.body[..],
+        &u64::MAX.to_le_bytes()
+    );
     assert_eq!(a.stats().messages_lost, 0);
 }
 
@@ -507,8 +617,12 @@ async fn racing_dials_settle_on_one_connection_and_idle_ones_close() {
     assert_eq!(rb.unwrap().name.as_str(), "a");
     // Traffic keeps flowing whichever connection each side picked.
     for i in 0..20u8 {
-        within(a.send(&dest_of(&b), 1, Bytes::from(vec![i]), WhenFull::Wait)).await.unwrap();
-        within(b.send(&dest_of(&a), 1, Bytes::from(vec![i]), WhenFull::Wait)).await.unwrap();
+        within(a.send(&dest_of(&b), 1, Bytes::from(vec![i]), WhenFull::Wait))
+            .await
+            .unwrap();
+        within(b.send(&dest_of(&a), 1, Bytes::from(vec![i]), WhenFull::Wait))
+            .await
+            .unwrap();
     }
     for i in 0..20u8 {
         assert_eq!(&next_message(&mut b_in).await.body[..], &[i]);
@@ -530,7 +644,14 @@ async fn racing_dials_settle_on_one_connection_and_idle_ones_close() {
     let _ = saw_one; // a fast machine may close both before we look
     // Idle connections are closed, and reopened on demand.
     assert!(a.peers().is_empty());
-    within(a.send(&dest_of(&b), 1, Bytes::from_static(b"again"), WhenFull::Wait)).await.unwrap();
+    within(a.send(
+        &dest_of(&b),
+        1,
+        Bytes::from_static(b"again"),
+        WhenFull::Wait,
+    ))
+    .await
+    .unwrap();
     assert_eq!(&next_message(&mut b_in).await.body[..], b"again");
     assert!(a.stats().connections_closed >= 1);
 }
@@ -541,21 +662,40 @@ async fn two_endpoints_talk_over_the_virtual_network() {
     let net = VirtualNetwork::new();
     let sa = net.bind("10.1.0.1:7000".parse().unwrap()).unwrap();
     let sb = net.bind("10.1.0.2:7000".parse().unwrap()).unwrap();
-    let (a, _a_in) = Transport::with_socket(sa.clone(), &ids[0], TransportConfig::default()).unwrap();
-    let (b, mut b_in) = Transport::with_socket(sb.clone(), &ids[1], TransportConfig::default()).unwrap();
+    let (a, _a_in) =
+        Transport::with_socket(sa.clone(), &ids[0], TransportConfig::default()).unwrap();
+    let (b, mut b_in) =
+        Transport::with_socket(sb.clone(), &ids[1], TransportConfig::default()).unwrap();
     assert_eq!(b.local_addr(), sb.addr());
-    within(a.send(&dest_of(&b), 1, Bytes::from_static(b"virtual"), WhenFull::Wait)).await.unwrap();
+    within(a.send(
+        &dest_of(&b),
+        1,
+        Bytes::from_static(b"virtual"),
+        WhenFull::Wait,
+    ))
+    .await
+    .unwrap();
     let m = next_message(&mut b_in).await;
     assert_eq!((&m.body[..], m.from.addr), (&b"virtual"[..], sa.addr()));
-    within(a.send_datagram(&dest_of(&b), b"dgram")).await.unwrap();
-    assert_eq!(&within(b_in.recv_datagram()).await.unwrap().payload[..], b"dgram");
+    within(a.send_datagram(&dest_of(&b), b"dgram"))
+        .await
+        .unwrap();
+    assert_eq!(
+        &within(b_in.recv_datagram()).await.unwrap().payload[..],
+        b"dgram"
+    );
     let (delivered, _) = net.counts();
     assert!(delivered > 0);
     // A cut link: requests time out instead of arriving.
     net.set_link(sa.addr(), sb.addr(), false);
-    let err = within(a.request(&dest_of(&b), 1, Bytes::from_static(b"?"), Duration::from_millis(300)))
-        .await
-        .unwrap_err();
+    let err = within(a.request(
+        &dest_of(&b),
+        1,
+        Bytes::from_static(b"?"),
+        Duration::from_millis(300),
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(err, TransportError::TimedOut { .. }), "{err}");
     assert_silent(&mut b_in).await;
 }
