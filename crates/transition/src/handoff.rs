@@ -93,6 +93,23 @@ impl Registry {
         }
     }
 
+    /// Reads and changes a slot with one lookup; keeps the counts right.
+    #[inline]
+    fn modify<R>(&mut self, d: &Datum, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        let s = self.map.get_mut(d)?;
+        let before = s.phase;
+        let r = f(s);
+        if s.phase != before {
+            if let Some(c) = self.counts.get_mut(before as usize) {
+                *c = c.saturating_sub(1);
+            }
+            if let Some(c) = self.counts.get_mut(s.phase as usize) {
+                *c += 1;
+            }
+        }
+        Some(r)
+    }
+
     fn insert(&mut self, d: Datum) -> bool {
         if self.map.contains_key(&d) {
             return false;
@@ -929,8 +946,9 @@ impl<W> Handoff<W> {
         if done {
             match at {
                 ViewAt::Current => {
-                    self.done_missing.remove(from);
-                    self.release_unheld_waits(now);
+                    if self.done_missing.remove(from) && self.done_missing.is_empty() {
+                        self.release_unheld_waits(now);
+                    }
                 }
                 ViewAt::Unknown => {
                     // Bounded: at most 1,024 views of at most 65,536 nodes.
@@ -968,12 +986,12 @@ impl<W> Handoff<W> {
         match outcome {
             Ok(()) => {
                 for d in batch.datums {
-                    if let Some(mut s) = self.registry.get(&d).filter(|s| s.phase == Phase::Passed)
-                    {
-                        s.phase = Phase::Free;
-                        s.attempt = 0;
-                        self.registry.set(d, s);
-                    }
+                    self.registry.modify(&d, |s| {
+                        if s.phase == Phase::Passed {
+                            s.phase = Phase::Free;
+                            s.attempt = 0;
+                        }
+                    });
                 }
             }
             Err(error) => {
@@ -1090,13 +1108,13 @@ impl<W> Handoff<W> {
             let Some(d) = self.relinquish_queue.pop_front() else {
                 break;
             };
-            if let Some(mut s) = self
-                .registry
-                .get(&d)
-                .filter(|s| s.phase == Phase::RelinquishQueued)
-            {
-                s.phase = Phase::Relinquishing;
-                self.registry.set(d, s);
+            let started = self.registry.modify(&d, |s| {
+                (s.phase == Phase::RelinquishQueued).then(|| {
+                    s.phase = Phase::Relinquishing;
+                    *s
+                })
+            });
+            if let Some(s) = started.flatten() {
                 return Some(Job {
                     kind: JobKind::Relinquish,
                     datum: d,
@@ -1110,13 +1128,13 @@ impl<W> Handoff<W> {
             let Some(d) = self.acquire_queue.pop_front() else {
                 break;
             };
-            if let Some(mut s) = self
-                .registry
-                .get(&d)
-                .filter(|s| s.phase == Phase::AcquireQueued)
-            {
-                s.phase = Phase::Acquiring;
-                self.registry.set(d, s);
+            let started = self.registry.modify(&d, |s| {
+                (s.phase == Phase::AcquireQueued).then(|| {
+                    s.phase = Phase::Acquiring;
+                    *s
+                })
+            });
+            if let Some(s) = started.flatten() {
                 return Some(Job {
                     kind: JobKind::Acquire,
                     datum: d,
@@ -1415,13 +1433,14 @@ impl<W> Handoff<W> {
         };
         let mut datums = Vec::with_capacity(pending.len());
         for d in pending {
-            if let Some(mut s) = self
-                .registry
-                .get(&d)
-                .filter(|s| s.phase == Phase::TokenQueued)
-            {
-                s.phase = Phase::Passed;
-                self.registry.set(d, s);
+            let passed = self.registry.modify(&d, |s| {
+                let queued = s.phase == Phase::TokenQueued;
+                if queued {
+                    s.phase = Phase::Passed;
+                }
+                queued
+            });
+            if passed == Some(true) {
                 datums.push(d);
             }
         }

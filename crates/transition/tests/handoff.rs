@@ -1,0 +1,627 @@
+//! The handoff's corner cases, step by step, on two to four nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use shoal_placement::{NodeId, PlacementTable, Strategy, View};
+use shoal_transition::{
+    Config, Datum, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch, NoticeError,
+    NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
+};
+
+fn id(name: &str, generation: u64) -> NodeId {
+    NodeId::new(name, generation)
+}
+
+fn table(nodes: &[&NodeId]) -> Arc<PlacementTable> {
+    table_with(nodes, 1)
+}
+
+fn table_with(nodes: &[&NodeId], copies: usize) -> Arc<PlacementTable> {
+    let view = View::from_nodes(nodes.iter().map(|n| (*n).clone()));
+    Arc::new(PlacementTable::build(view, &Strategy::ModN, copies).unwrap())
+}
+
+fn config() -> Config {
+    Config {
+        timeout: Duration::from_secs(10),
+        relinquish_timeout: Duration::from_secs(7),
+        ..Config::default()
+    }
+}
+
+struct Cluster {
+    ids: Vec<NodeId>,
+    nodes: Vec<Handoff<u32>>,
+    now: Instant,
+}
+
+impl Cluster {
+    /// Nodes with datums 0..datums registered, all having installed the table
+    /// of the first `ready` nodes, settled.
+    fn new(names: &[&str], datums: i64, ready: usize) -> Cluster {
+        let now = Instant::now();
+        let ids: Vec<NodeId> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| id(n, 10 + i as u64))
+            .collect();
+        let nodes = ids
+            .iter()
+            .map(|i| {
+                let mut h = Handoff::new(i.clone(), config()).unwrap();
+                let ty = h.datum_type("series").unwrap();
+                for d in 0..datums {
+                    h.register(Datum::new(ty, d), now).unwrap();
+                }
+                h
+            })
+            .collect();
+        let mut c = Cluster { ids, nodes, now };
+        c.install_first(ready);
+        c.settle();
+        c
+    }
+
+    fn datum(&self, n: usize, id: i64) -> Datum {
+        Datum::new(self.nodes[n].lookup_type("series").unwrap(), id)
+    }
+
+    fn table_of(&self, ready: &[usize]) -> Arc<PlacementTable> {
+        let refs: Vec<&NodeId> = ready.iter().map(|&i| &self.ids[i]).collect();
+        table(&refs)
+    }
+
+    fn install_first(&mut self, ready: usize) {
+        let t = self.table_of(&(0..ready).collect::<Vec<_>>());
+        self.install_all(&t);
+    }
+
+    fn install_all(&mut self, t: &Arc<PlacementTable>) {
+        for n in &mut self.nodes {
+            n.install(Arc::clone(t), self.now);
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        for n in &mut self.nodes {
+            n.handle_timeout(self.now);
+        }
+    }
+
+    fn index(&self, node: &NodeId) -> usize {
+        self.ids.iter().position(|n| n == node).unwrap()
+    }
+
+    /// Runs every job (successfully) and delivers every batch until quiet.
+    fn settle(&mut self) {
+        loop {
+            let mut progressed = false;
+            for n in 0..self.nodes.len() {
+                progressed |= self.run_jobs(n);
+                while let Some(tx) = self.nodes[n].poll_transmit() {
+                    progressed = true;
+                    self.deliver(n, &tx);
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn run_jobs(&mut self, n: usize) -> bool {
+        let mut any = false;
+        while let Some(job) = self.nodes[n].poll_job() {
+            any = true;
+            self.nodes[n].job_done(job, Ok(()), self.now);
+        }
+        any
+    }
+
+    fn deliver(&mut self, from: usize, tx: &Transmit) {
+        let to = self.index(&tx.to);
+        let bytes = tx.batch.encode();
+        let from_id = self.ids[from].clone();
+        self.nodes[to].handle_notices(&from_id, &bytes, self.now).unwrap();
+        self.nodes[from].send_done(tx.id, Ok(()), self.now);
+    }
+
+    fn holders(&self, id: i64) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].is_held(self.datum(n, id)))
+            .collect()
+    }
+
+    fn events(&mut self, n: usize) -> Vec<Event> {
+        std::iter::from_fn(|| self.nodes[n].poll_event()).collect()
+    }
+}
+
+#[test]
+fn forming_cluster_acquires_without_waiting() {
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 3);
+    for id in 0..30 {
+        assert_eq!(c.holders(id).len(), 1, "datum {id}");
+    }
+    let ev = c.events(0);
+    assert!(ev.contains(&Event::TransitionEnded {
+        view: c.nodes[0].view_id()
+    }));
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+    assert_eq!(c.nodes[0].counters().acquired_after_timeout, 0);
+}
+
+#[test]
+fn a_third_node_joining_two_that_owe_each_other_many_notices_finishes() {
+    // The seed hangs for good at about 1,150 datums here.
+    let mut c = Cluster::new(&["a", "b", "c"], 20_000, 2);
+    let t = c.table_of(&[0, 1, 2]);
+    c.install_all(&t);
+    c.settle();
+    for id in 0..20_000 {
+        let expected = c.index(t.owner_ids(id).next().unwrap());
+        assert_eq!(c.holders(id), vec![expected]);
+    }
+    let sent: u64 = c.nodes.iter().map(|n| n.counters().notices_sent).sum();
+    let batches: u64 = c.nodes.iter().map(|n| n.counters().batches_sent).sum();
+    assert!(sent > 10_000);
+    assert!(batches < 40, "{batches} batches: batching is real");
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+}
+
+#[test]
+fn relinquish_before_acquire_and_route_during_the_handoff() {
+    let mut c = Cluster::new(&["a", "b"], 4, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    let d1 = c.datum(1, 1);
+    // b waits for a's notice; a must relinquish first.
+    assert_eq!(c.nodes[1].route(d1), Route::Hold);
+    assert_eq!(c.nodes[1].progress().awaiting, 2);
+    assert!(c.nodes[1].poll_job().is_none(), "no acquire before the notice");
+    assert_eq!(c.nodes[0].route(c.datum(0, 1)), Route::Hold);
+    c.nodes[1].hold(d1, 7).unwrap();
+    c.nodes[1].hold(d1, 8).unwrap();
+    let job = c.nodes[0].poll_job().unwrap();
+    assert_eq!(job.kind, JobKind::Relinquish);
+    assert_eq!(job.attempt, 1);
+    c.nodes[0].job_done(job, Ok(()), c.now);
+    c.settle();
+    assert_eq!(c.nodes[1].route(d1), Route::Process);
+    assert_eq!(c.nodes[0].route(c.datum(0, 1)), Route::Forward(&c.ids[1]));
+    let r = c.nodes[1].poll_release().unwrap();
+    assert_eq!((r.datum, r.to, r.work), (d1, ReleaseTo::Process, vec![7, 8]));
+    assert!(c.nodes[1].poll_release().is_none(), "released once");
+}
+
+#[test]
+fn stale_and_duplicate_notices_are_counted_and_never_satisfy_a_later_wait() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let old_view = c.nodes[0].view_id();
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    c.settle();
+    let new_view = t.view_id();
+    // A duplicate of the notice for datum 1 under the view in force.
+    let (from, to) = (c.ids[0].clone(), c.ids[1].clone());
+    let forged = move |view| NoticeBatch {
+        view,
+        from: from.clone(),
+        to: to.clone(),
+        groups: vec![NoticeGroup {
+            datum_type: "series".into(),
+            ids: vec![1],
+        }],
+        done: false,
+    };
+    let r = c.nodes[1]
+        .handle_notices(&c.ids[0], &forged(new_view).encode(), c.now)
+        .unwrap();
+    assert_eq!(r.duplicate, 1);
+    // A notice for the old view, in which b was not primary at all.
+    let r = c.nodes[1]
+        .handle_notices(&c.ids[0], &forged(old_view).encode(), c.now)
+        .unwrap();
+    assert_eq!(r.misdirected + r.stale, 1);
+    // Datum 1 goes back to a, then to b again: a stale notice of the first
+    // move, arriving now, must not end b's new wait.
+    let t_a = c.table_of(&[0]);
+    c.install_all(&t_a);
+    c.settle();
+    c.advance(Duration::from_secs(30)); // the first views are long gone
+    c.install_all(&t);
+    assert_eq!(c.nodes[1].progress().awaiting, 1);
+    let r = c.nodes[1]
+        .handle_notices(&c.ids[0], &forged(new_view).encode(), c.now)
+        .unwrap();
+    // Same view id as the wait in force: accepted only because a really relinquished.
+    assert_eq!(r.accepted + r.duplicate + r.stale, 1);
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+}
+
+#[test]
+fn early_notice_is_parked_until_its_view_arrives() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    // Only a installs the new view; b still has the old one.
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    assert!(c.run_jobs(0));
+    let tx = c.nodes[0].poll_transmit().unwrap();
+    c.deliver(0, &tx);
+    assert_eq!(c.nodes[1].progress().parked_notices, 1);
+    assert!(c.holders(1).is_empty());
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    assert_eq!(c.nodes[1].progress().parked_notices, 0);
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+}
+
+#[test]
+fn timeout_acquires_and_reports() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    // a's relinquish job never completes; b times out.
+    let job = c.nodes[0].poll_job().unwrap();
+    c.advance(Duration::from_secs(7));
+    let ev = c.events(0);
+    assert!(ev.contains(&Event::RelinquishAbandoned { datum: job.datum }));
+    assert_eq!(c.nodes[0].route(job.datum), Route::Forward(&c.ids[1]));
+    assert_eq!(c.nodes[1].poll_timeout(), Some(c.now + Duration::from_secs(3)));
+    c.advance(Duration::from_secs(3));
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+    let ev = c.events(1);
+    assert!(ev.contains(&Event::AcquiredWithoutNotice {
+        datum: c.datum(1, 1),
+        reason: WithoutNotice::Timeout
+    }));
+    // The abandoned job's late completion changes nothing.
+    c.nodes[0].job_done(job, Ok(()), c.now);
+    assert_eq!(c.nodes[0].counters().stale_completions, 1);
+    assert_eq!(c.holders(1), vec![1]);
+}
+
+#[test]
+fn failed_owner_is_taken_over_once_the_others_are_done() {
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 3);
+    let held_by_a: Vec<i64> = (0..30).filter(|&i| c.holders(i) == vec![0]).collect();
+    assert!(!held_by_a.is_empty());
+    // a dies: b and c learn it, then get the view without a.
+    let dead = c.ids[0].clone();
+    let t = c.table_of(&[1, 2]);
+    for n in 1..3 {
+        c.nodes[n].peer_failed(&dead, c.now);
+        c.nodes[n].install(Arc::clone(&t), c.now);
+    }
+    // Deliver only between the survivors.
+    loop {
+        let mut progressed = false;
+        for n in 1..3 {
+            progressed |= c.run_jobs(n);
+            while let Some(tx) = c.nodes[n].poll_transmit() {
+                progressed = true;
+                c.deliver(n, &tx);
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    for id in held_by_a {
+        let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != 0).collect();
+        assert_eq!(h.len(), 1, "datum {id} taken over at once");
+    }
+    let gone: u64 = (1..3).map(|n| c.nodes[n].counters().acquired_owner_gone).sum();
+    assert!(gone > 0);
+    assert!((1..3).all(|n| c.nodes[n].is_idle()));
+}
+
+#[test]
+fn relinquish_failures_are_retried_with_backoff_and_reported() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    let job = c.nodes[0].poll_job().unwrap();
+    c.nodes[0].job_done(job, Err("disk full".into()), c.now);
+    let ev = c.events(0);
+    assert!(ev.iter().any(|e| matches!(e,
+        Event::RelinquishFailed { attempt: 1, retry: true, error, .. } if error == "disk full")));
+    assert!(c.nodes[0].poll_job().is_none(), "waits for the backoff");
+    c.advance(Duration::from_millis(100));
+    let retry = c.nodes[0].poll_job().unwrap();
+    assert_eq!((retry.datum, retry.attempt), (job.datum, 2));
+    // The first attempt's completion, late, is ignored.
+    c.nodes[0].job_done(job, Ok(()), c.now);
+    assert_eq!(c.nodes[0].counters().stale_completions, 1);
+    c.nodes[0].job_done(retry, Ok(()), c.now);
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+}
+
+#[test]
+fn a_datum_moving_back_before_its_relinquish_ran_is_kept() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t_ab = c.table_of(&[0, 1]);
+    let t_a = c.table_of(&[0]);
+    c.install_all(&t_ab);
+    c.install_all(&t_a);
+    let ev = c.events(0);
+    assert!(ev.iter().any(|e| matches!(e, Event::TransitionSuperseded { .. })));
+    assert!(c.nodes[0].poll_job().is_none(), "never relinquished");
+    c.settle();
+    assert_eq!(c.holders(1), vec![0]);
+    assert_eq!(c.nodes[0].counters().relinquished, 0);
+}
+
+#[test]
+fn a_datum_moving_back_after_its_relinquish_ran_is_acquired_again() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t_ab = c.table_of(&[0, 1]);
+    let t_a = c.table_of(&[0]);
+    c.install_all(&t_ab);
+    let job = c.nodes[0].poll_job().unwrap();
+    c.install_all(&t_a); // while the relinquish runs
+    c.nodes[0].job_done(job, Ok(()), c.now);
+    c.settle();
+    assert_eq!(c.holders(1), vec![0]);
+    assert_eq!(c.nodes[0].counters().relinquished, 1);
+    assert!(c.nodes[0].counters().acquired >= 3);
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+}
+
+#[test]
+fn chained_views_send_the_notice_to_the_latest_primary() {
+    // a holds everything; b joins, then c joins while a's relinquishes run.
+    let mut c = Cluster::new(&["a", "b", "c"], 6, 1);
+    let t_ab = c.table_of(&[0, 1]);
+    let t_abc = c.table_of(&[0, 1, 2]);
+    c.install_all(&t_ab);
+    let jobs: Vec<_> = std::iter::from_fn(|| c.nodes[0].poll_job()).collect();
+    c.install_all(&t_abc);
+    for job in jobs {
+        c.nodes[0].job_done(job, Ok(()), c.now);
+    }
+    c.settle();
+    for id in 0..6 {
+        let expected = c.index(t_abc.owner_ids(id).next().unwrap());
+        assert_eq!(c.holders(id), vec![expected], "datum {id}");
+    }
+    // 1, 3, 5 were relinquished under {a, b}; 3 came back to a under
+    // {a, b, c} after its relinquish ran (so a acquires it again); 2 and 4
+    // move under {a, b, c}. Nothing twice.
+    let relinquished = c.nodes[0].counters().relinquished;
+    assert_eq!(relinquished, 5, "each datum relinquished once");
+    let acquired: u64 = c.nodes.iter().map(|n| n.counters().acquired).sum();
+    assert_eq!(acquired, 6 + 5, "first acquisitions + one per relinquish");
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+}
+
+#[test]
+fn fencing_stops_everything_first() {
+    let mut c = Cluster::new(&["a", "b"], 4, 2);
+    let d = c.datum(0, 0);
+    let t = c.table_of(&[1]);
+    c.nodes[0].install(Arc::clone(&t), c.now); // a is relinquishing
+    c.nodes[0].hold(d, 1).unwrap();
+    c.nodes[0].fence(c.now);
+    assert!(matches!(c.nodes[0].poll_event(), Some(Event::Fenced { datums: 2 })));
+    assert!(c.nodes[0].poll_job().is_none());
+    assert!(c.nodes[0].poll_transmit().is_none());
+    assert_eq!(c.nodes[0].route(d), Route::Fenced);
+    let r = c.nodes[0].poll_release().unwrap();
+    assert_eq!(r.to, ReleaseTo::Returned(ReturnReason::Fenced));
+    assert_eq!(r.work, vec![1]);
+    assert_eq!(
+        c.nodes[0].hold(d, 2).unwrap_err().kind,
+        HoldErrorKind::Fenced
+    );
+    let unknown = c.datum(0, 99);
+    assert!(c.nodes[0].register(unknown, c.now).is_err());
+    let batch = NoticeBatch {
+        view: t.view_id(),
+        from: c.ids[1].clone(),
+        to: c.ids[0].clone(),
+        groups: vec![],
+        done: true,
+    };
+    assert_eq!(
+        c.nodes[0].handle_notices(&c.ids[1], &batch.encode(), c.now),
+        Err(NoticeError::Fenced)
+    );
+}
+
+#[test]
+fn held_work_is_bounded_and_pushes_back() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    c.nodes[1] = Handoff::new(
+        c.ids[1].clone(),
+        Config {
+            hold_capacity: 2,
+            ..config()
+        },
+    )
+    .unwrap();
+    let ty = c.nodes[1].datum_type("series").unwrap();
+    for i in 0..2 {
+        c.nodes[1].register(Datum::new(ty, i), c.now).unwrap();
+    }
+    let t_a = c.table_of(&[0]);
+    c.nodes[1].install(t_a, c.now);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    let d = Datum::new(ty, 1);
+    c.nodes[1].hold(d, 1).unwrap();
+    c.nodes[1].hold(d, 2).unwrap();
+    let e = c.nodes[1].hold(d, 3).unwrap_err();
+    assert_eq!((e.kind, e.work), (HoldErrorKind::Full, 3));
+    assert_eq!(c.nodes[1].counters().hold_refused, 1);
+    // Work for a datum that is not in flight is not held.
+    let held_here = Datum::new(ty, 0);
+    assert_eq!(c.nodes[1].route(held_here), Route::Forward(&c.ids[0]));
+    assert_eq!(
+        c.nodes[1].hold(held_here, 4).unwrap_err().kind,
+        HoldErrorKind::NotHeld
+    );
+    c.settle();
+    let r = c.nodes[1].poll_release().unwrap();
+    assert_eq!(r.work, vec![1, 2]);
+}
+
+#[test]
+fn misaddressed_and_impersonated_batches_are_refused() {
+    let mut c = Cluster::new(&["a", "b"], 2, 2);
+    let view = c.nodes[1].view_id();
+    let mut batch = NoticeBatch {
+        view,
+        from: c.ids[0].clone(),
+        to: id("b", 999), // an older generation of b
+        groups: vec![NoticeGroup {
+            datum_type: "series".into(),
+            ids: vec![1],
+        }],
+        done: false,
+    };
+    assert!(matches!(
+        c.nodes[1].handle_notices(&c.ids[0], &batch.encode(), c.now),
+        Err(NoticeError::Misaddressed { .. })
+    ));
+    batch.to = c.ids[1].clone();
+    assert!(matches!(
+        c.nodes[1].handle_notices(&id("mallory", 1), &batch.encode(), c.now),
+        Err(NoticeError::SenderMismatch { .. })
+    ));
+    assert!(matches!(
+        c.nodes[1].handle_notices(&c.ids[0], b"\x01\xff\xff", c.now),
+        Err(NoticeError::Wire(_))
+    ));
+    assert_eq!(c.nodes[1].counters().batches_rejected, 3);
+    assert_eq!(c.holders(1), vec![1]);
+}
+
+#[test]
+fn unregister_during_a_relinquish_drops_it_cleanly() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    let d = c.datum(0, 1);
+    let job = c.nodes[0].poll_job().unwrap();
+    assert!(c.nodes[0].unregister(d, c.now));
+    assert!(!c.nodes[0].unregister(d, c.now));
+    c.nodes[0].job_done(job, Ok(()), c.now);
+    assert_eq!(c.nodes[0].counters().stale_completions, 1);
+    assert!(c.nodes[0].is_idle());
+    c.settle();
+    // b never gets a notice: it acquires at its timeout.
+    c.advance(Duration::from_secs(10));
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+}
+
+#[test]
+fn register_during_a_transition_waits_for_the_previous_owner() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    let ty = c.nodes[1].lookup_type("series").unwrap();
+    // Datum 3 is new; b is its primary now and a was before: b waits.
+    assert!(c.nodes[1].register(Datum::new(ty, 3), c.now).unwrap());
+    assert!(!c.nodes[1].register(Datum::new(ty, 3), c.now).unwrap());
+    assert!(c.nodes[1].awaiting().any(|d| d.id == 3));
+    c.settle();
+    c.advance(Duration::from_secs(10));
+    c.settle();
+    assert!(c.nodes[1].is_held(Datum::new(ty, 3)));
+    // Registered once the view is old news: acquired at once.
+    c.advance(Duration::from_secs(10));
+    c.nodes[1].register(Datum::new(ty, 5), c.now).unwrap();
+    c.settle();
+    assert!(c.nodes[1].is_held(Datum::new(ty, 5)));
+}
+
+#[test]
+fn replica_changes_are_reported() {
+    let now = Instant::now();
+    let (a, b, cc) = (id("a", 1), id("b", 2), id("c", 3));
+    let mut h: Handoff = Handoff::new(a.clone(), config()).unwrap();
+    // Datum 2: owners [a, b] under {a, b}, [c, a] under {a, b, c}.
+    let d = h.register_named("series", 2, now).unwrap();
+    h.install(table_with(&[&a, &b], 2), now);
+    while h.poll_event().is_some() {}
+    h.install(table_with(&[&a, &b, &cc], 2), now);
+    let ev: Vec<Event> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(ev.iter().any(|e| matches!(e,
+        Event::ReplicasChanged { datum, previous: Role::Primary, current: Role::Replica, .. } if *datum == d)));
+}
+
+#[test]
+fn jobs_are_capped() {
+    let now = Instant::now();
+    let a = id("a", 1);
+    let mut h: Handoff = Handoff::new(
+        a.clone(),
+        Config {
+            max_acquire_jobs: 3,
+            ..config()
+        },
+    )
+    .unwrap();
+    for i in 0..10 {
+        h.register_named("series", i, now).unwrap();
+    }
+    h.install(table(&[&a]), now);
+    let jobs: Vec<_> = std::iter::from_fn(|| h.poll_job()).collect();
+    assert_eq!(jobs.len(), 3);
+    h.job_done(jobs[0], Ok(()), now);
+    assert!(h.poll_job().is_some());
+    assert!(h.poll_job().is_none());
+}
+
+#[test]
+fn failed_sends_are_retried_to_the_primary_in_force() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    c.run_jobs(0);
+    let tx = c.nodes[0].poll_transmit().unwrap();
+    c.nodes[0].send_done(tx.id, Err("connection reset".into()), c.now);
+    assert_eq!(c.nodes[0].progress().notices_pending, 1);
+    c.advance(Duration::from_millis(100));
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+}
+
+#[test]
+fn bad_config_is_refused() {
+    let bad = Config {
+        relinquish_timeout: Duration::from_secs(20),
+        ..config()
+    };
+    assert!(Handoff::<()>::new(id("a", 1), bad).is_err());
+    let zero = Config {
+        max_batch: 0,
+        ..config()
+    };
+    assert!(Handoff::<()>::new(id("a", 1), zero).is_err());
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_from_a_peer_change_nothing(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut c = Cluster::new(&["a", "b"], 4, 2);
+        let before = c.nodes[1].progress();
+        let mut v = vec![shoal_transition::WIRE_VERSION];
+        v.extend_from_slice(&bytes);
+        let _ = c.nodes[1].handle_notices(&c.ids[0], &bytes, c.now);
+        let _ = c.nodes[1].handle_notices(&c.ids[0], &v, c.now);
+        prop_assert_eq!(c.nodes[1].progress().held, before.held);
+        prop_assert!(c.nodes[1].is_idle());
+    }
+}
