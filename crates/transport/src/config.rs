@@ -43,7 +43,9 @@ pub struct TransportConfig {
     /// unreliable by nature. Default 4096.
     pub inbound_datagrams: usize,
     /// Concurrent requests (and large one-way messages) a peer may have open
-    /// towards this node; more wait on the peer's side. Default 256.
+    /// towards this node; more wait on the peer's side. Default 256. QUIC
+    /// counts a stream until its last bytes are acknowledged, so this also
+    /// covers requests completed within the last ACK delay.
     pub max_concurrent_requests: u32,
     /// Time to establish and admit a connection. Default 5 s.
     pub handshake_timeout: Duration,

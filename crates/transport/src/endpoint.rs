@@ -1158,7 +1158,9 @@ async fn writer_task(
     mut rx: mpsc::UnboundedReceiver<Queued>,
 ) {
     let mut stream: Option<quinn::SendStream> = None;
-    let mut batch = Vec::with_capacity(256);
+    // Allocated on first use: most connections (membership only) never send
+    // a one-way message, and an idle connection should cost little.
+    let mut batch = Vec::new();
     let mut buf = BytesMut::new();
     loop {
         let n = tokio::select! {
