@@ -96,6 +96,17 @@ pub const fn mix32(mut x: u32) -> u32 {
     x ^ (x >> 16)
 }
 
+/// The inverse of [`mix32`]: `unmix32(mix32(x)) == x`.
+#[inline]
+#[must_use]
+pub const fn unmix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x4302_1123); // inverse of 0x846ca68b mod 2^32
+    x ^= (x >> 15) ^ (x >> 30);
+    x = x.wrapping_mul(0x1d69_e2a5); // inverse of 0x7feb352d mod 2^32
+    x ^ (x >> 16)
+}
+
 /// Rendezvous weight of a node (by its [`name_key`]) for a partition (by its
 /// [`partition_hash`]): higher wins. [`mix32`] of the sum, the way
 /// SplitMix mixes its counter, gives weights that behave as independent
@@ -144,6 +155,19 @@ mod tests {
         assert_eq!(name_key("node-1"), 0x1395_0d4e);
         assert_eq!(partition_hash(0), 0x3cda_ae75);
         assert_eq!(rendezvous_score(1, 2), 0x53f1_e9dd);
+    }
+
+    #[test]
+    fn unmix32_inverts_mix32() {
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            assert_eq!(unmix32(mix32(x)), x);
+            assert_eq!(mix32(unmix32(x)), x);
+            x = x.wrapping_mul(0x9e37_79b9).wrapping_add(1);
+        }
+        for x in [0, 1, u32::MAX, 1 << 31] {
+            assert_eq!(unmix32(mix32(x)), x);
+        }
     }
 
     #[test]

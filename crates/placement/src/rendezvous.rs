@@ -27,7 +27,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::hash::{name_key, partition_hash, rendezvous_score};
+use crate::hash::{name_key, partition_hash, rendezvous_score, unmix32};
 use crate::view::{NodeIndex, View};
 
 /// A (partition, node) weight: the 32-bit score in the high half, the
@@ -113,51 +113,11 @@ pub(crate) fn assign(
     let depth = copies.min(n);
 
     // 1. The `depth` best candidates of every partition, best first.
-    let mut top: Vec<Weight> = Vec::with_capacity(p_count * depth);
-    let mut best: Vec<Weight> = Vec::with_capacity(depth + 1);
-    let mut scores: Vec<u32> = Vec::with_capacity(n);
-    for p in 0..partitions {
-        let ph = partition_hash(p);
-        if depth == 1 {
-            // The common case: the highest score, then the node that has it
-            // (the tie-break by name only when two names share a key).
-            scores.clear();
-            scores.extend(nodes.keys.iter().map(|&key| rendezvous_score(ph, key)));
-            let max = scores.iter().copied().fold(0, u32::max);
-            let w = if nodes.distinct_keys {
-                let at = scores.iter().position(|&s| s == max).unwrap_or(0);
-                weight(max, nodes.name_ranks.get(at).copied().unwrap_or(0))
-            } else {
-                scores
-                    .iter()
-                    .zip(&nodes.name_ranks)
-                    .filter(|&(&s, _)| s == max)
-                    .map(|(&s, &rank)| weight(s, rank))
-                    .fold(0, Weight::max)
-            };
-            top.push(w);
-            continue;
-        }
-        let weights = nodes
-            .keys
-            .iter()
-            .zip(&nodes.name_ranks)
-            .map(|(&key, &rank)| weight(rendezvous_score(ph, key), rank));
-        best.clear();
-        for w in weights {
-            if best.len() == depth {
-                match best.last() {
-                    Some(&last) if w > last => {
-                        best.pop();
-                    }
-                    _ => continue,
-                }
-            }
-            let at = best.partition_point(|&b| b > w);
-            best.insert(at, w);
-        }
-        top.extend_from_slice(&best);
-    }
+    let top = if depth == 1 && nodes.distinct_keys {
+        best_candidates(&nodes, partitions)
+    } else {
+        ranked_candidates(&nodes, partitions, depth)
+    };
     let row = |p: usize| top.get(p * depth..(p + 1) * depth).unwrap_or(&[]);
 
     // 2. Stable assignment under the load bound (deferred acceptance).
@@ -246,6 +206,69 @@ pub(crate) fn assign(
         rows.extend(replicas.map(NodeIndex));
     }
     rows
+}
+
+/// The best node of every partition, as weights, when all keys differ.
+///
+/// Then the scores of one partition are all different (`mix32` and adding
+/// the partition hash are bijections), so the best node is the one with the
+/// highest score, and it can be recovered from that score alone:
+/// `key = unmix32(score) - partition_hash`. So this only sweeps maxima, node
+/// by node over all partitions (which vectorises), then looks each winning
+/// key up.
+fn best_candidates(nodes: &Nodes, partitions: u32) -> Vec<Weight> {
+    let hashes: Vec<u32> = (0..partitions).map(partition_hash).collect();
+    let mut best: Vec<u32> = vec![0; hashes.len()];
+    for &key in &nodes.keys {
+        for (b, &h) in best.iter_mut().zip(&hashes) {
+            *b = (*b).max(rendezvous_score(h, key));
+        }
+    }
+    let mut by_key: Vec<(u32, u32)> = nodes
+        .keys
+        .iter()
+        .zip(&nodes.name_ranks)
+        .map(|(&k, &r)| (k, r))
+        .collect();
+    by_key.sort_unstable();
+    best.iter()
+        .zip(&hashes)
+        .map(|(&score, &h)| {
+            let key = unmix32(score).wrapping_sub(h);
+            let rank = by_key
+                .binary_search_by_key(&key, |&(k, _)| k)
+                .ok()
+                .and_then(|i| by_key.get(i))
+                .map_or(0, |&(_, r)| r);
+            weight(score, rank)
+        })
+        .collect()
+}
+
+/// The `depth` best candidates of every partition, best first, by full
+/// weight (score, then name).
+fn ranked_candidates(nodes: &Nodes, partitions: u32, depth: usize) -> Vec<Weight> {
+    let mut top: Vec<Weight> = Vec::with_capacity(partitions as usize * depth);
+    let mut best: Vec<Weight> = Vec::with_capacity(depth + 1);
+    for p in 0..partitions {
+        let ph = partition_hash(p);
+        best.clear();
+        for (&key, &rank) in nodes.keys.iter().zip(&nodes.name_ranks) {
+            let w = weight(rendezvous_score(ph, key), rank);
+            if best.len() == depth {
+                match best.last() {
+                    Some(&last) if w > last => {
+                        best.pop();
+                    }
+                    _ => continue,
+                }
+            }
+            let at = best.partition_point(|&b| b > w);
+            best.insert(at, w);
+        }
+        top.extend_from_slice(&best);
+    }
+    top
 }
 
 /// Most partitions one node may be the primary of.
@@ -415,6 +438,18 @@ mod tests {
             }
         }
         check_stable_view(&v, 400, 2, 0);
+    }
+
+    #[test]
+    fn fast_and_general_candidate_searches_agree() {
+        for n in [1, 2, 3, 17, 64] {
+            let nodes = Nodes::new(&view(n));
+            assert!(nodes.distinct_keys);
+            assert_eq!(
+                best_candidates(&nodes, 5000),
+                ranked_candidates(&nodes, 5000, 1)
+            );
+        }
     }
 
     #[test]
