@@ -367,7 +367,6 @@ pub struct Sim<A: Application = ()> {
     steps: u64,
     queue: BinaryHeap<Entry>,
     slots: Vec<Slot<A>>,
-    by_addr: HashMap<SocketAddr, u32>,
     by_name: HashMap<Arc<str>, u32>,
     /// Slots with a live (started, not leaving) process, for O(1) random picks.
     live: Vec<u32>,
@@ -459,7 +458,6 @@ impl<A: Application> Sim<A> {
             steps: 0,
             queue: BinaryHeap::new(),
             slots: Vec::new(),
-            by_addr: HashMap::new(),
             by_name: HashMap::new(),
             live: Vec::new(),
             live_index: HashMap::new(),
@@ -489,7 +487,6 @@ impl<A: Application> Sim<A> {
     fn add_slot(&mut self, slot: u32) {
         let name: Arc<str> = node_name(slot).into();
         let addr = slot_addr(slot);
-        self.by_addr.insert(addr, slot);
         self.by_name.insert(name.clone(), slot);
         self.slots.push(Slot {
             name,
@@ -912,6 +909,20 @@ impl<A: Application> Sim<A> {
         }
     }
 
+    /// The slot whose address is `addr` (addresses are `10.a.b.c:7946` with
+    /// `a.b.c` the slot number), without hashing.
+    fn slot_of_addr(&self, addr: SocketAddr) -> Option<u32> {
+        let IpAddr::V4(ip) = addr.ip() else {
+            return None;
+        };
+        let [ten, a, b, c] = ip.octets();
+        if ten != 10 || addr.port() != PORT {
+            return None;
+        }
+        let slot = u32::from_be_bytes([0, a, b, c]);
+        ((slot as usize) < self.slots.len()).then_some(slot)
+    }
+
     fn current_generation(&self, slot: u32) -> Option<u64> {
         self.slots
             .get(slot as usize)
@@ -1280,7 +1291,7 @@ impl<A: Application> Sim<A> {
         channel: Channel,
         payload: Vec<u8>,
     ) {
-        let Some(&to_slot) = self.by_addr.get(&to) else {
+        let Some(to_slot) = self.slot_of_addr(to) else {
             self.traffic.dropped += 1;
             if channel == Channel::App {
                 let at = self.now_ns + duration_ns(self.cfg.net.reliable_fail_after);
@@ -1493,14 +1504,19 @@ impl<A: Application> Sim<A> {
         });
     }
 
-    /// Picks up to `seeds_per_join` live nodes `slot` can reach.
+    /// Picks up to `seeds_per_join` live nodes as the seed list of `slot`,
+    /// like a configured seed list: one it can reach now if there is one,
+    /// the others at random whichever side of a partition they are on
+    /// (membership retries unanswered seeds, so a node started during a
+    /// partition finds the other side once it heals).
     fn pick_seeds(&mut self, slot: u32) -> Vec<SocketAddr> {
         let want = self.cfg.seeds_per_join;
         let mut seeds = Vec::with_capacity(want);
-        if self.live.is_empty() {
+        if self.live.is_empty() || want == 0 {
             return seeds;
         }
-        for _ in 0..want * 4 {
+        let mut reachable_found = false;
+        for attempt in 0..want * 8 {
             if seeds.len() >= want {
                 break;
             }
@@ -1509,12 +1525,16 @@ impl<A: Application> Sim<A> {
                 continue;
             };
             let addr = slot_addr(candidate);
-            if candidate != slot
-                && self.partitions.connected(slot, candidate)
-                && !seeds.contains(&addr)
-            {
-                seeds.push(addr);
+            if candidate == slot || seeds.contains(&addr) {
+                continue;
             }
+            let reachable = self.partitions.connected(slot, candidate);
+            // The first half of the attempts look for a reachable seed first.
+            if !reachable && !reachable_found && attempt < want * 4 && seeds.len() + 1 >= want {
+                continue;
+            }
+            reachable_found |= reachable;
+            seeds.push(addr);
         }
         seeds
     }
@@ -1685,7 +1705,12 @@ impl<A: Application> Sim<A> {
                 if !is_live(&m.state) {
                     continue;
                 }
-                let Some(&slot) = self.by_name.get(&*m.name) else {
+                let by_addr = self.slot_of_addr(m.addr).filter(|&s| {
+                    self.slots
+                        .get(s as usize)
+                        .is_some_and(|s| *s.name == *m.name)
+                });
+                let Some(slot) = by_addr.or_else(|| self.by_name.get(&*m.name).copied()) else {
                     return Err(format!(
                         "{} sees unknown member {:?}",
                         p.info.name, &*m.name
