@@ -57,6 +57,9 @@ pub struct Config {
     /// member or the far side of a healed partition learns the verdict and
     /// refutes it).
     pub gossip_to_dead: Duration,
+    /// How often a random dead member is pinged; if it answers (a healed
+    /// partition) a push-pull with it follows at once.
+    pub reconnect_interval: Duration,
     /// How long a dead or left member is remembered (as a tombstone: stale
     /// updates about it are recognised and ignored) before it is forgotten.
     pub reap_after: Duration,
@@ -132,6 +135,7 @@ impl Config {
             gossip_fanout: 3,
             push_pull_interval: Duration::from_secs(30),
             gossip_to_dead: Duration::from_secs(30),
+            reconnect_interval: Duration::from_secs(1),
             reap_after: Duration::from_secs(15 * 60),
             reliable_ping: true,
             max_packet_size: 1150,
@@ -163,6 +167,7 @@ impl Config {
             push_pull_interval: Duration::from_secs(60),
             gossip_to_dead: Duration::from_secs(60),
             reap_after: Duration::from_secs(60 * 60),
+            reconnect_interval: Duration::from_secs(10),
             join_retry_interval: Duration::from_secs(2),
             ..Config::lan()
         }
@@ -179,6 +184,7 @@ impl Config {
             push_pull_interval: Duration::from_secs(15),
             gossip_to_dead: Duration::from_secs(15),
             reap_after: Duration::from_secs(5 * 60),
+            reconnect_interval: Duration::from_millis(500),
             join_retry_interval: Duration::from_millis(200),
             ..Config::lan()
         }
@@ -210,8 +216,8 @@ impl Config {
         if self.max_name_len == 0 || self.max_name_len > 1024 {
             return bad("max_name_len must be between 1 and 1024");
         }
-        if self.join_retry_interval.is_zero() {
-            return bad("join_retry_interval must be positive");
+        if self.join_retry_interval.is_zero() || self.reconnect_interval.is_zero() {
+            return bad("join_retry_interval and reconnect_interval must be positive");
         }
         // A packet must hold a ping to a suspect (ping plus the suspicion)
         // plus one full alive update (the largest piggybacked message), or

@@ -23,6 +23,10 @@ use crate::{
 const LOCAL_SLOT: u32 = u32::MAX;
 /// Random draws tried before falling back to a scan when picking members.
 const SAMPLE_ATTEMPTS: usize = 32;
+/// Accusers answered directly per incarnation, at most.
+const MAX_TOLD: usize = 16;
+/// Last-chance pings to suspects remembered, at most.
+const MAX_CHECKS: usize = 64;
 
 /// `now + d`, saturating far in the future instead of overflowing.
 fn later(now: Instant, d: Duration) -> Instant {
@@ -143,12 +147,24 @@ impl<'a> AliveInfo<'a> {
     }
 }
 
-/// Whether changes are announced (gossip, push-pull) or applied silently
-/// (bootstrap from a snapshot: no per-member events, nothing re-broadcast).
+/// Where an update comes from, which decides what it may do.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    /// A message (gossip, piggyback, own probe): events, re-broadcast, and a
+    /// suspicion from a new accuser confirms an existing one.
     Announce,
+    /// A push-pull state: events and re-broadcast, but it never confirms a
+    /// suspicion (the sender only relays what it heard; counting it would
+    /// let one node's suspicion confirm itself through others).
+    Merge,
+    /// A bootstrap snapshot: no per-member events, nothing re-broadcast.
     Quiet,
+}
+
+impl Mode {
+    fn announces(self) -> bool {
+        self != Mode::Quiet
+    }
 }
 
 /// One node's view of the cluster: SWIM failure detection with the Lifeguard
@@ -197,6 +213,14 @@ pub struct Membership<R: Rng> {
     stats: Stats,
     scratch_slots: Vec<u32>,
     deferred_acks: Vec<(SocketAddr, u32, bool)>,
+    /// Accusers already answered directly, for one incarnation of ours.
+    told: (u64, Vec<u64>),
+    /// Sequence numbers of last-chance pings to suspects (their acks are
+    /// expected, not stray).
+    checks: VecDeque<u32>,
+    /// Next ping to a dead member, and the one in flight (seq, slot).
+    next_reconnect_at: Instant,
+    reconnect: Option<(u32, u32)>,
 }
 
 impl<R: Rng> std::fmt::Debug for Membership<R> {
@@ -244,6 +268,7 @@ impl<R: Rng> Membership<R> {
         let next_probe_at = later(now, jitter(&mut rng, config.probe_interval));
         let next_gossip_at = later(now, jitter(&mut rng, config.gossip_interval));
         let next_push_pull_at = later(now, jitter(&mut rng, config.push_pull_interval));
+        let next_reconnect_at = later(now, jitter(&mut rng, config.reconnect_interval));
         let mut membership = Membership {
             limits,
             hasher,
@@ -283,6 +308,10 @@ impl<R: Rng> Membership<R> {
             stats: Stats::default(),
             scratch_slots: Vec::new(),
             deferred_acks: Vec::new(),
+            told: (0, Vec::new()),
+            checks: VecDeque::new(),
+            next_reconnect_at,
+            reconnect: None,
             config,
             rng,
         };
@@ -457,6 +486,7 @@ impl<R: Rng> Membership<R> {
         self.fire_suspicions(now);
         self.fire_gossip(now);
         self.fire_push_pull(now);
+        self.fire_reconnect(now);
         self.fire_join(now);
         self.fire_reap(now);
     }
@@ -499,6 +529,7 @@ impl<R: Rng> Membership<R> {
             }),
             (!self.broadcasts.is_empty()).then_some(self.next_gossip_at),
             live.then_some(self.next_push_pull_at),
+            (live && !self.down_since.is_empty()).then_some(self.next_reconnect_at),
             self.suspicion_deadlines.first().map(|(at, _)| *at),
             self.relays.front().map(|r| r.nack_at),
             self.reap_queue.first().map(|(at, _)| *at),
@@ -819,7 +850,7 @@ impl<R: Rng> Membership<R> {
             let slot = self.insert_member(member);
             self.live += 1;
             self.view_dirty = true;
-            if mode == Mode::Announce {
+            if mode.announces() {
                 if let Some(m) = self.slot(slot) {
                     debug!(member = %m.name, generation = m.generation, incarnation = m.incarnation, addr = %m.addr, "joined");
                     self.emit(Event::Joined(m.clone()));
@@ -860,7 +891,7 @@ impl<R: Rng> Membership<R> {
                 (ours, theirs)
             };
             warn!(member = info.name.as_str(), generation, winner = %winner.addr, loser = %loser.addr, "name conflict");
-            if mode == Mode::Announce {
+            if mode.announces() {
                 self.emit(Event::NameConflict {
                     name: info.name.to_arc(),
                     winner,
@@ -902,7 +933,7 @@ impl<R: Rng> Membership<R> {
         if changed {
             self.view_dirty = true;
         }
-        if mode == Mode::Announce {
+        if mode.announces() {
             if let Some(m) = self.slot(slot).cloned() {
                 match state {
                     MemberState::Alive => {}
@@ -948,7 +979,7 @@ impl<R: Rng> Membership<R> {
         }
         self.view_dirty = true;
         debug!(member = %old.name, old_generation = old.generation, generation = info.generation, "new generation");
-        if mode == Mode::Announce {
+        if mode.announces() {
             if old.state.is_live() {
                 self.emit(Event::Failed(old));
             }
@@ -1035,7 +1066,8 @@ impl<R: Rng> Membership<R> {
     }
 
     /// Whether an accusation about this node is to be refuted: same process,
-    /// not leaving, at least our incarnation.
+    /// not leaving, at least our incarnation. A stale one (we already refuted
+    /// it) is answered directly to its accuser, whose timer may still run.
     fn accusation_about_self(&mut self, acc: &Accusation<'_>) -> bool {
         if self.local.state != MemberState::Alive {
             return false;
@@ -1044,13 +1076,50 @@ impl<R: Rng> Membership<R> {
             self.refresh_local_alive();
             return false;
         }
-        acc.generation == self.local.generation && acc.incarnation >= self.local.incarnation
+        if acc.generation != self.local.generation {
+            return false;
+        }
+        if acc.incarnation < self.local.incarnation {
+            self.tell_accuser(acc.from);
+            return false;
+        }
+        true
+    }
+
+    /// Sends our alive announcement straight to an accuser (once per accuser
+    /// and incarnation): gossip alone may miss exactly the node whose
+    /// suspicion timer is running.
+    fn tell_accuser(&mut self, accuser: &str) {
+        if accuser == &*self.local.name {
+            return;
+        }
+        let hash = self.hasher.hash_str(accuser);
+        if self.told.0 != self.local.incarnation {
+            self.told.0 = self.local.incarnation;
+            self.told.1.clear();
+        }
+        if self.told.1.contains(&hash) || self.told.1.len() >= MAX_TOLD {
+            return;
+        }
+        self.told.1.push(hash);
+        let Some(addr) = self
+            .member(accuser)
+            .filter(|m| m.state != MemberState::Left)
+            .map(|m| m.addr)
+        else {
+            return;
+        };
+        let mut buf = self.new_packet();
+        wire::encode(&Message::Alive(alive_of(&self.local)), &mut buf);
+        self.stats.direct_refutations += 1;
+        self.finish_unreliable(addr, buf);
     }
 
     fn apply_suspect(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
         if acc.name == &*self.local.name {
             if self.accusation_about_self(acc) {
                 self.refute(acc.incarnation);
+                self.tell_accuser(acc.from);
             }
             return;
         }
@@ -1075,11 +1144,11 @@ impl<R: Rng> Membership<R> {
                     return;
                 };
                 let old_deadline = s.deadline;
-                if s.confirm(accuser, now) {
+                if mode == Mode::Announce && s.confirm(accuser, now) {
                     let new_deadline = s.deadline;
                     self.suspicion_deadlines.remove(&(old_deadline, slot));
                     self.suspicion_deadlines.insert((new_deadline, slot));
-                    if mode == Mode::Announce {
+                    if mode.announces() {
                         self.queue_broadcast(slot, wire::encode_one(&Message::Suspect(*acc)));
                     }
                 } else {
@@ -1103,7 +1172,7 @@ impl<R: Rng> Membership<R> {
                 };
                 record.state = MemberState::Suspect;
                 record.incarnation = acc.incarnation;
-                if mode == Mode::Announce {
+                if mode.announces() {
                     if let Some(m) = self.slot(slot).cloned() {
                         debug!(member = %m.name, incarnation = m.incarnation, accuser = acc.from, "suspected");
                         self.emit(Event::Suspected(m));
@@ -1125,6 +1194,7 @@ impl<R: Rng> Membership<R> {
                     self.emit(Event::DeclaredFailed);
                 }
                 self.refute(acc.incarnation);
+                self.tell_accuser(acc.from);
             }
             return;
         }
@@ -1158,7 +1228,7 @@ impl<R: Rng> Membership<R> {
         if !left {
             self.stats.failures += 1;
         }
-        if mode == Mode::Announce {
+        if mode.announces() {
             if let Some(m) = self.slot(slot).cloned() {
                 if left {
                     info!(member = %m.name, incarnation = m.incarnation, "left");
@@ -1185,26 +1255,26 @@ impl<R: Rng> Membership<R> {
         let known = member.name == &*self.local.name
             || self.index.get(member.name, &self.members).is_some();
         match state.state {
-            WireState::Alive => self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now),
+            WireState::Alive => self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now),
             WireState::Suspect | WireState::Dead if member.name == &*self.local.name => {
                 if state.state == WireState::Dead {
-                    self.apply_dead(&acc, Mode::Announce, now);
+                    self.apply_dead(&acc, Mode::Merge, now);
                 } else {
-                    self.apply_suspect(&acc, Mode::Announce, now);
+                    self.apply_suspect(&acc, Mode::Merge, now);
                 }
             }
             WireState::Suspect => {
                 // Learn an unknown member first, then the suspicion.
-                self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now);
-                self.apply_suspect(&acc, Mode::Announce, now);
+                self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now);
+                self.apply_suspect(&acc, Mode::Merge, now);
             }
             WireState::Dead if !known => {
                 self.insert_down(AliveInfo::from_wire(member), MemberState::Dead, now);
             }
             WireState::Dead => {
                 // The remote may be wrong (a partition): only suspect.
-                self.apply_alive(AliveInfo::from_wire(member), Mode::Announce, now);
-                self.apply_suspect(&acc, Mode::Announce, now);
+                self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now);
+                self.apply_suspect(&acc, Mode::Merge, now);
             }
             WireState::Left if !known => {
                 self.insert_down(AliveInfo::from_wire(member), MemberState::Left, now);
@@ -1214,7 +1284,7 @@ impl<R: Rng> Membership<R> {
                     from: member.name,
                     ..acc
                 };
-                self.apply_dead(&acc, Mode::Announce, now);
+                self.apply_dead(&acc, Mode::Merge, now);
             }
         }
     }
@@ -1308,6 +1378,26 @@ impl<R: Rng> Membership<R> {
                 let mut buf = self.new_packet();
                 wire::encode(&Message::Ack(relay.requester_seq), &mut buf);
                 self.finish_unreliable(relay.requester, buf);
+            }
+            return;
+        }
+        if let Some(pos) = self.checks.iter().position(|c| *c == seq) {
+            self.checks.remove(pos);
+            return;
+        }
+        if let Some((reconnect_seq, slot)) = self.reconnect
+            && reconnect_seq == seq
+        {
+            // A dead member answers: the partition (or whatever it was) is
+            // over. Exchange full state so both sides learn and refute.
+            self.reconnect = None;
+            if let Some(addr) = self
+                .slot(slot)
+                .filter(|m| m.state == MemberState::Dead)
+                .map(|m| m.addr)
+            {
+                self.stats.reconnects += 1;
+                self.send_state(addr, false, true);
             }
             return;
         }
@@ -1559,6 +1649,83 @@ impl<R: Rng> Membership<R> {
         out.extend_from_slice(chosen);
     }
 
+    /// A last-chance ping to a suspect (with the suspicion, so it refutes in
+    /// its ack), unreliable and, if configured, reliable.
+    fn send_check(&mut self, slot: u32) {
+        let seq = self.next_seq();
+        let Some(target) = self.slot(slot) else {
+            return;
+        };
+        let ping = |reliable| {
+            Message::Ping(Ping {
+                seq,
+                target: &target.name,
+                generation: target.generation,
+                reliable,
+            })
+        };
+        let suspect = Message::Suspect(Accusation {
+            name: &target.name,
+            generation: target.generation,
+            incarnation: target.incarnation,
+            from: &self.local.name,
+        });
+        let mut buf = self.new_packet();
+        wire::encode(&ping(false), &mut buf);
+        wire::encode(&suspect, &mut buf);
+        let reliable = self.config.reliable_ping.then(|| {
+            let mut buf = wire::new_packet(64);
+            wire::encode(&ping(true), &mut buf);
+            wire::encode(&suspect, &mut buf);
+            buf
+        });
+        let addr = target.addr;
+        if self.checks.len() >= MAX_CHECKS {
+            self.checks.pop_front();
+        }
+        self.checks.push_back(seq);
+        self.stats.suspicion_checks += 1;
+        self.finish_unreliable(addr, buf);
+        if let Some(buf) = reliable {
+            self.send(addr, true, buf);
+        }
+    }
+
+    /// Pings one random dead member; an ack means it is reachable again (a
+    /// healed partition) and triggers a push-pull with it.
+    fn fire_reconnect(&mut self, now: Instant) {
+        if now < self.next_reconnect_at {
+            return;
+        }
+        self.next_reconnect_at = later(now, self.config.reconnect_interval);
+        self.reconnect = None;
+        if self.local.state != MemberState::Alive || self.down_since.is_empty() {
+            return;
+        }
+        let mut targets = std::mem::take(&mut self.scratch_slots);
+        self.sample_members(1, &mut targets, |_, m| m.state == MemberState::Dead);
+        let target = targets.first().copied();
+        self.scratch_slots = targets;
+        let Some(slot) = target else { return };
+        let seq = self.next_seq();
+        let Some(member) = self.slot(slot) else {
+            return;
+        };
+        let mut buf = self.new_packet();
+        wire::encode(
+            &Message::Ping(Ping {
+                seq,
+                target: &member.name,
+                generation: member.generation,
+                reliable: false,
+            }),
+            &mut buf,
+        );
+        let addr = member.addr;
+        self.reconnect = Some((seq, slot));
+        self.send(addr, false, buf);
+    }
+
     fn fire_suspicions(&mut self, now: Instant) {
         while let Some(&(at, slot)) = self.suspicion_deadlines.first() {
             if at > now {
@@ -1568,15 +1735,25 @@ impl<R: Rng> Membership<R> {
             // Woken long after the deadline: this node was stalled, and a
             // refutation may be waiting in its input. Grant one probe
             // interval to read it before declaring anyone dead (once).
+            // Not confirmed by enough independent members: ping the suspect
+            // once more ourselves, carrying the suspicion, so its refutation
+            // comes straight back even if the gossip of it missed us.
             if let Some(s) = self.suspicions.get_mut(&slot)
                 && !s.graced
-                && now.saturating_duration_since(at.max(s.set_at)) >= self.config.probe_interval
             {
-                s.graced = true;
-                s.deadline = later(now, self.config.probe_interval);
-                let deadline = s.deadline;
-                self.suspicion_deadlines.insert((deadline, slot));
-                continue;
+                let late =
+                    now.saturating_duration_since(at.max(s.set_at)) >= self.config.probe_interval;
+                let unconfirmed = s.confirmations() < s.k;
+                if late || unconfirmed {
+                    s.graced = true;
+                    s.deadline = later(now, self.config.probe_interval);
+                    let deadline = s.deadline;
+                    self.suspicion_deadlines.insert((deadline, slot));
+                    if unconfirmed {
+                        self.send_check(slot);
+                    }
+                    continue;
+                }
             }
             let Some(suspicion) = self.suspicions.remove(&slot) else {
                 continue;

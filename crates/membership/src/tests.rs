@@ -467,7 +467,58 @@ fn suspicion_times_out_at_max_without_confirmations() {
     // confirmation; m3 never answers.
     deliver(&mut n, &[suspect("m3", 1, 1, "me")], now);
     let took = time_to_dead(&mut n, "m3", now);
-    assert!(took.as_millis().abs_diff(6 * 963) <= 2, "{took:?}");
+    // max = 5,779 ms, then one last-chance ping and a probe interval (200 ms).
+    assert!(took.as_millis().abs_diff(5779 + 200) <= 2, "{took:?}");
+    assert_eq!(n.stats().suspicion_checks, 1);
+}
+
+#[test]
+fn unconfirmed_suspicion_pings_the_suspect_before_declaring_it_dead() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "m1")], now);
+    drain_transmits(&mut n);
+    // Expiry at max (5,779 ms) sends a ping carrying the suspicion to m3.
+    let at = now + Duration::from_millis(5780);
+    n.handle_timeout(at);
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Suspect, 1)));
+    let transmits = drain_transmits(&mut n);
+    let to_m3: Vec<&Transmit> = transmits.iter().filter(|t| t.to == addr(1003)).collect();
+    assert_eq!(to_m3.len(), 2, "unreliable and reliable");
+    let msgs: Vec<_> = wire::Messages::new(&to_m3[0].payload).collect();
+    let Message::Ping(ping) = msgs[0] else {
+        panic!("{msgs:?}")
+    };
+    assert!(matches!(msgs[1], Message::Suspect(a) if a.name == "m3" && a.from == "me"));
+    // m3 answers: ack plus its refutation. No failure, not a stray ack.
+    n.handle_packet(
+        addr(1003),
+        &packet(&[Message::Ack(ping.seq), alive("m3", 1, 2, 1003)]),
+        at,
+    )
+    .unwrap();
+    n.handle_timeout(at + Duration::from_secs(1));
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Alive, 2)));
+    assert_eq!(n.stats().stray_acks, 0);
+    assert_eq!(n.stats().failures, 0);
+}
+
+#[test]
+fn confirmed_suspicion_expires_without_a_last_check() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(
+        &mut n,
+        &[
+            suspect("m3", 1, 1, "m1"),
+            suspect("m3", 1, 1, "m2"),
+            suspect("m3", 1, 1, "m4"),
+        ],
+        now,
+    );
+    n.handle_timeout(now + Duration::from_millis(964));
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Dead, 1)));
+    assert_eq!(n.stats().suspicion_checks, 0);
 }
 
 #[test]
@@ -500,8 +551,9 @@ fn suspicion_with_one_confirmation_is_between_min_and_max() {
         now,
     );
     let took = time_to_dead(&mut n, "m3", now);
-    // max − (max − min) × ln 2 / ln 3 with min = 963.2 ms, max = 5779 ms.
-    assert!(took.as_millis().abs_diff(2741) <= 3, "{took:?}");
+    // max − (max − min) × ln 2 / ln 3 with min = 963.2 ms, max = 5779 ms,
+    // then the last-chance ping (1 confirmation < k = 2) and 200 ms.
+    assert!(took.as_millis().abs_diff(2741 + 200) <= 3, "{took:?}");
 }
 
 #[test]
@@ -962,11 +1014,9 @@ fn failed_probes_without_nacks_raise_awareness_and_slow_probing() {
     for _ in 0..3000 {
         t += Duration::from_millis(10);
         n.handle_timeout(t);
-        let transmits = drain_transmits(&mut n);
-        if sent_messages(&transmits)
-            .iter()
-            .any(|m| matches!(m, Message::Ping(p) if !p.reliable))
-        {
+        drain_transmits(&mut n);
+        let probes = n.stats().probes;
+        if probes > pings.len() as u64 {
             pings.push(t);
         }
     }
@@ -1275,4 +1325,99 @@ fn late_direct_timeout_still_gives_relays_their_window() {
     assert_eq!(n.stats().probes_failed, 0);
     n.handle_timeout(woke + Duration::from_millis(100));
     assert_eq!(n.stats().probes_failed, 1);
+}
+
+#[test]
+fn refutation_goes_straight_to_the_accuser_once() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2), alive("y", 1, 1, 3)], now);
+    drain_transmits(&mut n);
+    deliver(&mut n, &[suspect("me", 100, 0, "x")], now);
+    let transmits = drain_transmits(&mut n);
+    let to_x: Vec<_> = transmits.iter().filter(|t| t.to == addr(2)).collect();
+    assert_eq!(to_x.len(), 1);
+    let msgs: Vec<_> = wire::Messages::new(&to_x[0].payload).collect();
+    assert!(matches!(msgs[0], Message::Alive(a) if a.name == "me" && a.incarnation == 1));
+    // The same stale accusation again (e.g. via another gossip path): x was
+    // already told at this incarnation.
+    deliver(&mut n, &[suspect("me", 100, 0, "x")], now);
+    assert!(drain_transmits(&mut n).is_empty());
+    // Another accuser of the already refuted incarnation is told too.
+    deliver(&mut n, &[suspect("me", 100, 0, "y")], now);
+    let transmits = drain_transmits(&mut n);
+    assert_eq!(transmits.len(), 1);
+    assert_eq!(transmits[0].to, addr(3));
+    assert_eq!(n.local().incarnation, 1);
+    assert_eq!(n.stats().direct_refutations, 2);
+}
+
+#[test]
+fn a_dead_member_that_answers_a_reconnect_ping_gets_a_push_pull() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2), dead("x", 1, 1, "y")], now);
+    drain_transmits(&mut n);
+    let mut t = now;
+    let seq = loop {
+        t += Duration::from_millis(10);
+        assert!(t - now < Duration::from_secs(3), "no reconnect ping");
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        let ping = transmits
+            .iter()
+            .filter(|tr| tr.to == addr(2))
+            .flat_map(|tr| wire::Messages::new(&tr.payload))
+            .find_map(|m| match m {
+                Message::Ping(p) if p.target == "x" => Some(p.seq),
+                _ => None,
+            });
+        if let Some(seq) = ping {
+            break seq;
+        }
+    };
+    n.handle_packet(addr(2), &packet(&[Message::Ack(seq)]), t)
+        .unwrap();
+    let transmits = drain_transmits(&mut n);
+    assert_eq!(transmits.len(), 1);
+    assert!(transmits[0].reliable && transmits[0].to == addr(2));
+    assert!(matches!(
+        wire::Messages::new(&transmits[0].payload).next(),
+        Some(Message::PushPull(PushPull { reply: true, .. }))
+    ));
+    assert_eq!(n.stats().reconnects, 1);
+    // Still dead until it refutes.
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Dead, 1)));
+}
+
+#[test]
+fn push_pull_relaying_a_suspicion_does_not_confirm_it() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    deliver(&mut n, &[suspect("m3", 1, 1, "me")], now);
+    // Two members push their state, in which m3 is suspect (they only relay
+    // our own suspicion): no confirmation, the timer stays at max.
+    for sender in ["m1", "m2"] {
+        let header = Message::PushPull(PushPull {
+            from: sender,
+            join: false,
+            reply: false,
+        });
+        deliver(
+            &mut n,
+            &[header, state("m3", 1, 1003, WireState::Suspect)],
+            now,
+        );
+    }
+    n.handle_timeout(now + Duration::from_millis(5000));
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Suspect, 1)));
+    // The same accusations as gossip (their own probes failed) do confirm.
+    let t = now + Duration::from_millis(5000);
+    deliver(
+        &mut n,
+        &[suspect("m3", 1, 1, "m1"), suspect("m3", 1, 1, "m2")],
+        t,
+    );
+    n.handle_timeout(t + Duration::from_millis(1));
+    assert_eq!(state_of(&n, "m3"), Some((MemberState::Dead, 1)));
 }

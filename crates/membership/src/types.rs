@@ -180,6 +180,13 @@ pub struct Stats {
     pub failures: u64,
     /// Suspicions about this node that it refuted.
     pub refutations: u64,
+    /// Refutations sent straight to an accuser (besides gossip).
+    pub direct_refutations: u64,
+    /// Last-chance pings to a suspect whose suspicion expired unconfirmed.
+    pub suspicion_checks: u64,
+    /// Push-pulls started because a dead member answered a ping (healed
+    /// partitions).
+    pub reconnects: u64,
     /// Times this node learned it had been declared failed.
     pub declared_failed: u64,
     /// Name conflicts seen.
