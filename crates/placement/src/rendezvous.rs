@@ -120,15 +120,56 @@ pub(crate) fn assign(
     };
     let row = |p: usize| top.get(p * depth..(p + 1) * depth).unwrap_or(&[]);
 
-    // 2. Stable assignment under the load bound (deferred acceptance).
+    // 2. Stable assignment under the load bound.
     let cap = capacity(partitions, n, load_bound_percent);
-    let mut held: Vec<BinaryHeap<Reverse<(Weight, u32)>>> = (0..n)
-        .map(|_| BinaryHeap::with_capacity((p_count / n + 1).min(cap + 1)))
+    let primary = stable_primaries(&nodes, &top, depth, cap);
+
+    // 3. Rows: the primary, then the best other candidates.
+    let mut rows: Vec<NodeIndex> = Vec::with_capacity(p_count * copies);
+    for (p, &first) in primary.iter().enumerate() {
+        rows.push(NodeIndex(first));
+        let replicas = row(p)
+            .iter()
+            .map(|&w| nodes.node_of(w))
+            .filter(|&node| node != first)
+            .take(copies - 1);
+        rows.extend(replicas.map(NodeIndex));
+    }
+    rows
+}
+
+/// The primary node of every partition: the partition-optimal stable
+/// assignment with at most `cap` partitions per node, found by deferred
+/// acceptance. `top` holds each partition's `depth` best weights, best first.
+fn stable_primaries(nodes: &Nodes, top: &[Weight], depth: usize, cap: usize) -> Vec<u32> {
+    let n = nodes.keys.len();
+    let p_count = top.len() / depth.max(1);
+    let row = |p: usize| top.get(p * depth..(p + 1) * depth).unwrap_or(&[]);
+    let first = |p: usize| row(p).first().copied().unwrap_or(0);
+
+    // Every partition at its first choice; done if no node is over the cap
+    // (then the bound does not bind and this is plain rendezvous).
+    let mut load = vec![0usize; n];
+    for p in 0..p_count {
+        if let Some(l) = load.get_mut(nodes.node_of(first(p)) as usize) {
+            *l += 1;
+        }
+    }
+    if load.iter().all(|&l| l <= cap) {
+        return (0..p_count).map(|p| nodes.node_of(first(p))).collect();
+    }
+
+    // Deferred acceptance: each node holds its best proposals in a min-heap
+    // and rejects the weakest beyond its cap; a rejected partition proposes
+    // to its next choice.
+    let mut held: Vec<BinaryHeap<Reverse<(Weight, u32)>>> = load
+        .iter()
+        .map(|&l| BinaryHeap::with_capacity(l.min(cap) + 1))
         .collect();
     // The weight of the node each partition last proposed to.
     let mut current: Vec<Weight> = Vec::with_capacity(p_count);
     for p in 0..p_count {
-        let w = row(p).first().copied().unwrap_or(0);
+        let w = first(p);
         current.push(w);
         if let Some(heap) = held.get_mut(nodes.node_of(w) as usize) {
             heap.push(Reverse((w, p as u32)));
@@ -152,25 +193,16 @@ pub(crate) fn assign(
             .copied()
             .find(|&w| w < bound)
             .or_else(|| nodes.best_below(partition_hash(p), bound));
-        let Some(w) = next else {
-            // Unreachable while n × cap >= partitions; keep the partition on
-            // its first choice rather than leave it without an owner.
-            let first = row(pi).first().copied().unwrap_or(0);
-            if let Some(heap) = held.get_mut(nodes.node_of(first) as usize) {
-                heap.push(Reverse((first, p)));
-            }
-            if let Some(c) = current.get_mut(pi) {
-                *c = first;
-            }
-            continue;
-        };
+        // None is unreachable while n × cap >= partitions; keep the
+        // partition on its first choice rather than leave it without owner.
+        let w = next.unwrap_or_else(|| first(pi));
         if let Some(c) = current.get_mut(pi) {
             *c = w;
         }
         let Some(heap) = held.get_mut(nodes.node_of(w) as usize) else {
             continue;
         };
-        if heap.len() < cap {
+        if heap.len() < cap || next.is_none() {
             heap.push(Reverse((w, p)));
         } else if heap
             .peek()
@@ -185,27 +217,15 @@ pub(crate) fn assign(
             rejected.push(p);
         }
     }
-
-    // 3. Rows: the primary, then the best other candidates.
     let mut primary = vec![0u32; p_count];
     for (node, heap) in held.iter().enumerate() {
         for Reverse((_, p)) in heap.iter() {
             if let Some(slot) = primary.get_mut(*p as usize) {
-                *slot = node as u32;
+                *slot = u32::try_from(node).unwrap_or(u32::MAX);
             }
         }
     }
-    let mut rows: Vec<NodeIndex> = Vec::with_capacity(p_count * copies);
-    for (p, &first) in primary.iter().enumerate() {
-        rows.push(NodeIndex(first));
-        let replicas = row(p)
-            .iter()
-            .map(|&w| nodes.node_of(w))
-            .filter(|&node| node != first)
-            .take(copies - 1);
-        rows.extend(replicas.map(NodeIndex));
-    }
-    rows
+    primary
 }
 
 /// The best node of every partition, as weights, when all keys differ.
