@@ -3,8 +3,9 @@
 //! Two nodes in one process (one tokio runtime, 2 worker threads) on
 //! loopback, mutual TLS. Reports one-way message throughput (100-byte
 //! payloads, one sending task with `WhenFull::Wait`, so as many in flight as
-//! the send queue holds), request/response latency at moderate load (16
-//! concurrent requesters), handshake time (connect until both sides admitted
+//! the send queue holds), request/response latency at moderate load (8
+//! requesters, one request per millisecond each) and saturated (16
+//! closed-loop requesters), handshake time (connect until both sides admitted
 //! the connection) and memory per idle connection (RSS delta over 200 idle
 //! connections, both ends in this process, divided by 200).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -120,26 +121,46 @@ async fn run(json: bool, window: Duration) {
     // Let the queue drain before the latency phase.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // --- request/response latency, 16 concurrent requesters ---
-    let deadline = Instant::now() + window;
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (a, to_b) = (a.clone(), to_b.clone());
-        tasks.push(tokio::spawn(async move {
-            let body = Bytes::from(vec![0xcd; PAYLOAD]);
-            let mut lat = Vec::new();
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                a.request(&to_b, 2, body.clone(), Duration::from_secs(5))
-                    .await
-                    .unwrap();
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
+    // --- request/response: saturated (16 closed-loop requesters) ---
+    let requesters = |n: usize, pace: Option<Duration>| {
+        let deadline = Instant::now() + window;
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let (a, to_b) = (a.clone(), to_b.clone());
+            tasks.push(tokio::spawn(async move {
+                let body = Bytes::from(vec![0xcd; PAYLOAD]);
+                let mut lat = Vec::new();
+                let mut tick = pace.map(|p| {
+                    let mut i = tokio::time::interval(p);
+                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    i
+                });
+                while Instant::now() < deadline {
+                    if let Some(tick) = tick.as_mut() {
+                        tick.tick().await;
+                    }
+                    let t = Instant::now();
+                    a.request(&to_b, 2, body.clone(), Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        tasks
+    };
+    let mut sat = Vec::new();
+    for t in requesters(16, None) {
+        sat.extend(t.await.unwrap());
     }
+    sat.sort();
+    let saturated_per_s = sat.len() as f64 / window.as_secs_f64();
+    let saturated_p99 = percentile(&sat, 0.99);
+    // --- request/response latency at moderate load: 8 requesters, each one
+    // request per millisecond (about 8,000 requests/s) ---
     let mut lat = Vec::new();
-    for t in tasks {
+    for t in requesters(8, Some(Duration::from_millis(1))) {
         lat.extend(t.await.unwrap());
     }
     lat.sort();
@@ -170,7 +191,7 @@ async fn run(json: bool, window: Duration) {
 
     if json {
         println!(
-            "{{\"bench\":\"transport\",\"process\":\"one\",\"payload_bytes\":{PAYLOAD},\"msgs_per_s\":{msgs_per_s:.0},\"requests_per_s\":{requests_per_s:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"handshake_ms\":{handshake_ms:.3},\"handshake_p50_ms\":{:.3},\"idle_conn_kib\":{idle_conn_kib:.1},\"idle_conns\":{IDLE_CONNS},\"window_s\":{},\"messages_lost\":{}}}",
+            "{{\"bench\":\"transport\",\"process\":\"one\",\"payload_bytes\":{PAYLOAD},\"msgs_per_s\":{msgs_per_s:.0},\"requests_per_s\":{requests_per_s:.0},\"saturated_requests_per_s\":{saturated_per_s:.0},\"saturated_p99_ms\":{saturated_p99:.3},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"handshake_ms\":{handshake_ms:.3},\"handshake_p50_ms\":{:.3},\"idle_conn_kib\":{idle_conn_kib:.1},\"idle_conns\":{IDLE_CONNS},\"window_s\":{},\"messages_lost\":{}}}",
             percentile(&hs, 0.5),
             window.as_secs(),
             stats.messages_lost
@@ -182,7 +203,10 @@ async fn run(json: bool, window: Duration) {
         );
         println!("  one-way {PAYLOAD}-byte messages   {msgs_per_s:>12.0} msg/s");
         println!(
-            "  request/response (16 in flight) {requests_per_s:>12.0} req/s   p50 {p50:.3} ms   p99 {p99:.3} ms"
+            "  request/response, moderate load {requests_per_s:>12.0} req/s   p50 {p50:.3} ms   p99 {p99:.3} ms"
+        );
+        println!(
+            "  request/response, saturated     {saturated_per_s:>12.0} req/s   p99 {saturated_p99:.3} ms (16 closed-loop requesters)"
         );
         println!(
             "  handshake (connect + hellos)    {handshake_ms:>12.3} ms mean   p50 {:.3} ms",
