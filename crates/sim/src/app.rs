@@ -10,8 +10,9 @@
 //! - hands it every membership event that node's membership emits, in order,
 //!   with [`Application::on_event`];
 //! - delivers the reliable messages other nodes' instances sent it through
-//!   the virtual network ([`Application::on_message`]), or tells the sender
-//!   that a message could not be delivered ([`Application::on_send_failed`]);
+//!   the virtual network ([`Application::on_message`]), and tells every
+//!   sender the outcome of each message, delivered or failed
+//!   ([`Application::on_send_done`]), as a QUIC stream would;
 //! - drives its timer ([`Application::poll_timeout`] /
 //!   [`Application::on_timeout`]);
 //! - tells it when its process stops ([`Application::on_stop`]);
@@ -61,10 +62,15 @@ pub enum Command {
     Leave,
 }
 
+/// Identifies one message sent with [`AppCtx::send`]; its outcome comes
+/// back with the same id in [`Application::on_send_done`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub u64);
+
 /// What the application produced during one callback.
 #[derive(Debug, Default)]
 pub(crate) struct AppOutput {
-    pub(crate) sends: Vec<(SocketAddr, Vec<u8>)>,
+    pub(crate) sends: Vec<(MessageId, SocketAddr, Vec<u8>)>,
     pub(crate) commands: Vec<Command>,
     pub(crate) violations: Vec<String>,
 }
@@ -83,6 +89,7 @@ pub struct AppCtx<'a, S> {
     pub(crate) shared: &'a mut S,
     pub(crate) rng: &'a mut SmallRng,
     pub(crate) out: &'a mut AppOutput,
+    pub(crate) next_message_id: &'a mut u64,
 }
 
 impl<S> AppCtx<'_, S> {
@@ -111,11 +118,19 @@ impl<S> AppCtx<'_, S> {
         self.rng
     }
 
-    /// Sends a reliable message to the node at `to`. It arrives once after
-    /// the network's latency, or, if the receiver is down or partitioned
-    /// away, the sender gets [`Application::on_send_failed`] back.
-    pub fn send(&mut self, to: SocketAddr, payload: Vec<u8>) {
-        self.out.sends.push((to, payload));
+    /// Sends a reliable message to the node at `to`. It arrives once, after
+    /// the network's latency, and the sender then gets
+    /// [`Application::on_send_done`] with `delivered == true` once the
+    /// acknowledgement travelled back; or, if the receiver is down,
+    /// partitioned away, or crashes with the message still in its input
+    /// backlog, the message is not handled and the sender gets
+    /// `delivered == false` after `reliable_fail_after`. Exactly one outcome
+    /// per message, unless the sender itself stops first.
+    pub fn send(&mut self, to: SocketAddr, payload: Vec<u8>) -> MessageId {
+        *self.next_message_id += 1;
+        let id = MessageId(*self.next_message_id);
+        self.out.sends.push((id, to, payload));
+        id
     }
 
     /// Asks this node's membership to change its ready flag.
@@ -172,14 +187,16 @@ pub trait Application: Sized {
         let _ = (from, payload, ctx);
     }
 
-    /// A message this process sent could not be delivered.
-    fn on_send_failed(
+    /// The outcome of message `id` this process sent to `to`: handled by
+    /// the receiver (`delivered`), or not.
+    fn on_send_done(
         &mut self,
+        id: MessageId,
         to: SocketAddr,
-        payload: Vec<u8>,
+        delivered: bool,
         ctx: &mut AppCtx<'_, Self::Shared>,
     ) {
-        let _ = (to, payload, ctx);
+        let _ = (id, to, delivered, ctx);
     }
 
     /// The deadline returned by [`Application::poll_timeout`] has passed.

@@ -66,7 +66,7 @@ pub mod scenario;
 mod sim;
 mod util;
 
-pub use app::{AppCtx, Application, Command, NodeInfo, NodeView};
+pub use app::{AppCtx, Application, Command, MessageId, NodeInfo, NodeView};
 pub use net::NetConfig;
 pub use scenario::{Profile, Report, ScenarioKind, ScenarioOptions};
 pub use sim::{

@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shoal_membership::{Config, Event, LocalNode, Member, Membership, Transmit};
 
-use crate::app::{AppCtx, AppOutput, Application, Command, NodeInfo, NodeView};
+use crate::app::{AppCtx, AppOutput, Application, Command, MessageId, NodeInfo, NodeView};
 use crate::check::{Checks, Detection, Dissemination, ProcKey, World, is_live};
 use crate::net::{Copies, NetConfig, Partitions, duration_ns};
 use crate::util::{TraceHash, derive_seed};
@@ -279,7 +279,18 @@ struct Slot<A> {
 enum Channel {
     Unreliable,
     Reliable,
-    App,
+    /// An application message, with the id its sender was given.
+    App(u64),
+}
+
+impl Channel {
+    fn tag(self) -> u64 {
+        match self {
+            Channel::Unreliable => 0,
+            Channel::Reliable => 1,
+            Channel::App(_) => 2,
+        }
+    }
 }
 
 enum Ev {
@@ -298,11 +309,12 @@ enum Ev {
         generation: u64,
         deferred: bool,
     },
-    SendFailed {
+    SendDone {
         slot: u32,
         generation: u64,
+        id: u64,
         to: SocketAddr,
-        payload: Vec<u8>,
+        delivered: bool,
     },
     Rejoin {
         slot: u32,
@@ -389,6 +401,7 @@ pub struct Sim<A: Application = ()> {
     diverged_at: Option<u64>,
     converged_at: Option<u64>,
     app_out: AppOutput,
+    next_message_id: u64,
     samples_started: bool,
 }
 
@@ -476,6 +489,7 @@ impl<A: Application> Sim<A> {
             diverged_at: None,
             converged_at: None,
             app_out: AppOutput::default(),
+            next_message_id: 0,
             samples_started: false,
         };
         for slot in 0..slots {
@@ -762,6 +776,7 @@ impl<A: Application> Sim<A> {
                 shared: &mut self.shared,
                 rng: &mut app_rng,
                 out: &mut out,
+                next_message_id: &mut self.next_message_id,
             };
             A::start(&mut ctx)
         };
@@ -853,7 +868,7 @@ impl<A: Application> Sim<A> {
                 payload,
                 accepted_by,
             } => {
-                self.trace.word(0x10 | channel as u64);
+                self.trace.word(0x10 | channel.tag());
                 self.trace.word((u64::from(to) << 32) | u64::from(from));
                 self.trace.bytes(&payload);
                 self.on_packet(to, from, from_generation, channel, payload, accepted_by);
@@ -867,16 +882,17 @@ impl<A: Application> Sim<A> {
                 self.trace.word(u64::from(slot));
                 self.on_timer(slot, generation, deferred);
             }
-            Ev::SendFailed {
+            Ev::SendDone {
                 slot,
                 generation,
+                id,
                 to,
-                payload,
+                delivered,
             } => {
-                self.trace.word(0x30);
+                self.trace.word(0x30 | u64::from(delivered));
                 self.trace.word(u64::from(slot));
-                self.trace.bytes(&payload);
-                self.on_send_failed(slot, generation, to, payload);
+                self.trace.word(id);
+                self.on_send_done(slot, generation, id, to, delivered);
             }
             Ev::Rejoin { slot, generation } => {
                 self.trace.word(0x40);
@@ -980,18 +996,8 @@ impl<A: Application> Sim<A> {
         };
         if !deliverable {
             self.traffic.dropped += 1;
-            if channel == Channel::App {
-                let to_addr = slot_addr(to);
-                let at = self.now_ns + duration_ns(self.cfg.net.reliable_fail_after);
-                self.push(
-                    at,
-                    Ev::SendFailed {
-                        slot: from,
-                        generation: from_generation,
-                        to: to_addr,
-                        payload,
-                    },
-                );
+            if let Channel::App(id) = channel {
+                self.send_done(from, from_generation, id, slot_addr(to), false);
             }
             return;
         }
@@ -1027,7 +1033,7 @@ impl<A: Application> Sim<A> {
                     ));
                 }
             }
-            Channel::App => {
+            Channel::App(id) => {
                 let peer = NodeInfo {
                     slot: from,
                     name: self
@@ -1039,6 +1045,7 @@ impl<A: Application> Sim<A> {
                     addr: from_addr,
                 };
                 self.app_call(&mut p, |app, ctx| app.on_message(&peer, &payload, ctx));
+                self.send_done(from, from_generation, id, slot_addr(to), true);
             }
         }
         self.drive(&mut p);
@@ -1092,14 +1099,43 @@ impl<A: Application> Sim<A> {
         self.put_proc(slot, p);
     }
 
-    fn on_send_failed(&mut self, slot: u32, generation: u64, to: SocketAddr, payload: Vec<u8>) {
+    /// Tells the sender of application message `id` its outcome: delivered
+    /// (after the acknowledgement's trip back) or failed (after
+    /// `reliable_fail_after`).
+    fn send_done(&mut self, slot: u32, generation: u64, id: u64, to: SocketAddr, delivered: bool) {
+        let after = if delivered {
+            self.cfg.net.delay_ns(&mut self.rng)
+        } else {
+            duration_ns(self.cfg.net.reliable_fail_after)
+        };
+        self.push(
+            self.now_ns + after,
+            Ev::SendDone {
+                slot,
+                generation,
+                id,
+                to,
+                delivered,
+            },
+        );
+    }
+
+    fn on_send_done(
+        &mut self,
+        slot: u32,
+        generation: u64,
+        id: u64,
+        to: SocketAddr,
+        delivered: bool,
+    ) {
         if self.current_generation(slot) != Some(generation) {
             return;
         }
         let Some(mut p) = self.take_proc(slot) else {
             return;
         };
-        self.app_call(&mut p, |app, ctx| app.on_send_failed(to, payload, ctx));
+        let id = MessageId(id);
+        self.app_call(&mut p, |app, ctx| app.on_send_done(id, to, delivered, ctx));
         self.drive(&mut p);
         self.put_proc(slot, p);
     }
@@ -1120,6 +1156,7 @@ impl<A: Application> Sim<A> {
             shared: &mut self.shared,
             rng: app_rng,
             out: &mut self.app_out,
+            next_message_id: &mut self.next_message_id,
         };
         f(app, &mut ctx);
     }
@@ -1171,8 +1208,8 @@ impl<A: Application> Sim<A> {
                 break;
             }
             let out = std::mem::take(&mut self.app_out);
-            for (to, payload) in out.sends {
-                self.send_app(p.info.slot, p.info.generation, to, payload);
+            for (id, to, payload) in out.sends {
+                self.send_app(p.info.slot, p.info.generation, id, to, payload);
             }
             for v in out.violations {
                 self.violate(format!(
@@ -1277,10 +1314,17 @@ impl<A: Application> Sim<A> {
         self.route(from, from_generation, t.to, channel, t.payload);
     }
 
-    fn send_app(&mut self, from: u32, from_generation: u64, to: SocketAddr, payload: Vec<u8>) {
+    fn send_app(
+        &mut self,
+        from: u32,
+        from_generation: u64,
+        id: MessageId,
+        to: SocketAddr,
+        payload: Vec<u8>,
+    ) {
         self.traffic.app_msgs += 1;
         self.traffic.app_bytes += payload.len() as u64;
-        self.route(from, from_generation, to, Channel::App, payload);
+        self.route(from, from_generation, to, Channel::App(id.0), payload);
     }
 
     fn route(
@@ -1293,24 +1337,15 @@ impl<A: Application> Sim<A> {
     ) {
         let Some(to_slot) = self.slot_of_addr(to) else {
             self.traffic.dropped += 1;
-            if channel == Channel::App {
-                let at = self.now_ns + duration_ns(self.cfg.net.reliable_fail_after);
-                self.push(
-                    at,
-                    Ev::SendFailed {
-                        slot: from,
-                        generation: from_generation,
-                        to,
-                        payload,
-                    },
-                );
+            if let Channel::App(id) = channel {
+                self.send_done(from, from_generation, id, to, false);
             }
             return;
         };
         let copies = self
             .cfg
             .net
-            .plan(channel != Channel::Unreliable, &mut self.rng);
+            .plan(!matches!(channel, Channel::Unreliable), &mut self.rng);
         let packet = |payload| Ev::Packet {
             to: to_slot,
             from,

@@ -9,14 +9,19 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use shoal_membership::{Config, Event};
-use shoal_sim::{Action, AppCtx, Application, NodeInfo, NodeView, Sim, SimConfig};
+use shoal_sim::{Action, AppCtx, Application, MessageId, NodeInfo, NodeView, Sim, SimConfig};
 
-/// Every message is delivered once or reported failed once, never both.
+/// Every message is handled at most once, and its sender learns exactly one
+/// outcome: "delivered" only if it was handled, "failed" only if it was not.
 #[derive(Default)]
 struct Ledger {
     next_id: u64,
     sent: HashMap<u64, (u32, u32)>,
+    /// Handled by the receiver.
     delivered: HashSet<u64>,
+    /// Reported delivered to the sender.
+    acked: HashSet<u64>,
+    /// Reported failed to the sender.
     failed: HashSet<u64>,
     view_changes: u64,
     declared_failed: u64,
@@ -27,6 +32,8 @@ struct Ledger {
 struct Chatter {
     next: Instant,
     slot: u32,
+    /// The ledger id of each message in flight.
+    in_flight: HashMap<MessageId, u64>,
 }
 
 fn id_of(payload: &[u8]) -> u64 {
@@ -40,6 +47,7 @@ impl Application for Chatter {
         Chatter {
             next: ctx.now() + Duration::from_millis(50),
             slot: ctx.node().slot,
+            in_flight: HashMap::new(),
         }
     }
 
@@ -71,11 +79,30 @@ impl Application for Chatter {
         }
     }
 
-    fn on_send_failed(&mut self, _to: SocketAddr, payload: Vec<u8>, ctx: &mut AppCtx<'_, Ledger>) {
-        let id = id_of(&payload);
+    fn on_send_done(
+        &mut self,
+        id: MessageId,
+        _to: SocketAddr,
+        delivered: bool,
+        ctx: &mut AppCtx<'_, Ledger>,
+    ) {
+        let Some(own) = self.in_flight.remove(&id) else {
+            ctx.violation(format!(
+                "outcome of unknown message {id:?}, or a second one"
+            ));
+            return;
+        };
         let ledger = ctx.shared();
-        if ledger.delivered.contains(&id) || !ledger.failed.insert(id) {
-            ctx.violation(format!("message {id} failed after delivery, or twice"));
+        let handled = ledger.delivered.contains(&own);
+        let fresh = if delivered {
+            ledger.acked.insert(own)
+        } else {
+            ledger.failed.insert(own)
+        };
+        if !fresh || handled != delivered {
+            ctx.violation(format!(
+                "message {own}: outcome delivered={delivered} but handled={handled}"
+            ));
         }
     }
 
@@ -99,7 +126,8 @@ impl Application for Chatter {
         ledger.sent.insert(id, (self.slot, dst));
         let mut payload = id.to_le_bytes().to_vec();
         payload.extend_from_slice(b"hello");
-        ctx.send(addr, payload);
+        let message = ctx.send(addr, payload);
+        self.in_flight.insert(message, id);
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -170,8 +198,9 @@ fn reliable_messages_arrive_once_or_fail_once_through_crashes_and_partitions() {
         !ledger.failed.is_empty(),
         "the crash and the partition make sends fail"
     );
-    // Everything sent more than a second ago has an outcome.
-    let resolved = ledger.delivered.len() + ledger.failed.len();
+    // Everything sent more than a second ago has an outcome (messages sent
+    // by processes that stopped since have none).
+    let resolved = ledger.acked.len() + ledger.failed.len();
     assert!(
         ledger.sent.len() - resolved < 200,
         "{} of {} unresolved",

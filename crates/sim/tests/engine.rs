@@ -116,6 +116,9 @@ fn a_stalled_node_handles_packets_late_and_in_order() {
         "handled in send order"
     );
     let stall = Duration::from_secs(2)..Duration::from_secs(5);
+    // The network alone delays a message at most 0.2 + 0.3 + 5 ms (latency,
+    // jitter, held back): anything above is the stall.
+    let network = Duration::from_micros(5_500);
     for &(seq, sent, handled) in &log.received {
         let lag = handled - sent;
         if stall.contains(&sent) {
@@ -123,14 +126,14 @@ fn a_stalled_node_handles_packets_late_and_in_order() {
                 lag >= Duration::from_secs(1),
                 "message {seq} sent at {sent:?} handled after {lag:?}"
             );
-            assert!(lag < Duration::from_millis(1_010), "message {seq}: {lag:?}");
-        } else if sent >= Duration::from_secs(6) {
             assert!(
-                lag < Duration::from_millis(5),
-                "recovered: message {seq} waited {lag:?}"
+                lag <= Duration::from_secs(1) + network,
+                "message {seq}: {lag:?}"
             );
+        } else if sent >= Duration::from_secs(6) {
+            assert!(lag <= network, "recovered: message {seq} waited {lag:?}");
         } else if sent < Duration::from_secs(2) {
-            assert!(lag < Duration::from_millis(5));
+            assert!(lag <= network);
         }
     }
 }
