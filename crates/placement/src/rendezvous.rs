@@ -51,9 +51,12 @@ struct Nodes {
     name_ranks: Vec<u32>,
     /// Name rank -> node index.
     by_rank: Vec<u32>,
+    /// (key, name rank), sorted by key.
+    by_key: Vec<(u32, u32)>,
     /// Whether all keys differ. Then, for a given partition, all scores
     /// differ too (`mix32` and adding the partition hash are bijections), so
-    /// the highest score needs no tie-break.
+    /// scores alone order the nodes, and the node that has a score can be
+    /// recovered from it: `key = unmix32(score) - partition_hash`.
     distinct_keys: bool,
 }
 
@@ -67,15 +70,35 @@ impl Nodes {
                 *slot = u32::try_from(index).unwrap_or(u32::MAX);
             }
         }
-        let mut sorted = keys.clone();
-        sorted.sort_unstable();
-        let distinct_keys = sorted.windows(2).all(|w| w.first() != w.get(1));
+        let mut by_key: Vec<(u32, u32)> = keys
+            .iter()
+            .copied()
+            .zip(name_ranks.iter().copied())
+            .collect();
+        by_key.sort_unstable();
+        let distinct_keys = by_key
+            .windows(2)
+            .all(|w| w.first().map(|x| x.0) != w.get(1).map(|x| x.0));
         Nodes {
             keys,
             name_ranks,
             by_rank,
+            by_key,
             distinct_keys,
         }
+    }
+
+    /// The weight of the node that has `score` on the partition of hash
+    /// `ph`; only meaningful when keys are distinct.
+    fn weight_of_score(&self, ph: u32, score: u32) -> Weight {
+        let key = unmix32(score).wrapping_sub(ph);
+        let rank = self
+            .by_key
+            .binary_search_by_key(&key, |&(k, _)| k)
+            .ok()
+            .and_then(|i| self.by_key.get(i))
+            .map_or(0, |&(_, r)| r);
+        weight(score, rank)
     }
 
     fn node_of(&self, w: Weight) -> u32 {
@@ -84,6 +107,22 @@ impl Nodes {
 
     /// The highest weight of partition hash `ph` strictly below `bound`.
     fn best_below(&self, ph: u32, bound: Weight) -> Option<Weight> {
+        if self.distinct_keys {
+            // Scores alone decide; a branch-free maximum vectorises. A result
+            // of 0 is ambiguous (no score below the limit, or a score of 0).
+            let limit = (bound >> 32) as u32;
+            let best = self
+                .keys
+                .iter()
+                .map(|&key| rendezvous_score(ph, key))
+                .fold(0u32, |m, s| if s < limit { m.max(s) } else { m });
+            let found = best > 0
+                || self
+                    .keys
+                    .iter()
+                    .any(|&key| rendezvous_score(ph, key) == 0 && limit > 0);
+            return found.then(|| self.weight_of_score(ph, best));
+        }
         let mut best: Option<Weight> = None;
         for (&key, &rank) in self.keys.iter().zip(&self.name_ranks) {
             let w = weight(rendezvous_score(ph, key), rank);
@@ -244,24 +283,9 @@ fn best_candidates(nodes: &Nodes, partitions: u32) -> Vec<Weight> {
             *b = (*b).max(rendezvous_score(h, key));
         }
     }
-    let mut by_key: Vec<(u32, u32)> = nodes
-        .keys
-        .iter()
-        .zip(&nodes.name_ranks)
-        .map(|(&k, &r)| (k, r))
-        .collect();
-    by_key.sort_unstable();
     best.iter()
         .zip(&hashes)
-        .map(|(&score, &h)| {
-            let key = unmix32(score).wrapping_sub(h);
-            let rank = by_key
-                .binary_search_by_key(&key, |&(k, _)| k)
-                .ok()
-                .and_then(|i| by_key.get(i))
-                .map_or(0, |&(_, r)| r);
-            weight(score, rank)
-        })
+        .map(|(&score, &h)| nodes.weight_of_score(h, score))
         .collect()
 }
 
@@ -470,6 +494,34 @@ mod tests {
                 ranked_candidates(&nodes, 5000, 1)
             );
         }
+    }
+
+    #[test]
+    fn fast_and_general_next_choice_searches_agree() {
+        let fast = Nodes::new(&view(40));
+        assert!(fast.distinct_keys);
+        let general = Nodes {
+            distinct_keys: false,
+            keys: fast.keys.clone(),
+            name_ranks: fast.name_ranks.clone(),
+            by_rank: fast.by_rank.clone(),
+            by_key: fast.by_key.clone(),
+        };
+        for p in 0..300 {
+            let ph = partition_hash(p);
+            // Walk each partition's whole ranking down from the top.
+            let mut bound = Weight::MAX;
+            let mut steps = 0;
+            loop {
+                let a = fast.best_below(ph, bound);
+                assert_eq!(a, general.best_below(ph, bound), "p{p} step {steps}");
+                let Some(w) = a else { break };
+                bound = w;
+                steps += 1;
+            }
+            assert_eq!(steps, 40);
+        }
+        assert_eq!(fast.best_below(0, 0), None);
     }
 
     #[test]
