@@ -19,11 +19,31 @@ struct Row {
     nodes_after: usize,
     strategy: &'static str,
     wall_s: f64,
+    cpu_s: f64,
     setup_s: f64,
     notices: u64,
     batches: u64,
     peak_in_flight: usize,
     moved: u64,
+}
+
+/// CPU time of this process so far (user + system), from /proc; NaN elsewhere.
+/// Reported next to wall time because the machine may be shared.
+fn cpu_time() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which is in parentheses).
+    let Some(rest) = stat.rsplit(')').next() else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        // utime and stime, in clock ticks (100 per second on Linux).
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 fn table(nodes: &[NodeId], strategy: &Strategy) -> Arc<PlacementTable> {
@@ -99,11 +119,13 @@ fn run(datums: i64, before: usize, after: usize, strategy: &Strategy) -> Row {
     let setup_s = setup.elapsed().as_secs_f64();
 
     let start = Instant::now();
+    let cpu_start = cpu_time();
     for node in &mut nodes {
         node.install(Arc::clone(&t_after), now);
     }
     let (notices, batches, peak_in_flight) = drive(&mut nodes, &ids, now);
     let wall_s = start.elapsed().as_secs_f64();
+    let cpu_s = cpu_time() - cpu_start;
     let moved = nodes.iter().map(|n| n.counters().acquired).sum::<u64>() - acquired_before;
     assert_eq!(moved, notices, "every move is one notice");
     Row {
@@ -112,6 +134,7 @@ fn run(datums: i64, before: usize, after: usize, strategy: &Strategy) -> Row {
         nodes_after: after,
         strategy: strategy.name(),
         wall_s,
+        cpu_s,
         setup_s,
         notices,
         batches,
@@ -129,24 +152,44 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000i64);
+    let only: Option<usize> = args
+        .iter()
+        .position(|a| a == "--row")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok());
     let strategies = [Strategy::ModN, Strategy::rendezvous()];
+    let mut row = 0usize;
     if !json {
         println!(
-            "{:>9} {:>6} {:>11} {:>8} {:>9} {:>9} {:>8} {:>10} {:>8}",
-            "datums", "nodes", "strategy", "wall_s", "notices", "moved", "batches", "peak", "setup_s"
+            "{:>9} {:>6} {:>11} {:>8} {:>7} {:>9} {:>9} {:>8} {:>10} {:>8}",
+            "datums",
+            "nodes",
+            "strategy",
+            "wall_s",
+            "cpu_s",
+            "notices",
+            "moved",
+            "batches",
+            "peak",
+            "setup_s"
         );
     }
     for strategy in &strategies {
         for (before, after) in [(3, 4), (4, 3)] {
+            row += 1;
+            if only.is_some_and(|o| o != row) {
+                continue;
+            }
             let r = run(datums, before, after, strategy);
             if json {
                 println!(
-                    "{{\"bench\":\"transition\",\"datums\":{},\"nodes_before\":{},\"nodes_after\":{},\"strategy\":\"{}\",\"wall_s\":{:.4},\"notices\":{},\"moved\":{},\"batches\":{},\"peak_in_flight\":{},\"setup_s\":{:.3}}}",
+                    "{{\"bench\":\"transition\",\"datums\":{},\"nodes_before\":{},\"nodes_after\":{},\"strategy\":\"{}\",\"wall_s\":{:.4},\"cpu_s\":{:.2},\"notices\":{},\"moved\":{},\"batches\":{},\"peak_in_flight\":{},\"setup_s\":{:.3}}}",
                     r.datums,
                     r.nodes_before,
                     r.nodes_after,
                     r.strategy,
                     r.wall_s,
+                    r.cpu_s,
                     r.notices,
                     r.moved,
                     r.batches,
@@ -155,11 +198,12 @@ fn main() {
                 );
             } else {
                 println!(
-                    "{:>9} {:>6} {:>11} {:>8.3} {:>9} {:>9} {:>8} {:>10} {:>8.2}",
+                    "{:>9} {:>6} {:>11} {:>8.3} {:>7.2} {:>9} {:>9} {:>8} {:>10} {:>8.2}",
                     r.datums,
                     format!("{}->{}", r.nodes_before, r.nodes_after),
                     r.strategy,
                     r.wall_s,
+                    r.cpu_s,
                     r.notices,
                     r.moved,
                     r.batches,

@@ -133,6 +133,16 @@ impl Registry {
         Some(s)
     }
 
+    /// Orders datums as their slots lie in memory, so a batch of lookups
+    /// walks the table instead of jumping around it (deterministic).
+    fn sort_for_locality(&self, datums: &mut [Datum]) {
+        use std::hash::BuildHasher;
+        let buckets = (self.map.capacity() * 8 / 7 + 1).next_power_of_two() as u64;
+        let mask = buckets.saturating_sub(1);
+        let hasher = self.map.hasher();
+        datums.sort_by_cached_key(|d| (hasher.hash_one(d) & mask, *d));
+    }
+
     #[inline]
     fn count(&self, p: Phase) -> usize {
         self.counts.get(p as usize).copied().unwrap_or(0)
@@ -309,6 +319,8 @@ pub struct Handoff<W = Vec<u8>> {
     done_parked: HashMap<ViewId, (Instant, BTreeSet<NodeId>), DetState>,
     /// The view this node sent its own done markers for.
     done_sent: Option<ViewId>,
+    /// Waits that nobody alive can answer, blocked only on done markers.
+    blocked_on_done: Vec<Datum>,
 }
 
 impl<W> std::fmt::Debug for Handoff<W> {
@@ -371,6 +383,7 @@ impl<W> Handoff<W> {
             done_missing: BTreeSet::new(),
             done_parked: HashMap::default(),
             done_sent: None,
+            blocked_on_done: Vec::new(),
         })
     }
 
@@ -780,22 +793,55 @@ impl<W> Handoff<W> {
             JobKind::Relinquish => Phase::Relinquishing,
             JobKind::Acquire => Phase::Acquiring,
         };
-        let Some(mut s) = self
-            .registry
-            .get(&d)
-            .filter(|s| s.phase == expected && s.flight == job.flight)
-            .filter(|s| u32::from(s.attempt) + 1 == job.attempt)
-        else {
+        let current = |s: &Slot| {
+            s.phase == expected && s.flight == job.flight && u32::from(s.attempt) + 1 == job.attempt
+        };
+        // The common successes, in one lookup.
+        if outcome.is_ok() {
+            let mine = matches!(self.primary_of(d.id), Primary::Me);
+            let (phase, primary) = match job.kind {
+                JobKind::Relinquish => self.token_phase(d.id),
+                JobKind::Acquire => (Phase::Held, Primary::Me),
+            };
+            let done = self.registry.modify(&d, |s| {
+                let ok = current(s);
+                if ok {
+                    s.phase = phase;
+                    s.attempt = 0;
+                }
+                ok.then_some(*s)
+            });
+            let Some(s) = done.flatten() else {
+                self.counters.stale_completions += 1;
+                return;
+            };
+            match job.kind {
+                JobKind::Relinquish => {
+                    self.counters.relinquished += 1;
+                    self.after_token(d, primary, Source::Relinquished, now);
+                }
+                JobKind::Acquire => {
+                    self.counters.acquired += 1;
+                    if !mine {
+                        // The view moved on during the acquire: hand it on.
+                        self.start_relinquish(d, s, now);
+                    }
+                    self.maybe_release(d);
+                }
+            }
+            self.check_ended();
+            return;
+        }
+        let Err(error) = outcome else {
+            return;
+        };
+        let Some(mut s) = self.registry.get(&d).filter(current) else {
             self.counters.stale_completions += 1;
             return;
         };
         let mine = matches!(self.primary_of(d.id), Primary::Me);
-        match (job.kind, outcome) {
-            (JobKind::Relinquish, Ok(())) => {
-                self.counters.relinquished += 1;
-                self.take_token(d, s, Source::Relinquished, now);
-            }
-            (JobKind::Relinquish, Err(error)) => {
+        match job.kind {
+            JobKind::Relinquish => {
                 self.counters.relinquish_failures += 1;
                 debug!(node = %self.local, datum = %d, attempt = job.attempt, %error, "relinquish failed");
                 if mine {
@@ -824,17 +870,7 @@ impl<W> Handoff<W> {
                 });
                 self.maybe_release(d);
             }
-            (JobKind::Acquire, Ok(())) => {
-                self.counters.acquired += 1;
-                s.phase = Phase::Held;
-                self.registry.set(d, s);
-                if !mine {
-                    // The view moved on during the acquire: hand it on.
-                    self.start_relinquish(d, s, now);
-                }
-                self.maybe_release(d);
-            }
-            (JobKind::Acquire, Err(error)) => {
+            JobKind::Acquire => {
                 self.counters.acquire_failures += 1;
                 debug!(node = %self.local, datum = %d, attempt = job.attempt, %error, "acquire failed");
                 let retry = mine && job.attempt < u32::from(self.config.max_acquire_attempts);
@@ -932,8 +968,9 @@ impl<W> Handoff<W> {
                 report.unknown_type += group.ids.len();
                 continue;
             };
-            for id in group.ids {
-                let d = Datum::new(ty, id);
+            let mut datums: Vec<Datum> = group.ids.iter().map(|&id| Datum::new(ty, id)).collect();
+            self.registry.sort_for_locality(&mut datums);
+            for d in datums {
                 match at {
                     ViewAt::Stale => report.stale += 1,
                     ViewAt::Unknown => self.park(batch.view, d, now, &mut report),
@@ -947,7 +984,7 @@ impl<W> Handoff<W> {
             match at {
                 ViewAt::Current => {
                     if self.done_missing.remove(from) && self.done_missing.is_empty() {
-                        self.release_unheld_waits(now);
+                        self.release_unheld_waits(now, false);
                     }
                 }
                 ViewAt::Unknown => {
@@ -1302,7 +1339,11 @@ impl<W> Handoff<W> {
     /// This node became primary of a datum it does not hold.
     fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
         let all_done = self.done_missing.is_empty();
-        match self.candidates(d.id) {
+        let candidates = self.candidates(d.id);
+        if !matches!(candidates, Candidates::SomeAlive) && !all_done {
+            self.blocked_on_done.push(d);
+        }
+        match candidates {
             Candidates::None if all_done => self.take_token(d, s, Source::Fresh, now),
             Candidates::AllGone if all_done => self.take_token(d, s, Source::OwnerGone, now),
             Candidates::None | Candidates::AllGone | Candidates::SomeAlive => {
@@ -1345,12 +1386,11 @@ impl<W> Handoff<W> {
                 s.phase = Awaiting;
                 s.flight = self.enter_cohort(d, now);
                 self.registry.set(d, s);
-                if self.done_missing.is_empty() {
-                    match self.candidates(d.id) {
-                        Candidates::SomeAlive => {}
-                        Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
-                        Candidates::None => self.take_token(d, s, Source::Fresh, now),
-                    }
+                match self.candidates(d.id) {
+                    Candidates::SomeAlive => {}
+                    _ if !self.done_missing.is_empty() => self.blocked_on_done.push(d),
+                    Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
+                    Candidates::None => self.take_token(d, s, Source::Fresh, now),
                 }
             }
             (AcquireQueued | AcquireBackoff, false) => {
@@ -1368,11 +1408,31 @@ impl<W> Handoff<W> {
     /// This node has the datum's token (the right to acquire it): acquire it
     /// if primary here, else pass it to the primary, else keep it.
     fn take_token(&mut self, d: Datum, mut s: Slot, source: Source, now: Instant) {
-        match self.primary_of(d.id) {
+        let (phase, primary) = self.token_phase(d.id);
+        s.phase = phase;
+        if phase == Phase::AcquireQueued {
+            s.attempt = 0;
+        }
+        self.registry.set(d, s);
+        self.after_token(d, primary, source, now);
+    }
+
+    /// Where a token for datum `id` goes: the datum's next phase here.
+    #[inline]
+    fn token_phase(&self, id: i64) -> (Phase, Primary) {
+        let primary = self.primary_of(id);
+        let phase = match primary {
+            Primary::Me => Phase::AcquireQueued,
+            Primary::Other(_) => Phase::TokenQueued,
+            Primary::Nobody => Phase::TokenParked,
+        };
+        (phase, primary)
+    }
+
+    /// The effects of a token arriving, once the slot has its new phase.
+    fn after_token(&mut self, d: Datum, primary: Primary, source: Source, now: Instant) {
+        match primary {
             Primary::Me => {
-                s.phase = Phase::AcquireQueued;
-                s.attempt = 0;
-                self.registry.set(d, s);
                 self.acquire_queue.push_back(d);
                 let reason = match source {
                     Source::Timeout => {
@@ -1395,8 +1455,6 @@ impl<W> Handoff<W> {
                 if matches!(source, Source::Notice | Source::OwnerGone) {
                     self.counters.notices_relayed += 1;
                 }
-                s.phase = Phase::TokenQueued;
-                self.registry.set(d, s);
                 let full = if let Some(buf) = self.out.get_mut(i.get()) {
                     buf.datums.push(d);
                     if buf.since.is_none() {
@@ -1410,10 +1468,7 @@ impl<W> Handoff<W> {
                     self.flush(i.get());
                 }
             }
-            Primary::Nobody => {
-                s.phase = Phase::TokenParked;
-                self.registry.set(d, s);
-            }
+            Primary::Nobody => {}
         }
         self.maybe_release(d);
     }
@@ -1447,22 +1502,30 @@ impl<W> Handoff<W> {
         if datums.is_empty() {
             return;
         }
-        datums.sort_unstable();
-        let mut groups: Vec<NoticeGroup> = Vec::new();
-        let mut current_ty: Option<DatumType> = None;
+        // Grouped by type; the datums keep the registry's order (the
+        // encoder sorts the ids), so the completions walk memory in order.
+        let mut groups: Vec<(DatumType, NoticeGroup)> = Vec::new();
         for d in &datums {
-            if current_ty != Some(d.ty) {
-                current_ty = Some(d.ty);
-                let name = self.types.name(d.ty).unwrap_or_default().to_owned();
-                groups.push(NoticeGroup {
-                    datum_type: name,
-                    ids: Vec::new(),
-                });
-            }
-            if let Some(g) = groups.last_mut() {
+            let at = match groups.iter().position(|(ty, _)| *ty == d.ty) {
+                Some(at) => at,
+                None => {
+                    let name = self.types.name(d.ty).unwrap_or_default().to_owned();
+                    groups.push((
+                        d.ty,
+                        NoticeGroup {
+                            datum_type: name,
+                            ids: Vec::new(),
+                        },
+                    ));
+                    groups.len() - 1
+                }
+            };
+            if let Some((_, g)) = groups.get_mut(at) {
                 g.ids.push(d.id);
             }
         }
+        groups.sort_unstable_by_key(|(ty, _)| *ty);
+        let groups: Vec<NoticeGroup> = groups.into_iter().map(|(_, g)| g).collect();
         let id = self.next_send;
         self.next_send += 1;
         self.counters.batches_sent += 1;
@@ -1518,23 +1581,37 @@ impl<W> Handoff<W> {
             report.misdirected += 1;
             return;
         }
-        let Some(s) = self.registry.get(&d) else {
-            // Not registered (yet): keep it for a registration during this view.
-            self.park(view, d, now, report);
-            return;
-        };
-        match s.phase {
+        enum Taken {
+            Yes,
+            Stale,
+            Duplicate,
+        }
+        let (phase, primary) = self.token_phase(d.id);
+        let taken = self.registry.modify(&d, |s| match s.phase {
             Phase::Awaiting | Phase::Relay => {
                 // A past view counts only if it was in force during this wait.
                 if left_epoch.is_some_and(|left| left <= s.since) {
-                    report.stale += 1;
-                    return;
+                    Taken::Stale
+                } else {
+                    s.phase = phase;
+                    if phase == Phase::AcquireQueued {
+                        s.attempt = 0;
+                    }
+                    Taken::Yes
                 }
-                report.accepted += 1;
-                self.take_token(d, s, Source::Notice, now);
             }
-            Phase::Free => report.stale += 1,
-            _ => report.duplicate += 1,
+            Phase::Free => Taken::Stale,
+            _ => Taken::Duplicate,
+        });
+        match taken {
+            // Not registered (yet): keep it for a registration during this view.
+            None => self.park(view, d, now, report),
+            Some(Taken::Yes) => {
+                report.accepted += 1;
+                self.after_token(d, primary, Source::Notice, now);
+            }
+            Some(Taken::Stale) => report.stale += 1,
+            Some(Taken::Duplicate) => report.duplicate += 1,
         }
     }
 
@@ -1587,23 +1664,29 @@ impl<W> Handoff<W> {
             }
         }
         self.done_missing.remove(node);
-        self.release_unheld_waits(now);
+        self.release_unheld_waits(now, true);
         self.check_ended();
     }
 
     /// Once every node that may hold something has said "done" for the view
     /// in force: the waits that no live node can answer end now.
-    fn release_unheld_waits(&mut self, now: Instant) {
+    ///
+    /// `all`: look at every wait (a node is gone: candidates changed), not
+    /// only those that were blocked on done markers.
+    fn release_unheld_waits(&mut self, now: Instant, all: bool) {
         if !self.done_missing.is_empty() {
             return;
         }
-        let mut waiting = Vec::new();
-        for c in &self.cohorts {
-            for d in &c.datums {
-                if self.registry.get(d).is_some_and(|s| {
-                    s.flight == c.id && matches!(s.phase, Phase::Awaiting | Phase::Relay)
-                }) {
-                    waiting.push(*d);
+        let mut waiting = std::mem::take(&mut self.blocked_on_done);
+        if all {
+            waiting.clear();
+            for c in &self.cohorts {
+                for d in &c.datums {
+                    if self.registry.get(d).is_some_and(|s| {
+                        s.flight == c.id && matches!(s.phase, Phase::Awaiting | Phase::Relay)
+                    }) {
+                        waiting.push(*d);
+                    }
                 }
             }
         }
@@ -1648,6 +1731,7 @@ impl<W> Handoff<W> {
         self.done_parked
             .retain(|_, (first, _)| *first + timeout > now);
         self.done_missing = expected;
+        self.blocked_on_done.clear();
     }
 
     /// Sends this node's done markers for the view in force once nothing is

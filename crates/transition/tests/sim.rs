@@ -1,6 +1,6 @@
 //! Deterministic multi-node simulation of the handoff: every scenario over
 //! many seeds, invariants checked at every step (see `testkit`).
-//! `SHOAL_TRANSITION_SEEDS=n` runs n seeds per scenario (default 200).
+//! `SHOAL_TRANSITION_SEEDS=n` runs n seeds per scenario (default 150).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_transition::testkit::{SCENARIOS, run_scenario};
@@ -9,7 +9,7 @@ fn seeds() -> u64 {
     std::env::var("SHOAL_TRANSITION_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200)
+        .unwrap_or(150)
 }
 
 fn run(name: &str) {
