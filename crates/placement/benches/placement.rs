@@ -4,6 +4,8 @@
 //! - `lookup_ns`: median over batches of 10,000 of the ns per primary owner
 //!   lookup on a built table, over 1,000,000 random ids;
 //! - `build_us`: median time to build the table (µs);
+//! - `rebuild_us`: median time of `PlacementTable::rebuild` from that table
+//!   to the view with one more node (µs);
 //! - `moved_fraction_join`: fraction of the datums 0..1,000,000 whose primary
 //!   changes when one node (the newest) joins;
 //! - `moved_fraction_leave`: the same when the middle node of the placement
@@ -98,6 +100,7 @@ struct Row {
     partitions: Option<u32>,
     lookup_ns: f64,
     build_us: f64,
+    rebuild_us: f64,
     moved_join: f64,
     moved_leave: f64,
     max_over_mean: f64,
@@ -144,6 +147,14 @@ fn measure(strategy: &Strategy, name: &'static str, n: usize, copies: usize, ids
 
     // Join of a newest node, leave of the middle node of the placement list.
     let joined = PlacementTable::build(view(0..=n), strategy, copies).unwrap();
+    let mut rebuild_times = Vec::with_capacity(builds);
+    for _ in 0..builds {
+        let v = view(0..=n);
+        let start = Instant::now();
+        let rebuilt = black_box(table.rebuild(v).unwrap());
+        rebuild_times.push(start.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(rebuilt.slot_count(), joined.slot_count());
+    }
     let start = Instant::now();
     let join = table.diff(&joined, 0..DATUMS);
     let diff_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -161,6 +172,7 @@ fn measure(strategy: &Strategy, name: &'static str, n: usize, copies: usize, ids
         },
         lookup_ns: median(batch_ns),
         build_us: median(build_times),
+        rebuild_us: median(rebuild_times),
         moved_join: join.primary_moves.len() as f64 / DATUMS as f64,
         moved_leave: leave.primary_moves.len() as f64 / DATUMS as f64,
         max_over_mean,
@@ -203,7 +215,7 @@ fn main() {
                 let partitions = r.partitions.map_or("null".to_string(), |p| p.to_string());
                 println!(
                     "{{\"bench\":\"placement\",\"strategy\":\"{}\",\"nodes\":{},\"copies\":{},\
-                     \"partitions\":{},\"lookup_ns\":{:.2},\"build_us\":{:.1},\
+                     \"partitions\":{},\"lookup_ns\":{:.2},\"build_us\":{:.1},\"rebuild_us\":{:.1},\
                      \"moved_fraction_join\":{:.5},\"moved_fraction_leave\":{:.5},\
                      \"max_over_mean\":{:.4},\"diff_ms\":{:.1}}}",
                     r.strategy,
@@ -212,6 +224,7 @@ fn main() {
                     partitions,
                     r.lookup_ns,
                     r.build_us,
+                    r.rebuild_us,
                     r.moved_join,
                     r.moved_leave,
                     r.max_over_mean,
@@ -219,12 +232,13 @@ fn main() {
                 );
             } else {
                 println!(
-                    "{:<11} {:>6} {:>10} {:>10.2} {:>12.1} {:>9.5} {:>11.5} {:>11.5} {:>9.4} {:>9.1}",
+                    "{:<11} {:>6} {:>10} {:>10.2} {:>12.1} {:>11.1} {:>9.5} {:>11.5} {:>11.5} {:>9.4} {:>9.1}",
                     r.strategy,
                     r.nodes,
                     r.partitions.map_or("-".to_string(), |p| p.to_string()),
                     r.lookup_ns,
                     r.build_us,
+                    r.rebuild_us,
                     r.moved_join,
                     1.1 / (r.nodes as f64 + 1.0),
                     r.moved_leave,

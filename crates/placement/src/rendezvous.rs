@@ -134,47 +134,138 @@ impl Nodes {
     }
 }
 
-/// Assigns `partitions` partitions to the nodes of a non-empty `view`.
-/// Returns `partitions × copies` owner entries, row by row, primary first;
-/// `copies` must be in `1..=view.len()`.
+/// The result of an assignment: the owner rows, and what a later
+/// [`reassign`] needs to start from.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Assignment {
+    /// `partitions × width` owner entries, row by row, primary first.
+    pub(crate) rows: Vec<NodeIndex>,
+    /// The scores of every partition's `width` best nodes by weight (before
+    /// the load bound), best first; empty when two names of the view share a
+    /// key (the scores then do not identify the nodes).
+    ranking: Vec<u32>,
+}
+
+/// Assigns `partitions` partitions to the nodes of a non-empty `view`, with
+/// `copies` (in `1..=view.len()`) owners each.
 pub(crate) fn assign(
     view: &View,
     partitions: u32,
     copies: usize,
     load_bound_percent: u32,
-) -> Vec<NodeIndex> {
+) -> Assignment {
     let nodes = Nodes::new(view);
-    let n = nodes.keys.len();
-    let p_count = partitions as usize;
-    if n == 0 || p_count == 0 || copies == 0 {
-        return Vec::new();
+    let depth = copies.min(nodes.keys.len());
+    if depth == 0 || partitions == 0 {
+        return Assignment::default();
     }
-    let depth = copies.min(n);
-
-    // 1. The `depth` best candidates of every partition, best first.
     let top = if depth == 1 && nodes.distinct_keys {
         best_candidates(&nodes, partitions)
     } else {
         ranked_candidates(&nodes, partitions, depth)
     };
-    let row = |p: usize| top.get(p * depth..(p + 1) * depth).unwrap_or(&[]);
+    finish(&nodes, top, depth, partitions, load_bound_percent)
+}
 
-    // 2. Stable assignment under the load bound.
+/// Like [`assign`] for `view`, with the same result, starting from the
+/// assignment `previous` made for `previous_view` with the same partition
+/// count and width.
+///
+/// The ranking of a partition over the new nodes is its previous ranking,
+/// minus the nodes that left, plus the nodes that joined. While none of its
+/// `width` best nodes left, its new best are the best of those and the
+/// joiners (the nodes that stayed all rank below them), so only partitions
+/// that lost one of their best nodes are ranked again over every node. A
+/// change of a few nodes then costs O(partitions × changes) instead of
+/// O(partitions × n). Nodes are matched by key (the score depends on
+/// nothing else), and the shortcut is only taken when the keys of both views
+/// are distinct, so that a score identifies its node.
+pub(crate) fn reassign(
+    previous: &Assignment,
+    previous_view: &View,
+    view: &View,
+    partitions: u32,
+    copies: usize,
+    load_bound_percent: u32,
+) -> Assignment {
+    let nodes = Nodes::new(view);
+    let depth = copies.min(nodes.keys.len());
+    let previous_depth = copies.min(previous_view.len());
+    if depth == 0
+        || depth != previous_depth
+        || !nodes.distinct_keys
+        || previous.ranking.len() != partitions as usize * depth
+    {
+        return assign(view, partitions, copies, load_bound_percent);
+    }
+    let mut old_keys: Vec<u32> = previous_view
+        .nodes()
+        .iter()
+        .map(|n| name_key(&n.name))
+        .collect();
+    old_keys.sort_unstable();
+    let new_keys: Vec<u32> = nodes.by_key.iter().map(|&(k, _)| k).collect();
+    let left: Vec<u32> = old_keys
+        .iter()
+        .copied()
+        .filter(|k| new_keys.binary_search(k).is_err())
+        .collect();
+    let joined: Vec<u32> = new_keys
+        .iter()
+        .copied()
+        .filter(|k| old_keys.binary_search(k).is_err())
+        .collect();
+
+    let mut top: Vec<Weight> = Vec::with_capacity(previous.ranking.len());
+    let mut best: Vec<Weight> = Vec::with_capacity(depth + 1);
+    for (p, scores) in (0..partitions).zip(previous.ranking.chunks_exact(depth)) {
+        let ph = partition_hash(p);
+        let lost_one = scores
+            .iter()
+            .any(|&s| left.binary_search(&unmix32(s).wrapping_sub(ph)).is_ok());
+        best.clear();
+        if lost_one {
+            rank_partition(&nodes, ph, depth, &mut best);
+        } else {
+            best.extend(scores.iter().map(|&s| nodes.weight_of_score(ph, s)));
+            for &key in &joined {
+                let score = rendezvous_score(ph, key);
+                push_ranked(&mut best, depth, nodes.weight_of_score(ph, score));
+            }
+        }
+        top.extend_from_slice(&best);
+    }
+    finish(&nodes, top, depth, partitions, load_bound_percent)
+}
+
+/// From every partition's `depth` best weights: the stable primaries under
+/// the load bound, then the rows.
+fn finish(
+    nodes: &Nodes,
+    top: Vec<Weight>,
+    depth: usize,
+    partitions: u32,
+    load_bound_percent: u32,
+) -> Assignment {
+    let n = nodes.keys.len();
     let cap = capacity(partitions, n, load_bound_percent);
-    let primary = stable_primaries(&nodes, &top, depth, cap);
-
-    // 3. Rows: the primary, then the best other candidates.
-    let mut rows: Vec<NodeIndex> = Vec::with_capacity(p_count * copies);
-    for (p, &first) in primary.iter().enumerate() {
+    let primary = stable_primaries(nodes, &top, depth, cap);
+    let mut rows: Vec<NodeIndex> = Vec::with_capacity(top.len());
+    for (&first, candidates) in primary.iter().zip(top.chunks_exact(depth)) {
         rows.push(NodeIndex(first));
-        let replicas = row(p)
+        let replicas = candidates
             .iter()
             .map(|&w| nodes.node_of(w))
             .filter(|&node| node != first)
-            .take(copies - 1);
+            .take(depth - 1);
         rows.extend(replicas.map(NodeIndex));
     }
-    rows
+    let ranking = if nodes.distinct_keys {
+        top.iter().map(|&w| (w >> 32) as u32).collect()
+    } else {
+        Vec::new()
+    };
+    Assignment { rows, ranking }
 }
 
 /// The primary node of every partition: the partition-optimal stable
@@ -295,24 +386,35 @@ fn ranked_candidates(nodes: &Nodes, partitions: u32, depth: usize) -> Vec<Weight
     let mut top: Vec<Weight> = Vec::with_capacity(partitions as usize * depth);
     let mut best: Vec<Weight> = Vec::with_capacity(depth + 1);
     for p in 0..partitions {
-        let ph = partition_hash(p);
         best.clear();
-        for (&key, &rank) in nodes.keys.iter().zip(&nodes.name_ranks) {
-            let w = weight(rendezvous_score(ph, key), rank);
-            if best.len() == depth {
-                match best.last() {
-                    Some(&last) if w > last => {
-                        best.pop();
-                    }
-                    _ => continue,
-                }
-            }
-            let at = best.partition_point(|&b| b > w);
-            best.insert(at, w);
-        }
+        rank_partition(nodes, partition_hash(p), depth, &mut best);
         top.extend_from_slice(&best);
     }
     top
+}
+
+/// Fills `best` (empty) with the `depth` best weights of the partition of
+/// hash `ph`, best first.
+fn rank_partition(nodes: &Nodes, ph: u32, depth: usize, best: &mut Vec<Weight>) {
+    for (&key, &rank) in nodes.keys.iter().zip(&nodes.name_ranks) {
+        push_ranked(best, depth, weight(rendezvous_score(ph, key), rank));
+    }
+}
+
+/// Inserts `w` into `best` (sorted best first, at most `depth` long) if it
+/// is among the `depth` best.
+#[inline]
+fn push_ranked(best: &mut Vec<Weight>, depth: usize, w: Weight) {
+    if best.len() == depth {
+        match best.last() {
+            Some(&last) if w > last => {
+                best.pop();
+            }
+            _ => return,
+        }
+    }
+    let at = best.partition_point(|&b| b > w);
+    best.insert(at, w);
 }
 
 /// Most partitions one node may be the primary of.
@@ -354,7 +456,7 @@ mod tests {
         let n = v.len();
         let v = v.clone();
         let nodes = Nodes::new(&v);
-        let rows = assign(&v, partitions, copies, bound);
+        let rows = assign(&v, partitions, copies, bound).rows;
         assert_eq!(rows.len(), partitions as usize * copies);
         let cap = capacity(partitions, n, bound);
         let primary: Vec<usize> = rows.chunks(copies).map(|r| r[0].get()).collect();
@@ -417,7 +519,7 @@ mod tests {
     fn without_a_binding_bound_it_is_plain_rendezvous() {
         let v = view(9);
         let nodes = Nodes::new(&v);
-        let rows = assign(&v, 500, 1, 10_000);
+        let rows = assign(&v, 500, 1, 10_000).rows;
         for (p, owner) in rows.iter().enumerate() {
             let w = weights(&nodes, p as u32);
             let best = (0..9).max_by_key(|&m| w[m]).unwrap();
@@ -429,7 +531,7 @@ mod tests {
     fn zero_bound_balances_exactly() {
         // With b = 0 the cap is ceil(P/n): loads differ by at most one when
         // n divides into P evenly or nearly.
-        let rows = assign(&view(6), 600, 1, 0);
+        let rows = assign(&view(6), 600, 1, 0).rows;
         let mut load = [0usize; 6];
         for r in &rows {
             load[r.get()] += 1;
@@ -466,7 +568,7 @@ mod tests {
         assert!(!nodes.distinct_keys);
         assert!(Nodes::new(&view(50)).distinct_keys);
         for copies in [1, 2, 3] {
-            let rows = assign(&v, 400, copies, 10_000);
+            let rows = assign(&v, 400, copies, 10_000).rows;
             for (p, row) in rows.chunks(copies).enumerate() {
                 let w = weights(&nodes, p as u32);
                 let mut order: Vec<usize> = (0..3).collect();
@@ -525,9 +627,63 @@ mod tests {
     }
 
     #[test]
+    fn reassign_starts_from_the_previous_ranking() {
+        let old = view(12);
+        let new = View::from_nodes(
+            old.nodes()
+                .iter()
+                .skip(1)
+                .cloned()
+                .chain([NodeId::new("late", 99)]),
+        );
+        for copies in [1, 3] {
+            let previous = assign(&old, 700, copies, 5);
+            assert_eq!(previous.ranking.len(), 700 * copies);
+            let full = assign(&new, 700, copies, 5);
+            let incremental = reassign(&previous, &old, &new, 700, copies, 5);
+            assert_eq!(incremental.rows, full.rows);
+            assert_eq!(incremental.ranking, full.ranking);
+            // The shortcut really reads the previous ranking: a corrupted
+            // one shows through...
+            let corrupted = Assignment {
+                rows: previous.rows.clone(),
+                ranking: vec![0; previous.ranking.len()],
+            };
+            assert_ne!(
+                reassign(&corrupted, &old, &new, 700, copies, 5).rows,
+                full.rows
+            );
+            // ...unless the widths differ, which forces a full assignment.
+            let two = View::from_nodes(old.nodes().iter().take(2).cloned());
+            let narrow = assign(&two, 700, 3, 5);
+            assert_eq!(narrow.ranking.len(), 700 * 2);
+            assert_eq!(
+                reassign(&narrow, &two, &new, 700, 3, 5).rows,
+                assign(&new, 700, 3, 5).rows
+            );
+        }
+        // Colliding keys: no ranking is kept, and reassign falls back.
+        let colliding = View::from_nodes([NodeId::new("c36330", 1), NodeId::new("c116803", 2)]);
+        let a = assign(&colliding, 50, 1, 5);
+        assert!(a.ranking.is_empty());
+        assert_eq!(
+            reassign(&a, &colliding, &old, 50, 1, 5).rows,
+            assign(&old, 50, 1, 5).rows
+        );
+        assert_eq!(
+            reassign(&previous_of(&old), &old, &colliding, 50, 1, 5).rows,
+            a.rows
+        );
+    }
+
+    fn previous_of(v: &View) -> Assignment {
+        assign(v, 50, 1, 5)
+    }
+
+    #[test]
     fn degenerate_inputs_give_no_rows() {
-        assert!(assign(&View::default(), 10, 1, 5).is_empty());
-        assert!(assign(&view(3), 0, 1, 5).is_empty());
-        assert!(assign(&view(3), 10, 0, 5).is_empty());
+        assert!(assign(&View::default(), 10, 1, 5).rows.is_empty());
+        assert!(assign(&view(3), 0, 1, 5).rows.is_empty());
+        assert!(assign(&view(3), 10, 0, 5).rows.is_empty());
     }
 }

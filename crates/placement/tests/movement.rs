@@ -106,3 +106,42 @@ fn restarting_a_node_moves_only_its_datums_and_back_to_it() {
     let share = diff.primary_moves.len() as f64 / 100_000.0;
     assert!((0.08..0.17).contains(&share), "{share}");
 }
+
+#[test]
+fn rebuilding_from_the_previous_table_gives_the_same_table() {
+    // Default partitions, copies 1 and 3, a sequence of joins, leaves and a
+    // restart, including sizes where the load bound binds.
+    for copies in [1, 3] {
+        let rule = Strategy::rendezvous();
+        let steps: Vec<Vec<usize>> = vec![
+            (0..40).collect(),
+            (0..41).collect(),
+            (0..43).collect(),
+            (1..43).filter(|&i| i != 20).collect(),
+            (1..44).collect(),
+        ];
+        let mut table = PlacementTable::build(
+            View::from_nodes(steps[0].iter().map(|&i| node("b", i))),
+            &rule,
+            copies,
+        )
+        .unwrap();
+        for (k, step) in steps.iter().enumerate().skip(1) {
+            let mut nodes: Vec<NodeId> = step.iter().map(|&i| node("b", i)).collect();
+            if k == 4 {
+                nodes[5].generation += 1; // a restart
+            }
+            let view = View::from_nodes(nodes);
+            let rebuilt = table.rebuild(view.clone()).unwrap();
+            let built = PlacementTable::build(view, &rule, copies).unwrap();
+            for slot in 0..built.slot_count() as u32 {
+                assert_eq!(
+                    rebuilt.slot_owners(slot),
+                    built.slot_owners(slot),
+                    "copies {copies} step {k} slot {slot}"
+                );
+            }
+            table = rebuilt;
+        }
+    }
+}

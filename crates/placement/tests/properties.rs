@@ -123,6 +123,27 @@ proptest! {
     }
 
     #[test]
+    fn rebuild_gives_what_build_gives(
+        views in prop::collection::vec(members(), 2..5), rule in rule(), copies in 1usize..4
+    ) {
+        // A chain of views: each table rebuilt from the previous one must be
+        // identical to one built from scratch.
+        let mut views = views.into_iter().map(View::new);
+        let first = views.next().unwrap();
+        let mut table = PlacementTable::build(first, &rule, copies).unwrap();
+        for view in views {
+            let rebuilt = table.rebuild(view.clone()).unwrap();
+            let built = PlacementTable::build(view, &rule, copies).unwrap();
+            prop_assert_eq!(rebuilt.view(), built.view());
+            prop_assert_eq!(rebuilt.slot_count(), built.slot_count());
+            for slot in 0..built.slot_count() as u32 {
+                prop_assert_eq!(rebuilt.slot_owners(slot), built.slot_owners(slot));
+            }
+            table = rebuilt;
+        }
+    }
+
+    #[test]
     fn rendezvous_moves_little_on_join_and_leave(
         names in prop::collection::btree_set("[a-z]{1,8}", 2..30), partitions in 2000u32..6000
     ) {
