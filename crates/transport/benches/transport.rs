@@ -67,6 +67,28 @@ async fn run(json: bool, window: Duration) {
     a.connect(&to_b).await.unwrap();
     let (mut b_msgs, _b_dgrams) = b_in.split();
 
+    // --- handshakes and idle connection memory (first, so the allocator has
+    // little freed memory to reuse and the RSS delta is not understated) ---
+    let mut cfg = TransportConfig::default();
+    cfg.socket_buffer_bytes = 256 * 1024;
+    let mut clients = Vec::new();
+    for id in &ids[2..] {
+        clients.push(Transport::bind(local, id, cfg.clone()).unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_before = rss_bytes();
+    let mut hs = Vec::new();
+    for (c, _) in &clients {
+        let t = Instant::now();
+        c.connect(&to_b).await.unwrap();
+        hs.push(t.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_bytes();
+    hs.sort();
+    let handshake_ms = hs.iter().map(Duration::as_secs_f64).sum::<f64>() / hs.len() as f64 * 1e3;
+    let idle_conn_kib = rss_after.saturating_sub(rss_before) as f64 / IDLE_CONNS as f64 / 1024.0;
+
     // --- one-way throughput ---
     let received = Arc::new(AtomicU64::new(0));
     let recv_task = {
@@ -167,26 +189,6 @@ async fn run(json: bool, window: Duration) {
     let requests_per_s = lat.len() as f64 / window.as_secs_f64();
     let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
 
-    // --- handshakes and idle connection memory ---
-    let mut cfg = TransportConfig::default();
-    cfg.socket_buffer_bytes = 256 * 1024;
-    let mut clients = Vec::new();
-    for id in &ids[2..] {
-        clients.push(Transport::bind(local, id, cfg.clone()).unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let rss_before = rss_bytes();
-    let mut hs = Vec::new();
-    for (c, _) in &clients {
-        let t = Instant::now();
-        c.connect(&to_b).await.unwrap();
-        hs.push(t.elapsed());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after = rss_bytes();
-    hs.sort();
-    let handshake_ms = hs.iter().map(Duration::as_secs_f64).sum::<f64>() / hs.len() as f64 * 1e3;
-    let idle_conn_kib = rss_after.saturating_sub(rss_before) as f64 / IDLE_CONNS as f64 / 1024.0;
     let stats = a.stats();
 
     if json {

@@ -456,30 +456,32 @@ impl Transport {
         let inline = body.len() <= INLINE_BODY_MAX;
         let frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
         let timeout = config.send_timeout;
-        let pc = match tokio::time::timeout(timeout, self.connection(dest)).await {
-            Ok(pc) => pc?,
-            Err(_) => {
-                return Err(TransportError::TimedOut {
-                    peer: dest.clone(),
-                    after: timeout,
-                });
-            }
+        // Fast path without a timer: the connection is usually open.
+        let pc = match self.open_connection(dest) {
+            Some(pc) => pc,
+            None => match tokio::time::timeout(timeout, self.connection(dest)).await {
+                Ok(pc) => pc?,
+                Err(_) => {
+                    return Err(TransportError::TimedOut {
+                        peer: dest.clone(),
+                        after: timeout,
+                    });
+                }
+            },
         };
         if !inline {
             return self.send_single(&pc, frame).await;
         }
         let peer = || Dest::from(&pc.peer);
         let need = frame.wire_len() as u32;
-        let permit = match when_full {
-            WhenFull::Fail => pc
-                .budget
-                .clone()
-                .try_acquire_many_owned(need)
-                .map_err(|_| {
-                    Stats::inc(&self.inner.stats.send_queue_full);
-                    TransportError::QueueFull { peer: peer() }
-                })?,
-            WhenFull::Wait => {
+        // Fast path without a timer: the queue usually has room.
+        let permit = match (pc.budget.clone().try_acquire_many_owned(need), when_full) {
+            (Ok(permit), _) => permit,
+            (Err(_), WhenFull::Fail) => {
+                Stats::inc(&self.inner.stats.send_queue_full);
+                return Err(TransportError::QueueFull { peer: peer() });
+            }
+            (Err(_), WhenFull::Wait) => {
                 match tokio::time::timeout(timeout, pc.budget.clone().acquire_many_owned(need))
                     .await
                 {
@@ -665,11 +667,19 @@ impl Transport {
         }
     }
 
+    /// The admitted connection for `dest` if one is open.
+    fn open_connection(&self, dest: &Dest) -> Option<Arc<PeerConn>> {
+        let table = lock(&self.inner.table);
+        let pc = table.conns.get(&canonical_addr(dest.addr))?;
+        (!pc.is_closed() && dest.name.as_ref().is_none_or(|n| *n == pc.peer.name))
+            .then(|| pc.clone())
+    }
+
     /// The admitted connection for `dest`, dialing (once, shared by every
     /// caller) if there is none.
     async fn connection(&self, dest: &Dest) -> Result<Arc<PeerConn>, TransportError> {
         let addr = canonical_addr(dest.addr);
-        let mut dialed_once = false;
+        let mut dials = 0u32;
         loop {
             if self.inner.shut.load(Ordering::Relaxed) {
                 return Err(TransportError::Shutdown);
@@ -685,18 +695,18 @@ impl Transport {
                 match table.dialing.get(&addr) {
                     Some(rx) => rx.clone(),
                     None => {
-                        if dialed_once {
-                            // Our dial succeeded but the connection is already
-                            // gone or names another node: report it.
-                            return Err(TransportError::Rejected {
+                        if dials >= 2 {
+                            // Our dials succeeded but each connection was gone
+                            // at once: report it rather than loop.
+                            return Err(TransportError::Closed {
                                 peer: dest.clone(),
-                                reason: "the node at this address is not the one expected".into(),
+                                reason: "the connection closed right after it opened".into(),
                             });
                         }
                         let (tx, rx) = watch::channel(None);
                         table.dialing.insert(addr, rx.clone());
                         tokio::spawn(dial_task(self.inner.clone(), dest.clone(), tx));
-                        dialed_once = true;
+                        dials += 1;
                         rx
                     }
                 }
@@ -1354,6 +1364,7 @@ async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: quinn::RecvS
 /// Reads the peer's shared message stream until it ends.
 async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(INLINE_FRAME_MAX);
+    let mut ready = Vec::new();
     let max_message = inner.config.max_message_size;
     loop {
         let chunk = match recv.read_chunk(usize::MAX, true).await {
@@ -1369,38 +1380,53 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
         Stats::add(&inner.stats.bytes_received, chunk.len() as u64);
         pc.touch();
         reader.push(&chunk);
-        loop {
+        let broken = loop {
             match reader.next_frame() {
                 Ok(Some(f)) => match frame::decode_envelope(f, max_message) {
-                    Ok((channel, body)) => {
-                        let msg = Message {
-                            from: pc.peer.clone(),
-                            channel,
-                            body,
-                            reply: None,
-                        };
-                        Stats::inc(&inner.stats.messages_received);
-                        if inner.messages_tx.send(msg).await.is_err() {
-                            let _ = recv.stop(code::GONE.into());
-                            return;
-                        }
-                    }
+                    Ok((channel, body)) => ready.push(Message {
+                        from: pc.peer.clone(),
+                        channel,
+                        body,
+                        reply: None,
+                    }),
                     Err(e) => {
                         count_decode_error(inner, &e);
                         debug!(peer = %pc.peer, error = %e, "frame dropped");
                     }
                 },
-                Ok(None) => break,
-                Err(e) => {
-                    // The framing is lost: nothing after this can be trusted.
-                    Stats::inc(&inner.stats.frames_malformed);
-                    warn!(peer = %pc.peer, error = %e, "broken message stream stopped");
-                    let _ = recv.stop(code::PROTOCOL.into());
-                    return;
-                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
             }
+        };
+        // Everything decoded before a framing error is still delivered.
+        Stats::add(&inner.stats.messages_received, ready.len() as u64);
+        if deliver_all(&inner.messages_tx, &mut ready).await.is_err() {
+            let _ = recv.stop(code::GONE.into());
+            return;
+        }
+        if let Some(e) = broken {
+            // The framing is lost: nothing after this can be trusted.
+            Stats::inc(&inner.stats.frames_malformed);
+            warn!(peer = %pc.peer, error = %e, "broken message stream stopped");
+            let _ = recv.stop(code::PROTOCOL.into());
+            return;
         }
     }
+}
+
+/// Hands decoded messages to the inbound queue, reserving room for many at
+/// once (one wait per batch rather than per message). Waits while the queue
+/// is full: that is the backpressure.
+async fn deliver_all(tx: &mpsc::Sender<Message>, ready: &mut Vec<Message>) -> Result<(), ()> {
+    let cap = tx.max_capacity().max(1);
+    while !ready.is_empty() {
+        let n = ready.len().min(cap);
+        let permits = tx.reserve_many(n).await.map_err(|_| ())?;
+        for (permit, msg) in permits.zip(ready.drain(..n)) {
+            permit.send(msg);
+        }
+    }
+    Ok(())
 }
 
 async fn handle_bi(
