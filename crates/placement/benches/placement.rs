@@ -186,12 +186,13 @@ fn main() {
     let ids: Vec<i64> = (0..LOOKUPS).map(|_| rng.random::<i64>()).collect();
     if !o.json {
         println!(
-            "{:<11} {:>6} {:>10} {:>10} {:>12} {:>9} {:>11} {:>11} {:>9} {:>9}",
+            "{:<11} {:>6} {:>10} {:>10} {:>12} {:>11} {:>9} {:>11} {:>11} {:>9} {:>9}",
             "strategy",
             "nodes",
             "partitions",
             "lookup_ns",
             "build_us",
+            "rebuild_us",
             "join",
             "1.1/(N+1)",
             "leave",

@@ -53,6 +53,8 @@ struct Nodes {
     by_rank: Vec<u32>,
     /// (key, name rank), sorted by key.
     by_key: Vec<(u32, u32)>,
+    /// Key -> name rank, for [`Nodes::weight_of_score`].
+    key_index: KeyIndex,
     /// Whether all keys differ. Then, for a given partition, all scores
     /// differ too (`mix32` and adding the partition hash are bijections), so
     /// scores alone order the nodes, and the node that has a score can be
@@ -79,11 +81,13 @@ impl Nodes {
         let distinct_keys = by_key
             .windows(2)
             .all(|w| w.first().map(|x| x.0) != w.get(1).map(|x| x.0));
+        let key_index = KeyIndex::new(&by_key);
         Nodes {
             keys,
             name_ranks,
             by_rank,
             by_key,
+            key_index,
             distinct_keys,
         }
     }
@@ -92,13 +96,7 @@ impl Nodes {
     /// `ph`; only meaningful when keys are distinct.
     fn weight_of_score(&self, ph: u32, score: u32) -> Weight {
         let key = unmix32(score).wrapping_sub(ph);
-        let rank = self
-            .by_key
-            .binary_search_by_key(&key, |&(k, _)| k)
-            .ok()
-            .and_then(|i| self.by_key.get(i))
-            .map_or(0, |&(_, r)| r);
-        weight(score, rank)
+        weight(score, self.key_index.get(key).unwrap_or(0))
     }
 
     fn node_of(&self, w: Weight) -> u32 {
@@ -131,6 +129,60 @@ impl Nodes {
             }
         }
         best
+    }
+}
+
+/// An open-addressing map from node key to name rank. Keys are already
+/// uniform hashes, so their top bits pick the slot; the table is at most half
+/// full, so a lookup takes one or two probes.
+#[derive(Clone, Debug)]
+struct KeyIndex {
+    /// (key, rank + 1); rank + 1 = 0 marks an empty slot.
+    slots: Vec<(u32, u32)>,
+    shift: u32,
+}
+
+impl KeyIndex {
+    fn new(entries: &[(u32, u32)]) -> KeyIndex {
+        let size = (entries.len() * 2).next_power_of_two().max(2);
+        let mut index = KeyIndex {
+            slots: vec![(0, 0); size],
+            shift: 32 - size.trailing_zeros(),
+        };
+        let mask = size - 1;
+        for &(key, rank) in entries {
+            let mut i = index.home(key);
+            while let Some(slot) = index.slots.get_mut(i) {
+                if slot.1 == 0 {
+                    *slot = (key, rank.saturating_add(1));
+                    break;
+                }
+                i = (i + 1) & mask;
+            }
+        }
+        index
+    }
+
+    fn home(&self, key: u32) -> usize {
+        // shift <= 31 (size >= 2); checked_shr keeps this total anyway.
+        key.checked_shr(self.shift).unwrap_or(0) as usize
+    }
+
+    /// The rank stored for `key` (the first, if a key was inserted twice).
+    fn get(&self, key: u32) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        for _ in 0..self.slots.len() {
+            let &(k, r) = self.slots.get(i)?;
+            if r == 0 {
+                return None;
+            }
+            if k == key {
+                return Some(r - 1);
+            }
+            i = (i + 1) & mask;
+        }
+        None
     }
 }
 
@@ -223,6 +275,23 @@ pub(crate) fn reassign(
         let lost_one = scores
             .iter()
             .any(|&s| left.binary_search(&unmix32(s).wrapping_sub(ph)).is_ok());
+        if depth == 1 {
+            // Keys are distinct, so scores alone order the nodes.
+            let score = if lost_one {
+                nodes
+                    .keys
+                    .iter()
+                    .fold(0, |m, &key| m.max(rendezvous_score(ph, key)))
+            } else {
+                joined
+                    .iter()
+                    .fold(scores.first().copied().unwrap_or(0), |m, &key| {
+                        m.max(rendezvous_score(ph, key))
+                    })
+            };
+            top.push(nodes.weight_of_score(ph, score));
+            continue;
+        }
         best.clear();
         if lost_one {
             rank_partition(&nodes, ph, depth, &mut best);
@@ -608,6 +677,7 @@ mod tests {
             name_ranks: fast.name_ranks.clone(),
             by_rank: fast.by_rank.clone(),
             by_key: fast.by_key.clone(),
+            key_index: fast.key_index.clone(),
         };
         for p in 0..300 {
             let ph = partition_hash(p);
@@ -678,6 +748,24 @@ mod tests {
 
     fn previous_of(v: &View) -> Assignment {
         assign(v, 50, 1, 5)
+    }
+
+    #[test]
+    fn key_index_finds_every_key() {
+        for n in [0usize, 1, 2, 3, 7, 100, 1000] {
+            let entries: Vec<(u32, u32)> = (0..n as u32)
+                .map(|i| (crate::hash::mix32(i.wrapping_mul(7)), i))
+                .collect();
+            let index = KeyIndex::new(&entries);
+            for &(k, r) in &entries {
+                assert_eq!(index.get(k), Some(r));
+            }
+            assert_eq!(index.get(0x1234_5678), None);
+        }
+        // Keys that share their top bits still resolve (probing).
+        let index = KeyIndex::new(&[(0x8000_0001, 4), (0x8000_0002, 5), (0x8000_0003, 6)]);
+        assert_eq!(index.get(0x8000_0003), Some(6));
+        assert_eq!(index.get(0x8000_0004), None);
     }
 
     #[test]
