@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     /// Bytes of large inbound frames being read; bounds their memory.
     large_inbound: Arc<Semaphore>,
     shut: AtomicBool,
+    /// Tells the receivers the endpoint is shut down.
+    shut_tx: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -278,6 +280,7 @@ impl Transport {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 source,
             })?;
+        let (shut_tx, shut_rx) = watch::channel(false);
         let (messages_tx, messages) = mpsc::channel(config.inbound_messages);
         let (datagrams_tx, datagrams) = mpsc::channel(config.inbound_datagrams);
         let large_budget = config
@@ -299,6 +302,7 @@ impl Transport {
             datagrams_tx,
             large_inbound: Arc::new(Semaphore::new(large_budget)),
             shut: AtomicBool::new(false),
+            shut_tx,
         });
         tokio::spawn(accept_loop(inner.clone()));
         info!(node = %inner.me, addr = %local_addr, "transport listening");
@@ -307,6 +311,7 @@ impl Transport {
             Incoming {
                 messages,
                 datagrams,
+                shut: shut_rx,
             },
         ))
     }
@@ -598,6 +603,7 @@ impl Transport {
         let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         inner.endpoint.close(code::SHUTDOWN.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+        inner.shut_tx.send_replace(true);
         info!(node = %inner.me, "transport shut down");
     }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::endpoint::{BusyGuard, Inner};
 use crate::error::TransportError;
@@ -138,6 +138,25 @@ impl Drop for Responder {
 pub struct Incoming {
     pub(crate) messages: mpsc::Receiver<Message>,
     pub(crate) datagrams: mpsc::Receiver<Datagram>,
+    pub(crate) shut: watch::Receiver<bool>,
+}
+
+/// Waits until the transport is shut down.
+async fn shut_down(shut: &mut watch::Receiver<bool>) {
+    // An error means the transport is gone altogether: shut down too.
+    let _ = shut.wait_for(|s| *s).await;
+}
+
+/// Receives from `rx` until it is empty and the transport is shut down.
+async fn recv_or_shut<T>(
+    rx: &mut mpsc::Receiver<T>,
+    shut: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        item = rx.recv() => item,
+        () = shut_down(shut) => rx.try_recv().ok(),
+    }
 }
 
 impl Incoming {
@@ -149,54 +168,70 @@ impl Incoming {
             biased;
             Some(d) = self.datagrams.recv() => Some(Inbound::Datagram(d)),
             Some(m) = self.messages.recv() => Some(Inbound::Message(m)),
-            else => None,
+            () = shut_down(&mut self.shut) => match self.datagrams.try_recv() {
+                Ok(d) => Some(Inbound::Datagram(d)),
+                Err(_) => self.messages.try_recv().ok().map(Inbound::Message),
+            },
         }
     }
 
-    /// The next message (datagrams stay queued).
+    /// The next message (datagrams stay queued); `None` after shutdown.
     pub async fn recv_message(&mut self) -> Option<Message> {
-        self.messages.recv().await
+        recv_or_shut(&mut self.messages, &mut self.shut).await
     }
 
-    /// The next datagram (messages stay queued).
+    /// The next datagram (messages stay queued); `None` after shutdown.
     pub async fn recv_datagram(&mut self) -> Option<Datagram> {
-        self.datagrams.recv().await
+        recv_or_shut(&mut self.datagrams, &mut self.shut).await
     }
 
     /// Splits into separate message and datagram receivers, for reading them
     /// from different tasks.
     pub fn split(self) -> (MessageReceiver, DatagramReceiver) {
         (
-            MessageReceiver(self.messages),
-            DatagramReceiver(self.datagrams),
+            MessageReceiver(self.messages, self.shut.clone()),
+            DatagramReceiver(self.datagrams, self.shut),
         )
     }
 }
 
 /// The message half of [`Incoming::split`].
 #[derive(Debug)]
-pub struct MessageReceiver(mpsc::Receiver<Message>);
+pub struct MessageReceiver(mpsc::Receiver<Message>, watch::Receiver<bool>);
 
 impl MessageReceiver {
     /// The next message; `None` after shutdown.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.0.recv().await
+        recv_or_shut(&mut self.0, &mut self.1).await
     }
 
     /// Takes up to `limit` waiting messages into `out` (waiting for at least
     /// one); returns how many, 0 after shutdown.
     pub async fn recv_many(&mut self, out: &mut Vec<Message>, limit: usize) -> usize {
-        self.0.recv_many(out, limit).await
+        tokio::select! {
+            biased;
+            n = self.0.recv_many(out, limit) => n,
+            () = shut_down(&mut self.1) => {
+                let before = out.len();
+                while out.len() - before < limit {
+                    match self.0.try_recv() {
+                        Ok(m) => out.push(m),
+                        Err(_) => break,
+                    }
+                }
+                out.len() - before
+            }
+        }
     }
 }
 
 /// The datagram half of [`Incoming::split`].
 #[derive(Debug)]
-pub struct DatagramReceiver(mpsc::Receiver<Datagram>);
+pub struct DatagramReceiver(mpsc::Receiver<Datagram>, watch::Receiver<bool>);
 
 impl DatagramReceiver {
     /// The next datagram; `None` after shutdown.
     pub async fn recv(&mut self) -> Option<Datagram> {
-        self.0.recv().await
+        recv_or_shut(&mut self.0, &mut self.1).await
     }
 }

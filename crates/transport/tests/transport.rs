@@ -699,3 +699,95 @@ async fn two_endpoints_talk_over_the_virtual_network() {
     assert!(matches!(err, TransportError::TimedOut { .. }), "{err}");
     assert_silent(&mut b_in).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_incoming_and_refuses_sends() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, mut a_in) = start(&ids[0], TransportConfig::default());
+    let (b, b_in) = start(&ids[1], TransportConfig::default());
+    let (mut b_msgs, mut b_dgrams) = b_in.split();
+    within(a.send(&dest_of(&b), 1, Bytes::from_static(b"last"), WhenFull::Wait))
+        .await
+        .unwrap();
+    // Wait until it is in b's queue, then shut b down while a clone lives on.
+    within(async {
+        while b.stats().messages_received == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let b_clone = b.clone();
+    within(b.shutdown()).await;
+    // What was queued is still handed out, then the receivers end.
+    assert_eq!(&within(b_msgs.recv()).await.unwrap().body[..], b"last");
+    assert!(within(b_msgs.recv()).await.is_none());
+    assert!(within(b_dgrams.recv()).await.is_none());
+    let err = within(b_clone.send(&dest_of(&a), 1, Bytes::new(), WhenFull::Wait))
+        .await
+        .unwrap_err();
+    assert_eq!(err, TransportError::Shutdown);
+    within(a.shutdown()).await;
+    assert!(within(a_in.recv()).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_closes_and_the_next_send_reconnects() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, _a_in) = start(&ids[0], TransportConfig::default());
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    within(a.send(&dest_of(&b), 1, Bytes::from_static(b"1"), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut b_in).await.body[..], b"1");
+    assert_eq!(a.peers().len(), 1);
+    a.disconnect(b.local_addr());
+    assert!(a.peers().is_empty());
+    within(a.send(&dest_of(&b), 1, Bytes::from_static(b"2"), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut b_in).await.body[..], b"2");
+    assert_eq!(a.stats().connections_opened, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_says_hello_is_not_admitted() {
+    let (_, ids) = throwaway_cluster(&["b", "x"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.handshake_timeout = Duration::from_millis(300);
+    let (b, _b_in) = start(&ids[0], cfg);
+    // The raw client completes TLS (its certificate is valid) but sends no
+    // hello: b must close it and never use it.
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let id = &ids[1];
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(id.ca_pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_slice(id.cert_pem().as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(id.key_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![shoal_transport::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(localhost()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = within(ep.connect(b.local_addr(), "b").unwrap())
+        .await
+        .unwrap();
+    let reason = within(conn.closed()).await;
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(frame::code::REJECTED)),
+        "{reason:?}"
+    );
+    assert_eq!(b.stats().handshakes_rejected, 1);
+    assert_eq!(b.stats().connections_opened, 0);
+    assert!(b.peers().is_empty());
+}
