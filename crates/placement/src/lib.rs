@@ -15,7 +15,10 @@
 //! - A [`PlacementTable`] is built once per view and answers
 //!   [`PlacementTable::owners`] in O(1) without allocating;
 //!   [`PlacementTable::diff`] lists, for a set of datums, which change
-//!   primary and which change replicas between two tables.
+//!   primary and which change replicas between two tables;
+//!   [`PlacementTable::rebuild`] builds the next view's table from the
+//!   current one, with the same result as a build but in time proportional
+//!   to the nodes that changed.
 //!
 //! ```
 //! use shoal_placement::{Member, PlacementTable, Strategy, View};
@@ -46,7 +49,7 @@
 //!
 //! // The minimal-movement strategy moves about 1/(n+1) of them.
 //! let r_old = PlacementTable::build(old, &Strategy::rendezvous(), 1)?;
-//! let r_new = PlacementTable::build(next.view().clone(), &Strategy::rendezvous(), 1)?;
+//! let r_new = r_old.rebuild(next.view().clone())?;
 //! let moved = r_old.diff(&r_new, 0..30_000).primary_moves.len();
 //! assert!(moved > 8_000 && moved < 12_000);
 //! # Ok::<(), shoal_placement::PlacementError>(())

@@ -97,11 +97,31 @@ impl PlacementTable {
     /// [`Strategy::ModN`] a build is already O(n).) Use it on every view
     /// change in large clusters.
     ///
+    /// Mind that [`Self::empty`] is a mod-N table with one copy: to start
+    /// from nothing with another configuration use [`Self::build`] or
+    /// [`Self::build_from`].
+    ///
     /// # Errors
     /// As [`Self::build`] (the configuration was valid for this table, so
     /// only [`PlacementError::TooManyNodes`] can occur).
     pub fn rebuild(&self, view: View) -> Result<PlacementTable, PlacementError> {
         PlacementTable::build_inner(view, &self.strategy, self.copies, Some(self))
+    }
+
+    /// [`Self::build`], reusing the work of `previous` where its
+    /// configuration allows (same strategy and partition count, same number
+    /// of owners per datum), as [`Self::rebuild`] does; otherwise a plain
+    /// build. The result is always exactly what [`Self::build`] returns.
+    ///
+    /// # Errors
+    /// As [`Self::build`].
+    pub fn build_from(
+        previous: &PlacementTable,
+        view: View,
+        strategy: &Strategy,
+        copies: usize,
+    ) -> Result<PlacementTable, PlacementError> {
+        PlacementTable::build_inner(view, strategy, copies, Some(previous))
     }
 
     fn build_inner(

@@ -124,7 +124,8 @@ proptest! {
 
     #[test]
     fn rebuild_gives_what_build_gives(
-        views in prop::collection::vec(members(), 2..5), rule in rule(), copies in 1usize..4
+        views in prop::collection::vec(members(), 2..5), rule in rule(), copies in 1usize..4,
+        other_rule in rule(), other_copies in 1usize..4
     ) {
         // A chain of views: each table rebuilt from the previous one must be
         // identical to one built from scratch.
@@ -133,11 +134,17 @@ proptest! {
         let mut table = PlacementTable::build(first, &rule, copies).unwrap();
         for view in views {
             let rebuilt = table.rebuild(view.clone()).unwrap();
-            let built = PlacementTable::build(view, &rule, copies).unwrap();
+            let built = PlacementTable::build(view.clone(), &rule, copies).unwrap();
             prop_assert_eq!(rebuilt.view(), built.view());
             prop_assert_eq!(rebuilt.slot_count(), built.slot_count());
             for slot in 0..built.slot_count() as u32 {
                 prop_assert_eq!(rebuilt.slot_owners(slot), built.slot_owners(slot));
+            }
+            // From a table of another configuration: still a plain build.
+            let other = PlacementTable::build_from(&table, view, &other_rule, other_copies).unwrap();
+            let plain = PlacementTable::build(other.view().clone(), &other_rule, other_copies).unwrap();
+            for slot in 0..plain.slot_count() as u32 {
+                prop_assert_eq!(other.slot_owners(slot), plain.slot_owners(slot));
             }
             table = rebuilt;
         }
