@@ -145,3 +145,38 @@ fn rebuilding_from_the_previous_table_gives_the_same_table() {
         }
     }
 }
+
+#[test]
+fn placement_is_pinned_across_versions() {
+    // Nodes of a cluster may run different builds during a rolling upgrade:
+    // they must agree on owners. Any change of these values is a breaking
+    // change of the placement and must be called out as such.
+    let view = View::from_nodes((0..5).map(|i| node("pin", i)));
+    let rendezvous = PlacementTable::build(view.clone(), &Strategy::rendezvous(), 2).unwrap();
+    let modn = PlacementTable::build(view, &Strategy::ModN, 2).unwrap();
+    let names = |t: &PlacementTable, id: i64| -> String {
+        t.owner_ids(id)
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let got: Vec<String> = [0, 1, 2, 3, -1, i64::MIN, i64::MAX, 123_456_789]
+        .iter()
+        .map(|&id| format!("{} | {}", names(&rendezvous, id), names(&modn, id)))
+        .collect();
+    assert_eq!(got, PINNED);
+}
+
+/// Owners (rendezvous | mod-N) of datums 0, 1, 2, 3, -1, i64::MIN,
+/// i64::MAX and 123456789 on nodes pin-0..pin-4, two copies. The mod-N side
+/// is the seed's formula: e.g. i64::MIN ≡ 2 (mod 5), so pin-2, pin-3.
+const PINNED: [&str; 8] = [
+    "pin-1,pin-3 | pin-0,pin-1",
+    "pin-1,pin-2 | pin-1,pin-2",
+    "pin-3,pin-4 | pin-2,pin-3",
+    "pin-2,pin-3 | pin-3,pin-4",
+    "pin-2,pin-0 | pin-4,pin-0",
+    "pin-4,pin-1 | pin-2,pin-3",
+    "pin-3,pin-0 | pin-2,pin-3",
+    "pin-2,pin-0 | pin-4,pin-0",
+];
