@@ -1338,21 +1338,23 @@ impl<W> Handoff<W> {
 
     /// This node became primary of a datum it does not hold.
     fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
-        let all_done = self.done_missing.is_empty();
-        let candidates = self.candidates(d.id);
-        if !matches!(candidates, Candidates::SomeAlive) && !all_done {
-            self.blocked_on_done.push(d);
-        }
-        match candidates {
-            Candidates::None if all_done => self.take_token(d, s, Source::Fresh, now),
-            Candidates::AllGone if all_done => self.take_token(d, s, Source::OwnerGone, now),
-            Candidates::None | Candidates::AllGone | Candidates::SomeAlive => {
-                s.phase = Phase::Awaiting;
-                s.attempt = 0;
-                s.flight = self.enter_cohort(d, now);
-                s.since = s.flight;
-                self.registry.set(d, s);
-            }
+        s.phase = Phase::Awaiting;
+        s.attempt = 0;
+        s.flight = self.enter_cohort(d, now);
+        s.since = s.flight;
+        self.registry.set(d, s);
+        self.settle_wait(d, s, now);
+    }
+
+    /// A wait (Awaiting or Relay) that no live node may answer ends here:
+    /// once every node has said done, the token is this node's to take
+    /// (acquire if primary, pass on if not). Until then it is remembered.
+    fn settle_wait(&mut self, d: Datum, s: Slot, now: Instant) {
+        match self.candidates(d.id) {
+            Candidates::SomeAlive => {}
+            _ if !self.done_missing.is_empty() => self.blocked_on_done.push(d),
+            Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
+            Candidates::None => self.take_token(d, s, Source::Fresh, now),
         }
     }
 
@@ -1381,17 +1383,13 @@ impl<W> Handoff<W> {
                 // at every view change. It never ends early, only late.
                 s.flight = self.enter_cohort(d, now);
                 self.registry.set(d, s);
+                self.settle_wait(d, s, now);
             }
             (Relay, true) => {
                 s.phase = Awaiting;
                 s.flight = self.enter_cohort(d, now);
                 self.registry.set(d, s);
-                match self.candidates(d.id) {
-                    Candidates::SomeAlive => {}
-                    _ if !self.done_missing.is_empty() => self.blocked_on_done.push(d),
-                    Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
-                    Candidates::None => self.take_token(d, s, Source::Fresh, now),
-                }
+                self.settle_wait(d, s, now);
             }
             (AcquireQueued | AcquireBackoff, false) => {
                 // Not acquired yet: pass the token on instead.
@@ -1657,10 +1655,10 @@ impl<W> Handoff<W> {
         }
         info!(node = %self.local, peer = %node, "peer gone");
         for past in &mut self.history {
-            if let Some(i) = past.table.view().index_of_id(node) {
-                if let Some(g) = past.gone.get_mut(i.get()) {
-                    *g = true;
-                }
+            if let Some(i) = past.table.view().index_of_id(node)
+                && let Some(g) = past.gone.get_mut(i.get())
+            {
+                *g = true;
             }
         }
         self.done_missing.remove(node);
@@ -1674,12 +1672,8 @@ impl<W> Handoff<W> {
     /// `all`: look at every wait (a node is gone: candidates changed), not
     /// only those that were blocked on done markers.
     fn release_unheld_waits(&mut self, now: Instant, all: bool) {
-        if !self.done_missing.is_empty() {
-            return;
-        }
-        let mut waiting = std::mem::take(&mut self.blocked_on_done);
-        if all {
-            waiting.clear();
+        let waiting = if all {
+            let mut waiting = Vec::new();
             for c in &self.cohorts {
                 for d in &c.datums {
                     if self.registry.get(d).is_some_and(|s| {
@@ -1689,19 +1683,20 @@ impl<W> Handoff<W> {
                     }
                 }
             }
-        }
+            self.blocked_on_done.clear();
+            waiting
+        } else if self.done_missing.is_empty() {
+            std::mem::take(&mut self.blocked_on_done)
+        } else {
+            return;
+        };
         for d in waiting {
-            let Some(s) = self
+            if let Some(s) = self
                 .registry
                 .get(&d)
                 .filter(|s| matches!(s.phase, Phase::Awaiting | Phase::Relay))
-            else {
-                continue;
-            };
-            match self.candidates(d.id) {
-                Candidates::SomeAlive => {}
-                Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
-                Candidates::None => self.take_token(d, s, Source::Fresh, now),
+            {
+                self.settle_wait(d, s, now);
             }
         }
     }
@@ -2071,12 +2066,12 @@ impl<W> Handoff<W> {
 
     fn check_ended(&mut self) {
         self.maybe_send_done();
-        if let Some(view) = self.transition {
-            if self.is_idle() {
-                self.transition = None;
-                info!(node = %self.local, view = %view, "transition ended");
-                self.events.push_back(Event::TransitionEnded { view });
-            }
+        if let Some(view) = self.transition
+            && self.is_idle()
+        {
+            self.transition = None;
+            info!(node = %self.local, view = %view, "transition ended");
+            self.events.push_back(Event::TransitionEnded { view });
         }
     }
 }

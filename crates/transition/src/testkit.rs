@@ -689,17 +689,16 @@ impl Sim {
                     payload: Payload::Notices { bytes, .. },
                 }) => {
                     if let Ok(b) = crate::NoticeBatch::decode(bytes, &crate::WireLimits::default())
+                        && (b.groups.iter().any(|g| g.ids.contains(&t)) || b.done)
                     {
-                        if b.groups.iter().any(|g| g.ids.contains(&t)) || b.done {
-                            self.trace(t, || {
-                                format!(
-                                    "notice {from}->{to} view {} done {} has {}",
-                                    b.view,
-                                    b.done,
-                                    b.groups.iter().any(|g| g.ids.contains(&t))
-                                )
-                            });
-                        }
+                        self.trace(t, || {
+                            format!(
+                                "notice {from}->{to} view {} done {} has {}",
+                                b.view,
+                                b.done,
+                                b.groups.iter().any(|g| g.ids.contains(&t))
+                            )
+                        });
                     }
                 }
                 Ev::JobDone { node, job, ok } if job.datum.id == t => {
@@ -1103,15 +1102,15 @@ impl Sim {
         }
         // Wake the node at its next deadline.
         let base = self.base;
-        if let Some(s) = self.nodes.get_mut(n) {
-            if let Some(t) = s.handoff.poll_timeout() {
-                let t = t.saturating_duration_since(base).max(now);
-                if s.timer.is_none_or(|cur| t < cur) {
-                    s.timer = Some(t);
-                    self.seq += 1;
-                    self.queue.push(Reverse((t, self.seq)));
-                    self.pending.insert(self.seq, Ev::Timer { node: n });
-                }
+        if let Some(s) = self.nodes.get_mut(n)
+            && let Some(t) = s.handoff.poll_timeout()
+        {
+            let t = t.saturating_duration_since(base).max(now);
+            if s.timer.is_none_or(|cur| t < cur) {
+                s.timer = Some(t);
+                self.seq += 1;
+                self.queue.push(Reverse((t, self.seq)));
+                self.pending.insert(self.seq, Ev::Timer { node: n });
             }
         }
     }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use shoal_placement::{NodeId, PlacementTable, Strategy, View};
 use shoal_transition::{
-    Config, Datum, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch, NoticeError,
-    NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
+    Config, Datum, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch, NoticeError, NoticeGroup,
+    ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
 };
 
 fn id(name: &str, generation: u64) -> NodeId {
@@ -126,7 +126,9 @@ impl Cluster {
         let to = self.index(&tx.to);
         let bytes = tx.batch.encode();
         let from_id = self.ids[from].clone();
-        self.nodes[to].handle_notices(&from_id, &bytes, self.now).unwrap();
+        self.nodes[to]
+            .handle_notices(&from_id, &bytes, self.now)
+            .unwrap();
         self.nodes[from].send_done(tx.id, Ok(()), self.now);
     }
 
@@ -182,7 +184,10 @@ fn relinquish_before_acquire_and_route_during_the_handoff() {
     // b waits for a's notice; a must relinquish first.
     assert_eq!(c.nodes[1].route(d1), Route::Hold);
     assert_eq!(c.nodes[1].progress().awaiting, 2);
-    assert!(c.nodes[1].poll_job().is_none(), "no acquire before the notice");
+    assert!(
+        c.nodes[1].poll_job().is_none(),
+        "no acquire before the notice"
+    );
     assert_eq!(c.nodes[0].route(c.datum(0, 1)), Route::Hold);
     c.nodes[1].hold(d1, 7).unwrap();
     c.nodes[1].hold(d1, 8).unwrap();
@@ -194,7 +199,10 @@ fn relinquish_before_acquire_and_route_during_the_handoff() {
     assert_eq!(c.nodes[1].route(d1), Route::Process);
     assert_eq!(c.nodes[0].route(c.datum(0, 1)), Route::Forward(&c.ids[1]));
     let r = c.nodes[1].poll_release().unwrap();
-    assert_eq!((r.datum, r.to, r.work), (d1, ReleaseTo::Process, vec![7, 8]));
+    assert_eq!(
+        (r.datum, r.to, r.work),
+        (d1, ReleaseTo::Process, vec![7, 8])
+    );
     assert!(c.nodes[1].poll_release().is_none(), "released once");
 }
 
@@ -273,7 +281,10 @@ fn timeout_acquires_and_reports() {
     let ev = c.events(0);
     assert!(ev.contains(&Event::RelinquishAbandoned { datum: job.datum }));
     assert_eq!(c.nodes[0].route(job.datum), Route::Forward(&c.ids[1]));
-    assert_eq!(c.nodes[1].poll_timeout(), Some(c.now + Duration::from_secs(3)));
+    assert_eq!(
+        c.nodes[1].poll_timeout(),
+        Some(c.now + Duration::from_secs(3))
+    );
     c.advance(Duration::from_secs(3));
     c.settle();
     assert_eq!(c.holders(1), vec![1]);
@@ -318,7 +329,9 @@ fn failed_owner_is_taken_over_once_the_others_are_done() {
         let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != 0).collect();
         assert_eq!(h.len(), 1, "datum {id} taken over at once");
     }
-    let gone: u64 = (1..3).map(|n| c.nodes[n].counters().acquired_owner_gone).sum();
+    let gone: u64 = (1..3)
+        .map(|n| c.nodes[n].counters().acquired_owner_gone)
+        .sum();
     assert!(gone > 0);
     assert!((1..3).all(|n| c.nodes[n].is_idle()));
 }
@@ -353,7 +366,10 @@ fn a_datum_moving_back_before_its_relinquish_ran_is_kept() {
     c.install_all(&t_ab);
     c.install_all(&t_a);
     let ev = c.events(0);
-    assert!(ev.iter().any(|e| matches!(e, Event::TransitionSuperseded { .. })));
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::TransitionSuperseded { .. }))
+    );
     assert!(c.nodes[0].poll_job().is_none(), "never relinquished");
     c.settle();
     assert_eq!(c.holders(1), vec![0]);
@@ -411,7 +427,10 @@ fn fencing_stops_everything_first() {
     c.nodes[0].install(Arc::clone(&t), c.now); // a is relinquishing
     c.nodes[0].hold(d, 1).unwrap();
     c.nodes[0].fence(c.now);
-    assert!(matches!(c.nodes[0].poll_event(), Some(Event::Fenced { datums: 2 })));
+    assert!(matches!(
+        c.nodes[0].poll_event(),
+        Some(Event::Fenced { datums: 2 })
+    ));
     assert!(c.nodes[0].poll_job().is_none());
     assert!(c.nodes[0].poll_transmit().is_none());
     assert_eq!(c.nodes[0].route(d), Route::Fenced);

@@ -90,3 +90,44 @@ fn trace_one_run() {
         eprintln!("violation: {line}");
     }
 }
+
+/// A crashed owner's datums are taken over by failover (owner gone, after
+/// one round of done markers), not by waiting out the timeout.
+#[test]
+fn kill_owner_fails_over_without_waiting_for_the_timeout() {
+    use shoal_transition::testkit::{Sim, SimConfig};
+    use std::time::Duration;
+    for seed in 0..20 {
+        let mut cfg = SimConfig::new(seed);
+        cfg.job_failure = 0.0;
+        let timeout = cfg.handoff.timeout;
+        let mut sim = Sim::new(cfg, 4);
+        sim.run_for(Duration::from_secs(1));
+        let victim = sim.random_member().unwrap();
+        sim.kill(victim);
+        // Detection takes at most 0.8 s and installs 0.3 s more: well
+        // before the 2 s timeout, every survivor holds its share again.
+        sim.run_for(Duration::from_millis(1_500));
+        let survivors: Vec<usize> = (0..sim.node_count()).filter(|&n| n != victim).collect();
+        let held: usize = survivors
+            .iter()
+            .map(|&n| sim.handoff(n).unwrap().progress().held)
+            .sum();
+        assert_eq!(
+            held, 120,
+            "seed {seed}: all datums held again before the timeout"
+        );
+        let timeouts: u64 = survivors
+            .iter()
+            .map(|&n| sim.handoff(n).unwrap().counters().acquired_after_timeout)
+            .sum();
+        let failovers: u64 = survivors
+            .iter()
+            .map(|&n| sim.handoff(n).unwrap().counters().acquired_owner_gone)
+            .sum();
+        assert_eq!(timeouts, 0, "seed {seed}");
+        assert!(failovers > 0, "seed {seed}");
+        let v = sim.settle(timeout * 4);
+        assert!(v.is_empty(), "seed {seed}: {v:?}");
+    }
+}
