@@ -6,7 +6,19 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use shoal_placement::{Member, NodeId, PlacementTable, Strategy as Rule, View};
+
+/// Deterministic runs: a fixed seed (CI and every machine see the same
+/// cases), no failure-persistence files.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        rng_seed: RngSeed::Fixed(0x5ea1_0001),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
 
 /// Members drawn from a small name space so that duplicates, restarts and
 /// not-ready members all occur.
@@ -33,7 +45,7 @@ fn ids() -> impl Strategy<Value = Vec<i64>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(config(256))]
 
     #[test]
     fn owners_are_distinct_ready_and_min_copies(
@@ -179,7 +191,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(config(512))]
 
     /// Configuration and identities decoded from untrusted text: errors,
     /// never panics, and a decoded strategy builds or reports an error.
