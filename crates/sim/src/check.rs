@@ -24,7 +24,7 @@ struct Seen {
 }
 
 /// What happened to a process during the run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Fate {
     pub(crate) up: bool,
     pub(crate) crashed: bool,
@@ -32,6 +32,30 @@ pub(crate) struct Fate {
     pub(crate) stalled: bool,
     /// Was cut off from part of the cluster by a partition.
     pub(crate) partitioned: bool,
+    /// Who marked this process failed while it was running, and the
+    /// highest incarnation each did it at.
+    pub(crate) accusers: Vec<(ProcKey, u64)>,
+    /// When this process learned the cluster declared it failed
+    /// (`DeclaredFailed`), its own incarnation right after: it has learned
+    /// of every verdict about a lower incarnation.
+    pub(crate) fenced_below: Option<u64>,
+}
+
+impl Fate {
+    /// An accuser (among those `still_running`) that marked this process
+    /// failed at an incarnation it has not learned about: the layers above
+    /// on this node would keep acting as an owner while that accuser fails
+    /// its datums over.
+    pub(crate) fn unfenced_by(
+        &self,
+        still_running: impl Fn(ProcKey) -> bool,
+    ) -> Option<(ProcKey, u64)> {
+        self.accusers
+            .iter()
+            .copied()
+            .filter(|&(accuser, _)| still_running(accuser))
+            .find(|&(_, incarnation)| self.fenced_below.is_none_or(|f| incarnation >= f))
+    }
 }
 
 /// Time from a measured crash to its detection.
@@ -90,8 +114,8 @@ impl Checks {
         self.fates.entry(key).or_default()
     }
 
-    pub(crate) fn fate(&self, key: ProcKey) -> Fate {
-        self.fates.get(&key).copied().unwrap_or_default()
+    pub(crate) fn fate(&self, key: ProcKey) -> Option<&Fate> {
+        self.fates.get(&key)
     }
 
     /// A process stopped (crash or exit after leave): it no longer counts as
@@ -162,11 +186,14 @@ impl Checks {
     }
 
     /// One membership event emitted by `observer` at `now_ns`.
+    /// `own_incarnation` is the observer's own incarnation after the input
+    /// that produced the event.
     pub(crate) fn on_event(
         &mut self,
         observer: ProcKey,
         event: &Event,
         now_ns: u64,
+        own_incarnation: u64,
         world: &dyn World,
     ) -> Result<(), String> {
         let member = match event {
@@ -178,13 +205,15 @@ impl Checks {
             | Event::Left(m) => m,
             Event::DeclaredFailed => {
                 self.declared_failed_events += 1;
+                let fate = self.fate_mut(observer);
+                fate.fenced_below = fate.fenced_below.max(Some(own_incarnation));
                 return Ok(());
             }
             Event::ViewChanged(_) | Event::NameConflict { .. } => return Ok(()),
         };
         let key = self.observe_member(observer, member, world)?;
         match event {
-            Event::Failed(_) => self.on_failed(observer, key, now_ns),
+            Event::Failed(m) => self.on_failed(observer, key, m.incarnation, now_ns),
             Event::Suspected(_) => {
                 for d in &mut self.detections {
                     if d.victim == key {
@@ -213,16 +242,23 @@ impl Checks {
         Ok(())
     }
 
-    fn on_failed(&mut self, observer: ProcKey, key: ProcKey, now_ns: u64) {
-        let fate = self.fate(key);
-        if fate.stalled {
+    fn on_failed(&mut self, observer: ProcKey, key: ProcKey, incarnation: u64, now_ns: u64) {
+        let fate = self.fate_mut(key);
+        let running = fate.up && !fate.crashed && !fate.leaving;
+        if running {
+            match fate.accusers.iter_mut().find(|(a, _)| *a == observer) {
+                Some((_, inc)) => *inc = (*inc).max(incarnation),
+                None => fate.accusers.push((observer, incarnation)),
+            }
+        }
+        let stalled = fate.stalled;
+        let healthy = running && !fate.stalled && !fate.partitioned;
+        if stalled {
             self.stalled_marked_failed = true;
         }
-        let healthy =
-            fate.up && !fate.leaving && !fate.stalled && !fate.crashed && !fate.partitioned;
         if healthy {
             self.false_positive_events += 1;
-            if self.fate(observer).stalled {
+            if self.fate(observer).is_some_and(|f| f.stalled) {
                 self.false_positive_events_by_stalled += 1;
             }
             self.false_positives.insert(key);

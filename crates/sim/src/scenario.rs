@@ -452,7 +452,7 @@ fn drive<A: Application>(
             let limit = t0 + Duration::from_secs(60);
             sim.run_while(limit, Duration::from_millis(50), |s| {
                 s.now() >= t0 + Duration::from_secs(10)
-                    && s.converged_at().is_some()
+                    && s.settled()
                     && s.detections().first().is_some_and(|d| d.all_s.is_some())
             })?;
             close_window(sim, &window, report);
@@ -489,9 +489,7 @@ fn drive<A: Application>(
             let end = t0 + stall + delay + Duration::from_secs(30);
             sim.run_until(end)?;
             let limit = end + sim.config().settle_limit;
-            sim.run_while(limit, Duration::from_millis(100), |s| {
-                s.converged_at().is_some()
-            })?;
+            sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
             close_window(sim, &window, report);
             report.stalled_marked_failed = Some(sim.stalled_marked_failed());
         }
@@ -513,9 +511,7 @@ fn drive<A: Application>(
             sim.schedule(t0 + held, Action::Quiet);
             sim.run_until(t0 + held)?;
             let limit = t0 + held + sim.config().settle_limit;
-            sim.run_while(limit, Duration::from_millis(100), |s| {
-                s.converged_at().is_some()
-            })?;
+            sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
             close_window(sim, &window, report);
         }
         ScenarioKind::Churn => {
@@ -529,9 +525,7 @@ fn drive<A: Application>(
             sim.schedule(t0 + faults, Action::Quiet);
             sim.run_until(t0 + faults)?;
             let limit = t0 + faults + sim.config().settle_limit;
-            sim.run_while(limit, Duration::from_millis(100), |s| {
-                s.converged_at().is_some()
-            })?;
+            sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
             close_window(sim, &window, report);
         }
         ScenarioKind::Update => {
@@ -589,9 +583,7 @@ fn drive<A: Application>(
             sim.schedule(t0 + last, Action::Quiet);
             sim.run_until(t0 + last)?;
             let limit = t0 + last + sim.config().settle_limit;
-            sim.run_while(limit, Duration::from_millis(100), |s| {
-                s.converged_at().is_some()
-            })?;
+            sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
             close_window(sim, &window, report);
         }
     }

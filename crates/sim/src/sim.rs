@@ -48,6 +48,10 @@ pub struct SimConfig {
     /// After [`Action::Quiet`], every live node must see exactly the live
     /// members within this time, or the run stops with a violation.
     pub settle_limit: Duration,
+    /// Once the cluster has stayed converged this long after faults, every
+    /// running process that some node marked failed must have received
+    /// `DeclaredFailed` (the news had time to arrive).
+    pub fencing_grace: Duration,
     /// A started process that still knows no other live member after this
     /// long joins again through other seeds (as a real node's driver
     /// retries its seeds).
@@ -72,6 +76,7 @@ impl SimConfig {
             sample_every: Duration::from_secs(1),
             converge_check_every: Duration::from_secs(1),
             settle_limit: Duration::from_secs(120),
+            fencing_grace: Duration::from_secs(5),
             rejoin_after: Duration::from_secs(5),
             leave_linger: Duration::from_secs(2),
             seeds_per_join: 3,
@@ -398,6 +403,8 @@ pub struct Sim<A: Application = ()> {
     quiet_epoch: u64,
     /// Times the cluster, once converged after the faults, diverged again.
     rediverged: u64,
+    /// Whether self-fencing was checked in the current converged episode.
+    fencing_checked: bool,
     diverged_at: Option<u64>,
     converged_at: Option<u64>,
     app_out: AppOutput,
@@ -486,6 +493,7 @@ impl<A: Application> Sim<A> {
             quiet_at: None,
             quiet_epoch: 0,
             rediverged: 0,
+            fencing_checked: false,
             diverged_at: None,
             converged_at: None,
             app_out: AppOutput::default(),
@@ -573,6 +581,12 @@ impl<A: Application> Sim<A> {
     /// Number of slots.
     pub fn slot_count(&self) -> u32 {
         u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the cluster has stayed converged after [`Action::Quiet`] for
+    /// `fencing_grace`, and self-fencing was checked then.
+    pub fn settled(&self) -> bool {
+        self.fencing_checked && self.converged_at.is_some()
     }
 
     /// When the cluster was first seen converged after [`Action::Quiet`].
@@ -1178,7 +1192,13 @@ impl<A: Application> Sim<A> {
                     let world = WorldRef {
                         by_name: &self.by_name,
                     };
-                    let mut checked = self.checks.on_event(observer, &ev, self.now_ns, &world);
+                    let mut checked = self.checks.on_event(
+                        observer,
+                        &ev,
+                        self.now_ns,
+                        p.membership.local().incarnation,
+                        &world,
+                    );
                     if checked.is_ok()
                         && self.cfg.deep_checks
                         && let Event::ViewChanged(view) = &ev
@@ -1692,12 +1712,21 @@ impl<A: Application> Sim<A> {
     fn converge_check(&mut self) {
         let Some(quiet) = self.quiet_at else { return };
         match self.check_converged() {
-            Ok(()) => {
-                if self.converged_at.is_none() {
+            Ok(()) => match self.converged_at {
+                None => {
                     tracing::info!(t = self.now_ns as f64 / 1e9, "cluster converged");
                     self.converged_at = Some(self.now_ns);
+                    self.fencing_checked = false;
                 }
-            }
+                Some(at) => {
+                    if !self.fencing_checked
+                        && self.now_ns >= at + duration_ns(self.cfg.fencing_grace)
+                    {
+                        self.fencing_checked = true;
+                        self.check_fencing();
+                    }
+                }
+            },
             Err(why) => {
                 if self.converged_at.take().is_some() {
                     // Late consequences of a fault (a suspicion that started
@@ -1723,6 +1752,29 @@ impl<A: Application> Sim<A> {
                 epoch: self.quiet_epoch,
             },
         );
+    }
+
+    /// Self-fencing: every running process that some node marked failed has
+    /// learned it since (`Event::DeclaredFailed`); otherwise the others
+    /// fail its datums over while it still acts as their owner. Checked once
+    /// the cluster has stayed converged for `fencing_grace` after faults.
+    fn check_fencing(&mut self) {
+        let running = |key: ProcKey| self.current_generation(key.0) == Some(key.1);
+        let unfenced = self.live.iter().find_map(|&slot| {
+            let generation = self.current_generation(slot)?;
+            let fate = self.checks.fate((slot, generation))?;
+            let (accuser, incarnation) = fate.unfenced_by(running)?;
+            Some((slot, generation, accuser, incarnation, fate.fenced_below))
+        });
+        if let Some((slot, generation, accuser, incarnation, fenced_below)) = unfenced {
+            self.violate(format!(
+                "{} (generation {generation}) was marked failed at incarnation {incarnation} by {} (still \
+                 running) and never learned it (DeclaredFailed covers incarnations below {fenced_below:?}): \
+                 it would keep acting as an owner while the other fails its datums over",
+                node_name(slot),
+                node_name(accuser.0),
+            ));
+        }
     }
 
     /// Whether every live process sees exactly the live processes (name and

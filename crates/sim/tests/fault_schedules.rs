@@ -106,7 +106,7 @@ proptest! {
         sim.schedule(end, Action::Quiet);
         let limit = end + sim.config().settle_limit + Duration::from_secs(1);
         let outcome = sim.run_while(limit, Duration::from_millis(100), |s| {
-            s.now() > end && s.converged_at().is_some()
+            s.now() > end && s.settled()
         });
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
         prop_assert!(outcome.unwrap(), "did not converge");
