@@ -27,6 +27,10 @@ const SAMPLE_ATTEMPTS: usize = 32;
 const MAX_TOLD: usize = 16;
 /// Last-chance pings to suspects remembered, at most.
 const MAX_CHECKS: usize = 64;
+/// Death verdicts about this node remembered (to report each once), at most.
+const MAX_VERDICTS: usize = 64;
+/// Pings and acks a death-verdict notice rides on after the reliable send.
+const NOTICE_REPEATS: u32 = 3;
 
 /// `now + d`, saturating far in the future instead of overflowing.
 fn later(now: Instant, d: Duration) -> Instant {
@@ -55,6 +59,36 @@ struct Relay {
     requester: SocketAddr,
     requester_seq: u32,
     nack_at: Instant,
+}
+
+/// A death verdict a revived member still has to hear about.
+#[derive(Debug, Clone)]
+struct Notice {
+    incarnation: u64,
+    accuser: Arc<str>,
+    remaining: u32,
+}
+
+/// An ack to send once the whole packet was applied.
+#[derive(Debug, Clone, Copy)]
+struct DeferredAck {
+    to: SocketAddr,
+    seq: u32,
+    reliable: bool,
+    extra: AckExtra,
+}
+
+/// What rides with an ack, about the pinger itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckExtra {
+    Nothing,
+    /// We do not know the pinger, or an older version of it: ask.
+    AskAlive,
+    /// We hold the pinger (in this slot) suspect or dead: tell it.
+    Accuse(u32),
+    /// We revived the pinger (in this slot) and it may not know it had been
+    /// declared dead: tell it again.
+    Notice(u32),
 }
 
 /// Join attempts in progress.
@@ -182,6 +216,11 @@ pub struct Membership<R: Rng> {
     local: Member,
     /// True once another process won this node's name: the node is passive.
     superseded: bool,
+    /// Death verdicts about us already reported: (incarnation, accuser hash).
+    verdicts: VecDeque<(u64, u64)>,
+    /// Members we revived that still have to hear they had been declared
+    /// dead (repeated on pings and acks to them).
+    notices: SlotMap<Notice>,
     /// Remote members; `None` marks a reaped slot that `free` will reuse.
     members: Vec<Option<Member>>,
     free: Vec<u32>,
@@ -212,7 +251,7 @@ pub struct Membership<R: Rng> {
     view_dirty: bool,
     stats: Stats,
     scratch_slots: Vec<u32>,
-    deferred_acks: Vec<(SocketAddr, u32, bool)>,
+    deferred_acks: Vec<DeferredAck>,
     /// Accusers already answered directly, for one incarnation of ours.
     told: (u64, Vec<u64>),
     /// Sequence numbers of last-chance pings to suspects (their acks are
@@ -283,6 +322,8 @@ impl<R: Rng> Membership<R> {
                 metadata,
             },
             superseded: false,
+            verdicts: VecDeque::new(),
+            notices: SlotMap::default(),
             members: Vec::new(),
             free: Vec::new(),
             index: NameIndex::new(hasher),
@@ -438,6 +479,7 @@ impl<R: Rng> Membership<R> {
                 Message::IndirectPing(req) => self.on_indirect_ping(from, &req, now),
                 Message::Ack(seq) => self.on_ack(seq),
                 Message::Nack(seq) => self.on_nack(seq),
+                Message::AliveRequest => self.on_alive_request(from),
                 Message::Alive(alive) => {
                     self.apply_alive(AliveInfo::from_wire(&alive), Mode::Announce, now)
                 }
@@ -460,14 +502,18 @@ impl<R: Rng> Membership<R> {
         // Acks leave after the whole packet was applied, so a refutation
         // triggered by a suspicion piggybacked on the ping rides on the ack.
         let acks = std::mem::take(&mut self.deferred_acks);
-        for &(to, seq, reliable) in &acks {
-            self.send_ack(to, seq, reliable);
+        for ack in &acks {
+            self.send_ack(ack);
         }
         self.deferred_acks = acks;
         self.deferred_acks.clear();
         if let Some(header) = push_pull {
-            // Some member answered: the join (if any) is done.
-            self.join = None;
+            // An answer to one of our push-pulls (not someone else's request,
+            // e.g. a node joining through us): we are in contact, the join
+            // (if any) is done.
+            if !header.reply {
+                self.join = None;
+            }
             if header.reply && self.local.state.is_live() {
                 self.send_state(from, false, false);
             }
@@ -483,7 +529,11 @@ impl<R: Rng> Membership<R> {
         }
         self.fire_relays(now);
         self.fire_probe(now);
-        self.fire_suspicions(now);
+        // A node that left no longer judges anyone: its verdicts would make
+        // members fence themselves for nothing.
+        if self.local.state == MemberState::Alive {
+            self.fire_suspicions(now);
+        }
         self.fire_gossip(now);
         self.fire_push_pull(now);
         self.fire_reconnect(now);
@@ -530,7 +580,10 @@ impl<R: Rng> Membership<R> {
             (!self.broadcasts.is_empty()).then_some(self.next_gossip_at),
             live.then_some(self.next_push_pull_at),
             (live && !self.down_since.is_empty()).then_some(self.next_reconnect_at),
-            self.suspicion_deadlines.first().map(|(at, _)| *at),
+            self.suspicion_deadlines
+                .first()
+                .filter(|_| self.local.state == MemberState::Alive)
+                .map(|(at, _)| *at),
             self.relays.front().map(|r| r.nack_at),
             self.reap_queue.first().map(|(at, _)| *at),
             self.join.as_ref().map(|j| j.next_at),
@@ -734,6 +787,7 @@ impl<R: Rng> Membership<R> {
         };
         self.index.remove(&member.name, slot);
         self.free.push(slot);
+        self.notices.remove(&slot);
         self.broadcasts.remove(slot);
         self.clear_suspicion(slot);
         self.clear_down(slot);
@@ -792,14 +846,75 @@ impl<R: Rng> Membership<R> {
         self.send(to, false, buf);
     }
 
-    fn send_ack(&mut self, to: SocketAddr, seq: u32, reliable: bool) {
+    fn send_ack(&mut self, ack: &DeferredAck) {
         let mut buf = self.new_packet();
-        wire::encode(&Message::Ack(seq), &mut buf);
-        if reliable {
-            self.send(to, true, buf);
-        } else {
-            self.finish_unreliable(to, buf);
+        wire::encode(&Message::Ack(ack.seq), &mut buf);
+        match ack.extra {
+            AckExtra::Nothing => {}
+            AckExtra::AskAlive => {
+                self.stats.alive_requests += 1;
+                wire::encode(&Message::AliveRequest, &mut buf);
+            }
+            AckExtra::Accuse(slot) => {
+                if let Some(m) = self.slot(slot) {
+                    let acc = Accusation {
+                        name: &m.name,
+                        generation: m.generation,
+                        incarnation: m.incarnation,
+                        from: &self.local.name,
+                    };
+                    match m.state {
+                        MemberState::Suspect => wire::encode(&Message::Suspect(acc), &mut buf),
+                        MemberState::Dead => wire::encode(&Message::Dead(acc), &mut buf),
+                        MemberState::Alive | MemberState::Left => {}
+                    }
+                }
+            }
+            AckExtra::Notice(slot) => self.append_notice(slot, &mut buf),
         }
+        if ack.reliable {
+            self.send(ack.to, true, buf);
+        } else {
+            self.finish_unreliable(ack.to, buf);
+        }
+    }
+
+    /// What to tell a pinger about itself: ask for its `Alive` if our record
+    /// of it is missing or older, or tell it we hold it suspect or dead.
+    fn pinger_extra(&self, ping: &Ping<'_>) -> AckExtra {
+        if ping.from == &*self.local.name {
+            return AckExtra::Nothing;
+        }
+        let Some(slot) = self.index.get(ping.from, &self.members) else {
+            return AckExtra::AskAlive;
+        };
+        let Some(record) = self.slot(slot) else {
+            return AckExtra::AskAlive;
+        };
+        let newer =
+            (ping.from_generation, ping.from_incarnation) > (record.generation, record.incarnation);
+        if newer {
+            return AckExtra::AskAlive;
+        }
+        if ping.from_generation == record.generation
+            && matches!(record.state, MemberState::Suspect | MemberState::Dead)
+        {
+            return AckExtra::Accuse(slot);
+        }
+        if self.notices.contains_key(&slot) {
+            return AckExtra::Notice(slot);
+        }
+        AckExtra::Nothing
+    }
+
+    /// A member asked for our `Alive` (it did not know us, or an older us).
+    fn on_alive_request(&mut self, from: SocketAddr) {
+        if self.local.state != MemberState::Alive {
+            return;
+        }
+        let mut buf = self.new_packet();
+        wire::encode(&Message::Alive(alive_of(&self.local)), &mut buf);
+        self.finish_unreliable(from, buf);
     }
 
     fn queue_broadcast(&mut self, slot: u32, bytes: Vec<u8>) {
@@ -930,6 +1045,11 @@ impl<R: Rng> Membership<R> {
                 self.add_to_probe_order(slot);
             }
         }
+        if state == MemberState::Dead && mode.announces() {
+            // It refuted, maybe without ever hearing that we had declared it
+            // dead (it refuted a suspicion): tell it, so it fences itself.
+            self.tell_declared_dead(slot, incarnation, &self.local.name.clone());
+        }
         if changed {
             self.view_dirty = true;
         }
@@ -968,6 +1088,7 @@ impl<R: Rng> Membership<R> {
         record.metadata = info.metadata.to_arc(&empty);
         record.state = MemberState::Alive;
         self.clear_suspicion(slot);
+        self.notices.remove(&slot);
         if old.state.is_live() {
             if self.probe.is_some_and(|p| p.slot == slot) {
                 self.probe = None;
@@ -1186,13 +1307,29 @@ impl<R: Rng> Membership<R> {
     fn apply_dead(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
         let left = acc.from == acc.name;
         if acc.name == &*self.local.name {
-            if self.accusation_about_self(acc) {
-                if !left {
+            // Declared dead at any incarnation of this generation, even one
+            // already refuted (a suspicion refuted while someone else had
+            // gone on to declare us dead): each such verdict makes its author
+            // fail our datums over, so the layers above must fence. Reported
+            // once per (accuser, incarnation): copies of one verdict arrive
+            // by many gossip paths.
+            if !left
+                && self.local.state == MemberState::Alive
+                && acc.generation == self.local.generation
+            {
+                let verdict = (acc.incarnation, self.hasher.hash_str(acc.from));
+                if !self.verdicts.contains(&verdict) {
+                    if self.verdicts.len() >= MAX_VERDICTS {
+                        self.verdicts.pop_front();
+                    }
+                    self.verdicts.push_back(verdict);
                     warn!(name = %self.local.name, incarnation = acc.incarnation, accuser = acc.from,
-                        "the cluster declared this node failed; refuting");
+                        "the cluster declared this node failed");
                     self.stats.declared_failed += 1;
                     self.emit(Event::DeclaredFailed);
                 }
+            }
+            if self.accusation_about_self(acc) {
                 self.refute(acc.incarnation);
                 self.tell_accuser(acc.from);
             }
@@ -1242,6 +1379,63 @@ impl<R: Rng> Membership<R> {
         }
     }
 
+    /// Sends a member our (or `accuser`'s) death verdict about it at
+    /// `incarnation`, directly: only the member itself acts on it (it reports
+    /// `DeclaredFailed` once per incarnation, and refutes if still needed).
+    ///
+    /// Sent on the reliable path, and repeated on the next few pings and acks
+    /// exchanged with it, so one lost packet does not leave it unfenced.
+    fn tell_declared_dead(&mut self, slot: u32, incarnation: u64, accuser: &str) {
+        let Some(m) = self.slot(slot) else { return };
+        let mut buf = self.new_packet();
+        wire::encode(
+            &Message::Dead(Accusation {
+                name: &m.name,
+                generation: m.generation,
+                incarnation,
+                from: accuser,
+            }),
+            &mut buf,
+        );
+        let addr = m.addr;
+        self.send(addr, true, buf);
+        self.notices.insert(
+            slot,
+            Notice {
+                incarnation,
+                accuser: Arc::from(accuser),
+                remaining: NOTICE_REPEATS,
+            },
+        );
+    }
+
+    /// Appends a pending death-verdict notice for the member in `slot` to a
+    /// packet going to it, counting one repetition.
+    fn append_notice(&mut self, slot: u32, buf: &mut Vec<u8>) {
+        let Some(notice) = self.notices.get_mut(&slot) else {
+            return;
+        };
+        notice.remaining = notice.remaining.saturating_sub(1);
+        let (incarnation, accuser, done) = (
+            notice.incarnation,
+            Arc::clone(&notice.accuser),
+            notice.remaining == 0,
+        );
+        if done {
+            self.notices.remove(&slot);
+        }
+        let Some(m) = self.slot(slot) else { return };
+        wire::encode(
+            &Message::Dead(Accusation {
+                name: &m.name,
+                generation: m.generation,
+                incarnation,
+                from: &accuser,
+            }),
+            buf,
+        );
+    }
+
     /// One member of a push-pull state; `from` is the sender, counted as the
     /// accuser of the suspect and dead members it reports.
     fn merge_state(&mut self, state: &State<'_>, from: &str, now: Instant) {
@@ -1271,9 +1465,37 @@ impl<R: Rng> Membership<R> {
             WireState::Dead if !known => {
                 self.insert_down(AliveInfo::from_wire(member), MemberState::Dead, now);
             }
+            WireState::Dead
+                if self
+                    .index
+                    .get(member.name, &self.members)
+                    .and_then(|slot| self.slot(slot))
+                    .is_some_and(|m| !m.state.is_live() && m.generation == member.generation) =>
+            {
+                // Already down here; the remote saw it refute and die again
+                // at a later incarnation. Nothing to revive: keep it dead,
+                // at the later incarnation (stale alives then stay stale).
+                if let Some(slot) = self.index.get(member.name, &self.members)
+                    && let Some(m) = self.slot_mut(slot)
+                    && m.incarnation < member.incarnation
+                {
+                    m.incarnation = member.incarnation;
+                    m.state = MemberState::Dead;
+                }
+            }
             WireState::Dead => {
-                // The remote may be wrong (a partition): only suspect.
+                // The remote may be wrong (a partition): only suspect. But
+                // the member itself must learn it was declared dead.
                 self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now);
+                if let Some(slot) = self.index.get(member.name, &self.members)
+                    && self.slot(slot).is_some_and(|m| {
+                        m.state.is_live()
+                            && m.generation == member.generation
+                            && m.incarnation <= member.incarnation
+                    })
+                {
+                    self.tell_declared_dead(slot, member.incarnation, from);
+                }
                 self.apply_suspect(&acc, Mode::Merge, now);
             }
             WireState::Left if !known => {
@@ -1323,13 +1545,24 @@ impl<R: Rng> Membership<R> {
             self.stats.ignored_updates += 1;
             return;
         }
-        self.deferred_acks.push((from, ping.seq, ping.reliable));
+        let extra = self.pinger_extra(ping);
+        self.deferred_acks.push(DeferredAck {
+            to: from,
+            seq: ping.seq,
+            reliable: ping.reliable,
+            extra,
+        });
     }
 
     fn on_indirect_ping(&mut self, from: SocketAddr, req: &IndirectPing<'_>, now: Instant) {
         if req.target == &*self.local.name {
             if req.generation == self.local.generation {
-                self.deferred_acks.push((from, req.seq, false));
+                self.deferred_acks.push(DeferredAck {
+                    to: from,
+                    seq: req.seq,
+                    reliable: false,
+                    extra: AckExtra::Nothing,
+                });
             }
             return;
         }
@@ -1340,12 +1573,7 @@ impl<R: Rng> Membership<R> {
         let seq = self.next_seq();
         let mut buf = self.new_packet();
         wire::encode(
-            &Message::Ping(Ping {
-                seq,
-                target: req.target,
-                generation: req.generation,
-                reliable: false,
-            }),
+            &ping_msg(&self.local, seq, req.target, req.generation, false),
             &mut buf,
         );
         self.finish_unreliable(req.addr, buf);
@@ -1486,12 +1714,7 @@ impl<R: Rng> Membership<R> {
         };
         let mut buf = self.new_packet();
         wire::encode(
-            &Message::Ping(Ping {
-                seq,
-                target: &target.name,
-                generation: target.generation,
-                reliable: false,
-            }),
+            &ping_msg(&self.local, seq, &target.name, target.generation, false),
             &mut buf,
         );
         if target.state == MemberState::Suspect {
@@ -1507,6 +1730,7 @@ impl<R: Rng> Membership<R> {
             );
         }
         let (addr, generation) = (target.addr, target.generation);
+        self.append_notice(slot, &mut buf);
         self.probe = Some(Probe {
             slot,
             generation,
@@ -1561,12 +1785,7 @@ impl<R: Rng> Membership<R> {
         if self.config.reliable_ping {
             let mut buf = self.new_packet();
             wire::encode(
-                &Message::Ping(Ping {
-                    seq: probe.seq,
-                    target: &name,
-                    generation: probe.generation,
-                    reliable: true,
-                }),
+                &ping_msg(&self.local, probe.seq, &name, probe.generation, true),
                 &mut buf,
             );
             self.send(addr, true, buf);
@@ -1656,14 +1875,7 @@ impl<R: Rng> Membership<R> {
         let Some(target) = self.slot(slot) else {
             return;
         };
-        let ping = |reliable| {
-            Message::Ping(Ping {
-                seq,
-                target: &target.name,
-                generation: target.generation,
-                reliable,
-            })
-        };
+        let ping = |reliable| ping_msg(&self.local, seq, &target.name, target.generation, reliable);
         let suspect = Message::Suspect(Accusation {
             name: &target.name,
             generation: target.generation,
@@ -1713,12 +1925,7 @@ impl<R: Rng> Membership<R> {
         };
         let mut buf = self.new_packet();
         wire::encode(
-            &Message::Ping(Ping {
-                seq,
-                target: &member.name,
-                generation: member.generation,
-                reliable: false,
-            }),
+            &ping_msg(&self.local, seq, &member.name, member.generation, false),
             &mut buf,
         );
         let addr = member.addr;
@@ -1930,6 +2137,26 @@ impl<R: Rng> Membership<R> {
             }
         }
     }
+}
+
+/// A ping from this node (`local`), telling the target who is asking and at
+/// which incarnation, so a target that is behind can catch up.
+fn ping_msg<'a>(
+    local: &'a Member,
+    seq: u32,
+    target: &'a str,
+    generation: u64,
+    reliable: bool,
+) -> Message<'a> {
+    Message::Ping(Ping {
+        seq,
+        target,
+        generation,
+        reliable,
+        from: &local.name,
+        from_generation: local.generation,
+        from_incarnation: local.incarnation,
+    })
 }
 
 fn alive_of(member: &Member) -> Alive<'_> {

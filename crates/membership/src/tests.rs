@@ -85,6 +85,24 @@ fn deliver(node: &mut Node, msgs: &[Message<'_>], now: Instant) {
     node.handle_packet(addr(9999), &packet(msgs), now).unwrap();
 }
 
+/// A ping to "me" (generation 100) from `from`.
+fn ping_from<'a>(
+    seq: u32,
+    from: &'a str,
+    from_generation: u64,
+    from_incarnation: u64,
+) -> Message<'a> {
+    Message::Ping(Ping {
+        seq,
+        target: "me",
+        generation: 100,
+        reliable: false,
+        from,
+        from_generation,
+        from_incarnation,
+    })
+}
+
 fn drain_events(node: &mut Node) -> Vec<Event> {
     std::iter::from_fn(|| node.poll_event()).collect()
 }
@@ -305,6 +323,9 @@ fn local_node_losing_its_name_goes_passive_and_reports_it() {
             target: "me",
             generation: 100,
             reliable: false,
+            from: "x",
+            from_generation: 1,
+            from_incarnation: 1,
         })],
         now,
     );
@@ -376,6 +397,9 @@ fn buddy_ping_refutation_rides_on_the_ack() {
         target: "me",
         generation: 100,
         reliable: false,
+        from: "x",
+        from_generation: 1,
+        from_incarnation: 1,
     });
     deliver(&mut n, &[ping, suspect("me", 100, 0, "x")], now);
     let transmits = drain_transmits(&mut n);
@@ -402,6 +426,9 @@ fn ping_for_other_name_or_older_generation_is_not_acked() {
                 target,
                 generation,
                 reliable: false,
+                from: "x",
+                from_generation: 1,
+                from_incarnation: 1,
             })],
             now,
         );
@@ -415,6 +442,9 @@ fn ping_for_other_name_or_older_generation_is_not_acked() {
             target: "me",
             generation: 100,
             reliable: true,
+            from: "x",
+            from_generation: 1,
+            from_incarnation: 1,
         })],
         now,
     );
@@ -805,8 +835,10 @@ fn push_pull_merges_remote_dead_as_suspect() {
     );
     // It answered with its own full state, reliably.
     let transmits = drain_transmits(&mut n);
-    let reply = transmits.iter().find(|t| t.reliable).unwrap();
-    assert_eq!(reply.to, addr(9999));
+    let reply = transmits
+        .iter()
+        .find(|t| t.reliable && t.to == addr(9999))
+        .unwrap();
     let msgs: Vec<_> = wire::Messages::new(&reply.payload).collect();
     assert!(matches!(
         msgs[0],
@@ -1420,4 +1452,230 @@ fn push_pull_relaying_a_suspicion_does_not_confirm_it() {
     );
     n.handle_timeout(t + Duration::from_millis(1));
     assert_eq!(state_of(&n, "m3"), Some((MemberState::Dead, 1)));
+}
+
+#[test]
+fn ack_asks_an_unknown_or_newer_pinger_for_its_alive() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    drain_transmits(&mut n);
+    // Unknown pinger, newer incarnation, newer generation: ask.
+    for (seq, from, generation, incarnation) in [(1, "z", 1, 0), (2, "x", 1, 2), (3, "x", 2, 0)] {
+        deliver(
+            &mut n,
+            &[ping_from(seq, from, generation, incarnation)],
+            now,
+        );
+        let transmits = drain_transmits(&mut n);
+        let msgs = sent_messages(&transmits)
+            .into_iter()
+            .filter(|m| matches!(m, Message::Ack(_) | Message::AliveRequest))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            msgs,
+            vec![Message::Ack(seq), Message::AliveRequest],
+            "{from} {generation} {incarnation}"
+        );
+    }
+    // Up to date: nothing extra.
+    deliver(&mut n, &[ping_from(4, "x", 1, 1)], now);
+    let transmits = drain_transmits(&mut n);
+    let msgs = sent_messages(&transmits);
+    assert!(!msgs.contains(&Message::AliveRequest));
+    assert_eq!(n.stats().alive_requests, 3);
+    // Asked ourselves: answer with our alive.
+    deliver(&mut n, &[Message::AliveRequest], now);
+    let transmits = drain_transmits(&mut n);
+    assert_eq!(transmits[0].to, addr(9999));
+    assert!(matches!(sent_messages(&transmits)[0], Message::Alive(a) if a.name == "me"));
+}
+
+#[test]
+fn ack_tells_a_pinger_we_hold_dead_so_it_refutes() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "y")], now);
+    drain_transmits(&mut n);
+    deliver(&mut n, &[ping_from(9, "x", 1, 3)], now);
+    let transmits = drain_transmits(&mut n);
+    let msgs = sent_messages(&transmits);
+    assert_eq!(msgs[0], Message::Ack(9));
+    assert!(
+        matches!(msgs[1], Message::Dead(a) if a.name == "x" && a.incarnation == 3 && a.from == "me")
+    );
+    // Its refutation (higher incarnation) brings it back.
+    deliver(&mut n, &[alive("x", 1, 4, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 4)));
+}
+
+#[test]
+fn declared_dead_after_refuting_a_suspicion_is_still_reported_once() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    drain_events(&mut n);
+    // Suspected at 0, refuted to 1; meanwhile someone declared us dead at 0.
+    deliver(&mut n, &[suspect("me", 100, 0, "x")], now);
+    assert_eq!(n.local().incarnation, 1);
+    assert!(drain_events(&mut n).is_empty());
+    deliver(&mut n, &[dead("me", 100, 0, "y")], now);
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert_eq!(
+        n.local().incarnation,
+        1,
+        "already refuted: no new incarnation"
+    );
+    // The same verdict again (another gossip copy): no second signal.
+    deliver(&mut n, &[dead("me", 100, 0, "y")], now);
+    assert!(drain_events(&mut n).is_empty());
+    // The same incarnation declared dead by another member: that one fails
+    // our datums over too, so it is reported.
+    deliver(&mut n, &[dead("me", 100, 0, "z")], now);
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    // A new verdict at the current incarnation: reported and refuted.
+    deliver(&mut n, &[dead("me", 100, 1, "z")], now);
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert_eq!(n.local().incarnation, 2);
+    // Our own leave message echoed back is not a verdict; a different
+    // generation is not about us.
+    deliver(&mut n, &[dead("me", 99, 5, "z")], now);
+    assert!(drain_events(&mut n).is_empty());
+}
+
+#[test]
+fn reviving_a_member_we_declared_dead_tells_it() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], now);
+    drain_transmits(&mut n);
+    deliver(&mut n, &[alive("x", 1, 4, 2)], now);
+    let transmits = drain_transmits(&mut n);
+    let to_x: Vec<Message<'_>> = transmits
+        .iter()
+        .filter(|t| t.to == addr(2))
+        .flat_map(|t| wire::Messages::new(&t.payload))
+        .collect();
+    assert!(
+        to_x.iter()
+            .any(|m| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == 3)),
+        "{to_x:?}"
+    );
+}
+
+#[test]
+fn push_pull_listing_a_live_member_as_dead_tells_that_member() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2)], now);
+    drain_transmits(&mut n);
+    let header = Message::PushPull(PushPull {
+        from: "peer",
+        join: false,
+        reply: false,
+    });
+    deliver(&mut n, &[header, state("x", 3, 2, WireState::Dead)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 3)));
+    let transmits = drain_transmits(&mut n);
+    let to_x: Vec<Message<'_>> = transmits
+        .iter()
+        .filter(|t| t.to == addr(2))
+        .flat_map(|t| wire::Messages::new(&t.payload))
+        .collect();
+    assert!(
+        to_x.iter()
+            .any(|m| matches!(m, Message::Dead(a) if a.name == "x" && a.from == "peer")),
+        "{to_x:?}"
+    );
+}
+
+#[test]
+fn a_join_request_through_us_does_not_end_our_own_join() {
+    let now = Instant::now();
+    let mut n = node(now);
+    n.join(&[addr(50)], now);
+    drain_transmits(&mut n);
+    // Another node joins through us (a push-pull request).
+    let request = Message::PushPull(PushPull {
+        from: "newcomer",
+        join: true,
+        reply: true,
+    });
+    deliver(
+        &mut n,
+        &[request, state("newcomer", 0, 60, WireState::Alive)],
+        now,
+    );
+    drain_transmits(&mut n);
+    // Our seed is still retried.
+    let mut retried = false;
+    for step in 1..=300 {
+        n.handle_timeout(now + Duration::from_millis(10 * step));
+        if drain_transmits(&mut n)
+            .iter()
+            .any(|t| t.reliable && t.to == addr(50))
+        {
+            retried = true;
+            break;
+        }
+    }
+    assert!(retried);
+    // An answer ends it.
+    let answer = Message::PushPull(PushPull {
+        from: "seed",
+        join: false,
+        reply: false,
+    });
+    let t = now + Duration::from_secs(5);
+    n.handle_packet(
+        addr(50),
+        &packet(&[answer, state("seed", 0, 50, WireState::Alive)]),
+        t,
+    )
+    .unwrap();
+    for step in 1..=1000 {
+        n.handle_timeout(t + Duration::from_millis(100 * step));
+        assert!(
+            !drain_transmits(&mut n)
+                .iter()
+                .any(|tr| tr.to == addr(50) && tr.reliable && {
+                    matches!(
+                        wire::Messages::new(&tr.payload).next(),
+                        Some(Message::PushPull(PushPull { join: true, .. }))
+                    )
+                }),
+            "join retried after an answer"
+        );
+    }
+}
+
+#[test]
+fn revived_member_hears_the_verdict_again_on_later_pings_and_acks() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(
+        &mut n,
+        &[
+            alive("x", 1, 3, 2),
+            dead("x", 1, 3, "me"),
+            alive("x", 1, 4, 2),
+        ],
+        now,
+    );
+    let transmits = drain_transmits(&mut n);
+    assert!(
+        transmits.iter().any(|t| t.reliable && t.to == addr(2)),
+        "told reliably"
+    );
+    // Its next pings are acked with the verdict, three times, then no more.
+    let mut notices = 0;
+    for seq in 0..6 {
+        deliver(&mut n, &[ping_from(seq, "x", 1, 4)], now);
+        let transmits = drain_transmits(&mut n);
+        notices += sent_messages(&transmits)
+            .iter()
+            .filter(|m| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == 3))
+            .count();
+    }
+    assert_eq!(notices, 3);
 }

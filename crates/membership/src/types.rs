@@ -187,6 +187,8 @@ pub struct Stats {
     /// Push-pulls started because a dead member answered a ping (healed
     /// partitions).
     pub reconnects: u64,
+    /// Acks that asked the pinger for its `Alive` (it was unknown or newer).
+    pub alive_requests: u64,
     /// Times this node learned it had been declared failed.
     pub declared_failed: u64,
     /// Name conflicts seen.

@@ -48,6 +48,10 @@ pub(crate) enum Message<'a> {
     /// One member's full state inside a push-pull.
     #[serde(borrow)]
     State(State<'a>),
+    /// "I do not know you (or an older you): send me your `Alive`." Sent
+    /// with the ack to a ping whose sender is unknown or newer than the
+    /// receiver's record of it.
+    AliveRequest,
 }
 
 /// A probe.
@@ -60,6 +64,12 @@ pub(crate) struct Ping<'a> {
     pub generation: u64,
     /// Answer on the reliable path (this ping came that way).
     pub reliable: bool,
+    /// Who is asking: name, generation and incarnation of the sender, so a
+    /// target whose record of it is missing or older can ask for its `Alive`
+    /// and one that holds it suspect or dead can tell it at once.
+    pub from: &'a str,
+    pub from_generation: u64,
+    pub from_incarnation: u64,
 }
 
 /// A request to probe someone on the sender's behalf.
@@ -143,7 +153,7 @@ pub(crate) fn max_alive_len(max_name: usize, max_metadata: usize) -> usize {
 
 /// Largest encoded `Ping` for these limits.
 pub(crate) fn max_ping_len(max_name: usize) -> usize {
-    1 + VARINT_U32 + VARINT_LEN + max_name + VARINT_U64 + 1
+    1 + VARINT_U32 + 2 * (VARINT_LEN + max_name) + 3 * VARINT_U64 + 1
 }
 
 /// Largest encoded accusation (`Suspect` or `Dead`).
@@ -197,12 +207,19 @@ fn check_message(index: usize, msg: &Message<'_>, limits: &Limits) -> Result<(),
         Ok(())
     };
     match msg {
-        Message::Ping(Ping { target, .. }) | Message::IndirectPing(IndirectPing { target, .. }) => {
+        Message::Ping(Ping { target, from, .. }) => {
+            for name in [target, from] {
+                if !name_ok(name, limits) {
+                    return Err(bad_name(name));
+                }
+            }
+        }
+        Message::IndirectPing(IndirectPing { target, .. }) => {
             if !name_ok(target, limits) {
                 return Err(bad_name(target));
             }
         }
-        Message::Ack(_) | Message::Nack(_) => {}
+        Message::Ack(_) | Message::Nack(_) | Message::AliveRequest => {}
         Message::Alive(alive) => check_alive(alive)?,
         Message::State(state) => check_alive(&state.member)?,
         Message::Suspect(acc) | Message::Dead(acc) => {
@@ -348,7 +365,11 @@ mod tests {
                 target: "node-a",
                 generation: u64::MAX,
                 reliable: true,
+                from: "node-b",
+                from_generation: 3,
+                from_incarnation: 4,
             }),
+            Message::AliveRequest,
             Message::Ack(7),
             Message::Nack(8),
             Message::IndirectPing(IndirectPing {
@@ -405,6 +426,9 @@ mod tests {
             target: &name,
             generation: u64::MAX,
             reliable: false,
+            from: &name,
+            from_generation: u64::MAX,
+            from_incarnation: u64::MAX,
         });
         assert!(encode_one(&ping).len() <= max_ping_len(128));
         let acc = Message::Dead(Accusation {
@@ -450,6 +474,9 @@ mod tests {
                 target: "",
                 generation: 1,
                 reliable: false,
+                from: "x",
+                from_generation: 1,
+                from_incarnation: 0,
             }),
             &mut packet,
         );
