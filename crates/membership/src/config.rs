@@ -196,6 +196,31 @@ impl Config {
     /// [`Membership::new`]: crate::Membership::new
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &'static str| Err(Error::InvalidConfig(what));
+        // Bounds that keep every timer computation far from overflow.
+        const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+        let timers = [
+            self.probe_interval,
+            self.gossip_interval,
+            self.push_pull_interval,
+            self.gossip_to_dead,
+            self.reconnect_interval,
+            self.join_retry_interval,
+        ];
+        if timers.iter().any(|d| *d > DAY) || self.reap_after > 3650 * DAY {
+            return bad("timers must be at most a day (reap_after at most ten years)");
+        }
+        if self.suspicion_mult > 100
+            || self.suspicion_max_mult > 100
+            || self.retransmit_mult > 100
+            || self.awareness_max > 64
+            || self.gossip_fanout > 1000
+            || self.indirect_checks > 1000
+        {
+            return bad("multipliers, fan-outs and awareness_max out of range");
+        }
+        if self.max_packet_size > 65_507 || self.max_state_size > 1 << 30 {
+            return bad("max_packet_size at most 65,507 bytes, max_state_size at most 1 GiB");
+        }
         if self.probe_interval.is_zero() {
             return bad("probe_interval must be positive");
         }
@@ -269,6 +294,30 @@ mod tests {
             ..Config::lan()
         };
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_values_that_could_overflow() {
+        for config in [
+            Config {
+                probe_interval: Duration::MAX,
+                ..Config::lan()
+            },
+            Config {
+                suspicion_mult: u32::MAX,
+                ..Config::lan()
+            },
+            Config {
+                max_packet_size: usize::MAX,
+                ..Config::lan()
+            },
+            Config {
+                reap_after: Duration::MAX,
+                ..Config::lan()
+            },
+        ] {
+            assert!(matches!(config.validate(), Err(Error::InvalidConfig(_))));
+        }
     }
 
     #[test]
