@@ -157,8 +157,9 @@ struct PastView {
     /// The cohort id of the install that replaced it: a wait whose flight is
     /// at least this never saw this view in force.
     left_epoch: u64,
-    /// Per node index: declared failed or left.
-    gone: Vec<bool>,
+    /// Per node index: declared failed while a member of the view in force
+    /// (eligible for failover).
+    failed: Vec<bool>,
 }
 
 /// Datums that entered a flight at the same instant: they share deadlines
@@ -287,7 +288,11 @@ pub struct Handoff<W = Vec<u8>> {
     self_index: Option<NodeIndex>,
     history: VecDeque<PastView>,
     seen: HashMap<ViewId, Instant, DetState>,
+    /// Nodes declared failed or left: no done marker is expected from them.
     gone: BTreeSet<NodeId>,
+    /// Nodes declared failed while members of the view in force: their
+    /// datums may fail over (see [`Handoff::peer_failed`]).
+    failed: BTreeSet<NodeId>,
     cohorts: VecDeque<Cohort>,
     /// Cohorts before this index had their relinquish deadline processed.
     rcursor: usize,
@@ -357,6 +362,7 @@ impl<W> Handoff<W> {
             history: VecDeque::new(),
             seen: HashMap::default(),
             gone: BTreeSet::new(),
+            failed: BTreeSet::new(),
             cohorts: VecDeque::new(),
             rcursor: 0,
             next_epoch: 1,
@@ -691,11 +697,11 @@ impl<W> Handoff<W> {
         let old = std::mem::replace(&mut self.current, Arc::clone(&table));
         let old_self = self.self_index;
         self.self_index = table.view().index_of_id(&self.local);
-        let gone = old
+        let failed = old
             .view()
             .nodes()
             .iter()
-            .map(|n| self.gone.contains(n))
+            .map(|n| self.failed.contains(n))
             .collect();
         self.seen.insert(old.view_id(), now);
         self.seen.remove(&table.view_id());
@@ -704,7 +710,7 @@ impl<W> Handoff<W> {
             self_index: old_self,
             left: now,
             left_epoch: epoch,
-            gone,
+            failed,
         });
         // The view in force is never "past": drop an older entry of the same id.
         let current_id = table.view_id();
@@ -891,7 +897,10 @@ impl<W> Handoff<W> {
                         },
                     );
                 } else {
-                    warn!(node = %self.local, datum = %d, "acquire keeps failing: processing the datum anyway");
+                    debug!(
+                        node = %self.local, datum = %d, attempts = job.attempt,
+                        "acquire keeps failing: processing the datum anyway"
+                    );
                     s.phase = Phase::Held;
                     self.registry.set(d, s);
                     self.maybe_release(d);
@@ -1074,12 +1083,23 @@ impl<W> Handoff<W> {
     /// Membership declared `node` failed. Waits whose every possible holder
     /// is now gone end at once (failover), instead of at the timeout. If
     /// `node` is this node, this is [`Handoff::fence`].
+    ///
+    /// Call it *before* installing the view without `node`: failover applies
+    /// only to a node declared failed while it is a member of the view in
+    /// force (it died holding its datums). A node already out of the view
+    /// (not ready, leaving) may have relinquished under a view this node has
+    /// not seen; its datums wait for the notice or the timeout.
     pub fn peer_failed(&mut self, node: &NodeId, now: Instant) {
+        if !self.fenced && *node != self.local && self.current.view().contains(node) {
+            self.failed.insert(node.clone());
+        }
         self.peer_gone(node, now);
     }
 
     /// `node` left the cluster gracefully (it relinquished what it held
-    /// first). Same effect on waits as [`Handoff::peer_failed`].
+    /// first and sent the notices, possibly under a view this node has not
+    /// installed yet): no done marker is expected from it any more, but its
+    /// datums are not failed over; their notices are on their way.
     pub fn peer_left(&mut self, node: &NodeId, now: Instant) {
         self.peer_gone(node, now);
     }
@@ -1315,11 +1335,12 @@ impl<W> Handoff<W> {
                 continue;
             }
             any = true;
-            // Gone counts only once the view in force no longer has the
-            // node: a node that left (or died) may have passed its notice on
-            // under a view this node has not installed yet; the done markers
-            // of a view without it cover every notice it sent.
-            let gone = past.gone.get(p.get()).copied().unwrap_or(false)
+            // Gone counts only for a node declared failed while it was a
+            // member (a node that left, or was not ready, stays up and may
+            // relinquish under a view this node has not installed yet), and
+            // only once the view in force no longer has it: the done markers
+            // of that view cover every notice it sent before dying.
+            let gone = past.failed.get(p.get()).copied().unwrap_or(false)
                 && past
                     .table
                     .view()
@@ -1654,11 +1675,13 @@ impl<W> Handoff<W> {
             return;
         }
         info!(node = %self.local, peer = %node, "peer gone");
-        for past in &mut self.history {
-            if let Some(i) = past.table.view().index_of_id(node)
-                && let Some(g) = past.gone.get_mut(i.get())
-            {
-                *g = true;
+        if self.failed.contains(node) {
+            for past in &mut self.history {
+                if let Some(i) = past.table.view().index_of_id(node)
+                    && let Some(g) = past.failed.get_mut(i.get())
+                {
+                    *g = true;
+                }
             }
         }
         self.done_missing.remove(node);
@@ -1789,6 +1812,20 @@ impl<W> Handoff<W> {
     }
 
     fn process_timeouts(&mut self, now: Instant) {
+        let abandoned = self.counters.relinquish_abandoned;
+        let timed_out = self.counters.acquired_after_timeout;
+        self.run_deadlines(now);
+        let abandoned = self.counters.relinquish_abandoned - abandoned;
+        let timed_out = self.counters.acquired_after_timeout - timed_out;
+        if abandoned > 0 || timed_out > 0 {
+            warn!(
+                node = %self.local, abandoned, timed_out,
+                "handoff deadlines passed: relinquishes abandoned, datums acquired without notice"
+            );
+        }
+    }
+
+    fn run_deadlines(&mut self, now: Instant) {
         // Relinquish deadlines: give up and stop holding.
         while let Some(c) = self.cohorts.get_mut(self.rcursor) {
             if c.start + self.config.relinquish_timeout > now {
@@ -1885,7 +1922,7 @@ impl<W> Handoff<W> {
         }) else {
             return;
         };
-        warn!(node = %self.local, datum = %d, "relinquish abandoned at its deadline");
+        debug!(node = %self.local, datum = %d, "relinquish abandoned at its deadline");
         self.counters.relinquish_abandoned += 1;
         s.phase = Phase::Free;
         self.registry.set(d, s);
@@ -1980,9 +2017,11 @@ impl<W> Handoff<W> {
         if !self.gone.is_empty() {
             let current = Arc::clone(&self.current);
             let history = &self.history;
-            self.gone.retain(|n| {
+            let known = |n: &NodeId| {
                 current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
-            });
+            };
+            self.gone.retain(|n| known(n));
+            self.failed.retain(|n| known(n));
         }
     }
 

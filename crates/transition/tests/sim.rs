@@ -29,7 +29,7 @@ fn run(name: &str) {
 
 #[test]
 fn scenario_names_are_known() {
-    assert_eq!(SCENARIOS.len(), 6);
+    assert_eq!(SCENARIOS.len(), 7);
     assert!(!run_scenario("no-such", 0).is_empty());
 }
 
@@ -61,6 +61,11 @@ fn flap() {
 #[test]
 fn false_positive() {
     run("false-positive");
+}
+
+#[test]
+fn chaos() {
+    run("chaos");
 }
 
 #[test]
