@@ -24,8 +24,10 @@
 //!   member only grow; no member comes back from dead or left without a
 //!   higher incarnation or a new generation; every packet a peer produced
 //!   decodes; after faults stop ([`Action::Quiet`]), every live node comes to
-//!   see exactly the live members within a limit. The run stops at the first
-//!   violation with its seed and step ([`Violation`]).
+//!   see exactly the live members within a limit; a running node that a
+//!   still-running node marked failed learns it (`DeclaredFailed`, the
+//!   self-fencing signal). The run stops at the first violation with its
+//!   seed and step ([`Violation`]).
 //! - **Scenarios** ([`scenario`]): `kill-one`, `stalled-node`,
 //!   `partition-heal`, `churn`, `update`, `random`, each producing a
 //!   [`Report`] (detection times, false positives, dissemination time,

@@ -1610,6 +1610,14 @@ impl<A: Application> Sim<A> {
             }
         };
         let seeds = self.pick_seeds(slot);
+        tracing::debug!(
+            target: "shoal_sim::events",
+            t = self.now_ns as f64 / 1e9,
+            node = %p.info.name,
+            generation = p.info.generation,
+            ?seeds,
+            "start"
+        );
         if !seeds.is_empty() {
             p.membership.join(&seeds, self.instant(self.now_ns));
         }
