@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ const INLINE_BODY_MAX: usize = INLINE_FRAME_MAX - MAX_HEADER_LEN;
 const ANY_NODE_SNI: &str = "any-node.shoal.invalid";
 /// Ticks of inactivity after which a superseded duplicate connection closes.
 const SUPERSEDED_IDLE_TICKS: u32 = 2;
+/// Longest wait of each step of a graceful close before closing anyway.
+const GRACE: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -112,6 +114,17 @@ pub(crate) struct PeerConn {
     busy: AtomicUsize,
     superseded: AtomicBool,
     hello_tx: Mutex<Option<oneshot::Sender<u64>>>,
+    /// Graceful close in progress (either side started it).
+    closing: AtomicBool,
+    /// Message streams this side opened / of the peer's that ended here.
+    streams_opened: AtomicU32,
+    streams_finished: AtomicU32,
+    /// Asks the writer to flush, finish its stream and stop.
+    drain_tx: watch::Sender<bool>,
+    /// Set by the writer when it stopped.
+    writer_done: watch::Sender<bool>,
+    /// The peer's `Done` (with its stream count), phase 2 of a graceful close.
+    peer_done: watch::Sender<Option<u32>>,
 }
 
 impl PeerConn {
@@ -459,55 +472,64 @@ impl Transport {
         let config = &self.inner.config;
         self.check_size(dest, body.len())?;
         let inline = body.len() <= INLINE_BODY_MAX;
-        let frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
+        let mut frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
         let timeout = config.send_timeout;
-        // Fast path without a timer: the connection is usually open.
-        let pc = match self.open_connection(dest) {
-            Some(pc) => pc,
-            None => match tokio::time::timeout(timeout, self.connection(dest)).await {
-                Ok(pc) => pc?,
-                Err(_) => {
-                    return Err(TransportError::TimedOut {
-                        peer: dest.clone(),
-                        after: timeout,
-                    });
-                }
-            },
-        };
-        if !inline {
-            return self.send_single(&pc, frame).await;
-        }
-        let peer = || Dest::from(&pc.peer);
-        let need = frame.wire_len() as u32;
-        // Fast path without a timer: the queue usually has room.
-        let permit = match (pc.budget.clone().try_acquire_many_owned(need), when_full) {
-            (Ok(permit), _) => permit,
-            (Err(_), WhenFull::Fail) => {
-                Stats::inc(&self.inner.stats.send_queue_full);
-                return Err(TransportError::QueueFull { peer: peer() });
-            }
-            (Err(_), WhenFull::Wait) => {
-                match tokio::time::timeout(timeout, pc.budget.clone().acquire_many_owned(need))
-                    .await
-                {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => return Err(self.closed_error(&pc)),
+        // A connection found just as it closes gracefully refuses the message
+        // explicitly; then the message goes on a new connection, once.
+        let mut retried = false;
+        loop {
+            // Fast path without a timer: the connection is usually open.
+            let pc = match self.open_connection(dest) {
+                Some(pc) => pc,
+                None => match tokio::time::timeout(timeout, self.connection(dest)).await {
+                    Ok(pc) => pc?,
                     Err(_) => {
                         return Err(TransportError::TimedOut {
-                            peer: peer(),
+                            peer: dest.clone(),
                             after: timeout,
                         });
                     }
-                }
+                },
+            };
+            if !inline {
+                return self.send_single(&pc, frame).await;
             }
-        };
-        pc.queue_tx
-            .send(Queued {
+            let peer = || Dest::from(&pc.peer);
+            let need = frame.wire_len() as u32;
+            // Fast path without a timer: the queue usually has room.
+            let permit = match (pc.budget.clone().try_acquire_many_owned(need), when_full) {
+                (Ok(permit), _) => permit,
+                (Err(_), WhenFull::Fail) => {
+                    Stats::inc(&self.inner.stats.send_queue_full);
+                    return Err(TransportError::QueueFull { peer: peer() });
+                }
+                (Err(_), WhenFull::Wait) => {
+                    match tokio::time::timeout(timeout, pc.budget.clone().acquire_many_owned(need))
+                        .await
+                    {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(_)) => return Err(self.closed_error(&pc)),
+                        Err(_) => {
+                            return Err(TransportError::TimedOut {
+                                peer: peer(),
+                                after: timeout,
+                            });
+                        }
+                    }
+                }
+            };
+            match pc.queue_tx.send(Queued {
                 frame,
                 _permit: permit,
-            })
-            .map_err(|_| self.closed_error(&pc))?;
-        Ok(())
+            }) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(q)) if !retried && pc.closing.load(Ordering::SeqCst) => {
+                    retried = true;
+                    frame = q.frame;
+                }
+                Err(_) => return Err(self.closed_error(&pc)),
+            }
+        }
     }
 
     /// Sends a request on `channel` and waits for the answer, at most
@@ -1065,6 +1087,12 @@ async fn admit(
         busy: AtomicUsize::new(0),
         superseded: AtomicBool::new(false),
         hello_tx: Mutex::new(Some(hello_tx)),
+        closing: AtomicBool::new(false),
+        streams_opened: AtomicU32::new(0),
+        streams_finished: AtomicU32::new(0),
+        drain_tx: watch::channel(false).0,
+        writer_done: watch::channel(false).0,
+        peer_done: watch::channel(None).0,
     });
     // Our hello: tells the peer our instance, and is the first thing the
     // server says, so a client learns that the server admitted it.
@@ -1178,10 +1206,21 @@ async fn writer_task(
     // a one-way message, and an idle connection should cost little.
     let mut batch = Vec::new();
     let mut buf = BytesMut::new();
+    let mut drain_rx = pc.drain_tx.subscribe();
+    let mut draining = false;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 512) => n,
             _ = pc.conn.closed() => 0,
+            _ = drain_rx.wait_for(|d| *d), if !draining => {
+                // Graceful close: take what is queued, then stop.
+                draining = true;
+                rx.close();
+                while let Ok(q) = rx.try_recv() {
+                    batch.push(q);
+                }
+                batch.len()
+            }
         };
         if n == 0 {
             break;
@@ -1191,6 +1230,7 @@ async fn writer_task(
             match pc.conn.open_uni().await {
                 Ok(s) => {
                     stream = Some(s);
+                    pc.streams_opened.fetch_add(1, Ordering::SeqCst);
                     buf.extend_from_slice(&[StreamKind::Messages as u8]);
                 }
                 Err(e) => {
@@ -1231,10 +1271,18 @@ async fn writer_task(
             }
         }
         batch.clear();
+        if draining {
+            break;
+        }
     }
     if let Some(mut s) = stream {
         let _ = s.finish();
+        if draining {
+            // Wait until the peer has every byte, so closing loses nothing.
+            let _ = tokio::time::timeout(GRACE, s.stopped()).await;
+        }
     }
+    pc.writer_done.send_replace(true);
     // Whatever is still queued cannot be sent any more.
     rx.close();
     let mut lost = 0;
@@ -1269,31 +1317,12 @@ async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
         } else {
             ticks_to_close
         };
-        if idle_ticks >= limit {
-            {
-                let mut table = lock(&inner.table);
-                if table
-                    .conns
-                    .get(&pc.peer.addr)
-                    .is_some_and(|c| Arc::ptr_eq(c, &pc))
-                {
-                    table.conns.remove(&pc.peer.addr);
-                }
-            }
+        if idle_ticks >= limit && !pc.closing.load(Ordering::SeqCst) {
             debug!(peer = %pc.peer, "closing idle connection");
-            pc.conn.close(code::IDLE.into(), b"idle");
+            tokio::spawn(graceful_close(inner.clone(), pc.clone()));
         }
     };
-    {
-        let mut table = lock(&inner.table);
-        if table
-            .conns
-            .get(&pc.peer.addr)
-            .is_some_and(|c| Arc::ptr_eq(c, &pc))
-        {
-            table.conns.remove(&pc.peer.addr);
-        }
-    }
+    remove_from_table(&inner, &pc);
     Stats::inc(&inner.stats.connections_closed);
     debug!(peer = %pc.peer, reason = %reason, "connection closed");
 }
@@ -1358,7 +1387,23 @@ async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: quinn::RecvS
                 (Some(_), None) => Stats::inc(&inner.stats.frames_malformed),
             }
         }
-        Some(StreamKind::Messages) => read_messages(&inner, &pc, recv).await,
+        Some(StreamKind::Messages) => {
+            read_messages(&inner, &pc, recv).await;
+            pc.streams_finished.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(k @ (StreamKind::GoAway | StreamKind::Done)) => {
+            let mut count = [0u8; 4];
+            if recv.read_exact(&mut count).await.is_err() {
+                Stats::inc(&inner.stats.frames_malformed);
+                return;
+            }
+            let count = u32::from_le_bytes(count);
+            if k == StreamKind::GoAway {
+                tokio::spawn(answer_goaway(inner.clone(), pc.clone(), count));
+            } else {
+                pc.peer_done.send_replace(Some(count));
+            }
+        }
         _ => {
             Stats::inc(&inner.stats.frames_malformed);
             warn!(peer = %pc.peer, kind = kind[0], "unknown uni stream kind");
@@ -1521,5 +1566,89 @@ async fn handle_bi(
     }
     if let Some(mut send) = verdict {
         let _ = send.finish();
+    }
+}
+
+fn remove_from_table(inner: &Inner, pc: &Arc<PeerConn>) {
+    let mut table = lock(&inner.table);
+    if table
+        .conns
+        .get(&pc.peer.addr)
+        .is_some_and(|c| Arc::ptr_eq(c, pc))
+    {
+        table.conns.remove(&pc.peer.addr);
+    }
+}
+
+/// Stops sending on a connection: flushes and finishes the message stream
+/// (waiting until the peer has it) and waits for requests in progress.
+async fn drain(pc: &Arc<PeerConn>) {
+    pc.drain_tx.send_replace(true);
+    let mut done = pc.writer_done.subscribe();
+    let _ = tokio::time::timeout(GRACE, done.wait_for(|d| *d)).await;
+    wait_until(|| pc.busy.load(Ordering::SeqCst) == 0).await;
+}
+
+/// Polls `cond` (rare path: closing connections) for at most [`GRACE`].
+async fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + GRACE;
+    while !cond() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn send_control(pc: &PeerConn, kind: StreamKind) -> bool {
+    let count = pc.streams_opened.load(Ordering::SeqCst);
+    let mut msg = [kind as u8, 0, 0, 0, 0];
+    if let Some(dst) = msg.get_mut(1..) {
+        dst.copy_from_slice(&count.to_le_bytes());
+    }
+    match pc.conn.open_uni().await {
+        Ok(mut s) => s.write_all(&msg).await.is_ok() && s.finish().is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Closes an idle or superseded connection without losing anything in
+/// flight: both sides stop sending, flush, and read everything the other
+/// sent before the connection closes.
+///
+/// 1. This side leaves the table (no new sends), flushes, and sends `GoAway`
+///    with the number of message streams it opened.
+/// 2. The peer does the same, reads all our streams, and answers `Done` with
+///    its own count ([`answer_goaway`]).
+/// 3. We read all its streams and close. Each step waits at most [`GRACE`].
+async fn graceful_close(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    if pc.closing.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    remove_from_table(&inner, &pc);
+    drain(&pc).await;
+    if send_control(&pc, StreamKind::GoAway).await {
+        let mut done = pc.peer_done.subscribe();
+        let peer_count = tokio::time::timeout(GRACE, done.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|v| *v));
+        if let Some(peer_count) = peer_count {
+            wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
+        }
+    }
+    pc.conn.close(code::IDLE.into(), b"idle");
+}
+
+/// The peer's side of [`graceful_close`].
+async fn answer_goaway(inner: Arc<Inner>, pc: Arc<PeerConn>, peer_count: u32) {
+    pc.closing.store(true, Ordering::SeqCst);
+    remove_from_table(&inner, &pc);
+    drain(&pc).await;
+    wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
+    send_control(&pc, StreamKind::Done).await;
+    // The initiator closes; close anyway if it does not.
+    if tokio::time::timeout(2 * GRACE, pc.conn.closed())
+        .await
+        .is_err()
+    {
+        pc.conn.close(code::IDLE.into(), b"idle");
     }
 }

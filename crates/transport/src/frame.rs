@@ -48,6 +48,12 @@ pub enum StreamKind {
     Single = 3,
     /// Bi: one request frame; the answer is one response frame.
     Request = 4,
+    /// Uni: graceful close, phase 1: "I stopped sending; I opened this many
+    /// message streams" (u32 LE), then the end of the stream.
+    GoAway = 5,
+    /// Uni: graceful close, phase 2: "I read all your streams and stopped
+    /// sending; I opened this many message streams" (u32 LE).
+    Done = 6,
 }
 
 impl StreamKind {
@@ -58,6 +64,8 @@ impl StreamKind {
             2 => Some(Self::Messages),
             3 => Some(Self::Single),
             4 => Some(Self::Request),
+            5 => Some(Self::GoAway),
+            6 => Some(Self::Done),
             _ => None,
         }
     }

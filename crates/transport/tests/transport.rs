@@ -791,3 +791,43 @@ async fn a_client_that_never_says_hello_is_not_admitted() {
     assert_eq!(b.stats().connections_opened, 0);
     assert!(b.peers().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_closes_racing_with_sends_lose_nothing() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.idle_close = Duration::from_millis(200);
+    let (a, mut a_in) = start(&ids[0], cfg.clone());
+    let (b, mut b_in) = start(&ids[1], cfg);
+    // Gaps around the idle timeout, from both sides, so idle closes and
+    // sends keep meeting; every message must still arrive exactly once.
+    let mut seed = 0x2545_f491_u32;
+    let mut sent = 0u32;
+    for i in 0..24u32 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let gap = 120 + u64::from(seed >> 16) % 260;
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let (from, to, inbox) = if i % 2 == 0 {
+            (&a, dest_of(&b), &mut b_in)
+        } else {
+            (&b, dest_of(&a), &mut a_in)
+        };
+        within(from.send(
+            &to,
+            1,
+            Bytes::from(i.to_le_bytes().to_vec()),
+            WhenFull::Wait,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(&next_message(inbox).await.body[..], &i.to_le_bytes());
+        sent += 1;
+    }
+    assert_eq!(sent, 24);
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(sa.messages_lost + sb.messages_lost, 0);
+    assert!(
+        sa.connections_closed + sb.connections_closed >= 2,
+        "idle closes happened: {sa:?} {sb:?}"
+    );
+}
