@@ -1,0 +1,283 @@
+//! Benchmark of the facade over real QUIC on loopback (report only).
+//!
+//! `cargo xtask bench cluster [--json] [-- --datums N --messages N --case handoff|forward]`
+//!
+//! - `handoff`: 3 nodes hold `--datums` (default 1,000,000) datums, a 4th
+//!   joins the placement; no-op relinquish and acquire. `wall_s` runs from
+//!   the moment the 4th node announces itself ready until every node has the
+//!   4-node placement installed and nothing in flight.
+//! - `forward`: `--messages` (default 300,000) 100-byte messages sent from one
+//!   node of 3 to the owners of random datums; `msgs_per_s` until the last
+//!   one is received, `p99_ms` of the send-to-receive latency under that
+//!   load, and `p99_ms_paced` at 20,000 messages/s.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shoal::{ClusterCa, DatumError, DistDatum, Node, NodeConfig, NodeName};
+
+struct Noop {
+    id: i64,
+}
+
+impl DistDatum for Noop {
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn type_name(&self) -> &str {
+        "series"
+    }
+    async fn relinquish(&self) -> Result<(), DatumError> {
+        Ok(())
+    }
+    async fn acquire(&self) -> Result<(), DatumError> {
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Point {
+    sent_ns: u64,
+    pad: Vec<u8>,
+}
+
+struct Args {
+    json: bool,
+    datums: i64,
+    messages: u64,
+    case: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        json: false,
+        datums: 1_000_000,
+        messages: 300_000,
+        case: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => a.json = true,
+            "--datums" => a.datums = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.datums),
+            "--messages" => {
+                a.messages = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.messages)
+            }
+            "--case" => a.case = it.next(),
+            _ => {} // `cargo bench` passes --bench; ignore what we do not know
+        }
+    }
+    a
+}
+
+async fn start(ca: &ClusterCa, name: &str) -> Node {
+    let mut config = NodeConfig::local(name);
+    config.timing = shoal::Timing::Lan;
+    config.transition_timeout_ms = 60_000;
+    let id = ca.issue(&NodeName::new(name).unwrap()).unwrap();
+    Node::start_with_identity(config, id).await.unwrap()
+}
+
+async fn wait(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn cluster(ca: &ClusterCa, names: &[&str], datums: i64) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(start(ca, name).await);
+    }
+    nodes[0].join(&[]).await.unwrap();
+    for n in &nodes[1..] {
+        n.join(&[nodes[0].local().addr]).await.unwrap();
+    }
+    let want = nodes.len();
+    wait("members", async || {
+        nodes.iter().all(|n| n.members().len() == want)
+    })
+    .await;
+    for n in &nodes {
+        n.register((0..datums).map(|id| Arc::new(Noop { id })))
+            .await
+            .unwrap();
+        n.set_ready(true).await.unwrap();
+    }
+    settle(&nodes, want).await;
+    nodes
+}
+
+async fn settle(nodes: &[Node], ready: usize) {
+    wait("settled", async || {
+        let views: Vec<_> = nodes.iter().map(|n| n.view()).collect();
+        if views
+            .iter()
+            .any(|v| v.placement.view().len() != ready || v.view_id() != views[0].view_id())
+        {
+            return false;
+        }
+        for n in nodes {
+            if !n.progress().await.unwrap().completed {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+async fn handoff(a: &Args) {
+    let ca = ClusterCa::generate().unwrap();
+    let mut nodes = cluster(&ca, &["a", "b", "c"], a.datums).await;
+    let before = nodes[0].view();
+    let mut base = Vec::new();
+    for n in &nodes {
+        base.push(n.snapshot().await.unwrap().transition);
+    }
+    let d = start(&ca, "d").await;
+    d.join(&[nodes[0].local().addr]).await.unwrap();
+    d.register((0..a.datums).map(|id| Arc::new(Noop { id })))
+        .await
+        .unwrap();
+    wait("d sees the cluster", async || d.view().ready.len() == 3).await;
+    base.push(d.snapshot().await.unwrap().transition);
+    let t0 = Instant::now();
+    d.set_ready(true).await.unwrap();
+    nodes.push(d);
+    settle(&nodes, 4).await;
+    let wall = t0.elapsed().as_secs_f64();
+    let after = nodes[0].view();
+    let moved = (0..a.datums)
+        .filter(|&id| before.primary(id) != after.primary(id))
+        .count() as u64;
+    let (mut relinquished, mut acquired, mut notices) = (0, 0, 0);
+    for (n, b) in nodes.iter().zip(&base) {
+        let t = n.snapshot().await.unwrap().transition;
+        relinquished += t.relinquished - b.relinquished;
+        acquired += t.acquired - b.acquired;
+        notices += t.notices_sent - b.notices_sent;
+    }
+    if a.json {
+        println!(
+            r#"{{"bench":"cluster","case":"handoff","datums":{},"nodes_before":3,"nodes_after":4,"strategy":"modn","wall_s":{:.3},"moved":{},"relinquished":{},"acquired":{},"notices":{}}}"#,
+            a.datums, wall, moved, relinquished, acquired, notices
+        );
+    } else {
+        println!(
+            "handoff  datums {:>9}  3->4 nodes  wall {:>7.3} s  moved {:>8}  relinquished {:>8}  acquired {:>8}  notices {:>8}",
+            a.datums, wall, moved, relinquished, acquired, notices
+        );
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+async fn forward(a: &Args) {
+    const DATUMS: i64 = 10_000;
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b", "c"], DATUMS).await;
+    let epoch = Instant::now();
+    let received = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let mut senders = Vec::new();
+    for n in &nodes {
+        let (tx, mut rx) = n.channel::<Point>("bench").unwrap();
+        senders.push(tx);
+        let received = Arc::clone(&received);
+        let latencies = Arc::clone(&latencies);
+        tokio::spawn(async move {
+            let mut local = Vec::new();
+            while let Some(m) = rx.recv().await {
+                let now = epoch.elapsed().as_nanos() as u64;
+                local.push(now.saturating_sub(m.payload.sent_ns));
+                if local.len() >= 1024 {
+                    latencies.lock().unwrap().append(&mut local);
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let run = async |count: u64, pace: Option<u64>| {
+        received.store(0, Ordering::Relaxed);
+        latencies.lock().unwrap().clear();
+        let sender = senders[0].clone();
+        let t0 = Instant::now();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..count {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = (x % DATUMS as u64) as i64;
+            let point = Point {
+                sent_ns: epoch.elapsed().as_nanos() as u64,
+                pad: vec![0x5a; 90],
+            };
+            sender.send_to_owner("series", id, &point).await.unwrap();
+            if let Some(rate) = pace {
+                let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        wait("all received", async || {
+            received.load(Ordering::Relaxed) >= count
+        })
+        .await;
+        let secs = t0.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut l = latencies.lock().unwrap().clone();
+        l.sort_unstable();
+        let p = |q: f64| {
+            l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0) as f64
+                / 1e6
+        };
+        (count as f64 / secs, p(0.5), p(0.99))
+    };
+    let (rate, p50, p99) = run(a.messages, None).await;
+    let paced = (a.messages / 10).clamp(1_000, 40_000);
+    let (_, p50_paced, p99_paced) = run(paced, Some(20_000)).await;
+    if a.json {
+        println!(
+            r#"{{"bench":"cluster","case":"forward","payload_bytes":100,"messages":{},"nodes":3,"msgs_per_s":{:.0},"p50_ms":{:.3},"p99_ms":{:.3},"p50_ms_paced":{:.3},"p99_ms_paced":{:.3},"paced_rate":20000,"process":"one"}}"#,
+            a.messages, rate, p50, p99, p50_paced, p99_paced
+        );
+    } else {
+        println!(
+            "forward  messages {:>8}  {:>9.0} msgs/s  p50 {:>7.3} ms  p99 {:>7.3} ms  (at 20k/s: p50 {:.3} ms, p99 {:.3} ms)",
+            a.messages, rate, p50, p99, p50_paced, p99_paced
+        );
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        if a.case.as_deref().is_none_or(|c| c == "handoff") {
+            handoff(&a).await;
+        }
+        if a.case.as_deref().is_none_or(|c| c == "forward") {
+            forward(&a).await;
+        }
+    });
+}

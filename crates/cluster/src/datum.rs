@@ -1,0 +1,86 @@
+//! The application's datums: the seed's `DistDatum`, with async relinquish
+//! and acquire.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// What a relinquish or acquire may fail with (any error, reported in the
+/// transition's events and retried with backoff by the handoff layer).
+pub type DatumError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A piece of application state owned by one node at a time: the seed's
+/// `DistDatum`.
+///
+/// `(type_name, id)` identifies it; placement looks at `id` only. The node
+/// calls [`relinquish`](DistDatum::relinquish) on the old owner when the
+/// datum moves away (persist its state; after it returns `Ok` the state must
+/// be durable, because the new owner may start at once), and
+/// [`acquire`](DistDatum::acquire) on the new owner once the old owner's
+/// notice arrived (or the old owner was declared failed, or the transition
+/// timeout passed). Each runs as its own tokio task, at most
+/// `limits.max_relinquish_jobs` / `limits.max_acquire_jobs` at once; an
+/// error is retried with backoff within the transition timeout and reported.
+///
+/// ```
+/// use shoal::{DatumError, DistDatum};
+///
+/// struct Series { id: i64 }
+///
+/// impl DistDatum for Series {
+///     fn id(&self) -> i64 { self.id }
+///     fn type_name(&self) -> &str { "series" }
+///     async fn relinquish(&self) -> Result<(), DatumError> {
+///         // flush the in-memory points to the database
+///         Ok(())
+///     }
+///     async fn acquire(&self) -> Result<(), DatumError> {
+///         // drop the local cache; the next point reloads it
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait DistDatum: Send + Sync + 'static {
+    /// The datum's integer id (placement's input). Negative ids are fine.
+    fn id(&self) -> i64;
+    /// The datum's type name (1 to 255 bytes); `(type_name, id)` is unique.
+    fn type_name(&self) -> &str;
+    /// A name for logs (the seed's `GetName`). Defaults to `type:id`.
+    fn name(&self) -> String {
+        format!("{}:{}", self.type_name(), self.id())
+    }
+    /// Persists the datum and stops processing it: it moves to another node.
+    fn relinquish(&self) -> impl Future<Output = Result<(), DatumError>> + Send;
+    /// Prepares to process the datum: it moved here.
+    fn acquire(&self) -> impl Future<Output = Result<(), DatumError>> + Send;
+}
+
+/// The future of one relinquish or acquire, type-erased.
+pub(crate) type JobFuture = Pin<Box<dyn Future<Output = Result<(), DatumError>> + Send>>;
+
+/// Object-safe form of [`DistDatum`], what the driver keeps.
+pub(crate) trait ErasedDatum: Send + Sync + 'static {
+    fn id(&self) -> i64;
+    fn type_name(&self) -> &str;
+    fn name(&self) -> String;
+    fn relinquish_boxed(self: Arc<Self>) -> JobFuture;
+    fn acquire_boxed(self: Arc<Self>) -> JobFuture;
+}
+
+impl<D: DistDatum> ErasedDatum for D {
+    fn id(&self) -> i64 {
+        DistDatum::id(self)
+    }
+    fn type_name(&self) -> &str {
+        DistDatum::type_name(self)
+    }
+    fn name(&self) -> String {
+        DistDatum::name(self)
+    }
+    fn relinquish_boxed(self: Arc<Self>) -> JobFuture {
+        Box::pin(async move { self.relinquish().await })
+    }
+    fn acquire_boxed(self: Arc<Self>) -> JobFuture {
+        Box::pin(async move { self.acquire().await })
+    }
+}

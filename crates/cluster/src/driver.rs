@@ -1,0 +1,1101 @@
+//! The driver: one task per node that owns the sans-IO state machines
+//! (membership, handoff) and runs them on tokio over the QUIC transport.
+//!
+//! It selects over commands from API handles, datagrams and internal
+//! messages from the transport, job and send completions, owner-routed
+//! messages, and the earliest deadline of the state machines. It never
+//! awaits the network or the application inline: every send goes through a
+//! bounded per-peer queue drained by a link task (try-send), every
+//! relinquish / acquire and every notice batch runs as a spawned task that
+//! reports back through a bounded queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use shoal_membership::{Event as MEvent, Member, Membership};
+use shoal_placement::{NodeId, PlacementTable, View};
+use shoal_transition::{
+    Counters, Datum, Event as HEvent, Handoff, Job, JobKind, NoticeError, ReleaseTo, Route, SendId,
+};
+use shoal_transport::{
+    Datagram, Dest, Incoming, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, trace, warn};
+
+use crate::channel::{ChannelTable, Delivery};
+use crate::config::{NodeConfig, TransitionMode};
+use crate::datum::ErasedDatum;
+use crate::error::Error;
+use crate::view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
+use crate::wire::{self, CH_MEMBERSHIP, CH_NOTICES, CH_ROUTED, Routed, USER_CHANNEL_BIT};
+
+/// Longest a notice batch request waits for the receiver's answer.
+const NOTICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Items the driver takes from one input queue per wake-up.
+const BATCH: usize = 256;
+
+/// A request from an API handle.
+pub(crate) enum Command {
+    Join(Vec<SocketAddr>),
+    SetReady(bool, oneshot::Sender<()>),
+    SetMetadata(Vec<u8>, oneshot::Sender<Result<(), Error>>),
+    Register(
+        Vec<Arc<dyn ErasedDatum>>,
+        oneshot::Sender<Result<usize, Error>>,
+    ),
+    Unregister(String, Vec<i64>, oneshot::Sender<usize>),
+    Transition {
+        install: bool,
+        deadline: Instant,
+        tx: oneshot::Sender<TransitionReport>,
+    },
+    Progress(oneshot::Sender<TransitionReport>),
+    Leave {
+        deadline: Instant,
+        tx: oneshot::Sender<()>,
+    },
+    Snapshot(oneshot::Sender<Snapshot>),
+    Shutdown,
+}
+
+/// What the dispatcher hands the driver.
+enum Internal {
+    Membership(SocketAddr, Bytes),
+    Notices(Peer, Bytes, Option<Responder>),
+}
+
+/// One item for a peer's link task.
+enum Out {
+    Datagram(Dest, Bytes),
+    Message(Dest, u32, Bytes),
+}
+
+/// An item waiting for room in a bounded queue (the driver's backlog).
+enum Pending {
+    Local(mpsc::Sender<Delivery>, Delivery),
+    Peer(SocketAddr, Out),
+}
+
+/// A sender to wait on for room, cloned out of the backlog's head.
+enum Room {
+    Local(mpsc::Sender<Delivery>),
+    Peer(mpsc::Sender<Out>),
+}
+
+async fn wait_room(room: Option<Room>) {
+    match room {
+        Some(Room::Local(tx)) => {
+            let _ = tx.reserve().await;
+        }
+        Some(Room::Peer(tx)) => {
+            let _ = tx.reserve().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) struct JobDone {
+    job: Job,
+    result: Result<(), String>,
+}
+
+pub(crate) struct SendDone {
+    id: SendId,
+    result: Result<(), String>,
+}
+
+/// The facade's counters, shared with the dispatcher task.
+#[derive(Default)]
+pub(crate) struct Counts {
+    routed_delivered: AtomicU64,
+    routed_forwarded: AtomicU64,
+    routed_held: AtomicU64,
+    routed_dropped: AtomicU64,
+    datagrams_dropped: AtomicU64,
+    malformed: AtomicU64,
+    jobs_started: AtomicU64,
+}
+
+impl Counts {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> FacadeCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FacadeCounters {
+            routed_delivered: g(&self.routed_delivered),
+            routed_forwarded: g(&self.routed_forwarded),
+            routed_held: g(&self.routed_held),
+            routed_dropped: g(&self.routed_dropped),
+            datagrams_dropped: g(&self.datagrams_dropped),
+            malformed: g(&self.malformed),
+            jobs_started: g(&self.jobs_started),
+        }
+    }
+}
+
+struct Parked {
+    retry_at: Instant,
+    expires: Instant,
+    routed: Routed,
+}
+
+/// Delay before a parked message is routed again.
+const REROUTE_DELAY: Duration = Duration::from_millis(100);
+
+struct Waiter {
+    deadline: Instant,
+    tx: oneshot::Sender<TransitionReport>,
+}
+
+struct LeaveWaiter {
+    deadline: Instant,
+    tx: oneshot::Sender<()>,
+}
+
+pub(crate) struct Driver {
+    config: NodeConfig,
+    name: Arc<str>,
+    me: NodeId,
+    membership: Membership<SmallRng>,
+    handoff: Handoff<Routed>,
+    transport: Transport,
+    channels: Arc<ChannelTable>,
+    view_tx: watch::Sender<Arc<ClusterView>>,
+    datums: HashMap<Datum, Arc<dyn ErasedDatum>>,
+    links: HashMap<SocketAddr, mpsc::Sender<Out>>,
+    names: HashMap<SocketAddr, NodeName>,
+    live: Vec<Member>,
+    latest: Option<Arc<PlacementTable>>,
+    backlog: VecDeque<Pending>,
+    /// Messages whose route disagreed with the sender's after the hop limit
+    /// (views not converged yet): re-routed after a short delay or on the
+    /// next installed view, until they expire. Bounded by `hold_capacity`.
+    parked: VecDeque<Parked>,
+    job_tx: mpsc::Sender<JobDone>,
+    send_tx: mpsc::Sender<SendDone>,
+    waiters: Vec<Waiter>,
+    leave_waiters: Vec<LeaveWaiter>,
+    report_base: Counters,
+    counts: Arc<Counts>,
+    version: u64,
+    view_dirty: bool,
+    fenced: bool,
+    stop: bool,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        config: NodeConfig,
+        membership: Membership<SmallRng>,
+        handoff: Handoff<Routed>,
+        transport: Transport,
+        channels: Arc<ChannelTable>,
+        view_tx: watch::Sender<Arc<ClusterView>>,
+    ) -> (Driver, mpsc::Receiver<JobDone>, mpsc::Receiver<SendDone>) {
+        let jobs = config.limits.max_relinquish_jobs + config.limits.max_acquire_jobs + 16;
+        let (job_tx, job_rx) = mpsc::channel(jobs);
+        let (send_tx, send_rx) = mpsc::channel(1024);
+        let name: Arc<str> = Arc::clone(&membership.local().name);
+        let me = NodeId::new(&*name, membership.local().generation);
+        let driver = Driver {
+            config,
+            name,
+            me,
+            membership,
+            handoff,
+            transport,
+            channels,
+            view_tx,
+            datums: HashMap::new(),
+            links: HashMap::new(),
+            names: HashMap::new(),
+            live: Vec::new(),
+            latest: None,
+            backlog: VecDeque::new(),
+            parked: VecDeque::new(),
+            job_tx,
+            send_tx,
+            waiters: Vec::new(),
+            leave_waiters: Vec::new(),
+            report_base: Counters::default(),
+            counts: Arc::new(Counts::default()),
+            version: 0,
+            view_dirty: true,
+            fenced: false,
+            stop: false,
+        };
+        (driver, job_rx, send_rx)
+    }
+
+    /// The driver's loop; ends on [`Command::Shutdown`] or when every API
+    /// handle is gone.
+    pub(crate) async fn run(
+        mut self,
+        mut job_rx: mpsc::Receiver<JobDone>,
+        mut send_rx: mpsc::Receiver<SendDone>,
+        incoming: Incoming,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        mut owner_rx: mpsc::Receiver<Routed>,
+    ) {
+        let (messages, mut datagrams) = incoming.split();
+        let (internal_tx, mut internal_rx) = mpsc::channel(1024);
+        let (routed_tx, mut routed_rx) = mpsc::channel(self.config.limits.owner_queue);
+        let dispatcher = tokio::spawn(dispatch(
+            messages,
+            Arc::clone(&self.channels),
+            Arc::clone(&self.counts),
+            internal_tx,
+            routed_tx,
+        ));
+        let mut owner_buf = Vec::with_capacity(BATCH);
+        let mut routed_buf = Vec::with_capacity(BATCH);
+        let far = Duration::from_secs(3600);
+        loop {
+            self.pump(Instant::now());
+            if self.stop {
+                break;
+            }
+            let deadline = self.next_deadline().unwrap_or_else(|| Instant::now() + far);
+            let paused = !self.backlog.is_empty();
+            let room = self.backlog_room();
+            tokio::select! {
+                biased;
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd, Instant::now()),
+                    None => break,
+                },
+                Some(d) = datagrams.recv() => self.on_datagram(d, Instant::now()),
+                Some(i) = internal_rx.recv() => self.on_internal(i, Instant::now()),
+                Some(j) = job_rx.recv() => {
+                    let now = Instant::now();
+                    self.handoff.job_done(j.job, j.result, now);
+                    while let Ok(j) = job_rx.try_recv() {
+                        self.handoff.job_done(j.job, j.result, now);
+                    }
+                }
+                Some(s) = send_rx.recv() => self.handoff.send_done(s.id, s.result, Instant::now()),
+                () = wait_room(room), if paused => self.flush_backlog(),
+                n = routed_rx.recv_many(&mut routed_buf, BATCH), if !paused => {
+                    if n == 0 { break; }
+                    for (peer, bytes) in routed_buf.drain(..) {
+                        self.on_routed_bytes(&peer, &bytes);
+                    }
+                }
+                n = owner_rx.recv_many(&mut owner_buf, BATCH), if !paused => {
+                    if n == 0 { break; }
+                    for routed in owner_buf.drain(..) {
+                        self.on_routed(routed, true);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+        dispatcher.abort();
+        debug!(node = %self.name, "driver stopped");
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.membership.poll_timeout(),
+            self.handoff.poll_timeout(),
+            self.waiters.iter().map(|w| w.deadline).min(),
+            self.leave_waiters.iter().map(|w| w.deadline).min(),
+            self.parked.front().map(|p| p.retry_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    // ----- the state machines' outputs ---------------------------------------
+
+    fn pump(&mut self, now: Instant) {
+        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
+            self.membership.handle_timeout(now);
+        }
+        while let Some(event) = self.membership.poll_event() {
+            self.on_membership_event(event, now);
+        }
+        while let Some(t) = self.membership.poll_transmit() {
+            let dest = self.dest_for(t.to);
+            let payload = Bytes::from(t.payload);
+            let out = if t.reliable {
+                Out::Message(dest, CH_MEMBERSHIP, payload)
+            } else {
+                Out::Datagram(dest, payload)
+            };
+            self.push_peer(t.to, out, true);
+        }
+        if self.handoff.poll_timeout().is_some_and(|t| t <= now) {
+            self.handoff.handle_timeout(now);
+        }
+        self.drain_handoff(now);
+        self.reroute_parked(now, false);
+        self.drain_handoff(now);
+        self.finish_waiters(now);
+        if self.view_dirty {
+            self.publish();
+        }
+    }
+
+    fn drain_handoff(&mut self, now: Instant) {
+        while let Some(event) = self.handoff.poll_event() {
+            self.on_handoff_event(event);
+        }
+        while let Some(job) = self.handoff.poll_job() {
+            let Some(datum) = self.datums.get(&job.datum).cloned() else {
+                self.handoff.job_done(job, Ok(()), now);
+                continue;
+            };
+            Counts::inc(&self.counts.jobs_started);
+            trace!(datum = %datum.name(), kind = ?job.kind, attempt = job.attempt, "job");
+            let fut = match job.kind {
+                JobKind::Relinquish => datum.relinquish_boxed(),
+                JobKind::Acquire => datum.acquire_boxed(),
+            };
+            let tx = self.job_tx.clone();
+            tokio::spawn(async move {
+                let result = fut.await.map_err(|e| e.to_string());
+                let _ = tx.send(JobDone { job, result }).await;
+            });
+        }
+        while let Some(t) = self.handoff.poll_transmit() {
+            let member = self
+                .membership
+                .member(&t.to.name)
+                .filter(|m| m.generation == t.to.generation);
+            let dest = member.and_then(|m| {
+                NodeName::new(&m.name)
+                    .ok()
+                    .map(|name| Dest::node(name, m.addr))
+            });
+            let Some(dest) = dest else {
+                self.handoff
+                    .send_done(t.id, Err(format!("{} is not a member", t.to)), now);
+                continue;
+            };
+            let body = Bytes::from(t.batch.encode());
+            let transport = self.transport.clone();
+            let tx = self.send_tx.clone();
+            let id = t.id;
+            tokio::spawn(async move {
+                let answer = transport
+                    .request(&dest, CH_NOTICES, body, NOTICE_REQUEST_TIMEOUT)
+                    .await;
+                let result = match answer {
+                    Ok(b) if &b[..] == wire::NOTICE_ACK => Ok(()),
+                    Ok(_) => Err(format!("{dest} refused the notices")),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx.send(SendDone { id, result }).await;
+            });
+        }
+        while let Some(release) = self.handoff.poll_release() {
+            match release.to {
+                ReleaseTo::Process => {
+                    for work in release.work {
+                        self.deliver_local(work);
+                    }
+                }
+                ReleaseTo::Forward(node) => {
+                    for work in release.work {
+                        self.forward_to(&node, work);
+                    }
+                }
+                ReleaseTo::Returned(reason) => {
+                    warn!(node = %self.name, datum = %release.datum, ?reason, count = release.work.len(),
+                        "held messages returned undelivered");
+                    for _ in &release.work {
+                        self.drop_routed("returned");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_membership_event(&mut self, event: MEvent, now: Instant) {
+        match event {
+            MEvent::Joined(m) | MEvent::Updated(m) | MEvent::Alive(m) => {
+                debug!(node = %self.name, member = %m.name, state = ?m.state, ready = m.ready, "member");
+                self.learn(&m);
+                self.view_dirty = true;
+            }
+            MEvent::Suspected(m) => {
+                info!(node = %self.name, member = %m.name, "member suspected");
+                self.view_dirty = true;
+            }
+            MEvent::Failed(m) => {
+                warn!(node = %self.name, member = %m.name, generation = m.generation, "member failed");
+                metrics::counter!("shoal_members_failed_total").increment(1);
+                if *m.name != *self.name || m.generation != self.me.generation {
+                    self.handoff
+                        .peer_failed(&NodeId::new(&*m.name, m.generation), now);
+                    self.links.remove(&m.addr);
+                }
+                self.view_dirty = true;
+            }
+            MEvent::Left(m) => {
+                info!(node = %self.name, member = %m.name, "member left");
+                if *m.name != *self.name || m.generation != self.me.generation {
+                    self.handoff
+                        .peer_left(&NodeId::new(&*m.name, m.generation), now);
+                    self.links.remove(&m.addr);
+                }
+                self.view_dirty = true;
+            }
+            MEvent::NameConflict {
+                name, local_lost, ..
+            } => {
+                warn!(node = %self.name, %name, local_lost, "two processes claim one name");
+            }
+            MEvent::ViewChanged(members) => {
+                self.live = members;
+                self.on_view(now);
+            }
+            MEvent::DeclaredFailed => {
+                warn!(node = %self.name, "the cluster declared this node failed: fencing");
+                metrics::counter!("shoal_fenced_total").increment(1);
+                self.handoff.fence(now);
+                self.fenced = true;
+                // A fenced node must not be placed on: leave the ready view.
+                self.membership.set_ready(false, now);
+                self.view_dirty = true;
+            }
+        }
+    }
+
+    fn learn(&mut self, m: &Member) {
+        if let Ok(name) = NodeName::new(&m.name) {
+            self.names.insert(m.addr, name);
+        }
+    }
+
+    fn ready_view(&self) -> View {
+        View::new(
+            self.live
+                .iter()
+                .map(|m| shoal_placement::Member::new(&*m.name, m.generation, m.ready)),
+        )
+    }
+
+    fn on_view(&mut self, now: Instant) {
+        self.view_dirty = true;
+        let view = self.ready_view();
+        if self
+            .latest
+            .as_ref()
+            .is_some_and(|t| t.view_id() == view.id())
+        {
+            return;
+        }
+        match PlacementTable::build(view, &self.config.strategy, self.config.copies) {
+            Ok(table) => {
+                let table = Arc::new(table);
+                self.latest = Some(Arc::clone(&table));
+                if self.config.transition == TransitionMode::Auto {
+                    self.install(table, now);
+                }
+            }
+            Err(error) => warn!(node = %self.name, %error, "placement table refused"),
+        }
+    }
+
+    fn install(&mut self, table: Arc<PlacementTable>, now: Instant) {
+        if table.view_id() == self.handoff.view_id() {
+            return;
+        }
+        if self.handoff.is_idle() {
+            self.report_base = self.handoff.counters().clone();
+        }
+        info!(node = %self.name, view = %table.view_id(), nodes = table.view().len(), "installing placement");
+        self.handoff.install(table, now);
+        metrics::counter!("shoal_views_installed_total").increment(1);
+        self.reroute_parked(now, true);
+        self.view_dirty = true;
+    }
+
+    fn on_handoff_event(&mut self, event: HEvent) {
+        match &event {
+            HEvent::TransitionStarted {
+                view,
+                relinquish,
+                awaiting,
+                acquire,
+            } => {
+                info!(node = %self.name, %view, relinquish, awaiting, acquire, "transition started");
+                metrics::counter!("shoal_transitions_total").increment(1);
+            }
+            HEvent::TransitionEnded { view } => {
+                let p = self.handoff.progress();
+                info!(node = %self.name, %view, held = p.held, "transition ended");
+                metrics::gauge!("shoal_datums_owned").set(p.held as f64);
+            }
+            HEvent::RelinquishFailed { .. } | HEvent::AcquireFailed { .. } => {
+                warn!(node = %self.name, ?event, "handoff job failed");
+                metrics::counter!("shoal_job_failures_total").increment(1);
+            }
+            HEvent::RelinquishAbandoned { .. } | HEvent::Fenced { .. } => {
+                warn!(node = %self.name, ?event, "handoff");
+            }
+            HEvent::AcquiredWithoutNotice { .. } => {
+                debug!(node = %self.name, ?event, "handoff");
+                metrics::counter!("shoal_acquired_without_notice_total").increment(1);
+            }
+            HEvent::TransitionSuperseded { .. } | HEvent::ReplicasChanged { .. } => {
+                debug!(node = %self.name, ?event, "handoff");
+            }
+        }
+    }
+
+    fn finish_waiters(&mut self, now: Instant) {
+        if !self.waiters.is_empty() {
+            let idle = self.handoff.is_idle();
+            let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+                .into_iter()
+                .partition(|w| idle || now >= w.deadline || w.tx.is_closed());
+            self.waiters = keep;
+            if !done.is_empty() {
+                let report = self.report();
+                for w in done {
+                    let _ = w.tx.send(report.clone());
+                }
+            }
+        }
+        if !self.leave_waiters.is_empty() {
+            let quiet =
+                self.membership.pending_broadcasts() == 0 || self.membership.num_live() == 0;
+            let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leave_waiters)
+                .into_iter()
+                .partition(|w| quiet || now >= w.deadline);
+            self.leave_waiters = keep;
+            for w in done {
+                let _ = w.tx.send(());
+            }
+        }
+    }
+
+    fn report(&self) -> TransitionReport {
+        let c = self.handoff.counters();
+        let b = &self.report_base;
+        let p = self.handoff.progress();
+        let awaiting = self
+            .handoff
+            .awaiting()
+            .take(64)
+            .map(|d| {
+                let ty = self.handoff.type_name(d.ty).unwrap_or("?").to_owned();
+                (ty, d.id)
+            })
+            .collect();
+        TransitionReport {
+            view: p.view,
+            completed: self.handoff.is_idle(),
+            relinquished: c.relinquished.saturating_sub(b.relinquished),
+            acquired: c.acquired.saturating_sub(b.acquired),
+            acquired_without_notice: (c.acquired_after_timeout + c.acquired_owner_gone)
+                .saturating_sub(b.acquired_after_timeout + b.acquired_owner_gone),
+            relinquish_failures: c.relinquish_failures.saturating_sub(b.relinquish_failures),
+            acquire_failures: c.acquire_failures.saturating_sub(b.acquire_failures),
+            relinquish_abandoned: c
+                .relinquish_abandoned
+                .saturating_sub(b.relinquish_abandoned),
+            in_flight: p.in_flight,
+            awaiting,
+        }
+    }
+
+    fn publish(&mut self) {
+        self.view_dirty = false;
+        self.version += 1;
+        let mut members: Vec<NodeInfo> = self
+            .membership
+            .live_members()
+            .map(NodeInfo::from_member)
+            .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        metrics::gauge!("shoal_members_live").set(members.len() as f64);
+        let view = ClusterView {
+            local: NodeInfo::from_member(self.membership.local()),
+            members,
+            ready: self.ready_view(),
+            placement: Arc::clone(self.handoff.table()),
+            version: self.version,
+            fenced: self.fenced,
+        };
+        self.view_tx.send_replace(Arc::new(view));
+    }
+
+    // ----- inputs --------------------------------------------------------------
+
+    fn on_command(&mut self, cmd: Command, now: Instant) {
+        match cmd {
+            Command::Join(seeds) => self.membership.join(&seeds, now),
+            Command::SetReady(ready, tx) => {
+                self.membership.set_ready(ready && !self.fenced, now);
+                let _ = tx.send(());
+            }
+            Command::SetMetadata(metadata, tx) => {
+                let result = self
+                    .membership
+                    .set_metadata(metadata, now)
+                    .map_err(|e| match e {
+                        shoal_membership::Error::MetadataTooLarge { len, max } => {
+                            Error::MetadataTooLarge { len, max }
+                        }
+                        _ => Error::MetadataTooLarge {
+                            len: 0,
+                            max: self.config.limits.max_metadata,
+                        },
+                    });
+                let _ = tx.send(result);
+            }
+            Command::Register(batch, tx) => {
+                let _ = tx.send(self.register(batch, now));
+            }
+            Command::Unregister(ty, ids, tx) => {
+                let mut count = 0;
+                if let Some(ty) = self.handoff.lookup_type(&ty) {
+                    for id in ids {
+                        let datum = Datum::new(ty, id);
+                        self.datums.remove(&datum);
+                        if self.handoff.unregister(datum, now) {
+                            count += 1;
+                        }
+                    }
+                }
+                let _ = tx.send(count);
+            }
+            Command::Transition {
+                install,
+                deadline,
+                tx,
+            } => {
+                if install {
+                    if let Some(table) = self.latest.clone() {
+                        self.install(table, now);
+                    }
+                    self.drain_handoff(now);
+                }
+                self.waiters.push(Waiter { deadline, tx });
+            }
+            Command::Progress(tx) => {
+                let _ = tx.send(self.report());
+            }
+            Command::Leave { deadline, tx } => {
+                self.membership.leave(now);
+                self.leave_waiters.push(LeaveWaiter { deadline, tx });
+            }
+            Command::Snapshot(tx) => {
+                let _ = tx.send(self.snapshot());
+            }
+            Command::Shutdown => self.stop = true,
+        }
+    }
+
+    fn register(&mut self, batch: Vec<Arc<dyn ErasedDatum>>, now: Instant) -> Result<usize, Error> {
+        let mut added = 0;
+        self.datums.reserve(batch.len());
+        for d in batch {
+            let ty = self.handoff.datum_type(d.type_name())?;
+            let datum = Datum::new(ty, d.id());
+            if self.handoff.register(datum, now)? {
+                added += 1;
+            }
+            self.datums.insert(datum, d);
+        }
+        Ok(added)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let p = self.handoff.progress();
+        Snapshot {
+            local: NodeInfo::from_member(self.membership.local()),
+            members: self
+                .membership
+                .members()
+                .map(NodeInfo::from_member)
+                .collect(),
+            view: self.handoff.view_id(),
+            registered: p.registered,
+            owned: p.held,
+            in_flight: p.in_flight,
+            held_work: p.held_work,
+            fenced: self.fenced,
+            transition: self.handoff.counters().clone(),
+            membership: self.membership.stats().clone(),
+            transport: self.transport.stats(),
+            facade: self.counts.snapshot(),
+        }
+    }
+
+    fn on_datagram(&mut self, d: Datagram, now: Instant) {
+        self.names.insert(d.from.addr, d.from.name.clone());
+        if let Err(error) = self.membership.handle_packet(d.from.addr, &d.payload, now) {
+            Counts::inc(&self.counts.malformed);
+            debug!(node = %self.name, from = %d.from, %error, "malformed membership datagram");
+        }
+    }
+
+    fn on_internal(&mut self, i: Internal, now: Instant) {
+        match i {
+            Internal::Membership(from, bytes) => {
+                if let Err(error) = self.membership.handle_packet(from, &bytes, now) {
+                    Counts::inc(&self.counts.malformed);
+                    debug!(node = %self.name, %from, %error, "malformed membership message");
+                }
+            }
+            Internal::Notices(peer, bytes, reply) => {
+                let from = self
+                    .membership
+                    .member(peer.name.as_str())
+                    .map(|m| NodeId::new(&*m.name, m.generation));
+                let ok = match from {
+                    Some(from) => match self.handoff.handle_notices(&from, &bytes, now) {
+                        Ok(report) => {
+                            debug!(node = %self.name, from = %peer, ?report, "notices");
+                            true
+                        }
+                        Err(error) => {
+                            if matches!(error, NoticeError::Wire(_)) {
+                                Counts::inc(&self.counts.malformed);
+                            }
+                            warn!(node = %self.name, from = %peer, %error, "notice batch refused");
+                            false
+                        }
+                    },
+                    None => {
+                        debug!(node = %self.name, from = %peer, "notices from an unknown member");
+                        false
+                    }
+                };
+                if let Some(reply) = reply {
+                    let answer = if ok {
+                        wire::NOTICE_ACK
+                    } else {
+                        wire::NOTICE_NACK
+                    };
+                    tokio::spawn(async move {
+                        let _ = reply.respond(Bytes::from_static(answer)).await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_routed_bytes(&mut self, peer: &Peer, bytes: &[u8]) {
+        match Routed::decode(bytes, self.config.limits.max_message) {
+            Ok(routed) => self.on_routed(routed, false),
+            Err(error) => {
+                Counts::inc(&self.counts.malformed);
+                Counts::inc(&self.counts.routed_dropped);
+                debug!(node = %self.name, from = %peer, %error, "malformed routed message");
+            }
+        }
+    }
+
+    /// Routes a message for a datum's owner: here, on to the owner, or held.
+    fn on_routed(&mut self, routed: Routed, from_here: bool) {
+        self.route_message(routed, from_here, false, Instant::now());
+    }
+
+    /// Routes parked messages again: those due at `now`, or all of them when
+    /// a new view was installed.
+    fn reroute_parked(&mut self, now: Instant, all: bool) {
+        let mut due = Vec::new();
+        while let Some(p) = self.parked.front() {
+            if !all && p.retry_at > now {
+                break;
+            }
+            if let Some(p) = self.parked.pop_front() {
+                due.push(p);
+            }
+        }
+        for p in due {
+            if now >= p.expires {
+                self.drop_routed("expired");
+                continue;
+            }
+            self.route_message(p.routed, false, true, now);
+        }
+    }
+
+    fn route_message(&mut self, mut routed: Routed, from_here: bool, retry: bool, now: Instant) {
+        enum Decision {
+            Here,
+            Forward(NodeId),
+            Hold(Datum),
+            Drop(&'static str),
+        }
+        let datum = self
+            .handoff
+            .lookup_type(&routed.datum_type)
+            .map(|ty| Datum::new(ty, routed.id))
+            .filter(|d| self.handoff.is_registered(*d));
+        let decision = match datum {
+            Some(d) => match self.handoff.route(d) {
+                Route::Process => Decision::Here,
+                Route::Forward(node) => Decision::Forward(node.clone()),
+                Route::Hold => Decision::Hold(d),
+                Route::Fenced => Decision::Drop("fenced"),
+            },
+            None if self.fenced => Decision::Drop("fenced"),
+            None => {
+                let table = self.handoff.table();
+                match table.primary(routed.id).and_then(|i| table.view().node(i)) {
+                    Some(node) if *node == self.me => Decision::Here,
+                    Some(node) => Decision::Forward(node.clone()),
+                    None => Decision::Drop("no_owner"),
+                }
+            }
+        };
+        match decision {
+            Decision::Here => self.deliver_local(routed),
+            Decision::Forward(node) => {
+                if !from_here {
+                    if routed.hops >= self.config.limits.max_forward_hops && !retry {
+                        // This node and the sender disagree on the owner:
+                        // one of them has not seen the newest view yet. Keep
+                        // the message and route it again shortly.
+                        self.park(routed, now);
+                        return;
+                    }
+                    routed.hops = routed.hops.saturating_add(1);
+                }
+                self.forward_to(&node, routed);
+            }
+            Decision::Hold(d) => match self.handoff.hold(d, routed) {
+                Ok(()) => Counts::inc(&self.counts.routed_held),
+                Err(e) => {
+                    let reason = match e.kind {
+                        shoal_transition::HoldErrorKind::Full => "hold_full",
+                        shoal_transition::HoldErrorKind::Fenced => "fenced",
+                        shoal_transition::HoldErrorKind::NotHeld => "not_held",
+                    };
+                    self.drop_routed(reason);
+                }
+            },
+            Decision::Drop(reason) => self.drop_routed(reason),
+        }
+    }
+
+    fn park(&mut self, routed: Routed, now: Instant) {
+        if self.parked.len() >= self.config.limits.hold_capacity {
+            self.drop_routed("park_full");
+            return;
+        }
+        Counts::inc(&self.counts.routed_held);
+        self.parked.push_back(Parked {
+            retry_at: now + REROUTE_DELAY,
+            expires: now + self.config.transition_timeout(),
+            routed,
+        });
+    }
+
+    fn drop_routed(&self, reason: &'static str) {
+        Counts::inc(&self.counts.routed_dropped);
+        metrics::counter!("shoal_routed_dropped_total", "reason" => reason).increment(1);
+        debug!(node = %self.name, reason, "routed message dropped");
+    }
+
+    fn deliver_local(&mut self, routed: Routed) {
+        let Some(tx) = self.channels.sender(routed.channel) else {
+            self.drop_routed("unknown_channel");
+            return;
+        };
+        Counts::inc(&self.counts.routed_delivered);
+        let delivery = Delivery {
+            from: Arc::from(routed.origin),
+            datum: Some((Arc::from(routed.datum_type), routed.id)),
+            payload: routed.payload,
+        };
+        self.push(Pending::Local(tx, delivery));
+    }
+
+    fn forward_to(&mut self, node: &NodeId, routed: Routed) {
+        let Some(addr) = self.membership.member(&node.name).map(|m| m.addr) else {
+            self.drop_routed("unknown_owner");
+            return;
+        };
+        let Ok(name) = NodeName::new(&node.name) else {
+            self.drop_routed("unknown_owner");
+            return;
+        };
+        Counts::inc(&self.counts.routed_forwarded);
+        let out = Out::Message(Dest::node(name, addr), CH_ROUTED, routed.encode());
+        self.push_peer(addr, out, false);
+    }
+
+    // ----- bounded queues ------------------------------------------------------
+
+    fn dest_for(&self, addr: SocketAddr) -> Dest {
+        match self.names.get(&addr) {
+            Some(name) => Dest::node(name.clone(), addr),
+            None => Dest::addr(addr),
+        }
+    }
+
+    fn link(&mut self, addr: SocketAddr) -> mpsc::Sender<Out> {
+        if let Some(tx) = self.links.get(&addr).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.config.limits.peer_queue);
+        tokio::spawn(link_task(
+            self.transport.clone(),
+            rx,
+            Arc::clone(&self.name),
+        ));
+        self.links.insert(addr, tx.clone());
+        tx
+    }
+
+    /// Queues `out` for the peer at `addr`. When its queue is full a
+    /// droppable item (a membership datagram or reliable transmit) is dropped
+    /// and counted; anything else waits in the backlog.
+    fn push_peer(&mut self, addr: SocketAddr, out: Out, droppable: bool) {
+        if droppable {
+            let tx = self.link(addr);
+            if tx.try_send(out).is_err() {
+                Counts::inc(&self.counts.datagrams_dropped);
+                metrics::counter!("shoal_peer_queue_drops_total").increment(1);
+            }
+        } else {
+            self.push(Pending::Peer(addr, out));
+        }
+    }
+
+    fn push(&mut self, item: Pending) {
+        if self.backlog.is_empty() {
+            if let Some(item) = self.try_push(item) {
+                self.backlog.push_back(item);
+            }
+        } else {
+            self.backlog.push_back(item);
+        }
+    }
+
+    /// Tries to hand `item` to its queue; gives it back when the queue is full.
+    fn try_push(&mut self, item: Pending) -> Option<Pending> {
+        match item {
+            Pending::Local(tx, d) => match tx.try_send(d) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(d)) => Some(Pending::Local(tx, d)),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.drop_routed("channel_closed");
+                    None
+                }
+            },
+            Pending::Peer(addr, out) => {
+                let tx = self.link(addr);
+                match tx.try_send(out) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(out)) => Some(Pending::Peer(addr, out)),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.drop_routed("link_closed");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn backlog_room(&mut self) -> Option<Room> {
+        match self.backlog.front()? {
+            Pending::Local(tx, _) => Some(Room::Local(tx.clone())),
+            Pending::Peer(addr, _) => {
+                let addr = *addr;
+                Some(Room::Peer(self.link(addr)))
+            }
+        }
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(item) = self.backlog.pop_front() {
+            if let Some(item) = self.try_push(item) {
+                self.backlog.push_front(item);
+                return;
+            }
+        }
+    }
+}
+
+/// Sends one peer's queued items through the transport, in order.
+async fn link_task(transport: Transport, mut rx: mpsc::Receiver<Out>, node: Arc<str>) {
+    while let Some(out) = rx.recv().await {
+        let result = match &out {
+            Out::Datagram(dest, payload) => transport.send_datagram(dest, payload).await,
+            Out::Message(dest, channel, body) => {
+                transport
+                    .send(dest, *channel, body.clone(), WhenFull::Wait)
+                    .await
+            }
+        };
+        if let Err(error) = result {
+            let (what, dest) = match &out {
+                Out::Datagram(dest, _) => ("datagram", dest),
+                Out::Message(dest, _, _) => ("message", dest),
+            };
+            metrics::counter!("shoal_send_failures_total", "kind" => what).increment(1);
+            debug!(%node, %dest, %error, what, "send failed");
+        }
+    }
+}
+
+/// Reads the transport's messages and hands each to its consumer: internal
+/// ones to the driver, user ones to their channel. Waits when a queue is
+/// full, so the transport stops reading and QUIC pushes back on senders.
+async fn dispatch(
+    mut messages: MessageReceiver,
+    channels: Arc<ChannelTable>,
+    counts: Arc<Counts>,
+    internal_tx: mpsc::Sender<Internal>,
+    routed_tx: mpsc::Sender<(Peer, Bytes)>,
+) {
+    while let Some(m) = messages.recv().await {
+        let delivered = match m.channel {
+            CH_MEMBERSHIP => internal_tx
+                .send(Internal::Membership(m.from.addr, m.body))
+                .await
+                .is_ok(),
+            CH_NOTICES => internal_tx
+                .send(Internal::Notices(m.from, m.body, m.reply))
+                .await
+                .is_ok(),
+            CH_ROUTED => routed_tx.send((m.from, m.body)).await.is_ok(),
+            id if id & USER_CHANNEL_BIT != 0 => {
+                match channels.sender(id) {
+                    Some(tx) => {
+                        let delivery = Delivery {
+                            from: Arc::from(m.from.name.as_str()),
+                            datum: None,
+                            payload: m.body,
+                        };
+                        if tx.send(delivery).await.is_err() {
+                            Counts::inc(&counts.routed_dropped);
+                        }
+                    }
+                    None => {
+                        metrics::counter!("shoal_unknown_channel_total").increment(1);
+                        debug!(from = %m.from, channel = id, "message for an unregistered channel dropped");
+                    }
+                }
+                true
+            }
+            other => {
+                Counts::inc(&counts.malformed);
+                debug!(from = %m.from, channel = other, "message on an unknown internal channel");
+                true
+            }
+        };
+        if !delivered {
+            break;
+        }
+    }
+}

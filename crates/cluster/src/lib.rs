@@ -1,0 +1,73 @@
+//! shoal: run identical nodes as one leaderless cluster.
+//!
+//! Every piece of application state, a *datum* (a type name and an integer
+//! id), belongs to one node at a time; any node that receives work for a
+//! datum forwards it to that node. When nodes join, leave or die, ownership
+//! moves by a handoff: the old owner *relinquishes* the datum (persists it),
+//! sends a *notice*, and the new owner *acquires* it only after that notice,
+//! or at once when the old owner has been declared failed.
+//!
+//! This crate is the facade: a [`Node`] drives the sans-IO layers
+//! (`shoal-membership`: SWIM with Lifeguard; `shoal-placement`: who owns
+//! what; `shoal-transition`: the handoff) on tokio over `shoal-transport`
+//! (QUIC with mutual TLS), and offers the API an application uses: join,
+//! leave, ready flag, metadata, members, change notifications, datums,
+//! transitions, and typed messages to a node or to a datum's owner.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use shoal::{DatumError, DistDatum, Node, NodeConfig};
+//!
+//! struct Series { id: i64 }
+//! impl DistDatum for Series {
+//!     fn id(&self) -> i64 { self.id }
+//!     fn type_name(&self) -> &str { "series" }
+//!     async fn relinquish(&self) -> Result<(), DatumError> { Ok(()) }
+//!     async fn acquire(&self) -> Result<(), DatumError> { Ok(()) }
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let (_ca, ids) = shoal_transport::throwaway_cluster(&["node-1"])?;
+//! let node = Node::start_with_identity(NodeConfig::local("node-1"), ids[0].clone()).await?;
+//! node.join(&[]).await?; // nobody: a cluster of one
+//! node.register((0..100).map(|id| Arc::new(Series { id }))).await?;
+//! node.set_ready(true).await?;
+//!
+//! // Typed messages, routed to the owner of a datum.
+//! let (points, mut inbox) = node.channel::<f64>("points")?;
+//! points.send_to_owner("series", 42, &1.5).await?;
+//! let msg = inbox.recv().await.unwrap();
+//! assert_eq!(msg.payload, 1.5);
+//!
+//! let mut changes = node.changes();
+//! changes.changed().await?; // a new view (members, placement)
+//! println!("{}", node.snapshot().await?);
+//! node.leave(Duration::from_secs(5)).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `docs/facade.md` describes the driver, the queues and what happens when
+//! each is full; `docs/seed-parity.md` maps every call of the Go package
+//! shoal reimplements to its shoal equivalent.
+
+mod channel;
+mod config;
+mod datum;
+mod driver;
+mod error;
+mod node;
+mod view;
+pub mod wire;
+
+pub use channel::{Received, Receiver, Sender};
+pub use config::{Limits, NodeConfig, Timing, TlsConfig, TransitionMode};
+pub use datum::{DatumError, DistDatum};
+pub use error::{ConfigError, Error, SendError, StartError};
+pub use node::Node;
+pub use view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
+
+pub use shoal_membership::MemberState;
+pub use shoal_placement::{NodeId, PlacementTable, Strategy, ViewId};
+pub use shoal_transport::{ClusterCa, NodeIdentity, NodeName};

@@ -1,0 +1,480 @@
+//! The application's handle on a running node.
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shoal_membership::{LocalNode, Membership};
+use shoal_placement::{NodeId, PlacementTable, View};
+use shoal_transition::Handoff;
+use shoal_transport::{ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::channel::{ChannelEntry, ChannelTable, Receiver, Sender};
+use crate::config::{NodeConfig, TlsConfig};
+use crate::datum::{DistDatum, ErasedDatum};
+use crate::driver::{Command, Driver};
+use crate::error::{Error, StartError};
+use crate::view::{ClusterView, NodeInfo, Snapshot, TransitionReport};
+use crate::wire::{self, Routed};
+
+/// What every handle of one node shares.
+pub(crate) struct Shared {
+    pub(crate) name: NodeName,
+    pub(crate) name_arc: Arc<str>,
+    pub(crate) transport: Transport,
+    pub(crate) view_rx: watch::Receiver<Arc<ClusterView>>,
+    pub(crate) cmd_tx: mpsc::Sender<Command>,
+    pub(crate) owner_tx: mpsc::Sender<Routed>,
+    pub(crate) channels: Arc<ChannelTable>,
+    pub(crate) config: NodeConfig,
+    driver: Mutex<Option<JoinHandle<()>>>,
+    shut: AtomicBool,
+}
+
+/// A running shoal node: the seed's `Cluster`. Cheap to clone; every clone
+/// drives the same node.
+///
+/// One driver task per node owns the membership and handoff state machines;
+/// the methods here either read the last published [`ClusterView`] (never
+/// waiting for the driver) or send the driver a command through a bounded
+/// queue (`limits.command_queue`; a full queue makes the call wait).
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.shared.name)
+            .field("addr", &self.shared.view_rx.borrow().local.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn generation_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(1)
+        .max(1)
+}
+
+fn identity_from_config(config: &NodeConfig) -> Result<NodeIdentity, StartError> {
+    match &config.tls {
+        TlsConfig::Files { dir } => Ok(NodeIdentity::read_pem_files(dir)?),
+        TlsConfig::DevCa { dir } => {
+            let ca = match ClusterCa::read_pem_files(dir) {
+                Ok(ca) => ca,
+                Err(_) => {
+                    let ca = ClusterCa::generate()?;
+                    ca.write_pem_files(dir)?;
+                    // Another node may have written it first: use what is there.
+                    ClusterCa::read_pem_files(dir).unwrap_or(ca)
+                }
+            };
+            Ok(ca.issue(&NodeName::new(&config.name)?)?)
+        }
+        TlsConfig::Provided => Err(StartError::NoIdentity),
+    }
+}
+
+impl Node {
+    /// Starts a node from its configuration, reading or creating its
+    /// certificate as `config.tls` says. The node knows only itself and is
+    /// not ready; call [`Node::join`] (with no seed for a cluster of one),
+    /// register datums, then [`Node::set_ready`]. Must run inside a tokio
+    /// runtime.
+    ///
+    /// # Errors
+    /// [`StartError`].
+    pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
+        let identity = identity_from_config(&config)?;
+        Node::start_with_identity(config, identity).await
+    }
+
+    /// Starts a node with an identity built in code (tests, embedding).
+    ///
+    /// # Errors
+    /// [`StartError`]; [`StartError::NameMismatch`] when the certificate
+    /// names another node than `config.name`.
+    pub async fn start_with_identity(
+        config: NodeConfig,
+        identity: NodeIdentity,
+    ) -> Result<Node, StartError> {
+        config.validate()?;
+        if identity.name().as_str() != config.name {
+            return Err(StartError::NameMismatch {
+                cert: identity.name().to_string(),
+                config: config.name.clone(),
+            });
+        }
+        let mut tconfig = TransportConfig::default();
+        tconfig.max_message_size = config.limits.max_message;
+        let (transport, incoming) = Transport::bind(config.bind, &identity, tconfig)?;
+        let addr = match config.advertise {
+            Some(a) => a,
+            None => {
+                let a = transport.local_addr();
+                if a.ip().is_unspecified() {
+                    transport.shutdown().await;
+                    return Err(StartError::NoAdvertiseAddress(a));
+                }
+                a
+            }
+        };
+        let generation = generation_now();
+        let now = Instant::now();
+        let mut mconfig = config.timing.membership();
+        mconfig.max_metadata_len = config.limits.max_metadata;
+        let local = LocalNode {
+            name: config.name.clone(),
+            generation,
+            addr,
+            ready: false,
+            metadata: Vec::new(),
+        };
+        let seed = generation ^ wire::channel_id(&config.name) as u64;
+        let membership = Membership::new(mconfig, local, SmallRng::seed_from_u64(seed), now)?;
+        let hconfig = shoal_transition::Config {
+            timeout: config.transition_timeout(),
+            relinquish_timeout: config.transition_timeout().mul_f64(0.75),
+            max_relinquish_jobs: config.limits.max_relinquish_jobs,
+            max_acquire_jobs: config.limits.max_acquire_jobs,
+            hold_capacity: config.limits.hold_capacity,
+            ..shoal_transition::Config::default()
+        };
+        let me = NodeId::new(config.name.clone(), generation);
+        let handoff = Handoff::new(me.clone(), hconfig)?;
+        // Fail early on a strategy or copies placement refuses.
+        PlacementTable::build(View::from_nodes([me]), &config.strategy, config.copies)?;
+
+        let local_info = NodeInfo::from_member(membership.local());
+        let view = ClusterView {
+            local: local_info.clone(),
+            members: vec![local_info],
+            ready: View::default(),
+            placement: Arc::clone(handoff.table()),
+            version: 0,
+            fenced: false,
+        };
+        let (view_tx, view_rx) = watch::channel(Arc::new(view));
+        let (cmd_tx, cmd_rx) = mpsc::channel(config.limits.command_queue);
+        let (owner_tx, owner_rx) = mpsc::channel(config.limits.owner_queue);
+        let channels = Arc::new(ChannelTable::default());
+        let name = identity.name().clone();
+        let (driver, job_rx, send_rx) = Driver::new(
+            config.clone(),
+            membership,
+            handoff,
+            transport.clone(),
+            Arc::clone(&channels),
+            view_tx,
+        );
+        let handle = tokio::spawn(driver.run(job_rx, send_rx, incoming, cmd_rx, owner_rx));
+        info!(node = %name, %addr, generation, "node started");
+        Ok(Node {
+            shared: Arc::new(Shared {
+                name_arc: Arc::from(name.as_str()),
+                name,
+                transport,
+                view_rx,
+                cmd_tx,
+                owner_tx,
+                channels,
+                config,
+                driver: Mutex::new(Some(handle)),
+                shut: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .cmd_tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
+    /// Joins the cluster through `seeds` (addresses of any members). With no
+    /// seed this node is a cluster of one and this returns at once.
+    /// Otherwise it returns once some seed answered and this node knows
+    /// another member.
+    ///
+    /// # Errors
+    /// [`Error::JoinTimeout`] after `join_timeout_ms` (membership keeps
+    /// retrying in the background), [`Error::Shutdown`].
+    pub async fn join(&self, seeds: &[SocketAddr]) -> Result<(), Error> {
+        self.shared
+            .cmd_tx
+            .send(Command::Join(seeds.to_vec()))
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        if seeds.is_empty() {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.shared.config.join_timeout_ms);
+        let mut rx = self.shared.view_rx.clone();
+        let joined = tokio::time::timeout(timeout, rx.wait_for(|v| v.members.len() > 1)).await;
+        match joined {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::JoinTimeout(timeout)),
+        }
+    }
+
+    /// Announces this node ready (or not) to own datums: the seed's
+    /// `Ready`. Every node then transitions (in auto mode).
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn set_ready(&self, ready: bool) -> Result<(), Error> {
+        self.command(|tx| Command::SetReady(ready, tx)).await
+    }
+
+    /// Replaces this node's user metadata and gossips it: the seed's
+    /// `SetMetaData`.
+    ///
+    /// # Errors
+    /// [`Error::MetadataTooLarge`] above `limits.max_metadata` (nothing
+    /// changes), [`Error::Shutdown`].
+    pub async fn set_metadata(&self, metadata: Vec<u8>) -> Result<(), Error> {
+        self.command(|tx| Command::SetMetadata(metadata, tx))
+            .await?
+    }
+
+    /// Registers datums (the seed's `LoadDistData`); registering a datum
+    /// again replaces the object kept for it. Returns how many were new.
+    ///
+    /// # Errors
+    /// [`Error::Registry`] for a bad type name, [`Error::Fenced`],
+    /// [`Error::Shutdown`]. Datums before the failing one stay registered.
+    pub async fn register<D: DistDatum>(
+        &self,
+        datums: impl IntoIterator<Item = Arc<D>>,
+    ) -> Result<usize, Error> {
+        let batch: Vec<Arc<dyn ErasedDatum>> = datums
+            .into_iter()
+            .map(|d| d as Arc<dyn ErasedDatum>)
+            .collect();
+        self.command(|tx| Command::Register(batch, tx)).await?
+    }
+
+    /// Forgets datums of `datum_type`; work held for them is dropped (and
+    /// counted). Returns how many were registered.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn unregister(
+        &self,
+        datum_type: &str,
+        ids: impl IntoIterator<Item = i64>,
+    ) -> Result<usize, Error> {
+        let ids: Vec<i64> = ids.into_iter().collect();
+        let ty = datum_type.to_owned();
+        self.command(|tx| Command::Unregister(ty, ids, tx)).await
+    }
+
+    /// The cluster as last published: members, placement, this node. Never
+    /// waits for the driver.
+    pub fn view(&self) -> Arc<ClusterView> {
+        Arc::clone(&self.shared.view_rx.borrow())
+    }
+
+    /// A stream of views: `changed().await` wakes on every join, leave,
+    /// failure, ready or metadata change (local ones included) and on every
+    /// installed placement; a slow reader sees only the newest view
+    /// (coalesced). The seed's `NotifyClusterChanges`, with the view.
+    pub fn changes(&self) -> watch::Receiver<Arc<ClusterView>> {
+        let mut rx = self.shared.view_rx.clone();
+        // Only later changes wake the new receiver.
+        rx.borrow_and_update();
+        rx
+    }
+
+    /// This node.
+    pub fn local(&self) -> NodeInfo {
+        self.shared.view_rx.borrow().local.clone()
+    }
+
+    /// Live members, ready or not, sorted by name.
+    pub fn members(&self) -> Vec<NodeInfo> {
+        self.shared.view_rx.borrow().members.clone()
+    }
+
+    /// Ready members in placement order (oldest first, ties by name).
+    pub fn sorted_nodes(&self) -> Vec<NodeId> {
+        self.shared.view_rx.borrow().ready.nodes().to_vec()
+    }
+
+    /// The owners of datum `id` (primary first) in the placement in force.
+    /// For a hot path, keep [`Node::view`] and call
+    /// [`ClusterView::owners`], which does not allocate.
+    pub fn owners(&self, id: i64) -> Vec<NodeId> {
+        self.shared.view_rx.borrow().owners(id).cloned().collect()
+    }
+
+    /// Runs a transition (manual mode, the seed's `Transition`): installs
+    /// the newest placement and waits until nothing is in flight here, or
+    /// `timeout`. In auto mode it only waits. The handoff goes on after
+    /// `timeout` (its own timeout is `transition_timeout_ms`).
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn transition(&self, timeout: Duration) -> Result<TransitionReport, Error> {
+        let deadline = Instant::now() + timeout;
+        self.command(|tx| Command::Transition {
+            install: true,
+            deadline,
+            tx,
+        })
+        .await
+    }
+
+    /// Progress of the current (or last) transition, now.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn progress(&self) -> Result<TransitionReport, Error> {
+        self.command(Command::Progress).await
+    }
+
+    /// Waits until nothing is in flight here, or `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn wait_idle(&self, timeout: Duration) -> Result<TransitionReport, Error> {
+        let deadline = Instant::now() + timeout;
+        self.command(|tx| Command::Transition {
+            install: false,
+            deadline,
+            tx,
+        })
+        .await
+    }
+
+    /// A picture of the node (members with state, datums owned, handoffs in
+    /// flight, counters), printable as a table.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn snapshot(&self) -> Result<Snapshot, Error> {
+        self.command(Command::Snapshot).await
+    }
+
+    /// A typed channel named `name`: messages of type `T` (postcard) sent
+    /// with the [`Sender`] arrive at the [`Receiver`] of the node they are
+    /// sent to. The id is derived from the name, so nodes may register
+    /// channels in any order. Received messages wait in a queue of
+    /// `limits.channel_queue`; when it is full the node stops reading from
+    /// the network and the senders wait (nothing is dropped).
+    ///
+    /// # Errors
+    /// [`Error::ChannelTaken`] when `name` (or a name with the same id) is
+    /// registered here already, [`Error::BadChannelName`].
+    pub fn channel<T: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<(Sender<T>, Receiver<T>), Error> {
+        if name.is_empty() || name.len() > wire::MAX_NAME_LEN {
+            return Err(Error::BadChannelName(name.len()));
+        }
+        let id = wire::channel_id(name);
+        let name: Arc<str> = Arc::from(name);
+        let (tx, rx) = mpsc::channel(self.shared.config.limits.channel_queue);
+        let decode_errors = Arc::new(AtomicU64::new(0));
+        {
+            let mut map = self
+                .shared
+                .channels
+                .map
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.contains_key(&id) {
+                return Err(Error::ChannelTaken {
+                    name: name.to_string(),
+                    id,
+                });
+            }
+            map.insert(id, ChannelEntry { tx });
+        }
+        let sender = Sender {
+            shared: Arc::clone(&self.shared),
+            id,
+            name: Arc::clone(&name),
+            _type: PhantomData,
+        };
+        let receiver = Receiver {
+            rx,
+            table: Arc::clone(&self.shared.channels),
+            id,
+            name,
+            decode_errors,
+            _type: PhantomData,
+        };
+        Ok((sender, receiver))
+    }
+
+    /// The transport's counters.
+    pub fn transport_stats(&self) -> shoal_transport::StatsSnapshot {
+        self.shared.transport.stats()
+    }
+
+    /// Leaves gracefully within `timeout`, as the seed's applications do:
+    /// marks this node not ready (every node transitions and this one
+    /// relinquishes everything it owned), waits for its handoffs, announces
+    /// the leave to the cluster, then shuts down. Returns how the final
+    /// transition went.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`] if the node was already shut down.
+    pub async fn leave(&self, timeout: Duration) -> Result<TransitionReport, Error> {
+        let deadline = Instant::now() + timeout;
+        self.set_ready(false).await?;
+        let report = self
+            .command(|tx| Command::Transition {
+                install: true,
+                deadline,
+                tx,
+            })
+            .await?;
+        self.command(|tx| Command::Leave { deadline, tx }).await?;
+        self.shutdown().await;
+        Ok(report)
+    }
+
+    /// Stops the node at once: the driver ends, the transport closes. Other
+    /// members will see it fail (use [`Node::leave`] to leave gracefully).
+    pub async fn shutdown(&self) {
+        if self.shared.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.shared.cmd_tx.send(Command::Shutdown).await;
+        let handle = self
+            .shared
+            .driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+        self.shared.transport.shutdown().await;
+        info!(node = %self.shared.name, "node shut down");
+    }
+}

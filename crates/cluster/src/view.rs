@@ -1,0 +1,226 @@
+//! What the application reads: members, the view, snapshots, reports.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_membership::{Member, MemberState};
+use shoal_placement::{NodeId, PlacementTable, View, ViewId};
+
+/// One node as this node knows it (the seed's `Node`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// Generation: the process start time, nanoseconds since the Unix epoch.
+    /// A restarted node has a higher one.
+    pub generation: u64,
+    /// Address it is reached at.
+    pub addr: SocketAddr,
+    /// Alive, suspect, dead or left.
+    pub state: MemberState,
+    /// Ready to own datums.
+    pub ready: bool,
+    /// User metadata.
+    pub metadata: Arc<[u8]>,
+}
+
+impl NodeInfo {
+    pub(crate) fn from_member(m: &Member) -> NodeInfo {
+        NodeInfo {
+            name: Arc::clone(&m.name),
+            generation: m.generation,
+            addr: m.addr,
+            state: m.state,
+            ready: m.ready,
+            metadata: Arc::clone(&m.metadata),
+        }
+    }
+
+    /// The process start time.
+    pub fn start_time(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.generation)
+    }
+
+    /// Identity for placement: name and generation.
+    pub fn id(&self) -> NodeId {
+        NodeId::new(&*self.name, self.generation)
+    }
+}
+
+/// The cluster as this node sees it; a new one is published on every change
+/// (through [`Node::changes`](crate::Node::changes)). Cheap to share
+/// (`Arc`); reading it never waits for the node's driver.
+#[derive(Clone, Debug)]
+pub struct ClusterView {
+    /// This node.
+    pub local: NodeInfo,
+    /// Live members (alive or suspect, ready or not), this node included
+    /// while it is live, sorted by name.
+    pub members: Vec<NodeInfo>,
+    /// The ready members in placement order (oldest generation first, ties
+    /// by name): the seed's `SortedNodes`.
+    pub ready: View,
+    /// The placement table in force (installed by the last transition):
+    /// owner lookups are O(1) and allocation-free.
+    pub placement: Arc<PlacementTable>,
+    /// Bumped on every change of this view.
+    pub version: u64,
+    /// Whether the cluster declared this node failed (it processes nothing).
+    pub fenced: bool,
+}
+
+impl ClusterView {
+    /// The owners of datum `id` (primary first) in the table in force.
+    pub fn owners(&self, id: i64) -> impl Iterator<Item = &NodeId> {
+        self.placement.owner_ids(id)
+    }
+
+    /// The primary owner of datum `id`.
+    pub fn primary(&self, id: i64) -> Option<&NodeId> {
+        self.placement
+            .primary(id)
+            .and_then(|i| self.placement.view().node(i))
+    }
+
+    /// A live member by name.
+    pub fn member(&self, name: &str) -> Option<&NodeInfo> {
+        self.members
+            .binary_search_by(|m| (*m.name).cmp(name))
+            .ok()
+            .and_then(|i| self.members.get(i))
+    }
+
+    /// The id of the placement view in force.
+    pub fn view_id(&self) -> ViewId {
+        self.placement.view_id()
+    }
+}
+
+/// Progress and outcome of a transition (counts since it started).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransitionReport {
+    /// The view the transition was for.
+    pub view: Option<ViewId>,
+    /// Whether nothing is in flight any more.
+    pub completed: bool,
+    /// Datums this node relinquished.
+    pub relinquished: u64,
+    /// Datums this node acquired.
+    pub acquired: u64,
+    /// Of those, acquired without a notice (timeout or old owner gone).
+    pub acquired_without_notice: u64,
+    /// Relinquish attempts that failed.
+    pub relinquish_failures: u64,
+    /// Acquire attempts that failed.
+    pub acquire_failures: u64,
+    /// Datums whose relinquish was abandoned at the timeout.
+    pub relinquish_abandoned: u64,
+    /// Datums still in flight on this node.
+    pub in_flight: usize,
+    /// Some of the datums this node still waits for (type, id), at most 64.
+    pub awaiting: Vec<(String, i64)>,
+}
+
+/// A point-in-time picture of a node, printable as a table (`Display`).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// This node.
+    pub local: NodeInfo,
+    /// Every member known, any state.
+    pub members: Vec<NodeInfo>,
+    /// The placement view in force.
+    pub view: ViewId,
+    /// Datums registered here.
+    pub registered: usize,
+    /// Datums owned (acquired) here.
+    pub owned: usize,
+    /// Handoffs in flight here (relinquishing, awaited, acquiring, notices
+    /// not delivered).
+    pub in_flight: usize,
+    /// Pieces of work held for datums in flight.
+    pub held_work: usize,
+    /// Whether this node is fenced.
+    pub fenced: bool,
+    /// The handoff layer's counters.
+    pub transition: shoal_transition::Counters,
+    /// The membership layer's counters.
+    pub membership: shoal_membership::Stats,
+    /// The transport's counters.
+    pub transport: shoal_transport::StatsSnapshot,
+    /// The facade's own counters.
+    pub facade: FacadeCounters,
+}
+
+/// Counters of the facade itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FacadeCounters {
+    /// Messages for datum owners delivered to a local channel.
+    pub routed_delivered: u64,
+    /// Messages for datum owners sent on to another node.
+    pub routed_forwarded: u64,
+    /// Messages for datum owners held during a handoff.
+    pub routed_held: u64,
+    /// Messages for datum owners dropped (no owner, hop limit, hold full,
+    /// fenced, unknown channel, undecodable).
+    pub routed_dropped: u64,
+    /// Membership datagrams dropped because a peer queue was full.
+    pub datagrams_dropped: u64,
+    /// Packets from peers that did not decode (membership, notices, routed).
+    pub malformed: u64,
+    /// Relinquish and acquire jobs started.
+    pub jobs_started: u64,
+}
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "node {} (generation {}) at {}{}",
+            self.local.name,
+            self.local.generation,
+            self.local.addr,
+            if self.fenced { " FENCED" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "view {}  registered {}  owned {}  in flight {}  held work {}",
+            self.view, self.registered, self.owned, self.in_flight, self.held_work
+        )?;
+        writeln!(
+            f,
+            "{:<24} {:<8} {:<6} {:<22} {:>20} {:>6}",
+            "member", "state", "ready", "address", "generation", "meta"
+        )?;
+        for m in &self.members {
+            writeln!(
+                f,
+                "{:<24} {:<8} {:<6} {:<22} {:>20} {:>6}",
+                m.name,
+                format!("{:?}", m.state).to_lowercase(),
+                if m.ready { "yes" } else { "no" },
+                m.addr.to_string(),
+                m.generation,
+                m.metadata.len()
+            )?;
+        }
+        let t = &self.transition;
+        writeln!(
+            f,
+            "handoff: relinquished {} acquired {} (without notice {}) notices sent {} accepted {} stale {}",
+            t.relinquished,
+            t.acquired,
+            t.acquired_after_timeout + t.acquired_owner_gone,
+            t.notices_sent,
+            t.notices_accepted,
+            t.notices_stale
+        )?;
+        let c = &self.facade;
+        write!(
+            f,
+            "routed: delivered {} forwarded {} held {} dropped {}; malformed packets {}",
+            c.routed_delivered, c.routed_forwarded, c.routed_held, c.routed_dropped, c.malformed
+        )
+    }
+}

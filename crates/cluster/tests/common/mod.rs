@@ -1,0 +1,238 @@
+//! Helpers of the facade's loopback tests: a ledger of relinquish / acquire
+//! calls that checks the single-owner invariant as they happen, and cluster
+//! start-up helpers.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal::{ClusterCa, DatumError, DistDatum, Node, NodeConfig, NodeName};
+
+/// Generous bound on anything a test waits for: only bounds hangs.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+pub struct LedgerInner {
+    /// Which node holds each datum acquired (and not relinquished).
+    pub holder: HashMap<i64, String>,
+    pub relinquished: Vec<(String, i64)>,
+    pub acquired: Vec<(String, i64)>,
+    /// Nodes killed without leaving: their holdings may be taken over.
+    pub dead: HashSet<String>,
+    pub violations: Vec<String>,
+}
+
+/// Every node's datums report here.
+#[derive(Default)]
+pub struct Ledger {
+    pub inner: Mutex<LedgerInner>,
+}
+
+impl Ledger {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, LedgerInner> {
+        self.inner.lock().unwrap()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.lock().violations.clone()
+    }
+
+    pub fn clear_history(&self) {
+        let mut l = self.lock();
+        l.relinquished.clear();
+        l.acquired.clear();
+    }
+}
+
+pub struct TestDatum {
+    pub id: i64,
+    pub node: String,
+    pub ledger: Arc<Ledger>,
+}
+
+impl DistDatum for TestDatum {
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn type_name(&self) -> &str {
+        "series"
+    }
+    async fn relinquish(&self) -> Result<(), DatumError> {
+        let mut l = self.ledger.lock();
+        if l.holder.get(&self.id) == Some(&self.node) {
+            l.holder.remove(&self.id);
+        } else {
+            let v = format!(
+                "{} relinquished {} held by {:?}",
+                self.node,
+                self.id,
+                l.holder.get(&self.id)
+            );
+            l.violations.push(v);
+        }
+        l.relinquished.push((self.node.clone(), self.id));
+        Ok(())
+    }
+    async fn acquire(&self) -> Result<(), DatumError> {
+        let mut l = self.ledger.lock();
+        if let Some(h) = l.holder.get(&self.id) {
+            if *h != self.node && !l.dead.contains(h) {
+                let v = format!(
+                    "{} acquired {} still held by live {}",
+                    self.node, self.id, h
+                );
+                l.violations.push(v);
+            }
+        }
+        l.holder.insert(self.id, self.node.clone());
+        l.acquired.push((self.node.clone(), self.id));
+        Ok(())
+    }
+}
+
+pub fn config(name: &str) -> NodeConfig {
+    let mut c = NodeConfig::local(name);
+    // Long enough that a test finishing in time proves nothing waited it out.
+    c.transition_timeout_ms = 30_000;
+    c
+}
+
+pub async fn start(ca: &ClusterCa, config: NodeConfig) -> Node {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let id = ca.issue(&NodeName::new(&config.name).unwrap()).unwrap();
+    Node::start_with_identity(config, id).await.unwrap()
+}
+
+pub async fn register(node: &Node, datums: i64, ledger: &Arc<Ledger>) {
+    let name = node.local().name.to_string();
+    node.register((0..datums).map(|id| {
+        Arc::new(TestDatum {
+            id,
+            node: name.clone(),
+            ledger: Arc::clone(ledger),
+        })
+    }))
+    .await
+    .unwrap();
+}
+
+/// Polls `f` every 20 ms until it holds; panics after [`PATIENCE`].
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `names` (the first joins nobody, the others join it) and waits
+/// until every node sees all of them.
+pub async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(start(ca, config(name)).await);
+    }
+    join_all(&nodes).await;
+    nodes
+}
+
+pub async fn join_all(nodes: &[Node]) {
+    nodes[0].join(&[]).await.unwrap();
+    let seed = nodes[0].local().addr;
+    for n in &nodes[1..] {
+        n.join(&[seed]).await.unwrap();
+    }
+    let want = nodes.len();
+    eventually("every node sees every node", || {
+        nodes.iter().all(|n| n.members().len() == want)
+    })
+    .await;
+}
+
+/// Registers `datums` on every node of `nodes`, then makes them ready one
+/// at a time, each once every node has seen the previous one ready (a node
+/// that becomes ready before it heard of the others' readiness would take
+/// datums as their first owner).
+pub async fn ready_all(nodes: &[&Node], datums: i64, ledger: &Arc<Ledger>) {
+    for n in nodes {
+        register(n, datums, ledger).await;
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        n.set_ready(true).await.unwrap();
+        eventually("every node sees the ready nodes", || {
+            nodes.iter().all(|m| m.view().ready.len() >= i + 1)
+        })
+        .await;
+    }
+}
+
+/// Waits until every node has the same placement of `ready` ready nodes,
+/// nothing is in flight, and the ledger says each of `datums` is held by
+/// exactly its primary.
+pub async fn settled(nodes: &[&Node], ready: usize, datums: i64, ledger: &Ledger) {
+    let start = tokio::time::Instant::now();
+    let mut why = String::new();
+    loop {
+        assert!(start.elapsed() < PATIENCE, "cluster did not settle: {why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let views: Vec<_> = nodes.iter().map(|n| n.view()).collect();
+        if views
+            .iter()
+            .any(|v| v.placement.view().len() != ready || v.view_id() != views[0].view_id())
+        {
+            why = format!(
+                "views {:?}",
+                views
+                    .iter()
+                    .map(|v| (
+                        v.local.name.to_string(),
+                        v.placement.view().len(),
+                        v.view_id()
+                    ))
+                    .collect::<Vec<_>>()
+            );
+            continue;
+        }
+        let mut busy = Vec::new();
+        for n in nodes {
+            let p = n.progress().await.unwrap();
+            if !p.completed {
+                busy.push((n.local().name.to_string(), p));
+            }
+        }
+        if !busy.is_empty() {
+            why = format!("in flight {busy:?}");
+            continue;
+        }
+        let l = ledger.lock();
+        let wrong: Vec<_> = (0..datums)
+            .filter_map(|id| {
+                let primary = views[0].primary(id).map(|n| n.name.as_str());
+                let holder = l.holder.get(&id).map(String::as_str);
+                (holder != primary)
+                    .then(|| (id, holder.map(str::to_owned), primary.map(str::to_owned)))
+            })
+            .take(5)
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        let acquired: Vec<_> = l
+            .acquired
+            .iter()
+            .filter(|(_, id)| *id == wrong[0].0)
+            .collect();
+        let relinquished: Vec<_> = l
+            .relinquished
+            .iter()
+            .filter(|(_, id)| *id == wrong[0].0)
+            .collect();
+        why = format!(
+            "misplaced (id, holder, primary) {wrong:?}; first: acquired {acquired:?} relinquished {relinquished:?}"
+        );
+    }
+}
