@@ -706,7 +706,13 @@ impl Transport {
     /// The admitted connection for `dest`, dialing (once, shared by every
     /// caller) if there is none.
     async fn connection(&self, dest: &Dest) -> Result<Arc<PeerConn>, TransportError> {
-        let addr = canonical_addr(dest.addr);
+                let addr = canonical_addr(dest.addr);
+        if addr == self.inner.local_addr {
+            return Err(TransportError::Rejected {
+                peer: dest.clone(),
+                reason: "that is this node's own address".into(),
+            });
+        }
         let mut dials = 0u32;
         loop {
             if self.inner.shut.load(Ordering::Relaxed) {

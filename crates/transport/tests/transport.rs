@@ -69,6 +69,10 @@ async fn datagram_round_trip_with_verified_sender() {
         other => panic!("expected a datagram, got {other:?}"),
     }
 
+    // A node does not dial itself.
+    let err = within(a.send_datagram(&dest_of(&a), b"me")).await.unwrap_err();
+    assert!(matches!(err, TransportError::Rejected { .. }), "{err}");
+
     // The size limit is exposed and enforced: no silent truncation.
     let max = a.max_datagram_size(&dest_of(&b)).unwrap();
     assert!(max >= 1000, "max datagram {max}");
