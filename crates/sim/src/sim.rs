@@ -450,6 +450,12 @@ fn slot_addr(slot: u32) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, a, b, c)), PORT)
 }
 
+/// `ceil(0.9999 x n)`, in integers (the float product rounds 10,000 up to
+/// 10,000 instead of 9,999).
+fn four_nines(n: usize) -> usize {
+    n.saturating_mul(9_999).div_ceil(10_000)
+}
+
 /// Name of the node in `slot`.
 pub fn node_name(slot: u32) -> String {
     format!("node-{slot:05}")
@@ -1543,7 +1549,7 @@ impl<A: Application> Sim<A> {
             .iter()
             .filter_map(|&s| self.current_generation(s).map(|g| (s, g)))
             .collect();
-        let threshold = (population.len() as f64 * 0.9999).ceil() as usize;
+        let threshold = four_nines(population.len());
         let mut informed = HashSet::new();
         informed.insert(origin);
         let done = informed.len() >= threshold;
@@ -1856,5 +1862,31 @@ impl<A: Application> Sim<A> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_nines_of_a_population() {
+        assert_eq!(four_nines(10_000), 9_999);
+        assert_eq!(four_nines(20_000), 19_998);
+        assert_eq!(four_nines(200), 200);
+        assert_eq!(four_nines(1), 1);
+        assert_eq!(four_nines(0), 0);
+    }
+
+    #[test]
+    fn slot_addresses_round_trip() {
+        let sim: Sim =
+            Sim::new(SimConfig::new(1, Config::lan()), 70_000, Instant::now(), ()).unwrap();
+        for slot in [0, 1, 255, 256, 65_535, 69_999] {
+            assert_eq!(sim.slot_of_addr(slot_addr(slot)), Some(slot));
+        }
+        assert_eq!(sim.slot_of_addr(slot_addr(70_000)), None);
+        let other_port = SocketAddr::new(slot_addr(3).ip(), PORT + 1);
+        assert_eq!(sim.slot_of_addr(other_port), None);
     }
 }
