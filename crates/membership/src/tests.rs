@@ -1073,6 +1073,13 @@ struct Cluster {
     in_flight: Vec<(Instant, usize, SocketAddr, Vec<u8>)>,
     failed: Vec<(usize, Arc<str>, Duration)>,
     start: Instant,
+    /// Loss probability of unreliable packets, drawn from `rng`.
+    loss: f64,
+    rng: SmallRng,
+    /// Per (observer, member name, generation): last incarnation seen in an
+    /// event, and the incarnation it was declared dead at.
+    seen: std::collections::HashMap<(usize, Arc<str>, u64), (u64, Option<u64>)>,
+    violations: Vec<String>,
 }
 
 impl Cluster {
@@ -1088,12 +1095,48 @@ impl Cluster {
             in_flight: Vec::new(),
             failed: Vec::new(),
             start,
+            loss: 0.0,
+            rng: SmallRng::seed_from_u64(n as u64),
+            seen: std::collections::HashMap::new(),
+            violations: Vec::new(),
         };
         let seed = cluster.nodes[0].local().addr;
         for i in 1..n {
             cluster.nodes[i].join(&[seed], start);
         }
         cluster
+    }
+
+    /// Incarnations only grow; a member declared dead comes back only with a
+    /// higher incarnation (or as a new generation, a different key).
+    fn observe(&mut self, observer: usize, event: &Event) {
+        let (m, dead) = match event {
+            Event::Joined(m) | Event::Updated(m) | Event::Suspected(m) | Event::Alive(m) => {
+                (m, false)
+            }
+            Event::Failed(m) => (m, true),
+            _ => return,
+        };
+        let key = (observer, Arc::clone(&m.name), m.generation);
+        let entry = self.seen.entry(key).or_insert((m.incarnation, None));
+        if m.incarnation < entry.0 {
+            self.violations.push(format!(
+                "n{observer}: {} incarnation went {} -> {}",
+                m.name, entry.0, m.incarnation
+            ));
+        }
+        if !dead && entry.1.is_some_and(|at| m.incarnation <= at) {
+            self.violations.push(format!(
+                "n{observer}: {} resurrected at incarnation {}",
+                m.name, m.incarnation
+            ));
+        }
+        entry.0 = entry.0.max(m.incarnation);
+        if dead {
+            entry.1 = Some(m.incarnation);
+        } else if entry.1.is_some_and(|at| m.incarnation > at) {
+            entry.1 = None;
+        }
     }
 
     fn index_of(&self, addr: SocketAddr) -> Option<usize> {
@@ -1124,12 +1167,19 @@ impl Cluster {
                 }
                 let from = self.nodes[i].local().addr;
                 while let Some(t) = self.nodes[i].poll_transmit() {
+                    if !t.reliable
+                        && self.loss > 0.0
+                        && rand::Rng::random_bool(&mut self.rng, self.loss)
+                    {
+                        continue;
+                    }
                     if let Some(to) = self.index_of(t.to) {
                         self.in_flight
                             .push((now + Duration::from_millis(1), to, from, t.payload));
                     }
                 }
                 while let Some(event) = self.nodes[i].poll_event() {
+                    self.observe(i, &event);
                     if let Event::Failed(m) = event {
                         self.failed.push((i, m.name, now - self.start));
                     }
@@ -1678,4 +1728,57 @@ fn revived_member_hears_the_verdict_again_on_later_pings_and_acks() {
             .count();
     }
     assert_eq!(notices, 3);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Random faults on 5 nodes (loss, a crash, a restart as a new
+    /// generation), then quiet: the invariants hold throughout, and every
+    /// running node ends up seeing exactly the running nodes.
+    #[test]
+    fn random_faults_then_quiet_converge(
+        seed in 0u64..1_000_000,
+        loss in 0.0f64..0.3,
+        crash in proptest::option::of((0usize..5, 1u64..15)),
+        restart in proptest::option::of((0usize..5, 1u64..15)),
+    ) {
+        let mut c = Cluster::new(5, Config::lan());
+        c.rng = SmallRng::seed_from_u64(seed);
+        c.run(Duration::from_secs(3));
+        c.loss = loss;
+        let mut events: Vec<(u64, bool, usize)> = Vec::new();
+        if let Some((i, at)) = crash { events.push((at, true, i)); }
+        if let Some((i, at)) = restart { events.push((at, false, i)); }
+        events.sort();
+        let mut t = 0;
+        for (at, is_crash, i) in events {
+            c.run(Duration::from_secs(at - t));
+            t = at;
+            if is_crash {
+                c.crashed.insert(i);
+            } else if !c.crashed.contains(&i) {
+                let now = c.now;
+                let mut local = local(&format!("n{i}"), 100 + i as u16);
+                local.generation = 1000 + at;
+                c.nodes[i] = Membership::new(Config::lan(), local, SmallRng::seed_from_u64(seed ^ at), now).unwrap();
+                let seed_addr = c.nodes[(i + 1) % 5].local().addr;
+                c.nodes[i].join(&[seed_addr], now);
+            }
+        }
+        c.run(Duration::from_secs(16 - t));
+        c.loss = 0.0;
+        c.run(Duration::from_secs(40));
+        proptest::prop_assert!(c.violations.is_empty(), "{:?}", c.violations);
+        let running: HashSet<(String, u64)> = (0..5)
+            .filter(|i| !c.crashed.contains(i))
+            .map(|i| (c.nodes[i].local().name.to_string(), c.nodes[i].local().generation))
+            .collect();
+        for i in (0..5).filter(|i| !c.crashed.contains(i)) {
+            let view: HashSet<(String, u64)> = c.nodes[i]
+                .live_members()
+                .map(|m| (m.name.to_string(), m.generation))
+                .collect();
+            proptest::prop_assert_eq!(&view, &running, "n{} disagrees", i);
+        }
+    }
 }
