@@ -1065,6 +1065,9 @@ fn failed_probes_without_nacks_raise_awareness_and_slow_probing() {
 
 // ----- a small cluster on a virtual clock ------------------------------------------
 
+/// (observer, member name, member generation).
+type SeenKey = (usize, Arc<str>, u64);
+
 /// Nodes exchanging packets in memory with 1 ms latency.
 struct Cluster {
     nodes: Vec<Node>,
@@ -1078,7 +1081,7 @@ struct Cluster {
     rng: SmallRng,
     /// Per (observer, member name, generation): last incarnation seen in an
     /// event, and the incarnation it was declared dead at.
-    seen: std::collections::HashMap<(usize, Arc<str>, u64), (u64, Option<u64>)>,
+    seen: std::collections::HashMap<SeenKey, (u64, Option<u64>)>,
     violations: Vec<String>,
 }
 
