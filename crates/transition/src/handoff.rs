@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use crate::datum::{DetState, TypeRegistry};
 use crate::error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError};
 use crate::types::{
-    Config, Counters, Event, Job, JobKind, NoticeReport, Progress, Release, ReleaseTo,
+    Config, Counters, DatumState, Event, Job, JobKind, NoticeReport, Progress, Release, ReleaseTo,
     ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
 };
 use crate::wire::{NoticeBatch, NoticeGroup};
@@ -54,6 +54,22 @@ enum Phase {
 }
 
 const PHASES: usize = 14;
+
+impl Phase {
+    fn state(self) -> DatumState {
+        use Phase::*;
+        match self {
+            Free => DatumState::Free,
+            Held => DatumState::Held,
+            RelinquishQueued | Relinquishing | RelinquishBackoff => DatumState::Relinquishing,
+            Awaiting => DatumState::Awaiting,
+            Relay => DatumState::Relaying,
+            AcquireQueued | Acquiring | AcquireBackoff => DatumState::Acquiring,
+            TokenWait | TokenQueued | Passed => DatumState::NoticePending,
+            TokenParked => DatumState::Unowned,
+        }
+    }
+}
 
 #[derive(Copy, Clone, Debug)]
 struct Slot {
@@ -529,6 +545,22 @@ impl<W> Handoff<W> {
             .iter()
             .filter(|(_, s)| s.phase == Phase::Awaiting)
             .map(|(d, _)| *d)
+    }
+
+    /// Where `datum` stands on this node (None: not registered).
+    #[must_use]
+    pub fn state(&self, datum: Datum) -> Option<DatumState> {
+        self.registry.get(&datum).map(|s| s.phase.state())
+    }
+
+    /// Every registered datum not simply held or free here, with its state
+    /// (O(registered)).
+    pub fn in_flight_datums(&self) -> impl Iterator<Item = (Datum, DatumState)> + '_ {
+        self.registry
+            .map
+            .iter()
+            .filter(|(_, s)| !matches!(s.phase, Phase::Held | Phase::Free))
+            .map(|(d, s)| (*d, s.phase.state()))
     }
 
     /// The work held right now, per datum, oldest first.
@@ -1367,10 +1399,14 @@ impl<W> Handoff<W> {
         self.settle_wait(d, s, now);
     }
 
-    /// A wait (Awaiting or Relay) that no live node may answer ends here:
-    /// once every node has said done, the token is this node's to take
-    /// (acquire if primary, pass on if not). Until then it is remembered.
+    /// A wait that no live node may answer ends here: once every node has
+    /// said done, the primary takes the datum. Until then it is remembered.
     fn settle_wait(&mut self, d: Datum, s: Slot, now: Instant) {
+        // Only the primary may take a datum without a notice: for a relay,
+        // the primary in force (not among the candidates) may hold it.
+        if s.phase != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
+            return;
+        }
         match self.candidates(d.id) {
             Candidates::SomeAlive => {}
             _ if !self.done_missing.is_empty() => self.blocked_on_done.push(d),
@@ -1922,6 +1958,16 @@ impl<W> Handoff<W> {
         }) else {
             return;
         };
+        if matches!(self.primary_of(d.id), Primary::Me) {
+            // The datum came back here meanwhile: nobody else will take it.
+            // A running job finishes (success: acquire again; failure: kept).
+            if s.phase != Phase::Relinquishing {
+                s.phase = Phase::Held;
+                self.registry.set(d, s);
+                self.maybe_release(d);
+            }
+            return;
+        }
         debug!(node = %self.local, datum = %d, "relinquish abandoned at its deadline");
         self.counters.relinquish_abandoned += 1;
         s.phase = Phase::Free;

@@ -87,7 +87,7 @@ pub use datum::{Datum, DatumType};
 pub use error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError, WireError};
 pub use handoff::Handoff;
 pub use types::{
-    Config, Counters, Event, Job, JobKind, NoticeReport, Progress, Release, ReleaseTo,
+    Config, Counters, DatumState, Event, Job, JobKind, NoticeReport, Progress, Release, ReleaseTo,
     ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
 };
 pub use wire::{NoticeBatch, NoticeGroup, WIRE_VERSION, WireLimits};

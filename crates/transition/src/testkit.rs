@@ -1242,7 +1242,8 @@ impl Sim {
 
 /// The named scenarios of the test suite: `join`, `leave`, `kill-owner`,
 /// `chained`, `flap` (under send failures), `false-positive`, `chaos` (six
-/// random changes of any kind, close together, under send failures).
+/// random changes of any kind, close together, under send failures), `stress`
+/// (the same with slow, failing jobs, tiny caps and batches, and replicas).
 pub const SCENARIOS: &[&str] = &[
     "join",
     "leave",
@@ -1251,6 +1252,7 @@ pub const SCENARIOS: &[&str] = &[
     "flap",
     "false-positive",
     "chaos",
+    "stress",
 ];
 
 /// Runs a named scenario with `seed`; returns the violations (empty: passed).
@@ -1264,15 +1266,28 @@ pub fn run_scenario(name: &str, seed: u64) -> Vec<String> {
 pub fn run_scenario_traced(name: &str, seed: u64, trace: Option<i64>) -> Vec<String> {
     let mut cfg = SimConfig::new(seed);
     cfg.trace = trace;
+    let mut settle = cfg.handoff.timeout * 6;
     match name {
         "flap" => cfg.send_failure = 0.2,
         "chaos" => cfg.send_failure = 0.1,
+        "stress" => {
+            // Slow, often failing jobs and sends, tiny caps and batches,
+            // replicas: everything queues, retries and crosses views.
+            cfg.job_time = (Duration::ZERO, Duration::from_millis(400));
+            cfg.job_failure = 0.2;
+            cfg.send_failure = 0.15;
+            cfg.install_skew = Duration::from_millis(400);
+            cfg.copies = if seed.is_multiple_of(2) { 2 } else { 1 };
+            cfg.handoff.max_relinquish_jobs = 2;
+            cfg.handoff.max_acquire_jobs = 2;
+            cfg.handoff.max_batch = 3;
+            settle = cfg.handoff.timeout * 40;
+        }
         _ => {}
     }
     if seed % 3 == 1 {
         cfg.strategy = Strategy::Rendezvous { partitions: 64 };
     }
-    let settle = cfg.handoff.timeout * 6;
     let mut sim = Sim::new(cfg, 3 + (seed % 2) as usize);
     let warmup = sim.random_duration(Duration::from_millis(200), Duration::from_secs(1));
     sim.run_for(warmup);
@@ -1328,9 +1343,9 @@ pub fn run_scenario_traced(name: &str, seed: u64, trace: Option<i64>) -> Vec<Str
                 sim.declare_failed(n);
             }
         }
-        "chaos" => {
+        "chaos" | "stress" => {
             // Random joins, leaves, crashes, flaps and false declarations,
-            // close together, while 10 % of sends fail.
+            // close together, while sends fail.
             for _ in 0..6 {
                 let gap = sim.random_duration(Duration::ZERO, Duration::from_millis(1_200));
                 sim.run_for(gap);

@@ -372,6 +372,27 @@ pub struct Counters {
     pub hold_refused: u64,
 }
 
+/// Where one registered datum stands on this node.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DatumState {
+    /// Not held here, nothing pending.
+    Free,
+    /// Acquired: processed here.
+    Held,
+    /// Being relinquished (queued, running, or waiting to retry).
+    Relinquishing,
+    /// Primary here, waiting for the relinquish notice.
+    Awaiting,
+    /// Being acquired (queued, running, or waiting to retry).
+    Acquiring,
+    /// Relinquished here; the notice is not delivered yet.
+    NoticePending,
+    /// Relinquished here; no node owns it in the view in force.
+    Unowned,
+    /// Was primary and waiting, is not any more: passes a late notice on.
+    Relaying,
+}
+
 /// A snapshot of what is in flight on this node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Progress {

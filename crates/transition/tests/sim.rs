@@ -29,7 +29,7 @@ fn run(name: &str) {
 
 #[test]
 fn scenario_names_are_known() {
-    assert_eq!(SCENARIOS.len(), 7);
+    assert_eq!(SCENARIOS.len(), 8);
     assert!(!run_scenario("no-such", 0).is_empty());
 }
 
@@ -66,6 +66,11 @@ fn false_positive() {
 #[test]
 fn chaos() {
     run("chaos");
+}
+
+#[test]
+fn stress() {
+    run("stress");
 }
 
 #[test]
