@@ -1543,13 +1543,22 @@ impl<A: Application> Sim<A> {
         });
     }
 
+    /// Called while the origin's process is out of its slot (being driven),
+    /// so it is added to the population explicitly.
     fn measure_dissemination(&mut self, origin: ProcKey, metadata: Vec<u8>) {
-        let population: HashSet<ProcKey> = self
+        let mut population: HashSet<ProcKey> = self
             .live
             .iter()
             .filter_map(|&s| self.current_generation(s).map(|g| (s, g)))
             .collect();
+        population.insert(origin);
         let threshold = four_nines(population.len());
+        tracing::info!(
+            target: "shoal_sim::events",
+            population = population.len(),
+            threshold,
+            "measuring the dissemination of a metadata change"
+        );
         let mut informed = HashSet::new();
         informed.insert(origin);
         let done = informed.len() >= threshold;

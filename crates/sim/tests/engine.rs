@@ -235,3 +235,31 @@ fn a_node_that_knows_nobody_joins_again() {
     assert!(sim.converged_at().is_some());
     assert!(sim.check_converged().is_ok());
 }
+
+#[test]
+fn a_measured_update_counts_every_live_member_including_its_origin() {
+    let mut sim: Sim = Sim::new(SimConfig::new(6, Config::lan()), 6, Instant::now(), ()).unwrap();
+    sim.bootstrap(6).unwrap();
+    sim.schedule(
+        Duration::from_secs(1),
+        Action::SetMetadata {
+            slot: 2,
+            metadata: b"v2".to_vec(),
+            measure: true,
+        },
+    );
+    sim.run_until(Duration::from_secs(5)).unwrap();
+    let d = sim.disseminations()[0];
+    assert_eq!(d.population, 6);
+    assert_eq!(d.informed, 6);
+    assert!(d.threshold_s.unwrap() <= d.all_s.unwrap());
+    let members_with_update = sim
+        .nodes()
+        .filter(|n| {
+            n.membership
+                .members()
+                .any(|m| &*m.name == "node-00002" && &*m.metadata == b"v2")
+        })
+        .count();
+    assert!(members_with_update >= 5, "{members_with_update}");
+}
