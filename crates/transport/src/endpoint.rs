@@ -706,7 +706,7 @@ impl Transport {
     /// The admitted connection for `dest`, dialing (once, shared by every
     /// caller) if there is none.
     async fn connection(&self, dest: &Dest) -> Result<Arc<PeerConn>, TransportError> {
-                let addr = canonical_addr(dest.addr);
+        let addr = canonical_addr(dest.addr);
         if addr == self.inner.local_addr {
             return Err(TransportError::Rejected {
                 peer: dest.clone(),

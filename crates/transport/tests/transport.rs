@@ -70,7 +70,9 @@ async fn datagram_round_trip_with_verified_sender() {
     }
 
     // A node does not dial itself.
-    let err = within(a.send_datagram(&dest_of(&a), b"me")).await.unwrap_err();
+    let err = within(a.send_datagram(&dest_of(&a), b"me"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::Rejected { .. }), "{err}");
 
     // The size limit is exposed and enforced: no silent truncation.
