@@ -13,6 +13,9 @@ use crate::app::Application;
 use crate::sim::{Action, Sim, SimConfig, Violation};
 use crate::util::{derive_seed, peak_rss_bytes};
 
+/// Longest input delay of a stall in [`random_schedule`].
+pub const MAX_STALL_DELAY: Duration = Duration::from_secs(3);
+
 /// Purpose tag of the scenario's own random choices.
 const TAG_SCENARIO: u64 = 4;
 
@@ -580,9 +583,12 @@ fn drive<A: Application>(
             for (at, action) in schedule {
                 sim.schedule(t0 + at, action);
             }
-            sim.schedule(t0 + last, Action::Quiet);
-            sim.run_until(t0 + last)?;
-            let limit = t0 + last + sim.config().settle_limit;
+            // Stalls end within the window, but a stalled node's backlog
+            // drains up to its delay later: faults stop after that.
+            let quiet = t0 + last + MAX_STALL_DELAY;
+            sim.schedule(quiet, Action::Quiet);
+            sim.run_until(quiet)?;
+            let limit = quiet + sim.config().settle_limit;
             sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
             close_window(sim, &window, report);
         }
@@ -628,7 +634,8 @@ pub fn churn_schedule<R: Rng>(
 /// `initial` started): crashes, restarts, joins, graceful leaves, stalls,
 /// partitions (always healed by the end of the window), bursts of loss and
 /// duplication, metadata changes and garbage packets. Loss, duplication and
-/// partitions are reset at the end; stalls end by then too.
+/// partitions are reset at the end; stalls end by then too (their backlog
+/// drains at most [`MAX_STALL_DELAY`] later).
 pub fn random_schedule<R: Rng>(
     rng: &mut R,
     initial: u32,
@@ -658,7 +665,7 @@ pub fn random_schedule<R: Rng>(
                 let duration = Duration::from_millis(rng.random_range(500..10_000)).min(left);
                 Action::Stall {
                     slot: live_slot,
-                    delay: Duration::from_millis(rng.random_range(100..3_000)),
+                    delay: Duration::from_millis(rng.random_range(100..3_000)).min(MAX_STALL_DELAY),
                     duration,
                     timers: rng.random_bool(0.5),
                 }
