@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use shoal_membership::Config;
 use shoal_sim::{Action, Sim, SimConfig};
 
@@ -27,6 +28,10 @@ enum Fault {
 }
 
 const SLOTS: u32 = 7;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
+}
 
 fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![
@@ -79,7 +84,15 @@ fn action(f: &Fault) -> Action {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    // A fixed generator seed: CI runs the same 256 schedules every time.
+    // `SHOAL_SIM_PROPTEST_SEED=<n>` and `SHOAL_SIM_PROPTEST_CASES=<n>`
+    // explore others.
+    #![proptest_config(ProptestConfig {
+        cases: env_u64("SHOAL_SIM_PROPTEST_CASES").map_or(256, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(env_u64("SHOAL_SIM_PROPTEST_SEED").unwrap_or(1)),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn any_fault_schedule_keeps_invariants_and_converges(
