@@ -4,6 +4,10 @@
 //!   mode. Each benchmark is a `harness = false` bench target of its crate
 //!   that prints one JSON object per line with `--json`, a readable table
 //!   without.
+//! - `cargo xtask sim [--nodes N --scenario S --json ...]` builds the demo
+//!   service (`shoal-demo`) in release and runs a cluster of real node
+//!   processes on loopback through a scenario, printing progress, events and
+//!   a verdict, and writing an SVG timeline under `target/sim/`.
 //! - `cargo xtask sim --virtual [...]` runs the deterministic simulator
 //!   (`shoal-sim`) on a virtual clock and network.
 //!
@@ -40,7 +44,10 @@ enum Cmd {
         /// Run the sans-IO layers on a virtual clock and network (shoal-sim).
         #[arg(long = "virtual")]
         virtual_net: bool,
-        /// Arguments for the simulator (see `cargo xtask sim --virtual -- --help`).
+        /// Arguments for the simulator: without `--virtual`, the real-process
+        /// driver (`--nodes`, `--series`, `--rate`, `--duration`, `--scenario`,
+        /// `--store`, `--seed`, `--json`; `cargo run -p shoal-demo -- sim --help` lists
+        /// them); with it, the simulator (`cargo xtask sim --virtual -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
@@ -64,7 +71,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             };
             let mut cmd = cargo();
-            cmd.args(["bench", "--quiet", "--package", package, "--bench", name, "--"]);
+            cmd.args([
+                "bench",
+                "--quiet",
+                "--package",
+                package,
+                "--bench",
+                name,
+                "--",
+            ]);
             if json {
                 cmd.arg("--json");
             }
@@ -73,16 +88,43 @@ fn main() -> ExitCode {
         }
         Cmd::Sim { virtual_net, rest } => {
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "--release", "--package", "shoal-sim", "--"]);
-            if !virtual_net {
-                eprintln!(
-                    "xtask: the real-process simulation (several shoal nodes as processes on \
-                     loopback) is not built yet; running the virtual simulator instead"
-                );
+            if virtual_net {
+                cmd.args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "--package",
+                    "shoal-sim",
+                    "--",
+                ]);
+            } else {
+                // Real processes: the demo binary is both the node and the
+                // driver (crates/demo); its files go under target/sim/.
+                let work_dir = target_dir().join("sim");
+                cmd.args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "--package",
+                    "shoal-demo",
+                    "--",
+                    "sim",
+                ]);
+                cmd.arg("--work-dir").arg(work_dir);
             }
             cmd.args(rest);
             run(cmd)
         }
+    }
+}
+
+/// The cargo target directory (`CARGO_TARGET_DIR`, else `<workspace>/target`).
+fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target"),
     }
 }
 

@@ -1,0 +1,1189 @@
+//! The scenario driver: starts demo nodes as child processes on loopback,
+//! drives load through random nodes, plays a scenario (join, leave, kill,
+//! restart), drains, and computes the verdict from the store and the nodes'
+//! reports.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use shoal::Timing;
+use shoal_transport::{ClusterCa, NodeName, TrustError};
+
+use crate::protocol::{Event, MemberCounts};
+use crate::store::{Store, StoreError, StoreUrl, Writer};
+use crate::svg;
+
+/// What the driver plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// Join a node, a graceful leave, a SIGKILL, the restart of the victim.
+    Default,
+    /// One node joins.
+    Join,
+    /// One node leaves gracefully.
+    Leave,
+    /// One node is killed (SIGKILL) once the cluster settled.
+    Kill,
+    /// Two rounds of join, kill, restart, leave.
+    Churn,
+}
+
+impl Scenario {
+    /// Parses a scenario name.
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Some(match s {
+            "default" => Scenario::Default,
+            "join" => Scenario::Join,
+            "leave" => Scenario::Leave,
+            "kill" => Scenario::Kill,
+            "churn" => Scenario::Churn,
+            _ => return None,
+        })
+    }
+
+    fn steps(self) -> Vec<Step> {
+        use Step::*;
+        match self {
+            Scenario::Default => vec![Join, Leave, Kill, Restart],
+            Scenario::Join => vec![Join],
+            Scenario::Leave => vec![Leave],
+            Scenario::Kill => vec![Kill],
+            Scenario::Churn => vec![Join, Kill, Restart, Leave, Join, Kill, Restart, Leave],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Default => "default",
+            Scenario::Join => "join",
+            Scenario::Leave => "leave",
+            Scenario::Kill => "kill",
+            Scenario::Churn => "churn",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Join,
+    Leave,
+    Kill,
+    Restart,
+}
+
+/// Configuration of a run.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Nodes at the start.
+    pub nodes: usize,
+    /// Series (datums).
+    pub series: u32,
+    /// Points per second, all nodes together.
+    pub rate: u32,
+    /// Load time, spread between the scenario's steps.
+    pub duration: Duration,
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Store URL; `None`: a fresh SQLite file in `work_dir`.
+    pub store: Option<String>,
+    /// Seed of the driver's choices (victims, point routing, values).
+    pub seed: u64,
+    /// One JSON object per line instead of readable lines.
+    pub json: bool,
+    /// The `shoal-demo` binary.
+    pub bin: PathBuf,
+    /// Directory for certificates, the store, logs and the picture.
+    pub work_dir: PathBuf,
+    /// Membership timing profile of the nodes.
+    pub timing: Timing,
+    /// Flush interval of the nodes, milliseconds.
+    pub flush_ms: u64,
+    /// Longest wait for the cluster to settle after a step.
+    pub settle_timeout: Duration,
+}
+
+impl SimConfig {
+    /// The defaults of `cargo xtask sim`, for a binary and a work dir.
+    pub fn new(bin: PathBuf, work_dir: PathBuf) -> SimConfig {
+        SimConfig {
+            nodes: 5,
+            series: 64,
+            rate: 1000,
+            duration: Duration::from_secs(20),
+            scenario: Scenario::Default,
+            store: None,
+            seed: 1,
+            json: false,
+            bin,
+            work_dir,
+            timing: Timing::Lan,
+            flush_ms: 500,
+            settle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Driver errors (setup failures; violations are in the [`Summary`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Files, processes or pipes.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Certificates.
+    #[error("certificates: {0}")]
+    Trust(#[from] TrustError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A node did not come up.
+    #[error("{0}")]
+    Node(String),
+}
+
+/// Loss attributed to one kill.
+#[derive(Clone, Debug, Serialize)]
+pub struct KillLoss {
+    /// Victim name.
+    pub node: String,
+    /// Victim generation.
+    pub generation: u64,
+    /// Points it had acknowledged and not persisted.
+    pub lost: u64,
+}
+
+/// One transition: an event and how long until the cluster settled.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransitionTime {
+    /// What happened (`join n6`, `leave n2`, ...).
+    pub event: String,
+    /// Seconds from the event until every node agreed on the view and had
+    /// nothing in flight; `None` if it did not settle in time.
+    pub s: Option<f64>,
+}
+
+/// The verdict of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Always `"summary"`.
+    pub event: &'static str,
+    /// Scenario played.
+    pub scenario: &'static str,
+    /// Nodes at the start.
+    pub nodes: usize,
+    /// Series.
+    pub series: u32,
+    /// Points acknowledged to the driver (accepted by an owner).
+    pub points_sent: u64,
+    /// Points in the store.
+    pub points_persisted: u64,
+    /// Acknowledged points not persisted.
+    pub points_lost: u64,
+    /// Of those, lost by a generation that was not killed.
+    pub lost_outside_kills: u64,
+    /// Loss per kill.
+    pub lost_by_kill: Vec<KillLoss>,
+    /// Points refused by the ingesting node (no owner; never acknowledged).
+    pub points_refused: u64,
+    /// Store rows written by a node after another had taken the series.
+    pub double_owner_writes: u64,
+    /// Kill → first survivor marks the victim failed, seconds (worst kill).
+    pub detect_first_s: Option<f64>,
+    /// Kill → every survivor marks the victim failed, seconds (worst kill).
+    pub detect_all_s: Option<f64>,
+    /// Every transition.
+    pub transitions: Vec<TransitionTime>,
+    /// The longest transition.
+    pub max_transition_s: Option<f64>,
+    /// Nodes that reported themselves fenced.
+    pub fenced_nodes: usize,
+    /// Failures other than the above (a node that died unasked, a stuck
+    /// drain, a detection never observed).
+    pub problems: Vec<String>,
+    /// The timeline picture.
+    pub svg: String,
+    /// Run time, seconds.
+    pub wall_s: f64,
+    /// No violation.
+    pub ok: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProcState {
+    Starting,
+    Running,
+    Leaving,
+    Killed,
+    Stopped,
+}
+
+impl ProcState {
+    fn label(self) -> &'static str {
+        match self {
+            ProcState::Starting => "starting",
+            ProcState::Running => "running",
+            ProcState::Leaving => "leaving",
+            ProcState::Killed => "killed",
+            ProcState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Status {
+    at: Instant,
+    members: MemberCounts,
+    live: usize,
+    view_id: u64,
+    owned: usize,
+    in_flight: usize,
+    points_per_s: f64,
+    fenced: bool,
+}
+
+/// One child process (one generation of a node). Killed on drop.
+struct Proc {
+    name: String,
+    generation: u64,
+    addr: Option<String>,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    state: ProcState,
+    status: Option<Status>,
+    flushed: bool,
+    done: bool,
+    eof: bool,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stdin = None;
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn send(&mut self, line: &str) {
+        if let Some(stdin) = self.stdin.as_mut()
+            && stdin.write_all(line.as_bytes()).is_err()
+        {
+            self.stdin = None;
+        }
+    }
+}
+
+struct Msg {
+    proc: usize,
+    at: Instant,
+    event: Option<Event>,
+}
+
+struct Kill {
+    name: String,
+    generation: u64,
+    at: Instant,
+    survivors: Vec<String>,
+    detected: HashMap<String, f64>,
+}
+
+/// A point of the timeline picture.
+#[derive(Clone, Debug)]
+pub(crate) struct Sample {
+    pub(crate) t: f64,
+    pub(crate) node: String,
+    pub(crate) state: &'static str,
+    pub(crate) owned: usize,
+}
+
+/// An event of the timeline picture.
+#[derive(Clone, Debug)]
+pub(crate) struct Mark {
+    pub(crate) t: f64,
+    pub(crate) label: String,
+}
+
+struct Sim<'a> {
+    cfg: SimConfig,
+    out: &'a mut dyn Write,
+    t0: Instant,
+    store_url: StoreUrl,
+    ca: ClusterCa,
+    procs: Vec<Proc>,
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    rng: SmallRng,
+    next_point: u64,
+    load_on: bool,
+    load_carry: f64,
+    acked: HashMap<Writer, u64>,
+    refused: u64,
+    kills: Vec<Kill>,
+    transitions: Vec<TransitionTime>,
+    samples: Vec<Sample>,
+    marks: Vec<Mark>,
+    problems: Vec<String>,
+    next_index: usize,
+    last_tick: Instant,
+    next_status: Instant,
+    next_progress: Instant,
+}
+
+/// Runs a scenario and returns its verdict; progress and events go to
+/// `out` (readable lines, or JSON lines with `cfg.json`).
+///
+/// # Errors
+/// [`SimError`] when the run cannot be set up (certificates, store,
+/// processes). Violations are reported in the [`Summary`] (`ok: false`).
+pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
+    std::fs::create_dir_all(&cfg.work_dir)?;
+    let store_url = match &cfg.store {
+        Some(url) => StoreUrl::parse(url)?,
+        None => {
+            let path = cfg.work_dir.join("store.db");
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = path.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(p));
+            }
+            StoreUrl::Sqlite(path)
+        }
+    };
+    // Create the schema once before the nodes race for it.
+    drop(Store::open(&store_url)?);
+    let ca = ClusterCa::generate()?;
+    ca.write_pem_files(&cfg.work_dir.join("ca"))?;
+    let (tx, rx) = mpsc::channel();
+    let now = Instant::now();
+    let seed = cfg.seed;
+    let mut sim = Sim {
+        cfg,
+        out,
+        t0: now,
+        store_url,
+        ca,
+        procs: Vec::new(),
+        tx,
+        rx,
+        rng: SmallRng::seed_from_u64(seed),
+        next_point: 0,
+        load_on: false,
+        load_carry: 0.0,
+        acked: HashMap::new(),
+        refused: 0,
+        kills: Vec::new(),
+        transitions: Vec::new(),
+        samples: Vec::new(),
+        marks: Vec::new(),
+        problems: Vec::new(),
+        next_index: 0,
+        last_tick: now,
+        next_status: now,
+        next_progress: now + Duration::from_secs(1),
+    };
+    sim.play()
+}
+
+impl Sim<'_> {
+    fn t(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.t0).as_secs_f64()
+    }
+
+    fn line(&mut self, text: &str, json: serde_json::Value) {
+        let t = self.t(Instant::now());
+        if self.cfg.json {
+            let mut obj = json;
+            if let Some(map) = obj.as_object_mut() {
+                map.insert("t".into(), serde_json::json!((t * 1000.0).round() / 1000.0));
+            }
+            let _ = writeln!(self.out, "{obj}");
+        } else {
+            let _ = writeln!(self.out, "[{t:7.2}s] {text}");
+        }
+    }
+
+    fn event(&mut self, kind: &str, node: &str, text: String) {
+        let t = self.t(Instant::now());
+        self.marks.push(Mark {
+            t,
+            label: format!("{kind} {node}"),
+        });
+        self.line(&text, serde_json::json!({"event": kind, "node": node}));
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Proc)> {
+        self.procs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.state == ProcState::Running)
+    }
+
+    fn spawn(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, SimError> {
+        let dir = self.cfg.work_dir.join("certs").join(name);
+        if !dir.join("node.crt").exists() {
+            let node_name = NodeName::new(name)?;
+            self.ca.issue(&node_name)?.write_pem_files(&dir)?;
+        }
+        let logs = self.cfg.work_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let index = self.procs.len();
+        let log = std::fs::File::create(logs.join(format!("{name}.{index}.log")))?;
+        let mut cmd = Command::new(&self.cfg.bin);
+        cmd.arg("node")
+            .args(["--name", name, "--bind", "127.0.0.1:0"])
+            .arg("--tls-dir")
+            .arg(&dir)
+            .args(["--store", &self.store_url.to_string()])
+            .args(["--series", &self.cfg.series.to_string()])
+            .args(["--flush-ms", &self.cfg.flush_ms.to_string()])
+            .args([
+                "--timing",
+                match self.cfg.timing {
+                    Timing::Lan => "lan",
+                    Timing::Wan => "wan",
+                    Timing::Local => "local",
+                },
+            ]);
+        if !seeds.is_empty() {
+            cmd.args(["--seeds", &seeds.join(",")]);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        if let Some(stdout) = stdout {
+            let tx = self.tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(event) = serde_json::from_str::<Event>(&line) {
+                        let msg = Msg {
+                            proc: index,
+                            at: Instant::now(),
+                            event: Some(event),
+                        };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Msg {
+                    proc: index,
+                    at: Instant::now(),
+                    event: None,
+                });
+            });
+        }
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            generation: 0,
+            addr: None,
+            child,
+            stdin,
+            state: ProcState::Starting,
+            status: None,
+            flushed: false,
+            done: false,
+            eof: false,
+        });
+        Ok(index)
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        let t = self.t(msg.at);
+        let Some(proc) = self.procs.get_mut(msg.proc) else {
+            return;
+        };
+        let Some(event) = msg.event else {
+            proc.eof = true;
+            proc.stdin = None;
+            match proc.state {
+                ProcState::Running | ProcState::Starting => {
+                    let text = format!(
+                        "{} (generation {}) exited unasked",
+                        proc.name, proc.generation
+                    );
+                    proc.state = ProcState::Stopped;
+                    self.problems.push(text);
+                }
+                ProcState::Leaving => proc.state = ProcState::Stopped,
+                ProcState::Killed | ProcState::Stopped => {}
+            }
+            return;
+        };
+        match event {
+            Event::Started {
+                generation, addr, ..
+            } => {
+                proc.generation = generation;
+                proc.addr = Some(addr);
+            }
+            Event::Ready { .. } => {
+                if proc.state == ProcState::Starting {
+                    proc.state = ProcState::Running;
+                }
+            }
+            Event::Member {
+                peer,
+                generation,
+                state,
+            } => {
+                if state == "gone" {
+                    let observer = proc.name.clone();
+                    for kill in &mut self.kills {
+                        if kill.name == peer
+                            && kill.generation == generation
+                            && kill.survivors.contains(&observer)
+                            && !kill.detected.contains_key(&observer)
+                        {
+                            let s = msg.at.saturating_duration_since(kill.at).as_secs_f64();
+                            kill.detected.insert(observer.clone(), s);
+                        }
+                    }
+                }
+                let _ = t;
+            }
+            Event::Acked {
+                owner,
+                generation,
+                count,
+            } => {
+                *self
+                    .acked
+                    .entry(Writer {
+                        node: owner,
+                        generation,
+                    })
+                    .or_insert(0) += count;
+            }
+            Event::Refused { .. } => self.refused += 1,
+            Event::Status {
+                members,
+                live,
+                view_id,
+                owned,
+                in_flight,
+                points_per_s,
+                fenced,
+                ..
+            } => {
+                proc.status = Some(Status {
+                    at: msg.at,
+                    members,
+                    live,
+                    view_id,
+                    owned,
+                    in_flight,
+                    points_per_s,
+                    fenced,
+                });
+            }
+            Event::Flushed { .. } => proc.flushed = true,
+            Event::Left { .. } | Event::Bye { .. } => proc.done = true,
+        }
+    }
+
+    /// Handles events and runs the clock (load, status requests, progress)
+    /// until `until`.
+    fn pump(&mut self, until: Instant) {
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            let wait = (until - now).min(Duration::from_millis(20));
+            match self.rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    self.handle(msg);
+                    while let Ok(msg) = self.rx.try_recv() {
+                        self.handle(msg);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            self.tick();
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(self.last_tick).as_secs_f64();
+        if dt < 0.02 {
+            return;
+        }
+        self.last_tick = now;
+        if self.load_on {
+            self.inject(dt);
+        }
+        if now >= self.next_status {
+            self.next_status = now + Duration::from_millis(250);
+            for p in &mut self.procs {
+                if p.state == ProcState::Running {
+                    p.send("status\n");
+                }
+            }
+        }
+        if now >= self.next_progress {
+            self.next_progress += Duration::from_secs(1);
+            self.progress();
+        }
+    }
+
+    fn inject(&mut self, dt: f64) {
+        let targets: Vec<usize> = self.running().map(|(i, _)| i).collect();
+        if targets.is_empty() {
+            return;
+        }
+        self.load_carry += f64::from(self.cfg.rate) * dt;
+        let n = self.load_carry.floor();
+        self.load_carry -= n;
+        let mut batches: HashMap<usize, String> = HashMap::new();
+        for _ in 0..(n as u64) {
+            let pick = self.rng.random_range(0..targets.len());
+            let Some(&target) = targets.get(pick) else {
+                continue;
+            };
+            let series = self.rng.random_range(0..i64::from(self.cfg.series.max(1)));
+            let value: f64 = self.rng.random_range(0.0..100.0);
+            let id = self.next_point;
+            self.next_point += 1;
+            let line = format!("p {id} {series} {value:.3}\n");
+            batches.entry(target).or_default().push_str(&line);
+        }
+        for (target, text) in batches {
+            if let Some(p) = self.procs.get_mut(target) {
+                p.send(&text);
+            }
+        }
+    }
+
+    fn progress(&mut self) {
+        let t = self.t(Instant::now());
+        let mut first: Option<MemberCounts> = None;
+        let mut rate = 0.0;
+        let mut in_flight = 0;
+        let mut owned = Vec::new();
+        for p in &self.procs {
+            let state = p.state.label();
+            let o = p.status.as_ref().map_or(0, |s| s.owned);
+            if matches!(p.state, ProcState::Running | ProcState::Leaving) {
+                if let Some(s) = &p.status {
+                    first.get_or_insert(s.members);
+                    rate += s.points_per_s;
+                    in_flight += s.in_flight;
+                }
+                owned.push(format!("{}:{o}", p.name));
+            }
+            if !(p.state == ProcState::Stopped && p.eof && p.status.is_none()) {
+                self.samples.push(Sample {
+                    t,
+                    node: p.name.clone(),
+                    state: if p.state == ProcState::Running
+                        && p.status.as_ref().is_some_and(|s| s.fenced)
+                    {
+                        "fenced"
+                    } else {
+                        state
+                    },
+                    owned: if matches!(p.state, ProcState::Killed | ProcState::Stopped) {
+                        0
+                    } else {
+                        o
+                    },
+                });
+            }
+        }
+        let acked: u64 = self.acked.values().sum();
+        if !self.cfg.json {
+            let m = first.unwrap_or_default();
+            let text = format!(
+                "members alive {} suspect {} dead {} left {} | points/s {:6.0} | acked {:8} | in flight {:4} | owned {}",
+                m.alive,
+                m.suspect,
+                m.dead,
+                m.left,
+                rate,
+                acked,
+                in_flight,
+                owned.join(" ")
+            );
+            let _ = writeln!(self.out, "[{t:7.2}s] {text}");
+        }
+    }
+
+    /// Whether every running node reports the same view, every running node
+    /// live and nothing suspect, nothing in flight, each series owned once,
+    /// in a status received after `since`.
+    fn settled(&self, since: Instant) -> bool {
+        let running: Vec<&Proc> = self.running().map(|(_, p)| p).collect();
+        if running.is_empty() || self.procs.iter().any(|p| p.state == ProcState::Starting) {
+            return false;
+        }
+        let mut view = None;
+        let mut owned = 0;
+        for p in &running {
+            let Some(s) = &p.status else { return false };
+            if s.at < since || s.live != running.len() || s.members.suspect > 0 || s.in_flight > 0 {
+                return false;
+            }
+            if *view.get_or_insert(s.view_id) != s.view_id {
+                return false;
+            }
+            owned += s.owned;
+        }
+        owned == self.cfg.series as usize
+    }
+
+    fn wait_settled(&mut self, what: &str, since: Instant) -> Option<f64> {
+        let deadline = Instant::now() + self.cfg.settle_timeout;
+        // Statuses asked after `since` must come back.
+        let since = since + Duration::from_millis(10);
+        while Instant::now() < deadline {
+            self.pump(Instant::now() + Duration::from_millis(50));
+            if self.settled(since) {
+                let s = Instant::now()
+                    .saturating_duration_since(since)
+                    .as_secs_f64();
+                return Some(s);
+            }
+        }
+        self.problems
+            .push(format!("the cluster did not settle after {what}"));
+        None
+    }
+
+    fn wait_for(&mut self, timeout: Duration, cond: impl Fn(&Sim<'_>) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond(self) {
+                return true;
+            }
+            self.pump(Instant::now() + Duration::from_millis(50));
+        }
+        cond(self)
+    }
+
+    fn seeds(&mut self) -> Vec<String> {
+        let mut addrs: Vec<String> = self.running().filter_map(|(_, p)| p.addr.clone()).collect();
+        while addrs.len() > 3 {
+            let i = self.rng.random_range(0..addrs.len());
+            addrs.swap_remove(i);
+        }
+        addrs
+    }
+
+    fn start_node(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, SimError> {
+        let index = self.spawn(name, seeds)?;
+        let up = self.wait_for(Duration::from_secs(60), |s| {
+            s.procs
+                .get(index)
+                .is_some_and(|p| p.state != ProcState::Starting)
+        });
+        if !up
+            || self
+                .procs
+                .get(index)
+                .is_none_or(|p| p.state != ProcState::Running)
+        {
+            return Err(SimError::Node(format!(
+                "{name} did not start (see its log in {})",
+                self.cfg.work_dir.join("logs").display()
+            )));
+        }
+        Ok(index)
+    }
+
+    fn new_name(&mut self) -> String {
+        self.next_index += 1;
+        format!("n{}", self.next_index)
+    }
+
+    fn pick_running(&mut self) -> Option<usize> {
+        let candidates: Vec<usize> = self.running().map(|(i, _)| i).collect();
+        if candidates.len() < 2 {
+            return None;
+        }
+        let i = self.rng.random_range(0..candidates.len());
+        candidates.get(i).copied()
+    }
+
+    fn step(&mut self, step: Step) -> Result<(), SimError> {
+        let at = Instant::now();
+        let label;
+        match step {
+            Step::Join => {
+                let name = self.new_name();
+                let seeds = self.seeds();
+                self.event("join", &name, format!("{name} joins"));
+                self.start_node(&name, seeds)?;
+                label = format!("join {name}");
+            }
+            Step::Leave => {
+                let Some(i) = self.pick_running() else {
+                    self.problems.push("no node to leave".into());
+                    return Ok(());
+                };
+                let name = self
+                    .procs
+                    .get(i)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
+                self.event("leave", &name, format!("{name} leaves gracefully"));
+                if let Some(p) = self.procs.get_mut(i) {
+                    p.state = ProcState::Leaving;
+                    p.send("leave\n");
+                }
+                let left = self.wait_for(Duration::from_secs(40), |s| {
+                    s.procs.get(i).is_none_or(|p| p.eof)
+                });
+                if !left {
+                    self.problems.push(format!("{name} did not finish leaving"));
+                }
+                if let Some(p) = self.procs.get_mut(i) {
+                    p.state = ProcState::Stopped;
+                }
+                label = format!("leave {name}");
+            }
+            Step::Kill => {
+                let Some(i) = self.pick_running() else {
+                    self.problems.push("no node to kill".into());
+                    return Ok(());
+                };
+                let survivors: Vec<String> = self
+                    .running()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| p.name.clone())
+                    .collect();
+                let Some(p) = self.procs.get_mut(i) else {
+                    return Ok(());
+                };
+                let _ = p.child.kill();
+                let killed_at = Instant::now();
+                p.state = ProcState::Killed;
+                p.stdin = None;
+                let (name, generation) = (p.name.clone(), p.generation);
+                self.kills.push(Kill {
+                    name: name.clone(),
+                    generation,
+                    at: killed_at,
+                    survivors,
+                    detected: HashMap::new(),
+                });
+                self.event("kill", &name, format!("{name} killed (SIGKILL)"));
+                label = format!("kill {name}");
+            }
+            Step::Restart => {
+                let Some(name) = self.kills.last().map(|k| k.name.clone()) else {
+                    return Ok(());
+                };
+                let seeds = self.seeds();
+                self.event(
+                    "restart",
+                    &name,
+                    format!("{name} restarts under the same name"),
+                );
+                self.start_node(&name, seeds)?;
+                label = format!("restart {name}");
+            }
+        }
+        let s = self.wait_settled(&label, at);
+        if let Some(kill) = self.kills.last()
+            && step == Step::Kill
+        {
+            let first = kill
+                .detected
+                .values()
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            let all = kill.detected.values().copied().fold(0.0, f64::max);
+            let text = format!(
+                "{} detected failed: first after {:.2}s, by all {} survivors after {:.2}s",
+                kill.name,
+                first,
+                kill.detected.len(),
+                all
+            );
+            let json = serde_json::json!({"event": "detected", "node": kill.name,
+                "first_s": first, "all_s": all, "observers": kill.detected.len()});
+            self.line(&text, json);
+        }
+        let text = match s {
+            Some(s) => format!("{label}: settled after {s:.2}s"),
+            None => format!("{label}: NOT settled"),
+        };
+        self.line(
+            &text,
+            serde_json::json!({"event": "settled", "after": label, "s": s}),
+        );
+        self.transitions.push(TransitionTime { event: label, s });
+        Ok(())
+    }
+
+    fn play(&mut self) -> Result<Summary, SimError> {
+        let started = Instant::now();
+        let first = self.new_name();
+        self.event(
+            "start",
+            &first,
+            format!("starting {first} (a cluster of one)"),
+        );
+        self.start_node(&first, Vec::new())?;
+        let seed_addr: Vec<String> = self.running().filter_map(|(_, p)| p.addr.clone()).collect();
+        let mut names = Vec::new();
+        for _ in 1..self.cfg.nodes {
+            let name = self.new_name();
+            let index = self.spawn(&name, seed_addr.clone())?;
+            names.push((name, index));
+        }
+        for (name, index) in names {
+            self.event("start", &name, format!("starting {name}"));
+            let up = self.wait_for(Duration::from_secs(60), |s| {
+                s.procs
+                    .get(index)
+                    .is_some_and(|p| p.state != ProcState::Starting)
+            });
+            if !up {
+                return Err(SimError::Node(format!("{name} did not start")));
+            }
+        }
+        let at = Instant::now();
+        let s = self.wait_settled("start", at);
+        self.line(
+            &format!("{} nodes up, settled: {s:?}", self.cfg.nodes),
+            serde_json::json!({"event": "settled", "after": "start", "s": s}),
+        );
+        let steps = self.cfg.scenario.steps();
+        let gap = self.cfg.duration / u32::try_from(steps.len() + 1).unwrap_or(1);
+        self.load_on = true;
+        self.line(
+            &format!(
+                "load on: {} points/s over {} series",
+                self.cfg.rate, self.cfg.series
+            ),
+            serde_json::json!({"event": "load", "rate": self.cfg.rate}),
+        );
+        for step in steps {
+            self.pump(Instant::now() + gap);
+            self.step(step)?;
+        }
+        self.pump(Instant::now() + gap);
+        self.load_on = false;
+        self.line(
+            "load off; draining",
+            serde_json::json!({"event": "load_off"}),
+        );
+        self.drain();
+        self.verdict(started)
+    }
+
+    fn drain(&mut self) {
+        // Acknowledgements still in flight: wait until they stop changing.
+        let mut last = (self.acked.values().sum::<u64>(), Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(1500) {
+            self.pump(Instant::now() + Duration::from_millis(100));
+            let total: u64 = self.acked.values().sum();
+            if total != last.0 {
+                last = (total, Instant::now());
+            }
+        }
+        for p in &mut self.procs {
+            if p.state == ProcState::Running {
+                p.send("flush\n");
+            }
+        }
+        let flushed = self.wait_for(Duration::from_secs(20), |s| {
+            s.running().all(|(_, p)| p.flushed)
+        });
+        if !flushed {
+            self.problems
+                .push("not every node confirmed its final flush".into());
+        }
+        for p in &mut self.procs {
+            if p.state == ProcState::Running {
+                p.send("quit\n");
+                p.state = ProcState::Leaving;
+            }
+        }
+        let all_out = self.wait_for(Duration::from_secs(20), |s| {
+            s.procs
+                .iter()
+                .all(|p| p.eof || p.state == ProcState::Killed)
+        });
+        if !all_out {
+            self.problems
+                .push("some node did not exit after quit".into());
+        }
+        self.progress();
+        for p in &mut self.procs {
+            if p.state == ProcState::Leaving {
+                p.state = ProcState::Stopped;
+            }
+        }
+    }
+
+    fn verdict(&mut self, started: Instant) -> Result<Summary, SimError> {
+        let store = Store::open(&self.store_url)?;
+        let audit = store.audit()?;
+        let persisted_total = store.total_points()?;
+        let mut lost_by_kill = Vec::new();
+        let mut lost_outside = 0u64;
+        let mut lost_total = 0u64;
+        for (writer, acked) in &self.acked {
+            let persisted = audit.persisted.get(writer).copied().unwrap_or(0);
+            let lost = acked.saturating_sub(persisted);
+            lost_total += lost;
+            if self
+                .kills
+                .iter()
+                .any(|k| k.name == writer.node && k.generation == writer.generation)
+            {
+                lost_by_kill.push(KillLoss {
+                    node: writer.node.clone(),
+                    generation: writer.generation,
+                    lost,
+                });
+            } else {
+                lost_outside += lost;
+            }
+        }
+        for k in &self.kills {
+            if !lost_by_kill
+                .iter()
+                .any(|l| l.node == k.name && l.generation == k.generation)
+            {
+                lost_by_kill.push(KillLoss {
+                    node: k.name.clone(),
+                    generation: k.generation,
+                    lost: 0,
+                });
+            }
+        }
+        let mut detect_first: Option<f64> = None;
+        let mut detect_all: Option<f64> = None;
+        for k in &self.kills {
+            let first = k.detected.values().copied().fold(f64::INFINITY, f64::min);
+            let all = k.detected.values().copied().fold(0.0, f64::max);
+            if k.survivors.iter().all(|s| k.detected.contains_key(s)) && first.is_finite() {
+                detect_first = Some(detect_first.map_or(first, |d| d.max(first)));
+                detect_all = Some(detect_all.map_or(all, |d| d.max(all)));
+            } else {
+                let missing: Vec<&String> = k
+                    .survivors
+                    .iter()
+                    .filter(|s| !k.detected.contains_key(*s))
+                    .collect();
+                self.problems.push(format!(
+                    "kill of {}: never marked failed by {missing:?}",
+                    k.name
+                ));
+            }
+        }
+        if audit.double_owner_writes > 0 {
+            self.problems.push(format!(
+                "double-owner writes on series {:?}",
+                audit.double_owner_series
+            ));
+        }
+        let fenced_nodes = self
+            .procs
+            .iter()
+            .filter(|p| p.status.as_ref().is_some_and(|s| s.fenced))
+            .count();
+        let max_transition = self
+            .transitions
+            .iter()
+            .filter_map(|t| t.s)
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        let svg_path = self.cfg.work_dir.join("timeline.svg");
+        let end = self.t(Instant::now());
+        std::fs::write(
+            &svg_path,
+            svg::render(&self.samples, &self.marks, end, self.cfg.series),
+        )?;
+        let points_sent: u64 = self.acked.values().sum();
+        let ok = lost_outside == 0
+            && audit.double_owner_writes == 0
+            && self.problems.is_empty()
+            && points_sent > 0;
+        Ok(Summary {
+            event: "summary",
+            scenario: self.cfg.scenario.name(),
+            nodes: self.cfg.nodes,
+            series: self.cfg.series,
+            points_sent,
+            points_persisted: persisted_total,
+            points_lost: lost_total,
+            lost_outside_kills: lost_outside,
+            lost_by_kill,
+            points_refused: self.refused,
+            double_owner_writes: audit.double_owner_writes,
+            detect_first_s: detect_first,
+            detect_all_s: detect_all,
+            transitions: self.transitions.clone(),
+            max_transition_s: max_transition,
+            fenced_nodes,
+            problems: self.problems.clone(),
+            svg: svg_path.display().to_string(),
+            wall_s: started.elapsed().as_secs_f64(),
+            ok,
+        })
+    }
+}
+
+/// Prints a summary as readable lines (the non-JSON form).
+///
+/// # Errors
+/// Writing to `out`.
+pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "== verdict ({} scenario, {} nodes, {} series, {:.1}s)",
+        s.scenario, s.nodes, s.series, s.wall_s
+    )?;
+    writeln!(out, "points sent (acknowledged)  {}", s.points_sent)?;
+    writeln!(out, "points persisted            {}", s.points_persisted)?;
+    writeln!(out, "points lost                 {}", s.points_lost)?;
+    for k in &s.lost_by_kill {
+        writeln!(
+            out,
+            "  lost by the kill of {} (generation {}): {} (points it had not flushed)",
+            k.node, k.generation, k.lost
+        )?;
+    }
+    writeln!(out, "lost outside kills          {}", s.lost_outside_kills)?;
+    writeln!(out, "double-owner writes         {}", s.double_owner_writes)?;
+    let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}s"));
+    writeln!(
+        out,
+        "failure detection           first {} / all survivors {}",
+        opt(s.detect_first_s),
+        opt(s.detect_all_s)
+    )?;
+    for t in &s.transitions {
+        writeln!(out, "transition {:<20} {}", t.event, opt(t.s))?;
+    }
+    for p in &s.problems {
+        writeln!(out, "PROBLEM: {p}")?;
+    }
+    writeln!(out, "timeline picture            {}", s.svg)?;
+    writeln!(out, "{}", if s.ok { "OK" } else { "FAILED" })?;
+    Ok(())
+}
+
+/// The default work directory of a run under a cargo target directory.
+pub fn work_dir_under(target: &Path) -> PathBuf {
+    target.join("sim")
+}

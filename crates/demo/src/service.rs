@@ -1,0 +1,547 @@
+//! The demo node: a time-series aggregator on a shoal node, controlled by
+//! lines on stdin, reporting JSON lines on stdout (see [`crate::protocol`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use shoal::{DatumError, DistDatum, MemberState, Node, NodeConfig, Sender, Timing, TlsConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tracing::{debug, warn};
+
+use crate::protocol::{Command, Event, MemberCounts};
+use crate::store::{Aggregate, Store, StoreError, StoreUrl, WriteKind, Writer};
+
+/// The datum type name of a series.
+pub const SERIES: &str = "series";
+
+/// Configuration of one demo node (flags or a JSON file).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoNodeConfig {
+    /// Node name (its certificate's name).
+    pub name: String,
+    /// UDP address to bind.
+    pub bind: SocketAddr,
+    /// Directory with `ca.crt`, `node.crt`, `node.key` (PEM).
+    pub tls_dir: PathBuf,
+    /// Addresses of members to join through (none: a cluster of one).
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+    /// Store URL (`sqlite:<path>`).
+    pub store: String,
+    /// Flush interval, milliseconds.
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+    /// Series ids are `0..series`.
+    pub series: u32,
+    /// Membership timing profile.
+    #[serde(default)]
+    pub timing: Timing,
+}
+
+fn default_flush_ms() -> u64 {
+    500
+}
+
+/// Errors of a demo node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The shoal node did not start.
+    #[error("start: {0}")]
+    Start(#[from] shoal::StartError),
+    /// A shoal call failed.
+    #[error("shoal: {0}")]
+    Shoal(#[from] shoal::Error),
+    /// Reading stdin failed.
+    #[error("stdin: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A point as it travels to its series' owner.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    /// Unique id given by the driver.
+    pub id: u64,
+    /// The series (datum id).
+    pub series: i64,
+    /// The value.
+    pub value: f64,
+    /// The node that ingested it (gets the acknowledgement).
+    pub origin: String,
+}
+
+/// Acknowledgement of points accepted by an owner.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ack {
+    /// The owner that accepted them.
+    pub owner: String,
+    /// Its generation.
+    pub generation: u64,
+    /// How many points.
+    pub count: u64,
+}
+
+#[derive(Default)]
+struct SeriesState {
+    pending: Aggregate,
+    relinquished: bool,
+}
+
+/// The aggregator's state, shared by the datums and the tasks.
+struct App {
+    writer: Writer,
+    node: Node,
+    store: Arc<Store>,
+    series: Mutex<HashMap<i64, SeriesState>>,
+    /// Serialises this node's store writes, so a periodic flush never
+    /// commits after a relinquish of the same series.
+    write_order: tokio::sync::Mutex<()>,
+    accepted: AtomicU64,
+    ingested: AtomicU64,
+    flush_errors: AtomicU64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Prints one event line on stdout (the driver reads it).
+pub fn emit(event: &Event) {
+    use std::io::Write;
+    if let Ok(line) = serde_json::to_string(event) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+impl App {
+    fn series_lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, SeriesState>> {
+        self.series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Accepts a point unless the series was relinquished here.
+    fn accept(&self, p: &Point) -> bool {
+        let mut map = self.series_lock();
+        let st = map.entry(p.series).or_default();
+        if st.relinquished {
+            return false;
+        }
+        st.pending.add(p.value, now_ms());
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn pending_points(&self) -> u64 {
+        self.series_lock().values().map(|s| s.pending.count).sum()
+    }
+
+    async fn write(
+        &self,
+        kind: WriteKind,
+        deltas: Vec<(i64, Aggregate)>,
+    ) -> Result<(), StoreError> {
+        let store = Arc::clone(&self.store);
+        let writer = self.writer.clone();
+        let view = self.node.view().view_id().0;
+        let t = now_ms();
+        match tokio::task::spawn_blocking(move || store.write(&writer, view, kind, &deltas, t))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
+                Box::new(e),
+            ))),
+        }
+    }
+
+    /// Writes every pending delta. On error the deltas go back to pending.
+    async fn flush(&self) {
+        let _order = self.write_order.lock().await;
+        let deltas: Vec<(i64, Aggregate)> = {
+            let mut map = self.series_lock();
+            map.iter_mut()
+                .filter(|(_, s)| s.pending.count > 0)
+                .map(|(id, s)| (*id, std::mem::take(&mut s.pending)))
+                .collect()
+        };
+        if deltas.is_empty() {
+            return;
+        }
+        if let Err(error) = self.write(WriteKind::Flush, deltas.clone()).await {
+            self.flush_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(%error, "flush failed; points kept for the next flush");
+            let mut map = self.series_lock();
+            for (id, d) in deltas {
+                let st = map.entry(id).or_default();
+                merge(&mut st.pending, &d);
+            }
+        }
+    }
+}
+
+fn merge(into: &mut Aggregate, d: &Aggregate) {
+    if d.count == 0 {
+        return;
+    }
+    if into.count == 0 {
+        *into = *d;
+        return;
+    }
+    into.count += d.count;
+    into.sum += d.sum;
+    into.min = into.min.min(d.min);
+    into.max = into.max.max(d.max);
+    into.last_ms = into.last_ms.max(d.last_ms);
+}
+
+/// A series as a shoal datum.
+struct SeriesDatum {
+    id: i64,
+    app: Arc<Mutex<Option<Arc<App>>>>,
+}
+
+impl SeriesDatum {
+    fn app(&self) -> Result<Arc<App>, DatumError> {
+        self.app
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| "the aggregator is not running".into())
+    }
+}
+
+impl DistDatum for SeriesDatum {
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn type_name(&self) -> &str {
+        SERIES
+    }
+    async fn relinquish(&self) -> Result<(), DatumError> {
+        let app = self.app()?;
+        let _order = app.write_order.lock().await;
+        let delta = {
+            let mut map = app.series_lock();
+            let st = map.entry(self.id).or_default();
+            st.relinquished = true;
+            std::mem::take(&mut st.pending)
+        };
+        if let Err(error) = app
+            .write(WriteKind::Relinquish, vec![(self.id, delta)])
+            .await
+        {
+            // Keep the points and refuse: the handoff layer retries.
+            let mut map = app.series_lock();
+            let st = map.entry(self.id).or_default();
+            merge(&mut st.pending, &delta);
+            return Err(Box::new(error));
+        }
+        Ok(())
+    }
+    async fn acquire(&self) -> Result<(), DatumError> {
+        let app = self.app()?;
+        let _order = app.write_order.lock().await;
+        {
+            let mut map = app.series_lock();
+            map.entry(self.id).or_default().relinquished = false;
+        }
+        let store = Arc::clone(&app.store);
+        let id = self.id;
+        let loaded = tokio::task::spawn_blocking(move || store.load(id))
+            .await
+            .map_err(Box::new)??;
+        debug!(series = id, persisted = loaded.map(|a| a.count), "acquired");
+        app.write(WriteKind::Acquire, vec![(self.id, Aggregate::default())])
+            .await?;
+        Ok(())
+    }
+}
+
+fn member_counts(members: &[shoal::NodeInfo]) -> MemberCounts {
+    let mut c = MemberCounts::default();
+    for m in members {
+        match m.state {
+            MemberState::Alive => c.alive += 1,
+            MemberState::Suspect => c.suspect += 1,
+            MemberState::Dead => c.dead += 1,
+            MemberState::Left => c.left += 1,
+        }
+    }
+    c
+}
+
+/// Runs a demo node until `quit`, `leave` or the end of stdin.
+///
+/// # Errors
+/// [`NodeError`] when the node cannot start.
+pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
+    let store = Arc::new(Store::open(&StoreUrl::parse(&config.store)?)?);
+    let shoal_config = NodeConfig {
+        name: config.name.clone(),
+        bind: config.bind,
+        tls: TlsConfig::Files {
+            dir: config.tls_dir.clone(),
+        },
+        timing: config.timing,
+        ..NodeConfig::default()
+    };
+    let node = Node::start(shoal_config).await?;
+    let local = node.local();
+    emit(&Event::Started {
+        name: config.name.clone(),
+        generation: local.generation,
+        addr: local.addr.to_string(),
+    });
+    let app = Arc::new(App {
+        writer: Writer {
+            node: config.name.clone(),
+            generation: local.generation,
+        },
+        node: node.clone(),
+        store,
+        series: Mutex::new(HashMap::new()),
+        write_order: tokio::sync::Mutex::new(()),
+        accepted: AtomicU64::new(0),
+        ingested: AtomicU64::new(0),
+        flush_errors: AtomicU64::new(0),
+    });
+    let slot = Arc::new(Mutex::new(Some(Arc::clone(&app))));
+    let (points, mut inbox) = node.channel::<Point>("demo.points")?;
+    let (acks, mut ack_inbox) = node.channel::<Ack>("demo.acks")?;
+
+    // Owner side: accept points, acknowledge them to their origin in batches.
+    let pending_acks: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    {
+        let app = Arc::clone(&app);
+        let points = points.clone();
+        let pending_acks = Arc::clone(&pending_acks);
+        tokio::spawn(async move {
+            while let Some(msg) = inbox.recv().await {
+                let p = msg.payload;
+                if app.accept(&p) {
+                    let mut map = pending_acks
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *map.entry(p.origin).or_insert(0) += 1;
+                } else if let Err(error) = points.send_to_owner(SERIES, p.series, &p).await {
+                    debug!(%error, id = p.id, "re-sending a point for a relinquished series failed");
+                }
+            }
+        });
+    }
+    {
+        let app = Arc::clone(&app);
+        let pending_acks = Arc::clone(&pending_acks);
+        let acks: Sender<Ack> = acks.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let batch: Vec<(String, u64)> = std::mem::take(
+                    &mut *pending_acks
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                )
+                .into_iter()
+                .collect();
+                for (origin, count) in batch {
+                    let ack = Ack {
+                        owner: app.writer.node.clone(),
+                        generation: app.writer.generation,
+                        count,
+                    };
+                    if let Err(error) = acks.send_to(&origin, &ack).await {
+                        debug!(%error, %origin, count, "acknowledgement not delivered");
+                    }
+                }
+            }
+        });
+    }
+    // Origin side: report acknowledgements to the driver.
+    tokio::spawn(async move {
+        while let Some(msg) = ack_inbox.recv().await {
+            emit(&Event::Acked {
+                owner: msg.payload.owner,
+                generation: msg.payload.generation,
+                count: msg.payload.count,
+            });
+        }
+    });
+    // Periodic flush.
+    {
+        let app = Arc::clone(&app);
+        let every = Duration::from_millis(config.flush_ms.max(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                app.flush().await;
+            }
+        });
+    }
+    // Membership changes as events.
+    {
+        let mut changes = node.changes();
+        let mut known: HashMap<String, (u64, MemberState)> = HashMap::new();
+        tokio::spawn(async move {
+            loop {
+                let view = Arc::clone(&changes.borrow_and_update());
+                let mut now: HashMap<String, (u64, MemberState)> = HashMap::new();
+                for m in &view.members {
+                    now.insert(m.name.to_string(), (m.generation, m.state));
+                }
+                for (name, (generation, state)) in &now {
+                    if known.get(name) != Some(&(*generation, *state)) {
+                        if let Some((old_gen, _)) = known.get(name)
+                            && old_gen != generation
+                        {
+                            emit(&Event::Member {
+                                peer: name.clone(),
+                                generation: *old_gen,
+                                state: "gone".into(),
+                            });
+                        }
+                        emit(&Event::Member {
+                            peer: name.clone(),
+                            generation: *generation,
+                            state: format!("{state:?}").to_lowercase(),
+                        });
+                    }
+                }
+                for (name, (generation, _)) in &known {
+                    if !now.contains_key(name) {
+                        emit(&Event::Member {
+                            peer: name.clone(),
+                            generation: *generation,
+                            state: "gone".into(),
+                        });
+                    }
+                }
+                known = now;
+                if changes.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let mut joined = config.seeds.is_empty();
+    node.join(&config.seeds).await.or_else(|e| match e {
+        shoal::Error::JoinTimeout(_) => Ok(()),
+        e => Err(e),
+    })?;
+    for _ in 0..5 {
+        if joined || node.members().len() > 1 {
+            joined = true;
+            break;
+        }
+        node.join(&config.seeds).await.or_else(|e| match e {
+            shoal::Error::JoinTimeout(_) => Ok(()),
+            e => Err(e),
+        })?;
+    }
+    let datums: Vec<Arc<SeriesDatum>> = (0..i64::from(config.series))
+        .map(|id| {
+            Arc::new(SeriesDatum {
+                id,
+                app: Arc::clone(&slot),
+            })
+        })
+        .collect();
+    node.register(datums).await?;
+    node.set_ready(true).await?;
+    emit(&Event::Ready {
+        name: config.name.clone(),
+        joined,
+    });
+
+    let stdin = BufReader::new(tokio::io::stdin());
+    let mut lines = stdin.lines();
+    let mut last_status = (Instant::now(), 0u64);
+    while let Some(line) = lines.next_line().await? {
+        let Some(cmd) = Command::parse(&line) else {
+            warn!(line, "unknown control line");
+            continue;
+        };
+        match cmd {
+            Command::Point { id, series, value } => {
+                app.ingested.fetch_add(1, Ordering::Relaxed);
+                let p = Point {
+                    id,
+                    series,
+                    value,
+                    origin: config.name.clone(),
+                };
+                if let Err(error) = points.send_to_owner(SERIES, series, &p).await {
+                    debug!(%error, id, "point refused");
+                    emit(&Event::Refused { id });
+                }
+            }
+            Command::Status => {
+                let snap = node.snapshot().await?;
+                let ingested = app.ingested.load(Ordering::Relaxed);
+                let secs = last_status.0.elapsed().as_secs_f64().max(1e-3);
+                let rate = (ingested.saturating_sub(last_status.1)) as f64 / secs;
+                last_status = (Instant::now(), ingested);
+                let view = node.view();
+                emit(&Event::Status {
+                    name: config.name.clone(),
+                    generation: local.generation,
+                    members: member_counts(&snap.members),
+                    live: view.members.len(),
+                    view_id: snap.view.0,
+                    owned: snap.owned,
+                    in_flight: snap.in_flight,
+                    points_per_s: rate,
+                    accepted: app.accepted.load(Ordering::Relaxed),
+                    pending: app.pending_points(),
+                    fenced: snap.fenced,
+                    flush_errors: app.flush_errors.load(Ordering::Relaxed),
+                });
+            }
+            Command::Flush => {
+                app.flush().await;
+                emit(&Event::Flushed {
+                    name: config.name.clone(),
+                    pending: app.pending_points(),
+                });
+            }
+            Command::Leave => {
+                let report = node.leave(Duration::from_secs(20)).await?;
+                app.flush().await;
+                emit(&Event::Left {
+                    name: config.name.clone(),
+                    relinquished: report.relinquished,
+                    completed: report.completed,
+                    pending: app.pending_points(),
+                });
+                return Ok(());
+            }
+            Command::Quit => {
+                app.flush().await;
+                emit(&Event::Bye {
+                    name: config.name.clone(),
+                    pending: app.pending_points(),
+                });
+                node.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+    // The driver went away: stop at once, like a crash would.
+    Ok(())
+}

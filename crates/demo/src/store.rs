@@ -1,0 +1,421 @@
+//! The series store: SQLite (one file the local processes share, WAL mode,
+//! busy timeout) with an append-only `writes` table for the ownership audit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused an operation.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store URL is not one this build understands.
+    #[error("unsupported store {0:?} (use `sqlite:<path>` or a path)")]
+    Unsupported(String),
+}
+
+/// Where the store lives, parsed from `--store`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+}
+
+impl StoreUrl {
+    /// Parses `sqlite:<path>` or a bare path.
+    ///
+    /// # Errors
+    /// [`StoreError::Unsupported`] for `postgres://` and other schemes.
+    pub fn parse(s: &str) -> Result<StoreUrl, StoreError> {
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.contains("://") {
+            return Err(StoreError::Unsupported(s.to_owned()));
+        }
+        Ok(StoreUrl::Sqlite(PathBuf::from(s)))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+        }
+    }
+}
+
+/// The aggregate of one series (or a delta of it).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Aggregate {
+    /// Points.
+    pub count: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Smallest value (meaningless when `count` is 0).
+    pub min: f64,
+    /// Largest value (meaningless when `count` is 0).
+    pub max: f64,
+    /// Time of the last point, milliseconds since the Unix epoch.
+    pub last_ms: i64,
+}
+
+impl Aggregate {
+    /// Adds one point.
+    pub fn add(&mut self, value: f64, t_ms: i64) {
+        if self.count == 0 {
+            self.min = value;
+            self.max = value;
+        } else {
+            self.min = self.min.min(value);
+            self.max = self.max.max(value);
+        }
+        self.count += 1;
+        self.sum += value;
+        self.last_ms = self.last_ms.max(t_ms);
+    }
+}
+
+/// Who writes: a node's name and generation, and the placement view id it
+/// had in force.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Writer {
+    /// Node name.
+    pub node: String,
+    /// Node generation (process start, ns since the epoch).
+    pub generation: u64,
+}
+
+/// Kind of a row of the `writes` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// A periodic (or final) flush of points.
+    Flush,
+    /// The flush of a relinquish: the writer gives the series up.
+    Relinquish,
+    /// An acquire: the writer takes the series (count 0).
+    Acquire,
+}
+
+impl WriteKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Flush => "flush",
+            WriteKind::Relinquish => "relinquish",
+            WriteKind::Acquire => "acquire",
+        }
+    }
+}
+
+/// The store: one connection per process, serialised by a mutex (callers
+/// run it on a blocking thread).
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    last_ms INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS writes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    series INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    view_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    t_ms INTEGER NOT NULL
+);
+";
+
+fn to_i64(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn from_i64(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// What the audit of the `writes` table found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Points persisted per writer.
+    pub persisted: HashMap<Writer, u64>,
+    /// Rows written by a writer after another node had taken the series
+    /// from it without a relinquish (overlapping ownership).
+    pub double_owner_writes: u64,
+    /// Series concerned by those rows (at most 20).
+    pub double_owner_series: Vec<i64>,
+    /// Rows in the table.
+    pub rows: u64,
+}
+
+impl Store {
+    /// Opens (and creates) the store.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn open(url: &StoreUrl) -> Result<Store, StoreError> {
+        let StoreUrl::Sqlite(path) = url;
+        Store::open_sqlite(path)
+    }
+
+    fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes deltas of several series in one transaction: the `series`
+    /// rows are updated and one `writes` row per series is appended.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn write(
+        &self,
+        writer: &Writer,
+        view_id: u64,
+        kind: WriteKind,
+        deltas: &[(i64, Aggregate)],
+        t_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(id) DO UPDATE SET
+                    count = count + excluded.count,
+                    sum = sum + excluded.sum,
+                    min = CASE WHEN count = 0 THEN excluded.min ELSE MIN(min, excluded.min) END,
+                    max = CASE WHEN count = 0 THEN excluded.max ELSE MAX(max, excluded.max) END,
+                    last_ms = MAX(last_ms, excluded.last_ms),
+                    node = excluded.node,
+                    generation = excluded.generation",
+            )?;
+            let mut append = tx.prepare_cached(
+                "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (id, agg) in deltas {
+                if agg.count > 0 {
+                    upsert.execute(params![
+                        id,
+                        to_i64(agg.count),
+                        agg.sum,
+                        agg.min,
+                        agg.max,
+                        agg.last_ms,
+                        writer.node,
+                        to_i64(writer.generation)
+                    ])?;
+                }
+                append.execute(params![
+                    id,
+                    writer.node,
+                    to_i64(writer.generation),
+                    to_i64(view_id),
+                    kind.as_str(),
+                    to_i64(agg.count),
+                    t_ms
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The persisted aggregate of a series (what an acquire loads).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn load(&self, id: i64) -> Result<Option<Aggregate>, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT count, sum, min, max, last_ms FROM series WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(Aggregate {
+                        count: from_i64(r.get(0)?),
+                        sum: r.get(1)?,
+                        min: r.get(2)?,
+                        max: r.get(3)?,
+                        last_ms: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Sum of `count` over the `series` table.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn total_points(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let n: i64 = conn.query_row("SELECT COALESCE(SUM(count), 0) FROM series", [], |r| {
+            r.get(0)
+        })?;
+        Ok(from_i64(n))
+    }
+
+    /// Reads the `writes` table in commit order and audits it.
+    ///
+    /// Ownership rule: per series, the writer of the latest row holds it;
+    /// a `relinquish` row ends the holding. When another writer writes
+    /// while the holder has not relinquished, the holder is *superseded*
+    /// (a failover: legitimate when the holder is dead). Any later row by
+    /// a superseded writer for that series is a double-owner write.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn audit(&self) -> Result<Audit, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT series, node, generation, kind, count FROM writes ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                from_i64(r.get::<_, i64>(2)?),
+                r.get::<_, String>(3)?,
+                from_i64(r.get::<_, i64>(4)?),
+            ))
+        })?;
+        let mut audit = Audit::default();
+        // Per series: current holder, and the writers superseded there.
+        let mut holder: HashMap<i64, Option<Writer>> = HashMap::new();
+        let mut superseded: HashMap<i64, Vec<Writer>> = HashMap::new();
+        for row in rows {
+            let (series, node, generation, kind, count) = row?;
+            audit.rows += 1;
+            let writer = Writer { node, generation };
+            *audit.persisted.entry(writer.clone()).or_insert(0) += count;
+            let gone = superseded.entry(series).or_default();
+            if gone.contains(&writer) {
+                audit.double_owner_writes += 1;
+                if audit.double_owner_series.len() < 20
+                    && !audit.double_owner_series.contains(&series)
+                {
+                    audit.double_owner_series.push(series);
+                }
+                continue;
+            }
+            let current = holder.entry(series).or_insert(None);
+            if let Some(h) = current.as_ref()
+                && *h != writer
+            {
+                gone.push(h.clone());
+            }
+            *current = if kind == WriteKind::Relinquish.as_str() {
+                None
+            } else {
+                Some(writer)
+            };
+        }
+        Ok(audit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agg(n: u64) -> Aggregate {
+        let mut a = Aggregate::default();
+        for i in 0..n {
+            a.add(i as f64, 1);
+        }
+        a
+    }
+
+    fn w(node: &str, generation: u64) -> Writer {
+        Writer {
+            node: node.into(),
+            generation,
+        }
+    }
+
+    #[test]
+    fn write_load_and_audit() {
+        let dir = std::env::temp_dir().join(format!("shoal-demo-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.db");
+        let _ = std::fs::remove_file(&path);
+        let store = Store::open(&StoreUrl::Sqlite(path.clone())).unwrap();
+        let (a, b, c) = (w("a", 1), w("b", 1), w("c", 1));
+        store
+            .write(&a, 1, WriteKind::Flush, &[(1, agg(3)), (2, agg(2))], 5)
+            .unwrap();
+        // a relinquishes 1 to b: fine.
+        store
+            .write(&a, 2, WriteKind::Relinquish, &[(1, agg(1))], 6)
+            .unwrap();
+        store
+            .write(&b, 2, WriteKind::Acquire, &[(1, agg(0))], 7)
+            .unwrap();
+        store
+            .write(&b, 2, WriteKind::Flush, &[(1, agg(4))], 8)
+            .unwrap();
+        // c takes 2 from a without a relinquish (failover), then a writes 2 again.
+        store
+            .write(&c, 3, WriteKind::Flush, &[(2, agg(1))], 9)
+            .unwrap();
+        store
+            .write(&a, 3, WriteKind::Flush, &[(2, agg(1))], 10)
+            .unwrap();
+        let loaded = store.load(1).unwrap().unwrap();
+        assert_eq!(loaded.count, 8);
+        assert_eq!(store.total_points().unwrap(), 8 + 4);
+        let audit = store.audit().unwrap();
+        assert_eq!(audit.double_owner_writes, 1);
+        assert_eq!(audit.double_owner_series, vec![2]);
+        assert_eq!(audit.persisted[&a], 7);
+        assert_eq!(audit.persisted[&b], 4);
+        assert_eq!(audit.rows, 7);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            StoreUrl::parse("sqlite:/tmp/x.db").unwrap(),
+            StoreUrl::Sqlite("/tmp/x.db".into())
+        );
+        assert!(StoreUrl::parse("mysql://x").is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! The default scenario with real node processes on loopback: 3 nodes,
+//! load, a 4th joins, one leaves gracefully, one is SIGKILLed and restarts,
+//! drain, verdict from the store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shoal_demo::driver::{self, Scenario, SimConfig};
+
+fn config(name: &str) -> SimConfig {
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&work);
+    let mut cfg = SimConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_shoal-demo")), work);
+    cfg.nodes = 3;
+    cfg.series = 32;
+    cfg.rate = 300;
+    cfg.duration = Duration::from_secs(8);
+    cfg.scenario = Scenario::Default;
+    cfg.timing = shoal::Timing::Lan;
+    cfg.flush_ms = 300;
+    cfg.settle_timeout = Duration::from_secs(40);
+    cfg
+}
+
+#[test]
+fn default_scenario_three_nodes_loses_nothing_outside_kills() {
+    let cfg = config("default-sqlite");
+    let mut out = Vec::new();
+    let summary = driver::run(cfg, &mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let mut report = Vec::new();
+    driver::print_summary(&summary, &mut report).unwrap();
+    eprintln!("{text}{}", String::from_utf8_lossy(&report));
+    assert!(summary.points_sent > 0, "no point was acknowledged");
+    assert_eq!(summary.lost_outside_kills, 0);
+    assert_eq!(summary.double_owner_writes, 0);
+    assert_eq!(summary.lost_by_kill.len(), 1, "one kill, one attribution");
+    assert_eq!(summary.transitions.len(), 4);
+    assert!(
+        summary.transitions.iter().all(|t| t.s.is_some()),
+        "every transition settled"
+    );
+    assert!(
+        summary.detect_all_s.is_some(),
+        "every survivor saw the kill"
+    );
+    assert_eq!(
+        summary.points_sent - summary.points_lost,
+        summary
+            .points_persisted
+            .min(summary.points_sent - summary.points_lost),
+    );
+    assert!(summary.problems.is_empty(), "{:?}", summary.problems);
+    assert!(summary.ok);
+    let svg = std::fs::read_to_string(&summary.svg).unwrap();
+    assert!(svg.contains("kill n") && svg.contains("join n4"));
+}
