@@ -134,7 +134,7 @@ fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
                             seed: base.seed.wrapping_add(i),
                             ..base.clone()
                         };
-                        mine.push(scenario::run(&opts));
+                        mine.push(run_catching_panics(&opts));
                     }
                     mine
                 })
@@ -142,11 +142,37 @@ fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
             .collect();
         workers
             .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
+            .flat_map(|w| {
+                // Runs catch their own panics, so a worker cannot die; if
+                // one did, say so rather than lose its seeds silently.
+                w.join().unwrap_or_else(|_| {
+                    eprintln!("shoal-sim: a campaign worker died; its runs are missing");
+                    std::process::exit(1)
+                })
+            })
             .collect()
     });
     reports.sort_by_key(|r| r.seed.wrapping_sub(base.seed));
     reports
+}
+
+/// Runs one seed; a panic (in the simulator or a layer under test) becomes a
+/// failed report naming the seed instead of ending the campaign.
+fn run_catching_panics(opts: &ScenarioOptions) -> Report {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario::run(opts))) {
+        Ok(report) => report,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            let mut report =
+                scenario::failed_report(opts, format!("panicked (seed {}): {what}", opts.seed));
+            report.invariant_violations = 1;
+            report
+        }
+    }
 }
 
 fn print_summary(reports: &[Report]) {

@@ -297,16 +297,15 @@ pub fn run(opts: &ScenarioOptions) -> Report {
     run_with::<()>(opts, ())
 }
 
-/// Runs one scenario with application `A` on every node.
-pub fn run_with<A: Application>(opts: &ScenarioOptions, shared: A::Shared) -> Report {
-    let wall = Instant::now();
-    let cfg = sim_config(opts);
-    let extra = if opts.scenario == ScenarioKind::Churn || opts.scenario == ScenarioKind::Random {
-        opts.nodes / 2 + 2
-    } else {
-        0
-    };
-    let mut report = Report {
+/// A report of a run that could not produce one (nothing measured, not ok).
+pub fn failed_report(opts: &ScenarioOptions, failure: String) -> Report {
+    let mut report = empty_report(opts);
+    report.failure = Some(failure);
+    report
+}
+
+fn empty_report(opts: &ScenarioOptions) -> Report {
+    Report {
         scenario: opts.scenario,
         nodes: opts.nodes,
         seed: opts.seed,
@@ -336,7 +335,19 @@ pub fn run_with<A: Application>(opts: &ScenarioOptions, shared: A::Shared) -> Re
         trace_hash: String::new(),
         wall_s: 0.0,
         peak_rss_mib: None,
+    }
+}
+
+/// Runs one scenario with application `A` on every node.
+pub fn run_with<A: Application>(opts: &ScenarioOptions, shared: A::Shared) -> Report {
+    let wall = Instant::now();
+    let cfg = sim_config(opts);
+    let extra = if opts.scenario == ScenarioKind::Churn || opts.scenario == ScenarioKind::Random {
+        opts.nodes / 2 + 2
+    } else {
+        0
     };
+    let mut report = empty_report(opts);
     let mut sim = match Sim::<A>::new(cfg, opts.nodes + extra, Instant::now(), shared) {
         Ok(sim) => sim,
         Err(e) => {
