@@ -23,14 +23,14 @@ use crate::{
 const LOCAL_SLOT: u32 = u32::MAX;
 /// Random draws tried before falling back to a scan when picking members.
 const SAMPLE_ATTEMPTS: usize = 32;
+/// Seeds remembered for reconnecting, at most.
+const MAX_SEEDS: usize = 64;
 /// Accusers answered directly per incarnation, at most.
 const MAX_TOLD: usize = 16;
 /// Last-chance pings to suspects remembered, at most.
 const MAX_CHECKS: usize = 64;
 /// Death verdicts about this node remembered (to report each once), at most.
 const MAX_VERDICTS: usize = 64;
-/// Pings and acks a death-verdict notice rides on after the reliable send.
-const NOTICE_REPEATS: u32 = 3;
 
 /// `now + d`, saturating far in the future instead of overflowing.
 fn later(now: Instant, d: Duration) -> Instant {
@@ -44,6 +44,8 @@ fn later(now: Instant, d: Duration) -> Instant {
 struct Probe {
     slot: u32,
     generation: u64,
+    /// The ping carried a death-verdict notice to its target.
+    carries_notice: bool,
     seq: u32,
     indirect_at: Instant,
     deadline: Instant,
@@ -66,7 +68,6 @@ struct Relay {
 struct Notice {
     incarnation: u64,
     accuser: Arc<str>,
-    remaining: u32,
 }
 
 /// An ack to send once the whole packet was applied.
@@ -245,6 +246,10 @@ pub struct Membership<R: Rng> {
     next_gossip_at: Instant,
     next_push_pull_at: Instant,
     join: Option<Join>,
+    /// Every seed ever given to `join` (bounded): one that is not a live
+    /// member is contacted at each push-pull, so clusters that formed apart
+    /// (a join during a partition) still merge.
+    seeds: Vec<SocketAddr>,
 
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -343,6 +348,7 @@ impl<R: Rng> Membership<R> {
             next_gossip_at,
             next_push_pull_at,
             join: None,
+            seeds: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             view_dirty: true,
@@ -385,6 +391,11 @@ impl<R: Rng> Membership<R> {
             .collect();
         if seeds.is_empty() {
             return;
+        }
+        for seed in &seeds {
+            if !self.seeds.contains(seed) && self.seeds.len() < MAX_SEEDS {
+                self.seeds.push(*seed);
+            }
         }
         self.join = Some(Join {
             seeds,
@@ -508,10 +519,10 @@ impl<R: Rng> Membership<R> {
         self.deferred_acks = acks;
         self.deferred_acks.clear();
         if let Some(header) = push_pull {
-            // An answer to one of our push-pulls (not someone else's request,
-            // e.g. a node joining through us): we are in contact, the join
-            // (if any) is done.
-            if !header.reply {
+            // An answer from one of our seeds (not someone else's request,
+            // e.g. a node joining through us, nor an answer from a node that
+            // joined through us): the join is done.
+            if !header.reply && self.join.as_ref().is_some_and(|j| j.seeds.contains(&from)) {
                 self.join = None;
             }
             if header.reply && self.local.state.is_live() {
@@ -870,7 +881,9 @@ impl<R: Rng> Membership<R> {
                     }
                 }
             }
-            AckExtra::Notice(slot) => self.append_notice(slot, &mut buf),
+            AckExtra::Notice(slot) => {
+                self.append_notice(slot, &mut buf);
+            }
         }
         if ack.reliable {
             self.send(ack.to, true, buf);
@@ -1383,8 +1396,9 @@ impl<R: Rng> Membership<R> {
     /// `incarnation`, directly: only the member itself acts on it (it reports
     /// `DeclaredFailed` once per incarnation, and refutes if still needed).
     ///
-    /// Sent on the reliable path, and repeated on the next few pings and acks
-    /// exchanged with it, so one lost packet does not leave it unfenced.
+    /// Sent on the reliable path, and repeated on every ping and ack to it
+    /// until one of our pings carrying it is acked, so neither a lost packet
+    /// nor a partition leaves it unfenced.
     fn tell_declared_dead(&mut self, slot: u32, incarnation: u64, accuser: &str) {
         let Some(m) = self.slot(slot) else { return };
         let mut buf = self.new_packet();
@@ -1404,36 +1418,31 @@ impl<R: Rng> Membership<R> {
             Notice {
                 incarnation,
                 accuser: Arc::from(accuser),
-                remaining: NOTICE_REPEATS,
             },
         );
     }
 
     /// Appends a pending death-verdict notice for the member in `slot` to a
-    /// packet going to it, counting one repetition.
-    fn append_notice(&mut self, slot: u32, buf: &mut Vec<u8>) {
-        let Some(notice) = self.notices.get_mut(&slot) else {
-            return;
+    /// packet going to it; returns whether there was one. The notice stays
+    /// pending until a probe of ours that carried it is acked (the member
+    /// applies a whole packet before acking, so the ack proves delivery).
+    fn append_notice(&self, slot: u32, buf: &mut Vec<u8>) -> bool {
+        let Some(notice) = self.notices.get(&slot) else {
+            return false;
         };
-        notice.remaining = notice.remaining.saturating_sub(1);
-        let (incarnation, accuser, done) = (
-            notice.incarnation,
-            Arc::clone(&notice.accuser),
-            notice.remaining == 0,
-        );
-        if done {
-            self.notices.remove(&slot);
-        }
-        let Some(m) = self.slot(slot) else { return };
+        let Some(m) = self.slot(slot) else {
+            return false;
+        };
         wire::encode(
             &Message::Dead(Accusation {
                 name: &m.name,
                 generation: m.generation,
-                incarnation,
-                from: &accuser,
+                incarnation: notice.incarnation,
+                from: &notice.accuser,
             }),
             buf,
         );
+        true
     }
 
     /// One member of a push-pull state; `from` is the sender, counted as the
@@ -1598,6 +1607,9 @@ impl<R: Rng> Membership<R> {
             if !probe.indirect_sent {
                 self.bump_awareness(-1);
             }
+            if probe.carries_notice {
+                self.notices.remove(&probe.slot);
+            }
             self.probe = None;
             return;
         }
@@ -1730,10 +1742,11 @@ impl<R: Rng> Membership<R> {
             );
         }
         let (addr, generation) = (target.addr, target.generation);
-        self.append_notice(slot, &mut buf);
+        let carries_notice = self.append_notice(slot, &mut buf);
         self.probe = Some(Probe {
             slot,
             generation,
+            carries_notice,
             seq,
             indirect_at: later(now, self.config.probe_timeout),
             deadline: later(now, interval),
@@ -1950,7 +1963,7 @@ impl<R: Rng> Membership<R> {
             {
                 let late =
                     now.saturating_duration_since(at.max(s.set_at)) >= self.config.probe_interval;
-                let unconfirmed = s.confirmations() < s.k;
+                let unconfirmed = s.confirmations() < s.k.max(1);
                 if late || unconfirmed {
                     s.graced = true;
                     s.deadline = later(now, self.config.probe_interval);
@@ -2049,6 +2062,33 @@ impl<R: Rng> Membership<R> {
         if let Some(addr) = target {
             self.send_state(addr, false, true);
         }
+        // A seed that is not a live member here: maybe another cluster that
+        // formed while we were apart. One of them per round.
+        if self.seeds.is_empty() || self.join.is_some() {
+            return;
+        }
+        let unknown: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .copied()
+            .filter(|seed| {
+                !self
+                    .members
+                    .iter()
+                    .flatten()
+                    .any(|m| m.addr == *seed && m.state.is_live())
+            })
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let pick = self.rng.random_range(0..unknown.len());
+        if let Some(&seed) = unknown.get(pick)
+            && Some(seed) != target
+        {
+            self.stats.seed_push_pulls += 1;
+            self.send_state(seed, false, true);
+        }
     }
 
     /// Sends this node's full state (reliable), truncated to
@@ -2111,6 +2151,20 @@ impl<R: Rng> Membership<R> {
         if now < join.next_at {
             return;
         }
+        // Already in touch with a seed (it is a live member here): done.
+        let seeds_known = join.seeds.iter().any(|addr| {
+            self.members
+                .iter()
+                .flatten()
+                .any(|m| m.addr == *addr && m.state == MemberState::Alive)
+        });
+        if seeds_known {
+            self.join = None;
+            return;
+        }
+        let Some(join) = self.join.as_mut() else {
+            return;
+        };
         join.next_at = later(now, join.delay);
         join.delay = join
             .delay

@@ -189,6 +189,9 @@ pub struct Stats {
     pub reconnects: u64,
     /// Acks that asked the pinger for its `Alive` (it was unknown or newer).
     pub alive_requests: u64,
+    /// Push-pulls sent to a seed that was not a live member (clusters that
+    /// formed apart merge this way).
+    pub seed_push_pulls: u64,
     /// Times this node learned it had been declared failed.
     pub declared_failed: u64,
     /// Name conflicts seen.
