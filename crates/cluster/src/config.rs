@@ -116,7 +116,7 @@ impl NodeConfig {
 }
 
 /// Where the node's certificate comes from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsConfig {
     /// `node.crt`, `node.key` and `ca.crt` (PEM) in `dir`, as
@@ -135,13 +135,8 @@ pub enum TlsConfig {
     },
     /// The identity is passed in code
     /// ([`Node::start_with_identity`](crate::Node::start_with_identity)).
+    #[default]
     Provided,
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig::Provided
-    }
 }
 
 /// Membership timing profile (see `shoal_membership::Config`).

@@ -20,7 +20,7 @@ use rand::rngs::SmallRng;
 use shoal_membership::{Event as MEvent, Member, Membership};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{
-    Counters, Datum, Event as HEvent, Handoff, Job, JobKind, NoticeError, ReleaseTo, Route, SendId,
+    Counters, Datum, Event as HEvent, Handoff, Job, JobKind, NoticeBatch, ReleaseTo, Route, SendId,
 };
 use shoal_transport::{
     Datagram, Dest, Incoming, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull,
@@ -141,6 +141,33 @@ impl Counts {
     }
 }
 
+/// Answers a notice batch request, in a task (the answer is a stream write).
+fn answer(reply: Option<Responder>, ok: bool) {
+    if let Some(reply) = reply {
+        let answer = if ok {
+            wire::NOTICE_ACK
+        } else {
+            wire::NOTICE_NACK
+        };
+        tokio::spawn(async move {
+            let _ = reply.respond(Bytes::from_static(answer)).await;
+        });
+    }
+}
+
+/// A notice batch for a view not in force here yet.
+struct EarlyNotice {
+    until: Instant,
+    peer: Peer,
+    batch: NoticeBatch,
+    reply: Option<Responder>,
+}
+
+/// How long a notice batch for a view not in force here waits for that view.
+const NOTICE_GRACE: Duration = Duration::from_millis(500);
+/// Most notice batches waiting for their view; beyond, they are taken at once.
+const MAX_EARLY_NOTICES: usize = 4096;
+
 struct Parked {
     retry_at: Instant,
     expires: Instant,
@@ -179,6 +206,7 @@ pub(crate) struct Driver {
     /// (views not converged yet): re-routed after a short delay or on the
     /// next installed view, until they expire. Bounded by `hold_capacity`.
     parked: VecDeque<Parked>,
+    early_notices: VecDeque<EarlyNotice>,
     job_tx: mpsc::Sender<JobDone>,
     send_tx: mpsc::Sender<SendDone>,
     waiters: Vec<Waiter>,
@@ -221,6 +249,7 @@ impl Driver {
             latest: None,
             backlog: VecDeque::new(),
             parked: VecDeque::new(),
+            early_notices: VecDeque::new(),
             job_tx,
             send_tx,
             waiters: Vec::new(),
@@ -309,6 +338,7 @@ impl Driver {
             self.waiters.iter().map(|w| w.deadline).min(),
             self.leave_waiters.iter().map(|w| w.deadline).min(),
             self.parked.front().map(|p| p.retry_at),
+            self.early_notices.iter().map(|e| e.until).min(),
         ]
         .into_iter()
         .flatten()
@@ -337,6 +367,7 @@ impl Driver {
         if self.handoff.poll_timeout().is_some_and(|t| t <= now) {
             self.handoff.handle_timeout(now);
         }
+        self.release_early_notices(now);
         self.drain_handoff(now);
         self.reroute_parked(now, false);
         self.drain_handoff(now);
@@ -753,41 +784,79 @@ impl Driver {
                 }
             }
             Internal::Notices(peer, bytes, reply) => {
-                let from = self
-                    .membership
-                    .member(peer.name.as_str())
-                    .map(|m| NodeId::new(&*m.name, m.generation));
-                let ok = match from {
-                    Some(from) => match self.handoff.handle_notices(&from, &bytes, now) {
-                        Ok(report) => {
-                            debug!(node = %self.name, from = %peer, ?report, "notices");
-                            true
-                        }
-                        Err(error) => {
-                            if matches!(error, NoticeError::Wire(_)) {
-                                Counts::inc(&self.counts.malformed);
-                            }
-                            warn!(node = %self.name, from = %peer, %error, "notice batch refused");
-                            false
-                        }
-                    },
-                    None => {
-                        debug!(node = %self.name, from = %peer, "notices from an unknown member");
-                        false
+                let batch = match NoticeBatch::decode(&bytes, &self.handoff.config().wire) {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        Counts::inc(&self.counts.malformed);
+                        debug!(node = %self.name, from = %peer, %error, "undecodable notice batch");
+                        answer(reply, false);
+                        return;
                     }
                 };
-                if let Some(reply) = reply {
-                    let answer = if ok {
-                        wire::NOTICE_ACK
-                    } else {
-                        wire::NOTICE_NACK
-                    };
-                    tokio::spawn(async move {
-                        let _ = reply.respond(Bytes::from_static(answer)).await;
+                if batch.view != self.handoff.view_id()
+                    && self.early_notices.len() < MAX_EARLY_NOTICES
+                {
+                    // Sent under a view this node has not installed (yet):
+                    // the sender saw the change first. Give gossip a moment
+                    // to bring it here; a recurring view id would otherwise
+                    // make the notices look stale.
+                    self.early_notices.push_back(EarlyNotice {
+                        until: now + NOTICE_GRACE,
+                        peer,
+                        batch,
+                        reply,
                     });
+                    return;
                 }
+                self.take_notices(peer, batch, reply, now);
             }
         }
+    }
+
+    /// Hands early notice batches to the handoff once their view is in
+    /// force here, or their grace ran out.
+    fn release_early_notices(&mut self, now: Instant) {
+        if self.early_notices.is_empty() {
+            return;
+        }
+        let view = self.handoff.view_id();
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early_notices)
+            .into_iter()
+            .partition(|e| e.batch.view == view || now >= e.until);
+        self.early_notices = keep.into();
+        for e in due {
+            self.take_notices(e.peer, e.batch, e.reply, now);
+        }
+    }
+
+    fn take_notices(
+        &mut self,
+        peer: Peer,
+        batch: NoticeBatch,
+        reply: Option<Responder>,
+        now: Instant,
+    ) {
+        let from = self
+            .membership
+            .member(peer.name.as_str())
+            .map(|m| NodeId::new(&*m.name, m.generation));
+        let ok = match from {
+            Some(from) => match self.handoff.handle_batch(&from, batch, now) {
+                Ok(report) => {
+                    debug!(node = %self.name, from = %peer, ?report, "notices");
+                    true
+                }
+                Err(error) => {
+                    warn!(node = %self.name, from = %peer, %error, "notice batch refused");
+                    false
+                }
+            },
+            None => {
+                debug!(node = %self.name, from = %peer, "notices from an unknown member");
+                false
+            }
+        };
+        answer(reply, ok);
     }
 
     fn on_routed_bytes(&mut self, peer: &Peer, bytes: &[u8]) {

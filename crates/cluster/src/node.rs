@@ -268,11 +268,22 @@ impl Node {
         &self,
         datums: impl IntoIterator<Item = Arc<D>>,
     ) -> Result<usize, Error> {
-        let batch: Vec<Arc<dyn ErasedDatum>> = datums
-            .into_iter()
-            .map(|d| d as Arc<dyn ErasedDatum>)
-            .collect();
-        self.command(|tx| Command::Register(batch, tx)).await?
+        // In slices, so the driver keeps serving probes and messages between
+        // them (a million datums at once would stall it for a second).
+        const SLICE: usize = 8192;
+        let mut datums = datums.into_iter();
+        let mut added = 0;
+        loop {
+            let batch: Vec<Arc<dyn ErasedDatum>> = datums
+                .by_ref()
+                .take(SLICE)
+                .map(|d| d as Arc<dyn ErasedDatum>)
+                .collect();
+            if batch.is_empty() {
+                return Ok(added);
+            }
+            added += self.command(|tx| Command::Register(batch, tx)).await??;
+        }
     }
 
     /// Forgets datums of `datum_type`; work held for them is dropped (and

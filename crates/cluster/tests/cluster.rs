@@ -128,19 +128,20 @@ async fn datums_have_one_owner_and_a_join_moves_exactly_what_changes() {
         }
     }
     assert!(!want_acquired.is_empty());
-    let l = ledger.lock();
-    let relinquished: BTreeSet<_> = l.relinquished.iter().cloned().collect();
-    let acquired: BTreeSet<_> = l.acquired.iter().cloned().collect();
-    assert_eq!(
-        l.relinquished.len(),
-        relinquished.len(),
-        "relinquished twice"
-    );
-    assert_eq!(l.acquired.len(), acquired.len(), "acquired twice");
-    assert_eq!(relinquished, want_relinquished);
-    assert_eq!(acquired, want_acquired);
-    assert!(l.violations.is_empty(), "{:?}", l.violations);
-    drop(l);
+    {
+        let l = ledger.lock();
+        let relinquished: BTreeSet<_> = l.relinquished.iter().cloned().collect();
+        let acquired: BTreeSet<_> = l.acquired.iter().cloned().collect();
+        assert_eq!(
+            l.relinquished.len(),
+            relinquished.len(),
+            "relinquished twice"
+        );
+        assert_eq!(l.acquired.len(), acquired.len(), "acquired twice");
+        assert_eq!(relinquished, want_relinquished);
+        assert_eq!(acquired, want_acquired);
+        assert!(l.violations.is_empty(), "{:?}", l.violations);
+    }
     for n in &all {
         let t = n.snapshot().await.unwrap().transition;
         assert_eq!(t.acquired_after_timeout + t.acquired_owner_gone, 0);
@@ -182,25 +183,46 @@ async fn graceful_leave_relinquishes_everything() {
 }
 
 /// A node dropped without leaving is detected and its datums are acquired
-/// elsewhere at once, not after the (30 s) transition timeout.
+/// elsewhere at once, not after the transition timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_node_is_detected_and_its_datums_taken_over() {
     let _serial = SERIAL.lock().await;
     const DATUMS: i64 = 200;
     let ca = ClusterCa::generate().unwrap();
     let ledger = Arc::new(Ledger::default());
-    let nodes = cluster(&ca, &["a", "b", "c"]).await;
+    // A failover happens at once only when every node that was the datum's
+    // primary in a recent view (replaced less than the transition timeout
+    // ago) is declared failed, so the views of the cluster forming must be
+    // older than that timeout: 4 s here, and we wait it out before the kill.
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut cfg = config(name);
+        cfg.transition_timeout_ms = 4_000;
+        nodes.push(start(&ca, cfg).await);
+    }
+    join_all(&nodes).await;
     let refs: Vec<&Node> = nodes.iter().collect();
     ready_all(&refs, DATUMS, &ledger).await;
     settled(&refs, 3, DATUMS, &ledger).await;
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for n in &nodes[..2] {
+            v.push(n.snapshot().await.unwrap().transition);
+        }
+        v
+    };
     ledger.lock().dead.insert("c".into());
     nodes[2].shutdown().await;
     settled(&refs[..2], 2, DATUMS, &ledger).await;
     let mut gone = 0;
-    for n in &nodes[..2] {
+    for (n, b) in nodes[..2].iter().zip(&before) {
         let t = n.snapshot().await.unwrap().transition;
-        assert_eq!(t.acquired_after_timeout, 0, "waited out the timeout");
-        gone += t.acquired_owner_gone;
+        assert_eq!(
+            t.acquired_after_timeout, b.acquired_after_timeout,
+            "waited out the timeout"
+        );
+        gone += t.acquired_owner_gone - b.acquired_owner_gone;
         let c = n.snapshot().await.unwrap();
         assert!(
             c.members
@@ -226,7 +248,9 @@ async fn owner_messages_during_a_transition_arrive_once() {
     let mut nodes = cluster(&ca, &["a", "b", "c"]).await;
     let d = start(&ca, config("d")).await;
     nodes.push(d);
-    let received: Arc<Mutex<HashMap<u64, Vec<(String, i64)>>>> = Arc::default();
+    // Message sequence number -> where it was processed (node, datum).
+    type Deliveries = Arc<Mutex<HashMap<u64, Vec<(String, i64)>>>>;
+    let received: Deliveries = Arc::default();
     let mut senders = Vec::new();
     for n in &nodes {
         let (tx, mut rx) = n.channel::<u64>("work").unwrap();
@@ -282,8 +306,7 @@ async fn owner_messages_during_a_transition_arrive_once() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let received = received.lock().unwrap();
-    for (seq, at) in received.iter() {
+    for (seq, at) in received.lock().unwrap().iter() {
         assert_eq!(at.len(), 1, "message {seq} delivered {at:?}");
     }
     assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
@@ -383,7 +406,7 @@ async fn malformed_packets_do_not_disturb_the_cluster() {
         snap = nodes[0].snapshot().await.unwrap();
     }
     assert!(snap.facade.malformed >= 12, "{snap}");
-    assert!(snap.membership.decode_errors >= 8);
+    assert!(snap.membership.decode_errors >= 4, "{snap}");
 
     // Still one cluster, every datum still owned, messages still flow.
     for n in &nodes {

@@ -76,14 +76,15 @@ impl DistDatum for TestDatum {
     }
     async fn acquire(&self) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
-        if let Some(h) = l.holder.get(&self.id) {
-            if *h != self.node && !l.dead.contains(h) {
-                let v = format!(
-                    "{} acquired {} still held by live {}",
-                    self.node, self.id, h
-                );
-                l.violations.push(v);
-            }
+        if let Some(h) = l.holder.get(&self.id)
+            && *h != self.node
+            && !l.dead.contains(h)
+        {
+            let v = format!(
+                "{} acquired {} still held by live {}",
+                self.node, self.id, h
+            );
+            l.violations.push(v);
         }
         l.holder.insert(self.id, self.node.clone());
         l.acquired.push((self.node.clone(), self.id));
@@ -164,7 +165,7 @@ pub async fn ready_all(nodes: &[&Node], datums: i64, ledger: &Arc<Ledger>) {
     for (i, n) in nodes.iter().enumerate() {
         n.set_ready(true).await.unwrap();
         eventually("every node sees the ready nodes", || {
-            nodes.iter().all(|m| m.view().ready.len() >= i + 1)
+            nodes.iter().all(|m| m.view().ready.len() > i)
         })
         .await;
     }
