@@ -23,6 +23,8 @@ use crate::{
 const LOCAL_SLOT: u32 = u32::MAX;
 /// Random draws tried before falling back to a scan when picking members.
 const SAMPLE_ATTEMPTS: usize = 32;
+/// Notices re-sent per reconnect tick, at most.
+const MAX_NOTICE_PINGS: usize = 16;
 /// Seeds remembered for reconnecting, at most.
 const MAX_SEEDS: usize = 64;
 /// Accusers answered directly per incarnation, at most.
@@ -222,6 +224,8 @@ pub struct Membership<R: Rng> {
     /// Members we revived that still have to hear they had been declared
     /// dead (repeated on pings and acks to them).
     notices: SlotMap<Notice>,
+    /// Pings that carried only a notice: (seq, slot).
+    notice_pings: VecDeque<(u32, u32)>,
     /// Remote members; `None` marks a reaped slot that `free` will reuse.
     members: Vec<Option<Member>>,
     free: Vec<u32>,
@@ -329,6 +333,7 @@ impl<R: Rng> Membership<R> {
             superseded: false,
             verdicts: VecDeque::new(),
             notices: SlotMap::default(),
+            notice_pings: VecDeque::new(),
             members: Vec::new(),
             free: Vec::new(),
             index: NameIndex::new(hasher),
@@ -488,7 +493,7 @@ impl<R: Rng> Membership<R> {
             match msg {
                 Message::Ping(ping) => self.on_ping(from, &ping),
                 Message::IndirectPing(req) => self.on_indirect_ping(from, &req, now),
-                Message::Ack(seq) => self.on_ack(seq),
+                Message::Ack(seq) => self.on_ack(from, seq),
                 Message::Nack(seq) => self.on_nack(seq),
                 Message::AliveRequest => self.on_alive_request(from),
                 Message::Alive(alive) => {
@@ -590,7 +595,8 @@ impl<R: Rng> Membership<R> {
             }),
             (!self.broadcasts.is_empty()).then_some(self.next_gossip_at),
             live.then_some(self.next_push_pull_at),
-            (live && !self.down_since.is_empty()).then_some(self.next_reconnect_at),
+            (live && !(self.down_since.is_empty() && self.notices.is_empty()))
+                .then_some(self.next_reconnect_at),
             self.suspicion_deadlines
                 .first()
                 .filter(|_| self.local.state == MemberState::Alive)
@@ -1598,7 +1604,7 @@ impl<R: Rng> Membership<R> {
         });
     }
 
-    fn on_ack(&mut self, seq: u32) {
+    fn on_ack(&mut self, from: SocketAddr, seq: u32) {
         if let Some(probe) = self.probe
             && probe.seq == seq
         {
@@ -1607,7 +1613,10 @@ impl<R: Rng> Membership<R> {
             if !probe.indirect_sent {
                 self.bump_awareness(-1);
             }
-            if probe.carries_notice {
+            // Only the target's own ack proves it read a packet carrying the
+            // notice (the direct and the reliable ping both carry it; an ack
+            // forwarded by a relay does not).
+            if probe.carries_notice && self.slot(probe.slot).is_some_and(|m| m.addr == from) {
                 self.notices.remove(&probe.slot);
             }
             self.probe = None;
@@ -1623,6 +1632,12 @@ impl<R: Rng> Membership<R> {
         }
         if let Some(pos) = self.checks.iter().position(|c| *c == seq) {
             self.checks.remove(pos);
+            return;
+        }
+        if let Some(pos) = self.notice_pings.iter().position(|(s, _)| *s == seq) {
+            if let Some((_, slot)) = self.notice_pings.remove(pos) {
+                self.notices.remove(&slot);
+            }
             return;
         }
         if let Some((reconnect_seq, slot)) = self.reconnect
@@ -1801,6 +1816,9 @@ impl<R: Rng> Membership<R> {
                 &ping_msg(&self.local, probe.seq, &name, probe.generation, true),
                 &mut buf,
             );
+            if probe.carries_notice {
+                self.append_notice(probe.slot, &mut buf);
+            }
             self.send(addr, true, buf);
         }
     }
@@ -1916,6 +1934,36 @@ impl<R: Rng> Membership<R> {
         }
     }
 
+    /// Re-sends pending death-verdict notices, each in a ping of its own:
+    /// the member's ack proves it applied the notice (then it is dropped).
+    fn resend_notices(&mut self) {
+        let pending: Vec<u32> = self
+            .notices
+            .keys()
+            .copied()
+            .take(MAX_NOTICE_PINGS)
+            .collect();
+        for slot in pending {
+            let seq = self.next_seq();
+            let Some(m) = self.slot(slot) else {
+                self.notices.remove(&slot);
+                continue;
+            };
+            let mut buf = self.new_packet();
+            wire::encode(
+                &ping_msg(&self.local, seq, &m.name, m.generation, false),
+                &mut buf,
+            );
+            self.append_notice(slot, &mut buf);
+            let addr = m.addr;
+            if self.notice_pings.len() >= MAX_CHECKS {
+                self.notice_pings.pop_front();
+            }
+            self.notice_pings.push_back((seq, slot));
+            self.send(addr, false, buf);
+        }
+    }
+
     /// Pings one random dead member; an ack means it is reachable again (a
     /// healed partition) and triggers a push-pull with it.
     fn fire_reconnect(&mut self, now: Instant) {
@@ -1924,7 +1972,11 @@ impl<R: Rng> Membership<R> {
         }
         self.next_reconnect_at = later(now, self.config.reconnect_interval);
         self.reconnect = None;
-        if self.local.state != MemberState::Alive || self.down_since.is_empty() {
+        if self.local.state != MemberState::Alive {
+            return;
+        }
+        self.resend_notices();
+        if self.down_since.is_empty() {
             return;
         }
         let mut targets = std::mem::take(&mut self.scratch_slots);

@@ -1778,7 +1778,30 @@ fn revived_member_hears_the_verdict_until_a_probe_carrying_it_is_acked() {
             break p.seq;
         }
     };
+    // An ack forwarded by a relay (another address) proves nothing.
     deliver(&mut n, &[Message::Ack(seq)], t);
+    deliver(&mut n, &[ping_from(98, "x", 1, 4)], t);
+    let transmits = drain_transmits(&mut n);
+    assert!(sent_messages(&transmits).iter().any(is_notice));
+    // x's own ack does... but that probe is over; the next probe carries it
+    // again and x acks it directly.
+    let seq = loop {
+        t += Duration::from_millis(10);
+        assert!(t - now < Duration::from_secs(10), "x never probed again");
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        let msgs = sent_messages(&transmits);
+        if let Some(Message::Ping(p)) = msgs
+            .iter()
+            .find(|m| matches!(m, Message::Ping(p) if p.target == "x" && !p.reliable))
+        {
+            if msgs.iter().any(is_notice) {
+                break p.seq;
+            }
+        }
+    };
+    n.handle_packet(addr(2), &packet(&[Message::Ack(seq)]), t)
+        .unwrap();
     deliver(&mut n, &[ping_from(99, "x", 1, 4)], t);
     let transmits = drain_transmits(&mut n);
     assert!(!sent_messages(&transmits).iter().any(is_notice));
@@ -1877,4 +1900,49 @@ fn a_seed_that_is_not_a_live_member_is_contacted_at_push_pull_time() {
     }
     assert!(contacted);
     assert!(n.stats().seed_push_pulls >= 1);
+}
+
+#[test]
+fn pending_verdict_notices_are_resent_every_reconnect_interval_until_acked() {
+    let now = Instant::now();
+    let config = Config {
+        // No probing in the way: only the notice pings go to x.
+        probe_interval: Duration::from_secs(3600),
+        probe_timeout: Duration::from_secs(1),
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, now);
+    deliver(
+        &mut n,
+        &[
+            alive("x", 1, 3, 2),
+            dead("x", 1, 3, "me"),
+            alive("x", 1, 4, 2),
+        ],
+        now,
+    );
+    drain_transmits(&mut n);
+    let is_notice =
+        |m: &Message<'_>| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == 3);
+    let mut t = now;
+    let mut seqs = Vec::new();
+    for _ in 0..30 {
+        t += Duration::from_millis(100);
+        n.handle_timeout(t);
+        for tr in drain_transmits(&mut n).iter().filter(|tr| tr.to == addr(2)) {
+            let msgs: Vec<_> = wire::Messages::new(&tr.payload).collect();
+            if let (Some(Message::Ping(p)), true) = (msgs.first(), msgs.iter().any(is_notice)) {
+                seqs.push(p.seq);
+            }
+        }
+    }
+    assert!(seqs.len() >= 2, "resent at least twice in 3 s: {seqs:?}");
+    // The member acks one: no more notices.
+    deliver(&mut n, &[Message::Ack(*seqs.last().unwrap())], t);
+    for _ in 0..30 {
+        t += Duration::from_millis(100);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        assert!(!sent_messages(&transmits).iter().any(is_notice));
+    }
 }
