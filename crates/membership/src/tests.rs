@@ -1794,10 +1794,9 @@ fn revived_member_hears_the_verdict_until_a_probe_carrying_it_is_acked() {
         if let Some(Message::Ping(p)) = msgs
             .iter()
             .find(|m| matches!(m, Message::Ping(p) if p.target == "x" && !p.reliable))
+            && msgs.iter().any(is_notice)
         {
-            if msgs.iter().any(is_notice) {
-                break p.seq;
-            }
+            break p.seq;
         }
     };
     n.handle_packet(addr(2), &packet(&[Message::Ack(seq)]), t)
