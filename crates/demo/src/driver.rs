@@ -358,8 +358,9 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
             StoreUrl::Sqlite(path)
         }
     };
-    // Create the schema once before the nodes race for it.
-    drop(Store::open(&store_url)?);
+    // Create the schema once before the nodes race for it; a run starts
+    // from empty tables.
+    Store::open(&store_url)?.reset()?;
     let ca = ClusterCa::generate()?;
     ca.write_pem_files(&cfg.work_dir.join("ca"))?;
     let (tx, rx) = mpsc::channel();
@@ -786,6 +787,12 @@ impl Sim<'_> {
 
     fn start_node(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, SimError> {
         let index = self.spawn(name, seeds)?;
+        self.wait_started(index, name)?;
+        Ok(index)
+    }
+
+    /// Waits until process `index` is ready (at most 60 s).
+    fn wait_started(&mut self, index: usize, name: &str) -> Result<(), SimError> {
         let up = self.wait_for(Duration::from_secs(60), |s| {
             s.procs
                 .get(index)
@@ -802,7 +809,7 @@ impl Sim<'_> {
                 self.cfg.work_dir.join("logs").display()
             )));
         }
-        Ok(index)
+        Ok(())
     }
 
     fn new_name(&mut self) -> String {
@@ -949,14 +956,7 @@ impl Sim<'_> {
         }
         for (name, index) in names {
             self.event("start", &name, format!("starting {name}"));
-            let up = self.wait_for(Duration::from_secs(60), |s| {
-                s.procs
-                    .get(index)
-                    .is_some_and(|p| p.state != ProcState::Starting)
-            });
-            if !up {
-                return Err(SimError::Node(format!("{name} did not start")));
-            }
+            self.wait_started(index, &name)?;
         }
         let at = Instant::now();
         let s = self.wait_settled("start", at);

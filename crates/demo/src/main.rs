@@ -50,6 +50,9 @@ enum Cmd {
         /// UDP address to bind.
         #[arg(long, default_value = "127.0.0.1:0")]
         bind: SocketAddr,
+        /// Address the others reach this node at (needed with a wildcard bind).
+        #[arg(long)]
+        advertise: Option<SocketAddr>,
         /// Directory with ca.crt, node.crt, node.key (PEM).
         #[arg(long, default_value = ".")]
         tls_dir: PathBuf,
@@ -68,6 +71,16 @@ enum Cmd {
         /// Membership timing profile.
         #[arg(long, value_enum, default_value = "lan")]
         timing: TimingArg,
+    },
+    /// Make a cluster CA in DIR/ca and a certificate per name in DIR/<name>
+    /// (for running nodes by hand, e.g. across machines).
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node names, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
     },
     /// Run a scenario with real node processes on loopback.
     Sim {
@@ -114,6 +127,7 @@ fn main() -> ExitCode {
             config,
             name,
             bind,
+            advertise,
             tls_dir,
             seeds,
             store,
@@ -144,6 +158,7 @@ fn main() -> ExitCode {
                 None => DemoNodeConfig {
                     name,
                     bind,
+                    advertise,
                     tls_dir,
                     seeds,
                     store,
@@ -173,6 +188,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Certs { dir, names } => match make_certs(&dir, &names) {
+            Ok(()) => {
+                println!(
+                    "CA in {}, certificates in {}/<name>",
+                    dir.join("ca").display(),
+                    dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shoal-demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Sim {
             nodes,
             series,
@@ -234,4 +263,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn make_certs(dir: &std::path::Path, names: &[String]) -> Result<(), shoal_transport::TrustError> {
+    let ca_dir = dir.join("ca");
+    let ca = match shoal_transport::ClusterCa::read_pem_files(&ca_dir) {
+        Ok(ca) => ca,
+        Err(_) => {
+            let ca = shoal_transport::ClusterCa::generate()?;
+            ca.write_pem_files(&ca_dir)?;
+            ca
+        }
+    };
+    for name in names {
+        let node = shoal_transport::NodeName::new(name)?;
+        ca.issue(&node)?.write_pem_files(&dir.join(name))?;
+    }
+    Ok(())
 }

@@ -27,6 +27,10 @@ pub struct DemoNodeConfig {
     pub name: String,
     /// UDP address to bind.
     pub bind: SocketAddr,
+    /// Address the other nodes reach this one at (required when `bind` is
+    /// a wildcard such as `0.0.0.0:7946`).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
     /// Directory with `ca.crt`, `node.crt`, `node.key` (PEM).
     pub tls_dir: PathBuf,
     /// Addresses of members to join through (none: a cluster of one).
@@ -162,9 +166,7 @@ impl App {
             .await
         {
             Ok(r) => r,
-            Err(e) => Err(StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
-                Box::new(e),
-            ))),
+            Err(e) => Err(StoreError::Task(e.to_string())),
         }
     }
 
@@ -289,10 +291,16 @@ fn member_counts(members: &[shoal::NodeInfo]) -> MemberCounts {
 /// # Errors
 /// [`NodeError`] when the node cannot start.
 pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
-    let store = Arc::new(Store::open(&StoreUrl::parse(&config.store)?)?);
+    // The PostgreSQL client blocks on its own runtime: open it off ours.
+    let url = StoreUrl::parse(&config.store)?;
+    let store = tokio::task::spawn_blocking(move || Store::open(&url))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+    let store = Arc::new(store);
     let shoal_config = NodeConfig {
         name: config.name.clone(),
         bind: config.bind,
+        advertise: config.advertise,
         tls: TlsConfig::Files {
             dir: config.tls_dir.clone(),
         },

@@ -1,5 +1,6 @@
 //! The series store: SQLite (one file the local processes share, WAL mode,
-//! busy timeout) with an append-only `writes` table for the ownership audit.
+//! busy timeout) or PostgreSQL (for runs across machines), with an
+//! append-only `writes` table for the ownership audit.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,9 +15,18 @@ pub enum StoreError {
     /// The database refused an operation.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused an operation.
+    #[error("postgres: {0}")]
+    Postgres(#[from] postgres::Error),
     /// The store URL is not one this build understands.
-    #[error("unsupported store {0:?} (use `sqlite:<path>` or a path)")]
+    #[error("unsupported store {0:?} (use `sqlite:<path>`, a path, or `postgres://...`)")]
     Unsupported(String),
+    /// The store is being dropped.
+    #[error("the store is closed")]
+    Closed,
+    /// A blocking store task failed.
+    #[error("store task: {0}")]
+    Task(String),
 }
 
 /// Where the store lives, parsed from `--store`.
@@ -24,14 +34,20 @@ pub enum StoreError {
 pub enum StoreUrl {
     /// A SQLite file.
     Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user:pass@host/db`, no TLS).
+    Postgres(String),
 }
 
 impl StoreUrl {
-    /// Parses `sqlite:<path>` or a bare path.
+    /// Parses `sqlite:<path>`, a bare path, or `postgres://` /
+    /// `postgresql://` URLs.
     ///
     /// # Errors
-    /// [`StoreError::Unsupported`] for `postgres://` and other schemes.
+    /// [`StoreError::Unsupported`] for other schemes.
     pub fn parse(s: &str) -> Result<StoreUrl, StoreError> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
         if let Some(path) = s.strip_prefix("sqlite:") {
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
@@ -46,6 +62,7 @@ impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreUrl::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StoreUrl::Postgres(url) => f.write_str(url),
         }
     }
 }
@@ -112,10 +129,34 @@ impl WriteKind {
     }
 }
 
+enum Backend {
+    Sqlite(Connection),
+    Postgres(Box<postgres::Client>),
+    /// Only while the store is dropped.
+    Closed,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Backend::Postgres(client) = std::mem::replace(conn, Backend::Closed) {
+            // The synchronous client blocks on its own runtime when it
+            // closes, which panics inside an async context: close it on a
+            // plain thread.
+            let _ = std::thread::Builder::new()
+                .name("postgres-close".into())
+                .spawn(move || drop(client));
+        }
+    }
+}
+
 /// The store: one connection per process, serialised by a mutex (callers
 /// run it on a blocking thread).
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Mutex<Backend>,
 }
 
 impl std::fmt::Debug for Store {
@@ -123,6 +164,43 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store").finish_non_exhaustive()
     }
 }
+
+const PG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    id BIGINT PRIMARY KEY,
+    count BIGINT NOT NULL,
+    sum DOUBLE PRECISION NOT NULL,
+    min DOUBLE PRECISION NOT NULL,
+    max DOUBLE PRECISION NOT NULL,
+    last_ms BIGINT NOT NULL,
+    node TEXT NOT NULL,
+    generation BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS writes (
+    seq BIGSERIAL PRIMARY KEY,
+    series BIGINT NOT NULL,
+    node TEXT NOT NULL,
+    generation BIGINT NOT NULL,
+    view_id BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    t_ms BIGINT NOT NULL
+);
+";
+
+const PG_UPSERT: &str = "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (id) DO UPDATE SET
+        count = series.count + EXCLUDED.count,
+        sum = series.sum + EXCLUDED.sum,
+        min = CASE WHEN series.count = 0 THEN EXCLUDED.min ELSE LEAST(series.min, EXCLUDED.min) END,
+        max = CASE WHEN series.count = 0 THEN EXCLUDED.max ELSE GREATEST(series.max, EXCLUDED.max) END,
+        last_ms = GREATEST(series.last_ms, EXCLUDED.last_ms),
+        node = EXCLUDED.node,
+        generation = EXCLUDED.generation";
+
+const PG_APPEND: &str = "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS series (
@@ -175,8 +253,29 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn open(url: &StoreUrl) -> Result<Store, StoreError> {
-        let StoreUrl::Sqlite(path) = url;
-        Store::open_sqlite(path)
+        match url {
+            StoreUrl::Sqlite(path) => Store::open_sqlite(path),
+            StoreUrl::Postgres(url) => {
+                let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+                client.batch_execute(PG_SCHEMA)?;
+                Ok(Store {
+                    conn: Mutex::new(Backend::Postgres(Box::new(client))),
+                })
+            }
+        }
+    }
+
+    /// Empties both tables (the driver, before a run).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn reset(&self) -> Result<(), StoreError> {
+        match &mut *self.conn() {
+            Backend::Sqlite(c) => c.execute_batch("DELETE FROM writes; DELETE FROM series;")?,
+            Backend::Postgres(c) => c.batch_execute("TRUNCATE writes, series RESTART IDENTITY")?,
+            Backend::Closed => return Err(StoreError::Closed),
+        }
+        Ok(())
     }
 
     fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
@@ -186,11 +285,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Backend::Sqlite(conn)),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    fn conn(&self) -> std::sync::MutexGuard<'_, Backend> {
         self.conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -209,7 +308,49 @@ impl Store {
         deltas: &[(i64, Aggregate)],
         t_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
+        let mut guard = self.conn();
+        let conn = match &mut *guard {
+            Backend::Sqlite(c) => c,
+            Backend::Closed => return Err(StoreError::Closed),
+            Backend::Postgres(c) => {
+                let mut tx = c.transaction()?;
+                let upsert = tx.prepare(PG_UPSERT)?;
+                let append = tx.prepare(PG_APPEND)?;
+                let generation = to_i64(writer.generation);
+                for (id, agg) in deltas {
+                    let count = to_i64(agg.count);
+                    if agg.count > 0 {
+                        tx.execute(
+                            &upsert,
+                            &[
+                                id,
+                                &count,
+                                &agg.sum,
+                                &agg.min,
+                                &agg.max,
+                                &agg.last_ms,
+                                &writer.node,
+                                &generation,
+                            ],
+                        )?;
+                    }
+                    tx.execute(
+                        &append,
+                        &[
+                            id,
+                            &writer.node,
+                            &generation,
+                            &to_i64(view_id),
+                            &kind.as_str(),
+                            &count,
+                            &t_ms,
+                        ],
+                    )?;
+                }
+                tx.commit()?;
+                return Ok(());
+            }
+        };
         let tx = conn.transaction()?;
         {
             let mut upsert = tx.prepare_cached(
@@ -261,7 +402,24 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn load(&self, id: i64) -> Result<Option<Aggregate>, StoreError> {
-        let conn = self.conn();
+        let mut guard = self.conn();
+        let conn = match &mut *guard {
+            Backend::Sqlite(c) => c,
+            Backend::Closed => return Err(StoreError::Closed),
+            Backend::Postgres(c) => {
+                let row = c.query_opt(
+                    "SELECT count, sum, min, max, last_ms FROM series WHERE id = $1",
+                    &[&id],
+                )?;
+                return Ok(row.map(|r| Aggregate {
+                    count: from_i64(r.get(0)),
+                    sum: r.get(1),
+                    min: r.get(2),
+                    max: r.get(3),
+                    last_ms: r.get(4),
+                }));
+            }
+        };
         let row = conn
             .query_row(
                 "SELECT count, sum, min, max, last_ms FROM series WHERE id = ?1",
@@ -285,7 +443,15 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn total_points(&self) -> Result<u64, StoreError> {
-        let conn = self.conn();
+        let mut guard = self.conn();
+        let conn = match &mut *guard {
+            Backend::Sqlite(c) => c,
+            Backend::Closed => return Err(StoreError::Closed),
+            Backend::Postgres(c) => {
+                let row = c.query_one("SELECT COALESCE(SUM(count), 0)::BIGINT FROM series", &[])?;
+                return Ok(from_i64(row.get(0)));
+            }
+        };
         let n: i64 = conn.query_row("SELECT COALESCE(SUM(count), 0) FROM series", [], |r| {
             r.get(0)
         })?;
@@ -303,24 +469,49 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn audit(&self) -> Result<Audit, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT series, node, generation, kind, count FROM writes ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                from_i64(r.get::<_, i64>(2)?),
-                r.get::<_, String>(3)?,
-                from_i64(r.get::<_, i64>(4)?),
-            ))
-        })?;
+        const QUERY: &str = "SELECT series, node, generation, kind, count FROM writes ORDER BY seq";
+        let rows: Vec<(i64, String, u64, String, u64)> = match &mut *self.conn() {
+            Backend::Sqlite(conn) => {
+                let mut stmt = conn.prepare(QUERY)?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        from_i64(r.get::<_, i64>(2)?),
+                        r.get::<_, String>(3)?,
+                        from_i64(r.get::<_, i64>(4)?),
+                    ))
+                })?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Backend::Closed => return Err(StoreError::Closed),
+            Backend::Postgres(c) => c
+                .query(QUERY, &[])?
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i64>(0),
+                        r.get::<_, String>(1),
+                        from_i64(r.get::<_, i64>(2)),
+                        r.get::<_, String>(3),
+                        from_i64(r.get::<_, i64>(4)),
+                    )
+                })
+                .collect(),
+        };
+        Ok(audit_rows(rows))
+    }
+}
+
+/// The ownership audit over rows `(series, node, generation, kind, count)`
+/// in commit order (see [`Store::audit`]).
+fn audit_rows(rows: Vec<(i64, String, u64, String, u64)>) -> Audit {
+    {
         let mut audit = Audit::default();
         // Per series: current holder, and the writers superseded there.
         let mut holder: HashMap<i64, Option<Writer>> = HashMap::new();
         let mut superseded: HashMap<i64, Vec<Writer>> = HashMap::new();
-        for row in rows {
-            let (series, node, generation, kind, count) = row?;
+        for (series, node, generation, kind, count) in rows {
             audit.rows += 1;
             let writer = Writer { node, generation };
             *audit.persisted.entry(writer.clone()).or_insert(0) += count;
@@ -346,7 +537,7 @@ impl Store {
                 Some(writer)
             };
         }
-        Ok(audit)
+        audit
     }
 }
 
@@ -370,12 +561,31 @@ mod tests {
     }
 
     #[test]
-    fn write_load_and_audit() {
+    fn write_load_and_audit_sqlite() {
         let dir = std::env::temp_dir().join(format!("shoal-demo-store-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.db");
         let _ = std::fs::remove_file(&path);
         let store = Store::open(&StoreUrl::Sqlite(path.clone())).unwrap();
+        exercise(&store);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Against a real PostgreSQL server when `SHOAL_TEST_PG_URL` is set
+    /// (`.ci/run` starts one); skipped otherwise.
+    #[test]
+    fn write_load_and_audit_postgres() {
+        let Ok(url) = std::env::var("SHOAL_TEST_PG_URL") else {
+            eprintln!("SHOAL_TEST_PG_URL not set: PostgreSQL store test skipped");
+            return;
+        };
+        let store = Store::open(&StoreUrl::parse(&url).unwrap()).unwrap();
+        exercise(&store);
+    }
+
+    fn exercise(store: &Store) {
+        store.reset().unwrap();
         let (a, b, c) = (w("a", 1), w("b", 1), w("c", 1));
         store
             .write(&a, 1, WriteKind::Flush, &[(1, agg(3)), (2, agg(2))], 5)
@@ -406,8 +616,8 @@ mod tests {
         assert_eq!(audit.persisted[&a], 7);
         assert_eq!(audit.persisted[&b], 4);
         assert_eq!(audit.rows, 7);
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!((loaded.sum - (3.0 + 0.0 + 6.0)).abs() < 1e-9);
+        assert_eq!((loaded.min, loaded.max), (0.0, 3.0));
     }
 
     #[test]

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use shoal_demo::driver::{self, Scenario, SimConfig};
 
+/// One cluster of processes at a time: two would starve each other's
+/// failure detectors on a 2-core machine.
+static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn config(name: &str) -> SimConfig {
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&work);
@@ -25,6 +29,7 @@ fn config(name: &str) -> SimConfig {
 
 #[test]
 fn default_scenario_three_nodes_loses_nothing_outside_kills() {
+    let _one_cluster_at_a_time = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = config("default-sqlite");
     let mut out = Vec::new();
     let summary = driver::run(cfg, &mut out).unwrap();
@@ -55,4 +60,25 @@ fn default_scenario_three_nodes_loses_nothing_outside_kills() {
     assert!(summary.ok);
     let svg = std::fs::read_to_string(&summary.svg).unwrap();
     assert!(svg.contains("kill n") && svg.contains("join n4"));
+}
+
+/// The same scenario with the nodes writing to a real PostgreSQL server
+/// (`SHOAL_TEST_PG_URL`, set by `.ci/run`); skipped without it.
+#[test]
+fn default_scenario_three_nodes_on_postgres() {
+    let Ok(url) = std::env::var("SHOAL_TEST_PG_URL") else {
+        eprintln!("SHOAL_TEST_PG_URL not set: the PostgreSQL scenario is skipped");
+        return;
+    };
+    let _one_cluster_at_a_time = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = config("default-postgres");
+    cfg.store = Some(url);
+    let mut out = Vec::new();
+    let summary = driver::run(cfg, &mut out).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out));
+    assert!(summary.points_sent > 0);
+    assert_eq!(summary.lost_outside_kills, 0);
+    assert_eq!(summary.double_owner_writes, 0);
+    assert!(summary.problems.is_empty(), "{:?}", summary.problems);
+    assert!(summary.ok);
 }
