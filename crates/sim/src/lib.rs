@@ -66,6 +66,7 @@ mod check;
 mod net;
 pub mod scenario;
 mod sim;
+pub mod transition_app;
 mod util;
 
 pub use app::{AppCtx, Application, Command, MessageId, NodeInfo, NodeView};

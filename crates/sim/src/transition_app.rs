@@ -1,0 +1,1198 @@
+//! The transition layer on the simulator: one `shoal_transition::Handoff`
+//! per simulated node, driven by that node's real membership events.
+//!
+//! [`TransitionNode`] implements [`Application`]:
+//!
+//! - every datum id `0..datums` is registered at start (type `"d"`);
+//! - `Failed` / `Left` of a peer become `peer_failed` / `peer_left`, before
+//!   the `ViewChanged` that drops it (membership emits them in that order);
+//!   `ViewChanged` builds the placement view from the live members' (name,
+//!   generation, ready) and installs `PlacementTable::build_from` the table
+//!   in force; `DeclaredFailed` fences the node, which then leaves (a fenced
+//!   state machine is final: the process exits);
+//! - notice batches travel as reliable application messages; their single
+//!   outcome becomes `send_done`;
+//! - relinquish and acquire jobs finish after a seeded random virtual delay,
+//!   and fail with a configured probability (the layer retries);
+//! - work items for random datums are injected at random nodes and routed
+//!   with `Handoff::route`: processed, forwarded one hop, or held.
+//!
+//! The shared [`TransitionLedger`] keeps, per datum, the set of processes
+//! holding it (from the start of an acquire job to the end of a successful
+//! relinquish), updated incrementally, and checks at every step: a process
+//! starts acquiring only when no other live process holds the datum, unless
+//! that holder was declared failed (failover); work is processed only where
+//! the datum is held, and never twice. [`final_check`] checks, once the run
+//! settled: every transition ended, every datum is held by exactly its
+//! primary, every work item was processed exactly once (except items that
+//! sat in a crashed process's memory).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use shoal_membership::Event as MembershipEvent;
+use shoal_placement::{Member as PlacementMember, NodeId, PlacementTable, Strategy, View};
+use shoal_transition::{
+    Config as HandoffConfig, Datum, DatumType, Event, Handoff, Job, JobKind, ReleaseTo, Route,
+    SendId, WithoutNotice,
+};
+
+use crate::app::{AppCtx, Application, MessageId, NodeInfo};
+use crate::sim::{Action, Sim, SimConfig};
+use crate::util::derive_seed;
+
+/// Name of the one datum type the simulation registers.
+const DATUM_TYPE: &str = "d";
+/// Message tag: a notice batch (the bytes follow).
+const TAG_NOTICES: u8 = 0;
+/// Message tag: a work item (id, datum, hops follow).
+const TAG_WORK: u8 = 1;
+/// Work is forwarded at most this many hops before it goes back to the
+/// client (one: the node that forwards trusts its view).
+const MAX_HOPS: u32 = 1;
+/// A node that still knows no other member this long after it started
+/// becomes ready alone (it is the first node).
+const READY_ALONE_AFTER: Duration = Duration::from_secs(1);
+/// Purpose tag of the scenario's random choices.
+const TAG_TRANSITION_SCENARIO: u64 = 0x7472_616e;
+
+/// A process: its name and generation.
+type Key = (Arc<str>, u64);
+
+/// One unit of work for a datum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkItem {
+    /// Unique id (index in the ledger).
+    pub id: u64,
+    /// The datum it is for.
+    pub datum: i64,
+    /// How many times it was forwarded.
+    pub hops: u32,
+}
+
+impl WorkItem {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(21);
+        out.push(TAG_WORK);
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.datum.to_le_bytes());
+        out.extend_from_slice(&self.hops.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<WorkItem> {
+        let id = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
+        let datum = i64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+        let hops = u32::from_le_bytes(bytes.get(16..20)?.try_into().ok()?);
+        (bytes.len() == 20).then_some(WorkItem { id, datum, hops })
+    }
+}
+
+/// How the simulated application behaves.
+#[derive(Clone, Debug)]
+pub struct TransitionSettings {
+    /// Datums `0..datums`, registered on every node.
+    pub datums: u32,
+    /// Placement strategy (one copy).
+    pub strategy: Strategy,
+    /// Configuration of every node's `Handoff`.
+    pub handoff: HandoffConfig,
+    /// A job takes a uniformly random virtual time within this range.
+    pub job_time: (Duration, Duration),
+    /// Probability that a job fails.
+    pub job_failure: f64,
+    /// Each node injects one work item this often (0: none).
+    pub work_every: Duration,
+    /// No work is injected from this virtual time on.
+    pub work_until: Duration,
+}
+
+impl TransitionSettings {
+    /// Defaults for `datums` datums: mod-N, default handoff configuration,
+    /// jobs of 0 to 20 ms failing 5 % of the time, one work item per node
+    /// every 50 ms until 40 s.
+    pub fn new(datums: u32) -> TransitionSettings {
+        TransitionSettings {
+            datums,
+            strategy: Strategy::ModN,
+            handoff: HandoffConfig::default(),
+            job_time: (Duration::ZERO, Duration::from_millis(20)),
+            job_failure: 0.05,
+            work_every: Duration::from_millis(50),
+            work_until: Duration::from_secs(40),
+        }
+    }
+}
+
+/// Counters of one run, kept in the ledger.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TransitionStats {
+    /// Acquisitions of a datum last held by another process.
+    pub moved: u64,
+    /// Successful relinquish jobs.
+    pub relinquished: u64,
+    /// Successful acquire jobs.
+    pub acquired: u64,
+    /// Datums acquired without a notice because their owner was declared
+    /// failed (`AcquiredWithoutNotice { reason: OwnerGone }`).
+    pub failovers: u64,
+    /// Datums acquired without a notice at the timeout.
+    pub timeouts: u64,
+    /// Failed relinquish attempts.
+    pub relinquish_failures: u64,
+    /// Failed acquire attempts.
+    pub acquire_failures: u64,
+    /// Relinquishes given up.
+    pub relinquish_abandoned: u64,
+    /// Acquisitions that overlapped a holder declared failed (allowed).
+    pub overlaps_with_declared: u64,
+    /// Nodes that fenced themselves.
+    pub fenced: u64,
+    /// Notice batches a receiver refused (fenced, or a new generation).
+    pub batches_refused: u64,
+    /// Longest time a node had a transition running, in seconds.
+    pub max_transition_s: f64,
+    /// Work items injected.
+    pub work_injected: u64,
+    /// Work items processed.
+    pub work_processed: u64,
+    /// Work items forwarded (hops).
+    pub work_forwarded: u64,
+    /// Forwarded work items that would have needed another hop, sent back
+    /// to the client and routed again.
+    pub work_bounced: u64,
+    /// Work items held during a handoff.
+    pub work_held: u64,
+    /// Work items that may be lost with a stopped process.
+    pub work_maybe_lost: u64,
+}
+
+/// The cross-node ledger: who holds what, work processed, counters.
+pub struct TransitionLedger {
+    settings: TransitionSettings,
+    base: Instant,
+    /// Datum id -> processes holding it.
+    holders: Vec<Vec<Key>>,
+    /// Datum id -> the last process that acquired it.
+    last_holder: Vec<Option<Key>>,
+    /// Processes some member declared failed.
+    declared: HashSet<Key>,
+    /// Work id -> times processed.
+    processed: Vec<u8>,
+    /// Work that may have been lost with a stopped process.
+    maybe_lost: HashSet<u64>,
+    /// Work returned to "the client", routed again by the next live node.
+    orphans: Vec<WorkItem>,
+    /// The counters.
+    pub stats: TransitionStats,
+}
+
+impl TransitionLedger {
+    /// A ledger for a run whose virtual time 0 is `base`.
+    pub fn new(settings: TransitionSettings, base: Instant) -> TransitionLedger {
+        let n = settings.datums as usize;
+        TransitionLedger {
+            settings,
+            base,
+            holders: vec![Vec::new(); n],
+            last_holder: vec![None; n],
+            declared: HashSet::new(),
+            processed: Vec::new(),
+            maybe_lost: HashSet::new(),
+            orphans: Vec::new(),
+            stats: TransitionStats::default(),
+        }
+    }
+
+    /// The settings of the run.
+    pub fn settings(&self) -> &TransitionSettings {
+        &self.settings
+    }
+
+    /// `who` starts acquiring `datum`. Returns a violation if another live
+    /// process, not declared failed, holds it.
+    fn start_holding(&mut self, who: &Key, datum: i64) -> Option<String> {
+        let declared = &self.declared;
+        let set = usize::try_from(datum)
+            .ok()
+            .and_then(|i| self.holders.get_mut(i))?;
+        let mut problem = None;
+        let mut overlap = false;
+        for other in set.iter().filter(|k| *k != who) {
+            if declared.contains(other) || declared.contains(who) {
+                overlap = true;
+            } else {
+                problem = Some(format!(
+                    "{}/{} acquires datum {datum} while {}/{} (live, not declared failed) holds it",
+                    who.0, who.1, other.0, other.1
+                ));
+            }
+        }
+        if overlap {
+            self.stats.overlaps_with_declared += 1;
+        }
+        if !set.contains(who) {
+            set.push(who.clone());
+        }
+        problem
+    }
+
+    fn stop_holding(&mut self, who: &Key, datum: i64) {
+        if let Some(set) = usize::try_from(datum)
+            .ok()
+            .and_then(|i| self.holders.get_mut(i))
+        {
+            set.retain(|k| k != who);
+        }
+    }
+
+    fn acquired(&mut self, who: &Key, datum: i64) {
+        self.stats.acquired += 1;
+        if let Some(last) = usize::try_from(datum)
+            .ok()
+            .and_then(|i| self.last_holder.get_mut(i))
+        {
+            if last.as_ref().is_some_and(|k| k != who) {
+                self.stats.moved += 1;
+            }
+            *last = Some(who.clone());
+        }
+    }
+
+    fn new_work(&mut self, datum: i64) -> WorkItem {
+        let id = self.processed.len() as u64;
+        self.processed.push(0);
+        self.stats.work_injected += 1;
+        WorkItem { id, datum, hops: 0 }
+    }
+
+    /// Records that `item` was processed; a violation if processed before.
+    fn process(&mut self, item: &WorkItem) -> Option<String> {
+        self.stats.work_processed += 1;
+        let count = usize::try_from(item.id)
+            .ok()
+            .and_then(|i| self.processed.get_mut(i))?;
+        *count = count.saturating_add(1);
+        (*count > 1).then(|| format!("work {} processed {} times", item.id, count))
+    }
+}
+
+/// The state of one job handed out and not finished yet.
+#[derive(Clone, Copy, Debug)]
+struct RunningJob {
+    job: Job,
+    ok: bool,
+}
+
+/// What a message sent through the simulator carried.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    Notices(SendId),
+    Work(WorkItem),
+}
+
+/// The parts of a node that exist once its state machine was built.
+struct Core {
+    handoff: Handoff<WorkItem>,
+    ty: DatumType,
+}
+
+/// The transition layer of one simulated process.
+pub struct TransitionNode {
+    key: Key,
+    core: Option<Core>,
+    strategy: Strategy,
+    jobs: BTreeMap<(Instant, u64), RunningJob>,
+    job_seq: u64,
+    sends: HashMap<MessageId, Pending>,
+    holding: HashSet<i64>,
+    next_tick: Instant,
+    transition_since: Option<Instant>,
+    leaving: bool,
+    /// Started (ready_on_start is off): the node asks to be ready once it
+    /// knows another live member, or at this time if it still knows none
+    /// (the first node).
+    ready_alone_at: Option<Instant>,
+}
+
+impl fmt::Debug for TransitionNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransitionNode")
+            .field("name", &self.key.0)
+            .field("generation", &self.key.1)
+            .field("holding", &self.holding.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn between(rng: &mut SmallRng, (lo, hi): (Duration, Duration)) -> Duration {
+    let span = u64::try_from(hi.saturating_sub(lo).as_micros()).unwrap_or(u64::MAX);
+    lo + Duration::from_micros(rng.random_range(0..=span))
+}
+
+fn node_id(key: &Key) -> NodeId {
+    NodeId::new(&*key.0, key.1)
+}
+
+fn key_of(id: &NodeId) -> Key {
+    (Arc::from(id.name.as_str()), id.generation)
+}
+
+impl TransitionNode {
+    /// This node's state machine (None only if it could not be built).
+    pub fn handoff(&self) -> Option<&Handoff<WorkItem>> {
+        self.core.as_ref().map(|c| &c.handoff)
+    }
+
+    /// Datums this process holds, as the ledger counts them.
+    pub fn holding(&self) -> usize {
+        self.holding.len()
+    }
+
+    fn violation(ctx: &mut AppCtx<'_, TransitionLedger>, what: String) {
+        let at = ctx.now().saturating_duration_since(ctx.shared().base);
+        ctx.violation(format!("{at:?}: {what}"));
+    }
+
+    /// Drains the state machine's outputs into the simulation.
+    fn pump(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let now = ctx.now();
+        loop {
+            let Some(core) = self.core.as_mut() else {
+                return;
+            };
+            let mut progressed = false;
+            while let Some(job) = core.handoff.poll_job() {
+                progressed = true;
+                if job.kind == JobKind::Acquire {
+                    self.holding.insert(job.datum.id);
+                    if let Some(problem) = ctx.shared().start_holding(&self.key, job.datum.id) {
+                        Self::violation(ctx, problem);
+                    }
+                }
+                let (time, failure) = {
+                    let s = &ctx.shared().settings;
+                    (s.job_time, s.job_failure)
+                };
+                let d = between(ctx.rng(), time);
+                let ok = !(failure > 0.0 && ctx.rng().random_bool(failure));
+                self.job_seq += 1;
+                self.jobs
+                    .insert((now + d, self.job_seq), RunningJob { job, ok });
+            }
+            let mut sends = Vec::new();
+            while let Some(tx) = core.handoff.poll_transmit() {
+                progressed = true;
+                sends.push(tx);
+            }
+            for tx in sends {
+                let addr = ctx
+                    .membership()
+                    .members()
+                    .find(|m| *m.name == *tx.to.name && m.generation == tx.to.generation)
+                    .map(|m| m.addr);
+                match addr {
+                    Some(addr) => {
+                        let bytes = tx.batch.encode();
+                        let mut payload = Vec::with_capacity(bytes.len() + 1);
+                        payload.push(TAG_NOTICES);
+                        payload.extend_from_slice(&bytes);
+                        let id = ctx.send(addr, payload);
+                        self.sends.insert(id, Pending::Notices(tx.id));
+                    }
+                    None => core
+                        .handoff
+                        .send_done(tx.id, Err("unknown peer".into()), now),
+                }
+            }
+            let mut events = Vec::new();
+            while let Some(e) = core.handoff.poll_event() {
+                progressed = true;
+                events.push(e);
+            }
+            let mut releases = Vec::new();
+            while let Some(r) = core.handoff.poll_release() {
+                progressed = true;
+                releases.push(r);
+            }
+            for e in events {
+                self.on_handoff_event(e, ctx);
+            }
+            for r in releases {
+                for item in r.work {
+                    match &r.to {
+                        ReleaseTo::Process => self.process(item, ctx),
+                        ReleaseTo::Forward(to) => self.forward(to, item, ctx),
+                        ReleaseTo::Returned(_) => ctx.shared().orphans.push(item),
+                    }
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn on_handoff_event(&mut self, e: Event, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let now = ctx.now();
+        match e {
+            Event::Fenced { .. } => {
+                ctx.shared().stats.fenced += 1;
+                for d in std::mem::take(&mut self.holding) {
+                    ctx.shared().stop_holding(&self.key, d);
+                }
+            }
+            Event::TransitionStarted { .. } => {
+                self.transition_since.get_or_insert(now);
+            }
+            Event::TransitionEnded { .. } => {
+                if let Some(since) = self.transition_since.take() {
+                    let s = now.saturating_duration_since(since).as_secs_f64();
+                    let stats = &mut ctx.shared().stats;
+                    stats.max_transition_s = stats.max_transition_s.max(s);
+                }
+            }
+            Event::RelinquishFailed { .. } => ctx.shared().stats.relinquish_failures += 1,
+            Event::RelinquishAbandoned { datum } => {
+                ctx.shared().stats.relinquish_abandoned += 1;
+                self.holding.remove(&datum.id);
+                ctx.shared().stop_holding(&self.key, datum.id);
+            }
+            Event::AcquireFailed { datum, retry, .. } => {
+                ctx.shared().stats.acquire_failures += 1;
+                let held = self.core.as_ref().is_some_and(|c| c.handoff.is_held(datum));
+                if !retry && held {
+                    // The layer processes the datum anyway: it holds it.
+                    self.holding.insert(datum.id);
+                    if let Some(problem) = ctx.shared().start_holding(&self.key, datum.id) {
+                        Self::violation(ctx, problem);
+                    }
+                }
+            }
+            Event::AcquiredWithoutNotice { reason, .. } => match reason {
+                WithoutNotice::Timeout => ctx.shared().stats.timeouts += 1,
+                WithoutNotice::OwnerGone => ctx.shared().stats.failovers += 1,
+            },
+            Event::TransitionSuperseded { .. } | Event::ReplicasChanged { .. } => {}
+        }
+    }
+
+    fn process(&mut self, item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        if !self.holding.contains(&item.datum) {
+            Self::violation(
+                ctx,
+                format!(
+                    "{}/{} processes work {} for datum {} it does not hold",
+                    self.key.0, self.key.1, item.id, item.datum
+                ),
+            );
+        }
+        if let Some(problem) = ctx.shared().process(&item) {
+            Self::violation(ctx, problem);
+        }
+    }
+
+    /// Forwards `item` one hop. An item that was forwarded here already
+    /// is not forwarded again (the nodes disagree on the view): it goes
+    /// back to the client, which routes it again a little later.
+    fn forward(&mut self, to: &NodeId, mut item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        if item.hops >= MAX_HOPS {
+            item.hops = 0;
+            ctx.shared().stats.work_bounced += 1;
+            ctx.shared().orphans.push(item);
+            return;
+        }
+        item.hops += 1;
+        let addr = ctx
+            .membership()
+            .members()
+            .find(|m| *m.name == *to.name && m.generation == to.generation)
+            .map(|m| m.addr);
+        match addr {
+            Some(addr) => {
+                ctx.shared().stats.work_forwarded += 1;
+                let id = ctx.send(addr, item.encode());
+                self.sends.insert(id, Pending::Work(item));
+            }
+            // Not reachable from here: back to the client, routed again.
+            None => ctx.shared().orphans.push(item),
+        }
+    }
+
+    /// Routes one work item arriving at this node.
+    fn route(&mut self, item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let Some(core) = self.core.as_mut() else {
+            ctx.shared().orphans.push(item);
+            return;
+        };
+        let datum = Datum::new(core.ty, item.datum);
+        let forward_to = match core.handoff.route(datum) {
+            Route::Process => None,
+            Route::Forward(to) => Some(to.clone()),
+            Route::Hold => {
+                match core.handoff.hold(datum, item) {
+                    Ok(()) => ctx.shared().stats.work_held += 1,
+                    Err(e) => ctx.shared().orphans.push(e.work),
+                }
+                return;
+            }
+            Route::Fenced => {
+                ctx.shared().orphans.push(item);
+                return;
+            }
+        };
+        match forward_to {
+            None => self.process(item, ctx),
+            Some(to) => self.forward(&to, item, ctx),
+        }
+    }
+
+    /// Ready once it joined a cluster that has a ready member; the node of
+    /// slot 0 also alone once nobody answered for a while (it forms the
+    /// cluster). Two nodes that become ready at the same moment, each not
+    /// yet knowing the other is ready, would each see itself alone in its
+    /// view and acquire every datum as its first owner (see the report in
+    /// `docs/simulator.md`), so formation is sequential, as an operator
+    /// starting a cluster does.
+    fn maybe_ready(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let Some(alone_at) = self.ready_alone_at else {
+            return;
+        };
+        let me = &self.key.0;
+        let joined = ctx
+            .membership()
+            .members()
+            .any(|m| m.state.is_live() && m.ready && m.name != *me);
+        let first = ctx.node().slot == 0 && ctx.now() >= alone_at;
+        if joined || first {
+            self.ready_alone_at = None;
+            ctx.set_ready(true);
+        }
+    }
+
+    fn install(
+        &mut self,
+        members: &[shoal_membership::Member],
+        ctx: &mut AppCtx<'_, TransitionLedger>,
+    ) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let view = View::new(
+            members
+                .iter()
+                .map(|m| PlacementMember::new(&*m.name, m.generation, m.ready)),
+        );
+        match PlacementTable::build_from(core.handoff.table(), view, &self.strategy, 1) {
+            Ok(table) => core.handoff.install(table, ctx.now()),
+            Err(e) => Self::violation(ctx, format!("placement: {e}")),
+        }
+    }
+}
+
+impl Application for TransitionNode {
+    type Shared = TransitionLedger;
+
+    fn start(ctx: &mut AppCtx<'_, TransitionLedger>) -> Self {
+        let now = ctx.now();
+        let key: Key = (ctx.node().name.clone(), ctx.node().generation);
+        let settings = ctx.shared().settings.clone();
+        let core = Handoff::new(node_id(&key), settings.handoff.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|mut handoff| {
+                let ty = handoff.datum_type(DATUM_TYPE).map_err(|e| e.to_string())?;
+                for id in 0..i64::from(settings.datums) {
+                    handoff
+                        .register(Datum::new(ty, id), now)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(Core { handoff, ty })
+            });
+        let core = match core {
+            Ok(core) => Some(core),
+            Err(e) => {
+                Self::violation(ctx, format!("cannot start the transition layer: {e}"));
+                None
+            }
+        };
+        let first = between(ctx.rng(), (Duration::ZERO, settings.work_every));
+        TransitionNode {
+            key,
+            core,
+            strategy: settings.strategy,
+            jobs: BTreeMap::new(),
+            job_seq: 0,
+            sends: HashMap::new(),
+            holding: HashSet::new(),
+            next_tick: now + first,
+            transition_since: None,
+            leaving: false,
+            ready_alone_at: Some(now + READY_ALONE_AFTER),
+        }
+    }
+
+    fn on_event(&mut self, event: &MembershipEvent, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let now = ctx.now();
+        match event {
+            MembershipEvent::ViewChanged(members) => {
+                self.install(members, ctx);
+                self.maybe_ready(ctx);
+            }
+            MembershipEvent::Failed(m) | MembershipEvent::Left(m) => {
+                let key: Key = (m.name.clone(), m.generation);
+                if key != self.key {
+                    let failed = matches!(event, MembershipEvent::Failed(_));
+                    if failed {
+                        ctx.shared().declared.insert(key.clone());
+                    }
+                    if let Some(core) = self.core.as_mut() {
+                        let id = node_id(&key);
+                        if failed {
+                            core.handoff.peer_failed(&id, now);
+                        } else {
+                            core.handoff.peer_left(&id, now);
+                        }
+                    }
+                }
+            }
+            MembershipEvent::DeclaredFailed => {
+                ctx.shared().declared.insert(self.key.clone());
+                if let Some(core) = self.core.as_mut() {
+                    core.handoff.fence(now);
+                }
+                // A fenced state machine is final: this process leaves and
+                // exits; a new generation would start afresh.
+                if !self.leaving {
+                    self.leaving = true;
+                    ctx.leave();
+                }
+            }
+            _ => {}
+        }
+        self.pump(ctx);
+    }
+
+    fn on_message(
+        &mut self,
+        from: &NodeInfo,
+        payload: &[u8],
+        ctx: &mut AppCtx<'_, TransitionLedger>,
+    ) {
+        let now = ctx.now();
+        match payload.split_first() {
+            Some((&TAG_NOTICES, bytes)) => {
+                if let Some(core) = self.core.as_mut() {
+                    let peer = NodeId::new(&*from.name, from.generation);
+                    if core.handoff.handle_notices(&peer, bytes, now).is_err() {
+                        ctx.shared().stats.batches_refused += 1;
+                    }
+                }
+            }
+            Some((&TAG_WORK, bytes)) => match WorkItem::decode(bytes) {
+                Some(item) => self.route(item, ctx),
+                None => Self::violation(ctx, "undecodable work message".into()),
+            },
+            _ => Self::violation(ctx, "unknown application message".into()),
+        }
+        self.pump(ctx);
+    }
+
+    fn on_send_done(
+        &mut self,
+        id: MessageId,
+        _to: SocketAddr,
+        delivered: bool,
+        ctx: &mut AppCtx<'_, TransitionLedger>,
+    ) {
+        let now = ctx.now();
+        match self.sends.remove(&id) {
+            Some(Pending::Notices(send)) => {
+                if let Some(core) = self.core.as_mut() {
+                    let outcome = if delivered {
+                        Ok(())
+                    } else {
+                        Err("not delivered".to_string())
+                    };
+                    core.handoff.send_done(send, outcome, now);
+                }
+            }
+            Some(Pending::Work(item)) => {
+                if !delivered {
+                    self.route(item, ctx);
+                }
+            }
+            None => Self::violation(ctx, format!("outcome of unknown message {id:?}")),
+        }
+        self.pump(ctx);
+    }
+
+    fn on_timeout(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let now = ctx.now();
+        while let Some(entry) = self.jobs.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let RunningJob { job, ok } = entry.remove();
+            match (job.kind, ok) {
+                (JobKind::Relinquish, true) => {
+                    ctx.shared().stats.relinquished += 1;
+                    if self.holding.remove(&job.datum.id) {
+                        ctx.shared().stop_holding(&self.key, job.datum.id);
+                    }
+                }
+                (JobKind::Acquire, false) => {
+                    if self.holding.remove(&job.datum.id) {
+                        ctx.shared().stop_holding(&self.key, job.datum.id);
+                    }
+                }
+                (JobKind::Acquire, true) => {
+                    if self.holding.contains(&job.datum.id) {
+                        ctx.shared().acquired(&self.key, job.datum.id);
+                    }
+                }
+                (JobKind::Relinquish, false) => {}
+            }
+            if let Some(core) = self.core.as_mut() {
+                let outcome = if ok {
+                    Ok(())
+                } else {
+                    Err("simulated failure".to_string())
+                };
+                core.handoff.job_done(job, outcome, now);
+            }
+            self.pump(ctx);
+        }
+        if let Some(core) = self.core.as_mut()
+            && core.handoff.poll_timeout().is_some_and(|t| t <= now)
+        {
+            core.handoff.handle_timeout(now);
+        }
+        if !self.leaving {
+            self.maybe_ready(ctx);
+        }
+        if self.next_tick <= now {
+            let (every, until, datums, base) = {
+                let l = ctx.shared();
+                (
+                    l.settings.work_every,
+                    l.settings.work_until,
+                    l.settings.datums,
+                    l.base,
+                )
+            };
+            let every = every.max(Duration::from_millis(1));
+            self.next_tick = now + every;
+            let serving =
+                self.core.as_ref().is_some_and(|c| !c.handoff.is_fenced()) && !self.leaving;
+            if serving {
+                if now < base + until && datums > 0 {
+                    let datum = ctx.rng().random_range(0..i64::from(datums));
+                    let item = ctx.shared().new_work(datum);
+                    self.route(item, ctx);
+                }
+                for item in std::mem::take(&mut ctx.shared().orphans) {
+                    self.route(item, ctx);
+                }
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.next_tick;
+        if let Some((&(t, _), _)) = self.jobs.first_key_value() {
+            next = next.min(t);
+        }
+        if let Some(t) = self.core.as_ref().and_then(|c| c.handoff.poll_timeout()) {
+            next = next.min(t);
+        }
+        Some(next)
+    }
+
+    fn on_stop(&mut self, _node: &NodeInfo, crashed: bool, shared: &mut TransitionLedger) {
+        for d in self.holding.drain() {
+            shared.stop_holding(&self.key, d);
+        }
+        if let Some(core) = self.core.as_ref() {
+            for (_, item) in core.handoff.held_work() {
+                if crashed {
+                    shared.maybe_lost.insert(item.id);
+                    shared.stats.work_maybe_lost += 1;
+                } else {
+                    shared.orphans.push(*item);
+                }
+            }
+        }
+        // Work sent and not acknowledged: it may arrive or not.
+        for pending in self.sends.values() {
+            if let Pending::Work(item) = pending {
+                shared.maybe_lost.insert(item.id);
+                shared.stats.work_maybe_lost += 1;
+            }
+        }
+    }
+}
+
+/// The checks once the run settled (faults over, membership converged):
+/// every live node's transitions ended and it runs the same view, every
+/// datum is held by exactly its primary (no orphan, no double owner), no
+/// work is waiting, and every work item was processed exactly once except
+/// items that may have been lost with a stopped process.
+pub fn final_check(sim: &Sim<TransitionNode>) -> Result<(), String> {
+    let ledger = sim.shared();
+    let mut table: Option<Arc<PlacementTable>> = None;
+    for n in sim.nodes() {
+        let Some(handoff) = n.app.handoff() else {
+            return Err(format!("{} has no transition layer", n.info.name));
+        };
+        if handoff.is_fenced() || n.leaving {
+            continue;
+        }
+        if !handoff.is_idle() {
+            return Err(format!(
+                "{}: transition still running: {:?}",
+                n.info.name,
+                handoff.progress()
+            ));
+        }
+        match &table {
+            None => table = Some(handoff.table().clone()),
+            Some(t) if t.view_id() != handoff.view_id() => {
+                return Err(format!(
+                    "{} runs view {} while another node runs view {}",
+                    n.info.name,
+                    handoff.view_id(),
+                    t.view_id()
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let Some(table) = table else {
+        return Err("no live node at the end".into());
+    };
+    for (id, holders) in ledger.holders.iter().enumerate() {
+        let id = i64::try_from(id).map_err(|e| e.to_string())?;
+        let primary = table
+            .primary(id)
+            .and_then(|i| table.view().node(i))
+            .map(key_of);
+        let expected: Vec<Key> = primary.into_iter().collect();
+        if *holders != expected {
+            return Err(format!(
+                "datum {id}: held by {holders:?}, its primary is {expected:?}"
+            ));
+        }
+    }
+    if !ledger.orphans.is_empty() {
+        return Err(format!(
+            "{} work items never routed again",
+            ledger.orphans.len()
+        ));
+    }
+    for (id, &count) in ledger.processed.iter().enumerate() {
+        if count != 1 && !(count == 0 && ledger.maybe_lost.contains(&(id as u64))) {
+            return Err(format!("work {id} processed {count} times"));
+        }
+    }
+    Ok(())
+}
+
+/// The membership-driven transition scenarios.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransitionScenario {
+    /// A node joins a formed cluster: datums move to it.
+    Join,
+    /// A node leaves gracefully: it relinquishes, the others acquire on
+    /// notice.
+    Leave,
+    /// A node crashes holding its datums: failover once it is declared
+    /// failed.
+    KillOwner,
+    /// A node joins, and while that transition runs another crashes (even
+    /// seeds) or leaves (odd seeds).
+    Chained,
+    /// Under packet loss, one node's ready flag flaps several times.
+    Flap,
+}
+
+impl TransitionScenario {
+    /// Every scenario.
+    pub const ALL: [TransitionScenario; 5] = [
+        TransitionScenario::Join,
+        TransitionScenario::Leave,
+        TransitionScenario::KillOwner,
+        TransitionScenario::Chained,
+        TransitionScenario::Flap,
+    ];
+
+    /// The scenario's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransitionScenario::Join => "join",
+            TransitionScenario::Leave => "leave",
+            TransitionScenario::KillOwner => "kill-owner",
+            TransitionScenario::Chained => "chained",
+            TransitionScenario::Flap => "flap",
+        }
+    }
+}
+
+impl fmt::Display for TransitionScenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct TransitionOptions {
+    /// Which scenario.
+    pub scenario: TransitionScenario,
+    /// Cluster size (the joiner included for `join` and `chained`).
+    pub nodes: u32,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Number of datums.
+    pub datums: u32,
+    /// Loss probability of membership datagrams during `flap`.
+    pub loss: f64,
+    /// Placement strategy.
+    pub strategy: Strategy,
+}
+
+impl TransitionOptions {
+    /// `scenario` with `nodes`, `seed` and `datums`, 10 % loss for `flap`,
+    /// mod-N placement.
+    pub fn new(scenario: TransitionScenario, nodes: u32, seed: u64, datums: u32) -> Self {
+        TransitionOptions {
+            scenario,
+            nodes,
+            seed,
+            datums,
+            loss: 0.1,
+            strategy: Strategy::ModN,
+        }
+    }
+}
+
+/// The result of one run: one JSON line in the CLI.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransitionReport {
+    /// Scenario name.
+    pub scenario: &'static str,
+    /// Cluster size.
+    pub nodes: u32,
+    /// Seed.
+    pub seed: u64,
+    /// Number of datums.
+    pub datums: u32,
+    /// Placement strategy (`mod-n` or `rendezvous`).
+    pub strategy: String,
+    /// The counters (moved, relinquished, acquired, failovers, timeouts...).
+    #[serde(flatten)]
+    pub stats: TransitionStats,
+    /// 0, or 1 when the run stopped at a broken invariant or failed its
+    /// final check.
+    pub invariant_violations: u64,
+    /// What broke, if anything.
+    pub failure: Option<String>,
+    /// Whether the run passed.
+    pub ok: bool,
+    /// Virtual seconds simulated.
+    pub virtual_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Hash of everything processed (same seed, same hash).
+    pub trace_hash: String,
+    /// Wall-clock seconds the run took (not deterministic).
+    pub wall_s: f64,
+}
+
+impl fmt::Display for TransitionReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        write!(
+            f,
+            "{} nodes={} seed={} datums={} {}: moved={} relinquished={} acquired={} failovers={} \
+             timeouts={} max_transition_s={:.3} work={}/{} {}",
+            self.scenario,
+            self.nodes,
+            self.seed,
+            self.datums,
+            self.strategy,
+            s.moved,
+            s.relinquished,
+            s.acquired,
+            s.failovers,
+            s.timeouts,
+            s.max_transition_s,
+            s.work_processed,
+            s.work_injected,
+            match &self.failure {
+                None => "ok".to_string(),
+                Some(f) => format!("FAILED: {f}"),
+            }
+        )
+    }
+}
+
+/// When the fault of every scenario happens.
+const FAULT_AT: Duration = Duration::from_secs(15);
+/// Faults are over by then at the latest (flap).
+const QUIET_AT: Duration = Duration::from_secs(30);
+/// End of every run.
+const END_AT: Duration = Duration::from_secs(60);
+
+/// Runs one scenario and checks it.
+pub fn run(opts: &TransitionOptions) -> TransitionReport {
+    let wall = Instant::now();
+    let mut settings = TransitionSettings::new(opts.datums);
+    settings.strategy = opts.strategy.clone();
+    settings.work_until = QUIET_AT + Duration::from_secs(15);
+    let mut report = TransitionReport {
+        scenario: opts.scenario.name(),
+        nodes: opts.nodes,
+        seed: opts.seed,
+        datums: opts.datums,
+        strategy: match opts.strategy {
+            Strategy::ModN => "mod-n".to_string(),
+            _ => "rendezvous".to_string(),
+        },
+        stats: TransitionStats::default(),
+        invariant_violations: 0,
+        failure: None,
+        ok: false,
+        virtual_s: 0.0,
+        events: 0,
+        trace_hash: String::new(),
+        wall_s: 0.0,
+    };
+    let failure = if opts.nodes < 3 {
+        Some("transition scenarios need at least 3 nodes".to_string())
+    } else if let Err(e) = settings.handoff.validate() {
+        Some(format!("transition configuration: {e}"))
+    } else {
+        None
+    };
+    if let Some(f) = failure {
+        report.failure = Some(f);
+        report.invariant_violations = 1;
+        return report;
+    }
+    let base = Instant::now();
+    let mut cfg = SimConfig::new(opts.seed, shoal_membership::Config::lan());
+    // Nodes join first, then become ready (as `shoal-cluster` nodes do).
+    cfg.ready_on_start = false;
+    let shared = TransitionLedger::new(settings, base);
+    let mut sim: Sim<TransitionNode> = match Sim::new(cfg, opts.nodes, base, shared) {
+        Ok(sim) => sim,
+        Err(e) => {
+            report.failure = Some(e);
+            report.invariant_violations = 1;
+            return report;
+        }
+    };
+    schedule(&mut sim, opts);
+    let outcome = sim
+        .run_until(END_AT)
+        .map_err(|v| v.to_string())
+        .and_then(|()| sim.check_converged())
+        .and_then(|()| final_check(&sim));
+    if let Err(e) = outcome {
+        report.failure = Some(e);
+        report.invariant_violations = 1;
+    }
+    report.ok = report.failure.is_none();
+    report.stats = sim.shared().stats.clone();
+    report.virtual_s = sim.now().as_secs_f64();
+    report.events = sim.steps();
+    report.trace_hash = format!("{:016x}", sim.trace_hash());
+    report.wall_s = wall.elapsed().as_secs_f64();
+    report
+}
+
+/// Schedules the scenario's starts and faults.
+fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
+    let mut rng = SmallRng::seed_from_u64(derive_seed(opts.seed, TAG_TRANSITION_SCENARIO, 0));
+    let n = opts.nodes;
+    let joins = matches!(
+        opts.scenario,
+        TransitionScenario::Join | TransitionScenario::Chained
+    );
+    let initial = if joins { n - 1 } else { n };
+    for slot in 0..initial {
+        sim.schedule(
+            Duration::from_millis(10 * u64::from(slot)),
+            Action::Start { slot },
+        );
+    }
+    let victim = rng.random_range(0..initial);
+    match opts.scenario {
+        TransitionScenario::Join => {
+            sim.schedule(FAULT_AT, Action::Start { slot: n - 1 });
+            sim.schedule(FAULT_AT, Action::Quiet);
+        }
+        TransitionScenario::Leave => {
+            sim.schedule(FAULT_AT, Action::Leave { slot: victim });
+            sim.schedule(FAULT_AT, Action::Quiet);
+        }
+        TransitionScenario::KillOwner => {
+            sim.schedule(
+                FAULT_AT,
+                Action::Crash {
+                    slot: victim,
+                    measure: false,
+                },
+            );
+            sim.schedule(FAULT_AT, Action::Quiet);
+        }
+        TransitionScenario::Chained => {
+            sim.schedule(FAULT_AT, Action::Start { slot: n - 1 });
+            let second = FAULT_AT
+                + between(
+                    &mut rng,
+                    (Duration::from_millis(20), Duration::from_millis(1_500)),
+                );
+            let action = if opts.seed.is_multiple_of(2) {
+                Action::Crash {
+                    slot: victim,
+                    measure: false,
+                }
+            } else {
+                Action::Leave { slot: victim }
+            };
+            sim.schedule(second, action);
+            sim.schedule(second, Action::Quiet);
+        }
+        TransitionScenario::Flap => {
+            sim.schedule(
+                FAULT_AT - Duration::from_secs(2),
+                Action::SetLoss(opts.loss),
+            );
+            let mut at = FAULT_AT;
+            for i in 0..4 {
+                sim.schedule(
+                    at,
+                    Action::SetReady {
+                        slot: victim,
+                        ready: i % 2 == 1,
+                    },
+                );
+                at += between(
+                    &mut rng,
+                    (Duration::from_millis(200), Duration::from_millis(3_000)),
+                );
+            }
+            sim.schedule(QUIET_AT, Action::SetLoss(0.0));
+            sim.schedule(QUIET_AT, Action::Quiet);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The transition layer driven by real membership events in the simulator:
+//! join, leave, kill-owner, chained and flap (under loss), over many seeds,
+//! with the ownership, ordering, work and termination invariants checked at
+//! every step and once the run settled.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_placement::Strategy;
+use shoal_sim::transition_app::{self, TransitionOptions, TransitionReport, TransitionScenario};
+
+/// Seeds per scenario in `cargo test`; `SHOAL_SIM_TRANSITION_SEEDS=n` for more.
+fn seeds() -> u64 {
+    std::env::var("SHOAL_SIM_TRANSITION_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SEEDS)
+}
+
+const DEFAULT_SEEDS: u64 = 60;
+
+/// Options of seed `seed`: 4 to 8 nodes, 100 to 2,000 datums, rendezvous on
+/// every third seed.
+fn options(scenario: TransitionScenario, seed: u64) -> TransitionOptions {
+    let nodes = 4 + (seed % 5) as u32;
+    let datums = [100, 500, 2_000][(seed % 3) as usize];
+    let mut opts = TransitionOptions::new(scenario, nodes, seed, datums);
+    if seed % 3 == 2 {
+        opts.strategy = Strategy::Rendezvous { partitions: 256 };
+    }
+    opts
+}
+
+fn campaign(scenario: TransitionScenario) -> Vec<TransitionReport> {
+    let runs = seeds();
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let mut reports: Vec<TransitionReport> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= runs {
+                            return mine;
+                        }
+                        mine.push(transition_app::run(&options(scenario, i + 1)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    reports.sort_by_key(|r| r.seed);
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.ok)
+        .map(ToString::to_string)
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    reports
+}
+
+#[test]
+fn join() {
+    let reports = campaign(TransitionScenario::Join);
+    for r in &reports {
+        assert!(r.stats.moved > 0, "{r}");
+    }
+}
+
+#[test]
+fn leave() {
+    campaign(TransitionScenario::Leave);
+}
+
+#[test]
+fn kill_owner() {
+    let reports = campaign(TransitionScenario::KillOwner);
+    for r in &reports {
+        assert!(r.stats.failovers > 0, "{r}");
+    }
+}
+
+#[test]
+fn chained() {
+    campaign(TransitionScenario::Chained);
+}
+
+#[test]
+fn flap() {
+    campaign(TransitionScenario::Flap);
+}
+
+#[test]
+fn same_seed_same_run() {
+    for scenario in TransitionScenario::ALL {
+        let opts = options(scenario, 7);
+        let (a, b) = (transition_app::run(&opts), transition_app::run(&opts));
+        assert!(a.ok, "{a}");
+        assert_eq!(a.trace_hash, b.trace_hash, "{scenario}");
+        assert_eq!(a.events, b.events);
+        assert_eq!(
+            serde_json::to_string(&a.stats).unwrap(),
+            serde_json::to_string(&b.stats).unwrap()
+        );
+        let other = transition_app::run(&options(scenario, 8 + 5 * 3));
+        assert_ne!(a.trace_hash, other.trace_hash, "{scenario}");
+    }
+}
+
+#[test]
+fn the_report_has_the_fields_a_campaign_reads() {
+    let r = transition_app::run(&options(TransitionScenario::KillOwner, 3));
+    let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+    for field in [
+        "scenario",
+        "nodes",
+        "seed",
+        "datums",
+        "moved",
+        "relinquished",
+        "acquired",
+        "failovers",
+        "timeouts",
+        "max_transition_s",
+        "invariant_violations",
+    ] {
+        assert!(json.get(field).is_some(), "missing {field} in {json}");
+    }
+    assert_eq!(json["scenario"], "kill-owner");
+    assert_eq!(json["invariant_violations"], 0);
+}
