@@ -7,8 +7,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::ValueEnum;
+use shoal_placement::Strategy;
 use shoal_sim::scenario::{self, Report};
+use shoal_sim::transition_app::{self, TransitionOptions, TransitionReport, TransitionScenario};
 use shoal_sim::{Profile, ScenarioKind, ScenarioOptions};
+
+/// Which layers the simulated nodes run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AppKind {
+    /// Membership alone.
+    Membership,
+    /// The transition layer (relinquish / notice / acquire) on top of
+    /// membership, with datums and work.
+    Transition,
+}
 
 /// Deterministic simulator of a shoal cluster (membership on a virtual
 /// clock and network). With no arguments: kill-one at 16 nodes, seed 1.
@@ -19,18 +32,31 @@ struct Cli {
     /// virtual.
     #[arg(long = "virtual", hide = true)]
     virtual_net: bool,
-    /// Scenario to run.
-    #[arg(long, value_enum, default_value_t = ScenarioKind::KillOne)]
-    scenario: ScenarioKind,
-    /// Number of nodes (bootstrapped above 64, formed by joins below).
-    #[arg(long, default_value_t = 16)]
-    nodes: u32,
+    /// Layers to simulate.
+    #[arg(long, value_enum, default_value_t = AppKind::Membership)]
+    app: AppKind,
+    /// Scenario to run. Membership: kill-one (default), stalled-node,
+    /// partition-heal, churn, update, random. Transition: join (default),
+    /// leave, kill-owner, chained, flap.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Number of nodes (membership: 16 by default, bootstrapped above 64;
+    /// transition: 6 by default).
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// Transition: number of datums.
+    #[arg(long, default_value_t = 1_000)]
+    datums: u32,
+    /// Transition: rendezvous placement (256 partitions) instead of mod-N.
+    #[arg(long)]
+    rendezvous: bool,
     /// Seed of the run (or of the first run of a campaign).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Loss probability of membership datagrams, 0..=1.
-    #[arg(long, default_value_t = 0.0)]
-    loss: f64,
+    /// Loss probability of membership datagrams, 0..=1 (membership: 0 by
+    /// default; transition: the loss during `flap`, 0.1 by default).
+    #[arg(long)]
+    loss: Option<f64>,
     /// Duplication probability of membership datagrams, 0..=1.
     #[arg(long, default_value_t = 0.0)]
     duplicate: f64,
@@ -74,21 +100,37 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    for (name, p) in [("--loss", cli.loss), ("--duplicate", cli.duplicate)] {
+    for (name, p) in [
+        ("--loss", cli.loss.unwrap_or(0.0)),
+        ("--duplicate", cli.duplicate),
+    ] {
         if !(0.0..=1.0).contains(&p) {
             eprintln!("shoal-sim: {name} must be within 0..=1, got {p}");
             return ExitCode::from(2);
         }
     }
-    if cli.nodes == 0 {
+    if cli.nodes == Some(0) {
         eprintln!("shoal-sim: --nodes must be at least 1");
         return ExitCode::from(2);
     }
+    if cli.app == AppKind::Transition {
+        return transition_main(&cli);
+    }
+    let scenario = match cli.scenario.as_deref() {
+        None => ScenarioKind::KillOne,
+        Some(name) => match ScenarioKind::from_str(name, true) {
+            Ok(kind) => kind,
+            Err(_) => {
+                eprintln!("shoal-sim: unknown membership scenario {name:?}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let base = ScenarioOptions {
-        scenario: cli.scenario,
-        nodes: cli.nodes,
+        scenario,
+        nodes: cli.nodes.unwrap_or(16),
         seed: cli.seed,
-        loss: cli.loss,
+        loss: cli.loss.unwrap_or(0.0),
         duplicate: cli.duplicate,
         profile: cli.profile,
         stall_timers: cli.stall_timers,
@@ -117,10 +159,102 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `runs` seeds on `jobs` threads; reports come back in seed order.
-fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
+/// `--app transition`: runs the transition scenario (or a campaign of
+/// seeds) and prints one report per run.
+fn transition_main(cli: &Cli) -> ExitCode {
+    let scenario = match cli.scenario.as_deref() {
+        None => TransitionScenario::Join,
+        Some(name) => match TransitionScenario::from_str(name, true) {
+            Ok(kind) => kind,
+            Err(_) => {
+                eprintln!("shoal-sim: unknown transition scenario {name:?}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut base = TransitionOptions::new(scenario, cli.nodes.unwrap_or(6), cli.seed, cli.datums);
+    if let Some(loss) = cli.loss {
+        base.loss = loss;
+    }
+    if cli.rendezvous {
+        base.strategy = Strategy::Rendezvous { partitions: 256 };
+    }
+    let runs = cli.campaign.unwrap_or(1);
+    let reports = run_seeds(runs, cli.jobs.max(1), |i| {
+        let opts = TransitionOptions {
+            seed: base.seed.wrapping_add(i),
+            ..base.clone()
+        };
+        match std::panic::catch_unwind(|| transition_app::run(&opts)) {
+            Ok(report) => report,
+            Err(panic) => {
+                let mut report = transition_app::failed_report(&opts, panic_message(&*panic));
+                report.invariant_violations = 1;
+                report
+            }
+        }
+    });
+    for r in &reports {
+        if cli.json {
+            match serde_json::to_string(r) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("shoal-sim: cannot encode the report: {e}"),
+            }
+        } else if cli.campaign.is_none() || !r.ok {
+            println!("{r}");
+        }
+    }
+    if cli.campaign.is_some() && !cli.json {
+        print_transition_summary(&reports);
+    }
+    if reports.iter().all(|r| r.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_transition_summary(reports: &[TransitionReport]) {
+    let failed: Vec<u64> = reports.iter().filter(|r| !r.ok).map(|r| r.seed).collect();
+    println!(
+        "campaign: {} runs, {} failed{}",
+        reports.len(),
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" (seeds {failed:?})")
+        }
+    );
+    let sum = |f: fn(&TransitionReport) -> u64| -> u64 { reports.iter().map(f).sum() };
+    let max_transition = reports
+        .iter()
+        .map(|r| r.stats.max_transition_s)
+        .fold(0.0, f64::max);
+    println!(
+        "  moved {}  relinquished {}  acquired {}  failovers {}  timeouts {}  max_transition_s {:.3}",
+        sum(|r| r.stats.moved),
+        sum(|r| r.stats.relinquished),
+        sum(|r| r.stats.acquired),
+        sum(|r| r.stats.failovers),
+        sum(|r| r.stats.timeouts),
+        max_transition
+    );
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// Runs `run(i)` for `i` in `0..runs` on `jobs` threads; results come back
+/// in order of `i`.
+fn run_seeds<R: Send>(runs: u64, jobs: usize, run: impl Fn(u64) -> R + Sync) -> Vec<R> {
     let next = std::sync::atomic::AtomicU64::new(0);
-    let mut reports: Vec<Report> = std::thread::scope(|s| {
+    let mut results: Vec<(u64, R)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..jobs)
             .map(|_| {
                 s.spawn(|| {
@@ -130,11 +264,7 @@ fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
                         if i >= runs {
                             break;
                         }
-                        let opts = ScenarioOptions {
-                            seed: base.seed.wrapping_add(i),
-                            ..base.clone()
-                        };
-                        mine.push(run_catching_panics(&opts));
+                        mine.push((i, run(i)));
                     }
                     mine
                 })
@@ -143,8 +273,6 @@ fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
         workers
             .into_iter()
             .flat_map(|w| {
-                // Runs catch their own panics, so a worker cannot die; if
-                // one did, say so rather than lose its seeds silently.
                 w.join().unwrap_or_else(|_| {
                     eprintln!("shoal-sim: a campaign worker died; its runs are missing");
                     std::process::exit(1)
@@ -152,8 +280,19 @@ fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
             })
             .collect()
     });
-    reports.sort_by_key(|r| r.seed.wrapping_sub(base.seed));
-    reports
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Runs `runs` seeds on `jobs` threads; reports come back in seed order.
+fn campaign(base: &ScenarioOptions, runs: u64, jobs: usize) -> Vec<Report> {
+    run_seeds(runs, jobs, |i| {
+        let opts = ScenarioOptions {
+            seed: base.seed.wrapping_add(i),
+            ..base.clone()
+        };
+        run_catching_panics(&opts)
+    })
 }
 
 /// Runs one seed; a panic (in the simulator or a layer under test) becomes a
@@ -162,11 +301,7 @@ fn run_catching_panics(opts: &ScenarioOptions) -> Report {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario::run(opts))) {
         Ok(report) => report,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
-                .unwrap_or_else(|| "unknown panic".to_string());
+            let what = panic_message(&*panic);
             let mut report =
                 scenario::failed_report(opts, format!("panicked (seed {}): {what}", opts.seed));
             report.invariant_violations = 1;

@@ -1051,13 +1051,15 @@ const QUIET_AT: Duration = Duration::from_secs(30);
 /// End of every run.
 const END_AT: Duration = Duration::from_secs(60);
 
-/// Runs one scenario and checks it.
-pub fn run(opts: &TransitionOptions) -> TransitionReport {
-    let wall = Instant::now();
-    let mut settings = TransitionSettings::new(opts.datums);
-    settings.strategy = opts.strategy.clone();
-    settings.work_until = QUIET_AT + Duration::from_secs(15);
-    let mut report = TransitionReport {
+/// A report for a run that did not complete, with `failure`.
+pub fn failed_report(opts: &TransitionOptions, failure: String) -> TransitionReport {
+    let mut report = empty_report(opts);
+    report.failure = Some(failure);
+    report
+}
+
+fn empty_report(opts: &TransitionOptions) -> TransitionReport {
+    TransitionReport {
         scenario: opts.scenario.name(),
         nodes: opts.nodes,
         seed: opts.seed,
@@ -1074,7 +1076,16 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         events: 0,
         trace_hash: String::new(),
         wall_s: 0.0,
-    };
+    }
+}
+
+/// Runs one scenario and checks it.
+pub fn run(opts: &TransitionOptions) -> TransitionReport {
+    let wall = Instant::now();
+    let mut settings = TransitionSettings::new(opts.datums);
+    settings.strategy = opts.strategy.clone();
+    settings.work_until = QUIET_AT + Duration::from_secs(15);
+    let mut report = empty_report(opts);
     let failure = if opts.nodes < 3 {
         Some("transition scenarios need at least 3 nodes".to_string())
     } else if let Err(e) = settings.handoff.validate() {
