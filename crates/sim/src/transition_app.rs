@@ -111,6 +111,9 @@ pub struct TransitionSettings {
     pub work_every: Duration,
     /// No work is injected from this virtual time on.
     pub work_until: Duration,
+    /// Virtual time of the scenario's first fault (the cluster formed
+    /// before it); timeouts after it are counted apart.
+    pub fault_at: Duration,
 }
 
 impl TransitionSettings {
@@ -126,6 +129,7 @@ impl TransitionSettings {
             job_failure: 0.05,
             work_every: Duration::from_millis(50),
             work_until: Duration::from_secs(40),
+            fault_at: FAULT_AT,
         }
     }
 }
@@ -144,6 +148,9 @@ pub struct TransitionStats {
     pub failovers: u64,
     /// Datums acquired without a notice at the timeout.
     pub timeouts: u64,
+    /// Of `timeouts`, those after the scenario's first fault (the others
+    /// come from the cluster forming).
+    pub timeouts_after_fault: u64,
     /// Failed relinquish attempts.
     pub relinquish_failures: u64,
     /// Failed acquire attempts.
@@ -476,7 +483,13 @@ impl TransitionNode {
                 }
             }
             Event::AcquiredWithoutNotice { reason, .. } => match reason {
-                WithoutNotice::Timeout => ctx.shared().stats.timeouts += 1,
+                WithoutNotice::Timeout => {
+                    let l = ctx.shared();
+                    l.stats.timeouts += 1;
+                    if now >= l.base + l.settings.fault_at {
+                        l.stats.timeouts_after_fault += 1;
+                    }
+                }
                 WithoutNotice::OwnerGone => ctx.shared().stats.failovers += 1,
             },
             Event::TransitionSuperseded { .. } | Event::ReplicasChanged { .. } => {}
