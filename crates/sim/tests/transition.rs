@@ -15,7 +15,7 @@ fn seeds() -> u64 {
         .unwrap_or(DEFAULT_SEEDS)
 }
 
-const DEFAULT_SEEDS: u64 = 60;
+const DEFAULT_SEEDS: u64 = 100;
 
 /// Options of seed `seed`: 4 to 8 nodes, 100 to 2,000 datums, rendezvous on
 /// every third seed.
