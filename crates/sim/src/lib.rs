@@ -28,6 +28,11 @@
 //!   still-running node marked failed learns it (`DeclaredFailed`, the
 //!   self-fencing signal). The run stops at the first violation with its
 //!   seed and step ([`Violation`]).
+//! - **Transition on membership** ([`transition_app`]): one
+//!   `shoal_transition::Handoff` per process driven by its real membership
+//!   events, with datums, jobs and work, in scenarios `join`, `leave`,
+//!   `kill-owner`, `chained` and `flap`, its ownership invariants checked at
+//!   every step (`--app transition` on the command line).
 //! - **Scenarios** ([`scenario`]): `kill-one`, `stalled-node`,
 //!   `partition-heal`, `churn`, `update`, `random`, each producing a
 //!   [`Report`] (detection times, false positives, dissemination time,

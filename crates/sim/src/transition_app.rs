@@ -26,6 +26,12 @@
 //! settled: every transition ended, every datum is held by exactly its
 //! primary, every work item was processed exactly once (except items that
 //! sat in a crashed process's memory).
+//!
+//! Processes start not ready and become ready once they know a ready member
+//! (slot 0 alone after a second): two processes made ready at the same
+//! moment, each not knowing yet that the other is ready, would each acquire
+//! every datum as its first owner (transition's known limit; the checks
+//! catch it, see [`TransitionOptions::ready_on_start`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -574,6 +580,9 @@ impl TransitionNode {
     /// `docs/simulator.md`), so formation is sequential, as an operator
     /// starting a cluster does.
     fn maybe_ready(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        if ctx.membership().local().ready {
+            self.ready_alone_at = None;
+        }
         let Some(alone_at) = self.ready_alone_at else {
             return;
         };
@@ -979,6 +988,9 @@ pub struct TransitionOptions {
     pub loss: f64,
     /// Placement strategy.
     pub strategy: Strategy,
+    /// Every process is ready as soon as it starts, before it joined (the
+    /// unsafe formation: see the module documentation). Off by default.
+    pub ready_on_start: bool,
 }
 
 impl TransitionOptions {
@@ -992,6 +1004,7 @@ impl TransitionOptions {
             datums,
             loss: 0.1,
             strategy: Strategy::ModN,
+            ready_on_start: false,
         }
     }
 }
@@ -1114,7 +1127,7 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
     let base = Instant::now();
     let mut cfg = SimConfig::new(opts.seed, shoal_membership::Config::lan());
     // Nodes join first, then become ready (as `shoal-cluster` nodes do).
-    cfg.ready_on_start = false;
+    cfg.ready_on_start = opts.ready_on_start;
     let shared = TransitionLedger::new(settings, base);
     let mut sim: Sim<TransitionNode> = match Sim::new(cfg, opts.nodes, base, shared) {
         Ok(sim) => sim,

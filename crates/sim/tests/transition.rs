@@ -132,3 +132,19 @@ fn the_report_has_the_fields_a_campaign_reads() {
     assert_eq!(json["scenario"], "kill-owner");
     assert_eq!(json["invariant_violations"], 0);
 }
+
+/// The checks can fail: nodes ready before they joined each acquire every
+/// datum as its first owner, and the ledger stops the run at once.
+#[test]
+fn nodes_ready_before_joining_give_two_owners_and_the_check_catches_it() {
+    let mut opts = TransitionOptions::new(TransitionScenario::Join, 5, 1, 500);
+    opts.ready_on_start = true;
+    let r = transition_app::run(&opts);
+    assert!(!r.ok, "{r}");
+    assert_eq!(r.invariant_violations, 1);
+    let failure = r.failure.unwrap();
+    assert!(
+        failure.contains("not declared failed) holds it"),
+        "{failure}"
+    );
+}
