@@ -110,7 +110,14 @@ async fn cluster(ca: &ClusterCa, names: &[&str], datums: i64) -> Vec<Node> {
         n.register((0..datums).map(|id| Arc::new(Noop { id })))
             .await
             .unwrap();
+    }
+    // Ready one at a time, each once everyone saw the previous one ready.
+    for (i, n) in nodes.iter().enumerate() {
         n.set_ready(true).await.unwrap();
+        wait("ready", async || {
+            nodes.iter().all(|m| m.view().ready.len() > i)
+        })
+        .await;
     }
     settle(&nodes, want).await;
     nodes

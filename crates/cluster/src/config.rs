@@ -212,6 +212,11 @@ pub struct Limits {
     /// Times a message sent to a datum's owner may be forwarded again by a
     /// node that is no longer the owner.
     pub max_forward_hops: u8,
+    /// Poll each relinquish / acquire future once on the driver before
+    /// spawning it: one that completes without waiting costs no task. Its
+    /// code up to its first `.await` then runs on the driver, so it must not
+    /// block (do blocking work in `spawn_blocking`). `false` spawns every job.
+    pub inline_first_poll: bool,
 }
 
 impl Default for Limits {
@@ -227,6 +232,7 @@ impl Default for Limits {
             max_acquire_jobs: 256,
             max_message: 16 << 20,
             max_forward_hops: 1,
+            inline_first_poll: true,
         }
     }
 }

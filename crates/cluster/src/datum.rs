@@ -21,6 +21,9 @@ pub type DatumError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// timeout passed). Each runs as its own tokio task, at most
 /// `limits.max_relinquish_jobs` / `limits.max_acquire_jobs` at once; an
 /// error is retried with backoff within the transition timeout and reported.
+/// With `limits.inline_first_poll` (the default) the node polls the future
+/// once itself before spawning it, so the code before the first `.await`
+/// must not block the thread.
 ///
 /// ```
 /// use shoal::{DatumError, DistDatum};

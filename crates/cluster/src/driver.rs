@@ -39,6 +39,9 @@ use crate::wire::{self, CH_MEMBERSHIP, CH_NOTICES, CH_ROUTED, Routed, USER_CHANN
 const NOTICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Items the driver takes from one input queue per wake-up.
 const BATCH: usize = 256;
+/// Jobs completed inline per pump; more wait for the next turn of the loop,
+/// so a million no-op jobs never keep the driver from its probes.
+const INLINE_JOBS_PER_PUMP: usize = 2048;
 
 /// A request from an API handle.
 pub(crate) enum Command {
@@ -217,6 +220,8 @@ pub(crate) struct Driver {
     view_dirty: bool,
     fenced: bool,
     stop: bool,
+    /// Jobs are left over from the last pump: loop again without sleeping.
+    more_jobs: bool,
 }
 
 impl Driver {
@@ -260,6 +265,7 @@ impl Driver {
             view_dirty: true,
             fenced: false,
             stop: false,
+            more_jobs: false,
         };
         (driver, job_rx, send_rx)
     }
@@ -332,6 +338,9 @@ impl Driver {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        if self.more_jobs {
+            return Some(Instant::now());
+        }
         [
             self.membership.poll_timeout(),
             self.handoff.poll_timeout(),
@@ -378,20 +387,40 @@ impl Driver {
     }
 
     fn drain_handoff(&mut self, now: Instant) {
+        self.more_jobs = false;
         while let Some(event) = self.handoff.poll_event() {
             self.on_handoff_event(event);
         }
-        while let Some(job) = self.handoff.poll_job() {
+        let mut inline_budget = INLINE_JOBS_PER_PUMP;
+        while inline_budget > 0
+            && let Some(job) = self.handoff.poll_job()
+        {
             let Some(datum) = self.datums.get(&job.datum).cloned() else {
                 self.handoff.job_done(job, Ok(()), now);
                 continue;
             };
             Counts::inc(&self.counts.jobs_started);
             trace!(datum = %datum.name(), kind = ?job.kind, attempt = job.attempt, "job");
-            let fut = match job.kind {
+            let mut fut = match job.kind {
                 JobKind::Relinquish => datum.relinquish_boxed(),
                 JobKind::Acquire => datum.acquire_boxed(),
             };
+            if self.config.limits.inline_first_poll {
+                // Poll once here: a job that completes without waiting (an
+                // in-memory flush, a no-op) costs no task and no queue hop.
+                // One that waits continues as a task from where it stopped.
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if let std::task::Poll::Ready(result) = fut.as_mut().poll(&mut cx) {
+                    self.handoff
+                        .job_done(job, result.map_err(|e| e.to_string()), now);
+                    inline_budget -= 1;
+                    if inline_budget == 0 {
+                        // Let probes and messages in before the next slice.
+                        self.more_jobs = true;
+                    }
+                    continue;
+                }
+            }
             let tx = self.job_tx.clone();
             tokio::spawn(async move {
                 let result = fut.await.map_err(|e| e.to_string());

@@ -157,7 +157,14 @@ async fn graceful_leave_relinquishes_everything() {
     const DATUMS: i64 = 200;
     let ca = ClusterCa::generate().unwrap();
     let ledger = Arc::new(Ledger::default());
-    let nodes = cluster(&ca, &["a", "b", "c"]).await;
+    // Every relinquish and acquire as a spawned task (no inline first poll).
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut cfg = config(name);
+        cfg.limits.inline_first_poll = false;
+        nodes.push(start(&ca, cfg).await);
+    }
+    join_all(&nodes).await;
     let refs: Vec<&Node> = nodes.iter().collect();
     ready_all(&refs, DATUMS, &ledger).await;
     settled(&refs, 3, DATUMS, &ledger).await;
