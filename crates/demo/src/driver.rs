@@ -294,6 +294,7 @@ struct Kill {
     at: Instant,
     survivors: Vec<String>,
     detected: HashMap<String, f64>,
+    reported: bool,
 }
 
 /// A point of the timeline picture.
@@ -346,6 +347,14 @@ struct Sim<'a> {
 /// processes). Violations are reported in the [`Summary`] (`ok: false`).
 pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
     std::fs::create_dir_all(&cfg.work_dir)?;
+    // Certificates and logs are per run: a certificate of an earlier run's
+    // CA would be refused by this run's nodes (and split the cluster).
+    for stale in ["certs", "logs"] {
+        let dir = cfg.work_dir.join(stale);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+    }
     let store_url = match &cfg.store {
         Some(url) => StoreUrl::parse(url)?,
         None => {
@@ -610,11 +619,46 @@ impl Sim<'_> {
                     while let Ok(msg) = self.rx.try_recv() {
                         self.handle(msg);
                     }
+                    self.report_detections(false);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
             self.tick();
+        }
+    }
+
+    /// Prints each kill's detection once every survivor saw it (or, with
+    /// `all`, whatever was seen so far).
+    fn report_detections(&mut self, all: bool) {
+        let mut lines = Vec::new();
+        for kill in &mut self.kills {
+            let complete = kill.survivors.iter().all(|s| kill.detected.contains_key(s));
+            if kill.reported || !(complete || all) {
+                continue;
+            }
+            kill.reported = true;
+            let first = kill
+                .detected
+                .values()
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            let last = kill.detected.values().copied().fold(0.0, f64::max);
+            let text = format!(
+                "{} marked failed: by the first survivor after {:.2}s, by {} of {} survivors after {:.2}s",
+                kill.name,
+                first,
+                kill.detected.len(),
+                kill.survivors.len(),
+                last
+            );
+            let json = serde_json::json!({"event": "detected", "node": kill.name,
+                "first_s": first.is_finite().then_some(first), "all_s": last,
+                "observers": kill.detected.len(), "survivors": kill.survivors.len()});
+            lines.push((text, json));
+        }
+        for (text, json) in lines {
+            self.line(&text, json);
         }
     }
 
@@ -887,6 +931,7 @@ impl Sim<'_> {
                     at: killed_at,
                     survivors,
                     detected: HashMap::new(),
+                    reported: false,
                 });
                 self.event("kill", &name, format!("{name} killed (SIGKILL)"));
                 label = format!("kill {name}");
@@ -906,26 +951,7 @@ impl Sim<'_> {
             }
         }
         let s = self.wait_settled(&label, at);
-        if let Some(kill) = self.kills.last()
-            && step == Step::Kill
-        {
-            let first = kill
-                .detected
-                .values()
-                .copied()
-                .fold(f64::INFINITY, f64::min);
-            let all = kill.detected.values().copied().fold(0.0, f64::max);
-            let text = format!(
-                "{} detected failed: first after {:.2}s, by all {} survivors after {:.2}s",
-                kill.name,
-                first,
-                kill.detected.len(),
-                all
-            );
-            let json = serde_json::json!({"event": "detected", "node": kill.name,
-                "first_s": first, "all_s": all, "observers": kill.detected.len()});
-            self.line(&text, json);
-        }
+        self.report_detections(true);
         let text = match s {
             Some(s) => format!("{label}: settled after {s:.2}s"),
             None => format!("{label}: NOT settled"),
