@@ -73,9 +73,16 @@ fn args() -> Args {
     a
 }
 
+/// Installing a view over a million datums keeps each node's driver busy
+/// for a few hundred milliseconds (the handoff layer walks every datum), long
+/// enough for the `lan` profile to suspect, and now and then declare dead, a
+/// healthy node on this 2-core machine. The handoff case therefore runs with
+/// the `wan` timing profile; the forward case with `lan`.
+static TIMING: std::sync::Mutex<shoal::Timing> = std::sync::Mutex::new(shoal::Timing::Lan);
+
 async fn start(ca: &ClusterCa, name: &str) -> Node {
     let mut config = NodeConfig::local(name);
-    config.timing = shoal::Timing::Lan;
+    config.timing = *TIMING.lock().unwrap();
     config.transition_timeout_ms = 60_000;
     let id = ca.issue(&NodeName::new(name).unwrap()).unwrap();
     Node::start_with_identity(config, id).await.unwrap()
@@ -143,6 +150,7 @@ async fn settle(nodes: &[Node], ready: usize) {
 }
 
 async fn handoff(a: &Args) {
+    *TIMING.lock().unwrap() = shoal::Timing::Wan;
     let ca = ClusterCa::generate().unwrap();
     let mut nodes = cluster(&ca, &["a", "b", "c"], a.datums).await;
     let before = nodes[0].view();
@@ -191,6 +199,7 @@ async fn handoff(a: &Args) {
 
 async fn forward(a: &Args) {
     const DATUMS: i64 = 10_000;
+    *TIMING.lock().unwrap() = shoal::Timing::Lan;
     let ca = ClusterCa::generate().unwrap();
     let nodes = cluster(&ca, &["a", "b", "c"], DATUMS).await;
     let epoch = Instant::now();
@@ -273,6 +282,13 @@ async fn forward(a: &Args) {
 }
 
 fn main() {
+    // SHOAL_BENCH_LOG=info (an env-filter) prints the nodes' logs to stderr.
+    if let Ok(filter) = std::env::var("SHOAL_BENCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let a = args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
