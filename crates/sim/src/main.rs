@@ -139,24 +139,7 @@ fn main() -> ExitCode {
         None => vec![scenario::run(&base)],
         Some(runs) => campaign(&base, runs, cli.jobs.max(1)),
     };
-    for r in &reports {
-        if cli.json {
-            match serde_json::to_string(r) {
-                Ok(line) => println!("{line}"),
-                Err(e) => eprintln!("shoal-sim: cannot encode the report: {e}"),
-            }
-        } else if cli.campaign.is_none() || !r.ok {
-            println!("{r}");
-        }
-    }
-    if cli.campaign.is_some() && !cli.json {
-        print_summary(&reports);
-    }
-    if reports.iter().all(|r| r.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    emit_reports(&cli, &reports, |r| r.ok, print_summary)
 }
 
 /// `--app transition`: runs the transition scenario (or a campaign of
@@ -194,24 +177,7 @@ fn transition_main(cli: &Cli) -> ExitCode {
             }
         }
     });
-    for r in &reports {
-        if cli.json {
-            match serde_json::to_string(r) {
-                Ok(line) => println!("{line}"),
-                Err(e) => eprintln!("shoal-sim: cannot encode the report: {e}"),
-            }
-        } else if cli.campaign.is_none() || !r.ok {
-            println!("{r}");
-        }
-    }
-    if cli.campaign.is_some() && !cli.json {
-        print_transition_summary(&reports);
-    }
-    if reports.iter().all(|r| r.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    emit_reports(cli, &reports, |r| r.ok, print_transition_summary)
 }
 
 fn print_transition_summary(reports: &[TransitionReport]) {
@@ -360,4 +326,33 @@ fn print_summary(reports: &[Report]) {
     let rediverged = reports.iter().filter(|r| r.rediverged > 0).count();
     println!("  false positives        {fp} in all, in {with_fp} runs");
     println!("  runs that diverged again after settling: {rediverged}");
+}
+
+/// Prints the reports of one run or a campaign (JSON lines, or readable text
+/// for single runs and failed campaign runs, then a campaign summary) and
+/// turns them into the exit status: success only when every run is ok.
+fn emit_reports<R: serde::Serialize + std::fmt::Display>(
+    cli: &Cli,
+    reports: &[R],
+    ok: impl Fn(&R) -> bool,
+    summary: fn(&[R]),
+) -> ExitCode {
+    for r in reports {
+        if cli.json {
+            match serde_json::to_string(r) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("shoal-sim: cannot encode the report: {e}"),
+            }
+        } else if cli.campaign.is_none() || !ok(r) {
+            println!("{r}");
+        }
+    }
+    if cli.campaign.is_some() && !cli.json {
+        summary(reports);
+    }
+    if reports.iter().all(ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
