@@ -198,11 +198,12 @@ fn print_transition_summary(reports: &[TransitionReport]) {
         .map(|r| r.stats.max_transition_s)
         .fold(0.0, f64::max);
     println!(
-        "  moved {}  relinquished {}  acquired {}  failovers {}  timeouts {}  max_transition_s {:.3}",
+        "  moved {}  relinquished {}  acquired {}  failovers {}  all_done {}  timeouts {}  max_transition_s {:.3}",
         sum(|r| r.stats.moved),
         sum(|r| r.stats.relinquished),
         sum(|r| r.stats.acquired),
         sum(|r| r.stats.failovers),
+        sum(|r| r.stats.all_done),
         sum(|r| r.stats.timeouts),
         max_transition
     );

@@ -27,11 +27,13 @@
 //! primary, every work item was processed exactly once (except items that
 //! sat in a crashed process's memory).
 //!
-//! Processes start not ready and become ready once they know a ready member
-//! (slot 0 alone after a second): two processes made ready at the same
-//! moment, each not knowing yet that the other is ready, would each acquire
-//! every datum as its first owner (transition's known limit; the checks
-//! catch it, see [`TransitionOptions::ready_on_start`]).
+//! Processes start not ready and become ready as soon as they know another
+//! live member (slot 0 alone after a second), so processes that join together
+//! become ready together, each often before it sees the others ready. Every
+//! process tells its layer the live members (`set_peers`), whose done markers
+//! a first owner waits for. A process ready before it joined anyone cannot
+//! wait for peers it does not know; the checks catch the two first owners
+//! that follow, see [`TransitionOptions::ready_on_start`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -152,6 +154,10 @@ pub struct TransitionStats {
     /// Datums acquired without a notice because their owner was declared
     /// failed (`AcquiredWithoutNotice { reason: OwnerGone }`).
     pub failovers: u64,
+    /// Datums acquired without a notice once every live member said done
+    /// (`AcquiredWithoutNotice { reason: AllDone }`: the notice went to a
+    /// view the new owner skipped).
+    pub all_done: u64,
     /// Datums acquired without a notice at the timeout.
     pub timeouts: u64,
     /// Of `timeouts`, those after the scenario's first fault (the others
@@ -497,6 +503,7 @@ impl TransitionNode {
                     }
                 }
                 WithoutNotice::OwnerGone => ctx.shared().stats.failovers += 1,
+                WithoutNotice::AllDone => ctx.shared().stats.all_done += 1,
             },
             Event::TransitionSuperseded { .. } | Event::ReplicasChanged { .. } => {}
         }
@@ -572,13 +579,12 @@ impl TransitionNode {
         }
     }
 
-    /// Ready once it joined a cluster that has a ready member; the node of
-    /// slot 0 also alone once nobody answered for a while (it forms the
-    /// cluster). Two nodes that become ready at the same moment, each not
-    /// yet knowing the other is ready, would each see itself alone in its
-    /// view and acquire every datum as its first owner (see the report in
-    /// `docs/simulator.md`), so formation is sequential, as an operator
-    /// starting a cluster does.
+    /// Ready as soon as it joined (it knows another live member, ready or
+    /// not); the node of slot 0 also alone once nobody answered for a while
+    /// (it forms the cluster). Nodes that join together become ready
+    /// together, each often before it sees another ready: the layer's wait
+    /// for the done markers of every live member (`set_peers`) keeps each
+    /// datum to one first owner.
     fn maybe_ready(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
         if ctx.membership().local().ready {
             self.ready_alone_at = None;
@@ -590,7 +596,7 @@ impl TransitionNode {
         let joined = ctx
             .membership()
             .members()
-            .any(|m| m.state.is_live() && m.ready && m.name != *me);
+            .any(|m| m.state.is_live() && m.name != *me);
         let first = ctx.node().slot == 0 && ctx.now() >= alone_at;
         if joined || first {
             self.ready_alone_at = None;
@@ -606,6 +612,12 @@ impl TransitionNode {
         let Some(core) = self.core.as_mut() else {
             return;
         };
+        let peers: Vec<NodeId> = members
+            .iter()
+            .filter(|m| m.state.is_live())
+            .map(|m| NodeId::new(&*m.name, m.generation))
+            .collect();
+        core.handoff.set_peers(peers.iter(), ctx.now());
         let view = View::new(
             members
                 .iter()
@@ -1048,7 +1060,7 @@ impl fmt::Display for TransitionReport {
         write!(
             f,
             "{} nodes={} seed={} datums={} {}: moved={} relinquished={} acquired={} failovers={} \
-             timeouts={} max_transition_s={:.3} work={}/{} {}",
+             all_done={} timeouts={} max_transition_s={:.3} work={}/{} {}",
             self.scenario,
             self.nodes,
             self.seed,
@@ -1058,6 +1070,7 @@ impl fmt::Display for TransitionReport {
             s.relinquished,
             s.acquired,
             s.failovers,
+            s.all_done,
             s.timeouts,
             s.max_transition_s,
             s.work_processed,

@@ -2,7 +2,7 @@
 //! `docs/transition.md` for the protocol; this file is its implementation.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,13 +195,23 @@ struct OutBuf {
 
 struct SentBatch {
     datums: Vec<Datum>,
-    /// For a done marker: the view it was for, and the addressee.
-    done: Option<(ViewId, NodeId)>,
+    /// For a state batch (announcement or done marker): the addressee.
+    state: Option<NodeId>,
 }
 
 struct Parked {
     first: Instant,
-    datums: HashSet<Datum, DetState>,
+    /// Datum → index in `senders`.
+    datums: HashMap<Datum, u32, DetState>,
+    /// Who sent them, at which of its install counts (`epoch`).
+    senders: Vec<(NodeId, u64)>,
+}
+
+/// Who sent a notice, and at which of its install counts.
+#[derive(Copy, Clone)]
+struct Src<'a> {
+    node: &'a NodeId,
+    epoch: u64,
 }
 
 #[derive(Debug)]
@@ -219,9 +229,15 @@ enum TimerKind {
     Resend {
         key: u64,
     },
-    ResendDone {
+    ResendState {
         to: NodeId,
-        view: ViewId,
+        seq: u64,
+    },
+    /// The relinquish deadline of a datum whose acquire ended after a view
+    /// had already given it to another node.
+    AbandonRelinquish {
+        datum: Datum,
+        flight: u64,
     },
 }
 
@@ -260,6 +276,8 @@ enum Source {
     Notice,
     /// Every possible holder is gone.
     OwnerGone,
+    /// Every live node said done with the view in force: nobody holds it.
+    AllDone,
     /// The wait timed out.
     Timeout,
     /// The view changed: route the token again.
@@ -271,12 +289,18 @@ enum Source {
 enum Candidates {
     /// No other node was primary in a recent view.
     None,
-    /// Some were, all declared failed or left.
+    /// Some were, all declared failed and out of the view in force.
     AllGone,
-    /// At least one that may hold the datum is alive.
-    SomeAlive,
+    /// Some were and are not gone: each says done once it holds nothing the
+    /// view in force gives another node (the rest failed and are out).
+    AllDone,
+    /// One left, or failed while still in the view in force: it may have
+    /// relinquished under a view not seen here and its notice be on its way,
+    /// and it will not say done. Wait for the notice or the timeout.
+    Pending,
 }
 
+#[derive(Copy, Clone)]
 enum ViewAt {
     Current,
     Past(usize),
@@ -336,12 +360,32 @@ pub struct Handoff<W = Vec<u8>> {
     /// Nodes (other than this one, not gone) that may hold a datum of this
     /// node and have not said "done" for the view in force yet.
     done_missing: BTreeSet<NodeId>,
-    /// Done markers received for views not installed yet.
-    done_parked: HashMap<ViewId, (Instant, BTreeSet<NodeId>), DetState>,
-    /// The view this node sent its own done markers for.
-    done_sent: Option<ViewId>,
+    /// This node's install count: which instance of the view in force its
+    /// batches speak of (their `epoch`).
+    install_seq: u64,
+    /// `Some(install_seq)` once this node is done with the view in force.
+    done_seq: Option<u64>,
+    /// Per peer: the latest (epoch, view) its batches said it was at.
+    announced: HashMap<NodeId, (u64, ViewId), DetState>,
+    /// Per peer: (this node's install count, the peer's epoch) of the last
+    /// done marker sent to it.
+    answered: HashMap<NodeId, (u64, u64), DetState>,
     /// Waits that nobody alive can answer, blocked only on done markers.
     blocked_on_done: Vec<Datum>,
+    /// Live members other than this node, ready or not (see
+    /// [`Handoff::set_peers`]): each must say done before a wait ends
+    /// without a notice.
+    peers: BTreeSet<NodeId>,
+    /// Nodes that said done for the view in force, with their epoch.
+    done_received: BTreeMap<NodeId, u64>,
+    /// Inside `install`: waits are settled once the parked notices of the
+    /// new view have been taken.
+    installing: bool,
+    /// Datums acquiring here when a view gave them to another node, and
+    /// when: their relinquish deadline counts from then, not from the end of
+    /// the acquire, or the new primary could time out first. At most one per
+    /// acquire job.
+    acquire_superseded: HashMap<Datum, Instant, DetState>,
 }
 
 impl<W> std::fmt::Debug for Handoff<W> {
@@ -403,9 +447,15 @@ impl<W> Handoff<W> {
             now: None,
             transition: None,
             done_missing: BTreeSet::new(),
-            done_parked: HashMap::default(),
-            done_sent: None,
+            install_seq: 0,
+            done_seq: None,
+            announced: HashMap::default(),
+            answered: HashMap::default(),
             blocked_on_done: Vec::new(),
+            peers: BTreeSet::new(),
+            done_received: BTreeMap::new(),
+            installing: false,
+            acquire_superseded: HashMap::default(),
         })
     }
 
@@ -650,13 +700,23 @@ impl<W> Handoff<W> {
         }
         if let Primary::Me = self.primary_of(datum.id) {
             let view = self.current.view_id();
-            let parked_here = self
-                .parked
-                .get_mut(&view)
-                .is_some_and(|p| p.datums.remove(&datum));
+            let parked = self.parked.get_mut(&view).and_then(|p| {
+                let i = p.datums.remove(&datum)?;
+                p.senders.get(i as usize).cloned()
+            });
+            if parked.is_some() {
+                self.parked_total = self.parked_total.saturating_sub(1);
+            }
+            let parked_here = match parked {
+                Some((node, epoch)) if self.sender_unmoved(&node, epoch) => true,
+                Some(_) => {
+                    self.counters.notices_stale += 1;
+                    false
+                }
+                None => false,
+            };
             if let Some(slot) = self.registry.get(&datum) {
                 if parked_here {
-                    self.parked_total = self.parked_total.saturating_sub(1);
                     self.counters.notices_accepted += 1;
                     self.take_token(datum, slot, Source::Notice, now);
                 } else {
@@ -692,6 +752,7 @@ impl<W> Handoff<W> {
         if self.registry.remove(&datum).is_none() {
             return false;
         }
+        self.acquire_superseded.remove(&datum);
         if let Some(work) = self.held.remove(&datum) {
             self.held_total = self.held_total.saturating_sub(work.len());
             self.releases.push_back(Release {
@@ -749,7 +810,8 @@ impl<W> Handoff<W> {
         self.history.retain(|p| p.table.view_id() != current_id);
         self.prune(now);
         self.counters.views += 1;
-        self.reset_done(now);
+        self.install_seq += 1;
+        self.reset_done();
 
         // Outgoing buffers are per node index of the view in force: their
         // tokens are routed again below.
@@ -760,6 +822,7 @@ impl<W> Handoff<W> {
             self.replica_events(&old, old_self, &table);
         }
 
+        self.installing = true;
         let me = self.self_index;
         let todo: Vec<Datum> = self
             .registry
@@ -786,12 +849,31 @@ impl<W> Handoff<W> {
         if let Some(parked) = self.parked.remove(&current_id) {
             self.parked_total = self.parked_total.saturating_sub(parked.datums.len());
             let mut report = NoticeReport::default();
-            let mut datums: Vec<Datum> = parked.datums.into_iter().collect();
+            let mut datums: Vec<(Datum, u32)> = parked.datums.into_iter().collect();
             datums.sort_unstable();
-            for d in datums {
-                self.take_notice(ViewAt::Current, d, now, &mut report);
+            for (d, i) in datums {
+                let Some((node, epoch)) = parked.senders.get(i as usize) else {
+                    continue;
+                };
+                if !self.sender_unmoved(node, *epoch) {
+                    report.stale += 1;
+                    continue;
+                }
+                let src = Src {
+                    node,
+                    epoch: *epoch,
+                };
+                self.take_notice(ViewAt::Current, d, src, now, &mut report);
             }
             self.count_report(&report);
+        }
+        self.installing = false;
+        if !self.is_busy() {
+            self.done_seq = Some(self.install_seq);
+        }
+        self.announce();
+        if self.done_missing.is_empty() {
+            self.release_unheld_waits(now, false);
         }
         self.recheck_held();
 
@@ -860,9 +942,23 @@ impl<W> Handoff<W> {
                 }
                 JobKind::Acquire => {
                     self.counters.acquired += 1;
+                    let since = self.acquire_superseded.remove(&d);
                     if !mine {
-                        // The view moved on during the acquire: hand it on.
+                        // The view moved on during the acquire: hand it on,
+                        // by the deadline that view change set.
+                        let deadline = since.unwrap_or(now) + self.config.relinquish_timeout;
                         self.start_relinquish(d, s, now);
+                        if let Some(s) = self.registry.get(&d) {
+                            if deadline <= now {
+                                self.abandon_relinquish(d, s.flight);
+                            } else {
+                                let flight = s.flight;
+                                self.add_timer(
+                                    deadline,
+                                    TimerKind::AbandonRelinquish { datum: d, flight },
+                                );
+                            }
+                        }
                     }
                     self.maybe_release(d);
                 }
@@ -912,6 +1008,9 @@ impl<W> Handoff<W> {
                 self.counters.acquire_failures += 1;
                 debug!(node = %self.local, datum = %d, attempt = job.attempt, %error, "acquire failed");
                 let retry = mine && job.attempt < u32::from(self.config.max_acquire_attempts);
+                if !mine || !retry {
+                    self.acquire_superseded.remove(&d);
+                }
                 if !mine {
                     s.flight = self.enter_cohort(d, now);
                     self.take_token(d, s, Source::PassOn, now);
@@ -1003,7 +1102,7 @@ impl<W> Handoff<W> {
         self.counters.batches_received += 1;
         let mut report = NoticeReport::default();
         let at = self.locate_view(batch.view);
-        let (done, view) = (batch.done, batch.view);
+        let (done, view, epoch, echo) = (batch.done, batch.view, batch.epoch, batch.echo);
         for group in batch.groups {
             let Some(ty) = self.types.lookup(&group.datum_type) else {
                 report.unknown_type += group.ids.len();
@@ -1012,39 +1111,18 @@ impl<W> Handoff<W> {
             let mut datums: Vec<Datum> = group.ids.iter().map(|&id| Datum::new(ty, id)).collect();
             self.registry.sort_for_locality(&mut datums);
             for d in datums {
+                let src = Src { node: from, epoch };
                 match at {
                     ViewAt::Stale => report.stale += 1,
-                    ViewAt::Unknown => self.park(batch.view, d, now, &mut report),
-                    ViewAt::Current => self.take_notice(ViewAt::Current, d, now, &mut report),
-                    ViewAt::Past(i) => self.take_notice(ViewAt::Past(i), d, now, &mut report),
+                    ViewAt::Unknown => self.park(view, d, src, now, &mut report),
+                    ViewAt::Current | ViewAt::Past(_) => {
+                        self.take_notice(at, d, src, now, &mut report);
+                    }
                 }
             }
         }
         self.count_report(&report);
-        if done {
-            match at {
-                ViewAt::Current => {
-                    if self.done_missing.remove(from) && self.done_missing.is_empty() {
-                        self.release_unheld_waits(now, false);
-                    }
-                }
-                ViewAt::Unknown => {
-                    // Bounded: at most 1,024 views of at most 65,536 nodes.
-                    let room =
-                        self.done_parked.len() < 1_024 || self.done_parked.contains_key(&view);
-                    if room {
-                        let entry = self
-                            .done_parked
-                            .entry(view)
-                            .or_insert_with(|| (now, BTreeSet::new()));
-                        if entry.1.len() < 65_536 {
-                            entry.1.insert(from.clone());
-                        }
-                    }
-                }
-                ViewAt::Past(_) | ViewAt::Stale => {}
-            }
-        }
+        self.peer_state(from, view, epoch, done.then_some(echo), now);
         self.check_ended();
         Ok(report)
     }
@@ -1075,9 +1153,10 @@ impl<W> Handoff<W> {
             Err(error) => {
                 self.counters.send_failures += 1;
                 debug!(node = %self.local, send = id.0, %error, "notice batch not delivered");
-                if let Some((view, to)) = batch.done {
+                if let Some(to) = batch.state {
                     let at = now + self.config.retry_base;
-                    self.add_timer(at, TimerKind::ResendDone { to, view });
+                    let seq = self.install_seq;
+                    self.add_timer(at, TimerKind::ResendState { to, seq });
                 }
                 let mut back = Vec::new();
                 let mut attempt = 0u8;
@@ -1136,6 +1215,64 @@ impl<W> Handoff<W> {
         self.peer_gone(node, now);
     }
 
+    /// The live members of the cluster other than this node, ready or not
+    /// (alive or suspect), as membership sees them now; replaces the set
+    /// given before. Nodes declared failed or left are ignored.
+    ///
+    /// A datum is taken without its notice (first owner, failover, or a
+    /// notice sent under a view this node skipped) only once each of them has
+    /// said done with the view in force, as well as every node of the recent
+    /// views. Two nodes that become ready at the same moment, each before it
+    /// saw the other ready, each install a view with only themselves; since
+    /// each waits for the other's done marker for that view, which the other
+    /// never sends, neither acquires until both install the view with both,
+    /// and the datum gets one first owner, not two.
+    ///
+    /// A node whose membership has not seen a peer yet cannot wait for it: a
+    /// node must finish joining before it becomes ready.
+    pub fn set_peers<'a>(&mut self, peers: impl IntoIterator<Item = &'a NodeId>, now: Instant) {
+        let now = self.clock(now);
+        if self.fenced {
+            return;
+        }
+        let peers: BTreeSet<NodeId> = peers
+            .into_iter()
+            .filter(|n| **n != self.local && !self.gone.contains(*n))
+            .cloned()
+            .collect();
+        if peers == self.peers {
+            return;
+        }
+        let added: Vec<NodeId> = peers.difference(&self.peers).cloned().collect();
+        let removed: Vec<NodeId> = self.peers.difference(&peers).cloned().collect();
+        self.peers = peers;
+        for n in added {
+            if self.in_views(&n) {
+                continue;
+            }
+            if !self.done_received.contains_key(&n) {
+                self.done_missing.insert(n.clone());
+            }
+            self.push_state(n);
+        }
+        let mut emptied = false;
+        for n in removed {
+            if !self.in_views(&n) && self.done_missing.remove(&n) {
+                emptied = self.done_missing.is_empty();
+            }
+        }
+        if emptied {
+            self.release_unheld_waits(now, false);
+        }
+        self.check_ended();
+    }
+
+    /// Whether `node` is in the view in force or a recent one.
+    fn in_views(&self, node: &NodeId) -> bool {
+        self.current.view().contains(node)
+            || self.history.iter().any(|p| p.table.view().contains(node))
+    }
+
     /// The cluster declared *this* node failed: stop processing every datum
     /// at once. [`Event::Fenced`] is the next event; no job, notice or
     /// release is handed out any more except held work, returned as
@@ -1154,6 +1291,7 @@ impl<W> Handoff<W> {
         warn!(node = %self.local, datums, "declared failed by the cluster: fenced");
         self.events.push_front(Event::Fenced { datums });
         self.relinquish_queue.clear();
+        self.acquire_superseded.clear();
         self.acquire_queue.clear();
         self.out.clear();
         self.transmits.clear();
@@ -1356,9 +1494,10 @@ impl<W> Handoff<W> {
         self.relinquish_queue.push_back(d);
     }
 
-    /// Which nodes other than this one were the datum's primary in a recent view.
+    /// Whether the nodes other than this one that were the datum's primary
+    /// in a recent view may still hold it, and who answers for them.
     fn candidates(&self, id: i64) -> Candidates {
-        let mut any = false;
+        let (mut any, mut alive) = (false, false);
         for past in &self.history {
             let Some(p) = past.table.primary(id) else {
                 continue;
@@ -1367,25 +1506,29 @@ impl<W> Handoff<W> {
                 continue;
             }
             any = true;
-            // Gone counts only for a node declared failed while it was a
+            let Some(node) = past.table.view().node(p) else {
+                continue;
+            };
+            // Failed over only for a node declared failed while it was a
             // member (a node that left, or was not ready, stays up and may
             // relinquish under a view this node has not installed yet), and
             // only once the view in force no longer has it: the done markers
             // of that view cover every notice it sent before dying.
-            let gone = past.failed.get(p.get()).copied().unwrap_or(false)
-                && past
-                    .table
-                    .view()
-                    .node(p)
-                    .is_some_and(|n| !self.current.view().contains(n));
-            if !gone {
-                return Candidates::SomeAlive;
+            let failed_out = past.failed.get(p.get()).copied().unwrap_or(false)
+                && !self.current.view().contains(node);
+            if failed_out {
+                continue;
             }
+            if self.gone.contains(node) {
+                return Candidates::Pending;
+            }
+            // Alive: in `done_missing` until it says done for the view in force.
+            alive = true;
         }
-        if any {
-            Candidates::AllGone
-        } else {
-            Candidates::None
+        match (any, alive) {
+            (_, true) => Candidates::AllDone,
+            (true, false) => Candidates::AllGone,
+            (false, false) => Candidates::None,
         }
     }
 
@@ -1399,19 +1542,27 @@ impl<W> Handoff<W> {
         self.settle_wait(d, s, now);
     }
 
-    /// A wait that no live node may answer ends here: once every node has
-    /// said done, the primary takes the datum. Until then it is remembered.
+    /// A wait ends without a notice once every live node (ready or not) and
+    /// every node of the recent views has said done with the view in force:
+    /// none of them holds the datum then, so the primary takes it. Until
+    /// then it is remembered in `blocked_on_done`. A departed holder that
+    /// will never say done leaves the wait to its notice or the timeout.
     fn settle_wait(&mut self, d: Datum, s: Slot, now: Instant) {
         // Only the primary may take a datum without a notice: for a relay,
         // the primary in force (not among the candidates) may hold it.
         if s.phase != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
             return;
         }
-        match self.candidates(d.id) {
-            Candidates::SomeAlive => {}
-            _ if !self.done_missing.is_empty() => self.blocked_on_done.push(d),
-            Candidates::AllGone => self.take_token(d, s, Source::OwnerGone, now),
-            Candidates::None => self.take_token(d, s, Source::Fresh, now),
+        let source = match self.candidates(d.id) {
+            Candidates::Pending => return,
+            Candidates::AllDone => Source::AllDone,
+            Candidates::AllGone => Source::OwnerGone,
+            Candidates::None => Source::Fresh,
+        };
+        if self.installing || !self.done_missing.is_empty() {
+            self.blocked_on_done.push(d);
+        } else {
+            self.take_token(d, s, source, now);
         }
     }
 
@@ -1443,8 +1594,12 @@ impl<W> Handoff<W> {
                 self.settle_wait(d, s, now);
             }
             (Relay, true) => {
+                // A new wait: a notice sent under a view of the old one may
+                // be a token that a primary in between made worthless by
+                // taking the datum once everyone was done.
                 s.phase = Awaiting;
                 s.flight = self.enter_cohort(d, now);
+                s.since = s.flight;
                 self.registry.set(d, s);
                 self.settle_wait(d, s, now);
             }
@@ -1455,6 +1610,12 @@ impl<W> Handoff<W> {
             }
             (TokenWait | TokenQueued | TokenParked, _) => {
                 self.take_token(d, s, Source::Reroute, now);
+            }
+            (Acquiring, false) => {
+                self.acquire_superseded.entry(d).or_insert(now);
+            }
+            (Acquiring, true) => {
+                self.acquire_superseded.remove(&d);
             }
             _ => {}
         }
@@ -1498,8 +1659,15 @@ impl<W> Handoff<W> {
                         self.counters.acquired_owner_gone += 1;
                         Some(WithoutNotice::OwnerGone)
                     }
+                    Source::AllDone => {
+                        self.counters.acquired_all_done += 1;
+                        Some(WithoutNotice::AllDone)
+                    }
                     _ => None,
                 };
+                // Other notices for it, parked under views not seen here,
+                // are spent: a recurring view id must not revive them.
+                self.forget_parked(d);
                 if let Some(reason) = reason {
                     debug!(node = %self.local, datum = %d, ?reason, "acquiring without notice");
                     self.events
@@ -1590,9 +1758,17 @@ impl<W> Handoff<W> {
             from: self.local.clone(),
             to: to.clone(),
             groups,
+            epoch: self.install_seq,
             done: false,
+            echo: 0,
         };
-        self.sent.insert(id, SentBatch { datums, done: None });
+        self.sent.insert(
+            id,
+            SentBatch {
+                datums,
+                state: None,
+            },
+        );
         self.transmits.push_back(Transmit {
             id: SendId(id),
             to,
@@ -1615,7 +1791,14 @@ impl<W> Handoff<W> {
     }
 
     /// One notice for a view this node knows (in force or recent).
-    fn take_notice(&mut self, at: ViewAt, d: Datum, now: Instant, report: &mut NoticeReport) {
+    fn take_notice(
+        &mut self,
+        at: ViewAt,
+        d: Datum,
+        src: Src<'_>,
+        now: Instant,
+        report: &mut NoticeReport,
+    ) {
         let (table, self_idx, left_epoch) = match at {
             ViewAt::Current => (&self.current, self.self_index, None),
             ViewAt::Past(i) => match self.history.get(i) {
@@ -1660,7 +1843,7 @@ impl<W> Handoff<W> {
         });
         match taken {
             // Not registered (yet): keep it for a registration during this view.
-            None => self.park(view, d, now, report),
+            None => self.park(view, d, src, now, report),
             Some(Taken::Yes) => {
                 report.accepted += 1;
                 self.after_token(d, primary, Source::Notice, now);
@@ -1670,21 +1853,62 @@ impl<W> Handoff<W> {
         }
     }
 
-    fn park(&mut self, view: ViewId, d: Datum, now: Instant, report: &mut NoticeReport) {
+    fn park(
+        &mut self,
+        view: ViewId,
+        d: Datum,
+        src: Src<'_>,
+        now: Instant,
+        report: &mut NoticeReport,
+    ) {
         if self.parked_total >= self.config.max_parked {
             report.overflow += 1;
             return;
         }
         let p = self.parked.entry(view).or_insert_with(|| Parked {
             first: now,
-            datums: HashSet::default(),
+            datums: HashMap::default(),
+            senders: Vec::new(),
         });
-        if p.datums.insert(d) {
+        let i = match p
+            .senders
+            .iter()
+            .position(|(n, e)| n == src.node && *e == src.epoch)
+        {
+            Some(i) => i,
+            None => {
+                p.senders.push((src.node.clone(), src.epoch));
+                p.senders.len() - 1
+            }
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = p.datums.entry(d) {
+            v.insert(i as u32);
             self.parked_total += 1;
             report.parked += 1;
         } else {
             report.duplicate += 1;
         }
+    }
+
+    /// Whether the sender of a parked notice is still at the install it sent
+    /// it from. Once it moved on, another node may have taken the datum from
+    /// the done markers of a later view (a new token), so this old one is
+    /// spent; if it was the only one, the done markers or the timeout end the
+    /// wait. A gone sender is judged by the last install count it announced
+    /// here; one never heard from otherwise is taken at its word.
+    fn sender_unmoved(&self, node: &NodeId, epoch: u64) -> bool {
+        self.announced.get(node).is_none_or(|(e, _)| *e == epoch)
+    }
+
+    fn forget_parked(&mut self, d: Datum) {
+        if self.parked_total == 0 {
+            return;
+        }
+        let mut removed = 0;
+        for p in self.parked.values_mut() {
+            removed += usize::from(p.datums.remove(&d).is_some());
+        }
+        self.parked_total = self.parked_total.saturating_sub(removed);
     }
 
     fn count_report(&mut self, r: &NoticeReport) {
@@ -1720,6 +1944,11 @@ impl<W> Handoff<W> {
                 }
             }
         }
+        self.peers.remove(node);
+        // `announced` keeps its last install count: a notice it sent before
+        // it moved on and left stays spent (see `sender_unmoved`).
+        self.answered.remove(node);
+        self.done_received.remove(node);
         self.done_missing.remove(node);
         self.release_unheld_waits(now, true);
         self.check_ended();
@@ -1762,7 +1991,7 @@ impl<W> Handoff<W> {
 
     /// A new view is in force: every node of it and of the recent views
     /// (other than this one, not gone) must say "done" again.
-    fn reset_done(&mut self, now: Instant) {
+    fn reset_done(&mut self) {
         let mut expected = BTreeSet::new();
         for n in self.current.view().nodes() {
             expected.insert(n.clone());
@@ -1772,58 +2001,145 @@ impl<W> Handoff<W> {
                 expected.insert(n.clone());
             }
         }
+        expected.extend(self.peers.iter().cloned());
         expected.remove(&self.local);
         for g in &self.gone {
             expected.remove(g);
         }
-        if let Some((_, done)) = self.done_parked.remove(&self.current.view_id()) {
-            for n in &done {
-                expected.remove(n);
-            }
-        }
-        let timeout = self.config.timeout;
-        self.done_parked
-            .retain(|_, (first, _)| *first + timeout > now);
+        self.done_received.clear();
         self.done_missing = expected;
         self.blocked_on_done.clear();
     }
 
-    /// Sends this node's done markers for the view in force once nothing is
-    /// left to relinquish (or acquire and then hand on) under it.
-    fn maybe_send_done(&mut self) {
+    /// Whether anything is left to relinquish (or acquire and then hand on)
+    /// under the view in force, or a notice is not delivered yet.
+    fn is_busy(&self) -> bool {
         use Phase::*;
-        let view = self.current.view_id();
-        if self.fenced || self.done_sent == Some(view) {
-            return;
-        }
-        let busy = [
+        [
             RelinquishQueued,
             Relinquishing,
             RelinquishBackoff,
             TokenWait,
             TokenQueued,
+            // Done follows the delivery of every notice: a primary that has
+            // everyone's done marker and no notice takes the datum, and a
+            // notice still on its way would then arrive as a duplicate.
+            Passed,
             Acquiring,
         ]
         .iter()
-        .any(|&p| self.registry.count(p) > 0);
-        if busy {
-            return;
-        }
-        self.done_sent = Some(view);
-        let peers: Vec<NodeId> = self
+        .any(|&p| self.registry.count(p) > 0)
+    }
+
+    /// Whether this node exchanges its state with `node`: a live member or a
+    /// node of the view in force or a recent one, not gone.
+    fn is_target(&self, node: &NodeId) -> bool {
+        *node != self.local
+            && !self.gone.contains(node)
+            && (self.peers.contains(node) || self.in_views(node))
+    }
+
+    /// Tells every target where this node stands (just installed a view).
+    fn announce(&mut self) {
+        let targets: BTreeSet<NodeId> = self
             .current
             .view()
             .nodes()
             .iter()
+            .chain(self.history.iter().flat_map(|p| p.table.view().nodes()))
+            .chain(self.peers.iter())
             .filter(|n| **n != self.local && !self.gone.contains(*n))
             .cloned()
             .collect();
-        for to in peers {
-            self.push_done(to, view);
+        for to in targets {
+            self.push_state(to);
         }
     }
 
-    fn push_done(&mut self, to: NodeId, view: ViewId) {
+    /// Once nothing is left to relinquish under the view in force: a done
+    /// marker to each target already at that view. The others get theirs
+    /// when they say they are there ([`Handoff::peer_state`]).
+    fn maybe_send_done(&mut self) {
+        if self.fenced || self.done_seq == Some(self.install_seq) || self.is_busy() {
+            return;
+        }
+        self.done_seq = Some(self.install_seq);
+        let view = self.current.view_id();
+        let seq = self.install_seq;
+        let due: Vec<NodeId> = self
+            .announced
+            .iter()
+            .filter(|(n, (e, v))| {
+                *v == view && self.answered.get(*n) != Some(&(seq, *e)) && self.is_target(n)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for to in due {
+            self.push_state(to);
+        }
+    }
+
+    /// What a batch from `from` says of it: it is at instance `epoch` of
+    /// `view`, and (`done = Some(echo)`) done with it, answering this node's
+    /// instance `echo`. A done marker counts only for the instance it
+    /// answers, and stops counting once `from` says it moved on: a recurring
+    /// view id never revives an old marker.
+    fn peer_state(
+        &mut self,
+        from: &NodeId,
+        view: ViewId,
+        epoch: u64,
+        done: Option<u64>,
+        now: Instant,
+    ) {
+        if !self.is_target(from) {
+            return;
+        }
+        // Batches may arrive out of order: only the latest one speaks.
+        if self.announced.get(from).is_some_and(|(e, _)| epoch < *e) {
+            return;
+        }
+        if self.announced.len() < 65_536 || self.announced.contains_key(from) {
+            self.announced.insert(from.clone(), (epoch, view));
+        }
+        let current = self.current.view_id();
+        if view == current && done == Some(self.install_seq) {
+            self.done_received.insert(from.clone(), epoch);
+            if self.done_missing.remove(from) && self.done_missing.is_empty() {
+                self.release_unheld_waits(now, false);
+            }
+        } else if self
+            .done_received
+            .get(from)
+            .is_some_and(|&e| view != current || epoch > e)
+        {
+            // It moved on since its marker: the marker no longer speaks for
+            // the view in force here.
+            self.done_received.remove(from);
+            self.done_missing.insert(from.clone());
+        }
+        if view == current
+            && self.done_seq == Some(self.install_seq)
+            && self.answered.get(from) != Some(&(self.install_seq, epoch))
+        {
+            self.push_state(from.clone());
+        }
+    }
+
+    /// Sends `to` where this node stands: a done marker answering its
+    /// latest batch if both are at the view in force and this node is done
+    /// with it, else an announcement of the view and install count.
+    fn push_state(&mut self, to: NodeId) {
+        let view = self.current.view_id();
+        let answer = match self.announced.get(&to) {
+            Some(&(e, v)) if v == view && self.done_seq == Some(self.install_seq) => Some(e),
+            _ => None,
+        };
+        if let Some(e) = answer
+            && (self.answered.len() < 65_536 || self.answered.contains_key(&to))
+        {
+            self.answered.insert(to.clone(), (self.install_seq, e));
+        }
         let id = self.next_send;
         self.next_send += 1;
         let batch = NoticeBatch {
@@ -1831,13 +2147,15 @@ impl<W> Handoff<W> {
             from: self.local.clone(),
             to: to.clone(),
             groups: Vec::new(),
-            done: true,
+            epoch: self.install_seq,
+            done: answer.is_some(),
+            echo: answer.unwrap_or(0),
         };
         self.sent.insert(
             id,
             SentBatch {
                 datums: Vec::new(),
-                done: Some((view, to.clone())),
+                state: Some(to.clone()),
             },
         );
         self.transmits.push_back(Transmit {
@@ -2020,9 +2338,12 @@ impl<W> Handoff<W> {
                     self.take_token(datum, s, Source::PassOn, now);
                 }
             }
-            TimerKind::ResendDone { to, view } => {
-                if view == self.current.view_id() && !self.gone.contains(&to) {
-                    self.push_done(to, view);
+            TimerKind::AbandonRelinquish { datum, flight } => {
+                self.abandon_relinquish(datum, flight);
+            }
+            TimerKind::ResendState { to, seq } => {
+                if seq == self.install_seq && self.is_target(&to) {
+                    self.push_state(to);
                 }
             }
             TimerKind::Resend { key } => {

@@ -63,16 +63,28 @@
 //!     assert_eq!(job.kind, JobKind::Relinquish); // a persists, then notifies
 //!     node_a.job_done(job, Ok(()), later);
 //! }
-//! let tx = node_a.poll_transmit().unwrap();
-//! assert_eq!(tx.to, b);
-//! node_b.handle_notices(&a, &tx.batch.encode(), later).unwrap();
-//! node_a.send_done(tx.id, Ok(()), later);
+//! // The notices (and each node's "done" marker) go over the network.
+//! while deliver(&mut node_a, &mut node_b, later) | deliver(&mut node_b, &mut node_a, later) {}
 //! while let Some(job) = node_b.poll_job() {
 //!     assert_eq!(job.kind, JobKind::Acquire);
 //!     node_b.job_done(job, Ok(()), later);
 //! }
 //! assert_eq!(node_b.route(moving), Route::Process);
 //! assert!(node_a.is_idle() && node_b.is_idle());
+//! assert_eq!(node_b.counters().notices_accepted, 2);
+//!
+//! /// Hands every batch `from` has to send to `to`, as a transport would.
+//! fn deliver(from: &mut Handoff, to: &mut Handoff, now: Instant) -> bool {
+//!     let sender = from.local().clone();
+//!     let mut any = false;
+//!     while let Some(tx) = from.poll_transmit() {
+//!         assert_eq!(&tx.to, to.local());
+//!         to.handle_notices(&sender, &tx.batch.encode(), now).unwrap();
+//!         from.send_done(tx.id, Ok(()), now);
+//!         any = true;
+//!     }
+//!     any
+//! }
 //! ```
 
 mod datum;

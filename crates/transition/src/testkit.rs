@@ -71,6 +71,9 @@ pub struct SimConfig {
     pub work_every: Option<Duration>,
     /// Print to stderr everything that happens to this datum id (debugging).
     pub trace: Option<i64>,
+    /// Tell every node the live nodes, ready or not ([`Handoff::set_peers`]),
+    /// as membership would: when a node starts, every live node learns it.
+    pub peers: bool,
 }
 
 impl SimConfig {
@@ -95,6 +98,7 @@ impl SimConfig {
                 hold_capacity: 64,
                 ..Config::default()
             },
+            peers: true,
             net_delay: (Duration::from_millis(1), Duration::from_millis(30)),
             send_failure: 0.0,
             job_time: (Duration::ZERO, Duration::from_millis(10)),
@@ -455,7 +459,47 @@ impl Sim {
             transition_running: false,
         });
         self.pump(n);
+        if self.cfg.peers {
+            let live: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|s| s.alive && !s.declared)
+                .map(|s| s.id.clone())
+                .collect();
+            for o in 0..self.nodes.len() {
+                if !self.live(o) {
+                    continue;
+                }
+                if let Some(s) = self.nodes.get_mut(o) {
+                    s.handoff.set_peers(live.iter(), at);
+                }
+                self.pump(o);
+            }
+        }
         n
+    }
+
+    /// A node starts and learns the cluster, but is not ready yet.
+    pub fn start(&mut self) -> usize {
+        self.spawn()
+    }
+
+    /// Node `n` becomes ready before it has seen any other node ready: it
+    /// alone installs a view with only itself. [`Sim::ready`] later.
+    pub fn ready_alone(&mut self, n: usize) {
+        let Some(id) = self.nodes.get(n).map(|s| s.id.clone()) else {
+            return;
+        };
+        let view = View::from_nodes([id]);
+        match PlacementTable::build(view, &self.cfg.strategy, self.cfg.copies) {
+            Ok(t) => self.tables.push(Arc::new(t)),
+            Err(e) => {
+                self.check.violations.push(format!("placement: {e}"));
+                return;
+            }
+        }
+        let seq = self.tables.len() as u64 - 1;
+        self.schedule(Duration::ZERO, Ev::Install { node: n, seq });
     }
 
     /// Builds the table of the current members and schedules its install on
@@ -1243,7 +1287,9 @@ impl Sim {
 /// The named scenarios of the test suite: `join`, `leave`, `kill-owner`,
 /// `chained`, `flap` (under send failures), `false-positive`, `chaos` (six
 /// random changes of any kind, close together, under send failures), `stress`
-/// (the same with slow, failing jobs, tiny caps and batches, and replicas).
+/// (the same with slow, failing jobs, tiny caps and batches, and replicas),
+/// `concurrent-ready` (a cluster forming from nodes that become ready at the
+/// same moment, each first seeing only itself ready).
 pub const SCENARIOS: &[&str] = &[
     "join",
     "leave",
@@ -1253,6 +1299,7 @@ pub const SCENARIOS: &[&str] = &[
     "false-positive",
     "chaos",
     "stress",
+    "concurrent-ready",
 ];
 
 /// Runs a named scenario with `seed`; returns the violations (empty: passed).
@@ -1266,6 +1313,14 @@ pub fn run_scenario(name: &str, seed: u64) -> Vec<String> {
 pub fn run_scenario_traced(name: &str, seed: u64, trace: Option<i64>) -> Vec<String> {
     let mut cfg = SimConfig::new(seed);
     cfg.trace = trace;
+    run_scenario_with(name, cfg)
+}
+
+/// [`run_scenario`] from a configuration (its `seed` seeds the run); the
+/// scenario adjusts the fields it is about (send failures, job times...).
+#[must_use]
+pub fn run_scenario_with(name: &str, mut cfg: SimConfig) -> Vec<String> {
+    let seed = cfg.seed;
     let mut settle = cfg.handoff.timeout * 6;
     match name {
         "flap" => cfg.send_failure = 0.2,
@@ -1287,6 +1342,27 @@ pub fn run_scenario_traced(name: &str, seed: u64, trace: Option<i64>) -> Vec<Str
     }
     if seed % 3 == 1 {
         cfg.strategy = Strategy::Rendezvous { partitions: 64 };
+    }
+    if name == "concurrent-ready" {
+        // Nodes start and know each other, then become ready together, each
+        // before it sees another ready: each first installs a view of
+        // itself alone. Without waiting for the live peers' done markers,
+        // every one of them would acquire every datum.
+        let mut sim = Sim::new(cfg, 0);
+        let nodes: Vec<usize> = (0..3 + seed % 3).map(|_| sim.start()).collect();
+        let gap = sim.random_duration(Duration::ZERO, Duration::from_millis(100));
+        sim.run_for(gap);
+        for &n in &nodes {
+            sim.ready_alone(n);
+        }
+        for &n in &nodes {
+            let gap = sim.random_duration(Duration::ZERO, Duration::from_millis(400));
+            sim.run_for(gap);
+            sim.ready(n);
+        }
+        let busy = sim.random_duration(Duration::from_millis(500), Duration::from_secs(2));
+        sim.run_for(busy);
+        return sim.settle(settle);
     }
     let mut sim = Sim::new(cfg, 3 + (seed % 2) as usize);
     let warmup = sim.random_duration(Duration::from_millis(200), Duration::from_secs(1));

@@ -201,6 +201,11 @@ pub enum WithoutNotice {
     Timeout,
     /// Every node that could hold the datum failed or left.
     OwnerGone,
+    /// Every live node said it is done with the view in force, so none holds
+    /// the datum: its notice went to a view this node skipped, or was lost.
+    /// The old owner's relinquish had ended (saved, or abandoned and
+    /// reported as [`Event::RelinquishAbandoned`] there).
+    AllDone,
 }
 
 /// This node's part in a datum's owner set.
@@ -364,6 +369,9 @@ pub struct Counters {
     pub acquired_after_timeout: u64,
     /// Datums acquired at once because their possible holders were gone.
     pub acquired_owner_gone: u64,
+    /// Datums acquired without their notice once every live node had said
+    /// done with the view in force (the notice went to a skipped view).
+    pub acquired_all_done: u64,
     /// Relinquished datums whose notice could not be delivered within the timeout.
     pub notices_expired: u64,
     /// Job completions for jobs no longer current (ignored).

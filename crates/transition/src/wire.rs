@@ -17,7 +17,7 @@ use shoal_placement::{NodeId, ViewId};
 use crate::error::WireError;
 
 /// The wire version this build writes and reads.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// Limits applied when decoding bytes from a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,10 +62,18 @@ pub struct NoticeBatch {
     pub to: NodeId,
     /// The notices, grouped by datum type.
     pub groups: Vec<NoticeGroup>,
-    /// The done marker: `from` has nothing left to relinquish under `view`
-    /// (every notice it owed for that view was handed to the transport
-    /// before this). Lets a primary acquire a datum nobody notified it of.
+    /// The sender's install count when it sent the batch: which instance of
+    /// `view` it speaks of (view ids recur when the same members come back).
+    /// Every batch also tells the addressee that `from` is at `view` now.
+    pub epoch: u64,
+    /// The done marker: `from` is at `view` and has nothing left to
+    /// relinquish under it (every notice it owed for that view was
+    /// delivered). Lets a primary acquire a datum nobody notified it of.
     pub done: bool,
+    /// With `done`: the addressee's own `epoch` this marker answers (the
+    /// last batch `from` had from it said it was at `view`). A marker counts
+    /// only for the instance of the view it answers, never a later one.
+    pub echo: u64,
 }
 
 impl NoticeBatch {
@@ -110,7 +118,9 @@ impl NoticeBatch {
             from: self.from.clone(),
             to: self.to.clone(),
             groups,
+            epoch: self.epoch,
             done: self.done,
+            echo: self.echo,
         });
         let mut out = vec![WIRE_VERSION];
         // Serialising plain structs into a Vec cannot fail; keep the version
@@ -179,7 +189,9 @@ impl NoticeBatch {
             from: n.from,
             to: n.to,
             groups,
+            epoch: n.epoch,
             done: n.done,
+            echo: n.echo,
         })
     }
 }
@@ -196,7 +208,9 @@ struct WireNotices {
     from: NodeId,
     to: NodeId,
     groups: Vec<WireGroup>,
+    epoch: u64,
     done: bool,
+    echo: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -225,7 +239,9 @@ mod tests {
                     ids: vec![i64::MIN, -1, 0, i64::MAX],
                 },
             ],
+            epoch: 7,
             done: true,
+            echo: 3,
         }
     }
 
@@ -239,6 +255,7 @@ mod tests {
         assert_eq!(back.from, b.from);
         assert_eq!(back.to, b.to);
         assert!(back.done);
+        assert_eq!((back.epoch, back.echo), (7, 3));
         assert_eq!(back.len(), 7);
     }
 

@@ -224,7 +224,9 @@ fn stale_and_duplicate_notices_are_counted_and_never_satisfy_a_later_wait() {
             datum_type: "series".into(),
             ids: vec![1],
         }],
+        epoch: 0,
         done: false,
+        echo: 0,
     };
     let r = c.nodes[1]
         .handle_notices(&c.ids[0], &forged(new_view).encode(), c.now)
@@ -259,8 +261,10 @@ fn early_notice_is_parked_until_its_view_arrives() {
     // Only a installs the new view; b still has the old one.
     c.nodes[0].install(Arc::clone(&t), c.now);
     assert!(c.run_jobs(0));
-    let tx = c.nodes[0].poll_transmit().unwrap();
-    c.deliver(0, &tx);
+    // Its announcement of the view, then the notice.
+    while let Some(tx) = c.nodes[0].poll_transmit() {
+        c.deliver(0, &tx);
+    }
     assert_eq!(c.nodes[1].progress().parked_notices, 1);
     assert!(c.holders(1).is_empty());
     c.nodes[1].install(Arc::clone(&t), c.now);
@@ -448,7 +452,9 @@ fn fencing_stops_everything_first() {
         from: c.ids[1].clone(),
         to: c.ids[0].clone(),
         groups: vec![],
+        epoch: 1,
         done: true,
+        echo: 1,
     };
     assert_eq!(
         c.nodes[0].handle_notices(&c.ids[1], &batch.encode(), c.now),
@@ -505,7 +511,9 @@ fn misaddressed_and_impersonated_batches_are_refused() {
             datum_type: "series".into(),
             ids: vec![1],
         }],
+        epoch: 0,
         done: false,
+        echo: 0,
     };
     assert!(matches!(
         c.nodes[1].handle_notices(&c.ids[0], &batch.encode(), c.now),

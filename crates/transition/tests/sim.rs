@@ -3,7 +3,7 @@
 //! `SHOAL_TRANSITION_SEEDS=n` runs n seeds per scenario (default 150).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use shoal_transition::testkit::{SCENARIOS, run_scenario};
+use shoal_transition::testkit::{SCENARIOS, SimConfig, run_scenario, run_scenario_with};
 
 fn seeds() -> u64 {
     std::env::var("SHOAL_TRANSITION_SEEDS")
@@ -29,7 +29,7 @@ fn run(name: &str) {
 
 #[test]
 fn scenario_names_are_known() {
-    assert_eq!(SCENARIOS.len(), 8);
+    assert_eq!(SCENARIOS.len(), 9);
     assert!(!run_scenario("no-such", 0).is_empty());
 }
 
@@ -56,6 +56,25 @@ fn chained() {
 #[test]
 fn flap() {
     run("flap");
+}
+
+#[test]
+fn concurrent_ready() {
+    run("concurrent-ready");
+}
+
+/// The check behind `concurrent_ready` can fail: without the live peers,
+/// nodes that become ready together each acquire every datum.
+#[test]
+fn concurrent_ready_without_peers_gives_two_first_owners() {
+    let caught = (0..10).any(|seed| {
+        let mut cfg = SimConfig::new(seed);
+        cfg.peers = false;
+        run_scenario_with("concurrent-ready", cfg)
+            .iter()
+            .any(|v| v.contains("acquires datum") && v.contains("hold it"))
+    });
+    assert!(caught, "two first owners went unnoticed");
 }
 
 #[test]
