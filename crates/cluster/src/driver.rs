@@ -380,10 +380,12 @@ impl Driver {
         self.drain_handoff(now);
         self.reroute_parked(now, false);
         self.drain_handoff(now);
-        self.finish_waiters(now);
+        // Publish first: a caller woken by a finished transition reads the
+        // owners of the view it installed.
         if self.view_dirty {
             self.publish();
         }
+        self.finish_waiters(now);
     }
 
     fn drain_handoff(&mut self, now: Instant) {
@@ -517,6 +519,14 @@ impl Driver {
                 warn!(node = %self.name, %name, local_lost, "two processes claim one name");
             }
             MEvent::ViewChanged(members) => {
+                // Every live member, ready or not, says done before a datum
+                // is taken without its notice: two nodes made ready at once
+                // each wait for the other instead of both acquiring.
+                let peers: Vec<NodeId> = members
+                    .iter()
+                    .map(|m| NodeId::new(&*m.name, m.generation))
+                    .collect();
+                self.handoff.set_peers(peers.iter(), now);
                 self.live = members;
                 self.on_view(now);
             }
@@ -660,8 +670,12 @@ impl Driver {
             completed: self.handoff.is_idle(),
             relinquished: c.relinquished.saturating_sub(b.relinquished),
             acquired: c.acquired.saturating_sub(b.acquired),
-            acquired_without_notice: (c.acquired_after_timeout + c.acquired_owner_gone)
-                .saturating_sub(b.acquired_after_timeout + b.acquired_owner_gone),
+            acquired_without_notice: (c.acquired_after_timeout
+                + c.acquired_owner_gone
+                + c.acquired_all_done)
+                .saturating_sub(
+                    b.acquired_after_timeout + b.acquired_owner_gone + b.acquired_all_done,
+                ),
             relinquish_failures: c.relinquish_failures.saturating_sub(b.relinquish_failures),
             acquire_failures: c.acquire_failures.saturating_sub(b.acquire_failures),
             relinquish_abandoned: c

@@ -109,7 +109,8 @@ pub struct TransitionReport {
     pub relinquished: u64,
     /// Datums this node acquired.
     pub acquired: u64,
-    /// Of those, acquired without a notice (timeout or old owner gone).
+    /// Of those, acquired without a notice (timeout, old owner gone, or every
+    /// live member done with the view while the notice went to a skipped one).
     pub acquired_without_notice: u64,
     /// Relinquish attempts that failed.
     pub relinquish_failures: u64,
@@ -211,7 +212,7 @@ impl fmt::Display for Snapshot {
             "handoff: relinquished {} acquired {} (without notice {}) notices sent {} accepted {} stale {}",
             t.relinquished,
             t.acquired,
-            t.acquired_after_timeout + t.acquired_owner_gone,
+            t.acquired_after_timeout + t.acquired_owner_gone + t.acquired_all_done,
             t.notices_sent,
             t.notices_accepted,
             t.notices_stale
