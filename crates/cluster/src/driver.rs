@@ -1,9 +1,10 @@
-//! The driver: one task per node that owns the sans-IO state machines
-//! (membership, handoff) and runs them on tokio over the QUIC transport.
+//! The driver: one task per node that owns the handoff state machine and
+//! runs it on tokio over the QUIC transport. Membership runs on a task of its
+//! own ([`crate::gossip`]) and hands the driver its events in order.
 //!
-//! It selects over commands from API handles, datagrams and internal
-//! messages from the transport, job and send completions, owner-routed
-//! messages, and the earliest deadline of the state machines. It never
+//! It selects over commands from API handles, membership's events, notice
+//! batches from the transport, job and send completions, owner-routed
+//! messages, and the earliest deadline of the handoff. It never
 //! awaits the network or the application inline: every send goes through a
 //! bounded per-peer queue drained by a link task (try-send), every
 //! relinquish / acquire and every notice batch runs as a spawned task that
@@ -16,15 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::rngs::SmallRng;
-use shoal_membership::{Event as MEvent, Member, Membership};
+use shoal_membership::{Event as MEvent, Member};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{
     Counters, Datum, Event as HEvent, Handoff, Job, JobKind, NoticeBatch, ReleaseTo, Route, SendId,
 };
-use shoal_transport::{
-    Datagram, Dest, Incoming, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull,
-};
+use shoal_transport::{Dest, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, trace, warn};
 
@@ -32,6 +30,7 @@ use crate::channel::{ChannelTable, Delivery};
 use crate::config::{NodeConfig, TransitionMode};
 use crate::datum::ErasedDatum;
 use crate::error::Error;
+use crate::gossip::{FromMembership, MembershipSnapshot};
 use crate::view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
 use crate::wire::{self, CH_MEMBERSHIP, CH_NOTICES, CH_ROUTED, Routed, USER_CHANNEL_BIT};
 
@@ -39,15 +38,14 @@ use crate::wire::{self, CH_MEMBERSHIP, CH_NOTICES, CH_ROUTED, Routed, USER_CHANN
 const NOTICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Items the driver takes from one input queue per wake-up.
 const BATCH: usize = 256;
+/// Registered datums from which installing a view runs in `block_in_place`.
+const BLOCKING_INSTALL_DATUMS: usize = 50_000;
 /// Jobs completed inline per pump; more wait for the next turn of the loop,
 /// so a million no-op jobs never keep the driver from its probes.
 const INLINE_JOBS_PER_PUMP: usize = 2048;
 
 /// A request from an API handle.
 pub(crate) enum Command {
-    Join(Vec<SocketAddr>),
-    SetReady(bool, oneshot::Sender<()>),
-    SetMetadata(Vec<u8>, oneshot::Sender<Result<(), Error>>),
     Register(
         Vec<Arc<dyn ErasedDatum>>,
         oneshot::Sender<Result<usize, Error>>,
@@ -59,22 +57,31 @@ pub(crate) enum Command {
         tx: oneshot::Sender<TransitionReport>,
     },
     Progress(oneshot::Sender<TransitionReport>),
-    Leave {
-        deadline: Instant,
-        tx: oneshot::Sender<()>,
-    },
-    Snapshot(oneshot::Sender<Snapshot>),
+    /// Completes the membership task's part of a snapshot.
+    Snapshot(Box<MembershipSnapshot>, oneshot::Sender<Snapshot>),
     Shutdown,
 }
 
-/// What the dispatcher hands the driver.
-enum Internal {
-    Membership(SocketAddr, Bytes),
-    Notices(Peer, Bytes, Option<Responder>),
+/// The driver's inputs from the node: the transport's messages, the
+/// membership task's queues, API commands and owner-routed messages.
+pub(crate) struct DriverInputs {
+    /// Messages from the transport, read by the dispatcher.
+    pub(crate) messages: MessageReceiver,
+    /// Where the dispatcher hands reliable membership messages.
+    pub(crate) membership_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    /// Events and acknowledgements from the membership task.
+    pub(crate) membership_rx: mpsc::Receiver<FromMembership>,
+    /// Commands from API handles.
+    pub(crate) cmd_rx: mpsc::Receiver<Command>,
+    /// Messages for datum owners, from this node's senders.
+    pub(crate) owner_rx: mpsc::Receiver<Routed>,
 }
 
+/// A notice batch request, from the dispatcher.
+struct NoticeRequest(Peer, Bytes, Option<Responder>);
+
 /// One item for a peer's link task.
-enum Out {
+pub(crate) enum Out {
     Datagram(Dest, Bytes),
     Message(Dest, u32, Bytes),
 }
@@ -113,20 +120,20 @@ pub(crate) struct SendDone {
     result: Result<(), String>,
 }
 
-/// The facade's counters, shared with the dispatcher task.
+/// The facade's counters, shared with the dispatcher and membership tasks.
 #[derive(Default)]
 pub(crate) struct Counts {
     routed_delivered: AtomicU64,
     routed_forwarded: AtomicU64,
     routed_held: AtomicU64,
     routed_dropped: AtomicU64,
-    datagrams_dropped: AtomicU64,
-    malformed: AtomicU64,
+    pub(crate) datagrams_dropped: AtomicU64,
+    pub(crate) malformed: AtomicU64,
     jobs_started: AtomicU64,
 }
 
 impl Counts {
-    fn inc(c: &AtomicU64) {
+    pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -185,23 +192,20 @@ struct Waiter {
     tx: oneshot::Sender<TransitionReport>,
 }
 
-struct LeaveWaiter {
-    deadline: Instant,
-    tx: oneshot::Sender<()>,
-}
-
 pub(crate) struct Driver {
     config: NodeConfig,
     name: Arc<str>,
     me: NodeId,
-    membership: Membership<SmallRng>,
+    /// This node's membership record, as the membership task last sent it.
+    local: Member,
+    /// The live members by name, from membership's last view.
+    members: HashMap<Arc<str>, Member>,
     handoff: Handoff<Routed>,
     transport: Transport,
     channels: Arc<ChannelTable>,
     view_tx: watch::Sender<Arc<ClusterView>>,
     datums: HashMap<Datum, Arc<dyn ErasedDatum>>,
     links: HashMap<SocketAddr, mpsc::Sender<Out>>,
-    names: HashMap<SocketAddr, NodeName>,
     live: Vec<Member>,
     latest: Option<Arc<PlacementTable>>,
     backlog: VecDeque<Pending>,
@@ -213,7 +217,6 @@ pub(crate) struct Driver {
     job_tx: mpsc::Sender<JobDone>,
     send_tx: mpsc::Sender<SendDone>,
     waiters: Vec<Waiter>,
-    leave_waiters: Vec<LeaveWaiter>,
     report_base: Counters,
     counts: Arc<Counts>,
     version: u64,
@@ -227,29 +230,30 @@ pub(crate) struct Driver {
 impl Driver {
     pub(crate) fn new(
         config: NodeConfig,
-        membership: Membership<SmallRng>,
+        local: Member,
         handoff: Handoff<Routed>,
         transport: Transport,
         channels: Arc<ChannelTable>,
         view_tx: watch::Sender<Arc<ClusterView>>,
+        counts: Arc<Counts>,
     ) -> (Driver, mpsc::Receiver<JobDone>, mpsc::Receiver<SendDone>) {
         let jobs = config.limits.max_relinquish_jobs + config.limits.max_acquire_jobs + 16;
         let (job_tx, job_rx) = mpsc::channel(jobs);
         let (send_tx, send_rx) = mpsc::channel(1024);
-        let name: Arc<str> = Arc::clone(&membership.local().name);
-        let me = NodeId::new(&*name, membership.local().generation);
+        let name: Arc<str> = Arc::clone(&local.name);
+        let me = NodeId::new(&*name, local.generation);
         let driver = Driver {
             config,
             name,
             me,
-            membership,
+            local,
+            members: HashMap::new(),
             handoff,
             transport,
             channels,
             view_tx,
             datums: HashMap::new(),
             links: HashMap::new(),
-            names: HashMap::new(),
             live: Vec::new(),
             latest: None,
             backlog: VecDeque::new(),
@@ -258,9 +262,8 @@ impl Driver {
             job_tx,
             send_tx,
             waiters: Vec::new(),
-            leave_waiters: Vec::new(),
             report_base: Counters::default(),
-            counts: Arc::new(Counts::default()),
+            counts,
             version: 0,
             view_dirty: true,
             fenced: false,
@@ -276,20 +279,26 @@ impl Driver {
         mut self,
         mut job_rx: mpsc::Receiver<JobDone>,
         mut send_rx: mpsc::Receiver<SendDone>,
-        incoming: Incoming,
-        mut cmd_rx: mpsc::Receiver<Command>,
-        mut owner_rx: mpsc::Receiver<Routed>,
+        inputs: DriverInputs,
     ) {
-        let (messages, mut datagrams) = incoming.split();
-        let (internal_tx, mut internal_rx) = mpsc::channel(1024);
+        let DriverInputs {
+            messages,
+            membership_tx,
+            mut membership_rx,
+            mut cmd_rx,
+            mut owner_rx,
+        } = inputs;
+        let (notice_tx, mut notice_rx) = mpsc::channel(1024);
         let (routed_tx, mut routed_rx) = mpsc::channel(self.config.limits.owner_queue);
         let dispatcher = tokio::spawn(dispatch(
             messages,
             Arc::clone(&self.channels),
             Arc::clone(&self.counts),
-            internal_tx,
+            membership_tx,
+            notice_tx,
             routed_tx,
         ));
+        let mut membership_buf = Vec::with_capacity(BATCH);
         let mut owner_buf = Vec::with_capacity(BATCH);
         let mut routed_buf = Vec::with_capacity(BATCH);
         let far = Duration::from_secs(3600);
@@ -307,8 +316,14 @@ impl Driver {
                     Some(cmd) => self.on_command(cmd, Instant::now()),
                     None => break,
                 },
-                Some(d) = datagrams.recv() => self.on_datagram(d, Instant::now()),
-                Some(i) = internal_rx.recv() => self.on_internal(i, Instant::now()),
+                n = membership_rx.recv_many(&mut membership_buf, BATCH) => {
+                    if n == 0 { break; }
+                    let now = Instant::now();
+                    for item in membership_buf.drain(..) {
+                        self.on_membership(item, now);
+                    }
+                }
+                Some(r) = notice_rx.recv() => self.on_notices(r, Instant::now()),
                 Some(j) = job_rx.recv() => {
                     let now = Instant::now();
                     self.handoff.job_done(j.job, j.result, now);
@@ -342,10 +357,8 @@ impl Driver {
             return Some(Instant::now());
         }
         [
-            self.membership.poll_timeout(),
             self.handoff.poll_timeout(),
             self.waiters.iter().map(|w| w.deadline).min(),
-            self.leave_waiters.iter().map(|w| w.deadline).min(),
             self.parked.front().map(|p| p.retry_at),
             self.early_notices.iter().map(|e| e.until).min(),
         ]
@@ -357,22 +370,6 @@ impl Driver {
     // ----- the state machines' outputs ---------------------------------------
 
     fn pump(&mut self, now: Instant) {
-        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
-            self.membership.handle_timeout(now);
-        }
-        while let Some(event) = self.membership.poll_event() {
-            self.on_membership_event(event, now);
-        }
-        while let Some(t) = self.membership.poll_transmit() {
-            let dest = self.dest_for(t.to);
-            let payload = Bytes::from(t.payload);
-            let out = if t.reliable {
-                Out::Message(dest, CH_MEMBERSHIP, payload)
-            } else {
-                Out::Datagram(dest, payload)
-            };
-            self.push_peer(t.to, out, true);
-        }
         if self.handoff.poll_timeout().is_some_and(|t| t <= now) {
             self.handoff.handle_timeout(now);
         }
@@ -431,8 +428,8 @@ impl Driver {
         }
         while let Some(t) = self.handoff.poll_transmit() {
             let member = self
-                .membership
-                .member(&t.to.name)
+                .members
+                .get(&*t.to.name)
                 .filter(|m| m.generation == t.to.generation);
             let dest = member.and_then(|m| {
                 NodeName::new(&m.name)
@@ -483,11 +480,27 @@ impl Driver {
         }
     }
 
+    fn on_membership(&mut self, item: FromMembership, now: Instant) {
+        match item {
+            FromMembership::Event(event) => self.on_membership_event(event, now),
+            FromMembership::Local(local) => {
+                self.local = local;
+                self.view_dirty = true;
+            }
+            FromMembership::Ack(ack) => {
+                // Publish first: the caller that waited reads the view.
+                if self.view_dirty {
+                    self.publish();
+                }
+                ack.complete();
+            }
+        }
+    }
+
     fn on_membership_event(&mut self, event: MEvent, now: Instant) {
         match event {
             MEvent::Joined(m) | MEvent::Updated(m) | MEvent::Alive(m) => {
                 debug!(node = %self.name, member = %m.name, state = ?m.state, ready = m.ready, "member");
-                self.learn(&m);
                 self.view_dirty = true;
             }
             MEvent::Suspected(m) => {
@@ -527,6 +540,10 @@ impl Driver {
                     .map(|m| NodeId::new(&*m.name, m.generation))
                     .collect();
                 self.handoff.set_peers(peers.iter(), now);
+                self.members = members
+                    .iter()
+                    .map(|m| (Arc::clone(&m.name), m.clone()))
+                    .collect();
                 self.live = members;
                 self.on_view(now);
             }
@@ -535,16 +552,9 @@ impl Driver {
                 metrics::counter!("shoal_fenced_total").increment(1);
                 self.handoff.fence(now);
                 self.fenced = true;
-                // A fenced node must not be placed on: leave the ready view.
-                self.membership.set_ready(false, now);
+                // The membership task has marked this node not ready.
                 self.view_dirty = true;
             }
-        }
-    }
-
-    fn learn(&mut self, m: &Member) {
-        if let Ok(name) = NodeName::new(&m.name) {
-            self.names.insert(m.addr, name);
         }
     }
 
@@ -586,7 +596,17 @@ impl Driver {
             self.report_base = self.handoff.counters().clone();
         }
         info!(node = %self.name, view = %table.view_id(), nodes = table.view().len(), "installing placement");
-        self.handoff.install(table, now);
+        // Installing walks every registered datum: a few hundred
+        // milliseconds for a million. On a multi-threaded runtime, let the
+        // other tasks of this worker (the membership task among them) move
+        // to another thread meanwhile, so probes are still answered.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread && self.datums.len() >= BLOCKING_INSTALL_DATUMS {
+            tokio::task::block_in_place(|| self.handoff.install(table, now));
+        } else {
+            self.handoff.install(table, now);
+        }
         metrics::counter!("shoal_views_installed_total").increment(1);
         self.reroute_parked(now, true);
         self.view_dirty = true;
@@ -639,17 +659,6 @@ impl Driver {
                 }
             }
         }
-        if !self.leave_waiters.is_empty() {
-            let quiet =
-                self.membership.pending_broadcasts() == 0 || self.membership.num_live() == 0;
-            let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leave_waiters)
-                .into_iter()
-                .partition(|w| quiet || now >= w.deadline);
-            self.leave_waiters = keep;
-            for w in done {
-                let _ = w.tx.send(());
-            }
-        }
     }
 
     fn report(&self) -> TransitionReport {
@@ -689,15 +698,11 @@ impl Driver {
     fn publish(&mut self) {
         self.view_dirty = false;
         self.version += 1;
-        let mut members: Vec<NodeInfo> = self
-            .membership
-            .live_members()
-            .map(NodeInfo::from_member)
-            .collect();
+        let mut members: Vec<NodeInfo> = self.live.iter().map(NodeInfo::from_member).collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));
         metrics::gauge!("shoal_members_live").set(members.len() as f64);
         let view = ClusterView {
-            local: NodeInfo::from_member(self.membership.local()),
+            local: NodeInfo::from_member(&self.local),
             members,
             ready: self.ready_view(),
             placement: Arc::clone(self.handoff.table()),
@@ -711,26 +716,6 @@ impl Driver {
 
     fn on_command(&mut self, cmd: Command, now: Instant) {
         match cmd {
-            Command::Join(seeds) => self.membership.join(&seeds, now),
-            Command::SetReady(ready, tx) => {
-                self.membership.set_ready(ready && !self.fenced, now);
-                let _ = tx.send(());
-            }
-            Command::SetMetadata(metadata, tx) => {
-                let result = self
-                    .membership
-                    .set_metadata(metadata, now)
-                    .map_err(|e| match e {
-                        shoal_membership::Error::MetadataTooLarge { len, max } => {
-                            Error::MetadataTooLarge { len, max }
-                        }
-                        _ => Error::MetadataTooLarge {
-                            len: 0,
-                            max: self.config.limits.max_metadata,
-                        },
-                    });
-                let _ = tx.send(result);
-            }
             Command::Register(batch, tx) => {
                 let _ = tx.send(self.register(batch, now));
             }
@@ -763,12 +748,8 @@ impl Driver {
             Command::Progress(tx) => {
                 let _ = tx.send(self.report());
             }
-            Command::Leave { deadline, tx } => {
-                self.membership.leave(now);
-                self.leave_waiters.push(LeaveWaiter { deadline, tx });
-            }
-            Command::Snapshot(tx) => {
-                let _ = tx.send(self.snapshot());
+            Command::Snapshot(membership, tx) => {
+                let _ = tx.send(self.snapshot(*membership));
             }
             Command::Shutdown => self.stop = true,
         }
@@ -788,15 +769,11 @@ impl Driver {
         Ok(added)
     }
 
-    fn snapshot(&self) -> Snapshot {
+    fn snapshot(&self, membership: MembershipSnapshot) -> Snapshot {
         let p = self.handoff.progress();
         Snapshot {
-            local: NodeInfo::from_member(self.membership.local()),
-            members: self
-                .membership
-                .members()
-                .map(NodeInfo::from_member)
-                .collect(),
+            local: membership.local,
+            members: membership.members,
             view: self.handoff.view_id(),
             registered: p.registered,
             owned: p.held,
@@ -804,56 +781,37 @@ impl Driver {
             held_work: p.held_work,
             fenced: self.fenced,
             transition: self.handoff.counters().clone(),
-            membership: self.membership.stats().clone(),
+            membership: membership.stats,
             transport: self.transport.stats(),
             facade: self.counts.snapshot(),
         }
     }
 
-    fn on_datagram(&mut self, d: Datagram, now: Instant) {
-        self.names.insert(d.from.addr, d.from.name.clone());
-        if let Err(error) = self.membership.handle_packet(d.from.addr, &d.payload, now) {
-            Counts::inc(&self.counts.malformed);
-            debug!(node = %self.name, from = %d.from, %error, "malformed membership datagram");
-        }
-    }
-
-    fn on_internal(&mut self, i: Internal, now: Instant) {
-        match i {
-            Internal::Membership(from, bytes) => {
-                if let Err(error) = self.membership.handle_packet(from, &bytes, now) {
-                    Counts::inc(&self.counts.malformed);
-                    debug!(node = %self.name, %from, %error, "malformed membership message");
-                }
+    fn on_notices(&mut self, request: NoticeRequest, now: Instant) {
+        let NoticeRequest(peer, bytes, reply) = request;
+        let batch = match NoticeBatch::decode(&bytes, &self.handoff.config().wire) {
+            Ok(batch) => batch,
+            Err(error) => {
+                Counts::inc(&self.counts.malformed);
+                debug!(node = %self.name, from = %peer, %error, "undecodable notice batch");
+                answer(reply, false);
+                return;
             }
-            Internal::Notices(peer, bytes, reply) => {
-                let batch = match NoticeBatch::decode(&bytes, &self.handoff.config().wire) {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        Counts::inc(&self.counts.malformed);
-                        debug!(node = %self.name, from = %peer, %error, "undecodable notice batch");
-                        answer(reply, false);
-                        return;
-                    }
-                };
-                if batch.view != self.handoff.view_id()
-                    && self.early_notices.len() < MAX_EARLY_NOTICES
-                {
-                    // Sent under a view this node has not installed (yet):
-                    // the sender saw the change first. Give gossip a moment
-                    // to bring it here; a recurring view id would otherwise
-                    // make the notices look stale.
-                    self.early_notices.push_back(EarlyNotice {
-                        until: now + NOTICE_GRACE,
-                        peer,
-                        batch,
-                        reply,
-                    });
-                    return;
-                }
-                self.take_notices(peer, batch, reply, now);
-            }
+        };
+        if batch.view != self.handoff.view_id() && self.early_notices.len() < MAX_EARLY_NOTICES {
+            // Sent under a view this node has not installed (yet): the
+            // sender saw the change first. Give gossip a moment to bring it
+            // here; a recurring view id would otherwise make the notices look
+            // stale.
+            self.early_notices.push_back(EarlyNotice {
+                until: now + NOTICE_GRACE,
+                peer,
+                batch,
+                reply,
+            });
+            return;
         }
+        self.take_notices(peer, batch, reply, now);
     }
 
     /// Hands early notice batches to the handoff once their view is in
@@ -880,8 +838,8 @@ impl Driver {
         now: Instant,
     ) {
         let from = self
-            .membership
-            .member(peer.name.as_str())
+            .members
+            .get(peer.name.as_str())
             .map(|m| NodeId::new(&*m.name, m.generation));
         let ok = match from {
             Some(from) => match self.handoff.handle_batch(&from, batch, now) {
@@ -1032,7 +990,7 @@ impl Driver {
     }
 
     fn forward_to(&mut self, node: &NodeId, routed: Routed) {
-        let Some(addr) = self.membership.member(&node.name).map(|m| m.addr) else {
+        let Some(addr) = self.members.get(&*node.name).map(|m| m.addr) else {
             self.drop_routed("unknown_owner");
             return;
         };
@@ -1042,17 +1000,10 @@ impl Driver {
         };
         Counts::inc(&self.counts.routed_forwarded);
         let out = Out::Message(Dest::node(name, addr), CH_ROUTED, routed.encode());
-        self.push_peer(addr, out, false);
+        self.push(Pending::Peer(addr, out));
     }
 
     // ----- bounded queues ------------------------------------------------------
-
-    fn dest_for(&self, addr: SocketAddr) -> Dest {
-        match self.names.get(&addr) {
-            Some(name) => Dest::node(name.clone(), addr),
-            None => Dest::addr(addr),
-        }
-    }
 
     fn link(&mut self, addr: SocketAddr) -> mpsc::Sender<Out> {
         if let Some(tx) = self.links.get(&addr).filter(|tx| !tx.is_closed()) {
@@ -1066,21 +1017,6 @@ impl Driver {
         ));
         self.links.insert(addr, tx.clone());
         tx
-    }
-
-    /// Queues `out` for the peer at `addr`. When its queue is full a
-    /// droppable item (a membership datagram or reliable transmit) is dropped
-    /// and counted; anything else waits in the backlog.
-    fn push_peer(&mut self, addr: SocketAddr, out: Out, droppable: bool) {
-        if droppable {
-            let tx = self.link(addr);
-            if tx.try_send(out).is_err() {
-                Counts::inc(&self.counts.datagrams_dropped);
-                metrics::counter!("shoal_peer_queue_drops_total").increment(1);
-            }
-        } else {
-            self.push(Pending::Peer(addr, out));
-        }
     }
 
     fn push(&mut self, item: Pending) {
@@ -1139,7 +1075,7 @@ impl Driver {
 }
 
 /// Sends one peer's queued items through the transport, in order.
-async fn link_task(transport: Transport, mut rx: mpsc::Receiver<Out>, node: Arc<str>) {
+pub(crate) async fn link_task(transport: Transport, mut rx: mpsc::Receiver<Out>, node: Arc<str>) {
     while let Some(out) = rx.recv().await {
         let result = match &out {
             Out::Datagram(dest, payload) => transport.send_datagram(dest, payload).await,
@@ -1167,17 +1103,15 @@ async fn dispatch(
     mut messages: MessageReceiver,
     channels: Arc<ChannelTable>,
     counts: Arc<Counts>,
-    internal_tx: mpsc::Sender<Internal>,
+    membership_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    notice_tx: mpsc::Sender<NoticeRequest>,
     routed_tx: mpsc::Sender<(Peer, Bytes)>,
 ) {
     while let Some(m) = messages.recv().await {
         let delivered = match m.channel {
-            CH_MEMBERSHIP => internal_tx
-                .send(Internal::Membership(m.from.addr, m.body))
-                .await
-                .is_ok(),
-            CH_NOTICES => internal_tx
-                .send(Internal::Notices(m.from, m.body, m.reply))
+            CH_MEMBERSHIP => membership_tx.send((m.from.addr, m.body)).await.is_ok(),
+            CH_NOTICES => notice_tx
+                .send(NoticeRequest(m.from, m.body, m.reply))
                 .await
                 .is_ok(),
             CH_ROUTED => routed_tx.send((m.from, m.body)).await.is_ok(),

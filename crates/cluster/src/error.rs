@@ -64,6 +64,10 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// The membership layer refused the request (for example a metadata
+    /// limit it enforces); nothing changed.
+    #[error("membership: {0}")]
+    Membership(shoal_membership::Error),
     /// No seed answered within the join timeout (membership keeps trying in
     /// the background).
     #[error("no seed answered within {0:?}")]

@@ -57,6 +57,7 @@ mod config;
 mod datum;
 mod driver;
 mod error;
+mod gossip;
 mod node;
 mod view;
 pub mod wire;

@@ -21,8 +21,9 @@ use tracing::info;
 use crate::channel::{ChannelEntry, ChannelTable, Receiver, Sender};
 use crate::config::{NodeConfig, TlsConfig};
 use crate::datum::{DistDatum, ErasedDatum};
-use crate::driver::{Command, Driver};
+use crate::driver::{Command, Counts, Driver, DriverInputs};
 use crate::error::{Error, StartError};
+use crate::gossip::{MembershipCommand, MembershipTask};
 use crate::view::{ClusterView, NodeInfo, Snapshot, TransitionReport};
 use crate::wire::{self, Routed};
 
@@ -33,20 +34,22 @@ pub(crate) struct Shared {
     pub(crate) transport: Transport,
     pub(crate) view_rx: watch::Receiver<Arc<ClusterView>>,
     pub(crate) cmd_tx: mpsc::Sender<Command>,
+    membership_tx: mpsc::Sender<MembershipCommand>,
     pub(crate) owner_tx: mpsc::Sender<Routed>,
     pub(crate) channels: Arc<ChannelTable>,
     pub(crate) config: NodeConfig,
-    driver: Mutex<Option<JoinHandle<()>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     shut: AtomicBool,
 }
 
 /// A running shoal node: the seed's `Cluster`. Cheap to clone; every clone
 /// drives the same node.
 ///
-/// One driver task per node owns the membership and handoff state machines;
-/// the methods here either read the last published [`ClusterView`] (never
-/// waiting for the driver) or send the driver a command through a bounded
-/// queue (`limits.command_queue`; a full queue makes the call wait).
+/// Two tasks per node own the state machines: the membership task (SWIM)
+/// and the driver (handoff, routing). The methods here either read the last
+/// published [`ClusterView`] (never waiting for either) or send one of them
+/// a command through a bounded queue (`limits.command_queue`; a full queue
+/// makes the call wait).
 #[derive(Clone)]
 pub struct Node {
     shared: Arc<Shared>,
@@ -59,6 +62,20 @@ impl std::fmt::Debug for Node {
             .field("addr", &self.shared.view_rx.borrow().local.addr)
             .finish_non_exhaustive()
     }
+}
+
+/// Capacity of the queues between the membership task and the driver.
+const MEMBERSHIP_EVENTS: usize = 1024;
+
+/// Sends a request carrying its answer's sender; [`Error::Shutdown`] when
+/// the task is gone or dropped the request.
+async fn ask<C, T>(
+    queue: &mpsc::Sender<C>,
+    make: impl FnOnce(oneshot::Sender<T>) -> C,
+) -> Result<T, Error> {
+    let (tx, rx) = oneshot::channel();
+    queue.send(make(tx)).await.map_err(|_| Error::Shutdown)?;
+    rx.await.map_err(|_| Error::Shutdown)
 }
 
 fn generation_now() -> u64 {
@@ -169,18 +186,48 @@ impl Node {
         };
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
         let (cmd_tx, cmd_rx) = mpsc::channel(config.limits.command_queue);
+        let (membership_tx, membership_cmd_rx) = mpsc::channel(config.limits.command_queue);
         let (owner_tx, owner_rx) = mpsc::channel(config.limits.owner_queue);
+        // Membership events for the driver; when full, they wait in the
+        // membership state machine's own bounded queue.
+        let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
+        // Reliable membership messages from the dispatcher; when full, the
+        // dispatcher waits (QUIC flow control pushes back on the senders).
+        let (packets_tx, packets_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
         let channels = Arc::new(ChannelTable::default());
+        let counts = Arc::new(Counts::default());
         let name = identity.name().clone();
+        let (messages, datagrams) = incoming.split();
         let (driver, job_rx, send_rx) = Driver::new(
             config.clone(),
-            membership,
+            membership.local().clone(),
             handoff,
             transport.clone(),
             Arc::clone(&channels),
             view_tx,
+            Arc::clone(&counts),
         );
-        let handle = tokio::spawn(driver.run(job_rx, send_rx, incoming, cmd_rx, owner_rx));
+        let gossip = MembershipTask::new(
+            membership,
+            transport.clone(),
+            counts,
+            config.limits.peer_queue,
+            events_tx,
+        );
+        let tasks = vec![
+            tokio::spawn(gossip.run(datagrams, packets_rx, membership_cmd_rx)),
+            tokio::spawn(driver.run(
+                job_rx,
+                send_rx,
+                DriverInputs {
+                    messages,
+                    membership_tx: packets_tx,
+                    membership_rx: events_rx,
+                    cmd_rx,
+                    owner_rx,
+                },
+            )),
+        ];
         info!(node = %name, %addr, generation, "node started");
         Ok(Node {
             shared: Arc::new(Shared {
@@ -189,26 +236,30 @@ impl Node {
                 transport,
                 view_rx,
                 cmd_tx,
+                membership_tx,
                 owner_tx,
                 channels,
                 config,
-                driver: Mutex::new(Some(handle)),
+                tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
             }),
         })
     }
 
+    /// Asks the driver; waits for room in its queue, then for the answer.
     async fn command<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, Error> {
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .cmd_tx
-            .send(make(tx))
-            .await
-            .map_err(|_| Error::Shutdown)?;
-        rx.await.map_err(|_| Error::Shutdown)
+        ask(&self.shared.cmd_tx, make).await
+    }
+
+    /// Asks the membership task, likewise.
+    async fn membership_command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> MembershipCommand,
+    ) -> Result<T, Error> {
+        ask(&self.shared.membership_tx, make).await
     }
 
     /// Joins the cluster through `seeds` (addresses of any members). With no
@@ -221,8 +272,8 @@ impl Node {
     /// retrying in the background), [`Error::Shutdown`].
     pub async fn join(&self, seeds: &[SocketAddr]) -> Result<(), Error> {
         self.shared
-            .cmd_tx
-            .send(Command::Join(seeds.to_vec()))
+            .membership_tx
+            .send(MembershipCommand::Join(seeds.to_vec()))
             .await
             .map_err(|_| Error::Shutdown)?;
         if seeds.is_empty() {
@@ -244,7 +295,8 @@ impl Node {
     /// # Errors
     /// [`Error::Shutdown`].
     pub async fn set_ready(&self, ready: bool) -> Result<(), Error> {
-        self.command(|tx| Command::SetReady(ready, tx)).await
+        self.membership_command(|tx| MembershipCommand::SetReady(ready, tx))
+            .await
     }
 
     /// Replaces this node's user metadata and gossips it: the seed's
@@ -254,7 +306,7 @@ impl Node {
     /// [`Error::MetadataTooLarge`] above `limits.max_metadata` (nothing
     /// changes), [`Error::Shutdown`].
     pub async fn set_metadata(&self, metadata: Vec<u8>) -> Result<(), Error> {
-        self.command(|tx| Command::SetMetadata(metadata, tx))
+        self.membership_command(|tx| MembershipCommand::SetMetadata(metadata, tx))
             .await?
     }
 
@@ -385,7 +437,9 @@ impl Node {
     /// # Errors
     /// [`Error::Shutdown`].
     pub async fn snapshot(&self) -> Result<Snapshot, Error> {
-        self.command(Command::Snapshot).await
+        let membership = self.membership_command(MembershipCommand::Snapshot).await?;
+        self.command(|tx| Command::Snapshot(Box::new(membership), tx))
+            .await
     }
 
     /// A typed channel named `name`: messages of type `T` (postcard) sent
@@ -464,7 +518,8 @@ impl Node {
                 tx,
             })
             .await?;
-        self.command(|tx| Command::Leave { deadline, tx }).await?;
+        self.membership_command(|tx| MembershipCommand::Leave { deadline, tx })
+            .await?;
         self.shutdown().await;
         Ok(report)
     }
@@ -476,14 +531,20 @@ impl Node {
             return;
         }
         let _ = self.shared.cmd_tx.send(Command::Shutdown).await;
-        let handle = self
+        let _ = self
             .shared
-            .driver
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            let _ = handle.await;
+            .membership_tx
+            .send(MembershipCommand::Shutdown)
+            .await;
+        let tasks = std::mem::take(
+            &mut *self
+                .shared
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in tasks {
+            let _ = task.await;
         }
         self.shared.transport.shutdown().await;
         info!(node = %self.shared.name, "node shut down");

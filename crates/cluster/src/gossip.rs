@@ -1,0 +1,518 @@
+//! The membership task: one per node, it owns the SWIM state machine and
+//! nothing else, so probes are answered on time whatever the driver is busy
+//! with (installing a view over a million datums takes the driver a few
+//! hundred milliseconds; a probe timeout on the `lan` profile is 100 ms).
+//!
+//! It reads membership datagrams and reliable membership messages, runs the
+//! state machine's timers, sends its packets through its own bounded per-peer
+//! queues, and hands the driver, in order, through one bounded queue: the
+//! membership events, this node's own record when it changes, and the
+//! acknowledgements of commands (sent after the events the command caused,
+//! so a caller that waited for `set_ready` finds the driver already knows).
+//! When that queue is full the task stops taking events out of the state
+//! machine (whose own queue is bounded and coalesces view changes) and stops
+//! reading commands until there is room; it keeps answering probes.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use shoal_membership::{Event as MEvent, Member, Membership};
+use shoal_transport::{DatagramReceiver, Dest, NodeName, Transport};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::driver::{Counts, Out, link_task};
+use crate::error::Error;
+use crate::view::NodeInfo;
+use crate::wire::CH_MEMBERSHIP;
+
+/// A request for the membership task, from an API handle.
+pub(crate) enum MembershipCommand {
+    /// Join through these seeds.
+    Join(Vec<SocketAddr>),
+    /// Announce ready (or not); answered once the driver has seen the change.
+    SetReady(bool, oneshot::Sender<()>),
+    /// Replace the user metadata; answered once the driver has seen it.
+    SetMetadata(Vec<u8>, oneshot::Sender<Result<(), Error>>),
+    /// Announce the leave; answered once it has been gossiped, or at the
+    /// deadline.
+    Leave {
+        deadline: Instant,
+        tx: oneshot::Sender<()>,
+    },
+    /// The membership part of a snapshot.
+    Snapshot(oneshot::Sender<MembershipSnapshot>),
+    /// Stop.
+    Shutdown,
+}
+
+/// What the membership task knows, for [`crate::Snapshot`].
+pub(crate) struct MembershipSnapshot {
+    pub(crate) local: NodeInfo,
+    pub(crate) members: Vec<NodeInfo>,
+    pub(crate) stats: shoal_membership::Stats,
+}
+
+/// An acknowledgement, delivered by the driver after the events before it.
+pub(crate) enum Ack {
+    Ready(oneshot::Sender<()>),
+    Metadata(oneshot::Sender<Result<(), Error>>),
+}
+
+impl Ack {
+    pub(crate) fn complete(self) {
+        match self {
+            Ack::Ready(tx) => {
+                let _ = tx.send(());
+            }
+            Ack::Metadata(tx) => {
+                let _ = tx.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// What the membership task hands the driver, in order.
+pub(crate) enum FromMembership {
+    /// A membership event.
+    Event(MEvent),
+    /// This node's own record changed (ready, metadata, incarnation, state).
+    Local(Member),
+    /// A command's acknowledgement.
+    Ack(Ack),
+}
+
+struct LeaveWaiter {
+    deadline: Instant,
+    tx: oneshot::Sender<()>,
+}
+
+/// The membership task's state.
+pub(crate) struct MembershipTask {
+    name: Arc<str>,
+    membership: Membership<SmallRng>,
+    transport: Transport,
+    counts: Arc<Counts>,
+    peer_queue: usize,
+    to_driver: mpsc::Sender<FromMembership>,
+    /// An item the driver's queue had no room for: sent first next time.
+    stash: Option<FromMembership>,
+    acks: VecDeque<Ack>,
+    last_local: Member,
+    links: HashMap<SocketAddr, mpsc::Sender<Out>>,
+    names: HashMap<SocketAddr, NodeName>,
+    leave_waiters: Vec<LeaveWaiter>,
+    fenced: bool,
+    stop: bool,
+}
+
+impl MembershipTask {
+    pub(crate) fn new(
+        membership: Membership<SmallRng>,
+        transport: Transport,
+        counts: Arc<Counts>,
+        peer_queue: usize,
+        to_driver: mpsc::Sender<FromMembership>,
+    ) -> MembershipTask {
+        let last_local = membership.local().clone();
+        MembershipTask {
+            name: Arc::clone(&membership.local().name),
+            membership,
+            transport,
+            counts,
+            peer_queue,
+            to_driver,
+            stash: None,
+            acks: VecDeque::new(),
+            last_local,
+            links: HashMap::new(),
+            names: HashMap::new(),
+            leave_waiters: Vec::new(),
+            fenced: false,
+            stop: false,
+        }
+    }
+
+    /// The task's loop; ends on [`MembershipCommand::Shutdown`], when every
+    /// command sender is gone, or when the driver is gone.
+    pub(crate) async fn run(
+        mut self,
+        mut datagrams: DatagramReceiver,
+        mut messages: mpsc::Receiver<(SocketAddr, Bytes)>,
+        mut commands: mpsc::Receiver<MembershipCommand>,
+    ) {
+        let far = Duration::from_secs(3600);
+        let driver = self.to_driver.clone();
+        loop {
+            self.step(Instant::now());
+            if self.stop {
+                break;
+            }
+            let deadline = self.next_deadline().unwrap_or_else(|| Instant::now() + far);
+            let blocked = self.stash.is_some();
+            tokio::select! {
+                biased;
+                Some(d) = datagrams.recv() => {
+                    self.names.insert(d.from.addr, d.from.name.clone());
+                    self.handle_packet(d.from.addr, &d.payload, "datagram");
+                }
+                Some((from, bytes)) = messages.recv() => self.handle_packet(from, &bytes, "message"),
+                cmd = commands.recv(), if !blocked => match cmd {
+                    Some(cmd) => self.on_command(cmd, Instant::now()),
+                    None => break,
+                },
+                permit = driver.reserve(), if blocked => match permit {
+                    Ok(permit) => {
+                        if let Some(item) = self.stash.take() {
+                            permit.send(item);
+                        }
+                    }
+                    Err(_) => break,
+                },
+                () = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+        debug!(node = %self.name, "membership task stopped");
+    }
+
+    fn handle_packet(&mut self, from: SocketAddr, bytes: &[u8], what: &'static str) {
+        if let Err(error) = self.membership.handle_packet(from, bytes, Instant::now()) {
+            Counts::inc(&self.counts.malformed);
+            debug!(node = %self.name, %from, %error, what, "malformed membership packet");
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.membership.poll_timeout(),
+            self.leave_waiters.iter().map(|w| w.deadline).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs due timers, sends the packets, hands the driver what it can
+    /// take, and answers leave waiters.
+    fn step(&mut self, now: Instant) {
+        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
+            self.membership.handle_timeout(now);
+        }
+        self.hand_to_driver();
+        while let Some(t) = self.membership.poll_transmit() {
+            let dest = match self.names.get(&t.to) {
+                Some(name) => Dest::node(name.clone(), t.to),
+                None => Dest::addr(t.to),
+            };
+            let payload = Bytes::from(t.payload);
+            let out = if t.reliable {
+                Out::Message(dest, CH_MEMBERSHIP, payload)
+            } else {
+                Out::Datagram(dest, payload)
+            };
+            self.send(t.to, out);
+        }
+        if !self.leave_waiters.is_empty() {
+            let quiet =
+                self.membership.pending_broadcasts() == 0 || self.membership.num_live() == 0;
+            let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leave_waiters)
+                .into_iter()
+                .partition(|w| quiet || now >= w.deadline);
+            self.leave_waiters = keep;
+            for w in done {
+                let _ = w.tx.send(());
+            }
+        }
+    }
+
+    /// Queues a packet for its peer; a full queue drops it (membership
+    /// retransmits) and counts the drop.
+    fn send(&mut self, addr: SocketAddr, out: Out) {
+        let tx = match self.links.get(&addr).filter(|tx| !tx.is_closed()) {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(self.peer_queue);
+                tokio::spawn(link_task(
+                    self.transport.clone(),
+                    rx,
+                    Arc::clone(&self.name),
+                ));
+                self.links.insert(addr, tx.clone());
+                tx
+            }
+        };
+        if tx.try_send(out).is_err() {
+            Counts::inc(&self.counts.datagrams_dropped);
+            metrics::counter!("shoal_peer_queue_drops_total").increment(1);
+        }
+    }
+
+    /// Hands the driver events, then this node's record if it changed, then
+    /// acknowledgements, until its queue is full.
+    fn hand_to_driver(&mut self) {
+        loop {
+            let item = match self.stash.take() {
+                Some(item) => item,
+                None => match self.next_for_driver() {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            match self.to_driver.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.stash = Some(item);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.stop = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn next_for_driver(&mut self) -> Option<FromMembership> {
+        if let Some(event) = self.membership.poll_event() {
+            self.on_event(&event);
+            return Some(FromMembership::Event(event));
+        }
+        if *self.membership.local() != self.last_local {
+            self.last_local = self.membership.local().clone();
+            return Some(FromMembership::Local(self.last_local.clone()));
+        }
+        self.acks.pop_front().map(FromMembership::Ack)
+    }
+
+    /// What the membership task itself does about an event before the
+    /// driver sees it.
+    fn on_event(&mut self, event: &MEvent) {
+        match event {
+            MEvent::Joined(m) | MEvent::Updated(m) | MEvent::Alive(m) => {
+                if let Ok(name) = NodeName::new(&m.name) {
+                    self.names.insert(m.addr, name);
+                }
+            }
+            MEvent::Failed(m) | MEvent::Left(m) => {
+                if *m.name != *self.name || m.generation != self.last_local.generation {
+                    self.links.remove(&m.addr);
+                }
+            }
+            MEvent::DeclaredFailed => {
+                // A fenced node must not be placed on: leave the ready view
+                // now, and stay out of it.
+                warn!(node = %self.name, "the cluster declared this node failed: not ready");
+                self.fenced = true;
+                self.membership.set_ready(false, Instant::now());
+            }
+            MEvent::Suspected(_) | MEvent::NameConflict { .. } | MEvent::ViewChanged(_) => {}
+        }
+    }
+
+    fn on_command(&mut self, cmd: MembershipCommand, now: Instant) {
+        match cmd {
+            MembershipCommand::Join(seeds) => self.membership.join(&seeds, now),
+            MembershipCommand::SetReady(ready, tx) => {
+                self.membership.set_ready(ready && !self.fenced, now);
+                self.acks.push_back(Ack::Ready(tx));
+            }
+            MembershipCommand::SetMetadata(metadata, tx) => {
+                match self.membership.set_metadata(metadata, now) {
+                    Ok(()) => self.acks.push_back(Ack::Metadata(tx)),
+                    Err(error) => {
+                        let error = match error {
+                            shoal_membership::Error::MetadataTooLarge { len, max } => {
+                                Error::MetadataTooLarge { len, max }
+                            }
+                            other => Error::Membership(other),
+                        };
+                        let _ = tx.send(Err(error));
+                    }
+                }
+            }
+            MembershipCommand::Leave { deadline, tx } => {
+                info!(node = %self.name, "leaving");
+                self.membership.leave(now);
+                self.leave_waiters.push(LeaveWaiter { deadline, tx });
+            }
+            MembershipCommand::Snapshot(tx) => {
+                let _ = tx.send(MembershipSnapshot {
+                    local: NodeInfo::from_member(self.membership.local()),
+                    members: self
+                        .membership
+                        .members()
+                        .map(NodeInfo::from_member)
+                        .collect(),
+                    stats: self.membership.stats().clone(),
+                });
+            }
+            MembershipCommand::Shutdown => self.stop = true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use shoal_membership::{Config, LocalNode};
+    use shoal_transport::{ClusterCa, TransportConfig};
+
+    /// Generous bound on waits: only catches hangs.
+    const HANG: Duration = Duration::from_secs(30);
+
+    struct Running {
+        addr: SocketAddr,
+        transport: Transport,
+        commands: mpsc::Sender<MembershipCommand>,
+        events: mpsc::Receiver<FromMembership>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    /// A membership task on loopback whose queue to the driver holds
+    /// `capacity` items; nobody reads the transport's messages but this task.
+    fn start(ca: &ClusterCa, name: &str, capacity: usize) -> Running {
+        let identity = ca.issue(&NodeName::new(name).unwrap()).unwrap();
+        let (transport, incoming) = Transport::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &identity,
+            TransportConfig::default(),
+        )
+        .unwrap();
+        let addr = transport.local_addr();
+        let local = LocalNode {
+            name: name.into(),
+            generation: 1,
+            addr,
+            ready: false,
+            metadata: Vec::new(),
+        };
+        let membership = Membership::new(
+            Config::local(),
+            local,
+            SmallRng::seed_from_u64(7),
+            Instant::now(),
+        )
+        .unwrap();
+        let (messages, datagrams) = incoming.split();
+        let (packets_tx, packets_rx) = mpsc::channel(64);
+        // Reliable membership messages: what the dispatcher does for them.
+        tokio::spawn(async move {
+            let mut messages = messages;
+            while let Some(m) = messages.recv().await {
+                if m.channel == CH_MEMBERSHIP
+                    && packets_tx.send((m.from.addr, m.body)).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let (events_tx, events) = mpsc::channel(capacity);
+        let (commands, commands_rx) = mpsc::channel(16);
+        let task = MembershipTask::new(
+            membership,
+            transport.clone(),
+            Arc::new(Counts::default()),
+            64,
+            events_tx,
+        );
+        let task = tokio::spawn(task.run(datagrams, packets_rx, commands_rx));
+        Running {
+            addr,
+            transport,
+            commands,
+            events,
+            task,
+        }
+    }
+
+    /// Reads what the task hands its driver until a view lists `name`.
+    async fn wait_view_with(events: &mut mpsc::Receiver<FromMembership>, name: &str) {
+        tokio::time::timeout(HANG, async {
+            loop {
+                if let FromMembership::Event(MEvent::ViewChanged(members)) =
+                    events.recv().await.unwrap()
+                    && members.iter().any(|m| &*m.name == name)
+                {
+                    break;
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn stop(node: Running) {
+        let _ = node.commands.send(MembershipCommand::Shutdown).await;
+        drop(node.events);
+        let _ = node.task.await;
+        node.transport.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn set_ready_is_acknowledged_after_the_events_it_caused() {
+        let ca = ClusterCa::generate().unwrap();
+        let mut a = start(&ca, "a", 64);
+        let (tx, mut rx) = oneshot::channel();
+        a.commands
+            .send(MembershipCommand::SetReady(true, tx))
+            .await
+            .unwrap();
+        let (mut local_ready, mut view_ready) = (false, false);
+        tokio::time::timeout(HANG, async {
+            loop {
+                match a.events.recv().await.unwrap() {
+                    FromMembership::Local(m) => local_ready = m.ready,
+                    FromMembership::Event(MEvent::ViewChanged(members)) => {
+                        view_ready = members.iter().any(|m| &*m.name == "a" && m.ready);
+                    }
+                    FromMembership::Event(_) => {}
+                    FromMembership::Ack(ack) => {
+                        // Nothing answered the caller before the driver
+                        // completes the acknowledgement.
+                        assert!(rx.try_recv().is_err());
+                        ack.complete();
+                        break;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(local_ready, "the driver got the local record first");
+        assert!(view_ready, "and the view with this node ready");
+        rx.await.unwrap();
+        stop(a).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_driver_does_not_stop_membership() {
+        let ca = ClusterCa::generate().unwrap();
+        // `a`'s driver does not read: its queue holds one item, filled by
+        // its first view.
+        let mut a = start(&ca, "a", 1);
+        let mut b = start(&ca, "b", 64);
+        tokio::time::timeout(HANG, async {
+            while a.events.is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        b.commands
+            .send(MembershipCommand::Join(vec![a.addr]))
+            .await
+            .unwrap();
+        // `b` can only learn `a` from `a`'s answer to its join, given while
+        // `a`'s queue to its driver is full.
+        wait_view_with(&mut b.events, "a").await;
+        // Nothing was lost meanwhile: once its driver reads, `a` reports `b`.
+        wait_view_with(&mut a.events, "b").await;
+        stop(a).await;
+        stop(b).await;
+    }
+}
