@@ -333,6 +333,10 @@ pub struct Handoff<W = Vec<u8>> {
     /// Nodes declared failed while members of the view in force: their
     /// datums may fail over (see [`Handoff::peer_failed`]).
     failed: BTreeSet<NodeId>,
+    /// Nodes whose latest word was a done marker for the view in force here
+    /// while not in it: they hold nothing. Once gone, they are no holder to
+    /// wait for (a node that left after relinquishing everything).
+    empty_handed: BTreeSet<NodeId>,
     cohorts: VecDeque<Cohort>,
     /// Cohorts before this index had their relinquish deadline processed.
     rcursor: usize,
@@ -422,6 +426,7 @@ impl<W> Handoff<W> {
             history: VecDeque::new(),
             seen: HashMap::default(),
             gone: BTreeSet::new(),
+            empty_handed: BTreeSet::new(),
             failed: BTreeSet::new(),
             cohorts: VecDeque::new(),
             rcursor: 0,
@@ -788,6 +793,8 @@ impl<W> Handoff<W> {
         });
 
         let old = std::mem::replace(&mut self.current, Arc::clone(&table));
+        // A node of the new view may acquire again.
+        self.empty_handed.retain(|n| !table.view().contains(n));
         let old_self = self.self_index;
         self.self_index = table.view().index_of_id(&self.local);
         let failed = old
@@ -1520,6 +1527,11 @@ impl<W> Handoff<W> {
                 continue;
             }
             if self.gone.contains(node) {
+                // Gone after saying done under a view without it: it had
+                // relinquished everything (and delivered its notices).
+                if self.empty_handed.contains(node) {
+                    continue;
+                }
                 return Candidates::Pending;
             }
             // Alive: in `done_missing` until it says done for the view in force.
@@ -2103,7 +2115,13 @@ impl<W> Handoff<W> {
             self.announced.insert(from.clone(), (epoch, view));
         }
         let current = self.current.view_id();
-        if view == current && done == Some(self.install_seq) {
+        let counted = view == current && done == Some(self.install_seq);
+        if counted && !self.current.view().contains(from) {
+            self.empty_handed.insert(from.clone());
+        } else {
+            self.empty_handed.remove(from);
+        }
+        if counted {
             self.done_received.insert(from.clone(), epoch);
             if self.done_missing.remove(from) && self.done_missing.is_empty() {
                 self.release_unheld_waits(now, false);
@@ -2389,6 +2407,7 @@ impl<W> Handoff<W> {
             };
             self.gone.retain(|n| known(n));
             self.failed.retain(|n| known(n));
+            self.empty_handed.retain(|n| known(n));
         }
     }
 

@@ -340,6 +340,67 @@ fn failed_owner_is_taken_over_once_the_others_are_done() {
     assert!((1..3).all(|n| c.nodes[n].is_idle()));
 }
 
+/// Delivers only among `alive` until quiet.
+fn settle_among(c: &mut Cluster, alive: &[usize]) {
+    loop {
+        let mut progressed = false;
+        for &n in alive {
+            progressed |= c.run_jobs(n);
+            while let Some(tx) = c.nodes[n].poll_transmit() {
+                progressed = true;
+                if alive.contains(&c.index(&tx.to)) {
+                    c.deliver(n, &tx);
+                } else {
+                    c.nodes[n].send_done(tx.id, Err("gone".into()), c.now);
+                }
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_node_that_left_empty_handed_is_not_waited_for_when_another_fails() {
+    // The demo's sequence: d leaves gracefully, then, within the timeout,
+    // b is killed. A datum whose primary was d before the leave and b after
+    // it must fail over at once: d relinquished everything and said done
+    // under a view without itself, so only b can hold it.
+    let mut c = Cluster::new(&["a", "b", "c", "d"], 60, 4);
+    let t = c.table_of(&[0, 1, 2]);
+    c.install_all(&t);
+    c.settle();
+    assert!(c.nodes.iter().all(|n| n.is_idle()));
+    assert!((0..60).all(|id| !c.holders(id).contains(&3)));
+    let left = c.ids[3].clone();
+    for n in 0..3 {
+        c.nodes[n].peer_left(&left, c.now);
+    }
+    c.advance(Duration::from_secs(1));
+    let dead = c.ids[1].clone();
+    let t = c.table_of(&[0, 2]);
+    for n in [0, 2] {
+        c.nodes[n].peer_failed(&dead, c.now);
+        c.nodes[n].install(Arc::clone(&t), c.now);
+    }
+    settle_among(&mut c, &[0, 2]);
+    // Datums 7, 19, 31, 43, 55: d's under 4 nodes, b's under 3.
+    for id in 0..60 {
+        let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != 1).collect();
+        assert_eq!(h.len(), 1, "datum {id}: {h:?}");
+    }
+    for n in [0, 2] {
+        assert!(c.nodes[n].is_idle(), "node {n} waits for nobody");
+        assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0);
+    }
+    let gone: u64 = [0, 2]
+        .iter()
+        .map(|&n| c.nodes[n].counters().acquired_owner_gone)
+        .sum();
+    assert!(gone >= 5, "{gone}");
+}
+
 #[test]
 fn relinquish_failures_are_retried_with_backoff_and_reported() {
     let mut c = Cluster::new(&["a", "b"], 2, 1);
