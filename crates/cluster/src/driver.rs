@@ -206,7 +206,6 @@ pub(crate) struct Driver {
     view_tx: watch::Sender<Arc<ClusterView>>,
     datums: HashMap<Datum, Arc<dyn ErasedDatum>>,
     links: HashMap<SocketAddr, mpsc::Sender<Out>>,
-    live: Vec<Member>,
     latest: Option<Arc<PlacementTable>>,
     backlog: VecDeque<Pending>,
     /// Messages whose route disagreed with the sender's after the hop limit
@@ -254,7 +253,6 @@ impl Driver {
             view_tx,
             datums: HashMap::new(),
             links: HashMap::new(),
-            live: Vec::new(),
             latest: None,
             backlog: VecDeque::new(),
             parked: VecDeque::new(),
@@ -541,10 +539,9 @@ impl Driver {
                     .collect();
                 self.handoff.set_peers(peers.iter(), now);
                 self.members = members
-                    .iter()
-                    .map(|m| (Arc::clone(&m.name), m.clone()))
+                    .into_iter()
+                    .map(|m| (Arc::clone(&m.name), m))
                     .collect();
-                self.live = members;
                 self.on_view(now);
             }
             MEvent::DeclaredFailed => {
@@ -560,8 +557,8 @@ impl Driver {
 
     fn ready_view(&self) -> View {
         View::new(
-            self.live
-                .iter()
+            self.members
+                .values()
                 .map(|m| shoal_placement::Member::new(&*m.name, m.generation, m.ready)),
         )
     }
@@ -698,7 +695,7 @@ impl Driver {
     fn publish(&mut self) {
         self.view_dirty = false;
         self.version += 1;
-        let mut members: Vec<NodeInfo> = self.live.iter().map(NodeInfo::from_member).collect();
+        let mut members: Vec<NodeInfo> = self.members.values().map(NodeInfo::from_member).collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));
         metrics::gauge!("shoal_members_live").set(members.len() as f64);
         let view = ClusterView {
