@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shoal::{ClusterCa, DatumError, DistDatum, Node, NodeConfig, NodeName};
+use shoal::{ClusterCa, DatumError, DistDatum, HandoffContext, Node, NodeConfig, NodeName};
 
 struct Noop {
     id: i64,
@@ -30,10 +30,10 @@ impl DistDatum for Noop {
     fn type_name(&self) -> &str {
         "series"
     }
-    async fn relinquish(&self) -> Result<(), DatumError> {
+    async fn relinquish(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
         Ok(())
     }
-    async fn acquire(&self) -> Result<(), DatumError> {
+    async fn acquire(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
         Ok(())
     }
 }

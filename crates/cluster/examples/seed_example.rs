@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal::{DatumError, DistDatum, Node, NodeConfig, TransitionMode};
+use shoal::{DatumError, DistDatum, HandoffContext, Node, NodeConfig, TransitionMode};
 
 struct Series {
     id: i64,
@@ -19,10 +19,10 @@ impl DistDatum for Series {
     fn type_name(&self) -> &str {
         "series"
     }
-    async fn relinquish(&self) -> Result<(), DatumError> {
+    async fn relinquish(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
         Ok(())
     }
-    async fn acquire(&self) -> Result<(), DatumError> {
+    async fn acquire(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
         Ok(())
     }
 }

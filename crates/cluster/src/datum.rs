@@ -5,6 +5,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use shoal_placement::ViewId;
+use shoal_transition::FencingToken;
+
 /// What a relinquish or acquire may fail with (any error, reported in the
 /// transition's events and retried with backoff by the handoff layer).
 pub type DatumError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -26,18 +29,18 @@ pub type DatumError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// must not block the thread.
 ///
 /// ```
-/// use shoal::{DatumError, DistDatum};
+/// use shoal::{DatumError, DistDatum, HandoffContext};
 ///
 /// struct Series { id: i64 }
 ///
 /// impl DistDatum for Series {
 ///     fn id(&self) -> i64 { self.id }
 ///     fn type_name(&self) -> &str { "series" }
-///     async fn relinquish(&self) -> Result<(), DatumError> {
+///     async fn relinquish(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
 ///         // flush the in-memory points to the database
 ///         Ok(())
 ///     }
-///     async fn acquire(&self) -> Result<(), DatumError> {
+///     async fn acquire(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
 ///         // drop the local cache; the next point reloads it
 ///         Ok(())
 ///     }
@@ -53,9 +56,32 @@ pub trait DistDatum: Send + Sync + 'static {
         format!("{}:{}", self.type_name(), self.id())
     }
     /// Persists the datum and stops processing it: it moves to another node.
-    fn relinquish(&self) -> impl Future<Output = Result<(), DatumError>> + Send;
-    /// Prepares to process the datum: it moved here.
-    fn acquire(&self) -> impl Future<Output = Result<(), DatumError>> + Send;
+    /// Flush under `ctx.token`, the fencing token the datum was held under:
+    /// a store that refuses writes with an older token than one it accepted
+    /// keeps a former owner from overwriting its successor.
+    fn relinquish(
+        &self,
+        ctx: HandoffContext,
+    ) -> impl Future<Output = Result<(), DatumError>> + Send;
+    /// Prepares to process the datum: it moved here. `ctx.token` is the new
+    /// ownership's fencing token, strictly higher than any earlier owner's:
+    /// write under it for as long as the datum is held here.
+    fn acquire(&self, ctx: HandoffContext) -> impl Future<Output = Result<(), DatumError>> + Send;
+}
+
+/// What a relinquish or acquire is told about the ownership it ends or
+/// starts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandoffContext {
+    /// The fencing token of the ownership: for an acquire, the new one
+    /// (strictly higher than the previous owner's); for a relinquish, the
+    /// one the datum was held under.
+    pub token: FencingToken,
+    /// The view in force when the job started.
+    pub view: ViewId,
+    /// 1 for the first attempt, then 2, 3... on retries.
+    pub attempt: u32,
 }
 
 /// The future of one relinquish or acquire, type-erased.
@@ -66,8 +92,8 @@ pub(crate) trait ErasedDatum: Send + Sync + 'static {
     fn id(&self) -> i64;
     fn type_name(&self) -> &str;
     fn name(&self) -> String;
-    fn relinquish_boxed(self: Arc<Self>) -> JobFuture;
-    fn acquire_boxed(self: Arc<Self>) -> JobFuture;
+    fn relinquish_boxed(self: Arc<Self>, ctx: HandoffContext) -> JobFuture;
+    fn acquire_boxed(self: Arc<Self>, ctx: HandoffContext) -> JobFuture;
 }
 
 impl<D: DistDatum> ErasedDatum for D {
@@ -80,10 +106,10 @@ impl<D: DistDatum> ErasedDatum for D {
     fn name(&self) -> String {
         DistDatum::name(self)
     }
-    fn relinquish_boxed(self: Arc<Self>) -> JobFuture {
-        Box::pin(async move { self.relinquish().await })
+    fn relinquish_boxed(self: Arc<Self>, ctx: HandoffContext) -> JobFuture {
+        Box::pin(async move { self.relinquish(ctx).await })
     }
-    fn acquire_boxed(self: Arc<Self>) -> JobFuture {
-        Box::pin(async move { self.acquire().await })
+    fn acquire_boxed(self: Arc<Self>, ctx: HandoffContext) -> JobFuture {
+        Box::pin(async move { self.acquire(ctx).await })
     }
 }

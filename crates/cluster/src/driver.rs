@@ -20,7 +20,8 @@ use bytes::Bytes;
 use shoal_membership::{Event as MEvent, Member};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{
-    Counters, Datum, Event as HEvent, Handoff, Job, JobKind, NoticeBatch, ReleaseTo, Route, SendId,
+    Counters, Datum, Event as HEvent, FencingToken, Handoff, Job, JobKind, NoticeBatch, ReleaseTo,
+    Route, SendId,
 };
 use shoal_transport::{Dest, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -28,7 +29,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::channel::{ChannelTable, Delivery};
 use crate::config::{NodeConfig, TransitionMode};
-use crate::datum::ErasedDatum;
+use crate::datum::{ErasedDatum, HandoffContext};
 use crate::error::Error;
 use crate::gossip::{FromMembership, MembershipSnapshot};
 use crate::view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
@@ -57,6 +58,8 @@ pub(crate) enum Command {
         tx: oneshot::Sender<TransitionReport>,
     },
     Progress(oneshot::Sender<TransitionReport>),
+    /// The fencing token of a datum held here.
+    Token(String, i64, oneshot::Sender<Option<FencingToken>>),
     /// Completes the membership task's part of a snapshot.
     Snapshot(Box<MembershipSnapshot>, oneshot::Sender<Snapshot>),
     Shutdown,
@@ -398,9 +401,14 @@ impl Driver {
             };
             Counts::inc(&self.counts.jobs_started);
             trace!(datum = %datum.name(), kind = ?job.kind, attempt = job.attempt, "job");
+            let ctx = HandoffContext {
+                token: job.token,
+                view: job.view,
+                attempt: job.attempt,
+            };
             let mut fut = match job.kind {
-                JobKind::Relinquish => datum.relinquish_boxed(),
-                JobKind::Acquire => datum.acquire_boxed(),
+                JobKind::Relinquish => datum.relinquish_boxed(ctx),
+                JobKind::Acquire => datum.acquire_boxed(ctx),
             };
             if self.config.limits.inline_first_poll {
                 // Poll once here: a job that completes without waiting (an
@@ -744,6 +752,13 @@ impl Driver {
             }
             Command::Progress(tx) => {
                 let _ = tx.send(self.report());
+            }
+            Command::Token(type_name, id, tx) => {
+                let token = self
+                    .handoff
+                    .lookup_type(&type_name)
+                    .and_then(|ty| self.handoff.token(Datum::new(ty, id)));
+                let _ = tx.send(token);
             }
             Command::Snapshot(membership, tx) => {
                 let _ = tx.send(self.snapshot(*membership));

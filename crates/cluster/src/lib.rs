@@ -17,14 +17,14 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use shoal::{DatumError, DistDatum, Node, NodeConfig};
+//! use shoal::{DatumError, DistDatum, HandoffContext, Node, NodeConfig};
 //!
 //! struct Series { id: i64 }
 //! impl DistDatum for Series {
 //!     fn id(&self) -> i64 { self.id }
 //!     fn type_name(&self) -> &str { "series" }
-//!     async fn relinquish(&self) -> Result<(), DatumError> { Ok(()) }
-//!     async fn acquire(&self) -> Result<(), DatumError> { Ok(()) }
+//!     async fn relinquish(&self, _ctx: HandoffContext) -> Result<(), DatumError> { Ok(()) }
+//!     async fn acquire(&self, _ctx: HandoffContext) -> Result<(), DatumError> { Ok(()) }
 //! }
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,11 +64,12 @@ pub mod wire;
 
 pub use channel::{Received, Receiver, Sender};
 pub use config::{Limits, NodeConfig, Timing, TlsConfig, TransitionMode};
-pub use datum::{DatumError, DistDatum};
+pub use datum::{DatumError, DistDatum, HandoffContext};
 pub use error::{ConfigError, Error, SendError, StartError};
 pub use node::Node;
 pub use view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
 
 pub use shoal_membership::MemberState;
 pub use shoal_placement::{NodeId, PlacementTable, Strategy, ViewId};
+pub use shoal_transition::FencingToken;
 pub use shoal_transport::{ClusterCa, NodeIdentity, NodeName};

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_membership::{LocalNode, Membership};
 use shoal_placement::{NodeId, PlacementTable, View};
-use shoal_transition::Handoff;
+use shoal_transition::{FencingToken, Handoff};
 use shoal_transport::{ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -407,6 +407,23 @@ impl Node {
             tx,
         })
         .await
+    }
+
+    /// The fencing token under which this node holds datum `(type_name, id)`
+    /// now (acquiring, held or relinquishing), or `None` when it does not
+    /// hold it. Tokens strictly increase from one owner of a datum to the
+    /// next; write through a store that refuses older tokens (see
+    /// [`HandoffContext`](crate::HandoffContext)).
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn fencing_token(
+        &self,
+        type_name: &str,
+        id: i64,
+    ) -> Result<Option<FencingToken>, Error> {
+        let type_name = type_name.to_owned();
+        self.command(|tx| Command::Token(type_name, id, tx)).await
     }
 
     /// Progress of the current (or last) transition, now.

@@ -144,6 +144,13 @@ pub enum Event {
         fenced: bool,
         /// Failed flushes.
         flush_errors: u64,
+        /// Series writes the store refused because a newer owner's fencing
+        /// token was there.
+        #[serde(default)]
+        stale_writes_refused: u64,
+        /// Accepted points lost to those refusals.
+        #[serde(default)]
+        points_refused: u64,
     },
     /// Answer to `flush`.
     Flushed {

@@ -9,12 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use shoal::{DatumError, DistDatum, MemberState, Node, NodeConfig, Sender, Timing, TlsConfig};
+use shoal::{
+    DatumError, DistDatum, HandoffContext, MemberState, Node, NodeConfig, Sender, Timing, TlsConfig,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{debug, warn};
 
 use crate::protocol::{Command, Event, MemberCounts};
-use crate::store::{Aggregate, Store, StoreError, StoreUrl, WriteKind, Writer};
+use crate::store::{Aggregate, Delta, Store, StoreError, StoreUrl, WriteKind, Writer};
 
 /// The datum type name of a series.
 pub const SERIES: &str = "series";
@@ -97,6 +99,8 @@ pub struct Ack {
 struct SeriesState {
     pending: Aggregate,
     relinquished: bool,
+    /// The fencing token of this node's ownership (from the acquire).
+    token: u64,
 }
 
 /// The aggregator's state, shared by the datums and the tasks.
@@ -111,6 +115,10 @@ struct App {
     accepted: AtomicU64,
     ingested: AtomicU64,
     flush_errors: AtomicU64,
+    /// Series writes the store refused (a newer owner's token was there).
+    stale_writes_refused: AtomicU64,
+    /// Accepted points lost to those refusals.
+    points_refused: AtomicU64,
 }
 
 fn now_ms() -> i64 {
@@ -153,31 +161,52 @@ impl App {
         self.series_lock().values().map(|s| s.pending.count).sum()
     }
 
-    async fn write(
-        &self,
-        kind: WriteKind,
-        deltas: Vec<(i64, Aggregate)>,
-    ) -> Result<(), StoreError> {
+    /// Writes through the store's fencing check. A refused series is not
+    /// ours any more (a newer owner claimed it): its points are counted as
+    /// lost and it takes no more points until acquired again.
+    async fn write(&self, kind: WriteKind, deltas: Vec<Delta>) -> Result<(), StoreError> {
         let store = Arc::clone(&self.store);
         let writer = self.writer.clone();
         let view = self.node.view().view_id().0;
         let t = now_ms();
-        match tokio::task::spawn_blocking(move || store.write(&writer, view, kind, &deltas, t))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => Err(StoreError::Task(e.to_string())),
+        let outcome =
+            match tokio::task::spawn_blocking(move || store.write(&writer, view, kind, &deltas, t))
+                .await
+            {
+                Ok(r) => r?,
+                Err(e) => return Err(StoreError::Task(e.to_string())),
+            };
+        if !outcome.refused.is_empty() {
+            let mut map = self.series_lock();
+            for (series, points) in &outcome.refused {
+                self.stale_writes_refused.fetch_add(1, Ordering::Relaxed);
+                self.points_refused.fetch_add(*points, Ordering::Relaxed);
+                warn!(
+                    series,
+                    points,
+                    ?kind,
+                    "store refused a write: a newer owner holds the series"
+                );
+                if kind != WriteKind::Acquire {
+                    map.entry(*series).or_default().relinquished = true;
+                }
+            }
         }
+        Ok(())
     }
 
     /// Writes every pending delta. On error the deltas go back to pending.
     async fn flush(&self) {
         let _order = self.write_order.lock().await;
-        let deltas: Vec<(i64, Aggregate)> = {
+        let deltas: Vec<Delta> = {
             let mut map = self.series_lock();
             map.iter_mut()
                 .filter(|(_, s)| s.pending.count > 0)
-                .map(|(id, s)| (*id, std::mem::take(&mut s.pending)))
+                .map(|(id, s)| Delta {
+                    series: *id,
+                    token: s.token,
+                    agg: std::mem::take(&mut s.pending),
+                })
                 .collect()
         };
         if deltas.is_empty() {
@@ -187,9 +216,9 @@ impl App {
             self.flush_errors.fetch_add(1, Ordering::Relaxed);
             warn!(%error, "flush failed; points kept for the next flush");
             let mut map = self.series_lock();
-            for (id, d) in deltas {
-                let st = map.entry(id).or_default();
-                merge(&mut st.pending, &d);
+            for d in deltas {
+                let st = map.entry(d.series).or_default();
+                merge(&mut st.pending, &d.agg);
             }
         }
     }
@@ -233,7 +262,7 @@ impl DistDatum for SeriesDatum {
     fn type_name(&self) -> &str {
         SERIES
     }
-    async fn relinquish(&self) -> Result<(), DatumError> {
+    async fn relinquish(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let app = self.app()?;
         let _order = app.write_order.lock().await;
         let delta = {
@@ -242,10 +271,12 @@ impl DistDatum for SeriesDatum {
             st.relinquished = true;
             std::mem::take(&mut st.pending)
         };
-        if let Err(error) = app
-            .write(WriteKind::Relinquish, vec![(self.id, delta)])
-            .await
-        {
+        let part = Delta {
+            series: self.id,
+            token: ctx.token.get(),
+            agg: delta,
+        };
+        if let Err(error) = app.write(WriteKind::Relinquish, vec![part]).await {
             // Keep the points and refuse: the handoff layer retries.
             let mut map = app.series_lock();
             let st = map.entry(self.id).or_default();
@@ -254,21 +285,35 @@ impl DistDatum for SeriesDatum {
         }
         Ok(())
     }
-    async fn acquire(&self) -> Result<(), DatumError> {
+    async fn acquire(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let app = self.app()?;
         let _order = app.write_order.lock().await;
-        {
-            let mut map = app.series_lock();
-            map.entry(self.id).or_default().relinquished = false;
-        }
         let store = Arc::clone(&app.store);
         let id = self.id;
         let loaded = tokio::task::spawn_blocking(move || store.load(id))
             .await
             .map_err(Box::new)??;
         debug!(series = id, persisted = loaded.map(|a| a.count), "acquired");
-        app.write(WriteKind::Acquire, vec![(self.id, Aggregate::default())])
-            .await?;
+        // Claim the series in the store under the new token: from now on
+        // the previous owner's writes are refused there.
+        let claim = Delta {
+            series: self.id,
+            token: ctx.token.get(),
+            agg: Aggregate::default(),
+        };
+        let refused_before = app.stale_writes_refused.load(Ordering::Relaxed);
+        app.write(WriteKind::Acquire, vec![claim]).await?;
+        if app.stale_writes_refused.load(Ordering::Relaxed) != refused_before {
+            return Err(format!(
+                "series {id}: the store holds a newer token than {}",
+                ctx.token
+            )
+            .into());
+        }
+        let mut map = app.series_lock();
+        let st = map.entry(self.id).or_default();
+        st.relinquished = false;
+        st.token = ctx.token.get();
         Ok(())
     }
 }
@@ -326,6 +371,8 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
         accepted: AtomicU64::new(0),
         ingested: AtomicU64::new(0),
         flush_errors: AtomicU64::new(0),
+        stale_writes_refused: AtomicU64::new(0),
+        points_refused: AtomicU64::new(0),
     });
     let slot = Arc::new(Mutex::new(Some(Arc::clone(&app))));
     let (points, mut inbox) = node.channel::<Point>("demo.points")?;
@@ -519,6 +566,8 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                     pending: app.pending_points(),
                     fenced: snap.fenced,
                     flush_errors: app.flush_errors.load(Ordering::Relaxed),
+                    stale_writes_refused: app.stale_writes_refused.load(Ordering::Relaxed),
+                    points_refused: app.points_refused.load(Ordering::Relaxed),
                 });
             }
             Command::Flush => {

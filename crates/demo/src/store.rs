@@ -1,6 +1,15 @@
 //! The series store: SQLite (one file the local processes share, WAL mode,
 //! busy timeout) or PostgreSQL (for runs across machines), with an
 //! append-only `writes` table for the ownership audit.
+//!
+//! **Fencing.** Every series row keeps the highest fencing token a write was
+//! accepted under (`series.token`). A write carries its writer's token for
+//! each series; the statement that applies it also checks it (`... WHERE
+//! series.token <= $token`), so a write under an older token than one
+//! already accepted changes nothing and is reported as refused, whatever
+//! the writer believes about its ownership. An acquire *claims* the series:
+//! it raises the stored token to the new owner's at once, so the previous
+//! owner's later flushes are refused even before the new owner writes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -119,6 +128,9 @@ pub enum WriteKind {
     Acquire,
 }
 
+/// `writes.kind` of a refused part of a write (its points were not added).
+const REFUSED: &str = "refused";
+
 impl WriteKind {
     fn as_str(self) -> &'static str {
         match self {
@@ -174,8 +186,10 @@ CREATE TABLE IF NOT EXISTS series (
     max DOUBLE PRECISION NOT NULL,
     last_ms BIGINT NOT NULL,
     node TEXT NOT NULL,
-    generation BIGINT NOT NULL
+    generation BIGINT NOT NULL,
+    token BIGINT NOT NULL DEFAULT 0
 );
+ALTER TABLE series ADD COLUMN IF NOT EXISTS token BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS writes (
     seq BIGSERIAL PRIMARY KEY,
     series BIGINT NOT NULL,
@@ -188,8 +202,8 @@ CREATE TABLE IF NOT EXISTS writes (
 );
 ";
 
-const PG_UPSERT: &str = "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+const PG_UPSERT: &str = "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation, token)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
     ON CONFLICT (id) DO UPDATE SET
         count = series.count + EXCLUDED.count,
         sum = series.sum + EXCLUDED.sum,
@@ -197,10 +211,52 @@ const PG_UPSERT: &str = "INSERT INTO series (id, count, sum, min, max, last_ms, 
         max = CASE WHEN series.count = 0 THEN EXCLUDED.max ELSE GREATEST(series.max, EXCLUDED.max) END,
         last_ms = GREATEST(series.last_ms, EXCLUDED.last_ms),
         node = EXCLUDED.node,
-        generation = EXCLUDED.generation";
+        generation = EXCLUDED.generation,
+        token = EXCLUDED.token
+    WHERE series.token <= EXCLUDED.token";
+
+const PG_CLAIM: &str =
+    "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation, token)
+    VALUES ($1, 0, 0, 0, 0, 0, $2, $3, $4)
+    ON CONFLICT (id) DO UPDATE SET
+        node = EXCLUDED.node,
+        generation = EXCLUDED.generation,
+        token = EXCLUDED.token
+    WHERE series.token <= EXCLUDED.token";
+
+const PG_CHECK: &str = "SELECT token FROM series WHERE id = $1";
 
 const PG_APPEND: &str = "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+const SQLITE_UPSERT: &str =
+    "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation, token)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+    ON CONFLICT(id) DO UPDATE SET
+        count = series.count + excluded.count,
+        sum = series.sum + excluded.sum,
+        min = CASE WHEN series.count = 0 THEN excluded.min ELSE MIN(series.min, excluded.min) END,
+        max = CASE WHEN series.count = 0 THEN excluded.max ELSE MAX(series.max, excluded.max) END,
+        last_ms = MAX(series.last_ms, excluded.last_ms),
+        node = excluded.node,
+        generation = excluded.generation,
+        token = excluded.token
+    WHERE series.token <= excluded.token";
+
+const SQLITE_CLAIM: &str =
+    "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation, token)
+    VALUES (?1, 0, 0, 0, 0, 0, ?2, ?3, ?4)
+    ON CONFLICT(id) DO UPDATE SET
+        node = excluded.node,
+        generation = excluded.generation,
+        token = excluded.token
+    WHERE series.token <= excluded.token";
+
+const SQLITE_CHECK: &str = "SELECT token FROM series WHERE id = ?1";
+
+const SQLITE_APPEND: &str =
+    "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS series (
@@ -211,7 +267,8 @@ CREATE TABLE IF NOT EXISTS series (
     max REAL NOT NULL,
     last_ms INTEGER NOT NULL,
     node TEXT NOT NULL,
-    generation INTEGER NOT NULL
+    generation INTEGER NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS writes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -245,6 +302,30 @@ pub struct Audit {
     pub double_owner_series: Vec<i64>,
     /// Rows in the table.
     pub rows: u64,
+    /// Writes refused because their token was older than the series' (one
+    /// per series and write).
+    pub stale_writes_refused: u64,
+}
+
+/// One series' part of a write: the points to add and the token of the
+/// writer's ownership of the series.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Delta {
+    /// The series.
+    pub series: i64,
+    /// The fencing token the writer holds the series under.
+    pub token: u64,
+    /// Points to add (count 0: nothing to add, only the token is checked,
+    /// or claimed by an acquire).
+    pub agg: Aggregate,
+}
+
+/// What a write did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Series whose part was refused (the store holds a newer token), with
+    /// the points that were therefore not written.
+    pub refused: Vec<(i64, u64)>,
 }
 
 impl Store {
@@ -284,6 +365,15 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        // Files made before fencing tokens have no `token` column.
+        let has_token: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('series') WHERE name = 'token'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_token == 0 {
+            conn.execute_batch("ALTER TABLE series ADD COLUMN token INTEGER NOT NULL DEFAULT 0")?;
+        }
         Ok(Store {
             conn: Mutex::new(Backend::Sqlite(conn)),
         })
@@ -295,8 +385,11 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes deltas of several series in one transaction: the `series`
-    /// rows are updated and one `writes` row per series is appended.
+    /// Writes deltas of several series in one transaction: each series'
+    /// row is updated if, and only if, the store holds no newer token for
+    /// it than the delta's (checked in the statement that writes), and one
+    /// `writes` row per series is appended (kind `refused` for a refused
+    /// part). An [`WriteKind::Acquire`] claims the series under its token.
     ///
     /// # Errors
     /// [`StoreError`]; nothing is written then.
@@ -305,96 +398,114 @@ impl Store {
         writer: &Writer,
         view_id: u64,
         kind: WriteKind,
-        deltas: &[(i64, Aggregate)],
+        deltas: &[Delta],
         t_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<WriteOutcome, StoreError> {
+        let mut outcome = WriteOutcome::default();
+        let generation = to_i64(writer.generation);
+        let view = to_i64(view_id);
         let mut guard = self.conn();
-        let conn = match &mut *guard {
-            Backend::Sqlite(c) => c,
-            Backend::Closed => return Err(StoreError::Closed),
+        match &mut *guard {
+            Backend::Closed => Err(StoreError::Closed),
             Backend::Postgres(c) => {
                 let mut tx = c.transaction()?;
                 let upsert = tx.prepare(PG_UPSERT)?;
+                let claim = tx.prepare(PG_CLAIM)?;
+                let check = tx.prepare(PG_CHECK)?;
                 let append = tx.prepare(PG_APPEND)?;
-                let generation = to_i64(writer.generation);
-                for (id, agg) in deltas {
-                    let count = to_i64(agg.count);
-                    if agg.count > 0 {
-                        tx.execute(
-                            &upsert,
-                            &[
-                                id,
-                                &count,
-                                &agg.sum,
-                                &agg.min,
-                                &agg.max,
-                                &agg.last_ms,
-                                &writer.node,
-                                &generation,
-                            ],
-                        )?;
+                for d in deltas {
+                    let token = to_i64(d.token);
+                    let count = to_i64(d.agg.count);
+                    let accepted = if kind == WriteKind::Acquire {
+                        tx.execute(&claim, &[&d.series, &writer.node, &generation, &token])? == 1
+                    } else if d.agg.count > 0 {
+                        let a = &d.agg;
+                        let row: [&(dyn postgres::types::ToSql + Sync); 9] = [
+                            &d.series,
+                            &count,
+                            &a.sum,
+                            &a.min,
+                            &a.max,
+                            &a.last_ms,
+                            &writer.node,
+                            &generation,
+                            &token,
+                        ];
+                        tx.execute(&upsert, &row)? == 1
+                    } else {
+                        let stored: Option<i64> =
+                            tx.query_opt(&check, &[&d.series])?.map(|r| r.get(0));
+                        stored.is_none_or(|s| s <= token)
+                    };
+                    let kind = if accepted { kind.as_str() } else { REFUSED };
+                    if !accepted {
+                        outcome.refused.push((d.series, d.agg.count));
                     }
                     tx.execute(
                         &append,
                         &[
-                            id,
+                            &d.series,
                             &writer.node,
                             &generation,
-                            &to_i64(view_id),
-                            &kind.as_str(),
+                            &view,
+                            &kind,
                             &count,
                             &t_ms,
                         ],
                     )?;
                 }
                 tx.commit()?;
-                return Ok(());
+                Ok(outcome)
             }
-        };
-        let tx = conn.transaction()?;
-        {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT(id) DO UPDATE SET
-                    count = count + excluded.count,
-                    sum = sum + excluded.sum,
-                    min = CASE WHEN count = 0 THEN excluded.min ELSE MIN(min, excluded.min) END,
-                    max = CASE WHEN count = 0 THEN excluded.max ELSE MAX(max, excluded.max) END,
-                    last_ms = MAX(last_ms, excluded.last_ms),
-                    node = excluded.node,
-                    generation = excluded.generation",
-            )?;
-            let mut append = tx.prepare_cached(
-                "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for (id, agg) in deltas {
-                if agg.count > 0 {
-                    upsert.execute(params![
-                        id,
-                        to_i64(agg.count),
-                        agg.sum,
-                        agg.min,
-                        agg.max,
-                        agg.last_ms,
-                        writer.node,
-                        to_i64(writer.generation)
-                    ])?;
+            Backend::Sqlite(conn) => {
+                let tx = conn.transaction()?;
+                {
+                    let mut upsert = tx.prepare_cached(SQLITE_UPSERT)?;
+                    let mut claim = tx.prepare_cached(SQLITE_CLAIM)?;
+                    let mut check = tx.prepare_cached(SQLITE_CHECK)?;
+                    let mut append = tx.prepare_cached(SQLITE_APPEND)?;
+                    for d in deltas {
+                        let token = to_i64(d.token);
+                        let a = &d.agg;
+                        let accepted = if kind == WriteKind::Acquire {
+                            claim.execute(params![d.series, writer.node, generation, token])? == 1
+                        } else if a.count > 0 {
+                            upsert.execute(params![
+                                d.series,
+                                to_i64(a.count),
+                                a.sum,
+                                a.min,
+                                a.max,
+                                a.last_ms,
+                                writer.node,
+                                generation,
+                                token
+                            ])? == 1
+                        } else {
+                            let stored: Option<i64> = check
+                                .query_row(params![d.series], |r| r.get(0))
+                                .optional()?;
+                            stored.is_none_or(|s| s <= token)
+                        };
+                        let kind = if accepted { kind.as_str() } else { REFUSED };
+                        if !accepted {
+                            outcome.refused.push((d.series, a.count));
+                        }
+                        append.execute(params![
+                            d.series,
+                            writer.node,
+                            generation,
+                            view,
+                            kind,
+                            to_i64(a.count),
+                            t_ms
+                        ])?;
+                    }
                 }
-                append.execute(params![
-                    id,
-                    writer.node,
-                    to_i64(writer.generation),
-                    to_i64(view_id),
-                    kind.as_str(),
-                    to_i64(agg.count),
-                    t_ms
-                ])?;
+                tx.commit()?;
+                Ok(outcome)
             }
         }
-        tx.commit()?;
-        Ok(())
     }
 
     /// The persisted aggregate of a series (what an acquire loads).
@@ -513,6 +624,11 @@ fn audit_rows(rows: Vec<(i64, String, u64, String, u64)>) -> Audit {
         let mut superseded: HashMap<i64, Vec<Writer>> = HashMap::new();
         for (series, node, generation, kind, count) in rows {
             audit.rows += 1;
+            if kind == REFUSED {
+                // The store kept the series from this writer: no write.
+                audit.stale_writes_refused += 1;
+                continue;
+            }
             let writer = Writer { node, generation };
             *audit.persisted.entry(writer.clone()).or_insert(0) += count;
             let gone = superseded.entry(series).or_default();
@@ -584,40 +700,68 @@ mod tests {
         exercise(&store);
     }
 
+    fn d(series: i64, token: u64, n: u64) -> Delta {
+        Delta {
+            series,
+            token,
+            agg: agg(n),
+        }
+    }
+
     fn exercise(store: &Store) {
         store.reset().unwrap();
         let (a, b, c) = (w("a", 1), w("b", 1), w("c", 1));
-        store
-            .write(&a, 1, WriteKind::Flush, &[(1, agg(3)), (2, agg(2))], 5)
-            .unwrap();
+        let ok = WriteOutcome::default();
+        let w1 = store.write(&a, 1, WriteKind::Flush, &[d(1, 1, 3), d(2, 1, 2)], 5);
+        assert_eq!(w1.unwrap(), ok);
         // a relinquishes 1 to b: fine.
-        store
-            .write(&a, 2, WriteKind::Relinquish, &[(1, agg(1))], 6)
-            .unwrap();
-        store
-            .write(&b, 2, WriteKind::Acquire, &[(1, agg(0))], 7)
-            .unwrap();
-        store
-            .write(&b, 2, WriteKind::Flush, &[(1, agg(4))], 8)
-            .unwrap();
-        // c takes 2 from a without a relinquish (failover), then a writes 2 again.
-        store
-            .write(&c, 3, WriteKind::Flush, &[(2, agg(1))], 9)
-            .unwrap();
-        store
-            .write(&a, 3, WriteKind::Flush, &[(2, agg(1))], 10)
-            .unwrap();
+        let w2 = store.write(&a, 2, WriteKind::Relinquish, &[d(1, 1, 1)], 6);
+        assert_eq!(w2.unwrap(), ok);
+        let w3 = store.write(&b, 2, WriteKind::Acquire, &[d(1, 2, 0)], 7);
+        assert_eq!(w3.unwrap(), ok);
+        let w4 = store.write(&b, 2, WriteKind::Flush, &[d(1, 2, 4)], 8);
+        assert_eq!(w4.unwrap(), ok);
+        // c takes 2 from a without a relinquish (failover) under a newer
+        // token; a (paused past its lease) then writes 2 again under its old
+        // token, and a zero-point relinquish: both refused, in the store.
+        let w5 = store.write(&c, 3, WriteKind::Acquire, &[d(2, 3, 0)], 9);
+        assert_eq!(w5.unwrap(), ok);
+        let w6 = store.write(&a, 3, WriteKind::Flush, &[d(2, 1, 1), d(1, 1, 0)], 10);
+        assert_eq!(w6.unwrap().refused, vec![(2, 1), (1, 0)]);
+        let w7 = store.write(&c, 3, WriteKind::Flush, &[d(2, 3, 1)], 11);
+        assert_eq!(w7.unwrap(), ok);
+        // An acquire under an older token than the store's is refused too.
+        let w8 = store.write(&a, 4, WriteKind::Acquire, &[d(2, 2, 0)], 12);
+        assert_eq!(w8.unwrap().refused, vec![(2, 0)]);
         let loaded = store.load(1).unwrap().unwrap();
         assert_eq!(loaded.count, 8);
-        assert_eq!(store.total_points().unwrap(), 8 + 4);
+        assert_eq!(store.total_points().unwrap(), 8 + 2 + 1);
+        assert_eq!(store.load(2).unwrap().unwrap().count, 3);
         let audit = store.audit().unwrap();
-        assert_eq!(audit.double_owner_writes, 1);
-        assert_eq!(audit.double_owner_series, vec![2]);
-        assert_eq!(audit.persisted[&a], 7);
+        assert_eq!(audit.double_owner_writes, 0);
+        assert_eq!(audit.stale_writes_refused, 3);
+        assert_eq!(audit.persisted[&a], 6);
         assert_eq!(audit.persisted[&b], 4);
-        assert_eq!(audit.rows, 7);
+        assert_eq!(audit.persisted[&c], 1);
+        assert_eq!(audit.rows, 10);
         assert!((loaded.sum - (3.0 + 0.0 + 6.0)).abs() < 1e-9);
         assert_eq!((loaded.min, loaded.max), (0.0, 3.0));
+    }
+
+    /// The audit still catches a writer that kept writing after a failover
+    /// when no token stopped it (a store without fencing).
+    #[test]
+    fn audit_flags_writes_after_a_takeover() {
+        let rows = vec![
+            (2, "a".to_string(), 1, "flush".to_string(), 1),
+            (2, "c".to_string(), 1, "flush".to_string(), 1),
+            (2, "a".to_string(), 1, "flush".to_string(), 1),
+            (2, "a".to_string(), 1, REFUSED.to_string(), 1),
+        ];
+        let audit = audit_rows(rows);
+        assert_eq!(audit.double_owner_writes, 1);
+        assert_eq!(audit.double_owner_series, vec![2]);
+        assert_eq!(audit.stale_writes_refused, 1);
     }
 
     #[test]

@@ -90,6 +90,17 @@ pub enum NoticeError {
     /// This node is fenced and takes no part any more.
     #[error("this node is fenced (the cluster declared it failed)")]
     Fenced,
+    /// The batch's epoch is further ahead of every epoch this node knew than
+    /// any run of installs could take it ([`MAX_EPOCH_JUMP`]).
+    ///
+    /// [`MAX_EPOCH_JUMP`]: crate::MAX_EPOCH_JUMP
+    #[error("notice batch epoch {epoch} jumps too far ahead of {known}")]
+    EpochJump {
+        /// The epoch in the batch.
+        epoch: u64,
+        /// The highest epoch this node knew.
+        known: u64,
+    },
 }
 
 /// The configuration is inconsistent.

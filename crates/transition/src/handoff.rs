@@ -12,8 +12,8 @@ use tracing::{debug, info, warn};
 use crate::datum::{DetState, TypeRegistry};
 use crate::error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError};
 use crate::types::{
-    Config, Counters, DatumState, Event, Job, JobKind, NoticeReport, Progress, Release, ReleaseTo,
-    ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
+    Config, Counters, DatumState, Event, FencingToken, Job, JobKind, NoticeReport, Progress,
+    Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
 };
 use crate::wire::{NoticeBatch, NoticeGroup};
 use crate::{Datum, DatumType};
@@ -71,6 +71,12 @@ impl Phase {
     }
 }
 
+/// How far ahead of every epoch it knew a batch's epoch may be (2^32
+/// installs). Epochs grow by one per install plus what is heard, so honest
+/// nodes never come near it; a batch beyond it is refused, or a single
+/// faulty peer could push every node's fencing tokens to the end of `u64`.
+pub const MAX_EPOCH_JUMP: u64 = 1 << 32;
+
 #[derive(Copy, Clone, Debug)]
 struct Slot {
     /// Cohort (see [`Cohort`]) whose deadlines apply to the current flight.
@@ -81,6 +87,9 @@ struct Slot {
     phase: Phase,
     /// Attempts so far of the current job or send.
     attempt: u8,
+    /// The fencing token of the ownership that the last acquire job started
+    /// (meaningful while held, relinquishing or acquiring).
+    token: u64,
 }
 
 /// All registered datums with their phase, and how many are in each phase.
@@ -135,6 +144,7 @@ impl Registry {
             since: 0,
             phase: Phase::Free,
             attempt: 0,
+            token: 0,
         };
         self.map.insert(d, slot);
         self.counts[Phase::Free as usize] += 1;
@@ -365,8 +375,12 @@ pub struct Handoff<W = Vec<u8>> {
     /// node and have not said "done" for the view in force yet.
     done_missing: BTreeSet<NodeId>,
     /// This node's install count: which instance of the view in force its
-    /// batches speak of (their `epoch`).
+    /// batches speak of (their `epoch`). A Lamport clock: each install
+    /// moves it past every epoch heard (`heard_epoch`), so it also orders
+    /// fencing tokens across nodes.
     install_seq: u64,
+    /// The highest epoch of any batch received.
+    heard_epoch: u64,
     /// `Some(install_seq)` once this node is done with the view in force.
     done_seq: Option<u64>,
     /// Per peer: the latest (epoch, view) its batches said it was at.
@@ -453,6 +467,7 @@ impl<W> Handoff<W> {
             transition: None,
             done_missing: BTreeSet::new(),
             install_seq: 0,
+            heard_epoch: 0,
             done_seq: None,
             announced: HashMap::default(),
             answered: HashMap::default(),
@@ -606,6 +621,31 @@ impl<W> Handoff<W> {
     #[must_use]
     pub fn state(&self, datum: Datum) -> Option<DatumState> {
         self.registry.get(&datum).map(|s| s.phase.state())
+    }
+
+    /// The fencing token of this node's ownership of `datum`: `Some` from
+    /// the moment its acquire job is handed out until its relinquish
+    /// succeeds (held, acquiring, or relinquishing), `None` otherwise.
+    #[must_use]
+    pub fn token(&self, datum: Datum) -> Option<FencingToken> {
+        let s = self.registry.get(&datum)?;
+        use Phase::*;
+        matches!(
+            s.phase,
+            Held | RelinquishQueued
+                | Relinquishing
+                | RelinquishBackoff
+                | Acquiring
+                | AcquireBackoff
+        )
+        .then_some(FencingToken(s.token))
+    }
+
+    /// The highest epoch this node has installed or heard: every token it
+    /// mints from now on is at least this.
+    #[must_use]
+    pub fn epoch(&self) -> u64 {
+        self.install_seq.max(self.heard_epoch)
     }
 
     /// Every registered datum not simply held or free here, with its state
@@ -817,7 +857,7 @@ impl<W> Handoff<W> {
         self.history.retain(|p| p.table.view_id() != current_id);
         self.prune(now);
         self.counters.views += 1;
-        self.install_seq += 1;
+        self.install_seq = self.install_seq.max(self.heard_epoch) + 1;
         self.reset_done();
 
         // Outgoing buffers are per node index of the view in force: their
@@ -1098,6 +1138,17 @@ impl<W> Handoff<W> {
             Some(NoticeError::Misaddressed {
                 to: batch.to.clone(),
             })
+        } else if batch.epoch
+            > self
+                .install_seq
+                .max(self.heard_epoch)
+                .saturating_add(MAX_EPOCH_JUMP)
+        {
+            self.counters.epoch_jumps_refused += 1;
+            Some(NoticeError::EpochJump {
+                epoch: batch.epoch,
+                known: self.install_seq.max(self.heard_epoch),
+            })
         } else {
             None
         };
@@ -1107,6 +1158,7 @@ impl<W> Handoff<W> {
             return Err(e);
         }
         self.counters.batches_received += 1;
+        self.heard_epoch = self.heard_epoch.max(batch.epoch);
         let mut report = NoticeReport::default();
         let at = self.locate_view(batch.view);
         let (done, view, epoch, echo) = (batch.done, batch.view, batch.epoch, batch.echo);
@@ -1354,10 +1406,14 @@ impl<W> Handoff<W> {
                     datum: d,
                     view,
                     attempt: u32::from(s.attempt) + 1,
+                    token: FencingToken(s.token),
                     flight: s.flight,
                 });
             }
         }
+        // Every acquisition's token is at least every epoch this node has
+        // heard and its own install count (see `FencingToken`).
+        let token = self.install_seq.max(self.heard_epoch);
         while self.registry.count(Phase::Acquiring) < self.config.max_acquire_jobs {
             let Some(d) = self.acquire_queue.pop_front() else {
                 break;
@@ -1365,6 +1421,7 @@ impl<W> Handoff<W> {
             let started = self.registry.modify(&d, |s| {
                 (s.phase == Phase::AcquireQueued).then(|| {
                     s.phase = Phase::Acquiring;
+                    s.token = token;
                     *s
                 })
             });
@@ -1374,6 +1431,7 @@ impl<W> Handoff<W> {
                     datum: d,
                     view,
                     attempt: u32::from(s.attempt) + 1,
+                    token: FencingToken(s.token),
                     flight: s.flight,
                 });
             }

@@ -129,7 +129,48 @@ pub struct Job {
     pub view: ViewId,
     /// 1 for the first attempt, then 2, 3... on retries.
     pub attempt: u32,
+    /// The fencing token of this node's ownership of the datum: for an
+    /// acquire, the token the new ownership starts with; for a relinquish,
+    /// the token it held the datum under (flush under it). See
+    /// [`FencingToken`].
+    pub token: FencingToken,
     pub(crate) flight: u64,
+}
+
+/// A number that strictly increases for a datum from one owner to the next.
+///
+/// Every acquisition gets one ([`Job::token`], [`Handoff::token`]). A store
+/// that the application writes through keeps the highest token it accepted
+/// per datum and refuses a write carrying a lower one, in the same statement
+/// as the write: a former owner that was paused past its lease, or cut off,
+/// can then no longer overwrite what its successor wrote.
+///
+/// Tokens are a Lamport clock over view installs: every notice batch carries
+/// its sender's install count (`epoch`), a node's install count jumps past
+/// every epoch it has heard, and an acquisition's token is the larger of its
+/// node's install count and every epoch it has heard. The previous owner
+/// acquired under an install it has since left (it relinquished or was
+/// declared failed under a later one), and that later install, or a batch
+/// sent under it, reached the new owner before it acquires: by the notice,
+/// by the done markers every node waits for, or by the announcements every
+/// node sends at install (see `docs/transition.md`, "Fencing tokens").
+///
+/// [`Handoff::token`]: crate::Handoff::token
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub u64);
+
+impl FencingToken {
+    /// The token as a number (what a store keeps and compares).
+    #[must_use]
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
 /// Where work for a datum must go right now.
@@ -337,6 +378,9 @@ pub struct Counters {
     pub send_failures: u64,
     /// Notice batches received and decoded.
     pub batches_received: u64,
+    /// Batches refused because their epoch jumped implausibly far ahead of
+    /// every epoch this node knew (they would exhaust fencing tokens).
+    pub epoch_jumps_refused: u64,
     /// Batches refused as a whole (undecodable, misaddressed, wrong sender, fenced).
     pub batches_rejected: u64,
     /// Notices that ended a wait.

@@ -713,3 +713,111 @@ proptest! {
         prop_assert!(c.nodes[1].is_idle());
     }
 }
+
+/// Per datum, the fencing token of its current holder, checked against the
+/// previous holder's: a new holder's token is strictly higher.
+fn check_tokens(c: &Cluster, ids: std::ops::Range<i64>, last: &mut [(Option<usize>, u64)]) {
+    for id in ids {
+        let holders = c.holders(id);
+        assert!(holders.len() <= 1, "datum {id} held by {holders:?}");
+        let Some(&h) = holders.first() else { continue };
+        let token = c.nodes[h]
+            .token(c.datum(h, id))
+            .expect("held datum has a token");
+        let (prev_holder, prev_token) = last[id as usize];
+        if prev_holder != Some(h) {
+            assert!(
+                prev_holder.is_none() || token.get() > prev_token,
+                "datum {id}: holder {h} token {token} after {prev_holder:?} token {prev_token}"
+            );
+            last[id as usize] = (Some(h), token.get());
+        } else {
+            assert_eq!(
+                token.get(),
+                prev_token,
+                "datum {id}: a holder keeps its token"
+            );
+        }
+    }
+}
+
+#[test]
+fn fencing_tokens_increase_from_one_owner_to_the_next() {
+    // a holds everything; b joins (notices), c joins (notices), b and c go
+    // back and forth, then a fails (failover without a notice).
+    let mut c = Cluster::new(&["a", "b", "c"], 40, 1);
+    let mut last = vec![(None, 0); 40];
+    check_tokens(&c, 0..40, &mut last);
+    assert!((0..40).all(|id| c.holders(id) == vec![0]));
+    for ready in [vec![0, 1], vec![0, 1, 2], vec![0, 2], vec![0, 1, 2]] {
+        let t = c.table_of(&ready);
+        c.install_all(&t);
+        c.settle();
+        check_tokens(&c, 0..40, &mut last);
+    }
+    let dead = c.ids[0].clone();
+    let t = c.table_of(&[1, 2]);
+    for n in 1..3 {
+        c.nodes[n].peer_failed(&dead, c.now);
+        c.nodes[n].install(Arc::clone(&t), c.now);
+    }
+    settle_among(&mut c, &[1, 2]);
+    // Forget the dead node's holdings: it is gone.
+    for id in 0..40 {
+        let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != 0).collect();
+        assert_eq!(h.len(), 1, "datum {id} taken over");
+        let token = c.nodes[h[0]].token(c.datum(h[0], id)).unwrap();
+        let (prev_holder, prev_token) = last[id as usize];
+        if prev_holder != Some(h[0]) {
+            assert!(
+                token.get() > prev_token,
+                "datum {id}: failover token {token} after {prev_token}"
+            );
+        }
+    }
+    // A relinquish job carries the token the datum was held under.
+    let on_c = (0..40).find(|&i| c.holders(i).contains(&2)).unwrap();
+    let held = c.nodes[2].token(c.datum(2, on_c));
+    let t = c.table_of(&[1]);
+    for n in 1..3 {
+        c.nodes[n].install(Arc::clone(&t), c.now);
+    }
+    let job = c.nodes[2].poll_job().expect("a relinquish job");
+    assert_eq!(job.kind, JobKind::Relinquish);
+    assert_eq!(Some(job.token), c.nodes[2].token(job.datum));
+    assert!(held.is_some());
+}
+
+#[test]
+fn a_batch_whose_epoch_jumps_too_far_is_refused() {
+    let mut c = Cluster::new(&["a", "b"], 4, 2);
+    let before = c.nodes[1].epoch();
+    let batch = NoticeBatch {
+        view: c.nodes[1].view_id(),
+        from: c.ids[0].clone(),
+        to: c.ids[1].clone(),
+        groups: vec![],
+        epoch: u64::MAX,
+        done: false,
+        echo: 0,
+    };
+    assert!(matches!(
+        c.nodes[1].handle_notices(&c.ids[0], &batch.encode(), c.now),
+        Err(NoticeError::EpochJump { .. })
+    ));
+    assert_eq!(c.nodes[1].counters().epoch_jumps_refused, 1);
+    assert_eq!(c.nodes[1].epoch(), before);
+    // An honest batch raises what the node has heard, and its next install
+    // jumps past it.
+    let honest = NoticeBatch {
+        epoch: before + 1000,
+        ..batch
+    };
+    c.nodes[1]
+        .handle_notices(&c.ids[0], &honest.encode(), c.now)
+        .unwrap();
+    assert_eq!(c.nodes[1].epoch(), before + 1000);
+    let t = c.table_of(&[1]);
+    c.nodes[1].install(t, c.now);
+    assert_eq!(c.nodes[1].epoch(), before + 1001);
+}

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal::{ClusterCa, DatumError, DistDatum, Node, NodeConfig, NodeName};
+use shoal::{ClusterCa, DatumError, DistDatum, HandoffContext, Node, NodeConfig, NodeName};
 
 /// Generous bound on anything a test waits for: only bounds hangs.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -21,6 +21,9 @@ pub struct LedgerInner {
     /// Nodes killed without leaving: their holdings may be taken over.
     pub dead: HashSet<String>,
     pub violations: Vec<String>,
+    /// Per datum, the fencing token of its latest acquisition: the next
+    /// acquisition's must be higher, and a relinquish carries it.
+    pub tokens: HashMap<i64, u64>,
 }
 
 /// Every node's datums report here.
@@ -58,8 +61,18 @@ impl DistDatum for TestDatum {
     fn type_name(&self) -> &str {
         "series"
     }
-    async fn relinquish(&self) -> Result<(), DatumError> {
+    async fn relinquish(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
+        if l.tokens.get(&self.id) != Some(&ctx.token.get()) {
+            let v = format!(
+                "{} relinquished {} under token {} (acquired under {:?})",
+                self.node,
+                self.id,
+                ctx.token,
+                l.tokens.get(&self.id)
+            );
+            l.violations.push(v);
+        }
         if l.holder.get(&self.id) == Some(&self.node) {
             l.holder.remove(&self.id);
         } else {
@@ -74,8 +87,20 @@ impl DistDatum for TestDatum {
         l.relinquished.push((self.node.clone(), self.id));
         Ok(())
     }
-    async fn acquire(&self) -> Result<(), DatumError> {
+    async fn acquire(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
+        let token = ctx.token.get();
+        if let Some(&prev) = l.tokens.get(&self.id)
+            && token <= prev
+            && l.holder.get(&self.id) != Some(&self.node)
+        {
+            let v = format!(
+                "{} acquired {} under token {} after token {}",
+                self.node, self.id, token, prev
+            );
+            l.violations.push(v);
+        }
+        l.tokens.insert(self.id, token);
         if let Some(h) = l.holder.get(&self.id)
             && *h != self.node
             && !l.dead.contains(h)
