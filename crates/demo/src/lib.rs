@@ -32,6 +32,7 @@
 //! `docs/demo.md` explains the protocol, the verdict and how to run it.
 
 pub mod driver;
+pub mod fault;
 pub mod protocol;
 pub mod service;
 pub mod store;
