@@ -10,10 +10,10 @@
 //! relinquish / acquire and every notice batch runs as a spawned task that
 //! reports back through a bounded queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,11 +32,17 @@ use crate::config::{NodeConfig, TransitionMode};
 use crate::datum::{ErasedDatum, HandoffContext};
 use crate::error::Error;
 use crate::gossip::{FromMembership, MembershipSnapshot};
-use crate::view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
-use crate::wire::{self, CH_MEMBERSHIP, CH_NOTICES, CH_ROUTED, Routed, USER_CHANNEL_BIT};
+use crate::view::{ClusterView, FacadeCounters, NodeInfo, RoutedDrops, Snapshot, TransitionReport};
+use crate::wire::{
+    self, CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, Refusal, RefuseReason, Routed,
+    USER_CHANNEL_BIT,
+};
 
 /// Longest a notice batch request waits for the receiver's answer.
 const NOTICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a leaving node's acknowledged forward, or a refusal, waits for
+/// the receiver's answer.
+const ROUTED_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Items the driver takes from one input queue per wake-up.
 const BATCH: usize = 256;
 /// Registered datums from which installing a view runs in `block_in_place`.
@@ -62,6 +68,13 @@ pub(crate) enum Command {
     Token(String, i64, oneshot::Sender<Option<FencingToken>>),
     /// Completes the membership task's part of a snapshot.
     Snapshot(Box<MembershipSnapshot>, oneshot::Sender<Snapshot>),
+    /// The last step of a leave: hand on every routed message held, parked
+    /// or queued here, wait (until `deadline`) until their receivers took
+    /// them, then stop; routed messages arriving later are refused.
+    Close {
+        deadline: Instant,
+        tx: oneshot::Sender<()>,
+    },
     Shutdown,
 }
 
@@ -82,6 +95,22 @@ pub(crate) struct DriverInputs {
 
 /// A notice batch request, from the dispatcher.
 struct NoticeRequest(Peer, Bytes, Option<Responder>);
+
+/// A routed message from a peer, from the dispatcher: one to route, or one
+/// a leaving node refused and handed back. `reply` is set when the sender
+/// asked for an answer.
+enum RoutedIn {
+    Routed(Peer, Bytes, Option<Responder>),
+    Refused(Peer, Bytes, Option<Responder>),
+}
+
+/// The outcome of a leaving node's acknowledged forward.
+struct ForwardDone {
+    node: NodeId,
+    routed: Routed,
+    /// `Ok(true)` taken, `Ok(false)` refused (the receiver is leaving too).
+    result: Result<bool, String>,
+}
 
 /// One item for a peer's link task.
 pub(crate) enum Out {
@@ -113,6 +142,13 @@ async fn wait_room(room: Option<Room>) {
     }
 }
 
+/// The driver's own completion queues, made with it.
+pub(crate) struct DriverQueues {
+    job_rx: mpsc::Receiver<JobDone>,
+    send_rx: mpsc::Receiver<SendDone>,
+    forward_rx: mpsc::Receiver<ForwardDone>,
+}
+
 pub(crate) struct JobDone {
     job: Job,
     result: Result<(), String>,
@@ -123,16 +159,55 @@ pub(crate) struct SendDone {
     result: Result<(), String>,
 }
 
-/// The facade's counters, shared with the dispatcher and membership tasks.
+/// Why a routed message was dropped (see [`RoutedDrops`], whose fields are
+/// in this order).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum DropReason {
+    NoOwner,
+    Fenced,
+    HoldFull,
+    NotHeld,
+    Expired,
+    ParkFull,
+    UnknownChannel,
+    ChannelClosed,
+    UnknownOwner,
+    LinkClosed,
+    SendFailed,
+    Returned,
+    Malformed,
+    ForwardFailed,
+    RefusalFailed,
+    LeaveTimeout,
+    Shutdown,
+}
+
+const DROP_REASONS: usize = 17;
+
+impl DropReason {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The facade's counters, shared with the dispatcher and membership tasks,
+/// and the state of a leave's last step, which the dispatcher reads.
 #[derive(Default)]
 pub(crate) struct Counts {
     routed_delivered: AtomicU64,
     routed_forwarded: AtomicU64,
     routed_held: AtomicU64,
-    routed_dropped: AtomicU64,
+    routed_refused: AtomicU64,
+    routed_rerouted: AtomicU64,
+    drops: [AtomicU64; DROP_REASONS],
     pub(crate) datagrams_dropped: AtomicU64,
     pub(crate) malformed: AtomicU64,
     jobs_started: AtomicU64,
+    /// Set once a leaving node's driver stopped: routed messages that
+    /// arrive are refused from then on.
+    pub(crate) refusing: AtomicBool,
+    /// Refusals being handed back (the transport stays up until they are).
+    pub(crate) refusals_in_flight: AtomicUsize,
 }
 
 impl Counts {
@@ -140,18 +215,103 @@ impl Counts {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `n` routed messages dropped for `reason`.
+    pub(crate) fn dropped(&self, reason: DropReason, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.drops[reason.index()].fetch_add(n, Ordering::Relaxed);
+        let name = RoutedDrops::default().fields()[reason.index()].0;
+        metrics::counter!("shoal_routed_dropped_total", "reason" => name).increment(n);
+        debug!(reason = name, n, "routed message dropped");
+    }
+
     fn snapshot(&self) -> FacadeCounters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let d = |r: DropReason| g(&self.drops[r.index()]);
+        let drops = RoutedDrops {
+            no_owner: d(DropReason::NoOwner),
+            fenced: d(DropReason::Fenced),
+            hold_full: d(DropReason::HoldFull),
+            not_held: d(DropReason::NotHeld),
+            expired: d(DropReason::Expired),
+            park_full: d(DropReason::ParkFull),
+            unknown_channel: d(DropReason::UnknownChannel),
+            channel_closed: d(DropReason::ChannelClosed),
+            unknown_owner: d(DropReason::UnknownOwner),
+            link_closed: d(DropReason::LinkClosed),
+            send_failed: d(DropReason::SendFailed),
+            returned: d(DropReason::Returned),
+            malformed: d(DropReason::Malformed),
+            forward_failed: d(DropReason::ForwardFailed),
+            refusal_failed: d(DropReason::RefusalFailed),
+            leave_timeout: d(DropReason::LeaveTimeout),
+            shutdown: d(DropReason::Shutdown),
+        };
         FacadeCounters {
             routed_delivered: g(&self.routed_delivered),
             routed_forwarded: g(&self.routed_forwarded),
             routed_held: g(&self.routed_held),
-            routed_dropped: g(&self.routed_dropped),
+            routed_dropped: drops.total(),
+            drops,
+            routed_refused: g(&self.routed_refused),
+            routed_rerouted: g(&self.routed_rerouted),
             datagrams_dropped: g(&self.datagrams_dropped),
             malformed: g(&self.malformed),
             jobs_started: g(&self.jobs_started),
         }
     }
+}
+
+/// Answers a routed message sent as a request, in a task.
+fn answer_routed(reply: Option<Responder>, answer: &'static [u8]) {
+    if let Some(reply) = reply {
+        tokio::spawn(async move {
+            let _ = reply.respond(Bytes::from_static(answer)).await;
+        });
+    }
+}
+
+/// Hands a routed message back to the node it came from: this node is
+/// leaving and its driver has stopped. A request is answered
+/// [`wire::ROUTED_REFUSED`]; a one-way message goes back in a [`Refusal`]
+/// (a request: the other node answers once its driver routed it again).
+/// Counted in `refusals_in_flight` until done, so the transport stays up.
+fn refuse(
+    transport: &Transport,
+    counts: &Arc<Counts>,
+    from: &Peer,
+    body: &Bytes,
+    reply: Option<Responder>,
+) {
+    Counts::inc(&counts.routed_refused);
+    counts.refusals_in_flight.fetch_add(1, Ordering::SeqCst);
+    let counts = Arc::clone(counts);
+    if let Some(reply) = reply {
+        tokio::spawn(async move {
+            let _ = reply
+                .respond(Bytes::from_static(wire::ROUTED_REFUSED))
+                .await;
+            counts.refusals_in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+        return;
+    }
+    let transport = transport.clone();
+    let dest = Dest::node(from.name.clone(), from.addr);
+    let frame = Refusal::encode_raw(RefuseReason::Leaving, body);
+    tokio::spawn(async move {
+        let answer = transport
+            .request(&dest, CH_REFUSED, frame, ROUTED_REQUEST_TIMEOUT)
+            .await;
+        match answer {
+            Ok(b) if &b[..] == wire::ROUTED_TAKEN => {}
+            other => {
+                debug!(%dest, ?other, "refused message not handed back");
+                counts.dropped(DropReason::RefusalFailed, 1);
+            }
+        }
+        counts.refusals_in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
 /// Answers a notice batch request, in a task (the answer is a stream write).
@@ -218,6 +378,15 @@ pub(crate) struct Driver {
     early_notices: VecDeque<EarlyNotice>,
     job_tx: mpsc::Sender<JobDone>,
     send_tx: mpsc::Sender<SendDone>,
+    forward_tx: mpsc::Sender<ForwardDone>,
+    /// Nodes that refused a routed message (they are leaving): messages for
+    /// them are parked until the view moves on. Pruned on every view.
+    refusing: HashSet<NodeId>,
+    /// The last step of a leave, once asked: forwards are acknowledged
+    /// requests, the driver stops when nothing is left or at the deadline.
+    closing: Option<(Instant, oneshot::Sender<()>)>,
+    /// Acknowledged forwards not answered yet.
+    forwards_in_flight: usize,
     waiters: Vec<Waiter>,
     report_base: Counters,
     counts: Arc<Counts>,
@@ -238,10 +407,11 @@ impl Driver {
         channels: Arc<ChannelTable>,
         view_tx: watch::Sender<Arc<ClusterView>>,
         counts: Arc<Counts>,
-    ) -> (Driver, mpsc::Receiver<JobDone>, mpsc::Receiver<SendDone>) {
+    ) -> (Driver, DriverQueues) {
         let jobs = config.limits.max_relinquish_jobs + config.limits.max_acquire_jobs + 16;
         let (job_tx, job_rx) = mpsc::channel(jobs);
         let (send_tx, send_rx) = mpsc::channel(1024);
+        let (forward_tx, forward_rx) = mpsc::channel(1024);
         let name: Arc<str> = Arc::clone(&local.name);
         let me = NodeId::new(&*name, local.generation);
         let driver = Driver {
@@ -262,6 +432,10 @@ impl Driver {
             early_notices: VecDeque::new(),
             job_tx,
             send_tx,
+            forward_tx,
+            refusing: HashSet::new(),
+            closing: None,
+            forwards_in_flight: 0,
             waiters: Vec::new(),
             report_base: Counters::default(),
             counts,
@@ -271,17 +445,22 @@ impl Driver {
             stop: false,
             more_jobs: false,
         };
-        (driver, job_rx, send_rx)
+        let queues = DriverQueues {
+            job_rx,
+            send_rx,
+            forward_rx,
+        };
+        (driver, queues)
     }
 
-    /// The driver's loop; ends on [`Command::Shutdown`] or when every API
-    /// handle is gone.
-    pub(crate) async fn run(
-        mut self,
-        mut job_rx: mpsc::Receiver<JobDone>,
-        mut send_rx: mpsc::Receiver<SendDone>,
-        inputs: DriverInputs,
-    ) {
+    /// The driver's loop; ends on [`Command::Shutdown`], at the end of
+    /// [`Command::Close`], or when every API handle is gone.
+    pub(crate) async fn run(mut self, queues: DriverQueues, inputs: DriverInputs) {
+        let DriverQueues {
+            mut job_rx,
+            mut send_rx,
+            mut forward_rx,
+        } = queues;
         let DriverInputs {
             messages,
             membership_tx,
@@ -293,6 +472,7 @@ impl Driver {
         let (routed_tx, mut routed_rx) = mpsc::channel(self.config.limits.owner_queue);
         let dispatcher = tokio::spawn(dispatch(
             messages,
+            self.transport.clone(),
             Arc::clone(&self.channels),
             Arc::clone(&self.counts),
             membership_tx,
@@ -303,8 +483,22 @@ impl Driver {
         let mut owner_buf = Vec::with_capacity(BATCH);
         let mut routed_buf = Vec::with_capacity(BATCH);
         let far = Duration::from_secs(3600);
+        // Local sends are still taken; closed (and drained) once a leave's
+        // last step starts.
+        let mut owner_open = true;
         loop {
-            self.pump(Instant::now());
+            let now = Instant::now();
+            self.pump(now);
+            if self.closing.is_some() {
+                if owner_open && !owner_rx.is_closed() {
+                    // New local sends fail from now on; those queued are
+                    // still routed.
+                    owner_rx.close();
+                }
+                if !owner_open && self.closed(now) {
+                    break;
+                }
+            }
             if self.stop {
                 break;
             }
@@ -333,15 +527,21 @@ impl Driver {
                     }
                 }
                 Some(s) = send_rx.recv() => self.handoff.send_done(s.id, s.result, Instant::now()),
+                Some(f) = forward_rx.recv() => self.on_forward_done(f, Instant::now()),
                 () = wait_room(room), if paused => self.flush_backlog(),
                 n = routed_rx.recv_many(&mut routed_buf, BATCH), if !paused => {
                     if n == 0 { break; }
-                    for (peer, bytes) in routed_buf.drain(..) {
-                        self.on_routed_bytes(&peer, &bytes);
+                    let now = Instant::now();
+                    for item in routed_buf.drain(..) {
+                        self.on_routed_in(item, now);
                     }
                 }
-                n = owner_rx.recv_many(&mut owner_buf, BATCH), if !paused => {
-                    if n == 0 { break; }
+                n = owner_rx.recv_many(&mut owner_buf, BATCH), if !paused && owner_open => {
+                    if n == 0 {
+                        if self.closing.is_none() { break; }
+                        owner_open = false;
+                        continue;
+                    }
                     for routed in owner_buf.drain(..) {
                         self.on_routed(routed, true);
                     }
@@ -349,8 +549,76 @@ impl Driver {
                 () = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
-        dispatcher.abort();
-        debug!(node = %self.name, "driver stopped");
+        if let Some((_, tx)) = self.closing.take() {
+            // From here on the dispatcher refuses routed messages; those it
+            // handed over already are refused here. It runs until the
+            // transport shuts down.
+            self.counts.refusing.store(true, Ordering::SeqCst);
+            routed_rx.close();
+            while let Ok(item) = routed_rx.try_recv() {
+                match item {
+                    RoutedIn::Routed(peer, body, reply) => {
+                        refuse(&self.transport, &self.counts, &peer, &body, reply);
+                    }
+                    RoutedIn::Refused(_, _, reply) => {
+                        // Cannot route it any more: the refusing node counts it.
+                        answer_routed(reply, wire::ROUTED_REFUSED);
+                    }
+                }
+            }
+            let _ = tx.send(());
+            info!(node = %self.name, "driver closed: routed messages are refused from now on");
+        } else {
+            dispatcher.abort();
+            // Stopped without leaving: what is still here is lost.
+            let queued = self
+                .backlog
+                .iter()
+                .filter(|p| match p {
+                    Pending::Local(..) => true,
+                    Pending::Peer(_, Out::Message(_, ch, _)) => *ch == CH_ROUTED,
+                    Pending::Peer(..) => false,
+                })
+                .count();
+            let lost = queued
+                + self.parked.len()
+                + self.handoff.progress().held_work
+                + routed_rx.len()
+                + owner_rx.len()
+                + self.forwards_in_flight;
+            self.counts.dropped(DropReason::Shutdown, lost as u64);
+            debug!(node = %self.name, "driver stopped");
+        }
+    }
+
+    /// Whether a leave's last step is over: nothing held, parked, queued or
+    /// waiting for an answer (or its deadline passed, and what is left is
+    /// counted as dropped).
+    fn closed(&mut self, now: Instant) -> bool {
+        let Some((deadline, _)) = &self.closing else {
+            return false;
+        };
+        let held = self.handoff.progress().held_work;
+        let links_idle = self
+            .links
+            .values()
+            .all(|tx| tx.capacity() == tx.max_capacity());
+        if self.parked.is_empty()
+            && self.backlog.is_empty()
+            && self.forwards_in_flight == 0
+            && held == 0
+            && links_idle
+        {
+            return true;
+        }
+        if now < *deadline {
+            return false;
+        }
+        let left = self.parked.len() + self.backlog.len() + self.forwards_in_flight + held;
+        warn!(node = %self.name, parked = self.parked.len(), backlog = self.backlog.len(),
+            in_flight = self.forwards_in_flight, held, "leave deadline: routed messages left behind");
+        self.counts.dropped(DropReason::LeaveTimeout, left as u64);
+        true
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -362,6 +630,7 @@ impl Driver {
             self.waiters.iter().map(|w| w.deadline).min(),
             self.parked.front().map(|p| p.retry_at),
             self.early_notices.iter().map(|e| e.until).min(),
+            self.closing.as_ref().map(|c| c.0),
         ]
         .into_iter()
         .flatten()
@@ -478,9 +747,8 @@ impl Driver {
                 ReleaseTo::Returned(reason) => {
                     warn!(node = %self.name, datum = %release.datum, ?reason, count = release.work.len(),
                         "held messages returned undelivered");
-                    for _ in &release.work {
-                        self.drop_routed("returned");
-                    }
+                    self.counts
+                        .dropped(DropReason::Returned, release.work.len() as u64);
                 }
             }
         }
@@ -550,6 +818,13 @@ impl Driver {
                     .into_iter()
                     .map(|m| (Arc::clone(&m.name), m))
                     .collect();
+                // A node that refused is forgotten once it left the view.
+                let members = &self.members;
+                self.refusing.retain(|n| {
+                    members
+                        .get(&*n.name)
+                        .is_some_and(|m| m.generation == n.generation)
+                });
                 self.on_view(now);
             }
             MEvent::DeclaredFailed => {
@@ -763,6 +1038,7 @@ impl Driver {
             Command::Snapshot(membership, tx) => {
                 let _ = tx.send(self.snapshot(*membership));
             }
+            Command::Close { deadline, tx } => self.close(deadline, tx, now),
             Command::Shutdown => self.stop = true,
         }
     }
@@ -872,13 +1148,87 @@ impl Driver {
         answer(reply, ok);
     }
 
-    fn on_routed_bytes(&mut self, peer: &Peer, bytes: &[u8]) {
-        match Routed::decode(bytes, self.config.limits.max_message) {
-            Ok(routed) => self.on_routed(routed, false),
+    fn on_routed_in(&mut self, item: RoutedIn, now: Instant) {
+        match item {
+            RoutedIn::Routed(peer, bytes, reply) => {
+                match Routed::decode(&bytes, self.config.limits.max_message) {
+                    Ok(routed) => self.route_message(routed, false, false, now),
+                    Err(error) => {
+                        Counts::inc(&self.counts.malformed);
+                        self.counts.dropped(DropReason::Malformed, 1);
+                        debug!(node = %self.name, from = %peer, %error, "malformed routed message");
+                    }
+                }
+                // Taken (routed, or dropped and counted here).
+                answer_routed(reply, wire::ROUTED_TAKEN);
+            }
+            RoutedIn::Refused(peer, bytes, reply) => {
+                match Refusal::decode(&bytes, self.config.limits.max_message) {
+                    Ok(refusal) => {
+                        debug!(node = %self.name, from = %peer, reason = ?refusal.reason, "routed message refused");
+                        self.refused_by(peer.name.as_str());
+                        self.reroute_refused(refusal.routed, now);
+                        answer_routed(reply, wire::ROUTED_TAKEN);
+                    }
+                    Err(error) => {
+                        Counts::inc(&self.counts.malformed);
+                        debug!(node = %self.name, from = %peer, %error, "malformed refusal");
+                        answer_routed(reply, wire::ROUTED_REFUSED);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remembers that the live member `name` refuses routed messages (it is
+    /// leaving): messages for it are parked until the view moves on.
+    fn refused_by(&mut self, name: &str) {
+        if let Some(m) = self.members.get(name) {
+            self.refusing.insert(NodeId::new(&*m.name, m.generation));
+        }
+    }
+
+    /// Routes a message a leaving node handed back: like a parked one, to
+    /// the owner in force, parked while that is a node that refuses.
+    fn reroute_refused(&mut self, routed: Routed, now: Instant) {
+        Counts::inc(&self.counts.routed_rerouted);
+        self.route_message(routed, false, true, now);
+    }
+
+    /// The last step of a leave: every parked message and every routed
+    /// message waiting in the backlog is sent again, as an acknowledged
+    /// forward; the loop ends once nothing is left ([`Driver::closed`]).
+    fn close(&mut self, deadline: Instant, tx: oneshot::Sender<()>, now: Instant) {
+        info!(node = %self.name, parked = self.parked.len(), backlog = self.backlog.len(),
+            "closing: handing on routed messages");
+        self.closing = Some((deadline, tx));
+        let backlog = std::mem::take(&mut self.backlog);
+        for item in backlog {
+            match item {
+                Pending::Peer(_, Out::Message(_, CH_ROUTED, body)) => {
+                    match Routed::decode(&body, usize::MAX) {
+                        Ok(routed) => self.route_message(routed, false, true, now),
+                        Err(_) => self.counts.dropped(DropReason::Malformed, 1),
+                    }
+                }
+                other => self.backlog.push_back(other),
+            }
+        }
+        self.reroute_parked(now, true);
+    }
+
+    fn on_forward_done(&mut self, done: ForwardDone, now: Instant) {
+        self.forwards_in_flight = self.forwards_in_flight.saturating_sub(1);
+        match done.result {
+            Ok(true) => {}
+            Ok(false) => {
+                self.refusing.insert(done.node);
+                self.reroute_refused(done.routed, now);
+            }
             Err(error) => {
-                Counts::inc(&self.counts.malformed);
-                Counts::inc(&self.counts.routed_dropped);
-                debug!(node = %self.name, from = %peer, %error, "malformed routed message");
+                // The receiver may have taken it: not sent again.
+                debug!(node = %self.name, owner = %done.node, %error, "acknowledged forward failed");
+                self.counts.dropped(DropReason::ForwardFailed, 1);
             }
         }
     }
@@ -902,7 +1252,7 @@ impl Driver {
         }
         for p in due {
             if now >= p.expires {
-                self.drop_routed("expired");
+                self.counts.dropped(DropReason::Expired, 1);
                 continue;
             }
             self.route_message(p.routed, false, true, now);
@@ -914,7 +1264,7 @@ impl Driver {
             Here,
             Forward(NodeId),
             Hold(Datum),
-            Drop(&'static str),
+            Drop(DropReason),
         }
         let datum = self
             .handoff
@@ -926,23 +1276,33 @@ impl Driver {
                 Route::Process => Decision::Here,
                 Route::Forward(node) => Decision::Forward(node.clone()),
                 Route::Hold => Decision::Hold(d),
-                Route::Fenced => Decision::Drop("fenced"),
+                Route::Fenced => Decision::Drop(DropReason::Fenced),
             },
-            None if self.fenced => Decision::Drop("fenced"),
+            None if self.fenced => Decision::Drop(DropReason::Fenced),
             None => {
                 let table = self.handoff.table();
                 match table.primary(routed.id).and_then(|i| table.view().node(i)) {
                     Some(node) if *node == self.me => Decision::Here,
                     Some(node) => Decision::Forward(node.clone()),
-                    None => Decision::Drop("no_owner"),
+                    None => Decision::Drop(DropReason::NoOwner),
                 }
             }
         };
         match decision {
             Decision::Here => self.deliver_local(routed),
+            Decision::Forward(node) if self.refusing.contains(&node) => {
+                // The owner in force is leaving and refuses: wait for the
+                // view without it.
+                self.park(routed, now);
+            }
             Decision::Forward(node) => {
                 if !from_here {
-                    if routed.hops >= self.config.limits.max_forward_hops && !retry {
+                    // A closing node parks nothing: parked messages would
+                    // be lost when it stops.
+                    if routed.hops >= self.config.limits.max_forward_hops
+                        && !retry
+                        && self.closing.is_none()
+                    {
                         // This node and the sender disagree on the owner:
                         // one of them has not seen the newest view yet. Keep
                         // the message and route it again shortly.
@@ -957,20 +1317,20 @@ impl Driver {
                 Ok(()) => Counts::inc(&self.counts.routed_held),
                 Err(e) => {
                     let reason = match e.kind {
-                        shoal_transition::HoldErrorKind::Full => "hold_full",
-                        shoal_transition::HoldErrorKind::Fenced => "fenced",
-                        shoal_transition::HoldErrorKind::NotHeld => "not_held",
+                        shoal_transition::HoldErrorKind::Full => DropReason::HoldFull,
+                        shoal_transition::HoldErrorKind::Fenced => DropReason::Fenced,
+                        shoal_transition::HoldErrorKind::NotHeld => DropReason::NotHeld,
                     };
-                    self.drop_routed(reason);
+                    self.counts.dropped(reason, 1);
                 }
             },
-            Decision::Drop(reason) => self.drop_routed(reason),
+            Decision::Drop(reason) => self.counts.dropped(reason, 1),
         }
     }
 
     fn park(&mut self, routed: Routed, now: Instant) {
         if self.parked.len() >= self.config.limits.hold_capacity {
-            self.drop_routed("park_full");
+            self.counts.dropped(DropReason::ParkFull, 1);
             return;
         }
         Counts::inc(&self.counts.routed_held);
@@ -981,15 +1341,9 @@ impl Driver {
         });
     }
 
-    fn drop_routed(&self, reason: &'static str) {
-        Counts::inc(&self.counts.routed_dropped);
-        metrics::counter!("shoal_routed_dropped_total", "reason" => reason).increment(1);
-        debug!(node = %self.name, reason, "routed message dropped");
-    }
-
     fn deliver_local(&mut self, routed: Routed) {
         let Some(tx) = self.channels.sender(routed.channel) else {
-            self.drop_routed("unknown_channel");
+            self.counts.dropped(DropReason::UnknownChannel, 1);
             return;
         };
         Counts::inc(&self.counts.routed_delivered);
@@ -1003,14 +1357,42 @@ impl Driver {
 
     fn forward_to(&mut self, node: &NodeId, routed: Routed) {
         let Some(addr) = self.members.get(&*node.name).map(|m| m.addr) else {
-            self.drop_routed("unknown_owner");
+            self.counts.dropped(DropReason::UnknownOwner, 1);
             return;
         };
         let Ok(name) = NodeName::new(&node.name) else {
-            self.drop_routed("unknown_owner");
+            self.counts.dropped(DropReason::UnknownOwner, 1);
             return;
         };
         Counts::inc(&self.counts.routed_forwarded);
+        if self.closing.is_some() {
+            // Leaving: the owner answers once its driver took the message,
+            // so this node knows nothing is lost when it stops.
+            self.forwards_in_flight += 1;
+            let transport = self.transport.clone();
+            let tx = self.forward_tx.clone();
+            let dest = Dest::node(name, addr);
+            let node = node.clone();
+            tokio::spawn(async move {
+                let answer = transport
+                    .request(&dest, CH_ROUTED, routed.encode(), ROUTED_REQUEST_TIMEOUT)
+                    .await;
+                let result = match answer {
+                    Ok(b) if &b[..] == wire::ROUTED_TAKEN => Ok(true),
+                    Ok(b) if &b[..] == wire::ROUTED_REFUSED => Ok(false),
+                    Ok(_) => Err(format!("{dest} answered nonsense")),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx
+                    .send(ForwardDone {
+                        node,
+                        routed,
+                        result,
+                    })
+                    .await;
+            });
+            return;
+        }
         let out = Out::Message(Dest::node(name, addr), CH_ROUTED, routed.encode());
         self.push(Pending::Peer(addr, out));
     }
@@ -1026,6 +1408,7 @@ impl Driver {
             self.transport.clone(),
             rx,
             Arc::clone(&self.name),
+            Arc::clone(&self.counts),
         ));
         self.links.insert(addr, tx.clone());
         tx
@@ -1048,7 +1431,7 @@ impl Driver {
                 Ok(()) => None,
                 Err(mpsc::error::TrySendError::Full(d)) => Some(Pending::Local(tx, d)),
                 Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.drop_routed("channel_closed");
+                    self.counts.dropped(DropReason::ChannelClosed, 1);
                     None
                 }
             },
@@ -1058,7 +1441,7 @@ impl Driver {
                     Ok(()) => None,
                     Err(mpsc::error::TrySendError::Full(out)) => Some(Pending::Peer(addr, out)),
                     Err(mpsc::error::TrySendError::Closed(_)) => {
-                        self.drop_routed("link_closed");
+                        self.counts.dropped(DropReason::LinkClosed, 1);
                         None
                     }
                 }
@@ -1086,8 +1469,15 @@ impl Driver {
     }
 }
 
-/// Sends one peer's queued items through the transport, in order.
-pub(crate) async fn link_task(transport: Transport, mut rx: mpsc::Receiver<Out>, node: Arc<str>) {
+/// Sends one peer's queued items through the transport, in order. A routed
+/// message the transport fails to send is counted as dropped
+/// (`send_failed`).
+pub(crate) async fn link_task(
+    transport: Transport,
+    mut rx: mpsc::Receiver<Out>,
+    node: Arc<str>,
+    counts: Arc<Counts>,
+) {
     while let Some(out) = rx.recv().await {
         let result = match &out {
             Out::Datagram(dest, payload) => transport.send_datagram(dest, payload).await,
@@ -1104,6 +1494,9 @@ pub(crate) async fn link_task(transport: Transport, mut rx: mpsc::Receiver<Out>,
             };
             metrics::counter!("shoal_send_failures_total", "kind" => what).increment(1);
             debug!(%node, %dest, %error, what, "send failed");
+            if matches!(out, Out::Message(_, CH_ROUTED, _)) {
+                counts.dropped(DropReason::SendFailed, 1);
+            }
         }
     }
 }
@@ -1111,22 +1504,60 @@ pub(crate) async fn link_task(transport: Transport, mut rx: mpsc::Receiver<Out>,
 /// Reads the transport's messages and hands each to its consumer: internal
 /// ones to the driver, user ones to their channel. Waits when a queue is
 /// full, so the transport stops reading and QUIC pushes back on senders.
+///
+/// Once a leaving node's driver has stopped (`counts.refusing`), it refuses
+/// every routed message (hands it back to its sender) and keeps serving
+/// user channels until the transport shuts down.
 async fn dispatch(
     mut messages: MessageReceiver,
+    transport: Transport,
     channels: Arc<ChannelTable>,
     counts: Arc<Counts>,
     membership_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     notice_tx: mpsc::Sender<NoticeRequest>,
-    routed_tx: mpsc::Sender<(Peer, Bytes)>,
+    routed_tx: mpsc::Sender<RoutedIn>,
 ) {
     while let Some(m) = messages.recv().await {
+        let refusing = counts.refusing.load(Ordering::SeqCst);
         let delivered = match m.channel {
-            CH_MEMBERSHIP => membership_tx.send((m.from.addr, m.body)).await.is_ok(),
+            CH_MEMBERSHIP => refusing || membership_tx.send((m.from.addr, m.body)).await.is_ok(),
+            CH_NOTICES if refusing => {
+                answer(m.reply, false);
+                true
+            }
             CH_NOTICES => notice_tx
                 .send(NoticeRequest(m.from, m.body, m.reply))
                 .await
                 .is_ok(),
-            CH_ROUTED => routed_tx.send((m.from, m.body)).await.is_ok(),
+            CH_ROUTED if refusing => {
+                refuse(&transport, &counts, &m.from, &m.body, m.reply);
+                true
+            }
+            CH_ROUTED => {
+                if let Err(mpsc::error::SendError(item)) = routed_tx
+                    .send(RoutedIn::Routed(m.from, m.body, m.reply))
+                    .await
+                    && let RoutedIn::Routed(from, body, reply) = item
+                {
+                    // The driver closed its queue as it stopped: refuse.
+                    refuse(&transport, &counts, &from, &body, reply);
+                }
+                true
+            }
+            CH_REFUSED if refusing => {
+                answer_routed(m.reply, wire::ROUTED_REFUSED);
+                true
+            }
+            CH_REFUSED => {
+                if let Err(mpsc::error::SendError(item)) = routed_tx
+                    .send(RoutedIn::Refused(m.from, m.body, m.reply))
+                    .await
+                    && let RoutedIn::Refused(_, _, reply) = item
+                {
+                    answer_routed(reply, wire::ROUTED_REFUSED);
+                }
+                true
+            }
             id if id & USER_CHANNEL_BIT != 0 => {
                 match channels.sender(id) {
                     Some(tx) => {
@@ -1136,7 +1567,7 @@ async fn dispatch(
                             payload: m.body,
                         };
                         if tx.send(delivery).await.is_err() {
-                            Counts::inc(&counts.routed_dropped);
+                            counts.dropped(DropReason::ChannelClosed, 1);
                         }
                     }
                     None => {

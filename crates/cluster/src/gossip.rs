@@ -240,6 +240,7 @@ impl MembershipTask {
                     self.transport.clone(),
                     rx,
                     Arc::clone(&self.name),
+                    Arc::clone(&self.counts),
                 ));
                 self.links.insert(addr, tx.clone());
                 tx

@@ -67,7 +67,7 @@ pub use config::{Limits, NodeConfig, Timing, TlsConfig, TransitionMode};
 pub use datum::{DatumError, DistDatum, HandoffContext};
 pub use error::{ConfigError, Error, SendError, StartError};
 pub use node::Node;
-pub use view::{ClusterView, FacadeCounters, NodeInfo, Snapshot, TransitionReport};
+pub use view::{ClusterView, FacadeCounters, NodeInfo, RoutedDrops, Snapshot, TransitionReport};
 
 pub use shoal_membership::MemberState;
 pub use shoal_placement::{NodeId, PlacementTable, Strategy, ViewId};

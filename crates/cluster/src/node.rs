@@ -38,6 +38,7 @@ pub(crate) struct Shared {
     pub(crate) owner_tx: mpsc::Sender<Routed>,
     pub(crate) channels: Arc<ChannelTable>,
     pub(crate) config: NodeConfig,
+    counts: Arc<Counts>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut: AtomicBool,
 }
@@ -66,6 +67,9 @@ impl std::fmt::Debug for Node {
 
 /// Capacity of the queues between the membership task and the driver.
 const MEMBERSHIP_EVENTS: usize = 1024;
+/// How long a leaving node keeps refusing routed messages after its driver
+/// stopped, before its transport shuts down.
+const REFUSE_LINGER: Duration = Duration::from_millis(200);
 
 /// Sends a request carrying its answer's sender; [`Error::Shutdown`] when
 /// the task is gone or dropped the request.
@@ -198,7 +202,7 @@ impl Node {
         let counts = Arc::new(Counts::default());
         let name = identity.name().clone();
         let (messages, datagrams) = incoming.split();
-        let (driver, job_rx, send_rx) = Driver::new(
+        let (driver, queues) = Driver::new(
             config.clone(),
             membership.local().clone(),
             handoff,
@@ -210,15 +214,14 @@ impl Node {
         let gossip = MembershipTask::new(
             membership,
             transport.clone(),
-            counts,
+            Arc::clone(&counts),
             config.limits.peer_queue,
             events_tx,
         );
         let tasks = vec![
             tokio::spawn(gossip.run(datagrams, packets_rx, membership_cmd_rx)),
             tokio::spawn(driver.run(
-                job_rx,
-                send_rx,
+                queues,
                 DriverInputs {
                     messages,
                     membership_tx: packets_tx,
@@ -240,6 +243,7 @@ impl Node {
                 owner_tx,
                 channels,
                 config,
+                counts,
                 tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
             }),
@@ -520,8 +524,13 @@ impl Node {
     /// Leaves gracefully within `timeout`, as the seed's applications do:
     /// marks this node not ready (every node transitions and this one
     /// relinquishes everything it owned), waits for its handoffs, announces
-    /// the leave to the cluster, then shuts down. Returns how the final
-    /// transition went.
+    /// the leave to the cluster, hands every message for a datum's owner
+    /// still here (held, parked or queued) to the owner and waits until
+    /// each was taken, then shuts down. From that point routed messages
+    /// that reach this node are refused: handed back to the node that sent
+    /// them, which routes them again. Local sends fail with
+    /// [`SendError::Shutdown`](crate::SendError::Shutdown) from the last step
+    /// on. Returns how the final transition went.
     ///
     /// # Errors
     /// [`Error::Shutdown`] if the node was already shut down.
@@ -537,6 +546,16 @@ impl Node {
             .await?;
         self.membership_command(|tx| MembershipCommand::Leave { deadline, tx })
             .await?;
+        self.command(|tx| Command::Close { deadline, tx }).await?;
+        // Refuse what still arrives for a moment (senders whose views lag),
+        // and let the refusals reach their nodes, before the transport goes.
+        let counts = &self.shared.counts;
+        let linger = (Instant::now() + REFUSE_LINGER).min(deadline);
+        while Instant::now() < deadline
+            && (Instant::now() < linger || counts.refusals_in_flight.load(Ordering::SeqCst) > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.shutdown().await;
         Ok(report)
     }

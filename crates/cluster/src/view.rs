@@ -163,15 +163,100 @@ pub struct FacadeCounters {
     pub routed_forwarded: u64,
     /// Messages for datum owners held during a handoff.
     pub routed_held: u64,
-    /// Messages for datum owners dropped (no owner, hop limit, hold full,
-    /// fenced, unknown channel, undecodable).
+    /// Messages for datum owners dropped on this node, all reasons
+    /// (the sum of [`FacadeCounters::drops`]).
     pub routed_dropped: u64,
+    /// The same drops, by reason.
+    pub drops: RoutedDrops,
+    /// Messages for datum owners this node refused because it was leaving
+    /// (handed back to the node that sent them, which routes them again).
+    pub routed_refused: u64,
+    /// Refused messages that came back to this node and were routed again.
+    pub routed_rerouted: u64,
     /// Membership datagrams dropped because a peer queue was full.
     pub datagrams_dropped: u64,
     /// Packets from peers that did not decode (membership, notices, routed).
     pub malformed: u64,
     /// Relinquish and acquire jobs started.
     pub jobs_started: u64,
+}
+
+/// Messages for datum owners dropped on this node, by reason. Each is also
+/// counted in `shoal_routed_dropped_total{reason}` under the field's name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutedDrops {
+    /// No ready node owns the datum in the table in force (`no_owner`).
+    pub no_owner: u64,
+    /// This node is fenced (`fenced`).
+    pub fenced: u64,
+    /// The hold buffer (`limits.hold_capacity`) was full (`hold_full`).
+    pub hold_full: u64,
+    /// The handoff refused to hold work it had just routed to the hold
+    /// (`not_held`; cannot happen while the driver is the only caller).
+    pub not_held: u64,
+    /// Parked until the transition timeout without the views agreeing
+    /// (`expired`).
+    pub expired: u64,
+    /// The park buffer (`limits.hold_capacity`) was full (`park_full`).
+    pub park_full: u64,
+    /// No local receiver for the channel (`unknown_channel`).
+    pub unknown_channel: u64,
+    /// The receiver of the channel was dropped (`channel_closed`).
+    pub channel_closed: u64,
+    /// The owner is not a live member here (`unknown_owner`).
+    pub unknown_owner: u64,
+    /// The link task of the peer had stopped (`link_closed`).
+    pub link_closed: u64,
+    /// The transport failed to send it to the owner (`send_failed`): the
+    /// peer is gone or unreachable.
+    pub send_failed: u64,
+    /// Held work handed back by the handoff layer, because its datum was
+    /// unregistered or this node fenced (`returned`).
+    pub returned: u64,
+    /// Undecodable (`malformed`).
+    pub malformed: u64,
+    /// A leaving node's acknowledged forward got no answer (`forward_failed`):
+    /// the owner may or may not have taken it, so it is not sent again.
+    pub forward_failed: u64,
+    /// A leaving node could not hand a refused message back to its sender
+    /// (`refusal_failed`).
+    pub refusal_failed: u64,
+    /// Still held, parked or queued when a leaving node's deadline passed
+    /// (`leave_timeout`).
+    pub leave_timeout: u64,
+    /// Still held, parked or queued when the node was shut down without
+    /// leaving (`shutdown`).
+    pub shutdown: u64,
+}
+
+impl RoutedDrops {
+    /// The total over every reason.
+    pub fn total(&self) -> u64 {
+        self.fields().iter().map(|(_, v)| v).sum()
+    }
+
+    /// `(reason, count)` for every reason, for export.
+    pub fn fields(&self) -> [(&'static str, u64); 17] {
+        [
+            ("no_owner", self.no_owner),
+            ("fenced", self.fenced),
+            ("hold_full", self.hold_full),
+            ("not_held", self.not_held),
+            ("expired", self.expired),
+            ("park_full", self.park_full),
+            ("unknown_channel", self.unknown_channel),
+            ("channel_closed", self.channel_closed),
+            ("unknown_owner", self.unknown_owner),
+            ("link_closed", self.link_closed),
+            ("send_failed", self.send_failed),
+            ("returned", self.returned),
+            ("malformed", self.malformed),
+            ("forward_failed", self.forward_failed),
+            ("refusal_failed", self.refusal_failed),
+            ("leave_timeout", self.leave_timeout),
+            ("shutdown", self.shutdown),
+        ]
+    }
 }
 
 impl fmt::Display for Snapshot {
@@ -220,8 +305,19 @@ impl fmt::Display for Snapshot {
         let c = &self.facade;
         write!(
             f,
-            "routed: delivered {} forwarded {} held {} dropped {}; malformed packets {}",
-            c.routed_delivered, c.routed_forwarded, c.routed_held, c.routed_dropped, c.malformed
-        )
+            "routed: delivered {} forwarded {} held {} refused {} rerouted {} dropped {}",
+            c.routed_delivered,
+            c.routed_forwarded,
+            c.routed_held,
+            c.routed_refused,
+            c.routed_rerouted,
+            c.routed_dropped
+        )?;
+        for (reason, n) in c.drops.fields() {
+            if n > 0 {
+                write!(f, " {reason} {n}")?;
+            }
+        }
+        write!(f, "; malformed packets {}", c.malformed)
     }
 }

@@ -15,8 +15,14 @@ use serde::{Deserialize, Serialize};
 pub const CH_MEMBERSHIP: u32 = 1;
 /// Transport channel of relinquish notice batches (request / answer).
 pub const CH_NOTICES: u32 = 2;
-/// Transport channel of messages routed to a datum's owner.
+/// Transport channel of messages routed to a datum's owner: one-way, or as
+/// a request (a leaving node's forwards) answered [`ROUTED_TAKEN`] or
+/// [`ROUTED_REFUSED`].
 pub const CH_ROUTED: u32 = 3;
+/// Transport channel of routed messages a leaving node refused, handed back
+/// to the node that sent them ([`Refusal`], request answered
+/// [`ROUTED_TAKEN`] once that node's driver routed it again).
+pub const CH_REFUSED: u32 = 4;
 /// User channels have this bit set; internal ones never do.
 pub const USER_CHANNEL_BIT: u32 = 0x8000_0000;
 
@@ -29,6 +35,16 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const NOTICE_ACK: &[u8] = &[0];
 /// Answer to a notice batch: refused (the sender retries).
 pub const NOTICE_NACK: &[u8] = &[1];
+
+/// Answer to a routed message (or a refusal) sent as a request: the node's
+/// driver took it.
+pub const ROUTED_TAKEN: &[u8] = &[0];
+/// Answer to a routed message sent as a request: refused, this node is
+/// leaving; the sender routes it again.
+pub const ROUTED_REFUSED: &[u8] = &[1];
+
+/// Version byte of a refusal.
+pub const REFUSAL_VERSION: u8 = 1;
 
 /// The stable id of a user channel: FNV-1a (32 bit) of its name, with the
 /// user bit set. Every node derives the same id from the same name,
@@ -173,6 +189,77 @@ impl Routed {
     }
 }
 
+/// Why a node refused a routed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The node is leaving: it has handed on what it held and takes nothing
+    /// more.
+    Leaving,
+}
+
+impl RefuseReason {
+    fn code(self) -> u8 {
+        match self {
+            RefuseReason::Leaving => 1,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<RefuseReason> {
+        match code {
+            1 => Some(RefuseReason::Leaving),
+            _ => None,
+        }
+    }
+}
+
+/// A routed message handed back to the node that sent it, with the reason:
+/// `[version][reason][routed message]` on [`CH_REFUSED`]. The node routes
+/// it again (to the owner in force).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why it was refused.
+    pub reason: RefuseReason,
+    /// The message, as it arrived at the refusing node.
+    pub routed: Routed,
+}
+
+impl Refusal {
+    /// Builds the frame from the refused message's bytes as they arrived
+    /// (they are not decoded on the refusing node).
+    pub fn encode_raw(reason: RefuseReason, routed: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(routed.len() + 2);
+        out.push(REFUSAL_VERSION);
+        out.push(reason.code());
+        out.extend_from_slice(routed);
+        Bytes::from(out)
+    }
+
+    /// Encodes a refusal.
+    pub fn encode(&self) -> Bytes {
+        Refusal::encode_raw(self.reason, &self.routed.encode())
+    }
+
+    /// Decodes a refusal of at most `max` bytes.
+    ///
+    /// # Errors
+    /// [`WireError`] (a bad version, an unknown reason, or the routed
+    /// message's own errors); the bytes change nothing.
+    pub fn decode(bytes: &[u8], max: usize) -> Result<Refusal, WireError> {
+        let [version, reason, routed @ ..] = bytes else {
+            return Err(WireError::Empty);
+        };
+        if *version != REFUSAL_VERSION {
+            return Err(WireError::Version(*version));
+        }
+        let reason = RefuseReason::from_code(*reason)
+            .ok_or_else(|| WireError::Malformed(format!("unknown refusal reason {reason}")))?;
+        Ok(Refusal {
+            reason,
+            routed: Routed::decode(routed, max)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,10 +324,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn refusal_round_trip_and_bad_input() {
+        let r = Refusal {
+            reason: RefuseReason::Leaving,
+            routed: sample(),
+        };
+        let bytes = r.encode();
+        assert_eq!(Refusal::decode(&bytes, 1 << 20).unwrap(), r);
+        assert_eq!(Refusal::decode(&[], 100), Err(WireError::Empty));
+        assert_eq!(Refusal::decode(&[1], 100), Err(WireError::Empty));
+        let mut v = bytes.to_vec();
+        v[0] = 7;
+        assert_eq!(Refusal::decode(&v, 1 << 20), Err(WireError::Version(7)));
+        let mut v = bytes.to_vec();
+        v[1] = 9;
+        assert!(matches!(
+            Refusal::decode(&v, 1 << 20),
+            Err(WireError::Malformed(_))
+        ));
+        let mut v = bytes.to_vec();
+        v.push(0);
+        assert_eq!(Refusal::decode(&v, 1 << 20), Err(WireError::Trailing(1)));
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = Routed::decode(&bytes, 256);
+            let _ = Refusal::decode(&bytes, 256);
         }
 
         #[test]

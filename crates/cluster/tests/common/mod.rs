@@ -262,3 +262,16 @@ pub async fn settled(nodes: &[&Node], ready: usize, datums: i64, ledger: &Ledger
         );
     }
 }
+
+/// Like [`eventually`], with a condition that awaits.
+pub async fn eventually_async<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
