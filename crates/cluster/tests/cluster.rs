@@ -488,14 +488,14 @@ impl shoal::DistDatum for CounterDatum {
     fn type_name(&self) -> &str {
         "counter"
     }
-    async fn relinquish(&self) -> Result<(), shoal::DatumError> {
+    async fn relinquish(&self, _ctx: shoal::HandoffContext) -> Result<(), shoal::DatumError> {
         let mut memory = self.app.memory.lock().unwrap();
         if let Some(applied) = memory.remove(&self.id) {
             self.world.store.lock().unwrap().insert(self.id, applied);
         }
         Ok(())
     }
-    async fn acquire(&self) -> Result<(), shoal::DatumError> {
+    async fn acquire(&self, _ctx: shoal::HandoffContext) -> Result<(), shoal::DatumError> {
         let mut memory = self.app.memory.lock().unwrap();
         let stored = self
             .world
