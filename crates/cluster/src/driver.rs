@@ -150,11 +150,14 @@ pub(crate) struct DriverQueues {
 }
 
 pub(crate) struct JobDone {
+    /// The handoff instance that handed the job out (see `Driver::instance`).
+    instance: u64,
     job: Job,
     result: Result<(), String>,
 }
 
 pub(crate) struct SendDone {
+    instance: u64,
     id: SendId,
     result: Result<(), String>,
 }
@@ -393,6 +396,10 @@ pub(crate) struct Driver {
     version: u64,
     view_dirty: bool,
     fenced: bool,
+    /// Which handoff state machine is in force: a rebirth (a new generation
+    /// after a declared death) starts a new one, and completions of the old
+    /// one's jobs and sends are ignored.
+    instance: u64,
     stop: bool,
     /// Jobs are left over from the last pump: loop again without sleeping.
     more_jobs: bool,
@@ -442,6 +449,7 @@ impl Driver {
             version: 0,
             view_dirty: true,
             fenced: false,
+            instance: 0,
             stop: false,
             more_jobs: false,
         };
@@ -521,12 +529,16 @@ impl Driver {
                 Some(r) = notice_rx.recv() => self.on_notices(r, Instant::now()),
                 Some(j) = job_rx.recv() => {
                     let now = Instant::now();
-                    self.handoff.job_done(j.job, j.result, now);
+                    self.job_done(j, now);
                     while let Ok(j) = job_rx.try_recv() {
-                        self.handoff.job_done(j.job, j.result, now);
+                        self.job_done(j, now);
                     }
                 }
-                Some(s) = send_rx.recv() => self.handoff.send_done(s.id, s.result, Instant::now()),
+                Some(s) = send_rx.recv() => {
+                    if s.instance == self.instance {
+                        self.handoff.send_done(s.id, s.result, Instant::now());
+                    }
+                }
                 Some(f) = forward_rx.recv() => self.on_forward_done(f, Instant::now()),
                 () = wait_room(room), if paused => self.flush_backlog(),
                 n = routed_rx.recv_many(&mut routed_buf, BATCH), if !paused => {
@@ -621,6 +633,14 @@ impl Driver {
         true
     }
 
+    fn job_done(&mut self, j: JobDone, now: Instant) {
+        if j.instance == self.instance {
+            self.handoff.job_done(j.job, j.result, now);
+        } else {
+            debug!(node = %self.name, datum = %j.job.datum, "job of a former generation completed: ignored");
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         if self.more_jobs {
             return Some(Instant::now());
@@ -696,9 +716,16 @@ impl Driver {
                 }
             }
             let tx = self.job_tx.clone();
+            let instance = self.instance;
             tokio::spawn(async move {
                 let result = fut.await.map_err(|e| e.to_string());
-                let _ = tx.send(JobDone { job, result }).await;
+                let _ = tx
+                    .send(JobDone {
+                        instance,
+                        job,
+                        result,
+                    })
+                    .await;
             });
         }
         while let Some(t) = self.handoff.poll_transmit() {
@@ -720,6 +747,7 @@ impl Driver {
             let transport = self.transport.clone();
             let tx = self.send_tx.clone();
             let id = t.id;
+            let instance = self.instance;
             tokio::spawn(async move {
                 let answer = transport
                     .request(&dest, CH_NOTICES, body, NOTICE_REQUEST_TIMEOUT)
@@ -729,7 +757,13 @@ impl Driver {
                     Ok(_) => Err(format!("{dest} refused the notices")),
                     Err(e) => Err(e.to_string()),
                 };
-                let _ = tx.send(SendDone { id, result }).await;
+                let _ = tx
+                    .send(SendDone {
+                        instance,
+                        id,
+                        result,
+                    })
+                    .await;
             });
         }
         while let Some(release) = self.handoff.poll_release() {
@@ -742,6 +776,14 @@ impl Driver {
                 ReleaseTo::Forward(node) => {
                     for work in release.work {
                         self.forward_to(&node, work);
+                    }
+                }
+                ReleaseTo::Returned(shoal_transition::ReturnReason::Fenced) => {
+                    // The generation was declared dead; its successor (or
+                    // the datums' new owners) will take them: route again
+                    // once the new generation knows the cluster.
+                    for work in release.work {
+                        self.park(work, now);
                     }
                 }
                 ReleaseTo::Returned(reason) => {
@@ -768,7 +810,46 @@ impl Driver {
                 }
                 ack.complete();
             }
+            FromMembership::Reborn(local) => self.reborn(local, now),
         }
+    }
+
+    /// The membership task started a new generation of this node after the
+    /// cluster declared the old one dead: a new handoff state machine for
+    /// it, with every datum registered again (it holds none: the others
+    /// failed the old generation's datums over). Jobs and sends of the old
+    /// machine still running are ignored when they complete.
+    fn reborn(&mut self, local: Member, now: Instant) {
+        let me = NodeId::new(&*local.name, local.generation);
+        let handoff = match Handoff::new(me.clone(), self.handoff.config().clone()) {
+            Ok(h) => h,
+            Err(error) => {
+                warn!(node = %self.name, %error, "cannot start the new generation's handoff");
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut self.handoff, handoff);
+        let datums = std::mem::take(&mut self.datums);
+        for (_, datum) in datums {
+            let Ok(ty) = self.handoff.datum_type(datum.type_name()) else {
+                continue;
+            };
+            let d = Datum::new(ty, datum.id());
+            if self.handoff.register(d, now).is_ok() {
+                self.datums.insert(d, datum);
+            }
+        }
+        drop(old);
+        info!(node = %self.name, generation = local.generation, datums = self.datums.len(),
+            "new generation: handoff restarted");
+        self.instance += 1;
+        self.me = me;
+        self.local = local;
+        self.members.clear();
+        self.latest = None;
+        self.fenced = false;
+        self.report_base = Counters::default();
+        self.view_dirty = true;
     }
 
     fn on_membership_event(&mut self, event: MEvent, now: Instant) {

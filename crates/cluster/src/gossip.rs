@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use shoal_membership::{Event as MEvent, Member, Membership};
+use shoal_membership::{Event as MEvent, LocalNode, Member, Membership};
 use shoal_transport::{DatagramReceiver, Dest, NodeName, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -84,7 +85,15 @@ pub(crate) enum FromMembership {
     Local(Member),
     /// A command's acknowledgement.
     Ack(Ack),
+    /// The cluster declared this node dead (the `DeclaredFailed` event came
+    /// just before): membership now runs as a new generation of it (this
+    /// record), rejoining the members it knew. The driver starts a new
+    /// handoff for it.
+    Reborn(Member),
 }
+
+/// Most addresses a rebirth rejoins through (members it knew, then seeds).
+const REJOIN_TARGETS: usize = 64;
 
 struct LeaveWaiter {
     deadline: Instant,
@@ -108,11 +117,26 @@ pub(crate) struct MembershipTask {
     leave_waiters: Vec<LeaveWaiter>,
     fenced: bool,
     stop: bool,
+    /// The membership configuration, for a rebirth.
+    config: shoal_membership::Config,
+    /// Seeds of the last join, for a rebirth.
+    seeds: Vec<SocketAddr>,
+    /// What the application last asked: ready or not.
+    wanted_ready: bool,
+    /// Reborn, and not yet rejoined: not ready until another member is
+    /// known (a node must know the cluster before it is placed on).
+    rejoining: bool,
+    /// A rebirth to hand the driver (after the `DeclaredFailed` event).
+    reborn: Option<Member>,
+    /// Whether the node is leaving (a declared death then is no reason to
+    /// come back).
+    leaving: bool,
 }
 
 impl MembershipTask {
     pub(crate) fn new(
         membership: Membership<SmallRng>,
+        config: shoal_membership::Config,
         transport: Transport,
         counts: Arc<Counts>,
         peer_queue: usize,
@@ -134,6 +158,12 @@ impl MembershipTask {
             leave_waiters: Vec::new(),
             fenced: false,
             stop: false,
+            config,
+            seeds: Vec::new(),
+            wanted_ready: false,
+            rejoining: false,
+            reborn: None,
+            leaving: false,
         }
     }
 
@@ -201,6 +231,13 @@ impl MembershipTask {
     fn step(&mut self, now: Instant) {
         if self.membership.poll_timeout().is_some_and(|t| t <= now) {
             self.membership.handle_timeout(now);
+        }
+        if self.rejoining && self.membership.num_live() > 1 {
+            // The rejoin was answered: this generation knows the cluster.
+            self.rejoining = false;
+            info!(node = %self.name, generation = self.membership.local().generation,
+                ready = self.wanted_ready, "rejoined as a new generation");
+            self.membership.set_ready(self.wanted_ready, now);
         }
         self.hand_to_driver();
         while let Some(t) = self.membership.poll_transmit() {
@@ -278,6 +315,10 @@ impl MembershipTask {
     }
 
     fn next_for_driver(&mut self) -> Option<FromMembership> {
+        if let Some(member) = self.reborn.take() {
+            self.last_local = member.clone();
+            return Some(FromMembership::Reborn(member));
+        }
         if let Some(event) = self.membership.poll_event() {
             self.on_event(&event);
             return Some(FromMembership::Event(event));
@@ -304,21 +345,77 @@ impl MembershipTask {
                 }
             }
             MEvent::DeclaredFailed => {
-                // A fenced node must not be placed on: leave the ready view
-                // now, and stay out of it.
-                warn!(node = %self.name, "the cluster declared this node failed: not ready");
+                // This generation is fenced for good: leave the ready view
+                // now. Unless the node is leaving, come back as a new
+                // generation (the driver is told after this event).
+                warn!(node = %self.name, "the cluster declared this node failed: fenced");
                 self.fenced = true;
                 self.membership.set_ready(false, Instant::now());
+                if !self.leaving {
+                    self.rebirth(Instant::now());
+                }
             }
             MEvent::Suspected(_) | MEvent::NameConflict { .. } | MEvent::ViewChanged(_) => {}
         }
     }
 
+    /// Replaces this generation, which the cluster declared dead, by a new
+    /// one of the same name in the same process: a new membership state
+    /// machine that rejoins through the members the old one knew (any
+    /// state: after a partition the far side was "dead" here) and the
+    /// seeds. It becomes ready, if the application wants it, once the
+    /// rejoin is answered. The driver learns it from
+    /// [`FromMembership::Reborn`] and starts a new handoff.
+    fn rebirth(&mut self, now: Instant) {
+        let old = self.membership.local().clone();
+        let generation = crate::node::generation_now().max(old.generation.saturating_add(1));
+        let mut targets: Vec<SocketAddr> = Vec::new();
+        for addr in self
+            .membership
+            .members()
+            .filter(|m| *m.name != *old.name)
+            .map(|m| m.addr)
+            .chain(self.seeds.iter().copied())
+        {
+            if addr != old.addr && !targets.contains(&addr) && targets.len() < REJOIN_TARGETS {
+                targets.push(addr);
+            }
+        }
+        let local = LocalNode {
+            name: old.name.to_string(),
+            generation,
+            addr: old.addr,
+            ready: false,
+            metadata: old.metadata.to_vec(),
+        };
+        let rng = SmallRng::seed_from_u64(generation ^ crate::wire::channel_id(&old.name) as u64);
+        let mut membership = match Membership::new(self.config.clone(), local, rng, now) {
+            Ok(m) => m,
+            Err(error) => {
+                warn!(node = %self.name, %error, "cannot start a new generation: stays fenced");
+                return;
+            }
+        };
+        membership.join(&targets, now);
+        info!(node = %self.name, old = old.generation, generation, targets = targets.len(),
+            "declared dead: rejoining as a new generation");
+        metrics::counter!("shoal_rebirths_total").increment(1);
+        self.membership = membership;
+        self.fenced = false;
+        self.rejoining = true;
+        self.reborn = Some(self.membership.local().clone());
+    }
+
     fn on_command(&mut self, cmd: MembershipCommand, now: Instant) {
         match cmd {
-            MembershipCommand::Join(seeds) => self.membership.join(&seeds, now),
+            MembershipCommand::Join(seeds) => {
+                self.seeds.clone_from(&seeds);
+                self.membership.join(&seeds, now);
+            }
             MembershipCommand::SetReady(ready, tx) => {
-                self.membership.set_ready(ready && !self.fenced, now);
+                self.wanted_ready = ready;
+                self.membership
+                    .set_ready(ready && !self.fenced && !self.rejoining, now);
                 self.acks.push_back(Ack::Ready(tx));
             }
             MembershipCommand::SetMetadata(metadata, tx) => {
@@ -337,6 +434,7 @@ impl MembershipTask {
             }
             MembershipCommand::Leave { deadline, tx } => {
                 info!(node = %self.name, "leaving");
+                self.leaving = true;
                 self.membership.leave(now);
                 self.leave_waiters.push(LeaveWaiter { deadline, tx });
             }
@@ -416,6 +514,7 @@ mod tests {
         let (commands, commands_rx) = mpsc::channel(16);
         let task = MembershipTask::new(
             membership,
+            Config::local(),
             transport.clone(),
             Arc::new(Counts::default()),
             64,
@@ -472,6 +571,7 @@ mod tests {
                         view_ready = members.iter().any(|m| &*m.name == "a" && m.ready);
                     }
                     FromMembership::Event(_) => {}
+                    FromMembership::Reborn(m) => panic!("unexpected rebirth as {}", m.generation),
                     FromMembership::Ack(ack) => {
                         // Nothing answered the caller before the driver
                         // completes the acknowledgement.

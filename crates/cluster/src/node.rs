@@ -82,7 +82,7 @@ async fn ask<C, T>(
     rx.await.map_err(|_| Error::Shutdown)
 }
 
-fn generation_now() -> u64 {
+pub(crate) fn generation_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -165,7 +165,8 @@ impl Node {
             metadata: Vec::new(),
         };
         let seed = generation ^ wire::channel_id(&config.name) as u64;
-        let membership = Membership::new(mconfig, local, SmallRng::seed_from_u64(seed), now)?;
+        let membership =
+            Membership::new(mconfig.clone(), local, SmallRng::seed_from_u64(seed), now)?;
         let hconfig = shoal_transition::Config {
             timeout: config.transition_timeout(),
             relinquish_timeout: config.transition_timeout().mul_f64(0.75),
@@ -213,6 +214,7 @@ impl Node {
         );
         let gossip = MembershipTask::new(
             membership,
+            mconfig,
             transport.clone(),
             Arc::clone(&counts),
             config.limits.peer_queue,
