@@ -3,7 +3,23 @@
 use std::time::Duration;
 
 use crate::error::BindError;
-use crate::frame::{INLINE_FRAME_MAX, LEN_PREFIX, MAX_HEADER_LEN};
+use crate::frame::{self, INLINE_FRAME_MAX, LEN_PREFIX, MAX_HEADER_LEN};
+
+/// Caps of one channel's inbound messages, tighter than the node-wide
+/// [`TransportConfig::max_message_size`] and [`TransportConfig::max_ratio`]
+/// (for instance, looser ratio for a channel carrying large, repetitive
+/// state). See [`TransportConfig::channel_caps`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelCap {
+    /// The channel id.
+    pub channel: u32,
+    /// Largest message on the channel, decompressed (cut to
+    /// `max_message_size`).
+    pub max_size: usize,
+    /// Largest decompressed / compressed ratio of a compressed message on the
+    /// channel.
+    pub max_ratio: u32,
+}
 
 /// What a send does when the peer's send queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -34,14 +50,52 @@ pub struct TransportConfig {
     /// QUIC. A full queue makes senders wait or fail ([`WhenFull`]).
     /// Default 4 MiB; at least 64 KiB.
     pub send_queue_bytes: usize,
-    /// Capacity of the inbound message queue the application reads. When it
-    /// is full, stream readers stop reading, so QUIC flow control pushes back
-    /// on the senders: nothing is dropped. Default 8192.
+    /// Capacity of the inbound message queue the application reads, in
+    /// messages. When it is full, stream readers stop reading, so QUIC flow
+    /// control pushes back on the senders: nothing is dropped. One peer may
+    /// hold at most [`TransportConfig::peer_share_percent`] of it. Default
+    /// 8192.
     pub inbound_messages: usize,
-    /// Capacity of the inbound datagram queue. When it is full, new datagrams
-    /// are dropped and counted (`datagrams_dropped`): datagrams are
-    /// unreliable by nature. Default 4096.
+    /// Bytes of inbound messages (decompressed, plus
+    /// [`crate::MESSAGE_OVERHEAD`] each) decoded or being read and not yet
+    /// taken by the application. A message is charged from the size its
+    /// header announces before its body is read or decompressed, and
+    /// released when the application receives it. When the budget (or the
+    /// sender's share) is used up, stream readers stop reading and QUIC flow
+    /// control pushes back on the senders: nothing is dropped. Default
+    /// 64 MiB; the per-peer share must hold one message of
+    /// `max_message_size`.
+    pub inbound_bytes: usize,
+    /// Percentage of each endpoint-wide inbound budget (message bytes,
+    /// message count, datagram count, response bytes) one peer may hold, so
+    /// that others still make progress. Default 50.
+    pub peer_share_percent: u8,
+    /// Capacity of the inbound datagram queue. When it is full, or the
+    /// sender's share of it is, new datagrams are dropped and counted
+    /// (`datagrams_dropped`): datagrams are unreliable by nature. Default
+    /// 4096.
     pub inbound_datagrams: usize,
+    /// Largest decompressed / compressed ratio of a compressed message, on
+    /// channels without an entry in [`TransportConfig::channel_caps`]. A
+    /// frame above it is refused before decompression (`frames_over_ratio`);
+    /// a sender never compresses beyond its own caps (it sends plain
+    /// instead). Default 64.
+    pub max_ratio: u32,
+    /// Per-channel caps on inbound messages (size and ratio); channels not
+    /// listed get `max_message_size` and `max_ratio`. Messages on the shared
+    /// stream are at most 64 KiB decompressed whatever their channel. A
+    /// frame over its cap is refused with `TOO_LARGE` (`frames_too_large`).
+    /// Default empty.
+    pub channel_caps: Vec<ChannelCap>,
+    /// A frame must arrive completely within this time from its first byte
+    /// (not counting time this node makes it wait for budget); otherwise its
+    /// stream is dropped (`frames_timed_out`). A bi stream must also deliver
+    /// its first frame within this time of being opened. Default 20 s.
+    pub frame_timeout: Duration,
+    /// Frames refused (over a cap or ratio, or timed out) on one connection
+    /// before the connection is closed (`connections_closed_for_abuse`).
+    /// Default 8.
+    pub max_refusals: u32,
     /// Concurrent requests (and large one-way messages) a peer may have open
     /// towards this node; more wait on the peer's side. Default 256. QUIC
     /// counts a stream until its last bytes are acknowledged, so this also
@@ -73,7 +127,13 @@ impl Default for TransportConfig {
             compression_level: 1,
             send_queue_bytes: 4 * 1024 * 1024,
             inbound_messages: 8192,
+            inbound_bytes: 64 * 1024 * 1024,
+            peer_share_percent: 50,
             inbound_datagrams: 4096,
+            max_ratio: 64,
+            channel_caps: Vec::new(),
+            frame_timeout: Duration::from_secs(20),
+            max_refusals: 8,
             max_concurrent_requests: 256,
             handshake_timeout: Duration::from_secs(5),
             send_timeout: Duration::from_secs(10),
@@ -106,6 +166,21 @@ impl TransportConfig {
         if self.inbound_messages == 0 || self.inbound_datagrams == 0 {
             return bad("inbound queue capacities must be positive");
         }
+        if self.peer_share_percent == 0 || self.peer_share_percent > 100 {
+            return bad("peer_share_percent must be between 1 and 100");
+        }
+        if self.peer_share(self.inbound_bytes) < frame::max_frame_len(self.max_message_size) + crate::MESSAGE_OVERHEAD {
+            return bad("inbound_bytes x peer_share_percent must hold one message of max_message_size");
+        }
+        if self.inbound_bytes > u32::MAX as usize {
+            return bad("inbound_bytes must be below 4 GiB");
+        }
+        if self.max_ratio == 0 || self.channel_caps.iter().any(|c| c.max_ratio == 0) {
+            return bad("compression ratios must be positive");
+        }
+        if self.frame_timeout.is_zero() || self.max_refusals == 0 {
+            return bad("frame_timeout and max_refusals must be positive");
+        }
         if self.max_concurrent_requests == 0 {
             return bad("max_concurrent_requests must be positive");
         }
@@ -122,6 +197,32 @@ impl TransportConfig {
             return bad("idle_timeout is too long for QUIC");
         }
         Ok(())
+    }
+
+    /// One peer's share of an endpoint-wide budget of `total` (at least 1).
+    pub(crate) fn peer_share(&self, total: usize) -> usize {
+        (total / 100)
+            .saturating_mul(usize::from(self.peer_share_percent))
+            .saturating_add(total % 100 * usize::from(self.peer_share_percent) / 100)
+            .max(1)
+    }
+
+    /// The caps of every channel, as the frame decoder takes them.
+    pub(crate) fn caps(&self) -> frame::Caps {
+        let overrides: Vec<_> = self
+            .channel_caps
+            .iter()
+            .map(|c| {
+                (
+                    c.channel,
+                    frame::Cap {
+                        max_size: c.max_size,
+                        max_ratio: c.max_ratio,
+                    },
+                )
+            })
+            .collect();
+        frame::Caps::new(self.max_message_size, self.max_ratio, &overrides)
     }
 }
 
@@ -142,5 +243,14 @@ mod tests {
         let mut c = TransportConfig::default();
         c.send_queue_bytes = 10;
         assert!(c.validate().is_err());
+        let mut c = TransportConfig::default();
+        c.inbound_bytes = c.max_message_size;
+        assert!(c.validate().is_err(), "a peer's share must hold one message");
+        let mut c = TransportConfig::default();
+        c.peer_share_percent = 0;
+        assert!(c.validate().is_err());
+        let c = TransportConfig::default();
+        assert_eq!(c.peer_share(100), 50);
+        assert_eq!(c.peer_share(1), 1);
     }
 }

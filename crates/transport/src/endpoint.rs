@@ -9,15 +9,17 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, VarInt};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::budget::{Budgets, Charge, MESSAGE_OVERHEAD, PeerBudget};
 use crate::config::{TransportConfig, WhenFull};
 use crate::error::{BindError, TransportError};
 use crate::frame::{
-    self, DecodeError, FrameReader, INLINE_FRAME_MAX, LEN_PREFIX, MAX_HEADER_LEN, MAX_HELLO_LEN,
-    OutFrame, StreamKind, code,
+    self, Cap, Caps, DecodeError, Encoding, FrameReader, INLINE_FRAME_MAX, LEN_PREFIX,
+    MAX_HEADER_LEN, MAX_HELLO_LEN, OutFrame, StreamKind, code,
 };
-use crate::inbound::{Datagram, Incoming, Message, Responder};
+use crate::inbound::{Charged, Datagram, Incoming, Message, Responder, SlottedDatagram};
 use crate::name::{Dest, NodeName, Peer, canonical_addr};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trust::{ALPN, NodeIdentity, TlsConfigs, node_name_of};
@@ -67,10 +69,12 @@ pub(crate) struct Inner {
     pub(crate) config: TransportConfig,
     pub(crate) stats: Stats,
     table: Mutex<Table>,
-    messages_tx: mpsc::Sender<Message>,
-    datagrams_tx: mpsc::Sender<Datagram>,
-    /// Bytes of large inbound frames being read; bounds their memory.
-    large_inbound: Arc<Semaphore>,
+    messages_tx: mpsc::Sender<Charged>,
+    datagrams_tx: mpsc::Sender<SlottedDatagram>,
+    /// What inbound data may cost, endpoint-wide and per peer.
+    budgets: Budgets,
+    /// Caps of every channel's inbound messages (size, compression ratio).
+    pub(crate) caps: Caps,
     shut: AtomicBool,
     /// Tells the receivers the endpoint is shut down.
     shut_tx: watch::Sender<bool>,
@@ -82,6 +86,21 @@ impl std::fmt::Debug for Inner {
             .field("name", &self.me)
             .field("addr", &self.local_addr)
             .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// Frames a message for the wire, compressed when that helps and stays
+    /// within the channel's ratio cap (so a peer with the same caps never
+    /// refuses it).
+    pub(crate) fn out_frame(&self, channel: u32, body: Bytes) -> OutFrame {
+        OutFrame::within_ratio(
+            channel,
+            body,
+            self.config.compress_min,
+            self.config.compression_level,
+            self.caps.of(channel).max_ratio,
+        )
     }
 }
 
@@ -110,6 +129,10 @@ pub(crate) struct PeerConn {
     queue_tx: mpsc::UnboundedSender<Queued>,
     /// Bytes allowed in the send queue.
     budget: Arc<Semaphore>,
+    /// The peer's shares of the inbound budgets (shared by its connections).
+    share: Arc<PeerBudget>,
+    /// Frames of this connection refused (caps, ratio, deadline).
+    refusals: AtomicU32,
     active: AtomicBool,
     busy: AtomicUsize,
     superseded: AtomicBool,
@@ -296,11 +319,6 @@ impl Transport {
         let (shut_tx, shut_rx) = watch::channel(false);
         let (messages_tx, messages) = mpsc::channel(config.inbound_messages);
         let (datagrams_tx, datagrams) = mpsc::channel(config.inbound_datagrams);
-        let large_budget = config
-            .max_message_size
-            .saturating_mul(2)
-            .saturating_add(2 * MAX_HEADER_LEN)
-            .min(Semaphore::MAX_PERMITS);
         let inner = Arc::new(Inner {
             me: identity.name().clone(),
             instance: random_instance(),
@@ -308,12 +326,13 @@ impl Transport {
             local_addr,
             client_named,
             client_any,
-            config,
             stats: Stats::default(),
             table: Mutex::new(Table::default()),
             messages_tx,
             datagrams_tx,
-            large_inbound: Arc::new(Semaphore::new(large_budget)),
+            budgets: Budgets::new(&config),
+            caps: config.caps(),
+            config,
             shut: AtomicBool::new(false),
             shut_tx,
         });
@@ -342,6 +361,21 @@ impl Transport {
     /// A snapshot of the counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// Bytes of inbound messages charged right now: announced decompressed
+    /// sizes (plus [`crate::MESSAGE_OVERHEAD`] each) of messages being read,
+    /// decoded or waiting in [`Incoming`], until the application takes them.
+    /// At most [`TransportConfig::inbound_bytes`].
+    pub fn inbound_bytes_charged(&self) -> usize {
+        self.inner.budgets.charged()
+    }
+
+    /// Of [`Transport::inbound_bytes_charged`], the bytes charged to the
+    /// peer called `name` (all its connections). At most its share,
+    /// [`TransportConfig::peer_share_percent`] of the budget.
+    pub fn inbound_bytes_charged_by(&self, name: &NodeName) -> usize {
+        self.inner.budgets.charged_by(name)
     }
 
     /// The peers this node currently has a connection to (for sending).
@@ -469,10 +503,10 @@ impl Transport {
         body: Bytes,
         when_full: WhenFull,
     ) -> Result<(), TransportError> {
-        let config = &self.inner.config;
-        self.check_size(dest, body.len())?;
+        self.check_size(dest, channel, body.len())?;
         let inline = body.len() <= INLINE_BODY_MAX;
-        let mut frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
+        let mut frame = self.inner.out_frame(channel, body);
+        let config = &self.inner.config;
         let timeout = config.send_timeout;
         // A connection found just as it closes gracefully refuses the message
         // explicitly; then the message goes on a new connection, once.
@@ -547,9 +581,8 @@ impl Transport {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, TransportError> {
-        let config = &self.inner.config;
-        self.check_size(dest, body.len())?;
-        let frame = OutFrame::new(channel, body, config.compress_min, config.compression_level);
+        self.check_size(dest, channel, body.len())?;
+        let frame = self.inner.out_frame(channel, body);
         match tokio::time::timeout(timeout, self.request_inner(dest, frame)).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::TimedOut {
@@ -570,38 +603,43 @@ impl Transport {
             .map_err(|e| write_error(&peer, &e))?;
         let _ = send.finish();
         count_sent(inner, &frame);
-        let max_frame = frame::max_frame_len(inner.config.max_message_size);
-        let response = read_frame(&mut recv, max_frame, &inner.large_inbound).await;
-        let response = match response {
-            Ok(f) => f,
-            Err(ReadFrameError::TooLarge(announced)) => {
-                let _ = recv.stop(code::TOO_LARGE.into());
-                Stats::inc(&inner.stats.frames_too_large);
-                return Err(TransportError::TooLarge {
-                    peer,
-                    size: announced,
-                    limit: inner.config.max_message_size as u64,
-                    side: "answer over the local limit",
-                });
-            }
-            Err(ReadFrameError::Stream(e)) => return Err(read_error(&peer, &e)),
-        };
-        Stats::add(
-            &inner.stats.bytes_received,
-            (response.len() + LEN_PREFIX) as u64,
-        );
-        match frame::decode_envelope(response, inner.config.max_message_size) {
-            Ok((_, body)) => {
+        let channel = frame.header.channel;
+        let caps = inner.caps.of(channel);
+        // The request's own timeout bounds the wait: no frame deadline.
+        let response = read_frame(inner, &pc, &mut recv, |_| caps, None, Charging::Response).await;
+        match response {
+            Ok(d) => {
                 Stats::inc(&inner.stats.responses_received);
-                Ok(body)
+                // The charge ends here: the requester holds the answer now.
+                Ok(d.body)
             }
-            Err(e) => {
+            Err(ReadFrameError::Refused(e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. }))) => {
+                let _ = recv.stop(code::TOO_LARGE.into());
+                refused(inner, &pc, &e);
+                let (size, limit) = match e {
+                    DecodeError::TooLarge { announced, limit } => (announced, limit),
+                    _ => (0, caps.max_size as u64),
+                };
+                Err(TransportError::TooLarge {
+                    peer,
+                    size,
+                    limit,
+                    side: "answer over the local limit",
+                })
+            }
+            Err(ReadFrameError::Refused(e)) => {
+                let _ = recv.stop(code::PROTOCOL.into());
                 count_decode_error(inner, &e);
                 Err(TransportError::Rejected {
                     peer,
                     reason: format!("malformed answer: {e}"),
                 })
             }
+            Err(ReadFrameError::Stream(e)) => Err(read_error(&peer, &e)),
+            Err(ReadFrameError::TimedOut | ReadFrameError::Gone) => Err(TransportError::Closed {
+                peer,
+                reason: "the answer could not be read".into(),
+            }),
         }
     }
 
@@ -629,8 +667,8 @@ impl Transport {
         info!(node = %inner.me, "transport shut down");
     }
 
-    fn check_size(&self, dest: &Dest, size: usize) -> Result<(), TransportError> {
-        let limit = self.inner.config.max_message_size;
+    fn check_size(&self, dest: &Dest, channel: u32, size: usize) -> Result<(), TransportError> {
+        let limit = self.inner.caps.of(channel).max_size;
         if size > limit {
             return Err(TransportError::TooLarge {
                 peer: dest.clone(),
@@ -797,7 +835,26 @@ fn count_sent(inner: &Inner, frame: &OutFrame) {
 fn count_decode_error(inner: &Inner, e: &DecodeError) {
     match e {
         DecodeError::TooLarge { .. } => Stats::inc(&inner.stats.frames_too_large),
+        DecodeError::Ratio { .. } => Stats::inc(&inner.stats.frames_over_ratio),
         _ => Stats::inc(&inner.stats.frames_malformed),
+    }
+}
+
+/// Counts a frame refused for its size or ratio and holds it against the
+/// connection ([`strike`]).
+fn refused(inner: &Inner, pc: &PeerConn, e: &DecodeError) {
+    count_decode_error(inner, e);
+    warn!(peer = %pc.peer, error = %e, "frame refused");
+    strike(inner, pc);
+}
+
+/// Counts a refusal against the connection; closes it at `max_refusals`.
+fn strike(inner: &Inner, pc: &PeerConn) {
+    let n = pc.refusals.fetch_add(1, Ordering::Relaxed) + 1;
+    if n == inner.config.max_refusals {
+        Stats::inc(&inner.stats.connections_closed_for_abuse);
+        warn!(peer = %pc.peer, refusals = n, "closing a connection that keeps sending refused frames");
+        pc.conn.close(code::PROTOCOL.into(), b"too many refused frames");
     }
 }
 
@@ -901,34 +958,116 @@ async fn write_frame(
 }
 
 enum ReadFrameError {
-    TooLarge(u64),
+    /// Over the caps, or malformed: the frame is refused.
+    Refused(DecodeError),
+    /// The frame did not arrive within `frame_timeout`.
+    TimedOut,
     Stream(quinn::ReadError),
+    /// A budget is closed (never in practice).
+    Gone,
 }
 
-/// Reads one length-prefixed frame, refusing a prefix above `max_frame`
-/// before allocating, and holding `budget` permits for large frames while
-/// they are read (which bounds the memory of concurrent large reads).
+/// Which budget a frame is charged to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charging {
+    /// A message or request for the inbound queue.
+    Message,
+    /// The answer to one of this node's requests.
+    Response,
+}
+
+/// A frame read from a stream of its own, decoded, with its charge.
+struct Decoded {
+    channel: u32,
+    body: Bytes,
+    charge: Charge,
+    /// Frame bytes on the wire, length prefix included.
+    wire: usize,
+}
+
+/// Reads one length-prefixed frame from a stream of its own: the prefix and
+/// header first, checked against the channel's caps before anything large
+/// is allocated; then the budget is charged (waiting for room: the stream
+/// is not read meanwhile); then the body is read and decoded.
+///
+/// With a `deadline`, the prefix and header must arrive by then, and the
+/// body within `frame_timeout` of the charge.
 async fn read_frame(
+    inner: &Inner,
+    pc: &PeerConn,
+    recv: &mut quinn::RecvStream,
+    caps: impl Fn(u32) -> Cap,
+    deadline: Option<Instant>,
+    charging: Charging,
+) -> Result<Decoded, ReadFrameError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    read_exact(recv, &mut prefix, deadline).await?;
+    let max_frame = frame::max_frame_len(inner.caps.max_size());
+    let len = frame::check_frame_len(u32::from_le_bytes(prefix), max_frame)
+        .map_err(ReadFrameError::Refused)?;
+    let head_len = len.min(MAX_HEADER_LEN);
+    let mut buf = vec![0u8; head_len];
+    read_exact(recv, &mut buf, deadline).await?;
+    let inspected = frame::inspect(&buf, len, caps).map_err(ReadFrameError::Refused)?;
+    let compressed = matches!(inspected.header.encoding, Encoding::Zstd { .. });
+    let overhead = match charging {
+        Charging::Message => MESSAGE_OVERHEAD,
+        Charging::Response => 0,
+    };
+    // While decompressing, the compressed body and the output coexist.
+    let want = if compressed {
+        inspected.size + len
+    } else {
+        len.max(inspected.size)
+    } + overhead;
+    let charge = match charging {
+        Charging::Message => inner.budgets.message(&pc.share, want).await,
+        Charging::Response => inner.budgets.response(&pc.share, want).await,
+    };
+    let mut charge = charge.ok_or(ReadFrameError::Gone)?;
+    // Time spent waiting for this node's own budget does not count.
+    let deadline = deadline.map(|_| Instant::now() + inner.config.frame_timeout);
+    buf.resize(len, 0);
+    read_exact(recv, buf.get_mut(head_len..).unwrap_or_default(), deadline).await?;
+    let body = frame::decode_body(Bytes::from(buf), &inspected).map_err(ReadFrameError::Refused)?;
+    if compressed {
+        charge.shrink_to(inspected.size + overhead);
+    }
+    Ok(Decoded {
+        channel: inspected.header.channel,
+        body,
+        charge,
+        wire: LEN_PREFIX + len,
+    })
+}
+
+/// Reads a frame of a hello stream (tiny, no budget).
+async fn read_small_frame(
     recv: &mut quinn::RecvStream,
     max_frame: usize,
-    budget: &Arc<Semaphore>,
 ) -> Result<Bytes, ReadFrameError> {
     let mut prefix = [0u8; LEN_PREFIX];
-    read_exact(recv, &mut prefix).await?;
+    read_exact(recv, &mut prefix, None).await?;
     let len = frame::check_frame_len(u32::from_le_bytes(prefix), max_frame)
-        .map_err(|_| ReadFrameError::TooLarge(u64::from(u32::from_le_bytes(prefix))))?;
-    let _permit = if len > INLINE_FRAME_MAX {
-        budget.clone().acquire_many_owned(len as u32).await.ok()
-    } else {
-        None
-    };
+        .map_err(ReadFrameError::Refused)?;
     let mut buf = vec![0u8; len];
-    read_exact(recv, &mut buf).await?;
+    read_exact(recv, &mut buf, None).await?;
     Ok(Bytes::from(buf))
 }
 
-async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), ReadFrameError> {
-    recv.read_exact(buf).await.map_err(|e| match e {
+async fn read_exact(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> Result<(), ReadFrameError> {
+    let read = recv.read_exact(buf);
+    let r = match deadline {
+        Some(d) => tokio::time::timeout_at(d, read)
+            .await
+            .map_err(|_| ReadFrameError::TimedOut)?,
+        None => read.await,
+    };
+    r.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(_) => {
             ReadFrameError::Stream(quinn::ReadError::ClosedStream)
         }
@@ -1089,6 +1228,8 @@ async fn admit(
         instance: AtomicU64::new(0),
         queue_tx,
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
+        share: inner.budgets.peer(&peer.name),
+        refusals: AtomicU32::new(0),
         active: AtomicBool::new(true),
         busy: AtomicUsize::new(0),
         superseded: AtomicBool::new(false),
@@ -1351,12 +1492,22 @@ async fn datagram_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
         pc.touch();
         match frame::decode_datagram(datagram) {
             Ok(payload) => {
-                let d = Datagram {
-                    from: pc.peer.clone(),
-                    payload,
-                };
                 Stats::inc(&inner.stats.datagrams_received);
-                if inner.datagrams_tx.try_send(d).is_err() {
+                // The sender's share of the queue, then the queue itself.
+                let queued = Budgets::try_datagram(&pc.share).is_some_and(|slot| {
+                    let d = Datagram {
+                        from: pc.peer.clone(),
+                        payload,
+                    };
+                    inner
+                        .datagrams_tx
+                        .try_send(SlottedDatagram {
+                            datagram: d,
+                            _slot: slot,
+                        })
+                        .is_ok()
+                });
+                if !queued {
                     Stats::inc(&inner.stats.datagrams_dropped);
                 }
             }
@@ -1375,8 +1526,7 @@ async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: quinn::RecvS
     }
     match StreamKind::from_byte(kind[0]) {
         Some(StreamKind::Hello) => {
-            let budget = Arc::new(Semaphore::new(0));
-            let hello = match read_frame(&mut recv, MAX_HELLO_LEN, &budget).await {
+            let hello = match read_small_frame(&mut recv, MAX_HELLO_LEN).await {
                 Ok(f) => frame::decode_hello(&f).ok(),
                 Err(_) => None,
             };
@@ -1418,13 +1568,47 @@ async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: quinn::RecvS
     }
 }
 
+/// How a pass over the frames buffered from the shared stream ended.
+enum Pass {
+    /// Every whole frame was handled; read more.
+    More,
+    /// The stream must be stopped with this code.
+    Stop(u32),
+    /// The application is gone.
+    Gone,
+}
+
 /// Reads the peer's shared message stream until it ends.
+///
+/// Each frame is checked against the inline caps of its channel, then
+/// charged to the budgets before it is decompressed; when the budgets are
+/// full, what is decoded is handed over first, then the reader waits (and
+/// stops reading, so QUIC flow control pushes back on the sender).
 async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(INLINE_FRAME_MAX);
     let mut ready = Vec::new();
-    let max_message = inner.config.max_message_size;
+    let frame_timeout = inner.config.frame_timeout;
+    // When this node started waiting for the rest of a partial frame.
+    let mut partial_since: Option<Instant> = None;
     loop {
-        let chunk = match recv.read_chunk(usize::MAX, true).await {
+        let read = recv.read_chunk(usize::MAX, true);
+        let chunk = if reader.has_partial() {
+            let since = *partial_since.get_or_insert_with(Instant::now);
+            match tokio::time::timeout_at(since + frame_timeout, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    Stats::inc(&inner.stats.frames_timed_out);
+                    warn!(peer = %pc.peer, "partial frame timed out; message stream stopped");
+                    let _ = recv.stop(code::TIMED_OUT.into());
+                    strike(inner, pc);
+                    return;
+                }
+            }
+        } else {
+            partial_since = None;
+            read.await
+        };
+        let chunk = match chunk {
             Ok(Some(chunk)) => chunk.bytes,
             Ok(None) => {
                 if reader.has_partial() {
@@ -1437,36 +1621,88 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
         Stats::add(&inner.stats.bytes_received, chunk.len() as u64);
         pc.touch();
         reader.push(&chunk);
-        let broken = loop {
-            match reader.next_frame() {
-                Ok(Some(f)) => match frame::decode_envelope(f, max_message) {
-                    Ok((channel, body)) => ready.push(Message {
-                        from: pc.peer.clone(),
-                        channel,
-                        body,
-                        reply: None,
-                    }),
-                    Err(e) => {
-                        count_decode_error(inner, &e);
-                        debug!(peer = %pc.peer, error = %e, "frame dropped");
-                    }
-                },
-                Ok(None) => break None,
-                Err(e) => break Some(e),
-            }
-        };
+        let pass = decode_buffered(inner, pc, &mut reader, &mut ready, &mut partial_since).await;
         // Everything decoded before a framing error is still delivered.
-        Stats::add(&inner.stats.messages_received, ready.len() as u64);
-        if deliver_all(&inner.messages_tx, &mut ready).await.is_err() {
+        if deliver_all(inner, &mut ready).await.is_err() {
             let _ = recv.stop(code::GONE.into());
             return;
         }
-        if let Some(e) = broken {
-            // The framing is lost: nothing after this can be trusted.
-            Stats::inc(&inner.stats.frames_malformed);
-            warn!(peer = %pc.peer, error = %e, "broken message stream stopped");
-            let _ = recv.stop(code::PROTOCOL.into());
-            return;
+        match pass {
+            Pass::More => {}
+            Pass::Stop(c) => {
+                let _ = recv.stop(c.into());
+                return;
+            }
+            Pass::Gone => {
+                let _ = recv.stop(code::GONE.into());
+                return;
+            }
+        }
+    }
+}
+
+/// Decodes the whole frames buffered in `reader` into `ready`, charging each.
+async fn decode_buffered(
+    inner: &Inner,
+    pc: &Arc<PeerConn>,
+    reader: &mut FrameReader,
+    ready: &mut Vec<Charged>,
+    partial_since: &mut Option<Instant>,
+) -> Pass {
+    loop {
+        let f = match reader.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return Pass::More,
+            Err(e) => {
+                // The framing is lost: nothing after this can be trusted.
+                Stats::inc(&inner.stats.frames_malformed);
+                warn!(peer = %pc.peer, error = %e, "broken message stream stopped");
+                return Pass::Stop(code::PROTOCOL);
+            }
+        };
+        *partial_since = None;
+        let inspected = match frame::inspect(&f, f.len(), |ch| inner.caps.inline(ch)) {
+            Ok(i) => i,
+            Err(e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. })) => {
+                refused(inner, pc, &e);
+                return Pass::Stop(code::TOO_LARGE);
+            }
+            Err(e) => {
+                // A bad header: the framing holds, skip this frame.
+                count_decode_error(inner, &e);
+                debug!(peer = %pc.peer, error = %e, "frame dropped");
+                continue;
+            }
+        };
+        let want = inspected.size + MESSAGE_OVERHEAD;
+        let charge = match inner.budgets.try_message(&pc.share, want) {
+            Some(c) => c,
+            None => {
+                // The budget may be full of what this reader decoded: hand
+                // that over first, then wait for room.
+                if deliver_all(inner, ready).await.is_err() {
+                    return Pass::Gone;
+                }
+                match inner.budgets.message(&pc.share, want).await {
+                    Some(c) => c,
+                    None => return Pass::Gone,
+                }
+            }
+        };
+        match frame::decode_body(f, &inspected) {
+            Ok(body) => ready.push(Charged {
+                msg: Message {
+                    from: pc.peer.clone(),
+                    channel: inspected.header.channel,
+                    body,
+                    reply: None,
+                },
+                _charge: charge,
+            }),
+            Err(e) => {
+                count_decode_error(inner, &e);
+                debug!(peer = %pc.peer, error = %e, "frame dropped");
+            }
         }
     }
 }
@@ -1474,11 +1710,13 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
 /// Hands decoded messages to the inbound queue, reserving room for many at
 /// once (one wait per batch rather than per message). Waits while the queue
 /// is full: that is the backpressure.
-async fn deliver_all(tx: &mpsc::Sender<Message>, ready: &mut Vec<Message>) -> Result<(), ()> {
+async fn deliver_all(inner: &Inner, ready: &mut Vec<Charged>) -> Result<(), ()> {
+    let tx = &inner.messages_tx;
     let cap = tx.max_capacity().max(1);
     while !ready.is_empty() {
         let n = ready.len().min(cap);
         let permits = tx.reserve_many(n).await.map_err(|_| ())?;
+        Stats::add(&inner.stats.messages_received, n as u64);
         for (permit, msg) in permits.zip(ready.drain(..n)) {
             permit.send(msg);
         }
@@ -1497,10 +1735,21 @@ async fn handle_bi(
         let _ = recv.stop(c.into());
         let _ = send.reset(c.into());
     };
+    // The kind, prefix and header must arrive by then.
+    let deadline = Instant::now() + inner.config.frame_timeout;
     let mut kind = [0u8; 1];
-    if recv.read_exact(&mut kind).await.is_err() {
-        refuse(&mut send, &mut recv, code::PROTOCOL);
-        return;
+    match read_exact(&mut recv, &mut kind, Some(deadline)).await {
+        Ok(()) => {}
+        Err(ReadFrameError::TimedOut) => {
+            Stats::inc(&inner.stats.frames_timed_out);
+            refuse(&mut send, &mut recv, code::TIMED_OUT);
+            strike(&inner, &pc);
+            return;
+        }
+        Err(_) => {
+            refuse(&mut send, &mut recv, code::PROTOCOL);
+            return;
+        }
     }
     let kind = match StreamKind::from_byte(kind[0]) {
         Some(k @ (StreamKind::Single | StreamKind::Request)) => k,
@@ -1511,45 +1760,54 @@ async fn handle_bi(
             return;
         }
     };
-    let max_message = inner.config.max_message_size;
-    let max_frame = frame::max_frame_len(max_message);
-    let f = match read_frame(&mut recv, max_frame, &inner.large_inbound).await {
-        Ok(f) => f,
-        Err(ReadFrameError::TooLarge(announced)) => {
-            Stats::inc(&inner.stats.frames_too_large);
-            warn!(peer = %pc.peer, announced, limit = max_message, "message over the limit refused");
+    let caps = &inner.caps;
+    let read = read_frame(
+        &inner,
+        &pc,
+        &mut recv,
+        |ch| caps.of(ch),
+        Some(deadline),
+        Charging::Message,
+    )
+    .await;
+    let d = match read {
+        Ok(d) => d,
+        Err(ReadFrameError::Refused(
+            e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. }),
+        )) => {
+            refused(&inner, &pc, &e);
             refuse(&mut send, &mut recv, code::TOO_LARGE);
+            return;
+        }
+        Err(ReadFrameError::Refused(e)) => {
+            count_decode_error(&inner, &e);
+            debug!(peer = %pc.peer, error = %e, "frame refused");
+            refuse(&mut send, &mut recv, code::PROTOCOL);
+            return;
+        }
+        Err(ReadFrameError::TimedOut) => {
+            Stats::inc(&inner.stats.frames_timed_out);
+            warn!(peer = %pc.peer, "frame timed out; stream dropped");
+            refuse(&mut send, &mut recv, code::TIMED_OUT);
+            strike(&inner, &pc);
             return;
         }
         Err(ReadFrameError::Stream(e)) => {
             debug!(peer = %pc.peer, error = %e, "incoming stream failed");
             return;
         }
-    };
-    Stats::add(
-        &inner.stats.bytes_received,
-        (f.len() + LEN_PREFIX + 1) as u64,
-    );
-    let (channel, body) = match frame::decode_envelope(f, max_message) {
-        Ok(x) => x,
-        Err(e) => {
-            count_decode_error(&inner, &e);
-            debug!(peer = %pc.peer, error = %e, "frame refused");
-            let c = if matches!(e, DecodeError::TooLarge { .. }) {
-                code::TOO_LARGE
-            } else {
-                code::PROTOCOL
-            };
-            refuse(&mut send, &mut recv, c);
+        Err(ReadFrameError::Gone) => {
+            refuse(&mut send, &mut recv, code::GONE);
             return;
         }
     };
+    Stats::add(&inner.stats.bytes_received, (d.wire + 1) as u64);
     let (reply, verdict) = match kind {
         StreamKind::Request => (
             Some(Responder {
                 stream: Some(send),
                 peer: pc.peer.clone(),
-                channel,
+                channel: d.channel,
                 inner: inner.clone(),
                 _busy: busy,
             }),
@@ -1559,12 +1817,16 @@ async fn handle_bi(
     };
     let msg = Message {
         from: pc.peer.clone(),
-        channel,
-        body,
+        channel: d.channel,
+        body: d.body,
         reply,
     };
     Stats::inc(&inner.stats.messages_received);
-    if inner.messages_tx.send(msg).await.is_err() {
+    let charged = Charged {
+        msg,
+        _charge: d.charge,
+    };
+    if inner.messages_tx.send(charged).await.is_err() {
         if let Some(mut send) = verdict {
             let _ = send.reset(code::GONE.into());
         }

@@ -91,6 +91,8 @@ pub mod code {
     pub const SHUTDOWN: u32 = 7;
     /// The receiving application is gone (its inbound queue was dropped).
     pub const GONE: u32 = 8;
+    /// A frame did not arrive completely within the receiver's deadline.
+    pub const TIMED_OUT: u32 = 9;
 }
 
 /// How the body of an envelope is encoded.
@@ -155,6 +157,169 @@ pub enum DecodeError {
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame")]
     Truncated,
+    /// A compressed body announced more than its channel's compression ratio
+    /// allows (a decompression bomb): refused before decompressing.
+    #[error("{raw_len} bytes from a {compressed}-byte compressed body exceed the ratio {max_ratio}")]
+    Ratio {
+        /// Decompressed length the header announced.
+        raw_len: u64,
+        /// Length of the compressed body.
+        compressed: u64,
+        /// The channel's largest accepted ratio.
+        max_ratio: u32,
+    },
+}
+
+/// The receiver's caps on one channel's messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Largest message, decompressed.
+    pub max_size: usize,
+    /// Largest decompressed / compressed ratio of a zstd body.
+    pub max_ratio: u32,
+}
+
+/// The caps of every channel: a default and per-channel overrides, each
+/// within the node's message limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caps {
+    default: Cap,
+    channels: Vec<(u32, Cap)>,
+}
+
+impl Caps {
+    /// Caps of `max_message` bytes and ratio `max_ratio` for every channel,
+    /// except the `overrides` (each cut to `max_message`).
+    pub fn new(max_message: usize, max_ratio: u32, overrides: &[(u32, Cap)]) -> Self {
+        let mut channels: Vec<(u32, Cap)> = overrides
+            .iter()
+            .map(|&(ch, c)| {
+                (
+                    ch,
+                    Cap {
+                        max_size: c.max_size.min(max_message),
+                        max_ratio: c.max_ratio.max(1),
+                    },
+                )
+            })
+            .collect();
+        channels.sort_by_key(|&(ch, _)| ch);
+        channels.dedup_by_key(|&mut (ch, _)| ch);
+        Self {
+            default: Cap {
+                max_size: max_message,
+                max_ratio: max_ratio.max(1),
+            },
+            channels,
+        }
+    }
+
+    /// The caps of `channel`.
+    pub fn of(&self, channel: u32) -> Cap {
+        match self.channels.binary_search_by_key(&channel, |&(ch, _)| ch) {
+            Ok(i) => self.channels.get(i).map_or(self.default, |&(_, c)| c),
+            Err(_) => self.default,
+        }
+    }
+
+    /// The caps of `channel` on the shared message stream, which carries
+    /// messages of at most [`INLINE_FRAME_MAX`] bytes, decompressed.
+    pub fn inline(&self, channel: u32) -> Cap {
+        let c = self.of(channel);
+        Cap {
+            max_size: c.max_size.min(INLINE_FRAME_MAX),
+            max_ratio: c.max_ratio,
+        }
+    }
+
+    /// The largest message any channel accepts.
+    pub fn max_size(&self) -> usize {
+        self.channels
+            .iter()
+            .map(|(_, c)| c.max_size)
+            .fold(self.default.max_size, usize::max)
+    }
+}
+
+/// What a frame's header says, checked against the caps of its channel
+/// before its body is decompressed (or, on a stream of its own, read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inspected {
+    /// The header.
+    pub header: Header,
+    /// Bytes of the encoded header (the body follows them).
+    pub header_len: usize,
+    /// Length of the message once decoded (verified when decoding).
+    pub size: usize,
+}
+
+/// Parses the header at the start of a frame (without its length prefix)
+/// whose total length is `frame_len`, and checks the announced size and
+/// compression ratio against `caps(channel)`. `head` may hold only the first
+/// bytes of the frame (at least the header, or all of a shorter frame).
+pub fn inspect(
+    head: &[u8],
+    frame_len: usize,
+    caps: impl Fn(u32) -> Cap,
+) -> Result<Inspected, DecodeError> {
+    let head = head.get(..frame_len.min(head.len())).unwrap_or(head);
+    let (header, rest) = postcard::take_from_bytes::<Header>(head)
+        .map_err(|e| DecodeError::Header(e.to_string()))?;
+    if header.version != ENVELOPE_VERSION {
+        return Err(DecodeError::Version(header.version));
+    }
+    let header_len = head.len() - rest.len();
+    let body_len = frame_len - header_len;
+    let cap = caps(header.channel);
+    let size = match header.encoding {
+        Encoding::Plain => body_len as u64,
+        Encoding::Zstd { raw_len } => raw_len,
+    };
+    if size > cap.max_size as u64 {
+        return Err(DecodeError::TooLarge {
+            announced: size,
+            limit: cap.max_size as u64,
+        });
+    }
+    if let Encoding::Zstd { raw_len } = header.encoding
+        && raw_len > (body_len as u64).saturating_mul(u64::from(cap.max_ratio))
+    {
+        return Err(DecodeError::Ratio {
+            raw_len,
+            compressed: body_len as u64,
+            max_ratio: cap.max_ratio,
+        });
+    }
+    Ok(Inspected {
+        header,
+        header_len,
+        size: size as usize,
+    })
+}
+
+/// Decodes the body of a frame [`inspect`] accepted: zero-copy when plain; a
+/// compressed body is decompressed into a buffer of exactly the announced
+/// size, and must fill it exactly.
+pub fn decode_body(frame: Bytes, inspected: &Inspected) -> Result<Bytes, DecodeError> {
+    let body = frame.slice(inspected.header_len.min(frame.len())..);
+    match inspected.header.encoding {
+        Encoding::Plain => Ok(body),
+        Encoding::Zstd { .. } => {
+            let raw_len = inspected.size;
+            let mut out = Vec::with_capacity(raw_len);
+            // Writes at most `raw_len` bytes: a body that decompresses to
+            // more fails here instead of growing the buffer.
+            let n = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(&body, &mut out))
+                .map_err(|e| DecodeError::Compression(e.to_string()))?;
+            if n != raw_len {
+                return Err(DecodeError::Compression(format!(
+                    "{n} bytes instead of the announced {raw_len}"
+                )));
+            }
+            Ok(Bytes::from(out))
+        }
+    }
 }
 
 /// A message ready for the wire: its header and its (possibly compressed) body.
@@ -172,6 +337,19 @@ impl OutFrame {
     ///
     /// The caller checks the size limit first: this never refuses.
     pub fn new(channel: u32, body: Bytes, compress_min: usize, level: i32) -> Self {
+        Self::within_ratio(channel, body, compress_min, level, u32::MAX)
+    }
+
+    /// As [`OutFrame::new`], but sends the body plain when compression would
+    /// exceed `max_ratio` (the receiver refuses such frames as bombs; a
+    /// sender with the same caps never has a message refused for it).
+    pub fn within_ratio(
+        channel: u32,
+        body: Bytes,
+        compress_min: usize,
+        level: i32,
+        max_ratio: u32,
+    ) -> Self {
         let mut header = Header {
             version: ENVELOPE_VERSION,
             channel,
@@ -180,6 +358,7 @@ impl OutFrame {
         if body.len() >= compress_min
             && let Ok(compressed) = zstd::bulk::compress(&body, level)
             && compressed.len() < body.len()
+            && (body.len() as u64) <= (compressed.len() as u64).saturating_mul(u64::from(max_ratio))
         {
             header.encoding = Encoding::Zstd {
                 raw_len: body.len() as u64,
@@ -268,48 +447,16 @@ pub fn check_frame_len(len: u32, max_frame: usize) -> Result<usize, DecodeError>
     Ok(len)
 }
 
-/// Decodes one frame (without its length prefix) into `(channel, message)`.
+/// Decodes one frame (without its length prefix) into `(channel, message)`,
+/// refusing it when it exceeds the caps of its channel ([`inspect`]).
 ///
 /// The message is a zero-copy slice of `frame` when uncompressed. A
 /// compressed body is decompressed into a buffer of exactly its announced
-/// size, allocated only after that size was checked against `max_message`.
-pub fn decode_envelope(frame: Bytes, max_message: usize) -> Result<(u32, Bytes), DecodeError> {
-    let (header, rest) = postcard::take_from_bytes::<Header>(&frame)
-        .map_err(|e| DecodeError::Header(e.to_string()))?;
-    if header.version != ENVELOPE_VERSION {
-        return Err(DecodeError::Version(header.version));
-    }
-    let offset = frame.len() - rest.len();
-    match header.encoding {
-        Encoding::Plain => {
-            if rest.len() > max_message {
-                return Err(DecodeError::TooLarge {
-                    announced: rest.len() as u64,
-                    limit: max_message as u64,
-                });
-            }
-            Ok((header.channel, frame.slice(offset..)))
-        }
-        Encoding::Zstd { raw_len } => {
-            if raw_len > max_message as u64 {
-                return Err(DecodeError::TooLarge {
-                    announced: raw_len,
-                    limit: max_message as u64,
-                });
-            }
-            let raw_len = raw_len as usize;
-            let mut out = Vec::with_capacity(raw_len);
-            let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(rest, &mut out))
-                .map_err(|e| DecodeError::Compression(e.to_string()))?;
-            if n != raw_len {
-                return Err(DecodeError::Compression(format!(
-                    "{n} bytes instead of the announced {raw_len}"
-                )));
-            }
-            Ok((header.channel, Bytes::from(out)))
-        }
-    }
+/// size, allocated only after that size and the ratio were checked.
+pub fn decode_envelope(frame: Bytes, caps: &Caps) -> Result<(u32, Bytes), DecodeError> {
+    let inspected = inspect(&frame, frame.len(), |ch| caps.of(ch))?;
+    let body = decode_body(frame, &inspected)?;
+    Ok((inspected.header.channel, body))
 }
 
 /// Encodes a [`Hello`] as a frame.
@@ -405,6 +552,18 @@ pub fn encode_datagram(payload: &[u8]) -> Bytes {
 /// entry point of the fuzz target and of the random-bytes property test.
 /// Returns how many messages decoded; never panics.
 pub fn decode_untrusted(data: &[u8], max_message: usize) -> usize {
+    // Channel 1 with a larger ratio, like a node's state channels.
+    let caps = Caps::new(
+        max_message,
+        64,
+        &[(
+            1,
+            Cap {
+                max_size: max_message,
+                max_ratio: 1024,
+            },
+        )],
+    );
     let mut decoded = 0;
     let _ = decode_datagram(Bytes::copy_from_slice(data));
     let _ = decode_hello(data);
@@ -419,7 +578,13 @@ pub fn decode_untrusted(data: &[u8], max_message: usize) -> usize {
         loop {
             match reader.next_frame() {
                 Ok(Some(frame)) => {
-                    if decode_envelope(frame, max_message).is_ok() {
+                    // As on the shared stream: inline caps, then decode.
+                    if let Ok(i) = inspect(&frame, frame.len(), |ch| caps.inline(ch))
+                        && decode_body(frame.clone(), &i).is_ok()
+                    {
+                        decoded += 1;
+                    }
+                    if decode_envelope(frame, &caps).is_ok() {
                         decoded += 1;
                     }
                 }
@@ -436,6 +601,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn caps(max: usize) -> Caps {
+        Caps::new(max, u32::MAX, &[])
+    }
+
     fn roundtrip(channel: u32, body: &[u8], compress_min: usize) -> (u32, Bytes, bool) {
         let frame = OutFrame::new(channel, Bytes::copy_from_slice(body), compress_min, 1);
         let compressed = frame.is_compressed();
@@ -445,7 +614,7 @@ mod tests {
         reader.push(&wire);
         let f = reader.next_frame().unwrap().unwrap();
         assert!(!reader.has_partial());
-        let (ch, msg) = decode_envelope(f, 1 << 20).unwrap();
+        let (ch, msg) = decode_envelope(f, &caps(1 << 20)).unwrap();
         (ch, msg, compressed)
     }
 
@@ -501,7 +670,7 @@ mod tests {
         let frame = OutFrame::new(1, Bytes::from(body), 1, 1);
         assert!(frame.is_compressed());
         let wire = frame.to_bytes();
-        let err = decode_envelope(wire.slice(LEN_PREFIX..), 1000).unwrap_err();
+        let err = decode_envelope(wire.slice(LEN_PREFIX..), &caps(1000)).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { .. }));
     }
 
@@ -511,10 +680,10 @@ mod tests {
         let mut frame = OutFrame::new(1, Bytes::from(body), 1, 1);
         frame.header.encoding = Encoding::Zstd { raw_len: 9_000 };
         let wire = frame.to_bytes();
-        assert!(decode_envelope(wire.slice(LEN_PREFIX..), 1 << 20).is_err());
+        assert!(decode_envelope(wire.slice(LEN_PREFIX..), &caps(1 << 20)).is_err());
         frame.header.encoding = Encoding::Zstd { raw_len: 11_000 };
         let wire = frame.to_bytes();
-        assert!(decode_envelope(wire.slice(LEN_PREFIX..), 1 << 20).is_err());
+        assert!(decode_envelope(wire.slice(LEN_PREFIX..), &caps(1 << 20)).is_err());
     }
 
     #[test]
@@ -523,7 +692,7 @@ mod tests {
         frame.header.version = 2;
         let wire = frame.to_bytes();
         assert_eq!(
-            decode_envelope(wire.slice(LEN_PREFIX..), 100),
+            decode_envelope(wire.slice(LEN_PREFIX..), &caps(100)),
             Err(DecodeError::Version(2))
         );
     }
@@ -570,7 +739,7 @@ mod tests {
             for piece in wire.chunks(chunk) {
                 reader.push(piece);
                 while let Some(frame) = reader.next_frame().unwrap() {
-                    out.push(decode_envelope(frame, 4096).unwrap());
+                    out.push(decode_envelope(frame, &caps(4096)).unwrap());
                 }
             }
             prop_assert!(!reader.has_partial());

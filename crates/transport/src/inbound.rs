@@ -6,9 +6,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use crate::budget::{Charge, DatagramSlot};
 use crate::endpoint::{BusyGuard, Inner};
 use crate::error::TransportError;
-use crate::frame::{OutFrame, code};
+use crate::frame::code;
 use crate::name::{Dest, Peer};
 use crate::stats::Stats;
 
@@ -33,6 +34,41 @@ pub struct Message {
     /// For a request: the way to answer it. Dropping it unanswered tells the
     /// requester ([`TransportError::Closed`]).
     pub reply: Option<Responder>,
+}
+
+/// A message in the inbound queue with the budget it holds; the budget is
+/// released when the application takes the message.
+#[derive(Debug)]
+pub(crate) struct Charged {
+    pub(crate) msg: Message,
+    pub(crate) _charge: Charge,
+}
+
+/// A datagram in the inbound queue with its slot in its sender's share.
+#[derive(Debug)]
+pub(crate) struct SlottedDatagram {
+    pub(crate) datagram: Datagram,
+    pub(crate) _slot: DatagramSlot,
+}
+
+/// What the application can take out of a queue (dropping the budget held).
+trait Take {
+    type Out;
+    fn take(self) -> Self::Out;
+}
+
+impl Take for Charged {
+    type Out = Message;
+    fn take(self) -> Message {
+        self.msg
+    }
+}
+
+impl Take for SlottedDatagram {
+    type Out = Datagram;
+    fn take(self) -> Datagram {
+        self.datagram
+    }
 }
 
 /// One item from [`Incoming::recv`].
@@ -78,22 +114,17 @@ impl Responder {
                 reason: "already answered".into(),
             });
         };
-        let config = &self.inner.config;
-        if body.len() > config.max_message_size {
+        let limit = self.inner.caps.of(self.channel).max_size;
+        if body.len() > limit {
             let _ = stream.reset(code::TOO_LARGE.into());
             return Err(TransportError::TooLarge {
                 peer: dest,
                 size: body.len() as u64,
-                limit: config.max_message_size as u64,
+                limit: limit as u64,
                 side: "local limit",
             });
         }
-        let frame = OutFrame::new(
-            self.channel,
-            body,
-            config.compress_min,
-            config.compression_level,
-        );
+        let frame = self.inner.out_frame(self.channel, body);
         let wire = frame.wire_len() as u64;
         let mut chunks = [frame.head_bytes(), frame.body.clone()];
         let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
@@ -129,15 +160,19 @@ impl Drop for Responder {
 /// The receiving side of a transport: messages and datagrams from verified
 /// peers, in two bounded queues.
 ///
-/// Messages: when the application does not read, the queue fills, the
-/// transport stops reading streams and QUIC flow control makes the senders
-/// wait (their send queues fill, then their `send` waits or fails as they
-/// chose). Nothing is dropped. Datagrams: when their queue is full, new
-/// datagrams are dropped and counted (`datagrams_dropped`).
+/// Messages: bounded in count ([`crate::TransportConfig::inbound_messages`])
+/// and in bytes ([`crate::TransportConfig::inbound_bytes`], decompressed),
+/// each peer to its share. A message holds its bytes from the moment its
+/// header is read until the application takes it here. When the queue or
+/// a budget is full, the transport stops reading streams and QUIC flow
+/// control makes the senders wait (their send queues fill, then their `send`
+/// waits or fails as they chose). Nothing is dropped. Datagrams: when their
+/// queue, or the sender's share of it, is full, new datagrams are dropped and
+/// counted (`datagrams_dropped`).
 #[derive(Debug)]
 pub struct Incoming {
-    pub(crate) messages: mpsc::Receiver<Message>,
-    pub(crate) datagrams: mpsc::Receiver<Datagram>,
+    pub(crate) messages: mpsc::Receiver<Charged>,
+    pub(crate) datagrams: mpsc::Receiver<SlottedDatagram>,
     pub(crate) shut: watch::Receiver<bool>,
 }
 
@@ -148,14 +183,14 @@ async fn shut_down(shut: &mut watch::Receiver<bool>) {
 }
 
 /// Receives from `rx` until it is empty and the transport is shut down.
-async fn recv_or_shut<T>(
+async fn recv_or_shut<T: Take>(
     rx: &mut mpsc::Receiver<T>,
     shut: &mut watch::Receiver<bool>,
-) -> Option<T> {
+) -> Option<T::Out> {
     tokio::select! {
         biased;
-        item = rx.recv() => item,
-        () = shut_down(shut) => rx.try_recv().ok(),
+        item = rx.recv() => item.map(Take::take),
+        () = shut_down(shut) => rx.try_recv().ok().map(Take::take),
     }
 }
 
@@ -166,11 +201,11 @@ impl Incoming {
     pub async fn recv(&mut self) -> Option<Inbound> {
         tokio::select! {
             biased;
-            Some(d) = self.datagrams.recv() => Some(Inbound::Datagram(d)),
-            Some(m) = self.messages.recv() => Some(Inbound::Message(m)),
+            Some(d) = self.datagrams.recv() => Some(Inbound::Datagram(d.take())),
+            Some(m) = self.messages.recv() => Some(Inbound::Message(m.take())),
             () = shut_down(&mut self.shut) => match self.datagrams.try_recv() {
-                Ok(d) => Some(Inbound::Datagram(d)),
-                Err(_) => self.messages.try_recv().ok().map(Inbound::Message),
+                Ok(d) => Some(Inbound::Datagram(d.take())),
+                Err(_) => self.messages.try_recv().ok().map(|m| Inbound::Message(m.take())),
             },
         }
     }
@@ -197,7 +232,7 @@ impl Incoming {
 
 /// The message half of [`Incoming::split`].
 #[derive(Debug)]
-pub struct MessageReceiver(mpsc::Receiver<Message>, watch::Receiver<bool>);
+pub struct MessageReceiver(mpsc::Receiver<Charged>, watch::Receiver<bool>);
 
 impl MessageReceiver {
     /// The next message; `None` after shutdown.
@@ -208,26 +243,31 @@ impl MessageReceiver {
     /// Takes up to `limit` waiting messages into `out` (waiting for at least
     /// one); returns how many, 0 after shutdown.
     pub async fn recv_many(&mut self, out: &mut Vec<Message>, limit: usize) -> usize {
-        tokio::select! {
-            biased;
-            n = self.0.recv_many(out, limit) => n,
-            () = shut_down(&mut self.1) => {
-                let before = out.len();
-                while out.len() - before < limit {
-                    match self.0.try_recv() {
-                        Ok(m) => out.push(m),
-                        Err(_) => break,
-                    }
-                }
-                out.len() - before
-            }
+        if limit == 0 {
+            return 0;
         }
+        let first = tokio::select! {
+            biased;
+            m = self.0.recv() => m,
+            () = shut_down(&mut self.1) => self.0.try_recv().ok(),
+        };
+        let Some(first) = first else { return 0 };
+        out.push(first.take());
+        let mut n = 1;
+        while n < limit {
+            match self.0.try_recv() {
+                Ok(m) => out.push(m.take()),
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        n
     }
 }
 
 /// The datagram half of [`Incoming::split`].
 #[derive(Debug)]
-pub struct DatagramReceiver(mpsc::Receiver<Datagram>, watch::Receiver<bool>);
+pub struct DatagramReceiver(mpsc::Receiver<SlottedDatagram>, watch::Receiver<bool>);
 
 impl DatagramReceiver {
     /// The next datagram; `None` after shutdown.

@@ -59,6 +59,7 @@
 //! # }
 //! ```
 
+mod budget;
 mod config;
 mod endpoint;
 mod error;
@@ -70,7 +71,8 @@ mod trust;
 pub mod virtual_net;
 
 pub use bytes::Bytes;
-pub use config::{TransportConfig, WhenFull};
+pub use budget::MESSAGE_OVERHEAD;
+pub use config::{ChannelCap, TransportConfig, WhenFull};
 pub use endpoint::Transport;
 pub use error::{BindError, TransportError, TrustError};
 pub use inbound::{

@@ -66,8 +66,17 @@ counters! {
     send_queue_full,
     /// Frames with a bad header, version, compressed body or stream kind.
     frames_malformed,
-    /// Inbound frames refused because they exceed this node's message limit.
+    /// Inbound frames refused because they exceed this node's message limit
+    /// or their channel's size cap (stream reset `TOO_LARGE`).
     frames_too_large,
+    /// Inbound compressed frames refused because they announce more than
+    /// their channel's compression ratio allows (stream reset `TOO_LARGE`).
+    frames_over_ratio,
+    /// Streams dropped because a frame did not arrive completely within
+    /// `frame_timeout`.
+    frames_timed_out,
+    /// Connections closed because they had `max_refusals` frames refused.
+    connections_closed_for_abuse,
     /// Frame and datagram bytes written (headers included).
     bytes_sent,
     /// Frame and datagram bytes read (headers included).
