@@ -16,6 +16,7 @@
 //! opening more connections.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,6 +53,8 @@ pub(crate) struct Budgets {
     peer_messages: usize,
     peer_datagrams: usize,
     peer_responses: usize,
+    /// Most bytes ever charged at once.
+    peak: AtomicUsize,
     /// Shares by node name; an entry lives while a connection or a charge
     /// of that peer does.
     peers: Mutex<HashMap<NodeName, Weak<PeerBudget>>>,
@@ -98,6 +101,7 @@ impl Budgets {
             peer_datagrams: config.peer_share(config.inbound_datagrams),
             // One response of the largest size at a time per peer.
             peer_responses: frame::max_frame_len(config.max_message_size),
+            peak: AtomicUsize::new(0),
             peers: Mutex::new(HashMap::new()),
         }
     }
@@ -126,6 +130,7 @@ impl Budgets {
         let slot = share.messages.clone().try_acquire_owned().ok()?;
         let peer = share.bytes.clone().try_acquire_many_owned(n).ok()?;
         let global = self.bytes.clone().try_acquire_many_owned(n).ok()?;
+        self.peak.fetch_max(self.charged(), Ordering::Relaxed);
         Some(Charge {
             global,
             peer,
@@ -142,6 +147,7 @@ impl Budgets {
         let slot = share.messages.clone().acquire_owned().await.ok()?;
         let peer = share.bytes.clone().acquire_many_owned(n).await.ok()?;
         let global = self.bytes.clone().acquire_many_owned(n).await.ok()?;
+        self.peak.fetch_max(self.charged(), Ordering::Relaxed);
         Some(Charge {
             global,
             peer,
@@ -174,6 +180,11 @@ impl Budgets {
     pub(crate) fn charged(&self) -> usize {
         self.bytes_total
             .saturating_sub(self.bytes.available_permits())
+    }
+
+    /// The most bytes of inbound messages ever charged at once.
+    pub(crate) fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
     }
 
     /// Of those, the bytes charged to the peer called `name`.

@@ -371,6 +371,12 @@ impl Transport {
         self.inner.budgets.charged()
     }
 
+    /// The most bytes [`Transport::inbound_bytes_charged`] ever reached: the
+    /// high-water mark of inbound message memory.
+    pub fn inbound_bytes_charged_peak(&self) -> usize {
+        self.inner.budgets.peak()
+    }
+
     /// Of [`Transport::inbound_bytes_charged`], the bytes charged to the
     /// peer called `name` (all its connections). At most its share,
     /// [`TransportConfig::peer_share_percent`] of the budget.

@@ -719,6 +719,106 @@ mod tests {
         assert!(decode_datagram(Bytes::from_static(b"\x02ping")).is_err());
     }
 
+    #[test]
+    fn bomb_is_refused_by_ratio_before_decompression() {
+        // 16 MiB of zeros compress to a few hundred bytes.
+        let frame = OutFrame::new(5, Bytes::from(vec![0u8; 16 << 20]), 1, 1);
+        assert!(frame.is_compressed());
+        let wire = frame.to_bytes();
+        let caps = Caps::new(16 << 20, 64, &[]);
+        let err = decode_envelope(wire.slice(LEN_PREFIX..), &caps).unwrap_err();
+        assert!(matches!(err, DecodeError::Ratio { max_ratio: 64, .. }), "{err}");
+        // On a channel allowed a large ratio but a small size: too large.
+        let small = Caps::new(
+            16 << 20,
+            64,
+            &[(5, Cap { max_size: 1 << 20, max_ratio: u32::MAX })],
+        );
+        let err = decode_envelope(wire.slice(LEN_PREFIX..), &small).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
+        // The shared stream's caps: 64 KiB whatever the channel allows.
+        assert_eq!(small.inline(5).max_size, INLINE_FRAME_MAX);
+        assert_eq!(small.of(6).max_ratio, 64);
+    }
+
+    #[test]
+    fn sender_stays_within_the_ratio() {
+        let zeros = Bytes::from(vec![0u8; 60_000]);
+        assert!(OutFrame::within_ratio(1, zeros.clone(), 1, 1, u32::MAX).is_compressed());
+        let f = OutFrame::within_ratio(1, zeros, 1, 1, 64);
+        assert!(!f.is_compressed(), "over the ratio: sent plain");
+        let caps = Caps::new(1 << 20, 64, &[]);
+        assert!(decode_envelope(f.to_bytes().slice(LEN_PREFIX..), &caps).is_ok());
+    }
+
+    /// A bomb-shaped or garbled frame: a real zstd body (of zeros or noise),
+    /// then the header lies about the size, or the body is cut or flipped.
+    fn adversarial_frame() -> impl Strategy<Value = (Bytes, u64)> {
+        (
+            any::<u32>(),
+            0usize..(3 << 20),
+            any::<bool>(),
+            0u8..4,
+            any::<u64>(),
+            any::<u16>(),
+        )
+            .prop_map(|(channel, raw, zeros, lie, lied_len, cut)| {
+                let body: Vec<u8> = if zeros {
+                    vec![0u8; raw]
+                } else {
+                    (0..raw.min(4096)).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8 ^ (i >> 8) as u8).collect()
+                };
+                let mut f = OutFrame::new(channel, Bytes::from(body), 1, 1);
+                let mut declared = f.header_raw_len();
+                match lie {
+                    1 => {
+                        declared = lied_len % (8 << 20);
+                        f.header.encoding = Encoding::Zstd { raw_len: declared };
+                    }
+                    2 => {
+                        let keep = f.body.len().saturating_sub(usize::from(cut)).max(1).min(f.body.len());
+                        f.body = f.body.slice(..keep);
+                    }
+                    3 => {
+                        let mut b = f.body.to_vec();
+                        let at = usize::from(cut) % b.len().max(1);
+                        if let Some(x) = b.get_mut(at) {
+                            *x ^= 0x5a;
+                        }
+                        f.body = Bytes::from(b);
+                    }
+                    _ => {}
+                }
+                (f.to_bytes().slice(LEN_PREFIX..), declared)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn adversarial_frames_are_refused_not_panicked(
+            (frame, declared) in adversarial_frame(),
+            max in (64usize << 10)..(4 << 20),
+            ratio in 1u32..2000,
+        ) {
+            let caps = Caps::new(max, ratio, &[]);
+            match decode_envelope(frame.clone(), &caps) {
+                Ok((_, body)) => {
+                    // Whatever decodes is within the caps and as announced.
+                    prop_assert!(body.len() <= max);
+                    prop_assert_eq!(body.len() as u64, declared);
+                }
+                Err(_) => {}
+            }
+            // The same bytes as a stream, in pieces.
+            let mut stream = BytesMut::new();
+            stream.put_u8(StreamKind::Single as u8);
+            stream.put_u32_le(frame.len() as u32);
+            stream.extend_from_slice(&frame);
+            let _ = decode_untrusted(&stream, max);
+        }
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {

@@ -837,3 +837,315 @@ async fn idle_closes_racing_with_sends_lose_nothing() {
         "idle closes happened: {sa:?} {sb:?}"
     );
 }
+
+// ---- Inbound budgets, caps and deadlines (no peer can exhaust another's
+// memory). Assertions are on counters and bytes charged, never on speed.
+
+/// Incompressible bytes (xorshift), `n` long.
+fn noise(n: usize, seed: u32) -> Bytes {
+    let mut x = seed | 1;
+    Bytes::from(
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// A frame on a bi stream of its own: kind byte, then the frame.
+fn single(frame: &OutFrame) -> Vec<u8> {
+    let mut out = vec![StreamKind::Single as u8];
+    out.extend_from_slice(&frame.to_bytes());
+    out
+}
+
+/// Polls `cond` until it holds (bounded by `HANG`).
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(HANG, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_bombs_are_refused_before_anything_is_charged() {
+    let (_, ids) = throwaway_cluster(&["b", "x"]).unwrap();
+    let mut cfg = TransportConfig::default(); // 16 MiB, ratio 64
+    // Channel 9 carries large state: any ratio (so only size caps hold).
+    cfg.channel_caps = vec![shoal_transport::ChannelCap {
+        channel: 9,
+        max_size: 16 << 20,
+        max_ratio: u32::MAX,
+    }];
+    cfg.max_refusals = 3;
+    let (b, _b_in) = start(&ids[0], cfg);
+    let (_ep, raw) = raw_client(&ids[1], &b).await;
+    // 16 MiB of zeros: a few hundred bytes of zstd.
+    let bomb = |channel| OutFrame::new(channel, Bytes::from(vec![0u8; 16 << 20]), 1, 1);
+    assert!(bomb(5).to_bytes().len() < 4096);
+
+    // 1. On an ordinary channel, a stream of its own: over the ratio.
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    send.write_all(&single(&bomb(5))).await.unwrap();
+    let verdict = within(recv.read_to_end(0)).await;
+    assert!(
+        matches!(&verdict, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if *c == quinn::VarInt::from_u32(frame::code::TOO_LARGE)),
+        "{verdict:?}"
+    );
+    assert_eq!(b.stats().frames_over_ratio, 1);
+
+    // 2. On the shared stream, even on the any-ratio channel: a frame there
+    //    decodes to at most 64 KiB, so the stream is stopped.
+    let mut s = raw.open_uni().await.unwrap();
+    let mut bytes = vec![StreamKind::Messages as u8];
+    bytes.extend_from_slice(&bomb(9).to_bytes());
+    s.write_all(&bytes).await.unwrap();
+    let stopped = within(s.stopped()).await.unwrap();
+    assert_eq!(
+        stopped,
+        Some(quinn::VarInt::from_u32(frame::code::TOO_LARGE))
+    );
+    assert_eq!(b.stats().frames_too_large, 1);
+
+    // 3. A bomb that lies small: 1,000 bytes announced, 16 MiB inside. The
+    //    output buffer is the announced size; decompression stops there.
+    let mut liar = bomb(9);
+    liar.header.encoding = frame::Encoding::Zstd { raw_len: 1000 };
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    send.write_all(&single(&liar)).await.unwrap();
+    assert!(within(recv.read_to_end(0)).await.is_err());
+    assert_eq!(b.stats().frames_malformed, 1);
+
+    // Nothing near a bomb's size was ever charged, so never allocated.
+    assert!(
+        b.inbound_bytes_charged_peak() < 64 * 1024,
+        "peak {}",
+        b.inbound_bytes_charged_peak()
+    );
+    assert_eq!(b.inbound_bytes_charged(), 0);
+    assert_eq!(b.stats().messages_received, 0);
+    assert_eq!(b.stats().connections_closed_for_abuse, 0);
+
+    // 4. A third refusal (max_refusals = 3) closes the connection.
+    let (mut send, _recv) = raw.open_bi().await.unwrap();
+    send.write_all(&single(&bomb(5))).await.unwrap();
+    let reason = within(raw.closed()).await;
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(frame::code::PROTOCOL)),
+        "{reason:?}"
+    );
+    assert_eq!(b.stats().connections_closed_for_abuse, 1);
+    assert_eq!(b.stats().frames_over_ratio, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_holds_only_its_share_and_loses_the_stream_at_the_deadline() {
+    let (_, ids) = throwaway_cluster(&["a", "b", "c", "x"]).unwrap();
+    // b: 2 MiB messages, 8 MiB of budget, 4 MiB per peer; no deadline within
+    // the test, so the stalled frames stay charged throughout.
+    let mut cfg = TransportConfig::default();
+    cfg.max_message_size = 2 << 20;
+    cfg.inbound_bytes = 8 << 20;
+    cfg.frame_timeout = Duration::from_secs(3600);
+    let (a, _a_in) = start(&ids[0], cfg.clone());
+    let (b, mut b_in) = start(&ids[1], cfg.clone());
+    let (_ep, raw) = raw_client(&ids[3], &b).await;
+    let x = NodeName::new("x").unwrap();
+    // x opens large frames (plain, ~2 MiB each) and sends only their head.
+    let big = OutFrame::new(7, noise((2 << 20) - 100, 7), usize::MAX, 1);
+    let head = single(&big)[..1 + 4 + 8 + 1000].to_vec();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let (mut send, recv) = raw.open_bi().await.unwrap();
+        send.write_all(&head).await.unwrap();
+        stalled.push((send, recv));
+    }
+    eventually("x's first frame charged", || b.inbound_bytes_charged_by(&x) > 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One frame fits x's share (4 MiB); the next waits for it.
+    let share = 4 << 20;
+    let charged_x = b.inbound_bytes_charged_by(&x);
+    assert!(
+        charged_x >= (2 << 20) - 1000 && charged_x <= share,
+        "x holds {charged_x}"
+    );
+    assert!(b.inbound_bytes_charged_peak() <= share);
+
+    // Another peer's large message is still taken (it needs b's verdict).
+    let from_a = noise((2 << 20) - 100, 8);
+    within(a.send(&dest_of(&b), 7, from_a.clone(), WhenFull::Wait))
+        .await
+        .unwrap();
+    let m = next_message(&mut b_in).await;
+    assert_eq!((m.from.name.as_str(), m.body == from_a), ("a", true));
+    assert_eq!(b.stats().frames_timed_out, 0, "x's frames are still pending");
+    assert!(b.inbound_bytes_charged_by(&x) > 0);
+    drop(stalled);
+
+    // c: a 1-s deadline. A stalled frame on a stream of its own and one on
+    // the shared stream are both dropped, and their budget given back.
+    let mut short = TransportConfig::default();
+    short.frame_timeout = Duration::from_secs(1);
+    let (c, _c_in) = start(&ids[2], short);
+    let (_ep2, raw2) = raw_client(&ids[3], &c).await;
+    let (mut send, mut recv) = raw2.open_bi().await.unwrap();
+    send.write_all(&head).await.unwrap();
+    let mut s = raw2.open_uni().await.unwrap();
+    let inline = OutFrame::new(7, noise(30_000, 9), usize::MAX, 1).to_bytes();
+    let mut bytes = vec![StreamKind::Messages as u8];
+    bytes.extend_from_slice(&inline[..500]);
+    s.write_all(&bytes).await.unwrap();
+    let verdict = within(recv.read_to_end(0)).await;
+    assert!(
+        matches!(&verdict, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if *c == quinn::VarInt::from_u32(frame::code::TIMED_OUT)),
+        "{verdict:?}"
+    );
+    let stopped = within(s.stopped()).await.unwrap();
+    assert_eq!(
+        stopped,
+        Some(quinn::VarInt::from_u32(frame::code::TIMED_OUT))
+    );
+    assert_eq!(c.stats().frames_timed_out, 2);
+    assert_eq!(c.inbound_bytes_charged(), 0);
+    assert!(c.inbound_bytes_charged_peak() >= (2 << 20) - 1000, "the stalled frame was charged");
+    // The connection stays up for valid traffic.
+    raw2.send_datagram(frame::encode_datagram(b"still here"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_compressible_frames_is_held_to_its_share() {
+    let (_, ids) = throwaway_cluster(&["a", "b", "x"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.max_message_size = 1 << 20;
+    cfg.inbound_bytes = 4 << 20; // 2 MiB per peer
+    // A state-like channel: any ratio, so only the byte budget holds.
+    cfg.channel_caps = vec![shoal_transport::ChannelCap {
+        channel: 9,
+        max_size: 1 << 20,
+        max_ratio: u32::MAX,
+    }];
+    let (a, _a_in) = start(&ids[0], cfg.clone());
+    let (b, mut b_in) = start(&ids[1], cfg);
+    let (_ep, raw) = raw_client(&ids[2], &b).await;
+    let x = NodeName::new("x").unwrap();
+    let share = 2 << 20;
+
+    // x: 2,000 frames of 64 KiB of zeros on the shared stream (a few dozen
+    // bytes each on the wire, 128 MiB decompressed), and 32 streams of
+    // 1 MiB of zeros each.
+    let zeros = OutFrame::new(9, Bytes::from(vec![0u8; 60_000]), 1, 1).to_bytes();
+    assert!(zeros.len() < 100);
+    let mut flood = vec![StreamKind::Messages as u8];
+    for _ in 0..2000 {
+        flood.extend_from_slice(&zeros);
+    }
+    let mut s = raw.open_uni().await.unwrap();
+    s.write_all(&flood).await.unwrap();
+    let big = single(&OutFrame::new(9, Bytes::from(vec![0u8; 1 << 20]), 1, 1));
+    let mut verdicts = Vec::new();
+    for _ in 0..32 {
+        let (mut send, mut recv) = raw.open_bi().await.unwrap();
+        send.write_all(&big).await.unwrap();
+        verdicts.push(tokio::spawn(async move {
+            let _keep = send;
+            recv.read_to_end(0).await.is_ok()
+        }));
+    }
+    // b does not read: x's charge reaches its share and stays there.
+    eventually("x's flood charged", || b.inbound_bytes_charged_by(&x) > share / 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        b.inbound_bytes_charged_peak() <= share,
+        "peak {} over x's share",
+        b.inbound_bytes_charged_peak()
+    );
+    let accepted = verdicts.iter().filter(|v| v.is_finished()).count();
+    assert!(accepted <= 2, "{accepted} of x's 1-MiB frames accepted");
+    let queued = b.stats().messages_received;
+    assert!(queued < 100, "{queued} messages queued: the share, not the count, binds");
+
+    // a still gets a large message accepted (its verdict needs the charge).
+    let from_a = noise(512 * 1024, 3);
+    within(a.send(&dest_of(&b), 9, from_a.clone(), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert!(b.inbound_bytes_charged() <= 4 << 20);
+    // Reading drains x's flood as it refills its share, and reaches a's.
+    within(async {
+        loop {
+            let m = next_message(&mut b_in).await;
+            if m.from.name.as_str() == "a" {
+                assert!(m.body == from_a);
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(b.inbound_bytes_charged_peak() <= 4 << 20);
+    assert!(b.inbound_bytes_charged_by(&x) <= share);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_messages_push_back_by_bytes_and_lose_nothing() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.max_message_size = 1 << 20;
+    cfg.inbound_bytes = 3 << 20; // 1.5 MiB per peer
+    cfg.send_queue_bytes = 256 * 1024;
+    let (a, _a_in) = start(&ids[0], cfg.clone());
+    let (b, mut b_in) = start(&ids[1], cfg);
+    let to_b = dest_of(&b);
+    let share = 3 << 19;
+    // 32-KiB incompressible messages; b does not read. The count limit
+    // (8192) is far away: only the byte budget can stop b's reader.
+    let body = |i: u32| noise(32 * 1024, i + 1);
+    let mut accepted = 0u32;
+    let mut full_in_a_row = 0;
+    within(async {
+        while full_in_a_row < 3 {
+            match a.send(&to_b, 1, body(accepted), WhenFull::Fail).await {
+                Ok(()) => {
+                    accepted += 1;
+                    full_in_a_row = 0;
+                }
+                Err(TransportError::QueueFull { .. }) => {
+                    full_in_a_row += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    let charged = b.inbound_bytes_charged();
+    assert!(charged <= share, "{charged} charged");
+    assert!(b.inbound_bytes_charged_peak() <= share);
+    assert!(
+        b.stats().messages_received <= (share / (32 * 1024)) as u64,
+        "{} queued",
+        b.stats().messages_received
+    );
+    // A waiting sender blocks until b reads.
+    let (a2, to_b2) = (a.clone(), to_b.clone());
+    let last = body(u32::MAX - 1);
+    let last2 = last.clone();
+    let waiting = tokio::spawn(async move { a2.send(&to_b2, 1, last2, WhenFull::Wait).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "a full budget must make the sender wait");
+    for i in 0..accepted {
+        let m = next_message(&mut b_in).await;
+        assert!(m.body == body(i), "message {i} lost or reordered");
+    }
+    within(waiting).await.unwrap().unwrap();
+    assert!(next_message(&mut b_in).await.body == last);
+    assert_eq!(a.stats().messages_lost, 0);
+    assert_eq!(b.inbound_bytes_charged(), 0);
+}
