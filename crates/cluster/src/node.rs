@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use shoal_membership::{LocalNode, Membership};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{FencingToken, Handoff};
-use shoal_transport::{ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
+use shoal_transport::{ChannelCap, ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -141,6 +141,19 @@ impl Node {
         }
         let mut tconfig = TransportConfig::default();
         tconfig.max_message_size = config.limits.max_message;
+        // Each peer's share (half) of the inbound budget holds two messages.
+        tconfig.inbound_bytes = tconfig
+            .inbound_bytes
+            .max(config.limits.max_message.saturating_mul(4));
+        // Membership state and notice batches are large and repetitive: a
+        // looser compression ratio than user messages get.
+        tconfig.channel_caps = [wire::CH_MEMBERSHIP, wire::CH_NOTICES]
+            .map(|channel| ChannelCap {
+                channel,
+                max_size: config.limits.max_message,
+                max_ratio: 1024,
+            })
+            .to_vec();
         let (transport, incoming) = Transport::bind(config.bind, &identity, tconfig)?;
         let addr = match config.advertise {
             Some(a) => a,

@@ -192,6 +192,8 @@ impl Budgets {
         lock(&self.peers)
             .get(name)
             .and_then(Weak::upgrade)
-            .map_or(0, |s| self.peer_bytes.saturating_sub(s.bytes.available_permits()))
+            .map_or(0, |s| {
+                self.peer_bytes.saturating_sub(s.bytes.available_permits())
+            })
     }
 }

@@ -169,8 +169,12 @@ impl TransportConfig {
         if self.peer_share_percent == 0 || self.peer_share_percent > 100 {
             return bad("peer_share_percent must be between 1 and 100");
         }
-        if self.peer_share(self.inbound_bytes) < frame::max_frame_len(self.max_message_size) + crate::MESSAGE_OVERHEAD {
-            return bad("inbound_bytes x peer_share_percent must hold one message of max_message_size");
+        if self.peer_share(self.inbound_bytes)
+            < frame::max_frame_len(self.max_message_size) + crate::MESSAGE_OVERHEAD
+        {
+            return bad(
+                "inbound_bytes x peer_share_percent must hold one message of max_message_size",
+            );
         }
         if self.inbound_bytes > u32::MAX as usize {
             return bad("inbound_bytes must be below 4 GiB");
@@ -245,7 +249,10 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = TransportConfig::default();
         c.inbound_bytes = c.max_message_size;
-        assert!(c.validate().is_err(), "a peer's share must hold one message");
+        assert!(
+            c.validate().is_err(),
+            "a peer's share must hold one message"
+        );
         let mut c = TransportConfig::default();
         c.peer_share_percent = 0;
         assert!(c.validate().is_err());

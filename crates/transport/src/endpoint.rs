@@ -619,7 +619,9 @@ impl Transport {
                 // The charge ends here: the requester holds the answer now.
                 Ok(d.body)
             }
-            Err(ReadFrameError::Refused(e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. }))) => {
+            Err(ReadFrameError::Refused(
+                e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. }),
+            )) => {
                 let _ = recv.stop(code::TOO_LARGE.into());
                 refused(inner, &pc, &e);
                 let (size, limit) = match e {
@@ -860,7 +862,8 @@ fn strike(inner: &Inner, pc: &PeerConn) {
     if n == inner.config.max_refusals {
         Stats::inc(&inner.stats.connections_closed_for_abuse);
         warn!(peer = %pc.peer, refusals = n, "closing a connection that keeps sending refused frames");
-        pc.conn.close(code::PROTOCOL.into(), b"too many refused frames");
+        pc.conn
+            .close(code::PROTOCOL.into(), b"too many refused frames");
     }
 }
 

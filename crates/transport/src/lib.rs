@@ -70,8 +70,8 @@ mod stats;
 mod trust;
 pub mod virtual_net;
 
-pub use bytes::Bytes;
 pub use budget::MESSAGE_OVERHEAD;
+pub use bytes::Bytes;
 pub use config::{ChannelCap, TransportConfig, WhenFull};
 pub use endpoint::Transport;
 pub use error::{BindError, TransportError, TrustError};
