@@ -45,6 +45,11 @@ pub struct SimConfig {
     pub sample_every: Duration,
     /// Period of the convergence check once faults stopped (O(N^2) each).
     pub converge_check_every: Duration,
+    /// Until the cluster converged after faults, a cheap O(N) test (does
+    /// every live node count the right number of live members?) runs this
+    /// often; the O(N^2) check only runs when it passes (then every
+    /// `converge_check_every`). Gives `settle_s` this resolution at any size.
+    pub converge_poll_every: Duration,
     /// After [`Action::Quiet`], every live node must see exactly the live
     /// members within this time, or the run stops with a violation.
     pub settle_limit: Duration,
@@ -75,6 +80,7 @@ impl SimConfig {
             deep_checks: true,
             sample_every: Duration::from_secs(1),
             converge_check_every: Duration::from_secs(1),
+            converge_poll_every: Duration::from_millis(100),
             settle_limit: Duration::from_secs(120),
             fencing_grace: Duration::from_secs(5),
             rejoin_after: Duration::from_secs(5),
@@ -1734,7 +1740,18 @@ impl<A: Application> Sim<A> {
 
     fn converge_check(&mut self) {
         let Some(quiet) = self.quiet_at else { return };
-        match self.check_converged() {
+        // Not converged yet: the O(N) count test first, often.
+        let counts = if self.converged_at.is_none() {
+            self.live_counts_differ()
+        } else {
+            None
+        };
+        let polling = counts.is_some();
+        let result = match counts {
+            Some(why) => Err(why),
+            None => self.check_converged(),
+        };
+        match result {
             Ok(()) => match self.converged_at {
                 None => {
                     tracing::info!(t = self.now_ns as f64 / 1e9, "cluster converged");
@@ -1768,7 +1785,14 @@ impl<A: Application> Sim<A> {
                 }
             }
         }
-        let next = self.now_ns + duration_ns(self.cfg.converge_check_every).max(1);
+        let every = if polling {
+            self.cfg
+                .converge_poll_every
+                .min(self.cfg.converge_check_every)
+        } else {
+            self.cfg.converge_check_every
+        };
+        let next = self.now_ns + duration_ns(every).max(1);
         self.push(
             next,
             Ev::ConvergeCheck {
@@ -1798,6 +1822,24 @@ impl<A: Application> Sim<A> {
                 node_name(accuser.0),
             ));
         }
+    }
+
+    /// A live process (not leaving, itself live) whose count of live members
+    /// differs from the number of live processes: then the cluster has not
+    /// converged ([`check_converged`](Self::check_converged) fails too).
+    /// Costs O(N).
+    fn live_counts_differ(&self) -> Option<String> {
+        let live = self.live.len();
+        self.slots.iter().find_map(|s| {
+            let p = s.proc.as_deref()?;
+            let counted = p.membership.num_live();
+            (!p.leaving && p.membership.local().state.is_live() && counted != live).then(|| {
+                format!(
+                    "{} counts {counted} live members but {live} are live",
+                    p.info.name
+                )
+            })
+        })
     }
 
     /// Whether every live process sees exactly the live processes (name and
