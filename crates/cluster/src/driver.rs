@@ -908,6 +908,8 @@ impl Driver {
                 });
                 self.on_view(now);
             }
+            // Not consulted yet: the lease is wired into ownership separately.
+            MEvent::StandingChanged(_) => {}
             MEvent::DeclaredFailed => {
                 warn!(node = %self.name, "the cluster declared this node failed: fencing");
                 metrics::counter!("shoal_fenced_total").increment(1);

@@ -355,7 +355,10 @@ impl MembershipTask {
                     self.rebirth(Instant::now());
                 }
             }
-            MEvent::Suspected(_) | MEvent::NameConflict { .. } | MEvent::ViewChanged(_) => {}
+            MEvent::Suspected(_)
+            | MEvent::NameConflict { .. }
+            | MEvent::ViewChanged(_)
+            | MEvent::StandingChanged(_) => {}
         }
     }
 

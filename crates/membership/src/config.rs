@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::Error;
+use crate::{Error, LeaseStrategy};
 
 /// Every timer and limit of the protocol.
 ///
@@ -102,6 +102,25 @@ pub struct Config {
     /// Emit `Event::ViewChanged` (building it costs O(N) each time it is
     /// polled). A simulator of 10,000 nodes can turn it off.
     pub view_events: bool,
+    /// How this node decides whether it may act as an owner
+    /// ([`Membership::standing`]); `Majority` by default.
+    ///
+    /// [`Membership::standing`]: crate::Membership::standing
+    pub lease: LeaseStrategy,
+    /// How long an acknowledged ping keeps the lease fresh, from its send
+    /// time. Long enough that a healthy node's probes (one per
+    /// `probe_interval`, more when its health score is bad) renew it even on
+    /// a lossy network; short, because [`takeover_delay`](Self::takeover_delay)
+    /// grows with it.
+    pub lease_period: Duration,
+    /// The largest rate difference between two nodes' clocks, in percent:
+    /// a lease of `lease_period` on a node whose clock runs slow lasts up to
+    /// that much longer on another's clock.
+    pub max_clock_drift_percent: u32,
+    /// Added to the drift-scaled lease period in
+    /// [`takeover_delay`](Self::takeover_delay): scheduling slack of the
+    /// node that loses its lease.
+    pub takeover_margin: Duration,
 }
 
 impl Default for Config {
@@ -149,6 +168,10 @@ impl Config {
             max_queued_transmits: 4096,
             max_queued_events: 65_536,
             view_events: true,
+            lease: LeaseStrategy::Majority,
+            lease_period: Duration::from_secs(2),
+            max_clock_drift_percent: 10,
+            takeover_margin: Duration::from_millis(100),
         }
     }
 
@@ -170,6 +193,8 @@ impl Config {
             reap_after: Duration::from_secs(60 * 60),
             reconnect_interval: Duration::from_secs(10),
             join_retry_interval: Duration::from_secs(2),
+            lease_period: Duration::from_secs(50),
+            takeover_margin: Duration::from_secs(1),
             ..Config::lan()
         }
     }
@@ -187,8 +212,24 @@ impl Config {
             reap_after: Duration::from_secs(5 * 60),
             reconnect_interval: Duration::from_millis(500),
             join_retry_interval: Duration::from_millis(200),
+            lease_period: Duration::from_secs(1),
+            takeover_margin: Duration::from_millis(50),
             ..Config::lan()
         }
+    }
+
+    /// How long after its own dead verdict about a member another node must
+    /// wait before taking that member's datums:
+    /// `lease_period × (1 + max_clock_drift) + takeover_margin`. By then a
+    /// member that could not answer the probes behind the verdict has lost
+    /// its lease (no fresh contact), even on a clock that runs slow. Zero
+    /// with [`LeaseStrategy::Off`] (no lease: take over at once, as before).
+    pub fn takeover_delay(&self) -> Duration {
+        if self.lease == LeaseStrategy::Off {
+            return Duration::ZERO;
+        }
+        let drift = self.max_clock_drift_percent.min(100);
+        (self.lease_period * (100 + drift) / 100).saturating_add(self.takeover_margin)
     }
 
     /// Checks that the configuration is usable; [`Membership::new`] calls it.
@@ -205,6 +246,8 @@ impl Config {
             self.gossip_to_dead,
             self.reconnect_interval,
             self.join_retry_interval,
+            self.lease_period,
+            self.takeover_margin,
         ];
         if timers.iter().any(|d| *d > DAY) || self.reap_after > 3650 * DAY {
             return bad("timers must be at most a day (reap_after at most ten years)");
@@ -261,6 +304,12 @@ impl Config {
         if self.max_state_size < self.max_packet_size {
             return bad("max_state_size must be at least max_packet_size");
         }
+        if self.max_clock_drift_percent > 100 {
+            return bad("max_clock_drift_percent at most 100");
+        }
+        if self.lease != LeaseStrategy::Off && self.lease_period <= self.probe_interval {
+            return bad("lease_period must exceed probe_interval (probes renew the lease)");
+        }
         if self.max_queued_transmits == 0 || self.max_queued_events == 0 {
             return bad("queue limits must be positive");
         }
@@ -278,6 +327,22 @@ mod tests {
         Config::wan().validate().unwrap();
         Config::local().validate().unwrap();
         assert_eq!(Config::default(), Config::lan());
+    }
+
+    #[test]
+    fn takeover_delay_covers_the_lease() {
+        let lan = Config::lan();
+        assert_eq!(lan.takeover_delay(), Duration::from_millis(2300));
+        let off = Config {
+            lease: LeaseStrategy::Off,
+            ..Config::lan()
+        };
+        assert_eq!(off.takeover_delay(), Duration::ZERO);
+        let short = Config {
+            lease_period: lan.probe_interval,
+            ..Config::lan()
+        };
+        assert!(short.validate().is_err());
     }
 
     #[test]

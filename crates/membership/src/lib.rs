@@ -79,6 +79,7 @@
 mod broadcast;
 mod config;
 mod hash;
+mod lease;
 mod membership;
 mod suspicion;
 mod types;
@@ -88,6 +89,7 @@ mod wire;
 mod tests;
 
 pub use config::Config;
+pub use lease::{LeaseStrategy, Standing};
 pub use membership::Membership;
 pub use types::{
     Claimant, DecodeError, Error, Event, LocalNode, Member, MemberState, Stats, Transmit,

@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::broadcast::Broadcasts;
 use crate::hash::{NameIndex, SeededState, SlotMap};
+use crate::lease::{Lease, LeaseStrategy, Standing};
 use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
 use crate::wire::{
     self, Accusation, Alive, IndirectPing, Limits, Message, Ping, PushPull, State, WireState,
@@ -45,6 +46,8 @@ fn later(now: Instant, d: Duration) -> Instant {
 #[derive(Debug, Clone, Copy)]
 struct Probe {
     slot: u32,
+    /// When the ping left: an ack proves contact from then on (lease).
+    sent_at: Instant,
     generation: u64,
     /// The ping carried a death-verdict notice to its target.
     carries_notice: bool,
@@ -60,6 +63,8 @@ struct Probe {
 #[derive(Debug, Clone, Copy)]
 struct Relay {
     seq: u32,
+    /// When this node pinged the target for the requester.
+    sent_at: Instant,
     requester: SocketAddr,
     requester_seq: u32,
     nack_at: Instant,
@@ -224,8 +229,8 @@ pub struct Membership<R: Rng> {
     /// Members we revived that still have to hear they had been declared
     /// dead (repeated on pings and acks to them).
     notices: SlotMap<Notice>,
-    /// Pings that carried only a notice: (seq, slot).
-    notice_pings: VecDeque<(u32, u32)>,
+    /// Pings that carried only a notice: (seq, slot, send time).
+    notice_pings: VecDeque<(u32, u32, Instant)>,
     /// Remote members; `None` marks a reaped slot that `free` will reuse.
     members: Vec<Option<Member>>,
     free: Vec<u32>,
@@ -263,12 +268,15 @@ pub struct Membership<R: Rng> {
     deferred_acks: Vec<DeferredAck>,
     /// Accusers already answered directly, for one incarnation of ours.
     told: (u64, Vec<u64>),
-    /// Sequence numbers of last-chance pings to suspects (their acks are
-    /// expected, not stray).
-    checks: VecDeque<u32>,
-    /// Next ping to a dead member, and the one in flight (seq, slot).
+    /// Sequence numbers and send times of last-chance pings to suspects
+    /// (their acks are expected, not stray).
+    checks: VecDeque<(u32, Instant)>,
+    /// Next ping to a dead member, and the one in flight (seq, slot, send
+    /// time).
     next_reconnect_at: Instant,
-    reconnect: Option<(u32, u32)>,
+    reconnect: Option<(u32, u32, Instant)>,
+    /// Lease evidence: contact and the reference set (`Membership::standing`).
+    lease: Lease,
 }
 
 impl<R: Rng> std::fmt::Debug for Membership<R> {
@@ -364,6 +372,12 @@ impl<R: Rng> Membership<R> {
             checks: VecDeque::new(),
             next_reconnect_at,
             reconnect: None,
+            lease: Lease::new(
+                config.lease,
+                config.lease_period,
+                config.takeover_delay(),
+                now,
+            ),
             config,
             rng,
         };
@@ -388,6 +402,7 @@ impl<R: Rng> Membership<R> {
             self.broadcast_local_alive();
             self.next_probe_at = now;
             info!(name = %self.local.name, incarnation = self.local.incarnation, "rejoining");
+            self.update_standing(now);
         }
         let seeds: Vec<SocketAddr> = seeds
             .iter()
@@ -435,6 +450,7 @@ impl<R: Rng> Membership<R> {
         info!(name = %self.local.name, incarnation = self.local.incarnation, "leaving");
         self.next_gossip_at = now;
         self.fire_gossip(now);
+        self.update_standing(now);
     }
 
     /// Announces this node ready (or not) to own datums.
@@ -487,13 +503,16 @@ impl<R: Rng> Membership<R> {
         if self.superseded {
             return Ok(());
         }
+        // A lease that lapsed before this packet: member changes below
+        // must not move the frozen reference set.
+        self.update_standing(now);
         let mut push_pull: Option<PushPull<'_>> = None;
         for msg in msgs {
             self.stats.messages_in += 1;
             match msg {
                 Message::Ping(ping) => self.on_ping(from, &ping),
                 Message::IndirectPing(req) => self.on_indirect_ping(from, &req, now),
-                Message::Ack(seq) => self.on_ack(from, seq),
+                Message::Ack(seq) => self.on_ack(from, seq, now),
                 Message::Nack(seq) => self.on_nack(seq),
                 Message::AliveRequest => self.on_alive_request(from),
                 Message::Alive(alive) => {
@@ -531,9 +550,14 @@ impl<R: Rng> Membership<R> {
                 self.join = None;
             }
             if header.reply && self.local.state.is_live() {
-                self.send_state(from, false, false);
+                self.send_state(from, false, false, now);
+            }
+            if !header.reply {
+                // The answer to a push-pull of ours: contact.
+                self.lease.pull_answered(from);
             }
         }
+        self.update_standing(now);
         Ok(())
     }
 
@@ -543,6 +567,7 @@ impl<R: Rng> Membership<R> {
         if self.superseded {
             return;
         }
+        self.update_standing(now);
         self.fire_relays(now);
         self.fire_probe(now);
         // A node that left no longer judges anyone: its verdicts would make
@@ -555,6 +580,7 @@ impl<R: Rng> Membership<R> {
         self.fire_reconnect(now);
         self.fire_join(now);
         self.fire_reap(now);
+        self.update_standing(now);
     }
 
     /// The next packet to send, if any.
@@ -604,6 +630,7 @@ impl<R: Rng> Membership<R> {
             self.relays.front().map(|r| r.nack_at),
             self.reap_queue.first().map(|(at, _)| *at),
             self.join.as_ref().map(|j| j.next_at),
+            self.lease.expiry(),
         ];
         candidates.into_iter().flatten().min()
     }
@@ -663,6 +690,28 @@ impl<R: Rng> Membership<R> {
         self.superseded
     }
 
+    /// Whether this node may act as an owner at `now`, and until when or why
+    /// not: fresh contact (an acknowledged ping sent within
+    /// `lease_period`) and, with the `Majority` strategy, a strict majority
+    /// of the reference set held alive (see `docs/membership.md`, "Lease").
+    /// `Event::StandingChanged` reports each change of validity; the expiry
+    /// of a valid lease is folded into [`poll_timeout`](Self::poll_timeout).
+    pub fn standing(&self, now: Instant) -> Standing {
+        let active = self.local.state == MemberState::Alive && !self.superseded;
+        let base = self.lease.evaluate(now, active, || {
+            let oldest = self.lease.oldest.unwrap_or_else(|| self.oldest_in_ref());
+            self.holds(oldest)
+        });
+        self.lease.hysteresis(base, now)
+    }
+
+    /// How long after this node's own dead verdict about a member it must
+    /// wait before taking that member's datums: by then the member has lost
+    /// its lease ([`Config::takeover_delay`]).
+    pub fn takeover_delay(&self) -> Duration {
+        self.config.takeover_delay()
+    }
+
     /// For simulators and restarts: merges a member snapshot as push-pull
     /// would, silently (no per-member events, nothing re-broadcast; one
     /// `ViewChanged` follows). Unknown members are inserted in the state
@@ -720,6 +769,122 @@ impl<R: Rng> Membership<R> {
         self.next_push_pull_at = later(now, interval.mul_f64(self.rng.random_range(0.0..1.0)));
     }
 
+    // ----- lease ------------------------------------------------------------
+
+    /// Re-judges the lease at `now`: the reference set follows the view
+    /// again once the lease is valid (rebuilt from it on the way back), and
+    /// a change of validity is reported.
+    fn update_standing(&mut self, now: Instant) {
+        if self.lease.strategy == LeaseStrategy::Off {
+            return;
+        }
+        self.lease.clock = self.lease.clock.max(now);
+        let longest_suspicion = suspicion_min(
+            self.config.suspicion_mult,
+            self.live,
+            self.config.probe_interval,
+        )
+        .saturating_mul(self.config.suspicion_max_mult);
+        self.lease.linger = self.lease.settle.saturating_add(longest_suspicion);
+        if self.lease.tracking {
+            let members = &self.members;
+            self.lease.settle_deaths(|slot| {
+                members
+                    .get(slot as usize)
+                    .and_then(Option::as_ref)
+                    .map(|m| m.state)
+            });
+        }
+        let mut standing = self.judge(now);
+        if standing.is_valid() && !self.lease.reported {
+            // Back after a lapse (or at start): the evidence must hold for
+            // the takeover delay first.
+            self.lease.returning_since.get_or_insert(now);
+            standing = self.lease.hysteresis(standing, now);
+        } else if !standing.is_valid() {
+            self.lease.returning_since = None;
+        }
+        if standing.is_valid() && !self.lease.tracking {
+            let members = self.members.iter().enumerate().map(|(slot, m)| {
+                (
+                    u32::try_from(slot).unwrap_or(u32::MAX),
+                    m.as_ref().map(|m| m.state),
+                )
+            });
+            self.lease.thaw(members);
+            self.lease.tracking = true;
+            standing = self.judge(now);
+        }
+        let valid = standing.is_valid();
+        if !valid {
+            self.lease.freeze();
+        } else {
+            self.lease.returning_since = None;
+        }
+        self.lease.tracking = valid;
+        if valid != self.lease.reported {
+            self.lease.reported = valid;
+            if valid {
+                info!(name = %self.local.name, ?standing, "lease valid");
+            } else {
+                self.stats.standing_lost += 1;
+                warn!(name = %self.local.name, ?standing, "lease lapsed: this node may not act as an owner");
+            }
+            self.emit(Event::StandingChanged(standing));
+        }
+    }
+
+    /// The lease at `now`, caching the oldest member of the reference set.
+    fn judge(&mut self, now: Instant) -> Standing {
+        let active = self.local.state == MemberState::Alive && !self.superseded;
+        let holds = if self.lease.needs_oldest() {
+            let oldest = match self.lease.oldest {
+                Some(oldest) => oldest,
+                None => {
+                    let oldest = self.oldest_in_ref();
+                    self.lease.oldest = Some(oldest);
+                    oldest
+                }
+            };
+            self.holds(oldest)
+        } else {
+            false
+        };
+        self.lease.evaluate(now, active, || holds)
+    }
+
+    /// The oldest member of the reference set by (generation, name), the
+    /// placement order: `None` for this node. O(N).
+    fn oldest_in_ref(&self) -> Option<u32> {
+        let mut best: (u64, &str, Option<u32>) = (self.local.generation, &self.local.name, None);
+        for (slot, m) in self.members.iter().enumerate() {
+            let (Some(m), Ok(slot)) = (m, u32::try_from(slot)) else {
+                continue;
+            };
+            if self.lease.in_ref(slot) && (m.generation, &*m.name) < (best.0, best.1) {
+                best = (m.generation, &m.name, Some(slot));
+            }
+        }
+        best.2
+    }
+
+    /// Whether this node holds `oldest` (itself, or a member held alive).
+    fn holds(&self, oldest: Option<u32>) -> bool {
+        match oldest {
+            None => true,
+            Some(slot) => self
+                .slot(slot)
+                .is_some_and(|m| m.state == MemberState::Alive),
+        }
+    }
+
+    /// The member in `slot` changed state (`None`: none there).
+    fn note(&mut self, slot: u32, was: Option<MemberState>, now: Option<MemberState>) {
+        if was != now {
+            self.lease.member_changed(slot, was, now);
+        }
+    }
+
     // ----- members table ----------------------------------------------------
 
     fn slot(&self, slot: u32) -> Option<&Member> {
@@ -732,6 +897,7 @@ impl<R: Rng> Membership<R> {
 
     fn insert_member(&mut self, member: Member) -> u32 {
         let live = member.state.is_live();
+        let state = member.state;
         let slot = match self.free.pop() {
             Some(slot) => {
                 if let Some(entry) = self.members.get_mut(slot as usize) {
@@ -746,6 +912,7 @@ impl<R: Rng> Membership<R> {
             }
         };
         self.index.insert(slot, &self.members);
+        self.note(slot, None, Some(state));
         if live {
             self.add_to_probe_order(slot);
         }
@@ -803,6 +970,7 @@ impl<R: Rng> Membership<R> {
             return;
         };
         self.index.remove(&member.name, slot);
+        self.note(slot, Some(member.state), None);
         self.free.push(slot);
         self.notices.remove(&slot);
         self.broadcasts.remove(slot);
@@ -1002,6 +1170,7 @@ impl<R: Rng> Membership<R> {
             record.addr,
             record.state,
         );
+        let down_since = self.down_since.get(&slot).copied();
         if info.generation < generation {
             self.stats.ignored_updates += 1;
             return;
@@ -1054,6 +1223,7 @@ impl<R: Rng> Membership<R> {
             record.metadata = info.metadata.to_arc(&empty);
         }
         record.state = MemberState::Alive;
+        self.note(slot, Some(state), Some(MemberState::Alive));
         match state {
             MemberState::Alive => {}
             MemberState::Suspect => self.clear_suspicion(slot),
@@ -1064,10 +1234,17 @@ impl<R: Rng> Membership<R> {
                 self.add_to_probe_order(slot);
             }
         }
-        if state == MemberState::Dead && mode.announces() {
-            // It refuted, maybe without ever hearing that we had declared it
-            // dead (it refuted a suspicion): tell it, so it fences itself.
-            self.tell_declared_dead(slot, incarnation, &self.local.name.clone());
+        let acted_on = down_since.is_none_or(|since| {
+            now.saturating_duration_since(since) >= self.config.takeover_delay()
+        });
+        if state == MemberState::Dead && mode.announces() && acted_on {
+            // Our verdict stood for the takeover delay: the layers above
+            // have taken its datums over. It refuted, maybe without ever
+            // hearing of the verdict, or only of an older one it could
+            // answer: tell it the verdict was acted on (a notice no
+            // refutation answers), so it fences. (A verdict withdrawn
+            // sooner was never acted on: nothing to tell.)
+            self.tell_declared_dead(slot, wire::ACTED_ON, &self.local.name.clone());
         }
         if changed {
             self.view_dirty = true;
@@ -1106,6 +1283,8 @@ impl<R: Rng> Membership<R> {
         record.ready = info.ready;
         record.metadata = info.metadata.to_arc(&empty);
         record.state = MemberState::Alive;
+        self.lease
+            .member_replaced(slot, Some(old.state), Some(MemberState::Alive));
         self.clear_suspicion(slot);
         self.notices.remove(&slot);
         if old.state.is_live() {
@@ -1312,6 +1491,7 @@ impl<R: Rng> Membership<R> {
                 };
                 record.state = MemberState::Suspect;
                 record.incarnation = acc.incarnation;
+                self.note(slot, Some(MemberState::Alive), Some(MemberState::Suspect));
                 if mode.announces() {
                     if let Some(m) = self.slot(slot).cloned() {
                         debug!(member = %m.name, incarnation = m.incarnation, accuser = acc.from, "suspected");
@@ -1326,17 +1506,28 @@ impl<R: Rng> Membership<R> {
     fn apply_dead(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
         let left = acc.from == acc.name;
         if acc.name == &*self.local.name {
-            // Declared dead at any incarnation of this generation, even one
-            // already refuted (a suspicion refuted while someone else had
-            // gone on to declare us dead): each such verdict makes its author
-            // fail our datums over, so the layers above must fence. Reported
-            // once per (accuser, incarnation): copies of one verdict arrive
-            // by many gossip paths.
+            // A verdict at our current incarnation (or above) is one we never
+            // answered: its author may have taken our datums over, so the
+            // layers above must fence. A verdict about an older incarnation
+            // was already refuted; its author revives us when our refutation
+            // reaches it (answered directly below), within the takeover
+            // delay or it tells us so at our new incarnation: no fence.
+            // Reported once per (accuser, incarnation): copies of one
+            // verdict arrive by many gossip paths.
             if !left
                 && self.local.state == MemberState::Alive
                 && acc.generation == self.local.generation
+                && acc.incarnation >= self.local.incarnation
             {
-                let verdict = (acc.incarnation, self.hasher.hash_str(acc.from));
+                // (`ACTED_ON` is above every incarnation: a verdict its
+                // author acted on, told after our refutation reached it.)
+                // An acted-on notice is keyed by our incarnation: one per
+                // accuser and refutation (its copies repeat until acked).
+                let verdict = if acc.incarnation == wire::ACTED_ON {
+                    (self.local.incarnation, !self.hasher.hash_str(acc.from))
+                } else {
+                    (acc.incarnation, self.hasher.hash_str(acc.from))
+                };
                 if !self.verdicts.contains(&verdict) {
                     if self.verdicts.len() >= MAX_VERDICTS {
                         self.verdicts.pop_front();
@@ -1348,10 +1539,19 @@ impl<R: Rng> Membership<R> {
                     self.emit(Event::DeclaredFailed);
                 }
             }
+            if acc.incarnation == wire::ACTED_ON {
+                // Not an accusation: the author already revived us.
+                return;
+            }
             if self.accusation_about_self(acc) {
                 self.refute(acc.incarnation);
                 self.tell_accuser(acc.from);
             }
+            return;
+        }
+        if acc.incarnation == wire::ACTED_ON {
+            // Only ever sent to the member itself: not a verdict to apply.
+            self.stats.ignored_updates += 1;
             return;
         }
         let Some(slot) = self.index.get(acc.name, &self.members) else {
@@ -1368,12 +1568,15 @@ impl<R: Rng> Membership<R> {
             self.stats.ignored_updates += 1;
             return;
         }
+        let was = record.state;
         record.state = if left {
             MemberState::Left
         } else {
             MemberState::Dead
         };
         record.incarnation = acc.incarnation;
+        let state = record.state;
+        self.note(slot, Some(was), Some(state));
         self.clear_suspicion(slot);
         self.live = self.live.saturating_sub(1);
         self.mark_down(slot, now);
@@ -1494,8 +1697,10 @@ impl<R: Rng> Membership<R> {
                     && let Some(m) = self.slot_mut(slot)
                     && m.incarnation < member.incarnation
                 {
+                    let was = m.state;
                     m.incarnation = member.incarnation;
                     m.state = MemberState::Dead;
+                    self.note(slot, Some(was), Some(MemberState::Dead));
                 }
             }
             WireState::Dead => {
@@ -1552,8 +1757,11 @@ impl<R: Rng> Membership<R> {
         }
         if ping.generation < self.local.generation {
             // Aimed at an older process of ours: do not ack for it, but make
-            // sure the prober learns the new generation.
+            // sure the prober learns the new generation, directly (a
+            // restarted node whose seeds are gone may know no one to gossip
+            // to).
             self.refresh_local_alive();
+            self.on_alive_request(from);
             return;
         }
         if ping.generation > self.local.generation {
@@ -1598,16 +1806,20 @@ impl<R: Rng> Membership<R> {
         let nack_at = later(now, self.config.probe_timeout.mul_f64(0.8));
         self.relays.push_back(Relay {
             seq,
+            sent_at: now,
             requester: from,
             requester_seq: req.seq,
             nack_at,
         });
     }
 
-    fn on_ack(&mut self, from: SocketAddr, seq: u32) {
+    fn on_ack(&mut self, from: SocketAddr, seq: u32, now: Instant) {
         if let Some(probe) = self.probe
             && probe.seq == seq
         {
+            // Answered, directly or through a relay: contact since the ping
+            // left (the lease counts from the send time).
+            self.lease.contact(probe.sent_at);
             // A direct answer in time means we are healthy; an answer after
             // indirect probes proves nothing either way.
             if !probe.indirect_sent {
@@ -1624,25 +1836,30 @@ impl<R: Rng> Membership<R> {
         }
         if let Some(pos) = self.relays.iter().position(|r| r.seq == seq) {
             if let Some(relay) = self.relays.remove(pos) {
+                self.lease.contact(relay.sent_at);
                 let mut buf = self.new_packet();
                 wire::encode(&Message::Ack(relay.requester_seq), &mut buf);
                 self.finish_unreliable(relay.requester, buf);
             }
             return;
         }
-        if let Some(pos) = self.checks.iter().position(|c| *c == seq) {
-            self.checks.remove(pos);
+        if let Some(pos) = self.checks.iter().position(|(c, _)| *c == seq) {
+            if let Some((_, sent_at)) = self.checks.remove(pos) {
+                self.lease.contact(sent_at);
+            }
             return;
         }
-        if let Some(pos) = self.notice_pings.iter().position(|(s, _)| *s == seq) {
-            if let Some((_, slot)) = self.notice_pings.remove(pos) {
+        if let Some(pos) = self.notice_pings.iter().position(|(s, _, _)| *s == seq) {
+            if let Some((_, slot, sent_at)) = self.notice_pings.remove(pos) {
+                self.lease.contact(sent_at);
                 self.notices.remove(&slot);
             }
             return;
         }
-        if let Some((reconnect_seq, slot)) = self.reconnect
+        if let Some((reconnect_seq, slot, sent_at)) = self.reconnect
             && reconnect_seq == seq
         {
+            self.lease.contact(sent_at);
             // A dead member answers: the partition (or whatever it was) is
             // over. Exchange full state so both sides learn and refute.
             self.reconnect = None;
@@ -1652,7 +1869,7 @@ impl<R: Rng> Membership<R> {
                 .map(|m| m.addr)
             {
                 self.stats.reconnects += 1;
-                self.send_state(addr, false, true);
+                self.send_state(addr, false, true, now);
             }
             return;
         }
@@ -1760,6 +1977,7 @@ impl<R: Rng> Membership<R> {
         let carries_notice = self.append_notice(slot, &mut buf);
         self.probe = Some(Probe {
             slot,
+            sent_at: now,
             generation,
             carries_notice,
             seq,
@@ -1901,7 +2119,7 @@ impl<R: Rng> Membership<R> {
 
     /// A last-chance ping to a suspect (with the suspicion, so it refutes in
     /// its ack), unreliable and, if configured, reliable.
-    fn send_check(&mut self, slot: u32) {
+    fn send_check(&mut self, slot: u32, now: Instant) {
         let seq = self.next_seq();
         let Some(target) = self.slot(slot) else {
             return;
@@ -1926,7 +2144,7 @@ impl<R: Rng> Membership<R> {
         if self.checks.len() >= MAX_CHECKS {
             self.checks.pop_front();
         }
-        self.checks.push_back(seq);
+        self.checks.push_back((seq, now));
         self.stats.suspicion_checks += 1;
         self.finish_unreliable(addr, buf);
         if let Some(buf) = reliable {
@@ -1936,7 +2154,7 @@ impl<R: Rng> Membership<R> {
 
     /// Re-sends pending death-verdict notices, each in a ping of its own:
     /// the member's ack proves it applied the notice (then it is dropped).
-    fn resend_notices(&mut self) {
+    fn resend_notices(&mut self, now: Instant) {
         let pending: Vec<u32> = self
             .notices
             .keys()
@@ -1959,7 +2177,7 @@ impl<R: Rng> Membership<R> {
             if self.notice_pings.len() >= MAX_CHECKS {
                 self.notice_pings.pop_front();
             }
-            self.notice_pings.push_back((seq, slot));
+            self.notice_pings.push_back((seq, slot, now));
             self.send(addr, false, buf);
         }
     }
@@ -1975,7 +2193,7 @@ impl<R: Rng> Membership<R> {
         if self.local.state != MemberState::Alive {
             return;
         }
-        self.resend_notices();
+        self.resend_notices(now);
         if self.down_since.is_empty() {
             return;
         }
@@ -1994,7 +2212,7 @@ impl<R: Rng> Membership<R> {
             &mut buf,
         );
         let addr = member.addr;
-        self.reconnect = Some((seq, slot));
+        self.reconnect = Some((seq, slot, now));
         self.send(addr, false, buf);
     }
 
@@ -2022,7 +2240,7 @@ impl<R: Rng> Membership<R> {
                     let deadline = s.deadline;
                     self.suspicion_deadlines.insert((deadline, slot));
                     if unconfirmed {
-                        self.send_check(slot);
+                        self.send_check(slot, now);
                     }
                     continue;
                 }
@@ -2112,7 +2330,7 @@ impl<R: Rng> Membership<R> {
             .map(|m| m.addr);
         self.scratch_slots = targets;
         if let Some(addr) = target {
-            self.send_state(addr, false, true);
+            self.send_state(addr, false, true, now);
         }
         // A seed that is not a live member here: maybe another cluster that
         // formed while we were apart. One of them per round.
@@ -2139,13 +2357,17 @@ impl<R: Rng> Membership<R> {
             && Some(seed) != target
         {
             self.stats.seed_push_pulls += 1;
-            self.send_state(seed, false, true);
+            self.send_state(seed, false, true, now);
         }
     }
 
     /// Sends this node's full state (reliable), truncated to
     /// `max_state_size` from a random starting member if need be.
-    fn send_state(&mut self, to: SocketAddr, join: bool, reply: bool) {
+    fn send_state(&mut self, to: SocketAddr, join: bool, reply: bool, now: Instant) {
+        if reply {
+            // A request: its answer is contact, from now (lease).
+            self.lease.pull_sent(to, now);
+        }
         let max = self.config.max_state_size;
         let mut buf = wire::new_packet(self.config.max_packet_size.min(max));
         wire::encode(
@@ -2224,7 +2446,7 @@ impl<R: Rng> Membership<R> {
             .min(self.config.push_pull_interval);
         let seeds = join.seeds.clone();
         for seed in seeds {
-            self.send_state(seed, true, true);
+            self.send_state(seed, true, true, now);
         }
     }
 

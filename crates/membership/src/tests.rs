@@ -433,7 +433,14 @@ fn ping_for_other_name_or_older_generation_is_not_acked() {
             now,
         );
     }
-    assert!(sent_messages(&drain_transmits(&mut n)).is_empty());
+    // Not acked; the older generation is told ours (our alive), nothing else.
+    let transmits = drain_transmits(&mut n);
+    let msgs = sent_messages(&transmits);
+    assert!(
+        msgs.iter()
+            .all(|m| matches!(m, Message::Alive(a) if a.name == "me" && a.generation == 100)),
+        "{msgs:?}"
+    );
     // A reliable ping is answered on the reliable path.
     deliver(
         &mut n,
@@ -1564,29 +1571,55 @@ fn ack_tells_a_pinger_we_hold_dead_so_it_refutes() {
 }
 
 #[test]
-fn declared_dead_after_refuting_a_suspicion_is_still_reported_once() {
+fn a_verdict_about_an_incarnation_already_refuted_does_not_fence() {
     let now = Instant::now();
     let mut n = node(now);
-    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    deliver(&mut n, &[alive("x", 1, 1, 2), alive("y", 1, 1, 3)], now);
     drain_events(&mut n);
-    // Suspected at 0, refuted to 1; meanwhile someone declared us dead at 0.
+    drain_transmits(&mut n);
+    // Suspected at 0, refuted to 1; meanwhile y declared us dead at 0.
     deliver(&mut n, &[suspect("me", 100, 0, "x")], now);
     assert_eq!(n.local().incarnation, 1);
     assert!(drain_events(&mut n).is_empty());
+    drain_transmits(&mut n);
     deliver(&mut n, &[dead("me", 100, 0, "y")], now);
-    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert!(
+        drain_events(&mut n).is_empty(),
+        "refuted already: no DeclaredFailed"
+    );
     assert_eq!(
         n.local().incarnation,
         1,
         "already refuted: no new incarnation"
     );
+    // The refutation goes straight to the accuser, which revives us.
+    let transmits = drain_transmits(&mut n);
+    assert!(
+        transmits.iter().any(|t| t.to == addr(3)
+            && wire::Messages::new(&t.payload)
+                .any(|m| matches!(m, Message::Alive(a) if a.name == "me" && a.incarnation == 1))),
+        "{transmits:?}"
+    );
+    assert_eq!(n.stats().declared_failed, 0);
+}
+
+#[test]
+fn a_verdict_at_the_current_incarnation_fences_once_per_accuser() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    drain_events(&mut n);
+    // Declared dead at 0, our incarnation: never answered, so its author
+    // may have taken our datums over. Reported and refuted.
+    deliver(&mut n, &[dead("me", 100, 0, "y")], now);
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert_eq!(n.local().incarnation, 1);
     // The same verdict again (another gossip copy): no second signal.
     deliver(&mut n, &[dead("me", 100, 0, "y")], now);
     assert!(drain_events(&mut n).is_empty());
-    // The same incarnation declared dead by another member: that one fails
-    // our datums over too, so it is reported.
+    // Another accuser at the same, now refuted, incarnation: no signal.
     deliver(&mut n, &[dead("me", 100, 0, "z")], now);
-    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert!(drain_events(&mut n).is_empty());
     // A new verdict at the current incarnation: reported and refuted.
     deliver(&mut n, &[dead("me", 100, 1, "z")], now);
     assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
@@ -1597,23 +1630,101 @@ fn declared_dead_after_refuting_a_suspicion_is_still_reported_once() {
     assert!(drain_events(&mut n).is_empty());
 }
 
+/// The death-verdict messages about x in transmits to x (port 2).
+fn verdicts_to_x(transmits: &[Transmit]) -> Vec<u64> {
+    transmits
+        .iter()
+        .filter(|t| t.to == addr(2))
+        .flat_map(|t| wire::Messages::new(&t.payload))
+        .filter_map(|m| match m {
+            Message::Dead(a) if a.name == "x" => Some(a.incarnation),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn reviving_a_member_we_declared_dead_tells_it() {
+fn reviving_a_member_after_the_takeover_delay_tells_it_at_its_new_incarnation() {
     let now = Instant::now();
     let mut n = node(now);
     deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], now);
     drain_transmits(&mut n);
+    // Our verdict stood for the takeover delay: its datums were taken. The
+    // notice is at the incarnation it announced, which it cannot refute
+    // away: it fences.
+    let late = now + n.takeover_delay();
+    deliver(&mut n, &[alive("x", 1, 4, 2)], late);
+    assert_eq!(verdicts_to_x(&drain_transmits(&mut n)), vec![u64::MAX]);
+}
+
+#[test]
+fn reviving_a_member_within_the_takeover_delay_tells_it_nothing() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], now);
+    drain_transmits(&mut n);
+    // Withdrawn before anything was taken over: nothing to fence for.
+    let early = now + n.takeover_delay() - Duration::from_millis(1);
+    deliver(&mut n, &[alive("x", 1, 4, 2)], early);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 4)));
+    assert!(verdicts_to_x(&drain_transmits(&mut n)).is_empty());
+    // With no lease (`Off`), every verdict is acted on at once.
+    let config = Config {
+        lease: crate::LeaseStrategy::Off,
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, now);
+    deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], now);
+    drain_transmits(&mut n);
     deliver(&mut n, &[alive("x", 1, 4, 2)], now);
+    assert_eq!(verdicts_to_x(&drain_transmits(&mut n)), vec![u64::MAX]);
+}
+
+#[test]
+fn an_acted_on_notice_fences_without_a_refutation_and_is_not_a_verdict_for_others() {
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+    drain_events(&mut n);
+    // We refuted to 3 long ago; y acted on an older verdict: it says so.
+    deliver(&mut n, &[suspect("me", 100, 2, "x")], now);
+    assert_eq!(n.local().incarnation, 3);
+    deliver(&mut n, &[dead("me", 100, u64::MAX, "y")], now);
+    assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
+    assert_eq!(n.local().incarnation, 3, "nothing to refute");
+    deliver(&mut n, &[dead("me", 100, u64::MAX, "y")], now);
+    assert!(drain_events(&mut n).is_empty(), "once per accuser");
+    // About someone else, it is no verdict.
+    deliver(&mut n, &[dead("x", 1, u64::MAX, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 1)));
+}
+
+#[test]
+fn a_ping_for_an_older_generation_is_answered_with_our_alive() {
+    let now = Instant::now();
+    let mut n = node(now);
+    drain_transmits(&mut n);
+    let old = Message::Ping(Ping {
+        seq: 5,
+        target: "me",
+        generation: 99,
+        reliable: false,
+        from: "x",
+        from_generation: 1,
+        from_incarnation: 0,
+    });
+    deliver(&mut n, &[old], now);
     let transmits = drain_transmits(&mut n);
-    let to_x: Vec<Message<'_>> = transmits
-        .iter()
-        .filter(|t| t.to == addr(2))
-        .flat_map(|t| wire::Messages::new(&t.payload))
-        .collect();
+    let msgs = sent_messages(&transmits);
     assert!(
-        to_x.iter()
-            .any(|m| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == 3)),
-        "{to_x:?}"
+        !msgs.iter().any(|m| matches!(m, Message::Ack(_))),
+        "not acked"
+    );
+    assert!(
+        transmits.iter().any(|t| t.to == addr(9999)
+            && wire::Messages::new(&t.payload)
+                .any(|m| matches!(m, Message::Alive(a) if a.name == "me" && a.generation == 100))),
+        "{transmits:?}"
     );
 }
 
@@ -1732,24 +1843,18 @@ fn a_join_request_through_us_does_not_end_our_own_join() {
 
 #[test]
 fn revived_member_hears_the_verdict_until_a_probe_carrying_it_is_acked() {
-    let now = Instant::now();
-    let mut n = node(now);
-    deliver(
-        &mut n,
-        &[
-            alive("x", 1, 3, 2),
-            dead("x", 1, 3, "me"),
-            alive("x", 1, 4, 2),
-        ],
-        now,
-    );
+    let start = Instant::now();
+    let mut n = node(start);
+    deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], start);
+    // Revived after the takeover delay: it must hear of the verdict.
+    let now = start + n.takeover_delay();
+    deliver(&mut n, &[alive("x", 1, 4, 2)], now);
     let transmits = drain_transmits(&mut n);
     assert!(
         transmits.iter().any(|t| t.reliable && t.to == addr(2)),
         "told reliably"
     );
-    let is_notice =
-        |m: &Message<'_>| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == 3);
+    let is_notice = |m: &Message<'_>| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == u64::MAX);
     // Every ack to its pings carries the verdict (delivery is not known).
     for seq in 0..5 {
         deliver(&mut n, &[ping_from(seq, "x", 1, 4)], now);
@@ -1908,21 +2013,17 @@ fn pending_verdict_notices_are_resent_every_reconnect_interval_until_acked() {
         // No probing in the way: only the notice pings go to x.
         probe_interval: Duration::from_secs(3600),
         probe_timeout: Duration::from_secs(1),
+        // (No lease: it would need probes to renew it.)
+        lease: crate::LeaseStrategy::Off,
         ..Config::lan()
     };
-    let mut n = node_with(config, "me", 1, now);
-    deliver(
-        &mut n,
-        &[
-            alive("x", 1, 3, 2),
-            dead("x", 1, 3, "me"),
-            alive("x", 1, 4, 2),
-        ],
-        now,
-    );
+    let start = now;
+    let mut n = node_with(config, "me", 1, start);
+    deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], start);
+    let now = start + n.takeover_delay();
+    deliver(&mut n, &[alive("x", 1, 4, 2)], now);
     drain_transmits(&mut n);
-    let is_notice =
-        |m: &Message<'_>| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == 3);
+    let is_notice = |m: &Message<'_>| matches!(m, Message::Dead(a) if a.name == "x" && a.incarnation == u64::MAX);
     let mut t = now;
     let mut seqs = Vec::new();
     for _ in 0..30 {
@@ -1944,4 +2045,361 @@ fn pending_verdict_notices_are_resent_every_reconnect_interval_until_acked() {
         let transmits = drain_transmits(&mut n);
         assert!(!sent_messages(&transmits).iter().any(is_notice));
     }
+}
+
+// ----- lease (Membership::standing) -------------------------------------
+
+/// Runs timers from `t` in 10 ms steps until a probe goes to one of the
+/// members and acks it at once; returns the probe's send time and target.
+fn probe_and_ack(n: &mut Node, t: &mut Instant) -> (Instant, SocketAddr) {
+    for _ in 0..1000 {
+        *t += Duration::from_millis(10);
+        n.handle_timeout(*t);
+        let transmits = drain_transmits(n);
+        let found = transmits
+            .iter()
+            .find_map(|tr| match wire::Messages::new(&tr.payload).next() {
+                Some(Message::Ping(p)) if !tr.reliable => Some((p.seq, tr.to)),
+                _ => None,
+            });
+        if let Some((seq, to)) = found {
+            n.handle_packet(to, &packet(&[Message::Ack(seq)]), *t)
+                .unwrap();
+            return (*t, to);
+        }
+    }
+    panic!("no probe");
+}
+
+fn standing_events(n: &mut Node) -> Vec<crate::Standing> {
+    drain_events(n)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::StandingChanged(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A node that knows `peers` alive members (x0, x1, ... on ports 10..).
+fn node_with_peers(config: Config, peers: u16, now: Instant) -> Node {
+    let mut n = node_with(config, "me", 1, now);
+    let names: Vec<String> = (0..peers).map(|i| format!("x{i}")).collect();
+    let msgs: Vec<Message<'_>> = names
+        .iter()
+        .zip(10..)
+        .map(|(name, port)| alive(name, 1, 1, port))
+        .collect();
+    deliver(&mut n, &msgs, now);
+    drain_events(&mut n);
+    drain_transmits(&mut n);
+    n
+}
+
+/// Probes and acks until the lease is valid (the evidence must hold for the
+/// takeover delay first); returns the last probe's send time.
+fn establish(n: &mut Node, t: &mut Instant) -> Instant {
+    let deadline = *t + Duration::from_secs(10);
+    loop {
+        let (sent, _) = probe_and_ack(n, t);
+        n.handle_timeout(*t);
+        drain_transmits(n);
+        if n.standing(*t).is_valid() {
+            return sent;
+        }
+        assert!(*t < deadline, "never valid: {:?}", n.standing(*t));
+    }
+}
+
+#[test]
+fn the_lease_lasts_lease_period_from_the_send_time_of_the_last_acked_probe() {
+    use crate::Standing;
+    let start = Instant::now();
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    assert_eq!(
+        n.standing(start),
+        Standing::NoContact { last_contact: None }
+    );
+    // Contact, but it must hold for the takeover delay before it counts.
+    let mut t = start;
+    let (first, _) = probe_and_ack(&mut n, &mut t);
+    assert_eq!(
+        n.standing(t),
+        Standing::Returning {
+            valid_at: t + n.takeover_delay()
+        }
+    );
+    assert!(standing_events(&mut n).is_empty());
+    assert!(first + n.takeover_delay() > t);
+    let sent = establish(&mut n, &mut t);
+    let period = Config::lan().lease_period;
+    assert_eq!(
+        n.standing(t),
+        Standing::Valid {
+            until: Some(sent + period)
+        }
+    );
+    assert!(
+        standing_events(&mut n)
+            .iter()
+            .all(|s| matches!(s, Standing::Valid { .. }))
+    );
+    // The driver is woken when it lapses.
+    assert!(n.poll_timeout().unwrap() <= sent + period);
+    // No answer to anything from now on: it lapses lease_period after the
+    // send time, and StandingChanged says so.
+    while t < sent + period {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        drain_transmits(&mut n);
+    }
+    assert_eq!(
+        standing_events(&mut n),
+        vec![Standing::NoContact {
+            last_contact: Some(sent)
+        }]
+    );
+    assert!(!n.standing(t).is_valid());
+    assert_eq!(n.stats().standing_lost, 1);
+}
+
+#[test]
+fn a_paused_node_wakes_with_a_lapsed_lease_even_if_acks_wait_in_its_input() {
+    let start = Instant::now();
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    // Its next probe leaves; then the process is stopped for 8 s. The ack
+    // arrived meanwhile and is read on waking.
+    let (seq, to, sent) = loop {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        let transmits = drain_transmits(&mut n);
+        if let Some(found) =
+            transmits
+                .iter()
+                .find_map(|tr| match wire::Messages::new(&tr.payload).next() {
+                    Some(Message::Ping(p)) if !tr.reliable => Some((p.seq, tr.to, t)),
+                    _ => None,
+                })
+        {
+            break found;
+        }
+    };
+    drain_events(&mut n);
+    let woke = sent + Duration::from_secs(8);
+    n.handle_packet(to, &packet(&[Message::Ack(seq)]), woke)
+        .unwrap();
+    assert!(matches!(
+        n.standing(woke),
+        crate::Standing::NoContact { last_contact: Some(c) } if c == sent
+    ));
+    assert!(
+        standing_events(&mut n)
+            .last()
+            .is_some_and(|s| !s.is_valid())
+    );
+}
+
+#[test]
+fn a_push_pull_reply_is_contact_from_its_request() {
+    let start = Instant::now();
+    let config = Config {
+        lease: crate::LeaseStrategy::ContactOnly,
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, start);
+    n.join(&[addr(50)], start);
+    drain_transmits(&mut n);
+    let answer = Message::PushPull(PushPull {
+        from: "seed",
+        join: false,
+        reply: false,
+    });
+    let later = start + Duration::from_millis(300);
+    n.handle_packet(
+        addr(50),
+        &packet(&[answer, state("seed", 0, 50, WireState::Alive)]),
+        later,
+    )
+    .unwrap();
+    // Contact from the request's send time (then it must hold a while).
+    assert!(matches!(
+        n.standing(later),
+        crate::Standing::Returning { .. }
+    ));
+    n.handle_timeout(later);
+    let mut t = later;
+    establish(&mut n, &mut t);
+    // An unsolicited push-pull (a request, or from elsewhere) is not.
+    let mut m = node_with(Config::lan(), "me", 1, start);
+    let request = Message::PushPull(PushPull {
+        from: "seed",
+        join: false,
+        reply: false,
+    });
+    m.handle_packet(
+        addr(50),
+        &packet(&[request, state("seed", 0, 50, WireState::Alive)]),
+        later,
+    )
+    .unwrap();
+    assert_eq!(
+        m.standing(later),
+        crate::Standing::NoContact { last_contact: None }
+    );
+}
+
+#[test]
+fn the_lease_needs_a_strict_majority_of_the_reference_set() {
+    use crate::Standing;
+    let start = Instant::now();
+    // Five members: this node and x0..x3.
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    assert!(n.standing(t).is_valid());
+    deliver(&mut n, &[suspect("x0", 1, 1, "x1")], t);
+    assert!(n.standing(t).is_valid(), "4 of 5");
+    deliver(&mut n, &[suspect("x1", 1, 1, "x0")], t);
+    assert!(n.standing(t).is_valid(), "3 of 5");
+    deliver(&mut n, &[suspect("x2", 1, 1, "x0")], t);
+    assert_eq!(
+        n.standing(t),
+        Standing::NoMajority {
+            reachable: 2,
+            reference: 5
+        }
+    );
+    assert!(
+        standing_events(&mut n)
+            .last()
+            .is_some_and(|s| !s.is_valid())
+    );
+    // Lapsed: the reference set is frozen, so the minority's dead verdicts
+    // do not make it a majority of what is left.
+    for name in ["x0", "x1", "x2"] {
+        deliver(&mut n, &[dead(name, 1, 1, "x3")], t);
+    }
+    assert_eq!(n.num_live(), 2);
+    assert_eq!(
+        n.standing(t),
+        Standing::NoMajority {
+            reachable: 2,
+            reference: 5
+        }
+    );
+    // They come back (refuted): valid again, and the set follows the view.
+    for (i, name) in ["x0", "x1", "x2"].into_iter().enumerate() {
+        deliver(&mut n, &[alive(name, 1, 2, 10 + i as u16)], t);
+    }
+    assert!(matches!(n.standing(t), Standing::Returning { .. }));
+    establish(&mut n, &mut t);
+    assert!(
+        standing_events(&mut n)
+            .last()
+            .is_some_and(Standing::is_valid)
+    );
+    // x3 dies while the lease is valid: it counts as unreachable, and leaves
+    // the set once the lease stayed valid for the takeover delay plus the
+    // longest suspicion (6 × 0.8 s at this size).
+    deliver(&mut n, &[dead("x3", 1, 1, "x0")], t);
+    assert!(n.standing(t).is_valid());
+    let settled = t + n.takeover_delay() + Duration::from_millis(4800);
+    while t < settled {
+        probe_and_ack(&mut n, &mut t);
+    }
+    assert!(n.standing(t).is_valid());
+    // An exact half: the side holding the oldest member (x0: generation 1,
+    // below ours) keeps it.
+    deliver(
+        &mut n,
+        &[suspect("x1", 1, 2, "x0"), suspect("x2", 1, 2, "x0")],
+        t,
+    );
+    assert!(n.standing(t).is_valid(), "2 of 4 with the oldest");
+    deliver(
+        &mut n,
+        &[alive("x1", 1, 3, 11), suspect("x0", 1, 2, "x2")],
+        t,
+    );
+    assert_eq!(
+        n.standing(t),
+        Standing::NoMajority {
+            reachable: 2,
+            reference: 4
+        },
+        "2 of 4 without the oldest"
+    );
+}
+
+#[test]
+fn early_verdicts_of_a_minority_do_not_shrink_the_reference_set() {
+    use crate::Standing;
+    let start = Instant::now();
+    // Five members; this node and x0 are cut off from x1, x2, x3, whose
+    // suspicions and verdicts arrive one by one.
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    deliver(&mut n, &[suspect("x1", 1, 1, "x0")], t);
+    deliver(&mut n, &[dead("x1", 1, 1, "x0")], t);
+    deliver(&mut n, &[suspect("x2", 1, 1, "x0")], t);
+    deliver(&mut n, &[dead("x2", 1, 1, "x0")], t);
+    assert!(n.standing(t).is_valid(), "3 of 5 (x3 not suspected yet)");
+    deliver(&mut n, &[suspect("x3", 1, 1, "x0")], t);
+    // Had the dead left the set at once, 2 of 3 would be a majority.
+    assert_eq!(
+        n.standing(t),
+        Standing::NoMajority {
+            reachable: 2,
+            reference: 5
+        }
+    );
+}
+
+#[test]
+fn other_strategies() {
+    use crate::{LeaseStrategy, Standing};
+    let start = Instant::now();
+    let with = |lease| Config {
+        lease,
+        ..Config::lan()
+    };
+    // Off: always valid, no events, no takeover delay.
+    let mut n = node_with_peers(with(LeaseStrategy::Off), 4, start);
+    assert_eq!(n.standing(start), Standing::Valid { until: None });
+    assert_eq!(n.takeover_delay(), Duration::ZERO);
+    n.handle_timeout(start + Duration::from_secs(5));
+    assert!(standing_events(&mut n).is_empty());
+    // ContactOnly: a minority that reaches someone keeps it.
+    let mut n = node_with_peers(with(LeaseStrategy::ContactOnly), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    for name in ["x0", "x1", "x2"] {
+        deliver(&mut n, &[suspect(name, 1, 1, "x3")], t);
+    }
+    assert!(n.standing(t).is_valid());
+    // StaticQuorum(3): at least three held alive, this node included.
+    let mut n = node_with_peers(with(LeaseStrategy::StaticQuorum(3)), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    for name in ["x0", "x1"] {
+        deliver(&mut n, &[suspect(name, 1, 1, "x3")], t);
+    }
+    assert!(n.standing(t).is_valid());
+    deliver(&mut n, &[suspect("x2", 1, 1, "x3")], t);
+    assert_eq!(
+        n.standing(t),
+        Standing::NoMajority {
+            reachable: 2,
+            reference: 3
+        }
+    );
+    // A node that left has no standing.
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    n.leave(t);
+    assert_eq!(n.standing(t), Standing::Inactive);
 }

@@ -132,11 +132,20 @@ pub enum Event {
     /// metadata. Coalesced: at most one is pending, and it carries the view
     /// at the moment it is polled.
     ViewChanged(Vec<Member>),
-    /// This node learned that the cluster declared IT failed (or gave its
-    /// name to another process). Layers above must stop acting as an owner at
-    /// once (self-fencing). Membership itself refutes, as SWIM does, unless
-    /// the name was lost to another process.
+    /// This node learned of a death verdict about it that it cannot answer
+    /// by refutation (one at its current incarnation, or one its author
+    /// acted on before reviving it), or gave its name to another process.
+    /// Layers above must stop acting as an owner at once (self-fencing).
+    /// Membership itself refutes, as SWIM does, unless the name was lost. A
+    /// verdict about an older, already refuted incarnation is answered by
+    /// refutation and does not fence.
     DeclaredFailed,
+    /// This node's lease flipped: it may act as an owner again, or may no
+    /// longer (`Standing` says why). Emitted on a change of validity only,
+    /// not when a valid lease is merely extended; read
+    /// [`Membership::standing`](crate::Membership::standing) for the current
+    /// expiry.
+    StandingChanged(crate::Standing),
 }
 
 /// Counters; read them with [`Membership::stats`].
@@ -214,6 +223,8 @@ pub struct Stats {
     pub transmits_dropped: u64,
     /// Events dropped because the queue was full.
     pub events_dropped: u64,
+    /// Times this node's lease lapsed (valid to not valid).
+    pub standing_lost: u64,
 }
 
 /// Errors returned to the caller of [`Membership`](crate::Membership).

@@ -15,6 +15,12 @@ use crate::DecodeError;
 /// Protocol version carried in the first byte of every packet. Bump it when a
 /// message changes shape; postcard is positional, so new message kinds may
 /// only be appended.
+/// The incarnation of a `Dead` notice that tells a member "a verdict about
+/// you was acted on (your datums were taken over) before your refutation
+/// reached me": sent only to the member itself, which fences and does not
+/// refute it; anyone else ignores it.
+pub(crate) const ACTED_ON: u64 = u64::MAX;
+
 pub(crate) const VERSION: u8 = 1;
 /// Bytes before the first message.
 pub(crate) const HEADER_LEN: usize = 1;

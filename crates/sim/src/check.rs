@@ -8,19 +8,40 @@
 
 use std::collections::{HashMap, HashSet};
 
-use shoal_membership::{Event, Member, MemberState};
+use shoal_membership::{Event, Member, MemberState, Standing};
 
 /// A process: node slot and generation.
 pub(crate) type ProcKey = (u32, u64);
 
 /// What the observer last saw of one member.
 #[derive(Clone, Copy, Debug)]
-struct Seen {
+pub(crate) struct Seen {
     /// Highest incarnation seen.
     incarnation: u64,
     /// Incarnation at which the member was last seen dead or left, if it has
     /// not been seen alive at a higher incarnation since.
     dead_at: Option<u64>,
+}
+
+/// One "failed" verdict about a running process.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Verdict {
+    pub(crate) accuser: ProcKey,
+    /// The process's incarnation in the verdict.
+    pub(crate) incarnation: u64,
+    /// When the accuser marked it failed.
+    pub(crate) at_ns: u64,
+    /// When the accuser saw it alive again, if it did.
+    pub(crate) revived_ns: Option<u64>,
+}
+
+impl Verdict {
+    /// Whether the verdict still stood `delay_ns` after it was made: the
+    /// accuser's layers above took the datums over then.
+    pub(crate) fn acted_on(&self, delay_ns: u64) -> bool {
+        self.revived_ns
+            .is_none_or(|r| r >= self.at_ns.saturating_add(delay_ns))
+    }
 }
 
 /// What happened to a process during the run.
@@ -32,30 +53,73 @@ pub(crate) struct Fate {
     pub(crate) stalled: bool,
     /// Was cut off from part of the cluster by a partition.
     pub(crate) partitioned: bool,
-    /// Who marked this process failed while it was running, and the
-    /// highest incarnation each did it at.
-    pub(crate) accusers: Vec<(ProcKey, u64)>,
+    /// Every verdict about this process while it was running.
+    pub(crate) accusers: Vec<Verdict>,
     /// When this process learned the cluster declared it failed
     /// (`DeclaredFailed`), its own incarnation right after: it has learned
     /// of every verdict about a lower incarnation.
     pub(crate) fenced_below: Option<u64>,
+    /// When it first received `DeclaredFailed` (the layers above fence for
+    /// good).
+    pub(crate) fenced_ns: Option<u64>,
+    /// When it stopped (crash or exit).
+    pub(crate) stopped_ns: Option<u64>,
+    /// Changes of its lease: (effective time, valid). A lease lapsed for
+    /// want of contact counts from its expiry (`last_contact +
+    /// lease_period`), which may precede the event (a paused process).
+    pub(crate) standing: Vec<(u64, bool)>,
 }
 
 impl Fate {
     /// An accuser (among those `still_running`) that marked this process
-    /// failed at an incarnation it has not learned about: the layers above
-    /// on this node would keep acting as an owner while that accuser fails
-    /// its datums over.
+    /// failed at an incarnation it has not learned about, and acted on it
+    /// (the verdict stood for `takeover_ns`): the layers above on this node
+    /// would keep acting as an owner while that accuser fails its datums
+    /// over. A verdict withdrawn sooner (the accuser saw the refutation)
+    /// was never acted on.
     pub(crate) fn unfenced_by(
         &self,
         still_running: impl Fn(ProcKey) -> bool,
+        takeover_ns: u64,
     ) -> Option<(ProcKey, u64)> {
         self.accusers
             .iter()
-            .copied()
-            .filter(|&(accuser, _)| still_running(accuser))
-            .find(|&(_, incarnation)| self.fenced_below.is_none_or(|f| incarnation >= f))
+            .filter(|v| still_running(v.accuser) && v.acted_on(takeover_ns))
+            .find(|v| self.fenced_below.is_none_or(|f| v.incarnation >= f))
+            .map(|v| (v.accuser, v.incarnation))
     }
+
+    /// Whether the process held a valid lease at `t_ns` (`initial` before
+    /// its first change).
+    pub(crate) fn standing_at(&self, t_ns: u64, initial: bool) -> bool {
+        self.standing
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= t_ns)
+            .map_or(initial, |(_, valid)| *valid)
+    }
+
+    /// When it last lost its lease at or before `t_ns`.
+    pub(crate) fn lost_standing_at(&self, t_ns: u64) -> Option<u64> {
+        self.standing
+            .iter()
+            .rev()
+            .find(|(at, valid)| *at <= t_ns && !valid)
+            .map(|(at, _)| *at)
+    }
+}
+
+/// A takeover: an accuser holding a valid lease still held a process dead
+/// `takeover_delay` after its verdict, and took its datums.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Takeover {
+    pub(crate) victim: ProcKey,
+    pub(crate) accuser: ProcKey,
+    /// The takeover instant (verdict + takeover delay).
+    pub(crate) at_ns: u64,
+    /// How long before it the victim had lost its lease, been fenced or
+    /// stopped (negative: it still held a valid lease then).
+    pub(crate) margin_ns: i128,
 }
 
 /// Time from a measured crash to its detection.
@@ -87,7 +151,7 @@ pub(crate) struct Dissemination {
 /// Incremental membership checks and measurements.
 #[derive(Debug, Default)]
 pub(crate) struct Checks {
-    seen: HashMap<(ProcKey, ProcKey), Seen>,
+    pub(crate) seen: HashMap<(ProcKey, ProcKey), Seen>,
     pub(crate) fates: HashMap<ProcKey, Fate>,
     pub(crate) false_positives: HashSet<ProcKey>,
     pub(crate) false_positive_events: u64,
@@ -97,6 +161,16 @@ pub(crate) struct Checks {
     pub(crate) declared_failed_events: u64,
     pub(crate) detections: Vec<Detection>,
     pub(crate) disseminations: Vec<Dissemination>,
+    /// How long a verdict must stand before its accuser takes over
+    /// (`Config::takeover_delay`).
+    pub(crate) takeover_ns: u64,
+    /// The lease period (a lease lapsed for want of contact counts from
+    /// `last_contact + lease_period`).
+    pub(crate) lease_period_ns: u64,
+    /// Leases are off: every process holds one from its start.
+    pub(crate) lease_off: bool,
+    /// The simulator's base instant (virtual time 0).
+    pub(crate) base: Option<std::time::Instant>,
 }
 
 /// Facts about the world the checks need at an event, from the simulator.
@@ -118,9 +192,72 @@ impl Checks {
         self.fates.get(&key)
     }
 
+    /// Every takeover up to `now_ns` about processes in `victims` (all when
+    /// `None`): a verdict that still stood `takeover_delay` after it was
+    /// made, by an accuser that held a valid lease at that instant; with
+    /// the victim's margin.
+    pub(crate) fn takeovers(&self, now_ns: u64) -> Vec<Takeover> {
+        let initial = self.lease_off;
+        let mut out = Vec::new();
+        for (&victim, fate) in &self.fates {
+            for v in &fate.accusers {
+                let at = v.at_ns.saturating_add(self.takeover_ns);
+                if at > now_ns || !v.acted_on(self.takeover_ns) {
+                    continue;
+                }
+                let accuser_holds = self.fates.get(&v.accuser).is_some_and(|a| {
+                    a.stopped_ns.is_none_or(|s| s > at) && a.standing_at(at, initial)
+                });
+                if !accuser_holds {
+                    continue;
+                }
+                // The victim is out of the way at its fence, its stop, or
+                // the loss of its lease, whichever came first.
+                let lost = if fate.standing_at(at, initial) {
+                    None
+                } else {
+                    fate.lost_standing_at(at)
+                };
+                let out_at = [fate.fenced_ns, fate.stopped_ns, lost]
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| *t <= at)
+                    .min();
+                let margin_ns = match out_at {
+                    Some(t) => i128::from(at) - i128::from(t),
+                    None if !fate.standing_at(at, initial) => i128::from(at),
+                    None => {
+                        // Still owner: how long until it stopped holding.
+                        let next = [fate.fenced_ns, fate.stopped_ns]
+                            .into_iter()
+                            .flatten()
+                            .chain(
+                                fate.standing
+                                    .iter()
+                                    .filter(|(t, valid)| *t > at && !valid)
+                                    .map(|(t, _)| *t),
+                            )
+                            .min()
+                            .unwrap_or(now_ns);
+                        i128::from(at) - i128::from(next)
+                    }
+                };
+                out.push(Takeover {
+                    victim,
+                    accuser: v.accuser,
+                    at_ns: at,
+                    margin_ns,
+                });
+            }
+        }
+        out.sort_by_key(|t| (t.at_ns, t.victim, t.accuser));
+        out
+    }
+
     /// A process stopped (crash or exit after leave): it no longer counts as
     /// a survivor that must detect anything.
     pub(crate) fn stopped(&mut self, key: ProcKey, now_ns: u64) {
+        self.fate_mut(key).stopped_ns.get_or_insert(now_ns);
         for d in &mut self.detections {
             if d.survivors.remove(&key) && d.survivors.is_empty() && d.first_ns.is_some() {
                 d.all_ns.get_or_insert(now_ns);
@@ -207,6 +344,27 @@ impl Checks {
                 self.declared_failed_events += 1;
                 let fate = self.fate_mut(observer);
                 fate.fenced_below = fate.fenced_below.max(Some(own_incarnation));
+                fate.fenced_ns.get_or_insert(now_ns);
+                return Ok(());
+            }
+            Event::StandingChanged(standing) => {
+                let at = match standing {
+                    Standing::NoContact {
+                        last_contact: Some(c),
+                    } => {
+                        // The lease ran out at its expiry, even if the
+                        // process (paused) only noticed now.
+                        let expiry = self
+                            .base
+                            .and_then(|b| c.checked_duration_since(b))
+                            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+                            .map(|c| c.saturating_add(self.lease_period_ns));
+                        expiry.map_or(now_ns, |e| e.min(now_ns))
+                    }
+                    _ => now_ns,
+                };
+                let valid = standing.is_valid();
+                self.fate_mut(observer).standing.push((at, valid));
                 return Ok(());
             }
             Event::ViewChanged(_) | Event::NameConflict { .. } => return Ok(()),
@@ -222,6 +380,16 @@ impl Checks {
                 }
             }
             Event::Updated(m) | Event::Joined(m) | Event::Alive(m) => {
+                if is_live(&m.state)
+                    && let Some(fate) = self.fates.get_mut(&key)
+                    && let Some(v) = fate
+                        .accusers
+                        .iter_mut()
+                        .rev()
+                        .find(|v| v.accuser == observer && v.revived_ns.is_none())
+                {
+                    v.revived_ns = Some(now_ns);
+                }
                 for u in &mut self.disseminations {
                     if u.origin == key
                         && *m.metadata == *u.metadata
@@ -246,10 +414,12 @@ impl Checks {
         let fate = self.fate_mut(key);
         let running = fate.up && !fate.crashed && !fate.leaving;
         if running {
-            match fate.accusers.iter_mut().find(|(a, _)| *a == observer) {
-                Some((_, inc)) => *inc = (*inc).max(incarnation),
-                None => fate.accusers.push((observer, incarnation)),
-            }
+            fate.accusers.push(Verdict {
+                accuser: observer,
+                incarnation,
+                at_ns: now_ns,
+                revived_ns: None,
+            });
         }
         let stalled = fate.stalled;
         let healthy = running && !fate.stalled && !fate.partitioned;

@@ -78,6 +78,7 @@ pub use app::{AppCtx, Application, Command, MessageId, NodeInfo, NodeView};
 pub use net::NetConfig;
 pub use scenario::{Profile, Report, ScenarioKind, ScenarioOptions};
 pub use sim::{
-    Action, DetectionTimes, DisseminationTimes, Sim, SimConfig, Traffic, Violation, node_name,
+    Action, DetectionTimes, DisseminationTimes, LeaseReport, Sim, SimConfig, Traffic, Violation,
+    node_name,
 };
 pub use util::{TraceHash, peak_rss_bytes};

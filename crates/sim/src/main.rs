@@ -36,7 +36,8 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = AppKind::Membership)]
     app: AppKind,
     /// Scenario to run. Membership: kill-one (default), stalled-node,
-    /// partition-heal, churn, update, random. Transition: join (default),
+    /// partition-heal, partition-minority, isolated, paused, churn, update,
+    /// random. Transition: join (default),
     /// leave, kill-owner, chained, flap.
     #[arg(long)]
     scenario: Option<String>,
@@ -67,6 +68,10 @@ struct Cli {
     /// packets wait).
     #[arg(long)]
     stall_timers: bool,
+    /// Membership's lease period in milliseconds, when not the profile's
+    /// (the takeover delay follows it).
+    #[arg(long)]
+    lease_period_ms: Option<u64>,
     /// Run this many seeds (seed, seed+1, ...) and summarise.
     #[arg(long)]
     campaign: Option<u64>,
@@ -134,6 +139,7 @@ fn main() -> ExitCode {
         duplicate: cli.duplicate,
         profile: cli.profile,
         stall_timers: cli.stall_timers,
+        lease_period: cli.lease_period_ms.map(std::time::Duration::from_millis),
     };
     let reports = match cli.campaign {
         None => vec![scenario::run(&base)],

@@ -37,6 +37,14 @@ pub enum ScenarioKind {
     /// The cluster splits in two halves for 20 s, then heals; measures how
     /// long until every node sees every other again.
     PartitionHeal,
+    /// The largest minority ((N-1)/2 nodes) is cut off from the rest for
+    /// 20 s, then the network heals; measures when the minority loses its
+    /// lease against when the majority takes its datums over.
+    PartitionMinority,
+    /// One node is cut off from all the others for 20 s, then heals.
+    Isolated,
+    /// One node is stopped (SIGSTOP) for 8 s, then resumes.
+    Paused,
     /// Joins, graceful leaves, crashes and restarts for 40 s, then quiet.
     Churn,
     /// One node changes its metadata; measures how long until 99.99 % of
@@ -55,6 +63,9 @@ impl ScenarioKind {
             ScenarioKind::KillOne => "kill-one",
             ScenarioKind::StalledNode => "stalled-node",
             ScenarioKind::PartitionHeal => "partition-heal",
+            ScenarioKind::PartitionMinority => "partition-minority",
+            ScenarioKind::Isolated => "isolated",
+            ScenarioKind::Paused => "paused",
             ScenarioKind::Churn => "churn",
             ScenarioKind::Update => "update",
             ScenarioKind::Random => "random",
@@ -109,6 +120,9 @@ pub struct ScenarioOptions {
     /// Stalled-node scenario: also delay the stalled node's timers (by
     /// default only its packets wait, the harsher case).
     pub stall_timers: bool,
+    /// Membership's `lease_period`, when not the profile's (the takeover
+    /// delay follows it).
+    pub lease_period: Option<Duration>,
 }
 
 impl ScenarioOptions {
@@ -122,6 +136,7 @@ impl ScenarioOptions {
             duplicate: 0.0,
             profile: Profile::Lan,
             stall_timers: false,
+            lease_period: None,
         }
     }
 }
@@ -176,6 +191,26 @@ pub struct Report {
     pub msgs_per_node_per_s: Option<f64>,
     /// The part of `bytes_per_node_per_s` sent as unreliable datagrams.
     pub datagram_bytes_per_node_per_s: Option<f64>,
+    /// From the fault to the last cut-off (or paused) node losing its lease
+    /// (partition-heal, partition-minority, isolated, paused).
+    pub standing_lost_s: Option<f64>,
+    /// From the fault to the first takeover of a cut-off node's datums: a
+    /// dead verdict + `takeover_delay`, by a node holding a valid lease.
+    pub takeover_first_s: Option<f64>,
+    /// Takeovers in the run (verdicts that stood `takeover_delay`, by nodes
+    /// holding a valid lease then).
+    pub takeovers: u64,
+    /// The smallest margin between a takeover and its victim losing its
+    /// lease (or being fenced, or stopping) before it; negative: two owners.
+    pub lease_margin_min_s: Option<f64>,
+    /// Takeovers whose victim still held a valid lease then.
+    pub lease_violations: u64,
+    /// From the heal (the last fault) until every live node held a valid
+    /// lease again.
+    pub standing_regained_s: Option<f64>,
+    /// Times healthy nodes (never crashed, stalled, leaving, nor cut off)
+    /// lost their lease after the cluster formed.
+    pub healthy_lapses: u64,
     /// Invariant violations found (the run stops at the first).
     pub invariant_violations: u64,
     /// The violation, with its step, or why the protocol outcome is wrong.
@@ -242,6 +277,17 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
+            "  lease          lost {}  first takeover {}  takeovers {}  min margin {}  violations {}  regained {}  healthy lapses {}",
+            opt(self.standing_lost_s, "s"),
+            opt(self.takeover_first_s, "s"),
+            self.takeovers,
+            opt(self.lease_margin_min_s, "s"),
+            self.lease_violations,
+            opt(self.standing_regained_s, "s"),
+            self.healthy_lapses
+        )?;
+        writeln!(
+            f,
             "  run            {:.1}s virtual, {} events, {:.2}s wall, peak RSS {} MiB, trace {}",
             self.virtual_s,
             self.events,
@@ -263,6 +309,9 @@ impl fmt::Display for Report {
 /// Membership and simulator configuration for a scenario run.
 pub fn sim_config(opts: &ScenarioOptions) -> SimConfig {
     let mut membership = opts.profile.config();
+    if let Some(period) = opts.lease_period {
+        membership.lease_period = period;
+    }
     let large = opts.nodes > BOOTSTRAP_ABOVE;
     if opts.nodes > 1_000 {
         // Building a 10,000-member view per node per change is the largest
@@ -326,6 +375,13 @@ fn empty_report(opts: &ScenarioOptions) -> Report {
         bytes_per_node_per_s: None,
         msgs_per_node_per_s: None,
         datagram_bytes_per_node_per_s: None,
+        standing_lost_s: None,
+        takeover_first_s: None,
+        takeovers: 0,
+        lease_margin_min_s: None,
+        lease_violations: 0,
+        standing_regained_s: None,
+        healthy_lapses: 0,
         invariant_violations: 0,
         failure: None,
         failure_step: None,
@@ -361,8 +417,28 @@ pub fn run_with<A: Application>(opts: &ScenarioOptions, shared: A::Shared) -> Re
         report.failure = Some(v.to_string());
         report.failure_step = Some(v.step);
     }
+    let lease = sim.lease_report();
+    report.takeovers = lease.takeovers as u64;
+    report.lease_violations = lease.violations as u64;
+    report.lease_margin_min_s = lease.min_margin_s;
+    if report.failure.is_none()
+        && let Some(why) = lease.first_violation
+        && matches!(
+            opts.scenario,
+            ScenarioKind::PartitionHeal
+                | ScenarioKind::PartitionMinority
+                | ScenarioKind::Isolated
+                | ScenarioKind::Paused
+        )
+    {
+        // The lease's promise in the scenarios made for it: no two owners.
+        report.failure = Some(why);
+    }
     report.ok = report.failure.is_none();
-    if opts.scenario != ScenarioKind::PartitionHeal {
+    if !matches!(
+        opts.scenario,
+        ScenarioKind::PartitionHeal | ScenarioKind::PartitionMinority | ScenarioKind::Isolated
+    ) {
         report.false_positives = Some(sim.false_positives() as u64);
     }
     report.false_positive_events = sim.false_positive_events();
@@ -470,6 +546,7 @@ fn drive<A: Application>(
                     && s.detections().first().is_some_and(|d| d.all_s.is_some())
             })?;
             close_window(sim, &window, report);
+            report.healthy_lapses = sim.healthy_lapses(t0);
             if let Some(d) = sim.detections().first() {
                 report.suspect_first_s = d.first_suspect_s;
                 report.detect_first_s = d.first_s;
@@ -507,14 +584,30 @@ fn drive<A: Application>(
             close_window(sim, &window, report);
             report.stalled_marked_failed = Some(sim.stalled_marked_failed());
         }
-        ScenarioKind::PartitionHeal => {
+        ScenarioKind::PartitionHeal | ScenarioKind::PartitionMinority | ScenarioKind::Isolated => {
             form(sim, n, Duration::from_secs(5))?;
             let mut order: Vec<u32> = (0..n).collect();
             order.shuffle(&mut rng);
+            let cut = match opts.scenario {
+                ScenarioKind::PartitionHeal => n / 2,
+                ScenarioKind::PartitionMinority => (n.saturating_sub(1) / 2).max(1),
+                _ => 1,
+            };
             let mut groups = vec![0u32; n as usize];
-            for &slot in order.iter().take((n / 2) as usize) {
+            let mut cut_off: Vec<u32> = order.iter().copied().take(cut as usize).collect();
+            for &slot in &cut_off {
                 if let Some(g) = groups.get_mut(slot as usize) {
                     *g = 1;
+                }
+            }
+            if 2 * cut == n {
+                // An even split: the side holding the oldest process keeps
+                // its lease; the other is the one cut off.
+                let oldest = (0..n).min_by_key(|&slot| (sim.generation(slot), slot));
+                if let Some(oldest) = oldest
+                    && cut_off.contains(&oldest)
+                {
+                    cut_off = order.iter().copied().skip(cut as usize).collect();
                 }
             }
             let t0 = sim.now();
@@ -524,8 +617,32 @@ fn drive<A: Application>(
             sim.schedule(t0 + held, Action::Heal);
             sim.schedule(t0 + held, Action::Quiet);
             sim.run_until(t0 + held)?;
-            let limit = t0 + held + sim.config().settle_limit;
-            sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
+            measure_cut_off(sim, &cut_off, t0, report);
+            settle_measuring_standing(sim, t0 + held, report)?;
+            report.healthy_lapses = sim.healthy_lapses(t0);
+            close_window(sim, &window, report);
+        }
+        ScenarioKind::Paused => {
+            form(sim, n, Duration::from_secs(5))?;
+            let slot = rng.random_range(0..n);
+            let t0 = sim.now();
+            let window = open_window(sim);
+            let pause = Duration::from_secs(8);
+            sim.schedule(
+                t0,
+                Action::Pause {
+                    slot,
+                    duration: pause,
+                },
+            );
+            sim.schedule(t0 + pause, Action::Quiet);
+            sim.run_until(t0 + pause)?;
+            // Let it wake and read its backlog before judging.
+            let woke = t0 + pause + Duration::from_millis(1);
+            sim.run_until(woke)?;
+            measure_cut_off(sim, &[slot], t0, report);
+            settle_measuring_standing(sim, t0 + pause, report)?;
+            report.healthy_lapses = sim.healthy_lapses(t0);
             close_window(sim, &window, report);
         }
         ScenarioKind::Churn => {
@@ -603,6 +720,57 @@ fn drive<A: Application>(
             sim.run_while(limit, Duration::from_millis(100), |s| s.settled())?;
             close_window(sim, &window, report);
         }
+    }
+    Ok(())
+}
+
+/// Lease measurements about the nodes cut off (or paused) at `t0`: when
+/// the last of them lost its lease, when the first takeover of one of them
+/// came; and lapses of healthy nodes since `t0`.
+fn measure_cut_off<A: Application>(
+    sim: &mut Sim<A>,
+    cut_off: &[u32],
+    t0: Duration,
+    report: &mut Report,
+) {
+    let lost: Vec<Option<Duration>> = cut_off
+        .iter()
+        .map(|&slot| sim.standing_lost_at(slot, t0))
+        .collect();
+    report.standing_lost_s = if lost.iter().all(Option::is_some) {
+        lost.iter()
+            .flatten()
+            .max()
+            .map(|at| at.saturating_sub(t0).as_secs_f64())
+    } else {
+        None
+    };
+    let lease = sim.lease_report();
+    report.takeover_first_s = lease
+        .first_takeover_s
+        .map(|at| at - t0.as_secs_f64())
+        .filter(|s| *s >= 0.0);
+    report.healthy_lapses = sim.healthy_lapses(t0);
+}
+
+/// Runs until the cluster settled after the last fault at `healed`,
+/// recording when every live node held a valid lease again.
+fn settle_measuring_standing<A: Application>(
+    sim: &mut Sim<A>,
+    healed: Duration,
+    report: &mut Report,
+) -> Result<(), Violation> {
+    let limit = healed + sim.config().settle_limit;
+    let mut regained: Option<Duration> = None;
+    sim.run_while(limit, Duration::from_millis(100), |s| {
+        if regained.is_none() && s.all_standing() {
+            regained = Some(s.now());
+        }
+        s.settled() && regained.is_some()
+    })?;
+    report.standing_regained_s = regained.map(|at| at.saturating_sub(healed).as_secs_f64());
+    if regained.is_none() && report.failure.is_none() {
+        report.failure = Some("some live node never held a valid lease again".into());
     }
     Ok(())
 }

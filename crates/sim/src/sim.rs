@@ -90,6 +90,24 @@ impl SimConfig {
     }
 }
 
+/// Leases in a run: see [`Sim::lease_report`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeaseReport {
+    /// Takeovers: verdicts that stood `takeover_delay`, by accusers holding
+    /// a valid lease then.
+    pub takeovers: usize,
+    /// Takeovers whose victim still held a valid lease (and was neither
+    /// fenced nor stopped) at that instant: two owners.
+    pub violations: usize,
+    /// The smallest margin (victim out of the way before the takeover), in
+    /// seconds; negative for a violation.
+    pub min_margin_s: Option<f64>,
+    /// Virtual time of the first takeover.
+    pub first_takeover_s: Option<f64>,
+    /// The first violation, described.
+    pub first_violation: Option<String>,
+}
+
 /// A fault or command applied at a virtual time.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
@@ -125,6 +143,15 @@ pub enum Action {
         /// Whether timers are late too (otherwise they fire on time and only
         /// packets wait, the harsher case for false suspicions).
         timers: bool,
+    },
+    /// The slot's process is stopped (SIGSTOP) for `duration`: it handles
+    /// nothing, timers included, and on waking handles every input that
+    /// arrived meanwhile, in order, at the wake-up time.
+    Pause {
+        /// The slot.
+        slot: u32,
+        /// How long it is stopped.
+        duration: Duration,
     },
     /// Partition the network: slot `i` goes to group `groups[i]` (missing
     /// slots to group 0); packets cross no group boundary.
@@ -435,6 +462,18 @@ fn log_event(now_ns: u64, node: &NodeInfo, ev: &Event) {
         Event::NameConflict { .. } => ("name-conflict", None),
         Event::ViewChanged(_) => return,
         Event::DeclaredFailed => ("declared-failed", None),
+        Event::StandingChanged(standing) => {
+            tracing::debug!(
+                target: "shoal_sim::events",
+                t,
+                node = %node.name,
+                generation = node.generation,
+                valid = standing.is_valid(),
+                ?standing,
+                "standing"
+            );
+            return;
+        }
     };
     match member {
         Some(m) => tracing::debug!(
@@ -481,6 +520,13 @@ impl<A: Application> Sim<A> {
         if slots > 1 << 24 {
             return Err(format!("at most 16,777,216 slots, asked for {slots}"));
         }
+        let checks = Checks {
+            takeover_ns: duration_ns(cfg.membership.takeover_delay()),
+            lease_period_ns: duration_ns(cfg.membership.lease_period),
+            lease_off: cfg.membership.lease == shoal_membership::LeaseStrategy::Off,
+            base: Some(base),
+            ..Checks::default()
+        };
         let mut sim = Sim {
             rng: SmallRng::seed_from_u64(derive_seed(cfg.seed, TAG_NET, 0)),
             cfg,
@@ -496,7 +542,7 @@ impl<A: Application> Sim<A> {
             shared,
             partitions: Partitions::default(),
             next_generation: 1,
-            checks: Checks::default(),
+            checks,
             traffic: Traffic::default(),
             node_ns: 0,
             accounted_ns: 0,
@@ -644,6 +690,79 @@ impl<A: Application> Sim<A> {
     /// How many times a node learnt that the cluster declared it failed.
     pub fn declared_failed_events(&self) -> u64 {
         self.checks.declared_failed_events
+    }
+
+    /// Takeovers so far (a verdict that still stood `takeover_delay` after
+    /// it was made, by an accuser holding a valid lease at that instant)
+    /// and how long before each the victim had lost its lease, been fenced
+    /// or stopped.
+    pub fn lease_report(&self) -> LeaseReport {
+        let takeovers = self.checks.takeovers(self.now_ns);
+        let s = |ns: i128| ns as f64 / 1e9;
+        LeaseReport {
+            takeovers: takeovers.len(),
+            violations: takeovers.iter().filter(|t| t.margin_ns < 0).count(),
+            min_margin_s: takeovers.iter().map(|t| t.margin_ns).min().map(s),
+            first_takeover_s: takeovers.first().map(|t| s(i128::from(t.at_ns))),
+            first_violation: takeovers.iter().find(|t| t.margin_ns < 0).map(|t| {
+                format!(
+                    "{} (generation {}) still held a valid lease {:.3}s after {} (generation {}) took \
+                     its datums over at {:.3}s",
+                    node_name(t.victim.0),
+                    t.victim.1,
+                    s(-t.margin_ns),
+                    node_name(t.accuser.0),
+                    t.accuser.1,
+                    s(i128::from(t.at_ns))
+                )
+            }),
+        }
+    }
+
+    /// When the slot's current process last lost its lease at or after
+    /// `from` (a lease lapsed for want of contact counts from its expiry).
+    pub fn standing_lost_at(&self, slot: u32, from: Duration) -> Option<Duration> {
+        let generation = self.current_generation(slot)?;
+        let from = duration_ns(from);
+        self.checks
+            .fate((slot, generation))?
+            .standing
+            .iter()
+            .find(|(at, valid)| *at >= from && !valid)
+            .map(|(at, _)| Duration::from_nanos(*at))
+    }
+
+    /// The generation of the slot's current process.
+    pub fn generation(&self, slot: u32) -> Option<u64> {
+        self.current_generation(slot)
+    }
+
+    /// Whether every live process (not leaving) holds a valid lease now.
+    pub fn all_standing(&self) -> bool {
+        let now = self.instant(self.now_ns);
+        self.live.iter().all(|&slot| {
+            self.slots
+                .get(slot as usize)
+                .and_then(|s| s.proc.as_deref())
+                .is_none_or(|p| p.leaving || p.membership.standing(now).is_valid())
+        })
+    }
+
+    /// Times healthy processes (never crashed, stalled, leaving, nor cut off)
+    /// lost their lease at or after `from`.
+    pub fn healthy_lapses(&self, from: Duration) -> u64 {
+        let from = duration_ns(from);
+        self.checks
+            .fates
+            .values()
+            .filter(|f| !f.crashed && !f.stalled && !f.partitioned && !f.leaving)
+            .map(|f| {
+                f.standing
+                    .iter()
+                    .filter(|(at, valid)| *at >= from && !valid)
+                    .count() as u64
+            })
+            .sum()
     }
 
     /// Detection of each measured crash, in order.
@@ -1420,6 +1539,7 @@ impl<A: Application> Sim<A> {
                 | Action::Crash { .. }
                 | Action::Leave { .. }
                 | Action::Stall { .. }
+                | Action::Pause { .. }
                 | Action::Partition { .. }
                 | Action::Heal
         ) {
@@ -1459,6 +1579,25 @@ impl<A: Application> Sim<A> {
                         delay_ns: duration_ns(delay),
                         timers,
                     });
+                    self.checks.fate_mut((slot, generation)).stalled = true;
+                }
+            }
+            Action::Pause { slot, duration } => {
+                let now_ns = self.now_ns;
+                if let Some(generation) = self.current_generation(slot)
+                    && let Some(s) = self.slots.get_mut(slot as usize)
+                {
+                    let until_ns = now_ns + duration_ns(duration);
+                    // Nothing is handled before the wake-up: a stall with no
+                    // delay of its own, timers included, behind a backlog
+                    // that ends then.
+                    s.stall = Some(Stall {
+                        generation,
+                        until_ns,
+                        delay_ns: 0,
+                        timers: true,
+                    });
+                    s.backlog_until = s.backlog_until.max(until_ns);
                     self.checks.fate_mut((slot, generation)).stalled = true;
                 }
             }
@@ -1810,7 +1949,7 @@ impl<A: Application> Sim<A> {
         let unfenced = self.live.iter().find_map(|&slot| {
             let generation = self.current_generation(slot)?;
             let fate = self.checks.fate((slot, generation))?;
-            let (accuser, incarnation) = fate.unfenced_by(running)?;
+            let (accuser, incarnation) = fate.unfenced_by(running, self.checks.takeover_ns)?;
             Some((slot, generation, accuser, incarnation, fate.fenced_below))
         });
         if let Some((slot, generation, accuser, incarnation, fenced_below)) = unfenced {

@@ -87,3 +87,34 @@ fn same_seed_same_run_other_seed_other_run() {
     let c = scenario::run(&ScenarioOptions { seed: 78, ..opts });
     assert_ne!(a.trace_hash, c.trace_hash);
 }
+
+/// The lease's promise (`Membership::standing`): a node cut off from the
+/// majority (a partition's minority or losing half, an isolated node, a
+/// paused process) has lost its lease before any node holding one takes its
+/// datums over (its dead verdict + `takeover_delay`), and after the heal
+/// every node holds a lease again.
+#[test]
+fn a_cut_off_node_loses_its_lease_before_its_datums_are_taken_over() {
+    for scenario in [
+        ScenarioKind::PartitionHeal,
+        ScenarioKind::PartitionMinority,
+        ScenarioKind::Isolated,
+        ScenarioKind::Paused,
+    ] {
+        for nodes in [5, 16] {
+            for seed in 1..=3 {
+                let r = scenario::run(&ScenarioOptions::new(scenario, nodes, seed));
+                assert!(r.ok, "{r}");
+                assert_eq!(r.lease_violations, 0, "{r}");
+                assert!(r.takeovers > 0, "{r}");
+                assert!(r.lease_margin_min_s.is_some_and(|m| m >= 0.0), "{r}");
+                let (Some(lost), Some(takeover)) = (r.standing_lost_s, r.takeover_first_s) else {
+                    panic!("not measured: {r}");
+                };
+                assert!(lost < takeover, "{r}");
+                assert!(r.standing_regained_s.is_some(), "{r}");
+                assert_eq!(r.healthy_lapses, 0, "{r}");
+            }
+        }
+    }
+}
