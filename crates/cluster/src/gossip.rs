@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use shoal_membership::{Event as MEvent, LocalNode, Member, Membership};
+use shoal_membership::{Event as MEvent, LocalNode, Member, Membership, TakeoverGate};
 use shoal_transport::{DatagramReceiver, Dest, NodeName, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -131,6 +131,10 @@ pub(crate) struct MembershipTask {
     /// Whether the node is leaving (a declared death then is no reason to
     /// come back).
     leaving: bool,
+    /// Holds a declared death back from the driver until the member's lease
+    /// must have lapsed (`takeover_delay`), and drops it if the member
+    /// refutes first.
+    gate: TakeoverGate,
 }
 
 impl MembershipTask {
@@ -143,6 +147,7 @@ impl MembershipTask {
         to_driver: mpsc::Sender<FromMembership>,
     ) -> MembershipTask {
         let last_local = membership.local().clone();
+        let gate = TakeoverGate::new(membership.takeover_delay());
         MembershipTask {
             name: Arc::clone(&membership.local().name),
             membership,
@@ -164,6 +169,7 @@ impl MembershipTask {
             rejoining: false,
             reborn: None,
             leaving: false,
+            gate,
         }
     }
 
@@ -219,6 +225,7 @@ impl MembershipTask {
     fn next_deadline(&self) -> Option<Instant> {
         [
             self.membership.poll_timeout(),
+            self.gate.poll_timeout(),
             self.leave_waiters.iter().map(|w| w.deadline).min(),
         ]
         .into_iter()
@@ -231,6 +238,9 @@ impl MembershipTask {
     fn step(&mut self, now: Instant) {
         if self.membership.poll_timeout().is_some_and(|t| t <= now) {
             self.membership.handle_timeout(now);
+        }
+        if self.gate.poll_timeout().is_some_and(|t| t <= now) {
+            self.gate.handle_timeout(now);
         }
         if self.rejoining && self.membership.num_live() > 1 {
             // The rejoin was answered: this generation knows the cluster.
@@ -319,9 +329,22 @@ impl MembershipTask {
             self.last_local = member.clone();
             return Some(FromMembership::Reborn(member));
         }
-        if let Some(event) = self.membership.poll_event() {
-            self.on_event(&event);
-            return Some(FromMembership::Event(event));
+        // Membership's events go through the takeover gate; what the gate
+        // lets out goes to the driver, in order.
+        loop {
+            if let Some(event) = self.gate.poll_event() {
+                self.on_event(&event);
+                return Some(FromMembership::Event(event));
+            }
+            let Some(event) = self.membership.poll_event() else {
+                break;
+            };
+            if matches!(event, MEvent::DeclaredFailed) {
+                // Self-fencing is never held back.
+                self.on_event(&event);
+                return Some(FromMembership::Event(event));
+            }
+            self.gate.handle_event(event, Instant::now());
         }
         if *self.membership.local() != self.last_local {
             self.last_local = self.membership.local().clone();

@@ -82,6 +82,7 @@ mod hash;
 mod lease;
 mod membership;
 mod suspicion;
+mod takeover;
 mod types;
 mod wire;
 
@@ -91,6 +92,7 @@ mod tests;
 pub use config::Config;
 pub use lease::{LeaseStrategy, Standing};
 pub use membership::Membership;
+pub use takeover::TakeoverGate;
 pub use types::{
     Claimant, DecodeError, Error, Event, LocalNode, Member, MemberState, Stats, Transmit,
 };

@@ -1,0 +1,317 @@
+//! The takeover gate: a member declared dead is reported failed to the
+//! layers above only once its lease must have lapsed.
+//!
+//! [`Membership`](crate::Membership) declares a member dead as soon as its
+//! suspicion times out, and gossips the verdict. The member may still be
+//! acting as an owner: cut off, it keeps its lease until `lease_period`
+//! after its last answered probe, or it was wrongly accused (a stale verdict
+//! from a node that was itself cut off) and refutes as soon as it hears. A
+//! layer that fails the member's datums over at the verdict would give them
+//! two owners. [`TakeoverGate`] sits between the membership events and such
+//! a layer: it holds each [`Event::Failed`] of a declared death back for
+//! [`Config::takeover_delay`] after the local verdict, keeps the member in
+//! every [`Event::ViewChanged`] meanwhile (as suspect), and drops the
+//! failure if the member comes back alive first (it refuted). A member
+//! superseded by a new generation, or that left, is released at once: the
+//! old generation has stopped. Sans-IO: inputs with `now`, outputs polled.
+//!
+//! The facade and the simulator both feed their membership events through
+//! it, so the simulator checks the policy the product runs.
+//!
+//! [`Config::takeover_delay`]: crate::Config::takeover_delay
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{Event, Member, MemberState};
+
+/// Most members held back at once; past it the oldest pending failure is
+/// released early (counted in [`TakeoverGate::released_early`]). A cluster
+/// losing this many members at once is failing over in bulk anyway.
+const MAX_PENDING: usize = 65_536;
+
+struct Pending {
+    member: Member,
+    due: Instant,
+}
+
+/// Holds failures of declared-dead members back for the takeover delay.
+/// See the [module documentation](self).
+pub struct TakeoverGate {
+    delay: Duration,
+    pending: VecDeque<Pending>,
+    out: VecDeque<Event>,
+    /// The last view membership reported, without the pending members.
+    view: Option<Vec<Member>>,
+    released_early: u64,
+    withdrawn: u64,
+}
+
+impl std::fmt::Debug for TakeoverGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TakeoverGate")
+            .field("delay", &self.delay)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TakeoverGate {
+    /// A gate holding failures back for `delay` (use
+    /// [`Membership::takeover_delay`](crate::Membership::takeover_delay)).
+    /// A zero delay passes every event through unchanged.
+    #[must_use]
+    pub fn new(delay: Duration) -> TakeoverGate {
+        TakeoverGate {
+            delay,
+            pending: VecDeque::new(),
+            out: VecDeque::new(),
+            view: None,
+            released_early: 0,
+            withdrawn: 0,
+        }
+    }
+
+    /// Takes one membership event, in the order membership emitted them.
+    /// Poll [`TakeoverGate::poll_event`] for what the layer above must see.
+    pub fn handle_event(&mut self, event: Event, now: Instant) {
+        self.release_due(now);
+        match event {
+            Event::Failed(m) if m.state == MemberState::Dead && !self.delay.is_zero() => {
+                if self.pending.len() >= MAX_PENDING
+                    && let Some(p) = self.pending.pop_front()
+                {
+                    self.released_early += 1;
+                    self.release(p.member);
+                }
+                self.pending.retain(|p| !same(&p.member, &m));
+                self.pending.push_back(Pending {
+                    member: m,
+                    due: now + self.delay,
+                });
+                // The member stays in the view until it is released.
+                self.push_view();
+            }
+            Event::Alive(m) | Event::Updated(m) if self.is_pending(&m) => {
+                // It refuted the verdict before anyone took its datums.
+                self.pending.retain(|p| !same(&p.member, &m));
+                self.withdrawn += 1;
+                self.out.push_back(Event::Alive(m));
+            }
+            Event::Joined(m) => {
+                // A new generation of a pending name: the old one stopped.
+                if let Some(i) = self.pending.iter().position(|p| p.member.name == m.name)
+                    && let Some(p) = self.pending.remove(i)
+                {
+                    if p.member.generation == m.generation {
+                        self.withdrawn += 1;
+                    } else {
+                        self.release(p.member);
+                    }
+                }
+                self.out.push_back(Event::Joined(m));
+            }
+            Event::Left(m) => {
+                self.pending
+                    .retain(|p| !(p.member.name == m.name && p.member.generation == m.generation));
+                self.out.push_back(Event::Left(m));
+            }
+            Event::ViewChanged(members) => {
+                self.view = Some(members);
+                self.push_view();
+            }
+            other => self.out.push_back(other),
+        }
+    }
+
+    /// Releases the failures whose delay has passed, as of `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.release_due(now);
+    }
+
+    /// The next event for the layer above.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.out.pop_front()
+    }
+
+    /// When [`TakeoverGate::handle_timeout`] must next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pending.front().map(|p| p.due)
+    }
+
+    /// Members declared dead whose failure is still held back.
+    pub fn pending(&self) -> impl Iterator<Item = &Member> {
+        self.pending.iter().map(|p| &p.member)
+    }
+
+    /// Failures withdrawn because the member came back alive in time.
+    #[must_use]
+    pub fn withdrawn(&self) -> u64 {
+        self.withdrawn
+    }
+
+    /// Failures released before their delay because too many were pending.
+    #[must_use]
+    pub fn released_early(&self) -> u64 {
+        self.released_early
+    }
+
+    fn is_pending(&self, m: &Member) -> bool {
+        self.pending.iter().any(|p| same(&p.member, m))
+    }
+
+    fn release_due(&mut self, now: Instant) {
+        while self.pending.front().is_some_and(|p| p.due <= now) {
+            if let Some(p) = self.pending.pop_front() {
+                self.release(p.member);
+            }
+        }
+    }
+
+    /// Reports the failure, then the view without the member.
+    fn release(&mut self, member: Member) {
+        self.out.push_back(Event::Failed(member));
+        self.push_view();
+    }
+
+    /// The last view with the pending members in it, as suspects. One view
+    /// event at most waits in the queue: an older one is replaced.
+    fn push_view(&mut self) {
+        let Some(view) = &self.view else {
+            return;
+        };
+        let mut members = view.clone();
+        for p in &self.pending {
+            if !members.iter().any(|m| m.name == p.member.name) {
+                let mut m = p.member.clone();
+                m.state = MemberState::Suspect;
+                members.push(m);
+            }
+        }
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        self.out.retain(|e| !matches!(e, Event::ViewChanged(_)));
+        self.out.push_back(Event::ViewChanged(members));
+    }
+}
+
+fn same(a: &Member, b: &Member) -> bool {
+    Arc::ptr_eq(&a.name, &b.name) || (a.name == b.name && a.generation == b.generation)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn member(name: &str, generation: u64, state: MemberState) -> Member {
+        Member {
+            name: name.into(),
+            generation,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            incarnation: 1,
+            state,
+            ready: true,
+            metadata: Arc::from(&[][..]),
+        }
+    }
+
+    fn drain(g: &mut TakeoverGate) -> Vec<Event> {
+        std::iter::from_fn(|| g.poll_event()).collect()
+    }
+
+    fn names(e: &Event) -> Vec<String> {
+        match e {
+            Event::ViewChanged(v) => v.iter().map(|m| m.name.to_string()).collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn a_failure_waits_the_delay_with_the_member_still_in_the_view() {
+        let t0 = Instant::now();
+        let mut g = TakeoverGate::new(Duration::from_secs(2));
+        let (a, b) = (
+            member("a", 1, MemberState::Alive),
+            member("b", 1, MemberState::Alive),
+        );
+        g.handle_event(Event::ViewChanged(vec![a.clone(), b.clone()]), t0);
+        assert_eq!(drain(&mut g).len(), 1);
+        let dead = member("b", 1, MemberState::Dead);
+        g.handle_event(Event::Failed(dead.clone()), t0);
+        g.handle_event(Event::ViewChanged(vec![a.clone()]), t0);
+        let out = drain(&mut g);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(names(&out[0]), vec!["a", "b"]);
+        assert_eq!(g.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+        g.handle_timeout(t0 + Duration::from_millis(1999));
+        assert!(drain(&mut g).is_empty());
+        g.handle_timeout(t0 + Duration::from_secs(2));
+        let out = drain(&mut g);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0], Event::Failed(dead));
+        assert_eq!(names(&out[1]), vec!["a"]);
+        assert!(g.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn a_refutation_in_time_withdraws_the_failure() {
+        let t0 = Instant::now();
+        let mut g = TakeoverGate::new(Duration::from_secs(2));
+        let a = member("a", 1, MemberState::Alive);
+        g.handle_event(Event::ViewChanged(vec![a.clone()]), t0);
+        g.handle_event(Event::Failed(member("b", 1, MemberState::Dead)), t0);
+        drain(&mut g);
+        let back = member("b", 1, MemberState::Alive);
+        g.handle_event(Event::Alive(back.clone()), t0 + Duration::from_secs(1));
+        g.handle_event(
+            Event::ViewChanged(vec![a, back.clone()]),
+            t0 + Duration::from_secs(1),
+        );
+        g.handle_timeout(t0 + Duration::from_secs(5));
+        let out = drain(&mut g);
+        assert!(
+            !out.iter().any(|e| matches!(e, Event::Failed(_))),
+            "{out:?}"
+        );
+        assert_eq!(out[0], Event::Alive(back));
+        assert_eq!(g.withdrawn(), 1);
+    }
+
+    #[test]
+    fn a_new_generation_or_a_leave_ends_the_wait_at_once() {
+        let t0 = Instant::now();
+        let mut g = TakeoverGate::new(Duration::from_secs(2));
+        g.handle_event(Event::Failed(member("b", 1, MemberState::Dead)), t0);
+        g.handle_event(Event::Joined(member("b", 2, MemberState::Alive)), t0);
+        let out = drain(&mut g);
+        assert!(
+            matches!(&out[0], Event::Failed(m) if m.generation == 1),
+            "{out:?}"
+        );
+        assert!(matches!(&out[1], Event::Joined(m) if m.generation == 2));
+        g.handle_event(Event::Failed(member("c", 1, MemberState::Dead)), t0);
+        g.handle_event(Event::Left(member("c", 1, MemberState::Left)), t0);
+        let out = drain(&mut g);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(&out[0], Event::Left(_)));
+        assert!(g.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn supersession_and_a_zero_delay_pass_through() {
+        let t0 = Instant::now();
+        let mut g = TakeoverGate::new(Duration::from_secs(2));
+        // Superseded while alive: not a declared death.
+        let old = member("b", 1, MemberState::Alive);
+        g.handle_event(Event::Failed(old.clone()), t0);
+        assert_eq!(drain(&mut g), vec![Event::Failed(old)]);
+        let mut g = TakeoverGate::new(Duration::ZERO);
+        let dead = member("b", 1, MemberState::Dead);
+        g.handle_event(Event::Failed(dead.clone()), t0);
+        assert_eq!(drain(&mut g), vec![Event::Failed(dead)]);
+    }
+}
