@@ -18,6 +18,10 @@ use crate::types::{
 use crate::wire::{NoticeBatch, NoticeGroup};
 use crate::{Datum, DatumType};
 
+/// The echo of a done marker that answers no instance of the receiver (see
+/// [`Handoff::push_state`]). Install counts never reach it.
+const FAREWELL: u64 = u64::MAX;
+
 /// Where one registered datum stands on this node.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -338,15 +342,25 @@ pub struct Handoff<W = Vec<u8>> {
     self_index: Option<NodeIndex>,
     history: VecDeque<PastView>,
     seen: HashMap<ViewId, Instant, DetState>,
-    /// Nodes declared failed or left: no done marker is expected from them.
-    gone: BTreeSet<NodeId>,
+    /// Nodes declared failed or left, with when this node learnt it: no
+    /// done marker is expected from them. Kept while a view of this node
+    /// names them, and for `16 × timeout` after they went (a view naming a
+    /// node may be installed here after its departure was learnt).
+    gone: BTreeMap<NodeId, Instant>,
     /// Nodes declared failed while members of the view in force: their
     /// datums may fail over (see [`Handoff::peer_failed`]).
     failed: BTreeSet<NodeId>,
-    /// Nodes whose latest word was a done marker for the view in force here
-    /// while not in it: they hold nothing. Once gone, they are no holder to
-    /// wait for (a node that left after relinquishing everything).
-    empty_handed: BTreeSet<NodeId>,
+    /// Nodes that said done under a view without themselves, with the
+    /// install count (epoch) they said it at, when no later install of
+    /// theirs was heard of and no view installed here since names them:
+    /// they hold nothing. Once gone, they are no holder to wait for (a node
+    /// that left after relinquishing everything). See
+    /// [`Handoff::note_last_word`].
+    empty_handed: BTreeMap<NodeId, (u64, ViewId)>,
+    /// Nodes whose latest word is a done marker for a view this node has not
+    /// had in force (yet), with that word's epoch: decided when that view is
+    /// installed here (see [`Handoff::note_last_word`]).
+    pending_done: BTreeMap<NodeId, (u64, ViewId)>,
     cohorts: VecDeque<Cohort>,
     /// Cohorts before this index had their relinquish deadline processed.
     rcursor: usize,
@@ -439,8 +453,9 @@ impl<W> Handoff<W> {
             self_index: None,
             history: VecDeque::new(),
             seen: HashMap::default(),
-            gone: BTreeSet::new(),
-            empty_handed: BTreeSet::new(),
+            gone: BTreeMap::new(),
+            empty_handed: BTreeMap::new(),
+            pending_done: BTreeMap::new(),
             failed: BTreeSet::new(),
             cohorts: VecDeque::new(),
             rcursor: 0,
@@ -833,8 +848,26 @@ impl<W> Handoff<W> {
         });
 
         let old = std::mem::replace(&mut self.current, Arc::clone(&table));
-        // A node of the new view may acquire again.
-        self.empty_handed.retain(|n| !table.view().contains(n));
+        // A node of the new view may acquire again, unless it is gone: a
+        // view naming a node this node already knows left or failed is older
+        // news than its last word.
+        let gone = &self.gone;
+        self.empty_handed
+            .retain(|n, _| !table.view().contains(n) || gone.contains_key(n));
+        // Done markers for this view that came before it: decided now.
+        let id = table.view_id();
+        let due: Vec<(NodeId, u64)> = self
+            .pending_done
+            .iter()
+            .filter(|(_, (_, v))| *v == id)
+            .map(|(n, (e, _))| (n.clone(), *e))
+            .collect();
+        for (n, e) in due {
+            self.pending_done.remove(&n);
+            if !table.view().contains(&n) && self.empty_handed.get(&n).is_none_or(|x| x.0 < e) {
+                self.empty_handed.insert(n, (e, id));
+            }
+        }
         let old_self = self.self_index;
         self.self_index = table.view().index_of_id(&self.local);
         let failed = old
@@ -1296,7 +1329,7 @@ impl<W> Handoff<W> {
         }
         let peers: BTreeSet<NodeId> = peers
             .into_iter()
-            .filter(|n| **n != self.local && !self.gone.contains(*n))
+            .filter(|n| **n != self.local && !self.gone.contains_key(*n))
             .cloned()
             .collect();
         if peers == self.peers {
@@ -1584,10 +1617,10 @@ impl<W> Handoff<W> {
             if failed_out {
                 continue;
             }
-            if self.gone.contains(node) {
+            if self.gone.contains_key(node) {
                 // Gone after saying done under a view without it: it had
                 // relinquished everything (and delivered its notices).
-                if self.empty_handed.contains(node) {
+                if self.empty_handed.contains_key(node) {
                     continue;
                 }
                 return Candidates::Pending;
@@ -1964,9 +1997,16 @@ impl<W> Handoff<W> {
     /// it from. Once it moved on, another node may have taken the datum from
     /// the done markers of a later view (a new token), so this old one is
     /// spent; if it was the only one, the done markers or the timeout end the
-    /// wait. A gone sender is judged by the last install count it announced
-    /// here; one never heard from otherwise is taken at its word.
+    /// wait. A notice of a sender that left or failed is spent too; one never
+    /// heard from otherwise is taken at its word.
     fn sender_unmoved(&self, node: &NodeId, epoch: u64) -> bool {
+        if self.gone.contains_key(node) {
+            // It left or failed: an announcement of a later install may have
+            // been lost with it (a send that failed is not retried by a node
+            // that is gone), while another node, told by its done marker
+            // that it holds nothing, took the datum.
+            return false;
+        }
         self.announced.get(node).is_none_or(|(e, _)| *e == epoch)
     }
 
@@ -2001,9 +2041,27 @@ impl<W> Handoff<W> {
             self.fence(now);
             return;
         }
-        if !self.gone.insert(node.clone()) {
+        if self.gone.contains_key(node) {
             return;
         }
+        if self.gone.len() >= 65_536 {
+            // Bounded: the oldest departure not named by a view goes first.
+            let current = Arc::clone(&self.current);
+            let history = &self.history;
+            let oldest = self
+                .gone
+                .iter()
+                .filter(|(n, _)| {
+                    !current.view().contains(n)
+                        && !history.iter().any(|p| p.table.view().contains(n))
+                })
+                .min_by_key(|(_, at)| **at)
+                .map(|(n, _)| n.clone());
+            if let Some(n) = oldest {
+                self.gone.remove(&n);
+            }
+        }
+        self.gone.insert(node.clone(), now);
         info!(node = %self.local, peer = %node, "peer gone");
         if self.failed.contains(node) {
             for past in &mut self.history {
@@ -2073,7 +2131,7 @@ impl<W> Handoff<W> {
         }
         expected.extend(self.peers.iter().cloned());
         expected.remove(&self.local);
-        for g in &self.gone {
+        for g in self.gone.keys() {
             expected.remove(g);
         }
         self.done_received.clear();
@@ -2105,30 +2163,38 @@ impl<W> Handoff<W> {
     /// node of the view in force or a recent one, not gone.
     fn is_target(&self, node: &NodeId) -> bool {
         *node != self.local
-            && !self.gone.contains(node)
+            && !self.gone.contains_key(node)
             && (self.peers.contains(node) || self.in_views(node))
     }
 
-    /// Tells every target where this node stands (just installed a view).
-    fn announce(&mut self) {
-        let targets: BTreeSet<NodeId> = self
-            .current
+    /// Every node this node exchanges its state with: the nodes of the view
+    /// in force and of the recent views, and the live members, minus gone
+    /// ones.
+    fn targets(&self) -> BTreeSet<NodeId> {
+        self.current
             .view()
             .nodes()
             .iter()
             .chain(self.history.iter().flat_map(|p| p.table.view().nodes()))
             .chain(self.peers.iter())
-            .filter(|n| **n != self.local && !self.gone.contains(*n))
+            .filter(|n| **n != self.local && !self.gone.contains_key(*n))
             .cloned()
-            .collect();
-        for to in targets {
+            .collect()
+    }
+
+    /// Tells every target where this node stands (just installed a view).
+    fn announce(&mut self) {
+        for to in self.targets() {
             self.push_state(to);
         }
     }
 
     /// Once nothing is left to relinquish under the view in force: a done
     /// marker to each target already at that view. The others get theirs
-    /// when they say they are there ([`Handoff::peer_state`]).
+    /// when they say they are there ([`Handoff::peer_state`]), except when
+    /// this node is not in the view in force: then every target gets one at
+    /// once (a farewell, see [`Handoff::push_state`]), since a node on its
+    /// way out may be gone before the others get to that view.
     fn maybe_send_done(&mut self) {
         if self.fenced || self.done_seq == Some(self.install_seq) || self.is_busy() {
             return;
@@ -2136,16 +2202,95 @@ impl<W> Handoff<W> {
         self.done_seq = Some(self.install_seq);
         let view = self.current.view_id();
         let seq = self.install_seq;
-        let due: Vec<NodeId> = self
-            .announced
-            .iter()
-            .filter(|(n, (e, v))| {
-                *v == view && self.answered.get(*n) != Some(&(seq, *e)) && self.is_target(n)
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
+        let due: Vec<NodeId> = if self.self_index.is_none() {
+            self.targets()
+                .into_iter()
+                .filter(|n| self.answered.get(n).is_none_or(|(s, _)| *s != seq))
+                .collect()
+        } else {
+            self.announced
+                .iter()
+                .filter(|(n, (e, v))| {
+                    *v == view && self.answered.get(*n) != Some(&(seq, *e)) && self.is_target(n)
+                })
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
         for to in due {
             self.push_state(to);
+        }
+    }
+
+    /// Records what the latest word of `from` (at its install count
+    /// `epoch`) says of what it holds. A done marker for a view without
+    /// `from` means it relinquished everything and had its notices delivered
+    /// to that view's primaries. It counts once that view is the view in
+    /// force here or a recent one: its notices then went to this node for
+    /// what this node owns (or to a primary this node was past, which passes
+    /// them on). A marker for a view this node has not installed yet waits
+    /// for that view (`pending_done`): under an older view here, a node it
+    /// sent a notice to may take the datum while this node would take it
+    /// too. A node done with a view without itself says so to every target
+    /// (echo [`FAREWELL`]), whatever view they are at, since it may be gone
+    /// before they get there.
+    ///
+    /// Until `from` installs another view (a later epoch), it acquires
+    /// nothing: only a primary acquires, and that view names it nowhere. So
+    /// only a later epoch clears the mark (a batch of the same epoch is an
+    /// older announcement overtaken on the way, or a notice it passed on as a
+    /// relay), as does installing a view here that names it while it is not
+    /// gone. Returns whether `from` just became empty-handed.
+    fn note_last_word(
+        &mut self,
+        from: &NodeId,
+        view: ViewId,
+        epoch: u64,
+        done: Option<u64>,
+    ) -> bool {
+        if self
+            .pending_done
+            .get(from)
+            .is_some_and(|(e, _)| epoch > *e || done.is_some())
+        {
+            self.pending_done.remove(from);
+        }
+        let empty = match done {
+            None => false,
+            Some(_) => {
+                let table = if view == self.current.view_id() {
+                    Some(&self.current)
+                } else {
+                    self.history
+                        .iter()
+                        .find(|p| p.table.view_id() == view)
+                        .map(|p| &p.table)
+                };
+                match table {
+                    Some(t) => !t.view().contains(from),
+                    None => {
+                        if self.pending_done.len() < 65_536 {
+                            self.pending_done.insert(from.clone(), (epoch, view));
+                        }
+                        false
+                    }
+                }
+            }
+        };
+        match self.empty_handed.get(from) {
+            Some(&(e, _)) if e >= epoch => false,
+            Some(_) if !empty => {
+                self.empty_handed.remove(from);
+                false
+            }
+            Some(_) => {
+                self.empty_handed.insert(from.clone(), (epoch, view));
+                false
+            }
+            None if empty => {
+                self.empty_handed.insert(from.clone(), (epoch, view));
+                true
+            }
+            None => false,
         }
     }
 
@@ -2162,7 +2307,10 @@ impl<W> Handoff<W> {
         done: Option<u64>,
         now: Instant,
     ) {
-        if !self.is_target(from) {
+        // A gone node's last batches may arrive after it left (or after it
+        // was declared failed): they still tell what it held when it went.
+        let gone = self.gone.contains_key(from);
+        if !gone && !self.is_target(from) {
             return;
         }
         // Batches may arrive out of order: only the latest one speaks.
@@ -2172,13 +2320,16 @@ impl<W> Handoff<W> {
         if self.announced.len() < 65_536 || self.announced.contains_key(from) {
             self.announced.insert(from.clone(), (epoch, view));
         }
+        let emptied = self.note_last_word(from, view, epoch, done);
+        if gone {
+            if emptied {
+                // It was a possible holder of the waits it appears in.
+                self.release_unheld_waits(now, true);
+            }
+            return;
+        }
         let current = self.current.view_id();
         let counted = view == current && done == Some(self.install_seq);
-        if counted && !self.current.view().contains(from) {
-            self.empty_handed.insert(from.clone());
-        } else {
-            self.empty_handed.remove(from);
-        }
         if counted {
             self.done_received.insert(from.clone(), epoch);
             if self.done_missing.remove(from) && self.done_missing.is_empty() {
@@ -2194,7 +2345,12 @@ impl<W> Handoff<W> {
             self.done_received.remove(from);
             self.done_missing.insert(from.clone());
         }
-        if view == current
+        // A node done with a view without itself answers every new
+        // announcement with a farewell: it may have become ready again in
+        // the meantime as far as `from` knows (a view naming this node
+        // clears the earlier one there), and this one is news from after
+        // that announcement.
+        if (view == current || self.self_index.is_none())
             && self.done_seq == Some(self.install_seq)
             && self.answered.get(from) != Some(&(self.install_seq, epoch))
         {
@@ -2204,18 +2360,29 @@ impl<W> Handoff<W> {
 
     /// Sends `to` where this node stands: a done marker answering its
     /// latest batch if both are at the view in force and this node is done
-    /// with it, else an announcement of the view and install count.
+    /// with it, else an announcement of the view and install count. A node
+    /// that is done with a view without itself says so to every target
+    /// (echo [`FAREWELL`], which answers no instance and is never counted as
+    /// one): it holds nothing, which lets the others stop waiting for it
+    /// once it is gone, even if they reach that view only after it left.
     fn push_state(&mut self, to: NodeId) {
         let view = self.current.view_id();
-        let answer = match self.announced.get(&to) {
-            Some(&(e, v)) if v == view && self.done_seq == Some(self.install_seq) => Some(e),
+        let done = self.done_seq == Some(self.install_seq);
+        let latest = self.announced.get(&to).copied();
+        // The echo sent, and the announcement it answers (`answered`).
+        let answer = match latest {
+            Some((e, v)) if v == view && done => Some((e, e)),
+            _ if done && self.self_index.is_none() => {
+                Some((FAREWELL, latest.map_or(FAREWELL, |(e, _)| e)))
+            }
             _ => None,
         };
-        if let Some(e) = answer
+        if let Some((_, e)) = answer
             && (self.answered.len() < 65_536 || self.answered.contains_key(&to))
         {
             self.answered.insert(to.clone(), (self.install_seq, e));
         }
+        let answer = answer.map(|(echo, _)| echo);
         let id = self.next_send;
         self.next_send += 1;
         let batch = NoticeBatch {
@@ -2463,9 +2630,22 @@ impl<W> Handoff<W> {
             let known = |n: &NodeId| {
                 current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
             };
-            self.gone.retain(|n| known(n));
+            let keep = timeout.saturating_mul(16);
+            self.gone.retain(|n, at| known(n) || *at + keep >= now);
             self.failed.retain(|n| known(n));
-            self.empty_handed.retain(|n| known(n));
+            let gone = &self.gone;
+            self.empty_handed
+                .retain(|n, _| known(n) || gone.contains_key(n));
+        }
+        if !self.pending_done.is_empty() {
+            let current = Arc::clone(&self.current);
+            let (history, gone, peers) = (&self.history, &self.gone, &self.peers);
+            self.pending_done.retain(|n, _| {
+                peers.contains(n)
+                    || gone.contains_key(n)
+                    || current.view().contains(n)
+                    || history.iter().any(|p| p.table.view().contains(n))
+            });
         }
     }
 

@@ -1,4 +1,4 @@
-//! The handoff's corner cases, step by step, on two to four nodes.
+//! The handoff's corner cases, step by step, on two to five nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -399,6 +399,105 @@ fn a_node_that_left_empty_handed_is_not_waited_for_when_another_fails() {
         .map(|&n| c.nodes[n].counters().acquired_owner_gone)
         .sum();
     assert!(gone >= 5, "{gone}");
+}
+
+/// Delivers among `alive` until quiet, except the state batches (no
+/// notices) `keep` picks, which are set aside undelivered.
+fn settle_keeping(
+    c: &mut Cluster,
+    alive: &[usize],
+    keep: impl Fn(usize, usize) -> bool,
+    kept: &mut Vec<(usize, Transmit)>,
+) {
+    loop {
+        let mut progressed = false;
+        for &n in alive {
+            progressed |= c.run_jobs(n);
+            while let Some(tx) = c.nodes[n].poll_transmit() {
+                progressed = true;
+                let to = c.index(&tx.to);
+                if !alive.contains(&to) {
+                    c.nodes[n].send_done(tx.id, Err("gone".into()), c.now);
+                } else if tx.batch.groups.is_empty() && keep(n, to) {
+                    kept.push((n, tx));
+                } else {
+                    c.deliver(n, &tx);
+                }
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+}
+
+#[test]
+fn join_then_leave_then_crash_fails_over_without_waiting_for_the_leaver() {
+    // Issue 11: e joins a, b, c, d; d leaves gracefully (not ready,
+    // relinquishes everything, says done, leaves); within the timeout b
+    // crashes. The datums that were d's under an earlier view and b's under
+    // the view without d must fail over at once. Two survivors hear d's
+    // last word late: a gets d's done marker only after it learnt that d
+    // left; c is still at the view with d when d says done (its farewell)
+    // and leaves, and installs the view without d only afterwards.
+    let (a, b, cc, d, e) = (0, 1, 2, 3, 4);
+    let mut c = Cluster::new(&["a", "b", "c", "d", "e"], 120, 4);
+    let join = c.table_of(&[a, b, cc, d, e]);
+    c.install_all(&join);
+    c.settle();
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+    for n in [a, b, cc, d, e] {
+        c.nodes[n].set_peers(c.ids.clone().iter(), c.now);
+    }
+    c.settle();
+
+    let leave = c.table_of(&[a, b, cc, e]);
+    for n in [d, a, b, e] {
+        c.nodes[n].install(Arc::clone(&leave), c.now);
+    }
+    let all = [a, b, cc, d, e];
+    let mut kept = Vec::new();
+    settle_keeping(&mut c, &all, |from, to| from == d && to == a, &mut kept);
+    assert!(c.nodes[d].is_idle(), "d relinquished everything");
+    assert!((0..120).all(|id| !c.holders(id).contains(&d)));
+    assert!(!kept.is_empty(), "d's done marker to a is on its way");
+    // d leaves; a and c learn it before d's last batches to a arrive.
+    let left = c.ids[d].clone();
+    c.advance(Duration::from_millis(200));
+    for n in [a, b, cc, e] {
+        c.nodes[n].peer_left(&left, c.now);
+    }
+    for (from, tx) in kept {
+        c.deliver(from, &tx);
+    }
+    c.nodes[cc].install(Arc::clone(&leave), c.now);
+    settle_among(&mut c, &[a, b, cc, e]);
+    assert!([a, b, cc, e].iter().all(|&n| c.nodes[n].is_idle()));
+
+    // b crashes well within the timeout.
+    c.advance(Duration::from_secs(1));
+    let dead = c.ids[b].clone();
+    let crash = c.table_of(&[a, cc, e]);
+    for n in [a, cc, e] {
+        c.nodes[n].peer_failed(&dead, c.now);
+        c.nodes[n].install(Arc::clone(&crash), c.now);
+    }
+    settle_among(&mut c, &[a, cc, e]);
+    let v1 = c.table_of(&[a, b, cc, d]);
+    let mut exposed = 0;
+    for id in 0..120 {
+        let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != b).collect();
+        assert_eq!(h.len(), 1, "datum {id}: {h:?}");
+        let owner = |t: &PlacementTable| c.index(t.owner_ids(id).next().unwrap());
+        if (owner(&v1) == d || owner(&join) == d) && owner(&leave) == b {
+            exposed += 1;
+        }
+    }
+    assert!(exposed >= 5, "{exposed} datums were d's, then b's");
+    for n in [a, cc, e] {
+        assert!(c.nodes[n].is_idle(), "node {n} waits for nobody");
+        assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0);
+    }
 }
 
 #[test]
