@@ -157,7 +157,19 @@ pub struct KillLoss {
     pub generation: u64,
     /// Points it had acknowledged and not persisted.
     pub lost: u64,
+    /// Points sent to a node and never acknowledged nor refused that this
+    /// kill explains: ingested by the victim, or ingested from 1 s before
+    /// the kill until its transition settled.
+    pub unacknowledged: u64,
 }
+
+/// How much longer than its failure detection (by every survivor) a kill's
+/// transition may take: above, the verdict fails (a timeout was waited out).
+pub const KILL_SETTLE_BOUND_S: f64 = 2.0;
+
+/// Points ingested this long before a kill and never acknowledged are
+/// attributed to it (they were on their way to, or queued at, the victim).
+const KILL_UNACKED_BEFORE_S: f64 = 1.0;
 
 /// One transition: an event and how long until the cluster settled.
 #[derive(Clone, Debug, Serialize)]
@@ -180,8 +192,17 @@ pub struct Summary {
     pub nodes: usize,
     /// Series.
     pub series: u32,
+    /// Points the driver sent to a node to ingest.
+    pub points_ingested: u64,
     /// Points acknowledged to the driver (accepted by an owner).
     pub points_sent: u64,
+    /// Points sent to a node and never acknowledged nor refused.
+    pub points_unacknowledged: u64,
+    /// Of those, not explained by a kill (see [`KillLoss::unacknowledged`]):
+    /// a violation.
+    pub unacknowledged_outside_kills: u64,
+    /// Points acknowledged more than once (accepted twice): a violation.
+    pub points_acked_twice: u64,
     /// Points in the store.
     pub points_persisted: u64,
     /// Acknowledged points not persisted.
@@ -289,12 +310,16 @@ struct Msg {
 }
 
 struct Kill {
+    /// Index of the victim's process.
+    proc: usize,
     name: String,
     generation: u64,
     at: Instant,
     survivors: Vec<String>,
     detected: HashMap<String, f64>,
     reported: bool,
+    /// Seconds from the kill until the cluster settled.
+    settled_s: Option<f64>,
 }
 
 /// A point of the timeline picture.
@@ -328,6 +353,11 @@ struct Sim<'a> {
     load_carry: f64,
     acked: HashMap<Writer, u64>,
     refused: u64,
+    /// Points sent to a node and not acknowledged nor refused yet: the
+    /// ingesting process and when.
+    outstanding: HashMap<u64, (usize, Instant)>,
+    injected: u64,
+    acked_twice: u64,
     kills: Vec<Kill>,
     transitions: Vec<TransitionTime>,
     samples: Vec<Sample>,
@@ -390,6 +420,9 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
         load_carry: 0.0,
         acked: HashMap::new(),
         refused: 0,
+        outstanding: HashMap::new(),
+        injected: 0,
+        acked_twice: 0,
         kills: Vec::new(),
         transitions: Vec::new(),
         samples: Vec::new(),
@@ -568,6 +601,7 @@ impl Sim<'_> {
                 owner,
                 generation,
                 count,
+                ids,
             } => {
                 *self
                     .acked
@@ -576,8 +610,16 @@ impl Sim<'_> {
                         generation,
                     })
                     .or_insert(0) += count;
+                for id in ids {
+                    if self.outstanding.remove(&id).is_none() {
+                        self.acked_twice += 1;
+                    }
+                }
             }
-            Event::Refused { .. } => self.refused += 1,
+            Event::Refused { id } => {
+                self.refused += 1;
+                self.outstanding.remove(&id);
+            }
             Event::Status {
                 members,
                 live,
@@ -704,6 +746,8 @@ impl Sim<'_> {
             let value: f64 = self.rng.random_range(0.0..100.0);
             let id = self.next_point;
             self.next_point += 1;
+            self.injected += 1;
+            self.outstanding.insert(id, (target, Instant::now()));
             let line = format!("p {id} {series} {value:.3}\n");
             batches.entry(target).or_default().push_str(&line);
         }
@@ -926,12 +970,14 @@ impl Sim<'_> {
                 p.stdin = None;
                 let (name, generation) = (p.name.clone(), p.generation);
                 self.kills.push(Kill {
+                    proc: i,
                     name: name.clone(),
                     generation,
                     at: killed_at,
                     survivors,
                     detected: HashMap::new(),
                     reported: false,
+                    settled_s: None,
                 });
                 self.event("kill", &name, format!("{name} killed (SIGKILL)"));
                 label = format!("kill {name}");
@@ -951,6 +997,11 @@ impl Sim<'_> {
             }
         }
         let s = self.wait_settled(&label, at);
+        if step == Step::Kill
+            && let Some(kill) = self.kills.last_mut()
+        {
+            kill.settled_s = s;
+        }
         self.report_detections(true);
         let text = match s {
             Some(s) => format!("{label}: settled after {s:.2}s"),
@@ -1080,6 +1131,7 @@ impl Sim<'_> {
                     node: writer.node.clone(),
                     generation: writer.generation,
                     lost,
+                    unacknowledged: 0,
                 });
             } else {
                 lost_outside += lost;
@@ -1094,8 +1146,45 @@ impl Sim<'_> {
                     node: k.name.clone(),
                     generation: k.generation,
                     lost: 0,
+                    unacknowledged: 0,
                 });
             }
+        }
+        // Points never acknowledged nor refused: explained by a kill, or a
+        // violation.
+        let mut unacked_outside = 0u64;
+        let mut unacked_examples = Vec::new();
+        for (id, (proc, at)) in &self.outstanding {
+            let explained = self.kills.iter().find(|k| {
+                let since = at.saturating_duration_since(k.at).as_secs_f64();
+                let before = k.at.saturating_duration_since(*at).as_secs_f64();
+                let settled = k.settled_s.unwrap_or(f64::INFINITY);
+                k.proc == *proc || (before <= KILL_UNACKED_BEFORE_S && since <= settled)
+            });
+            match explained.and_then(|k| {
+                lost_by_kill
+                    .iter_mut()
+                    .find(|l| l.node == k.name && l.generation == k.generation)
+            }) {
+                Some(l) => l.unacknowledged += 1,
+                None => {
+                    unacked_outside += 1;
+                    if unacked_examples.len() < 5 {
+                        let name = self.procs.get(*proc).map(|p| p.name.clone());
+                        unacked_examples.push((*id, name, self.t(*at)));
+                    }
+                }
+            }
+        }
+        if unacked_outside > 0 {
+            unacked_examples.sort_by(|a, b| a.2.total_cmp(&b.2));
+            self.problems.push(format!(
+                "{unacked_outside} points sent to a node were never acknowledged nor refused, outside any kill (id, ingesting node, t): {unacked_examples:?}"
+            ));
+        }
+        if self.acked_twice > 0 {
+            self.problems
+                .push(format!("{} points acknowledged twice", self.acked_twice));
         }
         let mut detect_first: Option<f64> = None;
         let mut detect_all: Option<f64> = None;
@@ -1105,6 +1194,16 @@ impl Sim<'_> {
             if k.survivors.iter().all(|s| k.detected.contains_key(s)) && first.is_finite() {
                 detect_first = Some(detect_first.map_or(first, |d| d.max(first)));
                 detect_all = Some(detect_all.map_or(all, |d| d.max(all)));
+                // The handoff after a kill starts when the survivors see
+                // it failed; taking much longer means a timeout was waited.
+                if let Some(s) = k.settled_s
+                    && s > all + KILL_SETTLE_BOUND_S
+                {
+                    self.problems.push(format!(
+                        "kill of {}: the transition took {s:.2}s, more than its detection by every survivor ({all:.2}s) + {KILL_SETTLE_BOUND_S:.0}s",
+                        k.name
+                    ));
+                }
             } else {
                 let missing: Vec<&String> = k
                     .survivors
@@ -1141,6 +1240,8 @@ impl Sim<'_> {
         )?;
         let points_sent: u64 = self.acked.values().sum();
         let ok = lost_outside == 0
+            && unacked_outside == 0
+            && self.acked_twice == 0
             && audit.double_owner_writes == 0
             && self.problems.is_empty()
             && points_sent > 0;
@@ -1149,7 +1250,11 @@ impl Sim<'_> {
             scenario: self.cfg.scenario.name(),
             nodes: self.cfg.nodes,
             series: self.cfg.series,
+            points_ingested: self.injected,
             points_sent,
+            points_unacknowledged: self.outstanding.len() as u64,
+            unacknowledged_outside_kills: unacked_outside,
+            points_acked_twice: self.acked_twice,
             points_persisted: persisted_total,
             points_lost: lost_total,
             lost_outside_kills: lost_outside,
@@ -1179,17 +1284,30 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
         "== verdict ({} scenario, {} nodes, {} series, {:.1}s)",
         s.scenario, s.nodes, s.series, s.wall_s
     )?;
+    writeln!(out, "points ingested             {}", s.points_ingested)?;
     writeln!(out, "points sent (acknowledged)  {}", s.points_sent)?;
+    writeln!(out, "points refused at ingest    {}", s.points_refused)?;
+    writeln!(
+        out,
+        "points never acknowledged   {}",
+        s.points_unacknowledged
+    )?;
     writeln!(out, "points persisted            {}", s.points_persisted)?;
     writeln!(out, "points lost                 {}", s.points_lost)?;
     for k in &s.lost_by_kill {
         writeln!(
             out,
-            "  lost by the kill of {} (generation {}): {} (points it had not flushed)",
-            k.node, k.generation, k.lost
+            "  lost by the kill of {} (generation {}): {} (points it had not flushed), {} never acknowledged",
+            k.node, k.generation, k.lost, k.unacknowledged
         )?;
     }
     writeln!(out, "lost outside kills          {}", s.lost_outside_kills)?;
+    writeln!(
+        out,
+        "unacknowledged outside kills {}",
+        s.unacknowledged_outside_kills
+    )?;
+    writeln!(out, "acknowledged twice          {}", s.points_acked_twice)?;
     writeln!(out, "double-owner writes         {}", s.double_owner_writes)?;
     let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}s"));
     writeln!(

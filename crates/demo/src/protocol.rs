@@ -112,6 +112,9 @@ pub enum Event {
         generation: u64,
         /// How many.
         count: u64,
+        /// Their ids.
+        #[serde(default)]
+        ids: Vec<u64>,
     },
     /// A point could not be sent to any owner (not acknowledged).
     Refused {
@@ -206,6 +209,7 @@ mod tests {
             owner: "n1".into(),
             generation: 5,
             count: 3,
+            ids: vec![4, 9, 12],
         };
         let line = serde_json::to_string(&e).unwrap();
         assert!(line.starts_with(r#"{"ev":"acked""#));

@@ -93,6 +93,8 @@ pub struct Ack {
     pub generation: u64,
     /// How many points.
     pub count: u64,
+    /// Their ids (the driver checks each point is acknowledged once).
+    pub ids: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -114,6 +116,9 @@ struct App {
     write_order: tokio::sync::Mutex<()>,
     accepted: AtomicU64,
     ingested: AtomicU64,
+    /// Points ingested here that an owner acknowledged, or that could not
+    /// be sent: a leaving node waits for all of them before it leaves.
+    answered: AtomicU64,
     flush_errors: AtomicU64,
     /// Series writes the store refused (a newer owner's token was there).
     stale_writes_refused: AtomicU64,
@@ -331,6 +336,15 @@ fn member_counts(members: &[shoal::NodeInfo]) -> MemberCounts {
     c
 }
 
+/// How often an owner sends the acknowledgements it owes.
+const ACK_EVERY: Duration = Duration::from_millis(50);
+/// Ticks an acknowledgement is tried before it is given up (5 s).
+const ACK_ATTEMPTS: u32 = 100;
+
+/// Longest a leaving node waits for the acknowledgements of the points it
+/// ingested before it leaves.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
 /// Runs a demo node until `quit`, `leave` or the end of stdin.
 ///
 /// # Errors
@@ -370,6 +384,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
         write_order: tokio::sync::Mutex::new(()),
         accepted: AtomicU64::new(0),
         ingested: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
         flush_errors: AtomicU64::new(0),
         stale_writes_refused: AtomicU64::new(0),
         points_refused: AtomicU64::new(0),
@@ -379,7 +394,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
     let (acks, mut ack_inbox) = node.channel::<Ack>("demo.acks")?;
 
     // Owner side: accept points, acknowledge them to their origin in batches.
-    let pending_acks: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let pending_acks: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
     {
         let app = Arc::clone(&app);
         let points = points.clone();
@@ -391,7 +406,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                     let mut map = pending_acks
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    *map.entry(p.origin).or_insert(0) += 1;
+                    map.entry(p.origin).or_default().push(p.id);
                 } else if let Err(error) = points.send_to_owner(SERIES, p.series, &p).await {
                     debug!(%error, id = p.id, "re-sending a point for a relinquished series failed");
                 }
@@ -403,39 +418,56 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
         let pending_acks = Arc::clone(&pending_acks);
         let acks: Sender<Ack> = acks.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut tick = tokio::time::interval(ACK_EVERY);
+            // Acknowledgements that could not be sent (an origin that joined
+            // a moment ago is not known here yet): tried again next tick,
+            // for at most ACK_ATTEMPTS ticks.
+            let mut retry: HashMap<String, (Vec<u64>, u32)> = HashMap::new();
             loop {
                 tick.tick().await;
-                let batch: Vec<(String, u64)> = std::mem::take(
+                let fresh = std::mem::take(
                     &mut *pending_acks
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner),
-                )
-                .into_iter()
-                .collect();
-                for (origin, count) in batch {
+                );
+                for (origin, ids) in fresh {
+                    retry.entry(origin).or_default().0.extend(ids);
+                }
+                for (origin, (ids, attempts)) in std::mem::take(&mut retry) {
+                    let count = ids.len() as u64;
                     let ack = Ack {
                         owner: app.writer.node.clone(),
                         generation: app.writer.generation,
                         count,
+                        ids,
                     };
                     if let Err(error) = acks.send_to(&origin, &ack).await {
-                        debug!(%error, %origin, count, "acknowledgement not delivered");
+                        if attempts + 1 < ACK_ATTEMPTS {
+                            retry.insert(origin, (ack.ids, attempts + 1));
+                        } else {
+                            warn!(%error, %origin, count, "acknowledgement not delivered");
+                        }
                     }
                 }
             }
         });
     }
     // Origin side: report acknowledgements to the driver.
-    tokio::spawn(async move {
-        while let Some(msg) = ack_inbox.recv().await {
-            emit(&Event::Acked {
-                owner: msg.payload.owner,
-                generation: msg.payload.generation,
-                count: msg.payload.count,
-            });
-        }
-    });
+    {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            while let Some(msg) = ack_inbox.recv().await {
+                app.answered
+                    .fetch_add(msg.payload.ids.len() as u64, Ordering::Relaxed);
+                emit(&Event::Acked {
+                    owner: msg.payload.owner,
+                    generation: msg.payload.generation,
+                    count: msg.payload.count,
+                    ids: msg.payload.ids,
+                });
+            }
+        });
+    }
     // Periodic flush.
     {
         let app = Arc::clone(&app);
@@ -543,6 +575,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                 };
                 if let Err(error) = points.send_to_owner(SERIES, series, &p).await {
                     debug!(%error, id, "point refused");
+                    app.answered.fetch_add(1, Ordering::Relaxed);
                     emit(&Event::Refused { id });
                 }
             }
@@ -578,6 +611,14 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                 });
             }
             Command::Leave => {
+                // The acknowledgements of the points ingested here come back
+                // here: wait for them (a few batches) before leaving.
+                let waited = Instant::now();
+                while app.answered.load(Ordering::Relaxed) < app.ingested.load(Ordering::Relaxed)
+                    && waited.elapsed() < ACK_WAIT
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let report = node.leave(Duration::from_secs(20)).await?;
                 app.flush().await;
                 emit(&Event::Left {

@@ -39,6 +39,13 @@ fn default_scenario_three_nodes_loses_nothing_outside_kills() {
     eprintln!("{text}{}", String::from_utf8_lossy(&report));
     assert!(summary.points_sent > 0, "no point was acknowledged");
     assert_eq!(summary.lost_outside_kills, 0);
+    assert_eq!(summary.unacknowledged_outside_kills, 0);
+    assert_eq!(summary.points_acked_twice, 0);
+    assert_eq!(
+        summary.points_sent + summary.points_refused + summary.points_unacknowledged,
+        summary.points_ingested,
+        "every point ingested is acknowledged, refused or counted unacknowledged"
+    );
     assert_eq!(summary.double_owner_writes, 0);
     assert_eq!(summary.lost_by_kill.len(), 1, "one kill, one attribution");
     assert_eq!(summary.transitions.len(), 4);
@@ -78,6 +85,8 @@ fn default_scenario_three_nodes_on_postgres() {
     eprintln!("{}", String::from_utf8_lossy(&out));
     assert!(summary.points_sent > 0);
     assert_eq!(summary.lost_outside_kills, 0);
+    assert_eq!(summary.unacknowledged_outside_kills, 0);
+    assert_eq!(summary.points_acked_twice, 0);
     assert_eq!(summary.double_owner_writes, 0);
     assert!(summary.problems.is_empty(), "{:?}", summary.problems);
     assert!(summary.ok);
