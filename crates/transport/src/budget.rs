@@ -60,25 +60,53 @@ pub(crate) struct Budgets {
     peers: Mutex<HashMap<NodeName, Weak<PeerBudget>>>,
 }
 
-/// Budget held by one inbound message (or response) until the application
-/// takes it: dropping it gives the bytes (and the queue slot) back.
+/// Budget held by inbound messages (or a response) until the application
+/// takes them: dropping it gives the bytes and the queue slots back. The
+/// messages decoded from one read of the shared stream share one charge
+/// (carried by the last of them, so released when that one is taken: never
+/// sooner than each one's own), which keeps the cost per message low.
 #[derive(Debug)]
 pub(crate) struct Charge {
-    global: OwnedSemaphorePermit,
-    peer: OwnedSemaphorePermit,
-    _slot: Option<OwnedSemaphorePermit>,
-    _share: Arc<PeerBudget>,
+    global: Arc<Semaphore>,
+    peer: Arc<Semaphore>,
+    slots: Arc<Semaphore>,
+    bytes: usize,
+    nslots: usize,
+    share: Arc<PeerBudget>,
 }
 
 impl Charge {
+    /// The peer's shares this charge draws on.
+    pub(crate) fn share(&self) -> &Arc<PeerBudget> {
+        &self.share
+    }
+
     /// Gives back all but `keep` bytes (after decompression freed the
     /// compressed body).
     pub(crate) fn shrink_to(&mut self, keep: usize) {
-        let extra = self.global.num_permits().saturating_sub(keep);
-        if extra > 0 {
-            drop(self.global.split(extra));
-            drop(self.peer.split(extra));
+        let extra = self.bytes.saturating_sub(keep);
+        self.give_back(extra, 0);
+    }
+
+    /// Gives back `bytes` and `slots` (a message charged, then refused).
+    pub(crate) fn give_back(&mut self, bytes: usize, slots: usize) {
+        let bytes = bytes.min(self.bytes);
+        let slots = slots.min(self.nslots);
+        if bytes > 0 {
+            self.bytes -= bytes;
+            self.global.add_permits(bytes);
+            self.peer.add_permits(bytes);
         }
+        if slots > 0 {
+            self.nslots -= slots;
+            self.slots.add_permits(slots);
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.give_back(self.bytes, self.nslots);
     }
 }
 
@@ -123,50 +151,74 @@ impl Budgets {
         share
     }
 
-    /// Charges a message of `bytes` (overhead included) if the budgets have
-    /// room now.
-    pub(crate) fn try_message(&self, share: &Arc<PeerBudget>, bytes: usize) -> Option<Charge> {
+    /// An empty charge for messages of `share`'s peer, to add to.
+    pub(crate) fn empty(&self, share: &Arc<PeerBudget>) -> Charge {
+        Charge {
+            global: self.bytes.clone(),
+            peer: share.bytes.clone(),
+            slots: share.messages.clone(),
+            bytes: 0,
+            nslots: 0,
+            share: share.clone(),
+        }
+    }
+
+    /// Adds a message of `bytes` (overhead included) to `charge` if the
+    /// budgets have room now.
+    pub(crate) fn try_add(&self, charge: &mut Charge, bytes: usize) -> bool {
         let n = to_u32(bytes.min(self.peer_bytes));
-        let slot = share.messages.clone().try_acquire_owned().ok()?;
-        let peer = share.bytes.clone().try_acquire_many_owned(n).ok()?;
-        let global = self.bytes.clone().try_acquire_many_owned(n).ok()?;
-        self.peak.fetch_max(self.charged(), Ordering::Relaxed);
-        Some(Charge {
-            global,
-            peer,
-            _slot: Some(slot),
-            _share: share.clone(),
-        })
+        let Ok(slot) = charge.slots.try_acquire() else {
+            return false;
+        };
+        let Ok(peer) = charge.peer.try_acquire_many(n) else {
+            return false;
+        };
+        let Ok(global) = charge.global.try_acquire_many(n) else {
+            return false;
+        };
+        slot.forget();
+        peer.forget();
+        global.forget();
+        charge.bytes += n as usize;
+        charge.nslots += 1;
+        true
     }
 
     /// Charges a message of `bytes` (overhead included), waiting for room:
     /// first in the sender's shares, then in the endpoint's budget. `None`
     /// only if a budget was closed (never, in practice).
     pub(crate) async fn message(&self, share: &Arc<PeerBudget>, bytes: usize) -> Option<Charge> {
+        let mut charge = self.empty(share);
         let n = to_u32(bytes.min(self.peer_bytes));
-        let slot = share.messages.clone().acquire_owned().await.ok()?;
-        let peer = share.bytes.clone().acquire_many_owned(n).await.ok()?;
-        let global = self.bytes.clone().acquire_many_owned(n).await.ok()?;
+        let slot = charge.slots.acquire().await.ok()?;
+        let peer = charge.peer.acquire_many(n).await.ok()?;
+        let global = charge.global.acquire_many(n).await.ok()?;
+        slot.forget();
+        peer.forget();
+        global.forget();
+        charge.bytes = n as usize;
+        charge.nslots = 1;
         self.peak.fetch_max(self.charged(), Ordering::Relaxed);
-        Some(Charge {
-            global,
-            peer,
-            _slot: Some(slot),
-            _share: share.clone(),
-        })
+        Some(charge)
     }
 
     /// Charges a response being read and decoded, waiting for room.
     pub(crate) async fn response(&self, share: &Arc<PeerBudget>, bytes: usize) -> Option<Charge> {
+        let mut charge = Charge {
+            global: self.responses.clone(),
+            peer: share.responses.clone(),
+            slots: share.messages.clone(),
+            bytes: 0,
+            nslots: 0,
+            share: share.clone(),
+        };
         let n = to_u32(bytes.min(self.peer_responses));
-        let peer = share.responses.clone().acquire_many_owned(n).await.ok()?;
-        let global = self.responses.clone().acquire_many_owned(n).await.ok()?;
-        Some(Charge {
-            global,
-            peer,
-            _slot: None,
-            _share: share.clone(),
-        })
+        let peer = charge.peer.acquire_many(n).await.ok()?;
+        let global = charge.global.acquire_many(n).await.ok()?;
+        peer.forget();
+        global.forget();
+        charge.bytes = n as usize;
+        Some(charge)
     }
 
     /// A slot for a datagram from this peer, if its share of the datagram
@@ -180,6 +232,12 @@ impl Budgets {
     pub(crate) fn charged(&self) -> usize {
         self.bytes_total
             .saturating_sub(self.bytes.available_permits())
+    }
+
+    /// Records the current charge in the high-water mark (called once per
+    /// batch of messages queued, and for every message charged alone).
+    pub(crate) fn note_peak(&self) {
+        self.peak.fetch_max(self.charged(), Ordering::Relaxed);
     }
 
     /// The most bytes of inbound messages ever charged at once.

@@ -1595,13 +1595,18 @@ enum Pass {
 /// stops reading, so QUIC flow control pushes back on the sender).
 async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(INLINE_FRAME_MAX);
-    let mut ready = Vec::new();
+    let mut ready = Ready {
+        msgs: Vec::new(),
+        charge: inner.budgets.empty(&pc.share),
+    };
     let frame_timeout = inner.config.frame_timeout;
     // When this node started waiting for the rest of a partial frame.
     let mut partial_since: Option<Instant> = None;
+    let mut chunks: [Bytes; 32] = Default::default();
     loop {
-        let read = recv.read_chunk(usize::MAX, true);
-        let chunk = if reader.has_partial() {
+        // Several chunks per read: fewer, larger batches to charge and queue.
+        let read = recv.read_chunks(&mut chunks);
+        let got = if reader.has_partial() {
             let since = *partial_since.get_or_insert_with(Instant::now);
             match tokio::time::timeout_at(since + frame_timeout, read).await {
                 Ok(r) => r,
@@ -1617,8 +1622,8 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
             partial_since = None;
             read.await
         };
-        let chunk = match chunk {
-            Ok(Some(chunk)) => chunk.bytes,
+        let n = match got {
+            Ok(Some(n)) => n,
             Ok(None) => {
                 if reader.has_partial() {
                     Stats::inc(&inner.stats.frames_malformed);
@@ -1627,9 +1632,12 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
             }
             Err(_) => return,
         };
-        Stats::add(&inner.stats.bytes_received, chunk.len() as u64);
+        for chunk in chunks.iter_mut().take(n) {
+            Stats::add(&inner.stats.bytes_received, chunk.len() as u64);
+            reader.push(chunk);
+            *chunk = Bytes::new();
+        }
         pc.touch();
-        reader.push(&chunk);
         let pass = decode_buffered(inner, pc, &mut reader, &mut ready, &mut partial_since).await;
         // Everything decoded before a framing error is still delivered.
         if deliver_all(inner, &mut ready).await.is_err() {
@@ -1650,12 +1658,19 @@ async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvS
     }
 }
 
+/// Messages decoded from the shared stream, not yet in the inbound queue,
+/// and their charge.
+struct Ready {
+    msgs: Vec<Message>,
+    charge: Charge,
+}
+
 /// Decodes the whole frames buffered in `reader` into `ready`, charging each.
 async fn decode_buffered(
     inner: &Inner,
     pc: &Arc<PeerConn>,
     reader: &mut FrameReader,
-    ready: &mut Vec<Charged>,
+    ready: &mut Ready,
     partial_since: &mut Option<Instant>,
 ) -> Pass {
     loop {
@@ -1684,31 +1699,26 @@ async fn decode_buffered(
             }
         };
         let want = inspected.size + MESSAGE_OVERHEAD;
-        let charge = match inner.budgets.try_message(&pc.share, want) {
-            Some(c) => c,
-            None => {
-                // The budget may be full of what this reader decoded: hand
-                // that over first, then wait for room.
-                if deliver_all(inner, ready).await.is_err() {
-                    return Pass::Gone;
-                }
-                match inner.budgets.message(&pc.share, want).await {
-                    Some(c) => c,
-                    None => return Pass::Gone,
-                }
+        if !inner.budgets.try_add(&mut ready.charge, want) {
+            // The budget may be full of what this reader decoded: hand that
+            // over first, then wait for room.
+            if deliver_all(inner, ready).await.is_err() {
+                return Pass::Gone;
             }
-        };
+            match inner.budgets.message(&pc.share, want).await {
+                Some(c) => ready.charge = c,
+                None => return Pass::Gone,
+            }
+        }
         match frame::decode_body(f, &inspected) {
-            Ok(body) => ready.push(Charged {
-                msg: Message {
-                    from: pc.peer.clone(),
-                    channel: inspected.header.channel,
-                    body,
-                    reply: None,
-                },
-                _charge: charge,
+            Ok(body) => ready.msgs.push(Message {
+                from: pc.peer.clone(),
+                channel: inspected.header.channel,
+                body,
+                reply: None,
             }),
             Err(e) => {
+                ready.charge.give_back(want, 1);
                 count_decode_error(inner, &e);
                 debug!(peer = %pc.peer, error = %e, "frame dropped");
             }
@@ -1719,15 +1729,28 @@ async fn decode_buffered(
 /// Hands decoded messages to the inbound queue, reserving room for many at
 /// once (one wait per batch rather than per message). Waits while the queue
 /// is full: that is the backpressure.
-async fn deliver_all(inner: &Inner, ready: &mut Vec<Charged>) -> Result<(), ()> {
+/// The messages share the batch's charge, which a fresh one replaces.
+async fn deliver_all(inner: &Inner, ready: &mut Ready) -> Result<(), ()> {
+    if ready.msgs.is_empty() {
+        return Ok(());
+    }
+    inner.budgets.note_peak();
+    let fresh = inner.budgets.empty(ready.charge.share());
+    let mut charge = Some(std::mem::replace(&mut ready.charge, fresh));
     let tx = &inner.messages_tx;
     let cap = tx.max_capacity().max(1);
-    while !ready.is_empty() {
-        let n = ready.len().min(cap);
+    while !ready.msgs.is_empty() {
+        let n = ready.msgs.len().min(cap);
         let permits = tx.reserve_many(n).await.map_err(|_| ())?;
         Stats::add(&inner.stats.messages_received, n as u64);
-        for (permit, msg) in permits.zip(ready.drain(..n)) {
-            permit.send(msg);
+        let last = ready.msgs.len() == n;
+        for (i, (permit, msg)) in permits.zip(ready.msgs.drain(..n)).enumerate() {
+            // The queue is FIFO: the batch's last message is taken last.
+            let carry = last && i + 1 == n;
+            permit.send(Charged {
+                msg,
+                _charge: if carry { charge.take() } else { None },
+            });
         }
     }
     Ok(())
@@ -1833,7 +1856,7 @@ async fn handle_bi(
     Stats::inc(&inner.stats.messages_received);
     let charged = Charged {
         msg,
-        _charge: d.charge,
+        _charge: Some(d.charge),
     };
     if inner.messages_tx.send(charged).await.is_err() {
         if let Some(mut send) = verdict {

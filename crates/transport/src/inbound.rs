@@ -41,7 +41,8 @@ pub struct Message {
 #[derive(Debug)]
 pub(crate) struct Charged {
     pub(crate) msg: Message,
-    pub(crate) _charge: Charge,
+    /// Messages queued together share one charge, carried by the last.
+    pub(crate) _charge: Option<Charge>,
 }
 
 /// A datagram in the inbound queue with its slot in its sender's share.
