@@ -377,9 +377,10 @@ impl Transport {
         self.inner.budgets.peak()
     }
 
-    /// Of [`Transport::inbound_bytes_charged`], the bytes charged to the
-    /// peer called `name` (all its connections). At most its share,
-    /// [`TransportConfig::peer_share_percent`] of the budget.
+    /// The bytes of the peer called `name`'s share (all its connections)
+    /// in use: charged, or already set aside for a reader of its that waits
+    /// for the rest. At most its share, [`TransportConfig::peer_share_percent`]
+    /// of the budget.
     pub fn inbound_bytes_charged_by(&self, name: &NodeName) -> usize {
         self.inner.budgets.charged_by(name)
     }

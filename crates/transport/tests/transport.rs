@@ -1069,6 +1069,17 @@ async fn a_flood_of_compressible_frames_is_held_to_its_share() {
     }
     let mut s = raw.open_uni().await.unwrap();
     s.write_all(&flood).await.unwrap();
+    // b does not read: x's charge reaches its share and stays there.
+    eventually("x's flood charged", || {
+        b.inbound_bytes_charged_by(&x) > share / 2 || b.stats().messages_received > 100
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = b.stats().messages_received;
+    assert!(
+        queued < 100,
+        "{queued} messages queued: the share, not the count, binds"
+    );
     let big = single(&OutFrame::new(9, Bytes::from(vec![0u8; 1 << 20]), 1, 1));
     let mut verdicts = Vec::new();
     for _ in 0..32 {
@@ -1079,11 +1090,6 @@ async fn a_flood_of_compressible_frames_is_held_to_its_share() {
             recv.read_to_end(0).await.is_ok()
         }));
     }
-    // b does not read: x's charge reaches its share and stays there.
-    eventually("x's flood charged", || {
-        b.inbound_bytes_charged_by(&x) > share / 2 || b.stats().messages_received > 100
-    })
-    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         b.inbound_bytes_charged_peak() <= share,
@@ -1092,11 +1098,7 @@ async fn a_flood_of_compressible_frames_is_held_to_its_share() {
     );
     let accepted = verdicts.iter().filter(|v| v.is_finished()).count();
     assert!(accepted <= 2, "{accepted} of x's 1-MiB frames accepted");
-    let queued = b.stats().messages_received;
-    assert!(
-        queued < 100,
-        "{queued} messages queued: the share, not the count, binds"
-    );
+    assert!(b.stats().messages_received < 100);
 
     // a still gets a large message accepted (its verdict needs the charge).
     let from_a = noise(512 * 1024, 3);
