@@ -122,6 +122,13 @@ pub struct TransitionSettings {
     /// Virtual time of the scenario's first fault (the cluster formed
     /// before it); timeouts after it are counted apart.
     pub fault_at: Duration,
+    /// Graceful leaves as the facade's `leave` does them: at the virtual
+    /// time, the process of the slot goes not ready, and once its layer is
+    /// idle under a view without it, leaves the membership.
+    pub graceful_leaves: Vec<(u32, Duration)>,
+    /// Checked once the run settled: every datum a crashed process held was
+    /// acquired again within this of the last survivor marking it failed.
+    pub failover_within: Option<Duration>,
 }
 
 impl TransitionSettings {
@@ -138,6 +145,8 @@ impl TransitionSettings {
             work_every: Duration::from_millis(50),
             work_until: Duration::from_secs(40),
             fault_at: FAULT_AT,
+            graceful_leaves: Vec::new(),
+            failover_within: None,
         }
     }
 }
@@ -190,6 +199,12 @@ pub struct TransitionStats {
     pub work_held: u64,
     /// Work items that may be lost with a stopped process.
     pub work_maybe_lost: u64,
+    /// Crashes of a process that held datums.
+    pub crashes: u64,
+    /// Over those crashes, the longest time from the last survivor marking
+    /// the crashed process failed to every datum it held being acquired
+    /// again (0 when all were acquired before), in seconds.
+    pub max_failover_lag_s: f64,
 }
 
 /// The cross-node ledger: who holds what, work processed, counters.
@@ -208,9 +223,26 @@ pub struct TransitionLedger {
     maybe_lost: HashSet<u64>,
     /// Work returned to "the client", routed again by the next live node.
     orphans: Vec<WorkItem>,
+    /// Crashes, with the datums the crashed process held.
+    failovers: Vec<Failover>,
     /// The counters.
     pub stats: TransitionStats,
 }
+
+/// One crash: the datums the crashed process held, when each was next
+/// acquired, and when the last survivor marked the process failed.
+struct Failover {
+    victim: Key,
+    waiting: HashSet<i64>,
+    last_acquired: Option<Instant>,
+    detected: Option<Instant>,
+}
+
+/// How long after the last survivor marked a crashed process failed every
+/// datum it held must be acquired again in `join-leave-kill`: a round of
+/// done markers and an acquire job (0 to 20 ms, failing 5 % of the time and
+/// retried), far below the 10 s transition timeout.
+pub const FAILOVER_MARGIN: Duration = Duration::from_secs(2);
 
 impl TransitionLedger {
     /// A ledger for a run whose virtual time 0 is `base`.
@@ -225,8 +257,48 @@ impl TransitionLedger {
             processed: Vec::new(),
             maybe_lost: HashSet::new(),
             orphans: Vec::new(),
+            failovers: Vec::new(),
             stats: TransitionStats::default(),
         }
+    }
+
+    /// `victim` crashed holding `datums`.
+    fn crashed(&mut self, victim: &Key, datums: &HashSet<i64>) {
+        if datums.is_empty() {
+            return;
+        }
+        self.stats.crashes += 1;
+        self.failovers.push(Failover {
+            victim: victim.clone(),
+            waiting: datums.clone(),
+            last_acquired: None,
+            detected: None,
+        });
+    }
+
+    /// A survivor marked `victim` failed at `now`.
+    fn detected(&mut self, victim: &Key, now: Instant) {
+        for f in self.failovers.iter_mut().filter(|f| f.victim == *victim) {
+            f.detected = Some(f.detected.map_or(now, |d| d.max(now)));
+        }
+    }
+
+    /// For every crash: when its last datum was acquired again, less when
+    /// the last survivor marked it failed (None: a datum never was).
+    fn failover_lags(&self) -> Vec<(Key, Option<Duration>)> {
+        self.failovers
+            .iter()
+            .map(|f| {
+                let lag = match (f.waiting.is_empty(), f.last_acquired, f.detected) {
+                    (true, Some(done), Some(detected)) => {
+                        Some(done.saturating_duration_since(detected))
+                    }
+                    (true, _, _) => Some(Duration::ZERO),
+                    (false, _, _) => None,
+                };
+                (f.victim.clone(), lag)
+            })
+            .collect()
     }
 
     /// The settings of the run.
@@ -260,6 +332,15 @@ impl TransitionLedger {
             set.push(who.clone());
         }
         problem
+    }
+
+    /// A process started acquiring `datum` at `now`.
+    fn acquiring(&mut self, datum: i64, now: Instant) {
+        for f in &mut self.failovers {
+            if f.waiting.remove(&datum) {
+                f.last_acquired = Some(f.last_acquired.map_or(now, |t| t.max(now)));
+            }
+        }
     }
 
     fn stop_holding(&mut self, who: &Key, datum: i64) {
@@ -334,6 +415,8 @@ pub struct TransitionNode {
     next_tick: Instant,
     transition_since: Option<Instant>,
     leaving: bool,
+    /// A graceful leave began: not ready, leaves once idle.
+    departing: bool,
     /// Started (ready_on_start is off): the node asks to be ready once it
     /// knows another live member, or at this time if it still knows none
     /// (the first node).
@@ -391,6 +474,7 @@ impl TransitionNode {
                 progressed = true;
                 if job.kind == JobKind::Acquire {
                     self.holding.insert(job.datum.id);
+                    ctx.shared().acquiring(job.datum.id, now);
                     if let Some(problem) = ctx.shared().start_holding(&self.key, job.datum.id) {
                         Self::violation(ctx, problem);
                     }
@@ -604,6 +688,36 @@ impl TransitionNode {
         }
     }
 
+    /// The facade's graceful leave, when the settings plan one for this
+    /// process: not ready; then, once its layer is idle under a view
+    /// without it (it relinquished everything and said done), it leaves.
+    fn maybe_depart(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        if !self.departing {
+            let now = ctx.now();
+            let slot = ctx.node().slot;
+            let due = {
+                let l = ctx.shared();
+                l.settings
+                    .graceful_leaves
+                    .iter()
+                    .any(|&(s, at)| s == slot && now >= l.base + at)
+            };
+            if !due {
+                return;
+            }
+            self.departing = true;
+            ctx.set_ready(false);
+        }
+        let done = self.core.as_ref().is_some_and(|c| {
+            let h = &c.handoff;
+            h.is_idle() && !h.table().view().contains(h.local())
+        });
+        if done && !ctx.membership().local().ready {
+            self.leaving = true;
+            ctx.leave();
+        }
+    }
+
     fn install(
         &mut self,
         members: &[shoal_membership::Member],
@@ -667,6 +781,7 @@ impl Application for TransitionNode {
             next_tick: now + first,
             transition_since: None,
             leaving: false,
+            departing: false,
             ready_alone_at: Some(now + READY_ALONE_AFTER),
         }
     }
@@ -684,6 +799,7 @@ impl Application for TransitionNode {
                     let failed = matches!(event, MembershipEvent::Failed(_));
                     if failed {
                         ctx.shared().declared.insert(key.clone());
+                        ctx.shared().detected(&key, now);
                     }
                     if let Some(core) = self.core.as_mut() {
                         let id = node_id(&key);
@@ -809,6 +925,7 @@ impl Application for TransitionNode {
         }
         if !self.leaving {
             self.maybe_ready(ctx);
+            self.maybe_depart(ctx);
         }
         if self.next_tick <= now {
             let (every, until, datums, base) = {
@@ -850,6 +967,9 @@ impl Application for TransitionNode {
     }
 
     fn on_stop(&mut self, _node: &NodeInfo, crashed: bool, shared: &mut TransitionLedger) {
+        if crashed {
+            shared.crashed(&self.key, &self.holding);
+        }
         for d in self.holding.drain() {
             shared.stop_holding(&self.key, d);
         }
@@ -924,6 +1044,26 @@ pub fn final_check(sim: &Sim<TransitionNode>) -> Result<(), String> {
             ));
         }
     }
+    if let Some(bound) = ledger.settings.failover_within {
+        for (victim, lag) in ledger.failover_lags() {
+            match lag {
+                Some(lag) if lag <= bound => {}
+                Some(lag) => {
+                    return Err(format!(
+                        "datums of {}/{} acquired again {lag:?} after the last survivor marked it \
+                         failed (bound {bound:?})",
+                        victim.0, victim.1
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "datums of {}/{} never acquired again",
+                        victim.0, victim.1
+                    ));
+                }
+            }
+        }
+    }
     if !ledger.orphans.is_empty() {
         return Err(format!(
             "{} work items never routed again",
@@ -955,16 +1095,22 @@ pub enum TransitionScenario {
     Chained,
     /// Under packet loss, one node's ready flag flaps several times.
     Flap,
+    /// A join, a graceful leave (not ready, relinquish, leave, as the
+    /// facade does) and a crash, in random order, 0.2 to 3 s apart: every
+    /// datum the crashed node held is acquired again within
+    /// [`FAILOVER_MARGIN`] of the last survivor marking it failed.
+    JoinLeaveKill,
 }
 
 impl TransitionScenario {
     /// Every scenario.
-    pub const ALL: [TransitionScenario; 5] = [
+    pub const ALL: [TransitionScenario; 6] = [
         TransitionScenario::Join,
         TransitionScenario::Leave,
         TransitionScenario::KillOwner,
         TransitionScenario::Chained,
         TransitionScenario::Flap,
+        TransitionScenario::JoinLeaveKill,
     ];
 
     /// The scenario's name on the command line.
@@ -975,6 +1121,7 @@ impl TransitionScenario {
             TransitionScenario::KillOwner => "kill-owner",
             TransitionScenario::Chained => "chained",
             TransitionScenario::Flap => "flap",
+            TransitionScenario::JoinLeaveKill => "join-leave-kill",
         }
     }
 }
@@ -1124,9 +1271,16 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
     let mut settings = TransitionSettings::new(opts.datums);
     settings.strategy = opts.strategy.clone();
     settings.work_until = QUIET_AT + Duration::from_secs(15);
+    let plan = join_leave_kill_plan(opts);
+    if let Some(p) = &plan {
+        settings.graceful_leaves = vec![(p.leaver, p.leave_at)];
+        settings.failover_within = Some(FAILOVER_MARGIN);
+    }
     let mut report = empty_report(opts);
     let failure = if opts.nodes < 3 {
         Some("transition scenarios need at least 3 nodes".to_string())
+    } else if opts.nodes < 4 && opts.scenario == TransitionScenario::JoinLeaveKill {
+        Some("join-leave-kill needs at least 4 nodes".to_string())
     } else if let Err(e) = settings.handoff.validate() {
         Some(format!("transition configuration: {e}"))
     } else {
@@ -1162,11 +1316,67 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
     }
     report.ok = report.failure.is_none();
     report.stats = sim.shared().stats.clone();
+    report.stats.max_failover_lag_s = sim
+        .shared()
+        .failover_lags()
+        .into_iter()
+        .filter_map(|(_, lag)| lag)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64();
     report.virtual_s = sim.now().as_secs_f64();
     report.events = sim.steps();
     report.trace_hash = format!("{:016x}", sim.trace_hash());
     report.wall_s = wall.elapsed().as_secs_f64();
     report
+}
+
+/// When `join-leave-kill` joins, leaves and kills, and whom.
+struct JoinLeaveKillPlan {
+    join_at: Duration,
+    leaver: u32,
+    leave_at: Duration,
+    victim: u32,
+    kill_at: Duration,
+    last: Duration,
+}
+
+/// The plan of a `join-leave-kill` run (None for other scenarios): the
+/// three changes in a random order from `FAULT_AT`, 0.2 to 3 s apart; the
+/// leaver and the victim are two of the first nodes.
+fn join_leave_kill_plan(opts: &TransitionOptions) -> Option<JoinLeaveKillPlan> {
+    if opts.scenario != TransitionScenario::JoinLeaveKill || opts.nodes < 4 {
+        return None;
+    }
+    let mut rng = SmallRng::seed_from_u64(derive_seed(opts.seed, TAG_TRANSITION_SCENARIO, 1));
+    let initial = opts.nodes - 1;
+    let leaver = rng.random_range(0..initial);
+    let victim = (leaver + rng.random_range(1..initial)) % initial;
+    let mut order = [0u8, 1, 2];
+    for i in (1..order.len()).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+    let mut at = FAULT_AT;
+    let mut times = [Duration::ZERO; 3];
+    for &op in &order {
+        if let Some(t) = times.get_mut(usize::from(op)) {
+            *t = at;
+        }
+        at += between(
+            &mut rng,
+            (Duration::from_millis(200), Duration::from_millis(3_000)),
+        );
+    }
+    let [join_at, leave_at, kill_at] = times;
+    Some(JoinLeaveKillPlan {
+        join_at,
+        leaver,
+        leave_at,
+        victim,
+        kill_at,
+        last: join_at.max(leave_at).max(kill_at),
+    })
 }
 
 /// Schedules the scenario's starts and faults.
@@ -1175,7 +1385,7 @@ fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
     let n = opts.nodes;
     let joins = matches!(
         opts.scenario,
-        TransitionScenario::Join | TransitionScenario::Chained
+        TransitionScenario::Join | TransitionScenario::Chained | TransitionScenario::JoinLeaveKill
     );
     let initial = if joins { n - 1 } else { n };
     for slot in 0..initial {
@@ -1221,6 +1431,20 @@ fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
             };
             sim.schedule(second, action);
             sim.schedule(second, Action::Quiet);
+        }
+        TransitionScenario::JoinLeaveKill => {
+            // The graceful leave is in the settings (the process runs it).
+            if let Some(p) = join_leave_kill_plan(opts) {
+                sim.schedule(p.join_at, Action::Start { slot: n - 1 });
+                sim.schedule(
+                    p.kill_at,
+                    Action::Crash {
+                        slot: p.victim,
+                        measure: false,
+                    },
+                );
+                sim.schedule(p.last, Action::Quiet);
+            }
         }
         TransitionScenario::Flap => {
             sim.schedule(
