@@ -356,7 +356,7 @@ pub struct Handoff<W = Vec<u8>> {
     /// they hold nothing. Once gone, they are no holder to wait for (a node
     /// that left after relinquishing everything). See
     /// [`Handoff::note_last_word`].
-    empty_handed: BTreeMap<NodeId, (u64, ViewId)>,
+    empty_handed: BTreeMap<NodeId, u64>,
     /// Nodes whose latest word is a done marker for a view this node has not
     /// had in force (yet), with that word's epoch: decided when that view is
     /// installed here (see [`Handoff::note_last_word`]).
@@ -864,8 +864,8 @@ impl<W> Handoff<W> {
             .collect();
         for (n, e) in due {
             self.pending_done.remove(&n);
-            if !table.view().contains(&n) && self.empty_handed.get(&n).is_none_or(|x| x.0 < e) {
-                self.empty_handed.insert(n, (e, id));
+            if !table.view().contains(&n) && self.empty_handed.get(&n).is_none_or(|x| *x < e) {
+                self.empty_handed.insert(n, e);
             }
         }
         let old_self = self.self_index;
@@ -2277,17 +2277,17 @@ impl<W> Handoff<W> {
             }
         };
         match self.empty_handed.get(from) {
-            Some(&(e, _)) if e >= epoch => false,
+            Some(&e) if e >= epoch => false,
             Some(_) if !empty => {
                 self.empty_handed.remove(from);
                 false
             }
             Some(_) => {
-                self.empty_handed.insert(from.clone(), (epoch, view));
+                self.empty_handed.insert(from.clone(), epoch);
                 false
             }
             None if empty => {
-                self.empty_handed.insert(from.clone(), (epoch, view));
+                self.empty_handed.insert(from.clone(), epoch);
                 true
             }
             None => false,
