@@ -503,7 +503,8 @@ impl Driver {
                     // still routed.
                     owner_rx.close();
                 }
-                if !owner_open && self.closed(now) {
+                let late = self.closing.as_ref().is_some_and(|c| now >= c.0);
+                if (!owner_open || late) && self.closed(now) {
                     break;
                 }
             }
@@ -562,6 +563,9 @@ impl Driver {
             }
         }
         if let Some((_, tx)) = self.closing.take() {
+            // Local sends still queued at the deadline.
+            self.counts
+                .dropped(DropReason::LeaveTimeout, owner_rx.len() as u64);
             // From here on the dispatcher refuses routed messages; those it
             // handed over already are refused here. It runs until the
             // transport shuts down.
@@ -1603,7 +1607,8 @@ async fn dispatch(
     while let Some(m) = messages.recv().await {
         let refusing = counts.refusing.load(Ordering::SeqCst);
         let delivered = match m.channel {
-            CH_MEMBERSHIP => refusing || membership_tx.send((m.from.addr, m.body)).await.is_ok(),
+            // The membership task outlives a closed driver until shutdown.
+            CH_MEMBERSHIP => membership_tx.send((m.from.addr, m.body)).await.is_ok() || refusing,
             CH_NOTICES if refusing => {
                 answer(m.reply, false);
                 true
