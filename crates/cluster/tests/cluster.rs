@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use shoal::wire::{CH_MEMBERSHIP, CH_NOTICES, CH_ROUTED, channel_id};
+use shoal::wire::{
+    CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, ROUTED_REFUSED, ROUTED_TAKEN, Refusal,
+    RefuseReason, Routed, channel_id,
+};
 use shoal::{ClusterCa, Error, MemberState, Node, NodeName, TransitionMode};
 use shoal_transport::{Dest, Transport, TransportConfig, WhenFull};
 
@@ -852,6 +855,90 @@ async fn counters_survive_join_leave_and_crash_exactly_once() {
         world.resent.lock().unwrap().len()
     );
     for n in &survivors {
+        n.shutdown().await;
+    }
+}
+
+/// A routed message a leaving node hands back (a `Refusal` on channel 4) is
+/// routed again by the node that gets it, which answers once it took it; a
+/// routed message sent as a request (a leaving node's forward) is answered
+/// likewise; a malformed refusal is answered refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_routed_again() {
+    let _serial = SERIAL.lock().await;
+    const DATUMS: i64 = 50;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let nodes = cluster(&ca, &["a", "b"]).await;
+    let (_, _inbox_a) = nodes[0].channel::<u64>("work").unwrap();
+    let (_, mut inbox_b) = nodes[1].channel::<u64>("work").unwrap();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    ready_all(&refs, DATUMS, &ledger).await;
+    settled(&refs, 2, DATUMS, &ledger).await;
+    let owned_by_b = (0..DATUMS)
+        .find(|id| nodes[0].owners(*id)[0].name == "b")
+        .unwrap();
+
+    // A leaving node "c" (a certificate of the cluster) talks to a.
+    let id = ca.issue(&NodeName::new("c").unwrap()).unwrap();
+    let (raw, _in) = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &id,
+        TransportConfig::default(),
+    )
+    .unwrap();
+    let to_a = Dest::node(NodeName::new("a").unwrap(), nodes[0].local().addr);
+    let routed = |n: u64| Routed {
+        channel: channel_id("work"),
+        datum_type: "series".into(),
+        id: owned_by_b,
+        origin: "a".into(),
+        hops: 1,
+        payload: Bytes::from(postcard::to_allocvec(&n).unwrap()),
+    };
+    let refusal = Refusal {
+        reason: RefuseReason::Leaving,
+        routed: routed(77),
+    };
+    let answer = raw
+        .request(&to_a, CH_REFUSED, refusal.encode(), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], ROUTED_TAKEN);
+    let m = tokio::time::timeout(PATIENCE, inbox_b.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload, 77);
+    assert_eq!(m.datum.unwrap().1, owned_by_b);
+    assert_eq!(nodes[0].snapshot().await.unwrap().facade.routed_rerouted, 1);
+
+    let answer = raw
+        .request(&to_a, CH_ROUTED, routed(78).encode(), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], ROUTED_TAKEN);
+    let m = tokio::time::timeout(PATIENCE, inbox_b.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload, 78);
+
+    let before = nodes[0].snapshot().await.unwrap().facade.malformed;
+    let answer = raw
+        .request(&to_a, CH_REFUSED, Bytes::from_static(&[1, 9, 9]), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], ROUTED_REFUSED);
+    assert_eq!(
+        nodes[0].snapshot().await.unwrap().facade.malformed,
+        before + 1
+    );
+    for n in &nodes {
+        assert_eq!(n.snapshot().await.unwrap().facade.routed_dropped, 0);
+    }
+    raw.shutdown().await;
+    for n in &nodes {
         n.shutdown().await;
     }
 }
