@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use shoal_placement::{NodeId, PlacementTable, Strategy, View};
 use shoal_transition::{
-    Config, Datum, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch, NoticeError, NoticeGroup,
-    ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
+    Config, Datum, DatumState, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch, NoticeError,
+    NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
 };
 
 fn id(name: &str, generation: u64) -> NodeId {
@@ -401,12 +401,12 @@ fn a_node_that_left_empty_handed_is_not_waited_for_when_another_fails() {
     assert!(gone >= 5, "{gone}");
 }
 
-/// Delivers among `alive` until quiet, except the state batches (no
-/// notices) `keep` picks, which are set aside undelivered.
+/// Delivers among `alive` until quiet, except the batches `keep` picks
+/// (sender, receiver, batch), which are set aside undelivered.
 fn settle_keeping(
     c: &mut Cluster,
     alive: &[usize],
-    keep: impl Fn(usize, usize) -> bool,
+    keep: impl Fn(usize, usize, &Transmit) -> bool,
     kept: &mut Vec<(usize, Transmit)>,
 ) {
     loop {
@@ -418,7 +418,7 @@ fn settle_keeping(
                 let to = c.index(&tx.to);
                 if !alive.contains(&to) {
                     c.nodes[n].send_done(tx.id, Err("gone".into()), c.now);
-                } else if tx.batch.groups.is_empty() && keep(n, to) {
+                } else if keep(n, to, &tx) {
                     kept.push((n, tx));
                 } else {
                     c.deliver(n, &tx);
@@ -457,7 +457,10 @@ fn join_then_leave_then_crash_fails_over_without_waiting_for_the_leaver() {
     }
     let all = [a, b, cc, d, e];
     let mut kept = Vec::new();
-    settle_keeping(&mut c, &all, |from, to| from == d && to == a, &mut kept);
+    // d's notices reach a; its announcements and done marker do not, yet.
+    let state_from_d =
+        |from: usize, to: usize, tx: &Transmit| from == d && to == a && tx.batch.groups.is_empty();
+    settle_keeping(&mut c, &all, state_from_d, &mut kept);
     assert!(c.nodes[d].is_idle(), "d relinquished everything");
     assert!((0..120).all(|id| !c.holders(id).contains(&d)));
     assert!(!kept.is_empty(), "d's done marker to a is on its way");
@@ -498,6 +501,75 @@ fn join_then_leave_then_crash_fails_over_without_waiting_for_the_leaver() {
         assert!(c.nodes[n].is_idle(), "node {n} waits for nobody");
         assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0);
     }
+}
+
+#[test]
+fn a_leavers_done_marker_for_a_view_not_installed_here_does_not_count_yet() {
+    // d skips the join's view and leaves: it relinquishes x under the view
+    // without it, to y, and says done to everyone (a farewell). x still waits
+    // for d under the join's view, which gives it to x_: were the farewell
+    // counted there, x_ would take x too once d is gone, while y holds it.
+    let (a, b, cc, d, e) = (0, 1, 2, 3, 4);
+    let all = [a, b, cc, d, e];
+    let mut c = Cluster::new(&["a", "b", "c", "d", "e"], 120, 4);
+    for n in all {
+        c.nodes[n].set_peers(c.ids.clone().iter(), c.now);
+    }
+    c.settle();
+    let v1 = c.table_of(&[a, b, cc, d]);
+    let join = c.table_of(&[a, b, cc, d, e]);
+    let leave = c.table_of(&[a, b, cc, e]);
+    let owner = |c: &Cluster, t: &PlacementTable, id: i64| c.index(t.owner_ids(id).next().unwrap());
+    let (x, waiter, taker) = (0..120)
+        .map(|id| (id, owner(&c, &join, id), owner(&c, &leave, id)))
+        .find(|&(id, w, t)| owner(&c, &v1, id) == d && w != d && t != w)
+        .unwrap();
+    assert_eq!(c.holders(x), vec![d]);
+
+    for n in [a, b, cc, e] {
+        c.nodes[n].install(Arc::clone(&join), c.now);
+    }
+    c.settle();
+    assert_eq!(
+        c.nodes[waiter].state(c.datum(waiter, x)),
+        Some(DatumState::Awaiting)
+    );
+    for n in all.into_iter().filter(|&n| n != waiter) {
+        c.nodes[n].install(Arc::clone(&leave), c.now);
+    }
+    // What the others send under the view without d is slow to reach the
+    // waiter: their done markers for the join's view still count there.
+    let mut kept = Vec::new();
+    settle_keeping(
+        &mut c,
+        &all,
+        |from, to, _| to == waiter && from != d,
+        &mut kept,
+    );
+    assert_eq!(c.holders(x), vec![taker], "d handed x to {taker}");
+    assert!(c.nodes[d].is_idle());
+    let left = c.ids[d].clone();
+    for n in [a, b, cc, e] {
+        c.nodes[n].peer_left(&left, c.now);
+    }
+    let alive = [a, b, cc, e];
+    settle_keeping(&mut c, &alive, |_, to, _| to == waiter, &mut kept);
+    assert_eq!(c.holders(x), vec![taker], "one owner");
+    assert_eq!(
+        c.nodes[waiter].state(c.datum(waiter, x)),
+        Some(DatumState::Awaiting)
+    );
+
+    // Once the waiter gets there, it all settles.
+    for (from, tx) in kept {
+        c.deliver(from, &tx);
+    }
+    c.nodes[waiter].install(Arc::clone(&leave), c.now);
+    settle_among(&mut c, &alive);
+    for id in 0..120 {
+        assert_eq!(c.holders(id), vec![owner(&c, &leave, id)], "datum {id}");
+    }
+    assert!(alive.iter().all(|&n| c.nodes[n].is_idle()));
 }
 
 #[test]
