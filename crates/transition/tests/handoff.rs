@@ -573,6 +573,72 @@ fn a_leavers_done_marker_for_a_view_not_installed_here_does_not_count_yet() {
 }
 
 #[test]
+fn a_parked_notice_of_a_node_that_left_is_spent() {
+    // d leaves under w and hands x to z, which skipped w and parks the
+    // notice. d says done under w; once d is gone, the primary of x in the
+    // view z skipped to takes x (d held nothing). When w comes back, z must
+    // not take x on d's old notice while that primary still holds it.
+    let (a, b, cc, d) = (0, 1, 2, 3);
+    let mut c = Cluster::new(&["a", "b", "c", "d"], 60, 4);
+    for n in [a, b, cc, d] {
+        c.nodes[n].set_peers(c.ids.clone().iter(), c.now);
+    }
+    c.settle();
+    let owner = |c: &Cluster, t: &PlacementTable, id: i64| c.index(t.owner_ids(id).next().unwrap());
+    let v1 = c.table_of(&[a, b, cc, d]);
+    let w = c.table_of(&[a, b, cc]);
+    let (x, z, taker, q, skipped) = (0..60)
+        .flat_map(|id| [a, b, cc].map(|q| (id, q)))
+        .find_map(|(id, q)| {
+            let rest: Vec<usize> = [a, b, cc].into_iter().filter(|&n| n != q).collect();
+            let skipped = c.table_of(&rest);
+            let (z, taker) = (owner(&c, &w, id), owner(&c, &skipped, id));
+            (owner(&c, &v1, id) == d && z != q && taker != z).then_some((id, z, taker, q, skipped))
+        })
+        .unwrap();
+    // z goes straight to the view without q; the others pass through w.
+    c.nodes[z].install(Arc::clone(&skipped), c.now);
+    for n in [a, b, cc, d].into_iter().filter(|&n| n != z) {
+        c.nodes[n].install(Arc::clone(&w), c.now);
+    }
+    c.settle();
+    assert!(c.nodes[d].is_idle());
+    assert!(
+        c.nodes[z].progress().parked_notices > 0,
+        "z parked d's notices"
+    );
+    for n in [a, b, cc].into_iter().filter(|&n| n != z) {
+        c.nodes[n].install(Arc::clone(&skipped), c.now);
+    }
+    let left = c.ids[d].clone();
+    for n in [a, b, cc] {
+        c.nodes[n].peer_left(&left, c.now);
+    }
+    settle_among(&mut c, &[a, b, cc]);
+    assert_eq!(c.holders(x), vec![taker], "{taker} took x: d held nothing");
+    // q is ready again: w recurs, and z installs it first.
+    c.nodes[z].install(Arc::clone(&w), c.now);
+    let mut kept = Vec::new();
+    settle_keeping(&mut c, &[a, b, cc], |from, _, _| from == z, &mut kept);
+    assert_eq!(
+        c.holders(x),
+        vec![taker],
+        "z did not take x on the spent notice"
+    );
+    for n in [a, b, cc].into_iter().filter(|&n| n != z) {
+        c.nodes[n].install(Arc::clone(&w), c.now);
+    }
+    for (from, tx) in kept {
+        c.deliver(from, &tx);
+    }
+    settle_among(&mut c, &[a, b, cc]);
+    assert!(c.nodes[q].is_idle());
+    for id in 0..60 {
+        assert_eq!(c.holders(id), vec![owner(&c, &w, id)], "datum {id}");
+    }
+}
+
+#[test]
 fn relinquish_failures_are_retried_with_backoff_and_reported() {
     let mut c = Cluster::new(&["a", "b"], 2, 1);
     let t = c.table_of(&[0, 1]);
