@@ -32,6 +32,7 @@ use crate::config::{NodeConfig, TransitionMode};
 use crate::datum::{ErasedDatum, HandoffContext};
 use crate::error::Error;
 use crate::gossip::{FromMembership, MembershipSnapshot};
+use crate::lease::LeaseCell;
 use crate::view::{ClusterView, FacadeCounters, NodeInfo, RoutedDrops, Snapshot, TransitionReport};
 use crate::wire::{
     self, CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, Refusal, RefuseReason, Routed,
@@ -400,6 +401,8 @@ pub(crate) struct Driver {
     /// after a declared death) starts a new one, and completions of the old
     /// one's jobs and sends are ignored.
     instance: u64,
+    /// The ownership lease, as the membership task last published it.
+    lease: Arc<LeaseCell>,
     stop: bool,
     /// Jobs are left over from the last pump: loop again without sleeping.
     more_jobs: bool,
@@ -450,6 +453,7 @@ impl Driver {
             view_dirty: true,
             fenced: false,
             instance: 0,
+            lease: Arc::new(LeaseCell::new(Instant::now())),
             stop: false,
             more_jobs: false,
         };
@@ -652,6 +656,7 @@ impl Driver {
         [
             self.handoff.poll_timeout(),
             self.waiters.iter().map(|w| w.deadline).min(),
+            self.lease.expiry(),
             self.parked.front().map(|p| p.retry_at),
             self.early_notices.iter().map(|e| e.until).min(),
             self.closing.as_ref().map(|c| c.0),
@@ -663,7 +668,29 @@ impl Driver {
 
     // ----- the state machines' outputs ---------------------------------------
 
+    /// The lease cell the membership task publishes the lease in.
+    pub(crate) fn lease(&self) -> Arc<LeaseCell> {
+        Arc::clone(&self.lease)
+    }
+
+    /// Tells the handoff whether this node may act as an owner at `now`
+    /// (its lease), before anything is routed or acquired.
+    fn refresh_standing(&mut self, now: Instant) {
+        let valid = self.lease.valid(now);
+        if valid != self.handoff.has_standing() {
+            if valid {
+                info!(node = %self.name, "ownership lease valid again");
+            } else {
+                warn!(node = %self.name, "ownership lease lapsed: holding work for owned datums");
+            }
+            metrics::gauge!("shoal_standing").set(if valid { 1.0 } else { 0.0 });
+            self.handoff.set_standing(valid, now);
+            self.view_dirty = true;
+        }
+    }
+
     fn pump(&mut self, now: Instant) {
+        self.refresh_standing(now);
         if self.handoff.poll_timeout().is_some_and(|t| t <= now) {
             self.handoff.handle_timeout(now);
         }
@@ -1075,6 +1102,7 @@ impl Driver {
             placement: Arc::clone(self.handoff.table()),
             version: self.version,
             fenced: self.fenced,
+            standing: self.handoff.has_standing(),
         };
         self.view_tx.send_replace(Arc::new(view));
     }
@@ -1347,6 +1375,7 @@ impl Driver {
     }
 
     fn route_message(&mut self, mut routed: Routed, from_here: bool, retry: bool, now: Instant) {
+        self.refresh_standing(now);
         enum Decision {
             Here,
             Forward(NodeId),

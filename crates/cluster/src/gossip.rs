@@ -135,6 +135,8 @@ pub(crate) struct MembershipTask {
     /// must have lapsed (`takeover_delay`), and drops it if the member
     /// refutes first.
     gate: TakeoverGate,
+    /// Where the lease deadline is published for the driver.
+    lease: Arc<crate::lease::LeaseCell>,
 }
 
 impl MembershipTask {
@@ -145,6 +147,7 @@ impl MembershipTask {
         counts: Arc<Counts>,
         peer_queue: usize,
         to_driver: mpsc::Sender<FromMembership>,
+        lease: Arc<crate::lease::LeaseCell>,
     ) -> MembershipTask {
         let last_local = membership.local().clone();
         let gate = TakeoverGate::new(membership.takeover_delay());
@@ -170,6 +173,7 @@ impl MembershipTask {
             reborn: None,
             leaving: false,
             gate,
+            lease,
         }
     }
 
@@ -242,6 +246,7 @@ impl MembershipTask {
         if self.gate.poll_timeout().is_some_and(|t| t <= now) {
             self.gate.handle_timeout(now);
         }
+        self.lease.set(&self.membership.standing(now));
         if self.rejoining && self.membership.num_live() > 1 {
             // The rejoin was answered: this generation knows the cluster.
             self.rejoining = false;
@@ -545,6 +550,7 @@ mod tests {
             Arc::new(Counts::default()),
             64,
             events_tx,
+            Arc::new(crate::lease::LeaseCell::new(Instant::now())),
         );
         let task = tokio::spawn(task.run(datagrams, packets_rx, commands_rx));
         Running {

@@ -58,6 +58,7 @@ mod datum;
 mod driver;
 mod error;
 mod gossip;
+mod lease;
 mod node;
 mod view;
 pub mod wire;

@@ -201,6 +201,7 @@ impl Node {
             placement: Arc::clone(handoff.table()),
             version: 0,
             fenced: false,
+            standing: true,
         };
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
         let (cmd_tx, cmd_rx) = mpsc::channel(config.limits.command_queue);
@@ -225,6 +226,7 @@ impl Node {
             view_tx,
             Arc::clone(&counts),
         );
+        let lease = driver.lease();
         let gossip = MembershipTask::new(
             membership,
             mconfig,
@@ -232,6 +234,7 @@ impl Node {
             Arc::clone(&counts),
             config.limits.peer_queue,
             events_tx,
+            lease,
         );
         let tasks = vec![
             tokio::spawn(gossip.run(datagrams, packets_rx, membership_cmd_rx)),

@@ -69,6 +69,11 @@ pub struct ClusterView {
     pub version: u64,
     /// Whether the cluster declared this node failed (it processes nothing).
     pub fenced: bool,
+    /// Whether this node may act as an owner now: its ownership lease is
+    /// valid (fresh contact with the cluster and, by default, a majority of
+    /// it in sight; `docs/partitions.md`). While it is not, work for the
+    /// datums it holds waits and nothing is acquired.
+    pub standing: bool,
 }
 
 impl ClusterView {

@@ -409,6 +409,17 @@ impl Lease {
         if self.strategy == LeaseStrategy::Off {
             return Standing::Valid { until: None };
         }
+        let alone_may_own = match self.strategy {
+            LeaseStrategy::StaticQuorum(quorum) => quorum <= 1,
+            _ => true,
+        };
+        if self.ref_remote == 0 && self.ref_ghosts == 0 && self.view_alive == 0 && alone_may_own {
+            // A cluster of one: no live peer in sight and none in the
+            // reference set (it never had one, or every peer left or was
+            // failed over while its lease was valid): nobody to answer its
+            // probes, and nobody to compete with.
+            return Standing::Valid { until: None };
+        }
         let Some(until) = self.contact_until(now) else {
             return Standing::NoContact {
                 last_contact: self.last_contact,

@@ -383,6 +383,9 @@ pub struct Handoff<W = Vec<u8>> {
     events: VecDeque<Event>,
     counters: Counters,
     fenced: bool,
+    /// Whether this node may act as an owner (its ownership lease, from
+    /// membership): see [`Handoff::set_standing`].
+    standing: bool,
     now: Option<Instant>,
     transition: Option<ViewId>,
     /// Nodes (other than this one, not gone) that may hold a datum of this
@@ -478,6 +481,7 @@ impl<W> Handoff<W> {
             events: VecDeque::new(),
             counters: Counters::default(),
             fenced: false,
+            standing: true,
             now: None,
             transition: None,
             done_missing: BTreeSet::new(),
@@ -573,6 +577,39 @@ impl<W> Handoff<W> {
     #[must_use]
     pub fn is_fenced(&self) -> bool {
         self.fenced
+    }
+
+    /// Whether this node may act as an owner (see [`Handoff::set_standing`]).
+    #[must_use]
+    pub fn has_standing(&self) -> bool {
+        self.standing
+    }
+
+    /// Tells the handoff whether this node may act as an owner now: its
+    /// ownership lease (`shoal_membership::Membership::standing`). True
+    /// at the start.
+    ///
+    /// While it may not (cut off from the majority, or just woken from a
+    /// pause): work for the datums it holds is held, not processed
+    /// ([`Route::Hold`]); no acquire job is handed out (relinquish jobs
+    /// still are: they give datums up, and a fencing store refuses their
+    /// writes if a successor already claimed the datum); and a peer declared
+    /// failed meanwhile is not failed over by this node (its view of who
+    /// failed comes from the wrong side). When it may again, held work for
+    /// the datums it still holds is released to it.
+    pub fn set_standing(&mut self, valid: bool, now: Instant) {
+        let _ = self.clock(now);
+        if self.standing == valid {
+            return;
+        }
+        self.standing = valid;
+        if valid {
+            info!(node = %self.local, "standing regained: acting as owner again");
+            self.recheck_held();
+        } else {
+            self.counters.standing_lost += 1;
+            warn!(node = %self.local, "standing lost: holding work, no acquisitions");
+        }
     }
 
     /// Datums in flight on this node (see [`Progress::in_flight`]).
@@ -702,7 +739,8 @@ impl<W> Handoff<W> {
         };
         use Phase::*;
         match s.phase {
-            Held => Route::Process,
+            Held if self.standing => Route::Process,
+            Held => Route::Hold,
             RelinquishQueued | Relinquishing | RelinquishBackoff | Awaiting | AcquireQueued
             | Acquiring | AcquireBackoff => Route::Hold,
             Free | Relay | TokenWait | TokenQueued | TokenParked | Passed => match by_table() {
@@ -1291,9 +1329,16 @@ impl<W> Handoff<W> {
     /// only to a node declared failed while it is a member of the view in
     /// force (it died holding its datums). A node already out of the view
     /// (not ready, leaving) may have relinquished under a view this node has
-    /// not seen; its datums wait for the notice or the timeout.
+    /// not seen; its datums wait for the notice or the timeout. Neither is a
+    /// failover decided while this node has no standing
+    /// ([`Handoff::set_standing`]): cut off from the majority, it sees the
+    /// others fail, not the other way round.
     pub fn peer_failed(&mut self, node: &NodeId, now: Instant) {
-        if !self.fenced && *node != self.local && self.current.view().contains(node) {
+        if !self.fenced
+            && self.standing
+            && *node != self.local
+            && self.current.view().contains(node)
+        {
             self.failed.insert(node.clone());
         }
         self.peer_gone(node, now);
@@ -1447,7 +1492,8 @@ impl<W> Handoff<W> {
         // Every acquisition's token is at least every epoch this node has
         // heard and its own install count (see `FencingToken`).
         let token = self.install_seq.max(self.heard_epoch);
-        while self.registry.count(Phase::Acquiring) < self.config.max_acquire_jobs {
+        while self.standing && self.registry.count(Phase::Acquiring) < self.config.max_acquire_jobs
+        {
             let Some(d) = self.acquire_queue.pop_front() else {
                 break;
             };

@@ -180,8 +180,9 @@ pub enum Route<'a> {
     Process,
     /// Another node owns (or is about to own) the datum: forward the work there.
     Forward(&'a NodeId),
-    /// The datum is in flight here: keep the work with
-    /// [`Handoff::hold`](crate::Handoff::hold) until it lands.
+    /// The datum is in flight here, or held here by a node that may not act
+    /// as owner right now (no standing): keep the work with
+    /// [`Handoff::hold`](crate::Handoff::hold) until it can go.
     Hold,
     /// This node was declared failed by the cluster: it processes nothing.
     Fenced,
@@ -378,6 +379,8 @@ pub struct Counters {
     pub send_failures: u64,
     /// Notice batches received and decoded.
     pub batches_received: u64,
+    /// Times this node lost its standing (see `Handoff::set_standing`).
+    pub standing_lost: u64,
     /// Batches refused because their epoch jumped implausibly far ahead of
     /// every epoch this node knew (they would exhaust fencing tokens).
     pub epoch_jumps_refused: u64,

@@ -1058,3 +1058,38 @@ fn a_batch_whose_epoch_jumps_too_far_is_refused() {
     c.nodes[1].install(t, c.now);
     assert_eq!(c.nodes[1].epoch(), before + 1001);
 }
+
+#[test]
+fn without_standing_a_node_holds_work_acquires_nothing_and_fails_nobody_over() {
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 3);
+    let on_a = (0..30).find(|&i| c.holders(i) == vec![0]).unwrap();
+    let d = c.datum(0, on_a);
+    assert_eq!(c.nodes[0].route(d), Route::Process);
+    c.nodes[0].set_standing(false, c.now);
+    assert!(!c.nodes[0].has_standing());
+    assert_eq!(c.nodes[0].route(d), Route::Hold);
+    c.nodes[0].hold(d, 7).unwrap();
+    assert!(c.nodes[0].poll_release().is_none());
+    // Cut off, a sees b and c fail: it takes none of their datums.
+    let t = c.table_of(&[0]);
+    for dead in [1, 2] {
+        let id = c.ids[dead].clone();
+        c.nodes[0].peer_failed(&id, c.now);
+    }
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    while let Some(job) = c.nodes[0].poll_job() {
+        assert_ne!(
+            job.kind,
+            JobKind::Acquire,
+            "no acquisition without standing"
+        );
+        c.nodes[0].job_done(job, Ok(()), c.now);
+    }
+    assert_eq!(c.nodes[0].counters().acquired_owner_gone, 0);
+    assert_eq!(c.nodes[0].counters().standing_lost, 1);
+    // Standing back: the held work goes to the datum it still holds.
+    c.nodes[0].set_standing(true, c.now);
+    let r = c.nodes[0].poll_release().expect("released");
+    assert_eq!((r.datum, r.to, r.work), (d, ReleaseTo::Process, vec![7]));
+    assert_eq!(c.nodes[0].route(d), Route::Process);
+}
