@@ -860,6 +860,13 @@ impl Driver {
             }
         };
         let old = std::mem::replace(&mut self.handoff, handoff);
+        // The cluster as the old generation last saw it: with it as its
+        // first view, the new generation knows who held what, and waits for
+        // their notices instead of taking datums as their first owner. The
+        // old generation is gone: no done marker will come from it.
+        let old_me = old.local().clone();
+        self.handoff.install(Arc::clone(old.table()), now);
+        self.handoff.peer_left(&old_me, now);
         let datums = std::mem::take(&mut self.datums);
         for (_, datum) in datums {
             let Ok(ty) = self.handoff.datum_type(datum.type_name()) else {

@@ -1234,9 +1234,14 @@ impl<R: Rng> Membership<R> {
                 self.add_to_probe_order(slot);
             }
         }
-        let acted_on = down_since.is_none_or(|since| {
-            now.saturating_duration_since(since) >= self.config.takeover_delay()
-        });
+        // A node that lost its standing and has not regained it (cut off,
+        // now healing) failed nobody over: its notice would only fence a
+        // healthy member that answered it.
+        let lapsed = self.stats.standing_lost > 0 && !self.standing(now).is_valid();
+        let acted_on = !lapsed
+            && down_since.is_none_or(|since| {
+                now.saturating_duration_since(since) >= self.config.takeover_delay()
+            });
         if state == MemberState::Dead && mode.announces() && acted_on {
             // Our verdict stood for the takeover delay: the layers above
             // have taken its datums over. It refuted, maybe without ever
@@ -1514,10 +1519,19 @@ impl<R: Rng> Membership<R> {
             // delay or it tells us so at our new incarnation: no fence.
             // Reported once per (accuser, incarnation): copies of one
             // verdict arrive by many gossip paths.
+            // A node whose ownership lease is valid refutes such a verdict
+            // instead: with the majority in sight and fresh contact, the
+            // verdict comes from a node that could not reach it (a cut-off
+            // minority spreading stale verdicts after a heal); the others
+            // hold a verdict back for the takeover delay and withdraw it
+            // when the refutation arrives, and one that acted anyway sends
+            // the acted-on notice, which always fences.
+            let standing = self.standing(now).is_valid();
             if !left
                 && self.local.state == MemberState::Alive
                 && acc.generation == self.local.generation
                 && acc.incarnation >= self.local.incarnation
+                && (acc.incarnation == wire::ACTED_ON || !standing)
             {
                 // (`ACTED_ON` is above every incarnation: a verdict its
                 // author acted on, told after our refutation reached it.)

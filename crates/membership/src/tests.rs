@@ -2403,3 +2403,30 @@ fn other_strategies() {
     n.leave(t);
     assert_eq!(n.standing(t), Standing::Inactive);
 }
+
+#[test]
+fn a_node_with_a_valid_lease_refutes_a_verdict_at_its_incarnation_instead_of_fencing() {
+    let start = Instant::now();
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut t = start;
+    establish(&mut n, &mut t);
+    drain_events(&mut n);
+    let inc = n.local().incarnation;
+    // A stale verdict (a cut-off node that could not reach us) while we
+    // hold the majority and fresh contact: refuted, not a fence.
+    deliver(&mut n, &[dead("me", 100, inc, "x0")], t);
+    assert!(
+        !drain_events(&mut n).contains(&Event::DeclaredFailed),
+        "a node with standing fenced"
+    );
+    assert!(n.local().incarnation > inc, "refuted");
+    // Without fresh contact the same kind of verdict fences: others may
+    // have acted on it.
+    t += Config::lan().lease_period * 2;
+    n.handle_timeout(t);
+    drain_events(&mut n);
+    assert!(!n.standing(t).is_valid());
+    let inc = n.local().incarnation;
+    deliver(&mut n, &[dead("me", 100, inc, "x1")], t);
+    assert!(drain_events(&mut n).contains(&Event::DeclaredFailed));
+}

@@ -591,12 +591,13 @@ impl<W> Handoff<W> {
     ///
     /// While it may not (cut off from the majority, or just woken from a
     /// pause): work for the datums it holds is held, not processed
-    /// ([`Route::Hold`]); no acquire job is handed out (relinquish jobs
-    /// still are: they give datums up, and a fencing store refuses their
-    /// writes if a successor already claimed the datum); and a peer declared
-    /// failed meanwhile is not failed over by this node (its view of who
-    /// failed comes from the wrong side). When it may again, held work for
-    /// the datums it still holds is released to it.
+    /// ([`Route::Hold`]); no job is handed out (an acquire would load and
+    /// claim a datum, a relinquish would write it: both act as owner; a
+    /// relinquish waits for the lease to come back, and if the node is
+    /// declared dead meanwhile its successor takes the datum over); and a
+    /// peer declared failed meanwhile is not failed over by this node (its
+    /// view of who failed comes from the wrong side). When it may again,
+    /// held work for the datums it still holds is released to it.
     pub fn set_standing(&mut self, valid: bool, now: Instant) {
         let _ = self.clock(now);
         if self.standing == valid {
@@ -1464,7 +1465,7 @@ impl<W> Handoff<W> {
     /// The next relinquish or acquire job for the application, within the
     /// configured concurrency caps. Report it with [`Handoff::job_done`].
     pub fn poll_job(&mut self) -> Option<Job> {
-        if self.fenced {
+        if self.fenced || !self.standing {
             return None;
         }
         let view = self.current.view_id();

@@ -275,3 +275,44 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// UDP traffic between two sets of loopback ports dropped with nftables
+/// (both ways) until dropped. `None` when nftables cannot be used here (not
+/// root, or `nft` missing: `.ci/run` installs it).
+pub struct Cut {
+    table: String,
+}
+
+impl Cut {
+    pub fn new(a: &[u16], b: &[u16]) -> Option<Cut> {
+        use std::process::Command;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let table = format!("shoal_test_{}_{n}", std::process::id());
+        let set = |ports: &[u16]| {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            format!("{{ {} }}", list.join(", "))
+        };
+        let (a, b) = (set(a), set(b));
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} input {{ type filter hook input priority -10 ; }}\n\
+             add rule inet {table} input udp sport {a} udp dport {b} drop\n\
+             add rule inet {table} input udp sport {b} udp dport {a} drop\n"
+        );
+        let ok = Command::new("nft")
+            .arg(&script)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let cut = Cut { table };
+        ok.then_some(cut)
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
