@@ -360,10 +360,25 @@ impl Lease {
         if self.strategy == LeaseStrategy::Off {
             return None;
         }
+        if self.reported && self.alone() {
+            return None;
+        }
         if !self.reported {
             return self.returning_since?.checked_add(self.settle);
         }
         self.last_contact?.checked_add(self.period)
+    }
+
+    /// A cluster of one: no live peer in sight and none in the reference
+    /// set (it never had one, or every peer left or was failed over while
+    /// its lease was valid): nobody to answer its probes, and nobody to
+    /// compete with, so it needs no contact.
+    fn alone(&self) -> bool {
+        let alone_may_own = match self.strategy {
+            LeaseStrategy::StaticQuorum(quorum) => quorum <= 1,
+            _ => true,
+        };
+        self.ref_remote == 0 && self.ref_ghosts == 0 && self.view_alive == 0 && alone_may_own
     }
 
     /// A lease that is not reported valid, whose evidence (`base`) holds at
@@ -409,15 +424,7 @@ impl Lease {
         if self.strategy == LeaseStrategy::Off {
             return Standing::Valid { until: None };
         }
-        let alone_may_own = match self.strategy {
-            LeaseStrategy::StaticQuorum(quorum) => quorum <= 1,
-            _ => true,
-        };
-        if self.ref_remote == 0 && self.ref_ghosts == 0 && self.view_alive == 0 && alone_may_own {
-            // A cluster of one: no live peer in sight and none in the
-            // reference set (it never had one, or every peer left or was
-            // failed over while its lease was valid): nobody to answer its
-            // probes, and nobody to compete with.
+        if self.alone() {
             return Standing::Valid { until: None };
         }
         let Some(until) = self.contact_until(now) else {

@@ -1234,14 +1234,9 @@ impl<R: Rng> Membership<R> {
                 self.add_to_probe_order(slot);
             }
         }
-        // A node that lost its standing and has not regained it (cut off,
-        // now healing) failed nobody over: its notice would only fence a
-        // healthy member that answered it.
-        let lapsed = self.stats.standing_lost > 0 && !self.standing(now).is_valid();
-        let acted_on = !lapsed
-            && down_since.is_none_or(|since| {
-                now.saturating_duration_since(since) >= self.config.takeover_delay()
-            });
+        let acted_on = down_since.is_none_or(|since| {
+            now.saturating_duration_since(since) >= self.config.takeover_delay()
+        });
         if state == MemberState::Dead && mode.announces() && acted_on {
             // Our verdict stood for the takeover delay: the layers above
             // have taken its datums over. It refuted, maybe without ever

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use shoal_membership::Event as MembershipEvent;
+use shoal_membership::{Event as MembershipEvent, TakeoverGate};
 use shoal_placement::{Member as PlacementMember, NodeId, PlacementTable, Strategy, View};
 use shoal_transition::{
     Config as HandoffConfig, Datum, DatumType, Event, Handoff, Job, JobKind, ReleaseTo, Route,
@@ -421,6 +421,10 @@ pub struct TransitionNode {
     /// knows another live member, or at this time if it still knows none
     /// (the first node).
     ready_alone_at: Option<Instant>,
+    /// Membership events pass through the takeover gate, as in the facade:
+    /// a declared death is acted on only once the member's lease must have
+    /// lapsed, and not at all if it refutes first.
+    gate: TakeoverGate,
 }
 
 impl fmt::Debug for TransitionNode {
@@ -783,47 +787,21 @@ impl Application for TransitionNode {
             leaving: false,
             departing: false,
             ready_alone_at: Some(now + READY_ALONE_AFTER),
+            gate: TakeoverGate::new(ctx.membership().takeover_delay()),
         }
     }
 
     fn on_event(&mut self, event: &MembershipEvent, ctx: &mut AppCtx<'_, TransitionLedger>) {
         let now = ctx.now();
-        match event {
-            MembershipEvent::ViewChanged(members) => {
-                self.install(members, ctx);
-                self.maybe_ready(ctx);
+        self.refresh_standing(ctx);
+        if matches!(event, MembershipEvent::DeclaredFailed) {
+            // Self-fencing is never held back.
+            self.on_gated_event(event, ctx);
+        } else {
+            self.gate.handle_event(event.clone(), now);
+            while let Some(e) = self.gate.poll_event() {
+                self.on_gated_event(&e, ctx);
             }
-            MembershipEvent::Failed(m) | MembershipEvent::Left(m) => {
-                let key: Key = (m.name.clone(), m.generation);
-                if key != self.key {
-                    let failed = matches!(event, MembershipEvent::Failed(_));
-                    if failed {
-                        ctx.shared().declared.insert(key.clone());
-                        ctx.shared().detected(&key, now);
-                    }
-                    if let Some(core) = self.core.as_mut() {
-                        let id = node_id(&key);
-                        if failed {
-                            core.handoff.peer_failed(&id, now);
-                        } else {
-                            core.handoff.peer_left(&id, now);
-                        }
-                    }
-                }
-            }
-            MembershipEvent::DeclaredFailed => {
-                ctx.shared().declared.insert(self.key.clone());
-                if let Some(core) = self.core.as_mut() {
-                    core.handoff.fence(now);
-                }
-                // A fenced state machine is final: this process leaves and
-                // exits; a new generation would start afresh.
-                if !self.leaving {
-                    self.leaving = true;
-                    ctx.leave();
-                }
-            }
-            _ => {}
         }
         self.pump(ctx);
     }
@@ -834,23 +812,8 @@ impl Application for TransitionNode {
         payload: &[u8],
         ctx: &mut AppCtx<'_, TransitionLedger>,
     ) {
-        let now = ctx.now();
-        match payload.split_first() {
-            Some((&TAG_NOTICES, bytes)) => {
-                if let Some(core) = self.core.as_mut() {
-                    let peer = NodeId::new(&*from.name, from.generation);
-                    if core.handoff.handle_notices(&peer, bytes, now).is_err() {
-                        ctx.shared().stats.batches_refused += 1;
-                    }
-                }
-            }
-            Some((&TAG_WORK, bytes)) => match WorkItem::decode(bytes) {
-                Some(item) => self.route(item, ctx),
-                None => Self::violation(ctx, "undecodable work message".into()),
-            },
-            _ => Self::violation(ctx, "unknown application message".into()),
-        }
-        self.pump(ctx);
+        self.refresh_standing(ctx);
+        self.on_message_inner(from, payload, ctx);
     }
 
     fn on_send_done(
@@ -884,6 +847,13 @@ impl Application for TransitionNode {
 
     fn on_timeout(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
         let now = ctx.now();
+        self.refresh_standing(ctx);
+        if self.gate.poll_timeout().is_some_and(|t| t <= now) {
+            self.gate.handle_timeout(now);
+            while let Some(e) = self.gate.poll_event() {
+                self.on_gated_event(&e, ctx);
+            }
+        }
         while let Some(entry) = self.jobs.first_entry() {
             if entry.key().0 > now {
                 break;
@@ -963,6 +933,9 @@ impl Application for TransitionNode {
         if let Some(t) = self.core.as_ref().and_then(|c| c.handoff.poll_timeout()) {
             next = next.min(t);
         }
+        if let Some(t) = self.gate.poll_timeout() {
+            next = next.min(t);
+        }
         Some(next)
     }
 
@@ -990,6 +963,86 @@ impl Application for TransitionNode {
                 shared.stats.work_maybe_lost += 1;
             }
         }
+    }
+}
+
+impl TransitionNode {
+    /// The handoff learns whether this node may act as an owner (its
+    /// lease), as the facade's driver does before every decision.
+    fn refresh_standing(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let now = ctx.now();
+        let valid = ctx.membership().standing(now).is_valid();
+        if let Some(core) = self.core.as_mut()
+            && core.handoff.has_standing() != valid
+        {
+            core.handoff.set_standing(valid, now);
+        }
+    }
+
+    fn on_gated_event(&mut self, event: &MembershipEvent, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let now = ctx.now();
+        match event {
+            MembershipEvent::ViewChanged(members) => {
+                self.install(members, ctx);
+                self.maybe_ready(ctx);
+            }
+            MembershipEvent::Failed(m) | MembershipEvent::Left(m) => {
+                let key: Key = (m.name.clone(), m.generation);
+                if key != self.key {
+                    let failed = matches!(event, MembershipEvent::Failed(_));
+                    if failed {
+                        ctx.shared().declared.insert(key.clone());
+                        ctx.shared().detected(&key, now);
+                    }
+                    if let Some(core) = self.core.as_mut() {
+                        let id = node_id(&key);
+                        if failed {
+                            core.handoff.peer_failed(&id, now);
+                        } else {
+                            core.handoff.peer_left(&id, now);
+                        }
+                    }
+                }
+            }
+            MembershipEvent::DeclaredFailed => {
+                ctx.shared().declared.insert(self.key.clone());
+                if let Some(core) = self.core.as_mut() {
+                    core.handoff.fence(now);
+                }
+                // A fenced state machine is final: this process leaves and
+                // exits; a new generation would start afresh.
+                if !self.leaving {
+                    self.leaving = true;
+                    ctx.leave();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_message_inner(
+        &mut self,
+        from: &NodeInfo,
+        payload: &[u8],
+        ctx: &mut AppCtx<'_, TransitionLedger>,
+    ) {
+        let now = ctx.now();
+        match payload.split_first() {
+            Some((&TAG_NOTICES, bytes)) => {
+                if let Some(core) = self.core.as_mut() {
+                    let peer = NodeId::new(&*from.name, from.generation);
+                    if core.handoff.handle_notices(&peer, bytes, now).is_err() {
+                        ctx.shared().stats.batches_refused += 1;
+                    }
+                }
+            }
+            Some((&TAG_WORK, bytes)) => match WorkItem::decode(bytes) {
+                Some(item) => self.route(item, ctx),
+                None => Self::violation(ctx, "undecodable work message".into()),
+            },
+            _ => Self::violation(ctx, "unknown application message".into()),
+        }
+        self.pump(ctx);
     }
 }
 
