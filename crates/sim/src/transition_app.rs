@@ -1345,7 +1345,16 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         return report;
     }
     let base = Instant::now();
-    let mut cfg = SimConfig::new(opts.seed, shoal_membership::Config::lan());
+    // Leases off: these scenarios' checker counts a datum held from its
+    // acquire to the end of its relinquish, not acted on under a valid
+    // lease, so a lapsed holder that stops acting would read as a second
+    // owner. The gate and the standing rule run (as pass-throughs with no
+    // lease); the lease scenarios need an acting-owner checker.
+    let mconfig = shoal_membership::Config {
+        lease: shoal_membership::LeaseStrategy::Off,
+        ..shoal_membership::Config::lan()
+    };
+    let mut cfg = SimConfig::new(opts.seed, mconfig);
     // Nodes join first, then become ready (as `shoal-cluster` nodes do).
     cfg.ready_on_start = opts.ready_on_start;
     let shared = TransitionLedger::new(settings, base);
