@@ -12,10 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use shoal::wire::{
-    CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, ROUTED_REFUSED, ROUTED_TAKEN, Refusal,
-    RefuseReason, Routed, channel_id,
+    CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, NOTICE_ACK, NOTICE_NACK, ROUTED_REFUSED,
+    ROUTED_TAKEN, Refusal, RefuseReason, Routed, channel_id,
 };
-use shoal::{ClusterCa, Error, MemberState, Node, NodeName, TransitionMode};
+use shoal::{ClusterCa, Error, MemberState, Node, NodeId, NodeName, TransitionMode};
+use shoal_transition::NoticeBatch;
 use shoal_transport::{Dest, Transport, TransportConfig, WhenFull};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -192,6 +193,70 @@ async fn graceful_leave_relinquishes_everything() {
         assert_eq!(t.acquired_after_timeout, 0);
     }
     assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    for n in &nodes[..2] {
+        n.shutdown().await;
+    }
+}
+
+/// A notice batch a member sent before it left, arriving after its leave was
+/// gossiped (as a leaver's farewell done marker often does: it leaves the
+/// membership as soon as its relinquishes are delivered), is taken: it tells
+/// the handoff that the leaver held nothing. Refused, it made the datums the
+/// leaver had owned in a recent view wait out the transition timeout after
+/// a later crash (issue 11, bug 1). A batch claiming a generation of that
+/// name that never departed is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_members_last_notice_batch_is_taken() {
+    let _serial = SERIAL.lock().await;
+    const DATUMS: i64 = 50;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let nodes = cluster(&ca, &["a", "b", "c"]).await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    ready_all(&refs, DATUMS, &ledger).await;
+    settled(&refs, 3, DATUMS, &ledger).await;
+    let c = nodes[2].local();
+    assert!(nodes[2].leave(PATIENCE).await.unwrap().completed);
+    eventually("a saw c leave", || nodes[0].view().member("c").is_none()).await;
+
+    // c's farewell (a done marker for a view without it, answering no
+    // instance), sent from c's name once a knows c left.
+    let a = nodes[0].local();
+    let id = ca.issue(&NodeName::new("c").unwrap()).unwrap();
+    let (raw, _in) = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &id,
+        TransportConfig::default(),
+    )
+    .unwrap();
+    let to_a = Dest::node(NodeName::new("a").unwrap(), a.addr);
+    let farewell = |generation: u64| {
+        let batch = NoticeBatch {
+            view: nodes[0].view().placement.view_id(),
+            from: NodeId::new("c", generation),
+            to: NodeId::new("a", a.generation),
+            groups: Vec::new(),
+            epoch: 1,
+            done: true,
+            echo: u64::MAX,
+        };
+        Bytes::from(batch.encode())
+    };
+    let before = nodes[0].snapshot().await.unwrap().transition;
+    let answer = raw
+        .request(&to_a, CH_NOTICES, farewell(c.generation), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], NOTICE_ACK, "the departed member's batch");
+    let answer = raw
+        .request(&to_a, CH_NOTICES, farewell(c.generation + 1), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], NOTICE_NACK, "a generation that never departed");
+    let after = nodes[0].snapshot().await.unwrap().transition;
+    assert_eq!(after.batches_received, before.batches_received + 1);
+    assert_eq!(after.batches_rejected, before.batches_rejected);
+    raw.shutdown().await;
     for n in &nodes[..2] {
         n.shutdown().await;
     }
