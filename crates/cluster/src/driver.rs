@@ -875,6 +875,7 @@ impl Driver {
         // their notices instead of taking datums as their first owner. The
         // old generation is gone: no done marker will come from it.
         let old_me = old.local().clone();
+        self.handoff.observe_epoch(old.epoch());
         self.handoff.install(Arc::clone(old.table()), now);
         self.handoff.peer_left(&old_me, now);
         let datums = std::mem::take(&mut self.datums);

@@ -3,11 +3,13 @@
 //! append-only `writes` table for the ownership audit.
 //!
 //! **Fencing.** Every series row keeps the highest fencing token a write was
-//! accepted under (`series.token`). A write carries its writer's token for
-//! each series; the statement that applies it also checks it (`... WHERE
-//! series.token <= $token`), so a write under an older token than one
-//! already accepted changes nothing and is reported as refused, whatever
-//! the writer believes about its ownership. An acquire *claims* the series:
+//! accepted under (`series.token`) and its writer. A write carries its
+//! writer's token for each series; the statement that applies it also
+//! checks it (`... WHERE series.token < $token OR (series.token = $token AND
+//! the same writer)`), so a write under an older token than one already
+//! accepted, or under an equal token by another writer, changes nothing and
+//! is reported as refused, whatever the writer believes about its
+//! ownership. An acquire *claims* the series:
 //! it raises the stored token to the new owner's at once, so the previous
 //! owner's later flushes are refused even before the new owner writes.
 
@@ -213,7 +215,9 @@ const PG_UPSERT: &str = "INSERT INTO series (id, count, sum, min, max, last_ms, 
         node = EXCLUDED.node,
         generation = EXCLUDED.generation,
         token = EXCLUDED.token
-    WHERE series.token <= EXCLUDED.token";
+    WHERE series.token < EXCLUDED.token
+        OR (series.token = EXCLUDED.token AND series.node = EXCLUDED.node
+            AND series.generation = EXCLUDED.generation)";
 
 const PG_CLAIM: &str =
     "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation, token)
@@ -222,9 +226,11 @@ const PG_CLAIM: &str =
         node = EXCLUDED.node,
         generation = EXCLUDED.generation,
         token = EXCLUDED.token
-    WHERE series.token <= EXCLUDED.token";
+    WHERE series.token < EXCLUDED.token
+        OR (series.token = EXCLUDED.token AND series.node = EXCLUDED.node
+            AND series.generation = EXCLUDED.generation)";
 
-const PG_CHECK: &str = "SELECT token FROM series WHERE id = $1";
+const PG_CHECK: &str = "SELECT token, node, generation FROM series WHERE id = $1";
 
 const PG_APPEND: &str = "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
     VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -241,7 +247,9 @@ const SQLITE_UPSERT: &str =
         node = excluded.node,
         generation = excluded.generation,
         token = excluded.token
-    WHERE series.token <= excluded.token";
+    WHERE series.token < excluded.token
+        OR (series.token = excluded.token AND series.node = excluded.node
+            AND series.generation = excluded.generation)";
 
 const SQLITE_CLAIM: &str =
     "INSERT INTO series (id, count, sum, min, max, last_ms, node, generation, token)
@@ -250,9 +258,11 @@ const SQLITE_CLAIM: &str =
         node = excluded.node,
         generation = excluded.generation,
         token = excluded.token
-    WHERE series.token <= excluded.token";
+    WHERE series.token < excluded.token
+        OR (series.token = excluded.token AND series.node = excluded.node
+            AND series.generation = excluded.generation)";
 
-const SQLITE_CHECK: &str = "SELECT token FROM series WHERE id = ?1";
+const SQLITE_CHECK: &str = "SELECT token, node, generation FROM series WHERE id = ?1";
 
 const SQLITE_APPEND: &str =
     "INSERT INTO writes (series, node, generation, view_id, kind, count, t_ms)
@@ -281,6 +291,15 @@ CREATE TABLE IF NOT EXISTS writes (
     t_ms INTEGER NOT NULL
 );
 ";
+
+/// The store's fencing rule, for a write that adds nothing (the statements
+/// that write apply the same rule in SQL): a newer token, or the same token
+/// by the same writer (the ownership that holds it). Two writers with one
+/// token are two owners whose order the tokens could not tell: the first
+/// keeps the series.
+fn accepts(stored: &(i64, String, i64), token: i64, node: &str, generation: i64) -> bool {
+    stored.0 < token || (stored.0 == token && stored.1 == node && stored.2 == generation)
+}
 
 fn to_i64(v: u64) -> i64 {
     i64::from_ne_bytes(v.to_ne_bytes())
@@ -433,9 +452,10 @@ impl Store {
                         ];
                         tx.execute(&upsert, &row)? == 1
                     } else {
-                        let stored: Option<i64> =
-                            tx.query_opt(&check, &[&d.series])?.map(|r| r.get(0));
-                        stored.is_none_or(|s| s <= token)
+                        let stored: Option<(i64, String, i64)> = tx
+                            .query_opt(&check, &[&d.series])?
+                            .map(|r| (r.get(0), r.get(1), r.get(2)));
+                        stored.is_none_or(|s| accepts(&s, token, &writer.node, generation))
                     };
                     let kind = if accepted { kind.as_str() } else { REFUSED };
                     if !accepted {
@@ -482,10 +502,12 @@ impl Store {
                                 token
                             ])? == 1
                         } else {
-                            let stored: Option<i64> = check
-                                .query_row(params![d.series], |r| r.get(0))
+                            let stored: Option<(i64, String, i64)> = check
+                                .query_row(params![d.series], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                })
                                 .optional()?;
-                            stored.is_none_or(|s| s <= token)
+                            stored.is_none_or(|s| accepts(&s, token, &writer.node, generation))
                         };
                         let kind = if accepted { kind.as_str() } else { REFUSED };
                         if !accepted {
@@ -733,17 +755,23 @@ mod tests {
         // An acquire under an older token than the store's is refused too.
         let w8 = store.write(&a, 4, WriteKind::Acquire, &[d(2, 2, 0)], 12);
         assert_eq!(w8.unwrap().refused, vec![(2, 0)]);
+        // An equal token by another writer is a second owner the tokens
+        // could not order: refused; the holder of the token goes on.
+        let w9 = store.write(&b, 5, WriteKind::Flush, &[d(2, 3, 1)], 13);
+        assert_eq!(w9.unwrap().refused, vec![(2, 1)]);
+        let w10 = store.write(&c, 5, WriteKind::Flush, &[d(2, 3, 2)], 14);
+        assert_eq!(w10.unwrap(), ok);
         let loaded = store.load(1).unwrap().unwrap();
         assert_eq!(loaded.count, 8);
-        assert_eq!(store.total_points().unwrap(), 8 + 2 + 1);
-        assert_eq!(store.load(2).unwrap().unwrap().count, 3);
+        assert_eq!(store.total_points().unwrap(), 8 + 2 + 3);
+        assert_eq!(store.load(2).unwrap().unwrap().count, 5);
         let audit = store.audit().unwrap();
         assert_eq!(audit.double_owner_writes, 0);
-        assert_eq!(audit.stale_writes_refused, 3);
+        assert_eq!(audit.stale_writes_refused, 4);
         assert_eq!(audit.persisted[&a], 6);
         assert_eq!(audit.persisted[&b], 4);
-        assert_eq!(audit.persisted[&c], 1);
-        assert_eq!(audit.rows, 10);
+        assert_eq!(audit.persisted[&c], 3);
+        assert_eq!(audit.rows, 12);
         assert!((loaded.sum - (3.0 + 0.0 + 6.0)).abs() < 1e-9);
         assert_eq!((loaded.min, loaded.max), (0.0, 3.0));
     }

@@ -701,6 +701,14 @@ impl<W> Handoff<W> {
         self.install_seq.max(self.heard_epoch)
     }
 
+    /// Raises what this node has heard to at least `epoch`: a new state
+    /// machine that takes over from an older one of the same process (a new
+    /// generation after a declared death) continues its clock, so its first
+    /// tokens are above every token the old one minted or heard of.
+    pub fn observe_epoch(&mut self, epoch: u64) {
+        self.heard_epoch = self.heard_epoch.max(epoch);
+    }
+
     /// Every registered datum not simply held or free here, with its state
     /// (O(registered)).
     pub fn in_flight_datums(&self) -> impl Iterator<Item = (Datum, DatumState)> + '_ {

@@ -1086,3 +1086,19 @@ fn without_standing_a_node_holds_work_runs_no_job_and_fails_nobody_over() {
     assert_eq!((r.datum, r.to, r.work), (d, ReleaseTo::Process, vec![7]));
     assert_eq!(c.nodes[0].route(d), Route::Process);
 }
+
+#[test]
+fn a_new_state_machine_continues_the_old_ones_epoch() {
+    let c = Cluster::new(&["a", "b"], 10, 2);
+    let old = c.nodes[0].epoch();
+    assert!(old > 0);
+    let mut fresh: Handoff<u32> = Handoff::new(id("a", 999), config()).unwrap();
+    fresh.observe_epoch(old);
+    assert_eq!(fresh.epoch(), old);
+    let t = c.table_of(&[0]);
+    fresh.install(t, c.now);
+    assert!(
+        fresh.epoch() > old,
+        "its first install is above the old clock"
+    );
+}
