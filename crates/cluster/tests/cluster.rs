@@ -270,21 +270,8 @@ async fn dropped_node_is_detected_and_its_datums_taken_over() {
     const DATUMS: i64 = 200;
     let ca = ClusterCa::generate().unwrap();
     let ledger = Arc::new(Ledger::default());
-    // A failover happens at once only when every node that was the datum's
-    // primary in a recent view (replaced less than the transition timeout
-    // ago) is declared failed, so the views of the cluster forming must be
-    // older than that timeout: 4 s here, and we wait it out before the kill.
-    let mut nodes = Vec::new();
-    for name in ["a", "b", "c"] {
-        let mut cfg = config(name);
-        cfg.transition_timeout_ms = 4_000;
-        nodes.push(start(&ca, cfg).await);
-    }
-    join_all(&nodes).await;
+    let nodes = settled_past_forming(&ca, &["a", "b", "c"], DATUMS, &ledger).await;
     let refs: Vec<&Node> = nodes.iter().collect();
-    ready_all(&refs, DATUMS, &ledger).await;
-    settled(&refs, 3, DATUMS, &ledger).await;
-    tokio::time::sleep(Duration::from_millis(4_500)).await;
     let before: Vec<_> = {
         let mut v = Vec::new();
         for n in &nodes[..2] {
@@ -1018,19 +1005,8 @@ async fn a_node_declared_dead_rejoins_as_a_new_generation() {
     const DATUMS: i64 = 60;
     let ca = ClusterCa::generate().unwrap();
     let ledger = Arc::new(Ledger::default());
-    // Views of the cluster forming must be older than the transition
-    // timeout for the failover to happen at once (see the test above).
-    let mut nodes = Vec::new();
-    for name in ["a", "b", "c"] {
-        let mut cfg = config(name);
-        cfg.transition_timeout_ms = 4_000;
-        nodes.push(start(&ca, cfg).await);
-    }
-    join_all(&nodes).await;
+    let nodes = settled_past_forming(&ca, &["a", "b", "c"], DATUMS, &ledger).await;
     let refs: Vec<&Node> = nodes.iter().collect();
-    ready_all(&refs, DATUMS, &ledger).await;
-    settled(&refs, 3, DATUMS, &ledger).await;
-    tokio::time::sleep(Duration::from_millis(4_500)).await;
     let port = |n: &Node| n.local().addr.port();
     let old = nodes[2].local().generation;
     // The ledger knows holders by name, not generation: from the cut until

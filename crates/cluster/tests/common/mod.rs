@@ -263,6 +263,31 @@ pub async fn settled(nodes: &[&Node], ready: usize, datums: i64, ledger: &Ledger
     }
 }
 
+/// A cluster of `names` with a 4 s transition timeout, every node ready with
+/// `datums` registered, settled, and the views of its forming older than
+/// that timeout. A failover happens at once only when every node that was
+/// the datum's primary in a recent view (replaced less than the transition
+/// timeout ago) is declared failed, so a test of failover waits this out.
+pub async fn settled_past_forming(
+    ca: &ClusterCa,
+    names: &[&str],
+    datums: i64,
+    ledger: &Arc<Ledger>,
+) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for name in names {
+        let mut cfg = config(name);
+        cfg.transition_timeout_ms = 4_000;
+        nodes.push(start(ca, cfg).await);
+    }
+    join_all(&nodes).await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    ready_all(&refs, datums, ledger).await;
+    settled(&refs, names.len(), datums, ledger).await;
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    nodes
+}
+
 /// Like [`eventually`], with a condition that awaits.
 pub async fn eventually_async<F, Fut>(what: &str, mut f: F)
 where
