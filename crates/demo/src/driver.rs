@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -16,6 +16,7 @@ use serde::Serialize;
 use shoal::Timing;
 use shoal_transport::{ClusterCa, NodeName, TrustError};
 
+use crate::fault::{self, Cut, FaultError, Faults, Freeze};
 use crate::protocol::{Event, MemberCounts};
 use crate::store::{Store, StoreError, StoreUrl, Writer};
 use crate::svg;
@@ -34,6 +35,15 @@ pub enum Scenario {
     Kill,
     /// Two rounds of join, kill, restart, leave.
     Churn,
+    /// The first two nodes cut from the others (both directions) for the
+    /// fault duration (10 s), then healed.
+    Partition,
+    /// One node (not the oldest) frozen with SIGSTOP for the fault
+    /// duration (8 s), then thawed.
+    Pause,
+    /// One node (not the oldest) cut from the others for the fault
+    /// duration (1.5 s) and reconnected for as long, `flaps` (5) times.
+    Flap,
 }
 
 impl Scenario {
@@ -45,6 +55,9 @@ impl Scenario {
             "leave" => Scenario::Leave,
             "kill" => Scenario::Kill,
             "churn" => Scenario::Churn,
+            "partition" => Scenario::Partition,
+            "pause" => Scenario::Pause,
+            "flap" => Scenario::Flap,
             _ => return None,
         })
     }
@@ -57,6 +70,18 @@ impl Scenario {
             Scenario::Leave => vec![Leave],
             Scenario::Kill => vec![Kill],
             Scenario::Churn => vec![Join, Kill, Restart, Leave, Join, Kill, Restart, Leave],
+            Scenario::Partition => vec![Partition],
+            Scenario::Pause => vec![Pause],
+            Scenario::Flap => vec![Flap],
+        }
+    }
+
+    /// The fault duration when `--fault-s` is not given.
+    fn default_fault(self) -> Duration {
+        match self {
+            Scenario::Pause => Duration::from_secs(8),
+            Scenario::Flap => Duration::from_millis(1500),
+            _ => Duration::from_secs(10),
         }
     }
 
@@ -67,6 +92,9 @@ impl Scenario {
             Scenario::Leave => "leave",
             Scenario::Kill => "kill",
             Scenario::Churn => "churn",
+            Scenario::Partition => "partition",
+            Scenario::Pause => "pause",
+            Scenario::Flap => "flap",
         }
     }
 }
@@ -77,6 +105,20 @@ enum Step {
     Leave,
     Kill,
     Restart,
+    /// Cut the first half of the running nodes (rounded down) from the
+    /// others, then heal.
+    Partition,
+    /// SIGSTOP a node that is not the oldest, then SIGCONT.
+    Pause,
+    /// Cut a node that is not the oldest from the others and reconnect it,
+    /// repeatedly.
+    Flap,
+}
+
+impl Step {
+    fn is_fault(self) -> bool {
+        matches!(self, Step::Partition | Step::Pause | Step::Flap)
+    }
 }
 
 /// Configuration of a run.
@@ -108,6 +150,12 @@ pub struct SimConfig {
     pub flush_ms: u64,
     /// Longest wait for the cluster to settle after a step.
     pub settle_timeout: Duration,
+    /// How long a fault lasts (the cut of a partition, the freeze of a
+    /// pause, each down and each up phase of a flap); `None`: the
+    /// scenario's default (10 s, 8 s, 1.5 s).
+    pub fault: Option<Duration>,
+    /// Down-up cycles of a flap.
+    pub flaps: u32,
 }
 
 impl SimConfig {
@@ -127,6 +175,8 @@ impl SimConfig {
             timing: Timing::Lan,
             flush_ms: 500,
             settle_timeout: Duration::from_secs(30),
+            fault: None,
+            flaps: 5,
         }
     }
 }
@@ -146,6 +196,9 @@ pub enum SimError {
     /// A node did not come up.
     #[error("{0}")]
     Node(String),
+    /// A fault could not be injected (nftables, signals).
+    #[error("fault injection: {0}")]
+    Fault(#[from] FaultError),
 }
 
 /// Loss attributed to one kill.
@@ -170,6 +223,27 @@ pub const KILL_SETTLE_BOUND_S: f64 = 2.0;
 /// Points ingested this long before a kill and never acknowledged are
 /// attributed to it (they were on their way to, or queued at, the victim).
 const KILL_UNACKED_BEFORE_S: f64 = 1.0;
+
+/// Longest time from the heal of a fault (the cut removed, the process
+/// thawed) until every running node reports the same view, nothing in
+/// flight, ready and not fenced: above, the verdict fails.
+pub const HEAL_SETTLE_BOUND_S: f64 = 3.0;
+
+/// What one fault (a partition, a pause, a flap) cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultReport {
+    /// What it was (`partition n1,n2 | n3,n4,n5`, `pause n3`, ...).
+    pub fault: String,
+    /// Seconds from the start of the run when it began.
+    pub at_s: f64,
+    /// Seconds from the (last) heal until the cluster settled; `None` if
+    /// it did not within the settle timeout.
+    pub heal_to_settled_s: Option<f64>,
+    /// Points sent to a node and never acknowledged nor refused that this
+    /// fault explains: ingested from 1 s before it began until the cluster
+    /// settled after the heal.
+    pub unacknowledged: u64,
+}
 
 /// One transition: an event and how long until the cluster settled.
 #[derive(Clone, Debug, Serialize)]
@@ -225,6 +299,36 @@ pub struct Summary {
     pub max_transition_s: Option<f64>,
     /// Nodes that reported themselves fenced.
     pub fenced_nodes: usize,
+    /// Nodes whose last status before the drain said fenced: a violation.
+    pub fenced_nodes_at_end: usize,
+    /// Series writes the store refused for a stale fencing token, as the
+    /// nodes reported them (their last status, summed).
+    pub stale_writes_refused: u64,
+    /// The same from the store's audit (`refused` rows of `writes`).
+    pub stale_writes_refused_store: u64,
+    /// Accepted (acknowledged) points lost to those refusals, as the nodes
+    /// reported them.
+    pub points_refused_by_store: u64,
+    /// The same from the store's audit (points of the `refused` rows).
+    pub points_refused_by_store_audit: u64,
+    /// Acknowledged points not persisted because the store refused them
+    /// (stale token) in a run with faults: attributed to the faults, not in
+    /// `lost_outside_kills`.
+    pub lost_to_fencing: u64,
+    /// Every fault injected.
+    pub faults: Vec<FaultReport>,
+    /// The longest time from a heal until the cluster settled (worst
+    /// fault); `None` without faults or when one never settled.
+    pub heal_to_settled_s: Option<f64>,
+    /// Longest time a series had no owner accepting its points, seconds,
+    /// measured from the acknowledgements: for each series, the time from
+    /// its previous acknowledgement (or, if later, the ingestion of the
+    /// earliest point of the next acknowledged batch) until the next one.
+    /// The floor is the acknowledgement batching (50 ms) plus routing.
+    pub unavailable_s: Option<f64>,
+    /// The series of `unavailable_s` and when that gap ended (seconds from
+    /// the start of the run).
+    pub unavailable_series: Option<(i64, f64)>,
     /// Failures other than the above (a node that died unasked, a stuck
     /// drain, a detection never observed).
     pub problems: Vec<String>,
@@ -240,6 +344,8 @@ pub struct Summary {
 enum ProcState {
     Starting,
     Running,
+    /// SIGSTOPped by a pause: no points nor commands are sent to it.
+    Frozen,
     Leaving,
     Killed,
     Stopped,
@@ -250,6 +356,7 @@ impl ProcState {
         match self {
             ProcState::Starting => "starting",
             ProcState::Running => "running",
+            ProcState::Frozen => "frozen",
             ProcState::Leaving => "leaving",
             ProcState::Killed => "killed",
             ProcState::Stopped => "stopped",
@@ -267,6 +374,9 @@ struct Status {
     in_flight: usize,
     points_per_s: f64,
     fenced: bool,
+    ready: bool,
+    stale_writes_refused: u64,
+    points_refused: u64,
 }
 
 /// One child process (one generation of a node). Killed on drop.
@@ -301,6 +411,16 @@ impl Proc {
             self.stdin = None;
         }
     }
+}
+
+/// A fault in the run and what it explains.
+struct FaultWindow {
+    label: String,
+    at: Instant,
+    /// Seconds from `at` until the cluster settled after the heal.
+    settled_s: Option<f64>,
+    heal_to_settled_s: Option<f64>,
+    unacknowledged: u64,
 }
 
 struct Msg {
@@ -339,6 +459,10 @@ pub(crate) struct Mark {
 }
 
 struct Sim<'a> {
+    /// The faults in force. Declared first so that it is dropped first, on
+    /// every path out of the driver (normal end, error, panic): the network
+    /// heals and frozen nodes thaw before the children are killed.
+    faults: Arc<Mutex<Faults>>,
     cfg: SimConfig,
     out: &'a mut dyn Write,
     t0: Instant,
@@ -355,7 +479,16 @@ struct Sim<'a> {
     refused: u64,
     /// Points sent to a node and not acknowledged nor refused yet: the
     /// ingesting process and when.
-    outstanding: HashMap<u64, (usize, Instant)>,
+    outstanding: HashMap<u64, (usize, Instant, i64)>,
+    /// Per series: when its last acknowledgement arrived.
+    last_ack: HashMap<i64, Instant>,
+    /// The longest gap between acknowledgements of one series: seconds,
+    /// series, when it ended.
+    unavailable: Option<(f64, i64, f64)>,
+    fault_windows: Vec<FaultWindow>,
+    next_cut: u32,
+    /// Running nodes whose last status (after the final flush) said fenced.
+    fenced_at_end: Vec<String>,
     injected: u64,
     acked_twice: u64,
     kills: Vec<Kill>,
@@ -405,7 +538,14 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
     let (tx, rx) = mpsc::channel();
     let now = Instant::now();
     let seed = cfg.seed;
+    let faults = Arc::new(Mutex::new(Faults::default()));
+    if cfg.scenario.steps().iter().any(|s| s.is_fault()) {
+        fault::ensure_nft()?;
+        fault::remove_leftovers();
+        fault::clear_on_signal(&faults)?;
+    }
     let mut sim = Sim {
+        faults,
         cfg,
         out,
         t0: now,
@@ -421,6 +561,11 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
         acked: HashMap::new(),
         refused: 0,
         outstanding: HashMap::new(),
+        last_ack: HashMap::new(),
+        unavailable: None,
+        fault_windows: Vec::new(),
+        next_cut: 0,
+        fenced_at_end: Vec::new(),
         injected: 0,
         acked_twice: 0,
         kills: Vec::new(),
@@ -552,7 +697,7 @@ impl Sim<'_> {
             proc.eof = true;
             proc.stdin = None;
             match proc.state {
-                ProcState::Running | ProcState::Starting => {
+                ProcState::Running | ProcState::Starting | ProcState::Frozen => {
                     let text = format!(
                         "{} (generation {}) exited unasked",
                         proc.name, proc.generation
@@ -610,10 +755,27 @@ impl Sim<'_> {
                         generation,
                     })
                     .or_insert(0) += count;
+                // Per series of the batch, the earliest ingestion.
+                let mut earliest: HashMap<i64, Instant> = HashMap::new();
                 for id in ids {
-                    if self.outstanding.remove(&id).is_none() {
-                        self.acked_twice += 1;
+                    match self.outstanding.remove(&id) {
+                        Some((_, at, series)) => {
+                            let e = earliest.entry(series).or_insert(at);
+                            *e = (*e).min(at);
+                        }
+                        None => self.acked_twice += 1,
                     }
+                }
+                for (series, first) in earliest {
+                    let from = self
+                        .last_ack
+                        .get(&series)
+                        .map_or(first, |last| (*last).max(first));
+                    let gap = msg.at.saturating_duration_since(from).as_secs_f64();
+                    if self.unavailable.is_none_or(|(g, _, _)| gap > g) {
+                        self.unavailable = Some((gap, series, t));
+                    }
+                    self.last_ack.insert(series, msg.at);
                 }
             }
             Event::Refused { id } => {
@@ -628,6 +790,9 @@ impl Sim<'_> {
                 in_flight,
                 points_per_s,
                 fenced,
+                ready,
+                stale_writes_refused,
+                points_refused,
                 ..
             } => {
                 proc.status = Some(Status {
@@ -639,6 +804,9 @@ impl Sim<'_> {
                     in_flight,
                     points_per_s,
                     fenced,
+                    ready,
+                    stale_writes_refused,
+                    points_refused,
                 });
             }
             Event::Flushed { .. } => proc.flushed = true,
@@ -747,7 +915,8 @@ impl Sim<'_> {
             let id = self.next_point;
             self.next_point += 1;
             self.injected += 1;
-            self.outstanding.insert(id, (target, Instant::now()));
+            self.outstanding
+                .insert(id, (target, Instant::now(), series));
             let line = format!("p {id} {series} {value:.3}\n");
             batches.entry(target).or_default().push_str(&line);
         }
@@ -813,8 +982,8 @@ impl Sim<'_> {
     }
 
     /// Whether every running node reports the same view, every running node
-    /// live and nothing suspect, nothing in flight, each series owned once,
-    /// in a status received after `since`.
+    /// live and nothing suspect, nothing in flight, ready and not fenced,
+    /// each series owned once, in a status received after `since`.
     fn settled(&self, since: Instant) -> bool {
         let running: Vec<&Proc> = self.running().map(|(_, p)| p).collect();
         if running.is_empty() || self.procs.iter().any(|p| p.state == ProcState::Starting) {
@@ -824,7 +993,13 @@ impl Sim<'_> {
         let mut owned = 0;
         for p in &running {
             let Some(s) = &p.status else { return false };
-            if s.at < since || s.live != running.len() || s.members.suspect > 0 || s.in_flight > 0 {
+            if s.at < since
+                || s.live != running.len()
+                || s.members.suspect > 0
+                || s.in_flight > 0
+                || s.fenced
+                || !s.ready
+            {
                 return false;
             }
             if *view.get_or_insert(s.view_id) != s.view_id {
@@ -915,6 +1090,9 @@ impl Sim<'_> {
     }
 
     fn step(&mut self, step: Step) -> Result<(), SimError> {
+        if step.is_fault() {
+            return self.fault_step(step);
+        }
         let at = Instant::now();
         let label;
         match step {
@@ -982,6 +1160,7 @@ impl Sim<'_> {
                 self.event("kill", &name, format!("{name} killed (SIGKILL)"));
                 label = format!("kill {name}");
             }
+            Step::Partition | Step::Pause | Step::Flap => return Ok(()),
             Step::Restart => {
                 let Some(name) = self.kills.last().map(|k| k.name.clone()) else {
                     return Ok(());
@@ -1006,6 +1185,186 @@ impl Sim<'_> {
         let text = match s {
             Some(s) => format!("{label}: settled after {s:.2}s"),
             None => format!("{label}: NOT settled"),
+        };
+        self.line(
+            &text,
+            serde_json::json!({"event": "settled", "after": label, "s": s}),
+        );
+        self.transitions.push(TransitionTime { event: label, s });
+        Ok(())
+    }
+
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn names(&self, procs: &[usize]) -> String {
+        let names: Vec<&str> = procs
+            .iter()
+            .filter_map(|i| self.procs.get(*i).map(|p| p.name.as_str()))
+            .collect();
+        names.join(",")
+    }
+
+    /// The UDP ports of processes `procs` (each node has one socket).
+    fn ports(&self, procs: &[usize]) -> Vec<u16> {
+        procs
+            .iter()
+            .filter_map(|i| self.procs.get(*i)?.addr.as_ref()?.parse().ok())
+            .map(|a: std::net::SocketAddr| a.port())
+            .collect()
+    }
+
+    /// Cuts `a` from `b`, both directions, until the next heal.
+    fn cut(&mut self, a: &[usize], b: &[usize]) -> Result<(), SimError> {
+        let (pa, pb) = (self.ports(a), self.ports(b));
+        if pa.is_empty() || pb.is_empty() {
+            return Err(SimError::Node(format!(
+                "no address to cut between {} and {}",
+                self.names(a),
+                self.names(b)
+            )));
+        }
+        self.next_cut += 1;
+        let cut = Cut::new(self.next_cut, &pa, &pb, false)?;
+        self.faults().cut(cut);
+        Ok(())
+    }
+
+    /// A running node other than the oldest (the lowest generation), at
+    /// random.
+    fn pick_not_oldest(&mut self) -> Option<usize> {
+        let running: Vec<(usize, u64)> = self.running().map(|(i, p)| (i, p.generation)).collect();
+        let oldest = running.iter().min_by_key(|(_, g)| *g).map(|(i, _)| *i);
+        let candidates: Vec<usize> = running
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| Some(*i) != oldest)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = self.rng.random_range(0..candidates.len());
+        candidates.get(i).copied()
+    }
+
+    /// Plays a fault step: injects it, keeps the load on for its duration,
+    /// removes it, and waits until the cluster settles (bounded by
+    /// [`HEAL_SETTLE_BOUND_S`] in the verdict).
+    fn fault_step(&mut self, step: Step) -> Result<(), SimError> {
+        let fault = self
+            .cfg
+            .fault
+            .unwrap_or_else(|| self.cfg.scenario.default_fault());
+        let at = Instant::now();
+        let label;
+        match step {
+            Step::Partition => {
+                let running: Vec<usize> = self.running().map(|(i, _)| i).collect();
+                if running.len() < 2 {
+                    self.problems.push("no two nodes to partition".into());
+                    return Ok(());
+                }
+                let (a, b) = running.split_at(running.len() / 2);
+                label = format!("partition {} | {}", self.names(a), self.names(b));
+                self.cut(a, b)?;
+                self.event(
+                    "partition",
+                    &self.names(a),
+                    format!("{label}: cut for {:.1}s", fault.as_secs_f64()),
+                );
+                self.pump(Instant::now() + fault);
+                self.faults().heal();
+                self.event("heal", &self.names(a), format!("{label}: healed"));
+            }
+            Step::Pause => {
+                let Some(i) = self.pick_not_oldest() else {
+                    self.problems.push("no node to pause".into());
+                    return Ok(());
+                };
+                let Some(p) = self.procs.get_mut(i) else {
+                    return Ok(());
+                };
+                let freeze = Freeze::new(p.child.id())?;
+                p.state = ProcState::Frozen;
+                let name = p.name.clone();
+                self.faults().freeze(freeze);
+                label = format!("pause {name}");
+                self.event(
+                    "pause",
+                    &name,
+                    format!("{name} frozen (SIGSTOP) for {:.1}s", fault.as_secs_f64()),
+                );
+                self.pump(Instant::now() + fault);
+                self.faults().thaw();
+                if let Some(p) = self.procs.get_mut(i)
+                    && p.state == ProcState::Frozen
+                {
+                    p.state = ProcState::Running;
+                }
+                self.event("thaw", &name, format!("{name} thawed (SIGCONT)"));
+            }
+            Step::Flap => {
+                let Some(i) = self.pick_not_oldest() else {
+                    self.problems.push("no node to flap".into());
+                    return Ok(());
+                };
+                let others: Vec<usize> =
+                    self.running().map(|(j, _)| j).filter(|j| *j != i).collect();
+                let name = self.names(&[i]);
+                label = format!("flap {name}");
+                self.event(
+                    "flap",
+                    &name,
+                    format!(
+                        "{name}'s link flaps: down {:.1}s, up {:.1}s, {} times",
+                        fault.as_secs_f64(),
+                        fault.as_secs_f64(),
+                        self.cfg.flaps
+                    ),
+                );
+                for k in 0..self.cfg.flaps {
+                    self.cut(&[i], &others)?;
+                    self.line(
+                        &format!("{name} cut off"),
+                        serde_json::json!({"event": "link_down", "node": name}),
+                    );
+                    self.pump(Instant::now() + fault);
+                    self.faults().heal();
+                    self.line(
+                        &format!("{name} reconnected"),
+                        serde_json::json!({"event": "link_up", "node": name}),
+                    );
+                    if k + 1 < self.cfg.flaps {
+                        self.pump(Instant::now() + fault);
+                    }
+                }
+                self.event("heal", &name, format!("{label}: healed"));
+            }
+            Step::Join | Step::Leave | Step::Kill | Step::Restart => return Ok(()),
+        }
+        let healed = Instant::now();
+        let s = self.wait_settled(&label, healed);
+        if let Some(s) = s
+            && s > HEAL_SETTLE_BOUND_S
+        {
+            self.problems.push(format!(
+                "{label}: the cluster settled {s:.2}s after the heal, more than {HEAL_SETTLE_BOUND_S:.0}s"
+            ));
+        }
+        let since_start = healed.saturating_duration_since(at).as_secs_f64();
+        self.fault_windows.push(FaultWindow {
+            label: label.clone(),
+            at,
+            settled_s: s.map(|s| s + since_start),
+            heal_to_settled_s: s,
+            unacknowledged: 0,
+        });
+        let text = match s {
+            Some(s) => format!("{label}: settled {s:.2}s after the heal"),
+            None => format!("{label}: NOT settled after the heal"),
         };
         self.line(
             &text,
@@ -1088,6 +1447,23 @@ impl Sim<'_> {
             self.problems
                 .push("not every node confirmed its final flush".into());
         }
+        // A last status after the final flush: its refusal counters are
+        // final, and whether the node ended fenced.
+        let asked = Instant::now();
+        for p in &mut self.procs {
+            if p.state == ProcState::Running {
+                p.send("status\n");
+            }
+        }
+        self.wait_for(Duration::from_secs(5), |s| {
+            s.running()
+                .all(|(_, p)| p.status.as_ref().is_some_and(|st| st.at > asked))
+        });
+        self.fenced_at_end = self
+            .running()
+            .filter(|(_, p)| p.status.as_ref().is_some_and(|s| s.fenced))
+            .map(|(_, p)| p.name.clone())
+            .collect();
         for p in &mut self.procs {
             if p.state == ProcState::Running {
                 p.send("quit\n");
@@ -1118,10 +1494,26 @@ impl Sim<'_> {
         let mut lost_by_kill = Vec::new();
         let mut lost_outside = 0u64;
         let mut lost_total = 0u64;
+        let mut lost_to_fencing = 0u64;
+        let with_faults = !self.fault_windows.is_empty();
         for (writer, acked) in &self.acked {
             let persisted = audit.persisted.get(writer).copied().unwrap_or(0);
-            let lost = acked.saturating_sub(persisted);
-            lost_total += lost;
+            let all_lost = acked.saturating_sub(persisted);
+            lost_total += all_lost;
+            // What the store refused (a stale token) is the faults' doing
+            // in a run with faults; without, it is a loss like any other.
+            let fenced = if with_faults {
+                audit
+                    .refused_points
+                    .get(writer)
+                    .copied()
+                    .unwrap_or(0)
+                    .min(all_lost)
+            } else {
+                0
+            };
+            lost_to_fencing += fenced;
+            let lost = all_lost - fenced;
             if self
                 .kills
                 .iter()
@@ -1154,20 +1546,34 @@ impl Sim<'_> {
         // violation.
         let mut unacked_outside = 0u64;
         let mut unacked_examples = Vec::new();
-        for (id, (proc, at)) in &self.outstanding {
+        let mut fault_unacked = vec![0u64; self.fault_windows.len()];
+        for (id, (proc, at, _)) in &self.outstanding {
             let explained = self.kills.iter().find(|k| {
                 let since = at.saturating_duration_since(k.at).as_secs_f64();
                 let before = k.at.saturating_duration_since(*at).as_secs_f64();
                 let settled = k.settled_s.unwrap_or(f64::INFINITY);
                 k.proc == *proc || (before <= KILL_UNACKED_BEFORE_S && since <= settled)
             });
-            match explained.and_then(|k| {
+            let by_kill = explained.and_then(|k| {
                 lost_by_kill
                     .iter_mut()
                     .find(|l| l.node == k.name && l.generation == k.generation)
-            }) {
-                Some(l) => l.unacknowledged += 1,
-                None => {
+            });
+            let by_fault = || {
+                self.fault_windows.iter().position(|w| {
+                    let since = at.saturating_duration_since(w.at).as_secs_f64();
+                    let before = w.at.saturating_duration_since(*at).as_secs_f64();
+                    before <= KILL_UNACKED_BEFORE_S && since <= w.settled_s.unwrap_or(f64::INFINITY)
+                })
+            };
+            match (by_kill, by_fault()) {
+                (Some(l), _) => l.unacknowledged += 1,
+                (None, Some(w)) => {
+                    if let Some(w) = fault_unacked.get_mut(w) {
+                        *w += 1;
+                    }
+                }
+                (None, None) => {
                     unacked_outside += 1;
                     if unacked_examples.len() < 5 {
                         let name = self.procs.get(*proc).map(|p| p.name.clone());
@@ -1238,8 +1644,42 @@ impl Sim<'_> {
             &svg_path,
             svg::render(&self.samples, &self.marks, end, self.cfg.series),
         )?;
+        for (w, n) in self.fault_windows.iter_mut().zip(&fault_unacked) {
+            w.unacknowledged = *n;
+        }
+        let faults: Vec<FaultReport> = self
+            .fault_windows
+            .iter()
+            .map(|w| FaultReport {
+                fault: w.label.clone(),
+                at_s: self.t(w.at),
+                heal_to_settled_s: w.heal_to_settled_s,
+                unacknowledged: w.unacknowledged,
+            })
+            .collect();
+        let heal_to_settled = if faults.iter().any(|f| f.heal_to_settled_s.is_none()) {
+            None
+        } else {
+            faults
+                .iter()
+                .filter_map(|f| f.heal_to_settled_s)
+                .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))))
+        };
+        if !self.fenced_at_end.is_empty() {
+            self.problems
+                .push(format!("nodes fenced at the end: {:?}", self.fenced_at_end));
+        }
+        let last = |f: fn(&Status) -> u64| -> u64 {
+            self.procs
+                .iter()
+                .filter_map(|p| p.status.as_ref().map(f))
+                .sum()
+        };
+        let stale_writes_refused = last(|s| s.stale_writes_refused);
+        let points_refused_by_store = last(|s| s.points_refused);
         let points_sent: u64 = self.acked.values().sum();
         let ok = lost_outside == 0
+            && self.fenced_at_end.is_empty()
             && unacked_outside == 0
             && self.acked_twice == 0
             && audit.double_owner_writes == 0
@@ -1266,6 +1706,16 @@ impl Sim<'_> {
             transitions: self.transitions.clone(),
             max_transition_s: max_transition,
             fenced_nodes,
+            fenced_nodes_at_end: self.fenced_at_end.len(),
+            stale_writes_refused,
+            stale_writes_refused_store: audit.stale_writes_refused,
+            points_refused_by_store,
+            points_refused_by_store_audit: audit.refused_points.values().sum(),
+            lost_to_fencing,
+            faults,
+            heal_to_settled_s: heal_to_settled,
+            unavailable_s: self.unavailable.map(|(g, _, _)| g),
+            unavailable_series: self.unavailable.map(|(_, s, t)| (s, t)),
             problems: self.problems.clone(),
             svg: svg_path.display().to_string(),
             wall_s: started.elapsed().as_secs_f64(),
@@ -1310,6 +1760,36 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "acknowledged twice          {}", s.points_acked_twice)?;
     writeln!(out, "double-owner writes         {}", s.double_owner_writes)?;
     let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}s"));
+    writeln!(
+        out,
+        "stale writes refused        {} (nodes) / {} (store rows)",
+        s.stale_writes_refused, s.stale_writes_refused_store
+    )?;
+    writeln!(
+        out,
+        "points refused by the store {} (nodes) / {} (store rows); lost to fencing {}",
+        s.points_refused_by_store, s.points_refused_by_store_audit, s.lost_to_fencing
+    )?;
+    for f in &s.faults {
+        writeln!(
+            out,
+            "fault at {:.1}s: {}: settled {} after the heal, {} never acknowledged",
+            f.at_s,
+            f.fault,
+            opt(f.heal_to_settled_s),
+            f.unacknowledged
+        )?;
+    }
+    writeln!(
+        out,
+        "longest series unavailable  {}{}",
+        opt(s.unavailable_s),
+        s.unavailable_series
+            .map_or(String::new(), |(id, t)| format!(
+                " (series {id}, until {t:.1}s)"
+            ))
+    )?;
+    writeln!(out, "fenced nodes at the end     {}", s.fenced_nodes_at_end)?;
     writeln!(
         out,
         "failure detection           first {} / all survivors {}",

@@ -12,6 +12,7 @@
 //! it is missing.
 
 use std::process::Command;
+use std::sync::{Arc, Mutex, Once, Weak};
 
 /// Prefix of every nftables table this module makes.
 pub const TABLE_PREFIX: &str = "shoal_sim_";
@@ -90,8 +91,20 @@ pub fn ensure_nft() -> Result<(), FaultError> {
         .map_err(|e| FaultError::NoNft(e.to_string()))
 }
 
-/// Deletes every table a run of this module left behind (`shoal_sim_*`).
+/// Deletes every table a run of this module left behind (`shoal_sim_*`):
+/// those of processes that are gone, and this process' own. Tables of
+/// another live process (a run or test going on beside this one) stay.
 pub fn remove_leftovers() {
+    remove_tables(|pid| pid == std::process::id() || !process_alive(pid));
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes the `shoal_sim_<pid>_<id>` tables whose `pid` passes `which`
+/// (a name that does not parse counts as pid 0).
+fn remove_tables(which: impl Fn(u32) -> bool) {
     let Ok(list) = run("nft", &["list", "tables"]) else {
         return;
     };
@@ -100,11 +113,99 @@ pub fn remove_leftovers() {
         let mut words = line.split_whitespace();
         if let (Some("table"), Some(family), Some(name)) =
             (words.next(), words.next(), words.next())
-            && name.starts_with(TABLE_PREFIX)
+            && let Some(rest) = name.strip_prefix(TABLE_PREFIX)
         {
-            let _ = nft(&format!("delete table {family} {name}"));
+            let pid = rest
+                .split('_')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if which(pid) {
+                let _ = nft(&format!("delete table {family} {name}"));
+            }
         }
     }
+}
+
+/// Fault sets to clear when this process gets SIGINT or SIGTERM.
+static ON_SIGNAL: Mutex<Vec<Weak<Mutex<Faults>>>> = Mutex::new(Vec::new());
+static HANDLER: Once = Once::new();
+
+/// Exit status after a cleanup on SIGINT / SIGTERM (128 + SIGINT).
+pub const SIGNAL_EXIT: i32 = 130;
+
+/// Clears `faults` (heals every cut, thaws every frozen process) if this
+/// process gets SIGINT or SIGTERM, then exits with [`SIGNAL_EXIT`]; also
+/// deletes this process' tables a cut being made may have left. The first
+/// call installs the handler (a thread waiting on the signals with tokio's
+/// signal support, which the demo already depends on); the set is held
+/// weakly, so a dropped set (cleared by its own drop) is skipped.
+///
+/// # Errors
+/// [`FaultError::Command`] when the handler cannot be installed.
+pub fn clear_on_signal(faults: &Arc<Mutex<Faults>>) -> Result<(), FaultError> {
+    let mut installed = Ok(());
+    HANDLER.call_once(|| installed = install_handler());
+    installed?;
+    let mut list = ON_SIGNAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    list.retain(|w| w.strong_count() > 0);
+    list.push(Arc::downgrade(faults));
+    Ok(())
+}
+
+fn install_handler() -> Result<(), FaultError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let err = |e: std::io::Error| FaultError::Command {
+        command: "signal handler".into(),
+        detail: e.to_string(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(err)?;
+    // Registered here, before the thread runs, so a signal right after
+    // this call is already caught.
+    let (mut int, mut term) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .map_err(err)?;
+    std::thread::Builder::new()
+        .name("fault-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            clear_all();
+            eprintln!("shoal-demo: interrupted: faults removed (network healed, processes thawed)");
+            std::process::exit(SIGNAL_EXIT);
+        })
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Heals and thaws every registered set, and deletes this process' tables.
+fn clear_all() {
+    let list = ON_SIGNAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for faults in list.iter().filter_map(Weak::upgrade) {
+        let mut f = faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.heal();
+        f.thaw();
+    }
+    let me = std::process::id();
+    remove_tables(|pid| pid == me);
 }
 
 /// UDP traffic dropped between two sets of loopback ports, until dropped.

@@ -96,7 +96,7 @@ enum Cmd {
         /// Seconds of load, spread between the scenario's steps.
         #[arg(long, default_value_t = 20)]
         duration: u64,
-        /// default, join, leave, kill or churn.
+        /// default, join, leave, kill, churn, partition, pause or flap.
         #[arg(long, default_value = "default")]
         scenario: String,
         /// sqlite (a fresh file under the work dir) or sqlite:<path>.
@@ -117,6 +117,13 @@ enum Cmd {
         /// Where certificates, the store, logs and the picture go.
         #[arg(long, default_value = "target/sim")]
         work_dir: PathBuf,
+        /// Fault duration, seconds: the cut of `partition` (10), the freeze
+        /// of `pause` (8), each down and up phase of `flap` (1.5).
+        #[arg(long)]
+        fault_s: Option<f64>,
+        /// Down-up cycles of `flap`.
+        #[arg(long, default_value_t = 5)]
+        flaps: u32,
     },
 }
 
@@ -214,10 +221,12 @@ fn main() -> ExitCode {
             timing,
             flush_ms,
             work_dir,
+            fault_s,
+            flaps,
         } => {
             let Some(scenario) = Scenario::parse(&scenario) else {
                 eprintln!(
-                    "shoal-demo: unknown scenario {scenario:?} (default, join, leave, kill, churn)"
+                    "shoal-demo: unknown scenario {scenario:?} (default, join, leave, kill, churn, partition, pause, flap)"
                 );
                 return ExitCode::FAILURE;
             };
@@ -239,6 +248,15 @@ fn main() -> ExitCode {
             cfg.json = json;
             cfg.timing = timing.into();
             cfg.flush_ms = flush_ms;
+            cfg.fault = match fault_s.map(Duration::try_from_secs_f64) {
+                None => None,
+                Some(Ok(d)) if !d.is_zero() => Some(d),
+                Some(_) => {
+                    eprintln!("shoal-demo: --fault-s must be a positive number of seconds");
+                    return ExitCode::FAILURE;
+                }
+            };
+            cfg.flaps = flaps.max(1);
             let mut out = std::io::stdout();
             match driver::run(cfg, &mut out) {
                 Ok(summary) => {

@@ -145,6 +145,9 @@ pub enum Event {
         pending: u64,
         /// Whether the cluster declared this node failed.
         fenced: bool,
+        /// Whether this node is ready (in the placement) in its own view.
+        #[serde(default)]
+        ready: bool,
         /// Failed flushes.
         flush_errors: u64,
         /// Series writes the store refused because a newer owner's fencing

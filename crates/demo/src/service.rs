@@ -598,6 +598,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                     accepted: app.accepted.load(Ordering::Relaxed),
                     pending: app.pending_points(),
                     fenced: snap.fenced,
+                    ready: snap.local.ready,
                     flush_errors: app.flush_errors.load(Ordering::Relaxed),
                     stale_writes_refused: app.stale_writes_refused.load(Ordering::Relaxed),
                     points_refused: app.points_refused.load(Ordering::Relaxed),

@@ -324,6 +324,8 @@ pub struct Audit {
     /// Writes refused because their token was older than the series' (one
     /// per series and write).
     pub stale_writes_refused: u64,
+    /// Points of those refused writes, per writer (not persisted).
+    pub refused_points: HashMap<Writer, u64>,
 }
 
 /// One series' part of a write: the points to add and the token of the
@@ -649,6 +651,10 @@ fn audit_rows(rows: Vec<(i64, String, u64, String, u64)>) -> Audit {
             if kind == REFUSED {
                 // The store kept the series from this writer: no write.
                 audit.stale_writes_refused += 1;
+                *audit
+                    .refused_points
+                    .entry(Writer { node, generation })
+                    .or_insert(0) += count;
                 continue;
             }
             let writer = Writer { node, generation };

@@ -19,6 +19,7 @@ fn colour(state: &str) -> &'static str {
         "leaving" => "#f2d27a",
         "killed" => "#e57373",
         "fenced" => "#b39ddb",
+        "frozen" => "#90caf9",
         _ => "#dddddd",
     }
 }
@@ -61,7 +62,7 @@ pub(crate) fn render(samples: &[Sample], marks: &[Mark], end: f64, series: u32) 
     // Legend.
     let mut lx = LEFT;
     for state in [
-        "starting", "running", "leaving", "killed", "fenced", "stopped",
+        "starting", "running", "frozen", "leaving", "killed", "fenced", "stopped",
     ] {
         let _ = writeln!(
             svg,
