@@ -1194,6 +1194,18 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// The process a writer was: the last one of that name started with a
+    /// generation not above the writer's (a rebirth keeps the process and
+    /// takes a higher generation; a restart is a new process).
+    fn proc_of(&self, writer: &Writer) -> Option<usize> {
+        self.procs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.name == writer.node && p.generation <= writer.generation)
+            .max_by_key(|(_, p)| p.generation)
+            .map(|(i, _)| i)
+    }
+
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
         self.faults
             .lock()
@@ -1514,19 +1526,23 @@ impl Sim<'_> {
             };
             lost_to_fencing += fenced;
             let lost = all_lost - fenced;
-            if self
-                .kills
-                .iter()
-                .any(|k| k.name == writer.node && k.generation == writer.generation)
-            {
-                lost_by_kill.push(KillLoss {
-                    node: writer.node.clone(),
-                    generation: writer.generation,
-                    lost,
-                    unacknowledged: 0,
-                });
-            } else {
-                lost_outside += lost;
+            // A process may have had several generations (rebirths after
+            // a declared death): its kill explains the loss of each.
+            let proc = self.proc_of(writer);
+            match self.kills.iter().find(|k| Some(k.proc) == proc) {
+                Some(k) => match lost_by_kill
+                    .iter_mut()
+                    .find(|l: &&mut KillLoss| l.node == k.name && l.generation == k.generation)
+                {
+                    Some(l) => l.lost += lost,
+                    None => lost_by_kill.push(KillLoss {
+                        node: k.name.clone(),
+                        generation: k.generation,
+                        lost,
+                        unacknowledged: 0,
+                    }),
+                },
+                None => lost_outside += lost,
             }
         }
         for k in &self.kills {

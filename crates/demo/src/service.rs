@@ -103,11 +103,17 @@ struct SeriesState {
     relinquished: bool,
     /// The fencing token of this node's ownership (from the acquire).
     token: u64,
+    /// The generation of this node that acquired it (0: not acquired):
+    /// after a rebirth (a new generation in the same process) the points of
+    /// an ownership of the old generation are still written, acknowledged
+    /// and audited as that generation's.
+    generation: u64,
 }
 
 /// The aggregator's state, shared by the datums and the tasks.
 struct App {
-    writer: Writer,
+    /// This node's name (the writer's; the generation is the ownership's).
+    name: String,
     node: Node,
     store: Arc<Store>,
     series: Mutex<HashMap<i64, SeriesState>>,
@@ -150,16 +156,27 @@ impl App {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Accepts a point unless the series was relinquished here.
-    fn accept(&self, p: &Point) -> bool {
+    /// The generation of this node now (a rebirth changes it).
+    fn generation(&self) -> u64 {
+        self.node.local().generation
+    }
+
+    /// Accepts a point unless the series was relinquished here; returns
+    /// the generation whose ownership accepted it.
+    fn accept(&self, p: &Point) -> Option<u64> {
+        let now = self.generation();
         let mut map = self.series_lock();
         let st = map.entry(p.series).or_default();
         if st.relinquished {
-            return false;
+            return None;
         }
         st.pending.add(p.value, now_ms());
         self.accepted.fetch_add(1, Ordering::Relaxed);
-        true
+        Some(if st.generation == 0 {
+            now
+        } else {
+            st.generation
+        })
     }
 
     fn pending_points(&self) -> u64 {
@@ -169,9 +186,17 @@ impl App {
     /// Writes through the store's fencing check. A refused series is not
     /// ours any more (a newer owner claimed it): its points are counted as
     /// lost and it takes no more points until acquired again.
-    async fn write(&self, kind: WriteKind, deltas: Vec<Delta>) -> Result<(), StoreError> {
+    async fn write(
+        &self,
+        generation: u64,
+        kind: WriteKind,
+        deltas: Vec<Delta>,
+    ) -> Result<(), StoreError> {
         let store = Arc::clone(&self.store);
-        let writer = self.writer.clone();
+        let writer = Writer {
+            node: self.name.clone(),
+            generation,
+        };
         let view = self.node.view().view_id().0;
         let t = now_ms();
         let outcome =
@@ -203,27 +228,33 @@ impl App {
     /// Writes every pending delta. On error the deltas go back to pending.
     async fn flush(&self) {
         let _order = self.write_order.lock().await;
-        let deltas: Vec<Delta> = {
+        // One write per generation whose ownerships have points pending
+        // (several only just after a rebirth).
+        let now = self.generation();
+        let mut by_generation: HashMap<u64, Vec<Delta>> = HashMap::new();
+        {
             let mut map = self.series_lock();
-            map.iter_mut()
-                .filter(|(_, s)| s.pending.count > 0)
-                .map(|(id, s)| Delta {
+            for (id, s) in map.iter_mut().filter(|(_, s)| s.pending.count > 0) {
+                let generation = if s.generation == 0 { now } else { s.generation };
+                by_generation.entry(generation).or_default().push(Delta {
                     series: *id,
                     token: s.token,
                     agg: std::mem::take(&mut s.pending),
-                })
-                .collect()
-        };
-        if deltas.is_empty() {
-            return;
+                });
+            }
         }
-        if let Err(error) = self.write(WriteKind::Flush, deltas.clone()).await {
-            self.flush_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(%error, "flush failed; points kept for the next flush");
-            let mut map = self.series_lock();
-            for d in deltas {
-                let st = map.entry(d.series).or_default();
-                merge(&mut st.pending, &d.agg);
+        for (generation, deltas) in by_generation {
+            if let Err(error) = self
+                .write(generation, WriteKind::Flush, deltas.clone())
+                .await
+            {
+                self.flush_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(%error, "flush failed; points kept for the next flush");
+                let mut map = self.series_lock();
+                for d in deltas {
+                    let st = map.entry(d.series).or_default();
+                    merge(&mut st.pending, &d.agg);
+                }
             }
         }
     }
@@ -270,18 +301,27 @@ impl DistDatum for SeriesDatum {
     async fn relinquish(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let app = self.app()?;
         let _order = app.write_order.lock().await;
-        let delta = {
+        let now = app.generation();
+        let (delta, generation) = {
             let mut map = app.series_lock();
             let st = map.entry(self.id).or_default();
             st.relinquished = true;
-            std::mem::take(&mut st.pending)
+            let generation = if st.generation == 0 {
+                now
+            } else {
+                st.generation
+            };
+            (std::mem::take(&mut st.pending), generation)
         };
         let part = Delta {
             series: self.id,
             token: ctx.token.get(),
             agg: delta,
         };
-        if let Err(error) = app.write(WriteKind::Relinquish, vec![part]).await {
+        if let Err(error) = app
+            .write(generation, WriteKind::Relinquish, vec![part])
+            .await
+        {
             // Keep the points and refuse: the handoff layer retries.
             let mut map = app.series_lock();
             let st = map.entry(self.id).or_default();
@@ -307,7 +347,9 @@ impl DistDatum for SeriesDatum {
             agg: Aggregate::default(),
         };
         let refused_before = app.stale_writes_refused.load(Ordering::Relaxed);
-        app.write(WriteKind::Acquire, vec![claim]).await?;
+        let generation = app.generation();
+        app.write(generation, WriteKind::Acquire, vec![claim])
+            .await?;
         if app.stale_writes_refused.load(Ordering::Relaxed) != refused_before {
             return Err(format!(
                 "series {id}: the store holds a newer token than {}",
@@ -319,6 +361,7 @@ impl DistDatum for SeriesDatum {
         let st = map.entry(self.id).or_default();
         st.relinquished = false;
         st.token = ctx.token.get();
+        st.generation = generation;
         Ok(())
     }
 }
@@ -374,10 +417,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
         addr: local.addr.to_string(),
     });
     let app = Arc::new(App {
-        writer: Writer {
-            node: config.name.clone(),
-            generation: local.generation,
-        },
+        name: config.name.clone(),
         node: node.clone(),
         store,
         series: Mutex::new(HashMap::new()),
@@ -394,7 +434,9 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
     let (acks, mut ack_inbox) = node.channel::<Ack>("demo.acks")?;
 
     // Owner side: accept points, acknowledge them to their origin in batches.
-    let pending_acks: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    // Acknowledgements owed, by (origin, generation of the accepting
+    // ownership).
+    let pending_acks: Arc<Mutex<HashMap<(String, u64), Vec<u64>>>> = Arc::default();
     {
         let app = Arc::clone(&app);
         let points = points.clone();
@@ -402,11 +444,11 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
         tokio::spawn(async move {
             while let Some(msg) = inbox.recv().await {
                 let p = msg.payload;
-                if app.accept(&p) {
+                if let Some(generation) = app.accept(&p) {
                     let mut map = pending_acks
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    map.entry(p.origin).or_default().push(p.id);
+                    map.entry((p.origin, generation)).or_default().push(p.id);
                 } else if let Err(error) = points.send_to_owner(SERIES, p.series, &p).await {
                     debug!(%error, id = p.id, "re-sending a point for a relinquished series failed");
                 }
@@ -422,7 +464,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
             // Acknowledgements that could not be sent (an origin that joined
             // a moment ago is not known here yet): tried again next tick,
             // for at most ACK_ATTEMPTS ticks.
-            let mut retry: HashMap<String, (Vec<u64>, u32)> = HashMap::new();
+            let mut retry: HashMap<(String, u64), (Vec<u64>, u32)> = HashMap::new();
             loop {
                 tick.tick().await;
                 let fresh = std::mem::take(
@@ -430,20 +472,20 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner),
                 );
-                for (origin, ids) in fresh {
-                    retry.entry(origin).or_default().0.extend(ids);
+                for (key, ids) in fresh {
+                    retry.entry(key).or_default().0.extend(ids);
                 }
-                for (origin, (ids, attempts)) in std::mem::take(&mut retry) {
+                for ((origin, generation), (ids, attempts)) in std::mem::take(&mut retry) {
                     let count = ids.len() as u64;
                     let ack = Ack {
-                        owner: app.writer.node.clone(),
-                        generation: app.writer.generation,
+                        owner: app.name.clone(),
+                        generation,
                         count,
                         ids,
                     };
                     if let Err(error) = acks.send_to(&origin, &ack).await {
                         if attempts + 1 < ACK_ATTEMPTS {
-                            retry.insert(origin, (ack.ids, attempts + 1));
+                            retry.insert((origin, generation), (ack.ids, attempts + 1));
                         } else {
                             warn!(%error, %origin, count, "acknowledgement not delivered");
                         }
@@ -588,7 +630,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                 let view = node.view();
                 emit(&Event::Status {
                     name: config.name.clone(),
-                    generation: local.generation,
+                    generation: snap.local.generation,
                     members: member_counts(&snap.members),
                     live: view.members.len(),
                     view_id: snap.view.0,
