@@ -46,7 +46,7 @@ enum Cmd {
         virtual_net: bool,
         /// Arguments for the simulator: without `--virtual`, the real-process
         /// driver (`--nodes`, `--series`, `--rate`, `--duration`, `--scenario`,
-        /// `--store`, `--seed`, `--json`; `cargo run -p shoal-demo -- sim --help` lists
+        /// `--store`, `--seed`, `--json`, `--fault-s`, `--flaps`; `cargo run -p shoal-demo -- sim --help` lists
         /// them); with it, the simulator (`cargo xtask sim --virtual -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,

@@ -322,9 +322,10 @@ pub struct Summary {
     pub heal_to_settled_s: Option<f64>,
     /// Longest time a series had no owner accepting its points, seconds,
     /// measured from the acknowledgements: for each series, the time from
-    /// its previous acknowledgement (or, if later, the ingestion of the
-    /// earliest point of the next acknowledged batch) until the next one.
-    /// The floor is the acknowledgement batching (50 ms) plus routing.
+    /// the first point ingested after its last acknowledgement until the
+    /// next acknowledgement (of any of its points). The floor is the
+    /// acknowledgement batching (50 ms) plus routing; a wait that no
+    /// acknowledgement ends (the series never served again) is not in it.
     pub unavailable_s: Option<f64>,
     /// The series of `unavailable_s` and when that gap ended (seconds from
     /// the start of the run).
@@ -480,8 +481,9 @@ struct Sim<'a> {
     /// Points sent to a node and not acknowledged nor refused yet: the
     /// ingesting process and when.
     outstanding: HashMap<u64, (usize, Instant, i64)>,
-    /// Per series: when its last acknowledgement arrived.
-    last_ack: HashMap<i64, Instant>,
+    /// Per series: when the first point ingested since its last
+    /// acknowledgement was ingested.
+    waiting_since: HashMap<i64, Instant>,
     /// The longest gap between acknowledgements of one series: seconds,
     /// series, when it ended.
     unavailable: Option<(f64, i64, f64)>,
@@ -561,7 +563,7 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
         acked: HashMap::new(),
         refused: 0,
         outstanding: HashMap::new(),
-        last_ack: HashMap::new(),
+        waiting_since: HashMap::new(),
         unavailable: None,
         fault_windows: Vec::new(),
         next_cut: 0,
@@ -755,27 +757,22 @@ impl Sim<'_> {
                         generation,
                     })
                     .or_insert(0) += count;
-                // Per series of the batch, the earliest ingestion.
-                let mut earliest: HashMap<i64, Instant> = HashMap::new();
+                let mut series_acked = Vec::new();
                 for id in ids {
                     match self.outstanding.remove(&id) {
-                        Some((_, at, series)) => {
-                            let e = earliest.entry(series).or_insert(at);
-                            *e = (*e).min(at);
-                        }
+                        Some((_, _, series)) => series_acked.push(series),
                         None => self.acked_twice += 1,
                     }
                 }
-                for (series, first) in earliest {
-                    let from = self
-                        .last_ack
-                        .get(&series)
-                        .map_or(first, |last| (*last).max(first));
-                    let gap = msg.at.saturating_duration_since(from).as_secs_f64();
-                    if self.unavailable.is_none_or(|(g, _, _)| gap > g) {
-                        self.unavailable = Some((gap, series, t));
+                // A series waited from the first point ingested after its
+                // last acknowledgement until this one.
+                for series in series_acked {
+                    if let Some(since) = self.waiting_since.remove(&series) {
+                        let gap = msg.at.saturating_duration_since(since).as_secs_f64();
+                        if self.unavailable.is_none_or(|(g, _, _)| gap > g) {
+                            self.unavailable = Some((gap, series, t));
+                        }
                     }
-                    self.last_ack.insert(series, msg.at);
                 }
             }
             Event::Refused { id } => {
@@ -915,8 +912,9 @@ impl Sim<'_> {
             let id = self.next_point;
             self.next_point += 1;
             self.injected += 1;
-            self.outstanding
-                .insert(id, (target, Instant::now(), series));
+            let now = Instant::now();
+            self.outstanding.insert(id, (target, now, series));
+            self.waiting_since.entry(series).or_insert(now);
             let line = format!("p {id} {series} {value:.3}\n");
             batches.entry(target).or_default().push_str(&line);
         }
