@@ -379,6 +379,10 @@ fn member_counts(members: &[shoal::NodeInfo]) -> MemberCounts {
     c
 }
 
+/// Point ids whose acknowledgement is owed, by (origin, generation of the
+/// ownership that accepted them).
+type AcksOwed = HashMap<(String, u64), Vec<u64>>;
+
 /// How often an owner sends the acknowledgements it owes.
 const ACK_EVERY: Duration = Duration::from_millis(50);
 /// Ticks an acknowledgement is tried before it is given up (5 s).
@@ -434,9 +438,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
     let (acks, mut ack_inbox) = node.channel::<Ack>("demo.acks")?;
 
     // Owner side: accept points, acknowledge them to their origin in batches.
-    // Acknowledgements owed, by (origin, generation of the accepting
-    // ownership).
-    let pending_acks: Arc<Mutex<HashMap<(String, u64), Vec<u64>>>> = Arc::default();
+    let pending_acks: Arc<Mutex<AcksOwed>> = Arc::default();
     {
         let app = Arc::clone(&app);
         let points = points.clone();
