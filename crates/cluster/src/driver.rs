@@ -344,9 +344,6 @@ struct EarlyNotice {
 const NOTICE_GRACE: Duration = Duration::from_millis(500);
 /// Most notice batches waiting for their view; beyond, they are taken at once.
 const MAX_EARLY_NOTICES: usize = 4096;
-/// Most departed members remembered as notice senders; beyond, the oldest
-/// departure is forgotten first.
-const MAX_DEPARTED: usize = 1024;
 
 struct Parked {
     retry_at: Instant,
@@ -370,12 +367,6 @@ pub(crate) struct Driver {
     local: Member,
     /// The live members by name, from membership's last view.
     members: HashMap<Arc<str>, Member>,
-    /// Members that left or were declared failed, oldest first, with when
-    /// this node learnt it: notice batches they sent before they went still
-    /// reach the handoff (see [`Driver::notice_sender`]). At most
-    /// `MAX_DEPARTED`; each is kept for 16 × the transition timeout, as the
-    /// handoff remembers departures.
-    departed: VecDeque<(NodeId, Instant)>,
     handoff: Handoff<Routed>,
     transport: Transport,
     channels: Arc<ChannelTable>,
@@ -439,7 +430,6 @@ impl Driver {
             me,
             local,
             members: HashMap::new(),
-            departed: VecDeque::new(),
             handoff,
             transport,
             channels,
@@ -917,7 +907,6 @@ impl Driver {
                 if *m.name != *self.name || m.generation != self.me.generation {
                     let id = NodeId::new(&*m.name, m.generation);
                     self.handoff.peer_failed(&id, now);
-                    self.note_departed(id, now);
                     self.links.remove(&m.addr);
                 }
                 self.view_dirty = true;
@@ -927,7 +916,6 @@ impl Driver {
                 if *m.name != *self.name || m.generation != self.me.generation {
                     let id = NodeId::new(&*m.name, m.generation);
                     self.handoff.peer_left(&id, now);
-                    self.note_departed(id, now);
                     self.links.remove(&m.addr);
                 }
                 self.view_dirty = true;
@@ -1260,7 +1248,7 @@ impl Driver {
         reply: Option<Responder>,
         now: Instant,
     ) {
-        let from = self.notice_sender(&peer, &batch.from, now);
+        let from = self.notice_sender(&peer, &batch.from);
         let ok = match from {
             Some(from) => match self.handoff.handle_batch(&from, batch, now) {
                 Ok(report) => {
@@ -1280,37 +1268,14 @@ impl Driver {
         answer(reply, ok);
     }
 
-    /// Remembers that `node` left or was declared failed (see `departed`).
-    fn note_departed(&mut self, node: NodeId, now: Instant) {
-        self.prune_departed(now);
-        if self.departed.iter().any(|(n, _)| *n == node) {
-            return;
-        }
-        if self.departed.len() >= MAX_DEPARTED {
-            self.departed.pop_front();
-        }
-        self.departed.push_back((node, now));
-    }
-
-    fn prune_departed(&mut self, now: Instant) {
-        let keep = self.handoff.config().timeout.saturating_mul(16);
-        while self
-            .departed
-            .front()
-            .is_some_and(|(_, at)| at.checked_add(keep).is_some_and(|until| until < now))
-        {
-            self.departed.pop_front();
-        }
-    }
-
     /// Who sent a notice batch that `claimed` to be from: the live member of
     /// the authenticated peer's name, or the departed member of that name
-    /// and generation. A leaver's last batch (its farewell done marker, sent
+    /// and generation (one the handoff still remembers as gone). A leaver's last batch (its farewell done marker, sent
     /// just before it leaves the membership) often arrives after the leave
     /// was gossiped here; it still tells the handoff that the leaver held
     /// nothing (`docs/transition.md` rule 6), and refusing it made the datums
     /// it had owned in a recent view wait out the timeout after a crash.
-    fn notice_sender(&mut self, peer: &Peer, claimed: &NodeId, now: Instant) -> Option<NodeId> {
+    fn notice_sender(&self, peer: &Peer, claimed: &NodeId) -> Option<NodeId> {
         let live = self
             .members
             .get(peer.name.as_str())
@@ -1318,8 +1283,7 @@ impl Driver {
         if live.as_ref() == Some(claimed) || claimed.name != peer.name.as_str() {
             return live;
         }
-        self.prune_departed(now);
-        if self.departed.iter().any(|(n, _)| n == claimed) {
+        if self.handoff.is_gone(claimed) {
             Some(claimed.clone())
         } else {
             live

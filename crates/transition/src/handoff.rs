@@ -579,6 +579,15 @@ impl<W> Handoff<W> {
         self.fenced
     }
 
+    /// Whether `node` left or was declared failed, as this node still
+    /// remembers it (while a view here names it, and for 16 × `timeout`
+    /// after it went): a batch it sent before it went is still its last
+    /// word, to hand to [`Handoff::handle_notices`].
+    #[must_use]
+    pub fn is_gone(&self, node: &NodeId) -> bool {
+        self.gone.contains_key(node)
+    }
+
     /// Whether this node may act as an owner (see [`Handoff::set_standing`]).
     #[must_use]
     pub fn has_standing(&self) -> bool {
