@@ -321,6 +321,7 @@ async fn owner_messages_during_a_transition_arrive_once() {
     let mut senders = Vec::new();
     for n in &nodes {
         let (tx, mut rx) = n.channel::<u64>("work").unwrap();
+        let resend = tx.clone();
         senders.push(tx);
         let received = Arc::clone(&received);
         let name = n.local().name.to_string();
@@ -329,6 +330,19 @@ async fn owner_messages_during_a_transition_arrive_once() {
             while let Some(m) = rx.recv().await {
                 let (ty, id) = m.datum.unwrap();
                 assert_eq!(&*ty, "series");
+                // The application's rule (docs/facade.md): a message taken
+                // off the channel after its datum was relinquished here is
+                // sent on to the owner, not processed. Any other message
+                // for a datum not held here is a violation (below).
+                let late = {
+                    let l = ledger.lock();
+                    l.holder.get(&id) != Some(&name)
+                        && l.relinquished.iter().any(|(n, d)| *n == name && *d == id)
+                };
+                if late {
+                    let _ = resend.send_to_owner("series", id, &m.payload).await;
+                    continue;
+                }
                 // Processed only where the datum is held.
                 let holder = ledger.lock().holder.get(&id).cloned();
                 if holder.as_deref() != Some(name.as_str()) {
