@@ -51,6 +51,12 @@ impl ChannelTable {
 }
 
 /// A message received on a typed channel.
+///
+/// A message sent to a datum's owner was delivered while this node held the
+/// datum; by the time it is taken off the queue the datum may have been
+/// relinquished. Check [`Node::holds`](crate::Node::holds) before acting as
+/// the owner and send it on with [`Sender::send_to_owner`] if it is no longer
+/// held (see [`DistDatum`](crate::DistDatum)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Received<T> {
     /// The node the application sent it from.

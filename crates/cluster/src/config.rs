@@ -77,10 +77,17 @@ impl Default for NodeConfig {
 
 impl NodeConfig {
     /// A configuration for tests and local demos: `name`, bound to
-    /// `127.0.0.1:0`, the `local` timing profile, a development CA (the
-    /// identity is then given to [`Node::start_with_identity`]).
+    /// `127.0.0.1:0`, the `local` timing profile, and
+    /// [`TlsConfig::Provided`]: the identity is given in code to
+    /// [`Node::start_with_identity`] (for example one of
+    /// [`throwaway_cluster`](crate::throwaway_cluster)'s). To start it with
+    /// [`Node::start`], set `tls` first (`TlsConfig::DevCa` for a
+    /// development CA kept in a directory, `TlsConfig::Files` in production);
+    /// otherwise `start` fails with [`StartError::NoIdentity`].
     ///
     /// [`Node::start_with_identity`]: crate::Node::start_with_identity
+    /// [`Node::start`]: crate::Node::start
+    /// [`StartError::NoIdentity`]: crate::StartError::NoIdentity
     pub fn local(name: &str) -> NodeConfig {
         NodeConfig {
             name: name.to_owned(),

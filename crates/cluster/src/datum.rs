@@ -28,6 +28,17 @@ pub type DatumError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// once itself before spawning it, so the code before the first `.await`
 /// must not block the thread.
 ///
+/// **Delivered, then relinquished before the handler ran.** A message sent
+/// to a datum's owner is delivered to the owner's channel queue while it
+/// holds the datum; the datum can move away (a view change starts its
+/// relinquish) before the application takes the message off the queue. The
+/// node does not reach into the application's queue. A handler that must
+/// act only as the owner asks [`Node::holds`](crate::Node::holds) first
+/// and, when it answers `false`, sends the message on with
+/// [`Sender::send_to_owner`](crate::Sender::send_to_owner): it reaches the
+/// new owner (or waits for one). Writes that must never come from a former
+/// owner carry the fencing token to a store that refuses older ones.
+///
 /// ```
 /// use shoal::{DatumError, DistDatum, HandoffContext};
 ///

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use shoal_membership::{Event as MEvent, Member};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{
-    Counters, Datum, Event as HEvent, FencingToken, Handoff, Job, JobKind, NoticeBatch, ReleaseTo,
-    Route, SendId,
+    Counters, Datum, DatumState, Event as HEvent, FencingToken, Handoff, Job, JobKind, NoticeBatch,
+    ReleaseTo, Route, SendId,
 };
 use shoal_transport::{Dest, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -67,6 +67,9 @@ pub(crate) enum Command {
     Progress(oneshot::Sender<TransitionReport>),
     /// The fencing token of a datum held here.
     Token(String, i64, oneshot::Sender<Option<FencingToken>>),
+    /// A datum's handoff state here and whether this node may act as its
+    /// owner now (held, and the lease valid).
+    DatumState(String, i64, oneshot::Sender<Option<(DatumState, bool)>>),
     /// Completes the membership task's part of a snapshot.
     Snapshot(Box<MembershipSnapshot>, oneshot::Sender<Snapshot>),
     /// The last step of a leave: hand on every routed message held, parked
@@ -1157,6 +1160,15 @@ impl Driver {
                     .lookup_type(&type_name)
                     .and_then(|ty| self.handoff.token(Datum::new(ty, id)));
                 let _ = tx.send(token);
+            }
+            Command::DatumState(type_name, id, tx) => {
+                let standing = self.lease.valid(now);
+                let state = self
+                    .handoff
+                    .lookup_type(&type_name)
+                    .and_then(|ty| self.handoff.state(Datum::new(ty, id)))
+                    .map(|state| (state, standing && state == DatumState::Held));
+                let _ = tx.send(state);
             }
             Command::Snapshot(membership, tx) => {
                 let _ = tx.send(self.snapshot(*membership));

@@ -28,7 +28,8 @@
 //! }
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let (_ca, ids) = shoal_transport::throwaway_cluster(&["node-1"])?;
+//! let (_ca, ids) = shoal::throwaway_cluster(&["node-1"])?; // a development CA
+//! // (production: `NodeConfig::tls = TlsConfig::Files` and `Node::start`)
 //! let node = Node::start_with_identity(NodeConfig::local("node-1"), ids[0].clone()).await?;
 //! node.join(&[]).await?; // nobody: a cluster of one
 //! node.register((0..100).map(|id| Arc::new(Series { id }))).await?;
@@ -39,6 +40,7 @@
 //! points.send_to_owner("series", 42, &1.5).await?;
 //! let msg = inbox.recv().await.unwrap();
 //! assert_eq!(msg.payload, 1.5);
+//! assert!(node.holds("series", 42).await?); // acquired here, lease valid
 //!
 //! let mut changes = node.changes();
 //! changes.changed().await?; // a new view (members, placement)
@@ -70,7 +72,20 @@ pub use error::{ConfigError, Error, SendError, StartError};
 pub use node::Node;
 pub use view::{ClusterView, FacadeCounters, NodeInfo, RoutedDrops, Snapshot, TransitionReport};
 
-pub use shoal_membership::MemberState;
-pub use shoal_placement::{NodeId, PlacementTable, Strategy, ViewId};
-pub use shoal_transition::FencingToken;
-pub use shoal_transport::{ClusterCa, NodeIdentity, NodeName};
+pub use shoal_membership::{LeaseStrategy, MemberState};
+pub use shoal_placement::{NodeId, PlacementTable, Strategy, View, ViewId};
+pub use shoal_transition::{DatumState, FencingToken};
+pub use shoal_transport::{ClusterCa, NodeIdentity, NodeName, throwaway_cluster};
+
+/// The membership layer (SWIM with Lifeguard, leases), for the types a
+/// [`Snapshot`] and [`NodeConfig`] name (`membership::Stats`,
+/// `membership::Member`, …).
+pub use shoal_membership as membership;
+/// The placement layer, for the types a [`ClusterView`] names.
+pub use shoal_placement as placement;
+/// The handoff layer, for the types a [`Snapshot`] names
+/// (`transition::Counters`, …).
+pub use shoal_transition as transition;
+/// The QUIC transport, for the types a [`Snapshot`] names
+/// (`transport::StatsSnapshot`, …) and for building identities.
+pub use shoal_transport as transport;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_membership::{LocalNode, Membership};
 use shoal_placement::{NodeId, PlacementTable, View};
-use shoal_transition::{FencingToken, Handoff};
+use shoal_transition::{DatumState, FencingToken, Handoff};
 use shoal_transport::{ChannelCap, ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -446,6 +446,42 @@ impl Node {
     ) -> Result<Option<FencingToken>, Error> {
         let type_name = type_name.to_owned();
         self.command(|tx| Command::Token(type_name, id, tx)).await
+    }
+
+    /// Whether this node acts as the owner of datum `id` of `type_name` now:
+    /// it acquired the datum and has not begun to relinquish it, and its
+    /// ownership lease is valid (see `docs/partitions.md`). `false` for a
+    /// datum not registered here.
+    ///
+    /// The answer can change right after it is given (a view change starts a
+    /// relinquish; a lease lapses): a handler that must not act on a datum it
+    /// no longer owns checks again where it writes, with the fencing token
+    /// ([`Node::fencing_token`]) at a store that refuses older tokens.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn holds(&self, type_name: &str, id: i64) -> Result<bool, Error> {
+        Ok(self
+            .datum_state(type_name, id)
+            .await?
+            .is_some_and(|(_, acting)| acting))
+    }
+
+    /// The handoff state of datum `id` of `type_name` on this node (held,
+    /// relinquishing, awaiting its notice, acquiring, …), and whether the
+    /// node acts as its owner now (held and the lease valid, as
+    /// [`Node::holds`]). `None` when the datum is not registered here.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn datum_state(
+        &self,
+        type_name: &str,
+        id: i64,
+    ) -> Result<Option<(DatumState, bool)>, Error> {
+        let type_name = type_name.to_owned();
+        self.command(|tx| Command::DatumState(type_name, id, tx))
+            .await
     }
 
     /// Progress of the current (or last) transition, now.

@@ -121,6 +121,24 @@ async fn datums_have_one_owner_and_a_join_moves_exactly_what_changes() {
     all.push(&d);
     settled(&all, 4, DATUMS, &ledger).await;
     let after = d.view();
+    // `holds` answers "acquired here and the lease valid": exactly the
+    // primary of each datum, once settled.
+    for id in 0..DATUMS {
+        let primary = after.primary(id).unwrap().name.to_string();
+        for n in &all {
+            let holds = n.holds("series", id).await.unwrap();
+            assert_eq!(
+                holds,
+                n.local().name.to_string() == primary,
+                "datum {id} on {}",
+                n.local().name
+            );
+        }
+    }
+    assert!(
+        !d.holds("series", DATUMS + 1).await.unwrap(),
+        "not registered"
+    );
 
     let mut want_relinquished = BTreeSet::new();
     let mut want_acquired = BTreeSet::new();
