@@ -16,7 +16,7 @@ use shoal_transition::{DatumState, FencingToken, Handoff};
 use shoal_transport::{ChannelCap, ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::channel::{ChannelEntry, ChannelTable, Receiver, Sender};
 use crate::config::{NodeConfig, TlsConfig};
@@ -612,6 +612,36 @@ impl Node {
         }
         self.shutdown().await;
         Ok(report)
+    }
+
+    /// Stops the node abruptly, as a crash would, for tests and fault drills
+    /// in one process: the transport is severed first (from then on nothing
+    /// is sent or received; peers are not told, their connections just go
+    /// silent), then the node's tasks are aborted wherever they are. The
+    /// others detect the failure as they would a killed process and fail its
+    /// datums over. Nothing is relinquished; application jobs already
+    /// running finish, but their results are discarded. Later calls on this
+    /// node fail with [`Error::Shutdown`].
+    pub async fn crash(&self) {
+        if self.shared.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.shared.transport.sever();
+        let tasks = std::mem::take(
+            &mut *self
+                .shared
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.shared.transport.shutdown().await;
+        warn!(node = %self.shared.name, "node crashed (severed and aborted)");
     }
 
     /// Stops the node at once: the driver ends, the transport closes. Other

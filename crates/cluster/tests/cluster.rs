@@ -298,7 +298,8 @@ async fn dropped_node_is_detected_and_its_datums_taken_over() {
         v
     };
     ledger.lock().dead.insert("c".into());
-    nodes[2].shutdown().await;
+    // An abrupt stop: its peers are told nothing.
+    nodes[2].crash().await;
     settled(&refs[..2], 2, DATUMS, &ledger).await;
     let mut gone = 0;
     for (n, b) in nodes[..2].iter().zip(&before) {
@@ -841,7 +842,7 @@ async fn counters_survive_join_leave_and_crash_exactly_once() {
         before.push(n.snapshot().await.unwrap().transition);
     }
     phase.store(CRASH, std::sync::atomic::Ordering::SeqCst);
-    nodes[2].node.shutdown().await;
+    nodes[2].node.crash().await;
     senders.lock().unwrap().retain(|(n, _)| n != "c");
     settle(survivors.clone(), 3).await;
     phase.store(EXACT, std::sync::atomic::Ordering::SeqCst);

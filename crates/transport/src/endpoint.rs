@@ -21,6 +21,7 @@ use crate::frame::{
 };
 use crate::inbound::{Charged, Datagram, Incoming, Message, Responder, SlottedDatagram};
 use crate::name::{Dest, NodeName, Peer, canonical_addr};
+use crate::sever::SeverableSocket;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trust::{ALPN, NodeIdentity, TlsConfigs, node_name_of};
 
@@ -76,6 +77,8 @@ pub(crate) struct Inner {
     /// Caps of every channel's inbound messages (size, compression ratio).
     pub(crate) caps: Caps,
     shut: AtomicBool,
+    /// Set by [`Transport::sever`]: the socket sends and receives nothing.
+    severed: Arc<AtomicBool>,
     /// Tells the receivers the endpoint is shut down.
     shut_tx: watch::Sender<bool>,
 }
@@ -247,15 +250,9 @@ impl Transport {
             return Err(BindError::NoRuntime);
         }
         let socket = udp_socket(addr, config.socket_buffer_bytes)?;
-        Self::start(identity, config, |ep_config, server_config| {
-            quinn::Endpoint::new(
-                ep_config,
-                Some(server_config),
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .map_err(|source| BindError::Socket { addr, source })
-        })
+        let socket = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)
+            .map_err(|source| BindError::Socket { addr, source })?;
+        Self::with_socket(socket, identity, config)
     }
 
     /// Starts an endpoint on any socket implementing quinn's
@@ -278,7 +275,9 @@ impl Transport {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-        Self::start(identity, config, |ep_config, server_config| {
+        let severed = Arc::new(AtomicBool::new(false));
+        let socket = Arc::new(SeverableSocket::new(socket, Arc::clone(&severed)));
+        Self::start(identity, config, severed, |ep_config, server_config| {
             quinn::Endpoint::new_with_abstract_socket(
                 ep_config,
                 Some(server_config),
@@ -292,6 +291,7 @@ impl Transport {
     fn start(
         identity: &NodeIdentity,
         config: TransportConfig,
+        severed: Arc<AtomicBool>,
         make: impl FnOnce(
             quinn::EndpointConfig,
             quinn::ServerConfig,
@@ -334,6 +334,7 @@ impl Transport {
             caps: config.caps(),
             config,
             shut: AtomicBool::new(false),
+            severed,
             shut_tx,
         });
         tokio::spawn(accept_loop(inner.clone()));
@@ -652,6 +653,24 @@ impl Transport {
         }
     }
 
+    /// Cuts the endpoint off the network at once, as if its process had
+    /// died: from now on its socket sends nothing and discards everything
+    /// it receives. Connections are not closed, so peers see silence (their
+    /// idle timeout, their membership's probes) rather than a goodbye. For
+    /// tests and fault drills of an abrupt stop; call
+    /// [`Transport::shutdown`] afterwards to release the endpoint (it then
+    /// sends nothing either).
+    pub fn sever(&self) {
+        if !self.inner.severed.swap(true, Ordering::SeqCst) {
+            warn!(node = %self.inner.me, "transport severed: nothing is sent or received any more");
+        }
+    }
+
+    /// Whether [`Transport::sever`] was called.
+    pub fn is_severed(&self) -> bool {
+        self.inner.severed.load(Ordering::SeqCst)
+    }
+
     /// Stops the endpoint: waits up to a second for send queues to drain,
     /// closes every connection and the socket. Later sends fail with
     /// [`TransportError::Shutdown`]; [`Incoming`] ends once drained.
@@ -669,9 +688,16 @@ impl Transport {
                     .await;
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+        // A severed endpoint sends nothing: there is nothing to drain and
+        // no goodbye to wait for.
+        let severed = inner.severed.load(Ordering::SeqCst);
+        if !severed {
+            let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+        }
         inner.endpoint.close(code::SHUTDOWN.into(), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+        if !severed {
+            let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+        }
         inner.shut_tx.send_replace(true);
         info!(node = %inner.me, "transport shut down");
     }

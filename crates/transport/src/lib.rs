@@ -66,6 +66,7 @@ mod error;
 pub mod frame;
 mod inbound;
 mod name;
+mod sever;
 mod stats;
 mod trust;
 pub mod virtual_net;

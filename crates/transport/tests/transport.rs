@@ -746,6 +746,45 @@ async fn shutdown_ends_incoming_and_refuses_sends() {
     assert!(within(a_in.recv()).await.is_none());
 }
 
+/// A severed endpoint goes silent like a crashed process: nothing it sends
+/// arrives, nothing sent to it is delivered, and its peer is not told the
+/// connection closed (its request times out instead of failing as closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_severed_endpoint_goes_silent_without_a_goodbye() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, mut a_in) = start(&ids[0], TransportConfig::default());
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    within(a.send(
+        &dest_of(&b),
+        1,
+        Bytes::from_static(b"before"),
+        WhenFull::Wait,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(&next_message(&mut b_in).await.body[..], b"before");
+    assert!(!b.is_severed());
+    b.sever();
+    assert!(b.is_severed());
+    // b's sends leave nothing on the wire.
+    let _ = within(b.send_datagram(&dest_of(&a), b"ghost")).await;
+    // a's request reaches nobody: it times out, the connection was not
+    // closed by b.
+    let err = within(a.request(
+        &dest_of(&b),
+        1,
+        Bytes::from_static(b"?"),
+        Duration::from_millis(300),
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, TransportError::TimedOut { .. }), "{err}");
+    assert_silent(&mut b_in).await;
+    assert_silent(&mut a_in).await;
+    within(b.shutdown()).await;
+    within(a.shutdown()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_closes_and_the_next_send_reconnects() {
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
