@@ -86,10 +86,6 @@ pub enum Error {
     /// The channel name is empty or longer than 255 bytes.
     #[error("invalid channel name of {0} bytes (1 to 255)")]
     BadChannelName(usize),
-    /// The cluster declared this node failed: it processes nothing more and
-    /// must be restarted (a new generation).
-    #[error("this node is fenced (the cluster declared it failed)")]
-    Fenced,
 }
 
 /// Sending a typed message failed.
@@ -113,6 +109,41 @@ pub enum SendError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The node was shut down.
+    #[error("the node is shut down")]
+    Shutdown,
+}
+
+/// An ask ([`Requester`](crate::Requester)) or an acknowledged send
+/// ([`AckedSender`](crate::AckedSender)) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No answer within the timeout. The receiver may still have taken the
+    /// ask: its node crashed, the message was dropped on the way (every
+    /// drop is counted by reason on the node that dropped it), or the
+    /// handler is slow.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The receiving application refused the ask (or dropped it without an
+    /// answer, or its request did not decode there).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The node asked is no longer a live member (it died or left) and had
+    /// not answered.
+    #[error("node {0:?} is gone")]
+    PeerGone(String),
+    /// The ask could not be sent: no owner, no such node, the transport
+    /// failed, or the request does not serialise.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The answer did not decode as the response type.
+    #[error("the answer does not decode: {0}")]
+    BadAnswer(String),
+    /// Too many asks wait for an answer on this channel already; nothing
+    /// was sent.
+    #[error("{0} asks are waiting already")]
+    TooManyPending(usize),
+    /// This node shut down while the ask waited.
     #[error("the node is shut down")]
     Shutdown,
 }

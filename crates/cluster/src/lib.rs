@@ -62,14 +62,19 @@ mod error;
 mod gossip;
 mod lease;
 mod node;
+mod request;
 mod view;
 pub mod wire;
 
 pub use channel::{Received, Receiver, Sender};
 pub use config::{Limits, NodeConfig, Timing, TlsConfig, TransitionMode};
 pub use datum::{DatumError, DistDatum, HandoffContext};
-pub use error::{ConfigError, Error, SendError, StartError};
+pub use error::{ConfigError, Error, RequestError, SendError, StartError};
 pub use node::Node;
+pub use request::{
+    AckedReceiver, AckedSender, MAX_PENDING_ASKS, MAX_REFUSAL_LEN, Request, RequestChannel,
+    Requester, Requests,
+};
 pub use view::{ClusterView, FacadeCounters, NodeInfo, RoutedDrops, Snapshot, TransitionReport};
 
 pub use shoal_membership::{LeaseStrategy, MemberState};

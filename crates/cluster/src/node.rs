@@ -24,6 +24,7 @@ use crate::datum::{DistDatum, ErasedDatum};
 use crate::driver::{Command, Counts, Driver, DriverInputs};
 use crate::error::{Error, StartError};
 use crate::gossip::{MembershipCommand, MembershipTask};
+use crate::request::{self, AckedReceiver, AckedSender, RequestChannel};
 use crate::view::{ClusterView, NodeInfo, Snapshot, TransitionReport};
 use crate::wire::{self, Routed};
 
@@ -336,8 +337,9 @@ impl Node {
     /// again replaces the object kept for it. Returns how many were new.
     ///
     /// # Errors
-    /// [`Error::Registry`] for a bad type name, [`Error::Fenced`],
-    /// [`Error::Shutdown`]. Datums before the failing one stay registered.
+    /// [`Error::Registry`] for a bad type name (or, in the instant a fenced
+    /// generation is replaced by its successor, `RegistryError::Fenced`:
+    /// register again), [`Error::Shutdown`]. Datums before the failing one stay registered.
     pub async fn register<D: DistDatum>(
         &self,
         datums: impl IntoIterator<Item = Arc<D>>,
@@ -568,6 +570,55 @@ impl Node {
             _type: PhantomData,
         };
         Ok((sender, receiver))
+    }
+
+    /// A request channel named `name`: [`Requester::ask_owner`](crate::Requester::ask_owner) sends a
+    /// request of type `Q` to the owner of a datum (routed, forwarded and
+    /// held like [`Sender::send_to_owner`]), [`Requester::ask`](crate::Requester::ask) to a named
+    /// node; the application that takes it from [`Requests::recv`](crate::Requests::recv) answers
+    /// with a `R`, which goes straight back to the node that asked,
+    /// whoever forwarded the ask. Typed errors: timeout, refused, peer gone,
+    /// no owner (see [`RequestError`](crate::RequestError)). Every node that
+    /// asks or answers registers the channel.
+    ///
+    /// It uses two channels, `name` and `name` + `"\u{1f}answer"`.
+    ///
+    /// # Errors
+    /// As [`Node::channel`]; [`Error::BadChannelName`] also for a name
+    /// longer than 248 bytes.
+    pub fn request_channel<Q, R>(&self, name: &str) -> Result<RequestChannel<Q, R>, Error>
+    where
+        Q: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        if name.len() > request::MAX_REQUEST_CHANNEL_NAME {
+            return Err(Error::BadChannelName(name.len()));
+        }
+        let asks = self.channel(name)?;
+        let answers = self.channel(&request::answer_channel(name))?;
+        Ok(request::request_channel(
+            asks,
+            answers,
+            self.shared.view_rx.clone(),
+            Arc::clone(&self.shared.name_arc),
+        ))
+    }
+
+    /// A channel whose sends resolve once the receiving application took
+    /// the message: [`AckedSender::send_to_owner`] and
+    /// [`AckedSender::send_to`] wait for the [`AckedReceiver`] on the
+    /// other side to return it from `recv`, or fail with the reason
+    /// (timeout, no owner, peer gone, …). The fire-and-forget
+    /// [`Node::channel`] stays the cheaper choice where a lost message is
+    /// acceptable.
+    ///
+    /// # Errors
+    /// As [`Node::request_channel`].
+    pub fn acked_channel<T>(&self, name: &str) -> Result<(AckedSender<T>, AckedReceiver<T>), Error>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        Ok(request::acked_channel(self.request_channel::<T, ()>(name)?))
     }
 
     /// The transport's counters.

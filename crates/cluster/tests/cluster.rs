@@ -1090,3 +1090,126 @@ async fn a_node_declared_dead_rejoins_as_a_new_generation() {
         n.shutdown().await;
     }
 }
+
+/// Request/response: an ask to a datum's owner is answered by the node that
+/// holds it, straight back to the asker; asks to a node can be refused, or
+/// dropped unanswered (refused for the asker), or time out; an ask to a node
+/// that crashes fails as `PeerGone`. An acknowledged send resolves only once
+/// the receiving application took the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asks_are_answered_by_the_owner_and_acked_sends_wait_for_the_take() {
+    use shoal::RequestError;
+    let _serial = SERIAL.lock().await;
+    const DATUMS: i64 = 60;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let nodes = settled_past_forming(&ca, &["a", "b", "c"], DATUMS, &ledger).await;
+    let ask_timeout = Duration::from_secs(20);
+
+    // Every node answers "who am I, do I hold it, who asked".
+    let mut askers = Vec::new();
+    let mut handlers = Vec::new();
+    for n in &nodes {
+        let (asker, mut requests) = n
+            .request_channel::<i64, (String, bool, String)>("whois")
+            .unwrap();
+        askers.push(asker);
+        let node = n.clone();
+        handlers.push(tokio::spawn(async move {
+            while let Some(req) = requests.recv().await {
+                match req.payload {
+                    -1 => req.refuse("no such thing").await.unwrap(),
+                    -2 => drop(req),
+                    -3 => {
+                        // Never answered (kept until the channel ends).
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                    id => {
+                        let holds = node.holds("series", id).await.unwrap();
+                        let answer = (node.local().name.to_string(), holds, req.from.to_string());
+                        req.respond(&answer).await.unwrap();
+                    }
+                }
+            }
+        }));
+    }
+    let view = nodes[0].view();
+    for id in 0..DATUMS {
+        let (owner, holds, asker) = askers[0]
+            .ask_owner("series", id, &id, ask_timeout)
+            .await
+            .unwrap();
+        assert_eq!(
+            owner,
+            view.primary(id).unwrap().name.to_string(),
+            "datum {id}"
+        );
+        assert!(
+            holds,
+            "datum {id}: answered by a node that does not hold it"
+        );
+        assert_eq!(asker, "a", "the answer names the original asker");
+    }
+    assert_eq!(askers[0].pending(), 0);
+
+    // Direct asks: an answer, a refusal, a drop, a timeout.
+    let (owner, _, _) = askers[1].ask("c", &0, ask_timeout).await.unwrap();
+    assert_eq!(owner, "c");
+    match askers[1].ask("c", &-1, ask_timeout).await {
+        Err(RequestError::Refused(reason)) => assert_eq!(reason, "no such thing"),
+        other => panic!("{other:?}"),
+    }
+    match askers[1].ask("c", &-2, ask_timeout).await {
+        Err(RequestError::Refused(reason)) => assert!(reason.contains("dropped"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    match askers[1].ask("c", &-3, Duration::from_millis(300)).await {
+        Err(RequestError::Timeout(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    match askers[1].ask("nobody", &0, ask_timeout).await {
+        Err(RequestError::Send(shoal::SendError::UnknownNode(_))) => {}
+        other => panic!("{other:?}"),
+    }
+
+    // Acknowledged sends: resolved only once the receiver took it.
+    let (acked_a, _acked_rx_a) = nodes[0].acked_channel::<u32>("acked").unwrap();
+    let (_acked_b, mut acked_rx_b) = nodes[1].acked_channel::<u32>("acked").unwrap();
+    let send = tokio::spawn(async move { acked_a.send_to("b", &7, Duration::from_secs(20)).await });
+    // Nothing takes it yet: the send waits (a bounded look, not a timing
+    // assertion: an acknowledgement cannot exist before the take).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !send.is_finished(),
+        "acknowledged before the receiver took it"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(20), acked_rx_b.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.payload, &*got.from), (7, "a"));
+    tokio::time::timeout(Duration::from_secs(20), send)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // An ask to a node that crashes while the ask waits: PeerGone once the
+    // others declare it dead (the timeout only bounds a hang).
+    let pending = {
+        let asker = askers[0].clone();
+        tokio::spawn(async move { asker.ask("c", &-3, Duration::from_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nodes[2].crash().await;
+    match pending.await.unwrap() {
+        Err(RequestError::PeerGone(node)) => assert_eq!(node, "c"),
+        other => panic!("{other:?}"),
+    }
+    for h in handlers {
+        h.abort();
+    }
+    for n in &nodes[..2] {
+        n.shutdown().await;
+    }
+}
