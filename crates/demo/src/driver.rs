@@ -779,6 +779,7 @@ impl Sim<'_> {
                 self.refused += 1;
                 self.outstanding.remove(&id);
             }
+            Event::Read { .. } | Event::ReadFailed { .. } => {}
             Event::Status {
                 members,
                 live,

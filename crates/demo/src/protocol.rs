@@ -5,6 +5,7 @@
 //! | line | meaning |
 //! |---|---|
 //! | `p <point id> <series> <value>` | ingest a point (sent to the series' owner) |
+//! | `r <series>` | read the series' aggregate from its owner (a request to the owner), answer `read` or `read_failed` |
 //! | `status` | answer with a `status` event |
 //! | `flush` | write every pending delta now, answer `flushed` |
 //! | `leave` | leave gracefully (relinquish everything), answer `left`, exit |
@@ -28,6 +29,11 @@ pub enum Command {
         /// Value.
         value: f64,
     },
+    /// Read a series' aggregate from its owner.
+    Read {
+        /// Series.
+        series: i64,
+    },
     /// Report status.
     Status,
     /// Flush now.
@@ -47,6 +53,9 @@ impl Command {
                 id: words.next()?.parse().ok()?,
                 series: words.next()?.parse().ok()?,
                 value: words.next()?.parse().ok()?,
+            },
+            "r" => Command::Read {
+                series: words.next()?.parse().ok()?,
             },
             "status" => Command::Status,
             "flush" => Command::Flush,
@@ -120,6 +129,27 @@ pub enum Event {
     Refused {
         /// Point id.
         id: u64,
+    },
+    /// Answer to `r`: the series' aggregate as its owner holds it
+    /// (stored plus not yet flushed).
+    Read {
+        /// The series.
+        series: i64,
+        /// The owner that answered.
+        owner: String,
+        /// The fencing token of its ownership.
+        token: u64,
+        /// Points in the aggregate.
+        count: u64,
+        /// Their sum.
+        sum: f64,
+    },
+    /// Answer to `r` when no owner answered.
+    ReadFailed {
+        /// The series.
+        series: i64,
+        /// Why.
+        error: String,
     },
     /// Answer to `status`.
     Status {
@@ -200,6 +230,8 @@ mod tests {
             })
         );
         assert_eq!(Command::parse("status"), Some(Command::Status));
+        assert_eq!(Command::parse("r -4"), Some(Command::Read { series: -4 }));
+        assert_eq!(Command::parse("r"), None);
         assert_eq!(Command::parse("p 7 x 1"), None);
         assert_eq!(Command::parse("p 7 1"), None);
         assert_eq!(Command::parse("quit now"), None);

@@ -84,6 +84,25 @@ pub struct Point {
     pub origin: String,
 }
 
+/// A series' aggregate as its owner answers a read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReadAnswer {
+    /// The owner that answered.
+    pub owner: String,
+    /// The fencing token of its ownership.
+    pub token: u64,
+    /// Points (stored and not yet flushed).
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+}
+
+/// Attempts of a read whose owner moved while it was on the way.
+const READ_ATTEMPTS: u32 = 3;
+
+/// How long a read waits for its owner's answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Acknowledgement of points accepted by an owner.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Ack {
@@ -176,6 +195,32 @@ impl App {
             now
         } else {
             st.generation
+        })
+    }
+
+    /// A series' aggregate for a read: refused unless this node acts as
+    /// its owner now (acquired, not relinquished, lease valid).
+    async fn read(&self, series: i64) -> Result<ReadAnswer, String> {
+        if !self.node.holds(SERIES, series).await.unwrap_or(false) {
+            return Err(format!("{} does not own series {series} now", self.name));
+        }
+        let (pending, token) = {
+            let map = self.series_lock();
+            map.get(&series)
+                .map(|st| (st.pending, st.token))
+                .unwrap_or_default()
+        };
+        let store = Arc::clone(&self.store);
+        let stored = tokio::task::spawn_blocking(move || store.load(series))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        Ok(ReadAnswer {
+            owner: self.name.clone(),
+            token,
+            count: stored.count + pending.count,
+            sum: stored.sum + pending.sum,
         })
     }
 
@@ -436,6 +481,29 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
     let slot = Arc::new(Mutex::new(Some(Arc::clone(&app))));
     let (points, mut inbox) = node.channel::<Point>("demo.points")?;
     let (acks, mut ack_inbox) = node.channel::<Ack>("demo.acks")?;
+    let (reader, mut reads) = node.request_channel::<i64, ReadAnswer>("demo.read")?;
+
+    // Owner side of reads: answer with the stored aggregate plus the points
+    // not flushed yet, only while this node acts as the series' owner.
+    {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            while let Some(request) = reads.recv().await {
+                let app = Arc::clone(&app);
+                tokio::spawn(async move {
+                    let series = request.payload;
+                    let answer = app.read(series).await;
+                    let sent = match answer {
+                        Ok(answer) => request.respond(&answer).await,
+                        Err(reason) => request.refuse(&reason).await,
+                    };
+                    if let Err(error) = sent {
+                        debug!(%error, series, "read answer not delivered");
+                    }
+                });
+            }
+        });
+    }
 
     // Owner side: accept points, acknowledge them to their origin in batches.
     let pending_acks: Arc<Mutex<AcksOwed>> = Arc::default();
@@ -622,6 +690,33 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                     app.answered.fetch_add(1, Ordering::Relaxed);
                     emit(&Event::Refused { id });
                 }
+            }
+            Command::Read { series } => {
+                let reader = reader.clone();
+                tokio::spawn(async move {
+                    let mut outcome = Err(String::new());
+                    for _ in 0..READ_ATTEMPTS {
+                        outcome = reader
+                            .ask_owner(SERIES, series, &series, READ_TIMEOUT)
+                            .await
+                            .map_err(|e| e.to_string());
+                        // Refused: the series moved while the read was on
+                        // its way; the next attempt finds the new owner.
+                        if outcome.is_ok() {
+                            break;
+                        }
+                    }
+                    match outcome {
+                        Ok(a) => emit(&Event::Read {
+                            series,
+                            owner: a.owner,
+                            token: a.token,
+                            count: a.count,
+                            sum: a.sum,
+                        }),
+                        Err(error) => emit(&Event::ReadFailed { series, error }),
+                    }
+                });
             }
             Command::Status => {
                 let snap = node.snapshot().await?;
