@@ -399,6 +399,8 @@ pub(crate) struct Driver {
     counts: Arc<Counts>,
     version: u64,
     view_dirty: bool,
+    /// `settled` as last published in the view.
+    published_settled: bool,
     fenced: bool,
     /// Which handoff state machine is in force: a rebirth (a new generation
     /// after a declared death) starts a new one, and completions of the old
@@ -454,6 +456,7 @@ impl Driver {
             counts,
             version: 0,
             view_dirty: true,
+            published_settled: false,
             fenced: false,
             instance: 0,
             lease: Arc::new(LeaseCell::new(Instant::now())),
@@ -703,6 +706,9 @@ impl Driver {
         self.drain_handoff(now);
         // Publish first: a caller woken by a finished transition reads the
         // owners of the view it installed.
+        if self.handoff.is_settled() != self.published_settled {
+            self.view_dirty = true;
+        }
         if self.view_dirty {
             self.publish();
         }
@@ -1102,6 +1108,7 @@ impl Driver {
 
     fn publish(&mut self) {
         self.view_dirty = false;
+        self.published_settled = self.handoff.is_settled();
         self.version += 1;
         let mut members: Vec<NodeInfo> = self.members.values().map(NodeInfo::from_member).collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1114,6 +1121,7 @@ impl Driver {
             version: self.version,
             fenced: self.fenced,
             standing: self.handoff.has_standing(),
+            settled: self.published_settled,
         };
         self.view_tx.send_replace(Arc::new(view));
     }

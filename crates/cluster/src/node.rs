@@ -203,6 +203,7 @@ impl Node {
             version: 0,
             fenced: false,
             standing: true,
+            settled: false,
         };
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
         let (cmd_tx, cmd_rx) = mpsc::channel(config.limits.command_queue);
@@ -484,6 +485,33 @@ impl Node {
         let type_name = type_name.to_owned();
         self.command(|tx| Command::DatumState(type_name, id, tx))
             .await
+    }
+
+    /// Waits until the cluster is settled as this node sees it
+    /// ([`ClusterView::settled`]: every live member said done with the view
+    /// in force here and nothing is in flight here), or `timeout`. Returns
+    /// the settled view, or `None` at the timeout. Waiting on every node
+    /// (or on one, then checking that every member's `view_id` matches) is
+    /// not needed: the done markers a node collects already come from every
+    /// member.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`].
+    pub async fn wait_settled(&self, timeout: Duration) -> Result<Option<Arc<ClusterView>>, Error> {
+        let mut changes = self.shared.view_rx.clone();
+        let wait = async {
+            loop {
+                let view = Arc::clone(&changes.borrow_and_update());
+                if view.settled {
+                    return Ok(view);
+                }
+                changes.changed().await.map_err(|_| Error::Shutdown)?;
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Progress of the current (or last) transition, now.

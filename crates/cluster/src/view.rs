@@ -74,6 +74,14 @@ pub struct ClusterView {
     /// it in sight; `docs/partitions.md`). While it is not, work for the
     /// datums it holds waits and nothing is acquired.
     pub standing: bool,
+    /// Whether the cluster is settled as this node can tell: every live
+    /// member (and every node of the recent views) said done with the view
+    /// in force here, this node too, and nothing is in flight here. It
+    /// comes from the handoff's done markers, which every member sends to
+    /// every other after each transition, so no extra traffic. Watch it
+    /// with [`Node::changes`](crate::Node::changes) or wait for it with
+    /// [`Node::wait_settled`](crate::Node::wait_settled).
+    pub settled: bool,
 }
 
 impl ClusterView {

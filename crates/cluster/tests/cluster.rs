@@ -139,6 +139,19 @@ async fn datums_have_one_owner_and_a_join_moves_exactly_what_changes() {
         !d.holds("series", DATUMS + 1).await.unwrap(),
         "not registered"
     );
+    // Cluster-wide settled, from the done markers: every node reaches it,
+    // at the same view.
+    let mut settled_views = BTreeSet::new();
+    for n in &all {
+        let view = n
+            .wait_settled(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("settled");
+        assert!(view.settled);
+        settled_views.insert(view.placement.view_id());
+    }
+    assert_eq!(settled_views.len(), 1, "{settled_views:?}");
 
     let mut want_relinquished = BTreeSet::new();
     let mut want_acquired = BTreeSet::new();

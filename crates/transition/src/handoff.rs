@@ -649,6 +649,19 @@ impl<W> Handoff<W> {
         self.in_flight() == 0
     }
 
+    /// Whether the handoff of the view in force is over everywhere this
+    /// node can tell: nothing is in flight here, this node said done with
+    /// the view in force, and every live peer and every node of the recent
+    /// views said done with that same view (their done markers). All
+    /// members agree on the view and none has anything in flight for it.
+    #[must_use]
+    pub fn is_settled(&self) -> bool {
+        !self.installing
+            && self.done_seq.is_some()
+            && self.done_missing.is_empty()
+            && self.is_idle()
+    }
+
     /// A snapshot of what is in flight.
     #[must_use]
     pub fn progress(&self) -> Progress {

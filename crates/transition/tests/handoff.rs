@@ -157,6 +157,34 @@ fn forming_cluster_acquires_without_waiting() {
     assert_eq!(c.nodes[0].counters().acquired_after_timeout, 0);
 }
 
+/// `is_settled`: true once every node of the views said done with the view
+/// in force here and nothing is in flight; false while one has not
+/// installed it yet.
+#[test]
+fn settled_needs_every_nodes_done_marker_for_the_view_in_force() {
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 2);
+    // Live members, as membership tells them (c is live, not ready).
+    let ids = c.ids.clone();
+    let now = c.now;
+    for n in &mut c.nodes {
+        n.set_peers(ids.iter(), now);
+    }
+    c.settle();
+    assert!(c.nodes.iter().all(Handoff::is_settled));
+    let t = c.table_of(&[0, 1, 2]);
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    c.settle();
+    assert!(
+        !c.nodes[0].is_settled() && !c.nodes[1].is_settled(),
+        "c has not said done with the new view"
+    );
+    c.nodes[2].install(Arc::clone(&t), c.now);
+    c.settle();
+    assert!(c.nodes.iter().all(Handoff::is_settled));
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+}
+
 #[test]
 fn a_third_node_joining_two_that_owe_each_other_many_notices_finishes() {
     // The seed hangs for good at about 1,150 datums here.
