@@ -60,6 +60,12 @@ pub enum Command {
     /// `Membership::leave`, then the process exits after the configured
     /// linger time.
     Leave,
+    /// The cluster declared this process dead: it comes back as a new
+    /// generation of itself in the same process, as the facade does (a new
+    /// membership, not ready, rejoining through the members the old one
+    /// knew); the application then hears [`Application::on_reborn`].
+    /// Ignored while leaving.
+    Rebirth,
 }
 
 /// Identifies one message sent with [`AppCtx::send`]; its outcome comes
@@ -148,6 +154,12 @@ impl<S> AppCtx<'_, S> {
         self.out.commands.push(Command::Leave);
     }
 
+    /// Asks for a new generation of this process (after `DeclaredFailed`):
+    /// see [`Command::Rebirth`].
+    pub fn rebirth(&mut self) {
+        self.out.commands.push(Command::Rebirth);
+    }
+
     /// Reports a broken invariant: the simulator stops the run and reports
     /// the seed, the step and this message.
     pub fn violation(&mut self, message: impl Into<String>) {
@@ -165,6 +177,9 @@ pub struct NodeView<'a, A> {
     pub app: &'a A,
     /// True once it called `leave` (it still runs until it exits).
     pub leaving: bool,
+    /// Paused ([`Action::Pause`](crate::Action::Pause)) at this instant: it
+    /// handles nothing, timers included, until it wakes.
+    pub frozen: bool,
 }
 
 /// An application layer simulated on every node next to membership. See the
@@ -209,10 +224,35 @@ pub trait Application: Sized {
         None
     }
 
+    /// This process was reborn as a new generation ([`Command::Rebirth`]):
+    /// `ctx.node()` and `ctx.membership()` are the new ones; in-flight
+    /// message outcomes of the old generation never come.
+    fn on_reborn(&mut self, ctx: &mut AppCtx<'_, Self::Shared>) {
+        let _ = ctx;
+    }
+
     /// The process stops: `crashed` is true for a crash, false for the exit
     /// that follows a graceful leave. The instance is dropped afterwards.
     fn on_stop(&mut self, node: &NodeInfo, crashed: bool, shared: &mut Self::Shared) {
         let _ = (node, crashed, shared);
+    }
+
+    /// Whether [`Application::check_step`] runs after every step (it costs
+    /// a pass over every process per step: for small clusters).
+    const STEP_CHECKS: bool = false;
+
+    /// Cross-node check after every step (every event the simulator
+    /// processed), when [`Application::STEP_CHECKS`] is set, over the
+    /// processes in their slots (leaving ones included) at virtual instant
+    /// `now`. May update the ledger. Return a description of the first
+    /// broken invariant.
+    fn check_step(
+        shared: &mut Self::Shared,
+        now: Instant,
+        nodes: &mut dyn Iterator<Item = NodeView<'_, Self>>,
+    ) -> Result<(), String> {
+        let _ = (shared, now, nodes);
+        Ok(())
     }
 
     /// Cross-node invariant check, run at every sampling point over the live

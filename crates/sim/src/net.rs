@@ -5,8 +5,11 @@
 //! reordered. Reliable messages (membership's push-pull and joins, and every
 //! application message) model a QUIC stream: they are never lost at random
 //! nor duplicated, but they are not ordered with respect to each other, and
-//! they fail when the receiver is down or on the other side of a partition.
+//! they fail when the receiver is down or on the other side of a partition,
+//! or when either direction between the two is cut (a connection needs
+//! both).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use rand::Rng;
@@ -112,11 +115,14 @@ pub(crate) enum Copies {
 }
 
 /// Which group each node slot is in; packets only travel within a group.
-/// Group 0 is everyone when there is no partition.
+/// Group 0 is everyone when there is no partition. On top of the groups,
+/// one-way cuts: directed links whose packets are dropped.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Partitions {
     /// Group of each slot; slots beyond the end are in group 0.
     current: Vec<u32>,
+    /// Directed links (from, to) that drop every packet.
+    blocked: HashSet<(u32, u32)>,
 }
 
 impl Partitions {
@@ -124,8 +130,23 @@ impl Partitions {
         group_of(&self.current, slot)
     }
 
-    pub(crate) fn connected(&self, a: u32, b: u32) -> bool {
-        self.group(a) == self.group(b)
+    /// Whether a packet from `from` reaches `to` (direction matters under a
+    /// one-way cut).
+    pub(crate) fn connected(&self, from: u32, to: u32) -> bool {
+        self.group(from) == self.group(to)
+            && (self.blocked.is_empty() || !self.blocked.contains(&(from, to)))
+    }
+
+    /// Whether packets travel both ways between `a` and `b` (what a
+    /// connection, QUIC or TCP, needs to carry anything).
+    pub(crate) fn connected_both(&self, a: u32, b: u32) -> bool {
+        self.connected(a, b) && self.connected(b, a)
+    }
+
+    /// Packets from `from` to `to` are dropped, for every listed pair, on top
+    /// of the cuts already in force.
+    pub(crate) fn block(&mut self, pairs: impl IntoIterator<Item = (u32, u32)>) {
+        self.blocked.extend(pairs);
     }
 
     /// Puts the listed slots in the given groups (other slots in group 0).
@@ -133,13 +154,15 @@ impl Partitions {
         self.current = groups;
     }
 
+    /// Removes every partition and every one-way cut.
     pub(crate) fn heal(&mut self) {
         self.current.clear();
+        self.blocked.clear();
     }
 
-    /// Whether some slots are cut off from others.
+    /// Whether some slots are cut off from others (in one direction or both).
     pub(crate) fn is_split(&self) -> bool {
-        self.current.iter().any(|&g| g != 0)
+        self.current.iter().any(|&g| g != 0) || !self.blocked.is_empty()
     }
 }
 
@@ -225,6 +248,20 @@ mod tests {
         assert!(p.connected(0, 1));
         assert!(!p.connected(1, 2));
         assert!(p.connected(0, 9), "slots past the layout are in group 0");
+        p.heal();
+        assert!(p.connected(1, 2));
+        assert!(!p.is_split());
+    }
+
+    #[test]
+    fn a_one_way_cut_drops_one_direction_until_healed() {
+        let mut p = Partitions::default();
+        p.block([(1, 2)]);
+        assert!(p.is_split());
+        assert!(!p.connected(1, 2), "1 -> 2 is cut");
+        assert!(p.connected(2, 1), "2 -> 1 still travels");
+        assert!(!p.connected_both(2, 1));
+        assert!(p.connected_both(0, 1));
         p.heal();
         assert!(p.connected(1, 2));
         assert!(!p.is_split());

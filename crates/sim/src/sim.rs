@@ -25,6 +25,10 @@ const TAG_APP: u64 = 3;
 /// Port every simulated node listens on (each slot has its own IP).
 const PORT: u16 = 7946;
 
+/// Most addresses a reborn process rejoins through (members it knew, then
+/// seeds), as the facade's rebirth.
+const REJOIN_TARGETS: usize = 64;
+
 /// Everything that shapes a run. Two runs with equal configurations and
 /// scenarios process the same events in the same order.
 #[derive(Clone, Debug)]
@@ -159,7 +163,15 @@ pub enum Action {
         /// Group of each slot.
         groups: Vec<u32>,
     },
-    /// Remove every partition.
+    /// Cut links in one direction: packets from `from` to `to` are dropped
+    /// (`to` no longer hears `from`, `from` still hears `to`), for every
+    /// listed pair, on top of the partitions in force. Reliable messages
+    /// between the two fail both ways (a connection needs both directions).
+    OneWay {
+        /// The (from, to) slot pairs cut.
+        pairs: Vec<(u32, u32)>,
+    },
+    /// Remove every partition and every one-way cut.
     Heal,
     /// Change the loss probability of unreliable packets.
     SetLoss(f64),
@@ -308,9 +320,21 @@ struct Slot<A> {
     /// Inputs are handled in order: none before this time (stall backlog).
     backlog_until: u64,
     stall: Option<Stall>,
+    /// A pause of the process of this generation until this time: it
+    /// handles nothing before (see [`Action::Pause`]).
+    frozen: Option<(u64, u64)>,
     /// Consecutive timer firings at the same instant (busy-loop guard).
     spins: u32,
     spin_ns: u64,
+}
+
+impl<A> Slot<A> {
+    /// Whether the process of `generation` is paused at `now_ns` (a pause
+    /// ends at its wake-up instant: inputs handled then are handled awake).
+    fn frozen_at(&self, generation: u64, now_ns: u64) -> bool {
+        self.frozen
+            .is_some_and(|(g, until)| g == generation && now_ns < until)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -575,6 +599,7 @@ impl<A: Application> Sim<A> {
             timer_armed: None,
             backlog_until: 0,
             stall: None,
+            frozen: None,
             spins: 0,
             spin_ns: 0,
         });
@@ -617,6 +642,17 @@ impl<A: Application> Sim<A> {
     /// The cross-node ledger of the application.
     pub fn shared(&self) -> &A::Shared {
         &self.shared
+    }
+
+    /// The cross-node ledger of the application, to change between runs
+    /// (e.g. what a test measures from now on).
+    pub fn shared_mut(&mut self) -> &mut A::Shared {
+        &mut self.shared
+    }
+
+    /// The instant virtual time 0 maps to.
+    pub fn base(&self) -> Instant {
+        self.base
     }
 
     /// Bytes and messages sent so far.
@@ -803,6 +839,7 @@ impl<A: Application> Sim<A> {
                 membership: &p.membership,
                 app: &p.app,
                 leaving: p.leaving,
+                frozen: s.frozen_at(p.info.generation, self.now_ns),
             })
         })
     }
@@ -972,6 +1009,9 @@ impl<A: Application> Sim<A> {
             self.now_ns = entry.at;
             self.steps += 1;
             self.dispatch(entry.ev);
+            if A::STEP_CHECKS && self.violation.is_none() {
+                self.step_check();
+            }
             if let Some(v) = &self.violation {
                 return Err(v.clone());
             }
@@ -1137,7 +1177,15 @@ impl<A: Application> Sim<A> {
         let deliverable = match accepted_by {
             // Already in the receiver's input backlog: lost if it restarted.
             Some(generation) => current == Some(generation),
-            None => current.is_some() && self.partitions.connected(from, to),
+            None => {
+                current.is_some()
+                    && match channel {
+                        Channel::Unreliable => self.partitions.connected(from, to),
+                        Channel::Reliable | Channel::App(_) => {
+                            self.partitions.connected_both(from, to)
+                        }
+                    }
+            }
         };
         if !deliverable {
             self.traffic.dropped += 1;
@@ -1310,13 +1358,14 @@ impl<A: Application> Sim<A> {
     /// packets and events (checked, then given to the application), the
     /// application's messages and commands; then re-arms its timer.
     fn drive(&mut self, p: &mut Proc<A>) {
-        let observer: ProcKey = (p.info.slot, p.info.generation);
         // Commands can produce more output; loop until nothing is left.
         let mut rounds = 0u32;
         loop {
             while let Some(t) = p.membership.poll_transmit() {
                 self.send_transmit(p.info.slot, p.info.generation, t);
             }
+            // A rebirth (a command) replaces the generation mid-drive.
+            let observer: ProcKey = (p.info.slot, p.info.generation);
             while let Some(ev) = p.membership.poll_event() {
                 log_event(self.now_ns, &p.info, &ev);
                 let checked = {
@@ -1393,7 +1442,83 @@ impl<A: Application> Sim<A> {
                 }
             }
             Command::Leave => self.begin_leave(p),
+            Command::Rebirth => self.rebirth(p),
         }
+    }
+
+    /// The process, declared dead by the cluster, comes back as a new
+    /// generation of itself: a new membership (not ready) that joins
+    /// through every member the old one knew, in any state, and a few
+    /// live seeds; the old generation counts as stopped (not crashed). The
+    /// application instance stays and hears [`Application::on_reborn`].
+    fn rebirth(&mut self, p: &mut Proc<A>) {
+        if p.leaving {
+            return;
+        }
+        let slot = p.info.slot;
+        let old: ProcKey = (slot, p.info.generation);
+        let now = self.instant(self.now_ns);
+        let mut targets: Vec<SocketAddr> = Vec::new();
+        let known = p
+            .membership
+            .members()
+            .filter(|m| *m.name != *p.info.name)
+            .map(|m| m.addr);
+        for addr in known.chain(self.pick_seeds(slot)) {
+            if addr != p.info.addr && !targets.contains(&addr) && targets.len() < REJOIN_TARGETS {
+                targets.push(addr);
+            }
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let local = LocalNode {
+            name: p.info.name.to_string(),
+            generation,
+            addr: p.info.addr,
+            ready: false,
+            metadata: p.membership.local().metadata.to_vec(),
+        };
+        let rng = SmallRng::seed_from_u64(derive_seed(self.cfg.seed, TAG_MEMBERSHIP, generation));
+        let mut membership = match Membership::new(self.cfg.membership.clone(), local, rng, now) {
+            Ok(m) => m,
+            Err(e) => {
+                self.violate(format!(
+                    "membership of {} rejected its configuration: {e}",
+                    p.info.name
+                ));
+                return;
+            }
+        };
+        tracing::debug!(
+            target: "shoal_sim::events",
+            t = self.now_ns as f64 / 1e9,
+            node = %p.info.name,
+            old = old.1,
+            generation,
+            targets = targets.len(),
+            "reborn"
+        );
+        if !targets.is_empty() {
+            membership.join(&targets, now);
+        }
+        self.checks.fate_mut(old).up = false;
+        self.checks.stopped(old, self.now_ns);
+        let split = self.partitions.is_split();
+        *self.checks.fate_mut((slot, generation)) = crate::check::Fate {
+            up: true,
+            partitioned: split,
+            ..Default::default()
+        };
+        p.incarnation = membership.local().incarnation;
+        p.membership = membership;
+        p.info.generation = generation;
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.timer_armed = None;
+            s.stall = None;
+        }
+        self.app_call(p, |app, ctx| app.on_reborn(ctx));
+        let at = self.now_ns + duration_ns(self.cfg.rejoin_after);
+        self.push(at, Ev::Rejoin { slot, generation });
     }
 
     fn begin_leave(&mut self, p: &mut Proc<A>) {
@@ -1541,6 +1666,7 @@ impl<A: Application> Sim<A> {
                 | Action::Stall { .. }
                 | Action::Pause { .. }
                 | Action::Partition { .. }
+                | Action::OneWay { .. }
                 | Action::Heal
         ) {
             self.unquiet();
@@ -1598,11 +1724,16 @@ impl<A: Application> Sim<A> {
                         timers: true,
                     });
                     s.backlog_until = s.backlog_until.max(until_ns);
+                    s.frozen = Some((generation, until_ns));
                     self.checks.fate_mut((slot, generation)).stalled = true;
                 }
             }
             Action::Partition { groups } => {
                 self.partitions.split(groups);
+                self.mark_partitioned();
+            }
+            Action::OneWay { pairs } => {
+                self.partitions.block(pairs);
                 self.mark_partitioned();
             }
             Action::Heal => self.partitions.heal(),
@@ -1832,6 +1963,28 @@ impl<A: Application> Sim<A> {
         }
     }
 
+    /// The application's check after every step
+    /// ([`Application::check_step`]), over the processes in their slots.
+    fn step_check(&mut self) {
+        let now_ns = self.now_ns;
+        let now = self.instant(now_ns);
+        let result = {
+            let mut views = self.slots.iter().filter_map(|s| {
+                s.proc.as_deref().map(|p| NodeView {
+                    info: &p.info,
+                    membership: &p.membership,
+                    app: &p.app,
+                    leaving: p.leaving,
+                    frozen: s.frozen_at(p.info.generation, now_ns),
+                })
+            });
+            A::check_step(&mut self.shared, now, &mut views)
+        };
+        if let Err(m) = result {
+            self.violate(format!("application check: {m}"));
+        }
+    }
+
     fn sample(&mut self) {
         if self.cfg.deep_checks {
             self.deep_check();
@@ -1843,6 +1996,7 @@ impl<A: Application> Sim<A> {
                     membership: &p.membership,
                     app: &p.app,
                     leaving: p.leaving,
+                    frozen: s.frozen_at(p.info.generation, self.now_ns),
                 })
             });
             A::check(&self.shared, &mut views)
