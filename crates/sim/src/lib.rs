@@ -19,7 +19,9 @@
 //!   is down or partitioned away.
 //! - **Faults** ([`Action`]): crashes, restarts (a new generation), joins,
 //!   graceful leaves, CPU-starved nodes that handle their input late,
-//!   partitions, loss and duplication bursts, garbage packets.
+//!   paused nodes, partitions, one-way cuts, loss and duplication bursts,
+//!   garbage packets; a process declared dead may come back as a new
+//!   generation of itself ([`Command::Rebirth`]).
 //! - **Invariants**, checked as events happen: a node's incarnations of a
 //!   member only grow; no member comes back from dead or left without a
 //!   higher incarnation or a new generation; every packet a peer produced
@@ -31,8 +33,12 @@
 //! - **Transition on membership** ([`transition_app`]): one
 //!   `shoal_transition::Handoff` per process driven by its real membership
 //!   events, with datums, jobs and work, in scenarios `join`, `leave`,
-//!   `kill-owner`, `chained` and `flap`, its ownership invariants checked at
-//!   every step (`--app transition` on the command line).
+//!   `kill-owner`, `chained`, `flap` and `join-leave-kill`, and with leases
+//!   `partition`, `one-way`, `pause` and `link-flap` (a node declared dead
+//!   comes back as a new generation), its ownership invariants checked at
+//!   every step (at most one process acting as owner of a datum: holding it
+//!   under a valid lease, not frozen) and its liveness after the last heal
+//!   (`--app transition` on the command line).
 //! - **Scenarios** ([`scenario`]): `kill-one`, `stalled-node`,
 //!   `partition-heal`, `churn`, `update`, `random`, each producing a
 //!   [`Report`] (detection times, false positives, dissemination time,
@@ -66,6 +72,7 @@
 //! assert!(sim.check_converged().is_ok());
 //! ```
 
+mod acting;
 mod app;
 mod check;
 mod net;

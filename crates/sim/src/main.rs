@@ -37,8 +37,9 @@ struct Cli {
     app: AppKind,
     /// Scenario to run. Membership: kill-one (default), stalled-node,
     /// partition-heal, partition-minority, isolated, paused, churn, update,
-    /// random. Transition: join (default),
-    /// leave, kill-owner, chained, flap.
+    /// random. Transition: join (default), leave, kill-owner, chained,
+    /// flap, join-leave-kill, and with leases partition, one-way, pause,
+    /// link-flap.
     #[arg(long)]
     scenario: Option<String>,
     /// Number of nodes (membership: 16 by default, bootstrapped above 64;
@@ -55,7 +56,8 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Loss probability of membership datagrams, 0..=1 (membership: 0 by
-    /// default; transition: the loss during `flap`, 0.1 by default).
+    /// default; transition: the loss during `flap`, 0.1 by default, and
+    /// during the whole run with leases, 0.05 by default).
     #[arg(long)]
     loss: Option<f64>,
     /// Duplication probability of membership datagrams, 0..=1.
@@ -213,6 +215,35 @@ fn print_transition_summary(reports: &[TransitionReport]) {
         sum(|r| r.stats.timeouts),
         max_transition
     );
+    if reports.iter().any(|r| r.recover_bound_s.is_some()) {
+        let max_recovered = reports
+            .iter()
+            .filter(|r| r.ok)
+            .map(|r| r.stats.recovered_s)
+            .fold(0.0, f64::max);
+        let mut recovered: Vec<f64> = reports
+            .iter()
+            .filter(|r| r.ok)
+            .map(|r| r.stats.recovered_s)
+            .collect();
+        recovered.sort_by(f64::total_cmp);
+        let p = |q: f64| {
+            let i = ((recovered.len() as f64 * q).ceil() as usize).saturating_sub(1);
+            recovered.get(i).copied().unwrap_or(0.0)
+        };
+        println!(
+            "  stopped early (invariant broken while running) {}  rebirths {}  recovered_s p50 {:.2} p99 {:.2} max {:.2} (bound {:.2})",
+            sum(|r| r.stopped_early),
+            sum(|r| r.stats.rebirths),
+            p(0.5),
+            p(0.99),
+            max_recovered,
+            reports
+                .iter()
+                .filter_map(|r| r.recover_bound_s)
+                .fold(0.0, f64::max)
+        );
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

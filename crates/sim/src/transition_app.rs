@@ -4,12 +4,15 @@
 //! [`TransitionNode`] implements [`Application`]:
 //!
 //! - every datum id `0..datums` is registered at start (type `"d"`);
-//! - `Failed` / `Left` of a peer become `peer_failed` / `peer_left`, before
+//! - membership events pass through a `TakeoverGate`, as in the facade;
+//!   `Failed` / `Left` of a peer become `peer_failed` / `peer_left`, before
 //!   the `ViewChanged` that drops it (membership emits them in that order);
 //!   `ViewChanged` builds the placement view from the live members' (name,
 //!   generation, ready) and installs `PlacementTable::build_from` the table
-//!   in force; `DeclaredFailed` fences the node, which then leaves (a fenced
-//!   state machine is final: the process exits);
+//!   in force; `DeclaredFailed` fences the node;
+//! - before every decision the handoff is told the lease
+//!   (`set_standing(Membership::standing(now).is_valid())`), as the
+//!   facade's driver does;
 //! - notice batches travel as reliable application messages; their single
 //!   outcome becomes `send_done`;
 //! - relinquish and acquire jobs finish after a seeded random virtual delay,
@@ -17,23 +20,44 @@
 //! - work items for random datums are injected at random nodes and routed
 //!   with `Handoff::route`: processed, forwarded one hop, or held.
 //!
-//! The shared [`TransitionLedger`] keeps, per datum, the set of processes
-//! holding it (from the start of an acquire job to the end of a successful
-//! relinquish), updated incrementally, and checks at every step: a process
-//! starts acquiring only when no other live process holds the datum, unless
-//! that holder was declared failed (failover); work is processed only where
-//! the datum is held, and never twice. [`final_check`] checks, once the run
-//! settled: every transition ended, every datum is held by exactly its
-//! primary, every work item was processed exactly once (except items that
-//! sat in a crashed process's memory).
+//! Two families of scenarios:
+//!
+//! - **Without leases** (`join`, `leave`, `kill-owner`, `chained`, `flap`,
+//!   `join-leave-kill`; membership's lease strategy `Off`): a fenced node
+//!   leaves and exits. The shared [`TransitionLedger`] keeps, per datum, the
+//!   set of processes holding it (from the start of an acquire job to the
+//!   end of a successful relinquish), updated incrementally, and checks at
+//!   every step: a process starts acquiring only when no other live process
+//!   holds the datum, unless that holder was declared failed (failover).
+//! - **With leases** (`partition`, `one-way`, `pause`, `link-flap`; the
+//!   default strategy, 5 % datagram loss by default): a node declared dead
+//!   comes back as a new generation in the same process, as the facade does
+//!   (a new `Handoff` that continues the old epoch, installs the old table
+//!   and knows the old generation gone). After every step, the
+//!   **acting-owner check**: for every datum at most one process *acts as
+//!   owner*: holds it per its handoff (`Handoff::token`), its lease valid at
+//!   that instant, not frozen (paused), not fenced; no exception for a
+//!   holder declared failed. A process hands out a job or processes work
+//!   only under a valid lease. At every sampling point the check's record
+//!   of holdings is compared with every handoff's. **Liveness**: from the
+//!   last heal, every datum has a ready acting owner within
+//!   [`recover_bound`]; at the end every node is ready, unfenced, with a
+//!   valid lease.
+//!
+//! In both, work is processed only where the datum is held, and never
+//! twice. [`final_check`] checks, once the run settled: every transition
+//! ended, every datum is held by exactly its primary, every work item was
+//! processed exactly once (except items that sat in a crashed or reborn
+//! process's memory).
 //!
 //! Processes start not ready and become ready as soon as they know another
-//! live member (slot 0 alone after a second), so processes that join together
-//! become ready together, each often before it sees the others ready. Every
-//! process tells its layer the live members (`set_peers`), whose done markers
-//! a first owner waits for. A process ready before it joined anyone cannot
-//! wait for peers it does not know; the checks catch the two first owners
-//! that follow, see [`TransitionOptions::ready_on_start`].
+//! live member (slot 0 alone after a second; a new generation never
+//! alone), so processes that join together become ready together, each
+//! often before it sees the others ready. Every process tells its layer the
+//! live members (`set_peers`), whose done markers a first owner waits for.
+//! A process ready before it joined anyone cannot wait for peers it does
+//! not know; the checks catch the two first owners that follow, see
+//! [`TransitionOptions::ready_on_start`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -51,7 +75,8 @@ use shoal_transition::{
     SendId, WithoutNotice,
 };
 
-use crate::app::{AppCtx, Application, MessageId, NodeInfo};
+use crate::acting::ActingOwners;
+use crate::app::{AppCtx, Application, MessageId, NodeInfo, NodeView};
 use crate::sim::{Action, Sim, SimConfig};
 use crate::util::derive_seed;
 
@@ -129,6 +154,20 @@ pub struct TransitionSettings {
     /// Checked once the run settled: every datum a crashed process held was
     /// acquired again within this of the last survivor marking it failed.
     pub failover_within: Option<Duration>,
+    /// Leases on: the checks are the acting-owner ones (see the module
+    /// documentation) instead of "one holder unless declared failed", and a
+    /// process the cluster declared dead comes back as a new generation of
+    /// itself, as the facade does, instead of exiting.
+    pub leases: bool,
+    /// Virtual time at which the last fault healed: from then on every
+    /// datum must have a ready acting owner within `recover_within`.
+    pub healed_at: Option<Duration>,
+    /// The liveness bound (see [`recover_bound`]).
+    pub recover_within: Option<Duration>,
+    /// With leases: a process declared dead comes back as a new generation
+    /// (the facade's behaviour); otherwise it stays fenced in place (to
+    /// show that the final check catches it).
+    pub rebirth: bool,
 }
 
 impl TransitionSettings {
@@ -147,6 +186,10 @@ impl TransitionSettings {
             fault_at: FAULT_AT,
             graceful_leaves: Vec::new(),
             failover_within: None,
+            leases: false,
+            healed_at: None,
+            recover_within: None,
+            rebirth: true,
         }
     }
 }
@@ -180,6 +223,15 @@ pub struct TransitionStats {
     pub relinquish_abandoned: u64,
     /// Acquisitions that overlapped a holder declared failed (allowed).
     pub overlaps_with_declared: u64,
+    /// With leases: acquisitions that overlapped a holder nobody declared
+    /// failed (allowed when that holder does not act: the acting-owner
+    /// check decides).
+    pub overlaps_with_lapsed: u64,
+    /// Processes reborn as a new generation after a declared death.
+    pub rebirths: u64,
+    /// With leases: from the heal to the last instant at which some datum
+    /// had no ready acting owner, in seconds (0 if none after the heal).
+    pub recovered_s: f64,
     /// Nodes that fenced themselves.
     pub fenced: u64,
     /// Notice batches a receiver refused (fenced, or a new generation).
@@ -225,6 +277,11 @@ pub struct TransitionLedger {
     orphans: Vec<WorkItem>,
     /// Crashes, with the datums the crashed process held.
     failovers: Vec<Failover>,
+    /// With leases: acting owners per datum, checked after every step.
+    acting: ActingOwners,
+    /// With leases: the last instant after the heal at which some datum had
+    /// no ready acting owner.
+    last_unserved: Option<Instant>,
     /// The counters.
     pub stats: TransitionStats,
 }
@@ -258,6 +315,8 @@ impl TransitionLedger {
             maybe_lost: HashSet::new(),
             orphans: Vec::new(),
             failovers: Vec::new(),
+            acting: ActingOwners::new(n),
+            last_unserved: None,
             stats: TransitionStats::default(),
         }
     }
@@ -307,7 +366,9 @@ impl TransitionLedger {
     }
 
     /// `who` starts acquiring `datum`. Returns a violation if another live
-    /// process, not declared failed, holds it.
+    /// process, not declared failed, holds it (without leases; with leases
+    /// such a holder may have lost its lease, and the acting-owner check
+    /// decides).
     fn start_holding(&mut self, who: &Key, datum: i64) -> Option<String> {
         let declared = &self.declared;
         let set = usize::try_from(datum)
@@ -315,9 +376,12 @@ impl TransitionLedger {
             .and_then(|i| self.holders.get_mut(i))?;
         let mut problem = None;
         let mut overlap = false;
+        let mut lapsed = false;
         for other in set.iter().filter(|k| *k != who) {
             if declared.contains(other) || declared.contains(who) {
                 overlap = true;
+            } else if self.settings.leases {
+                lapsed = true;
             } else {
                 problem = Some(format!(
                     "{}/{} acquires datum {datum} while {}/{} (live, not declared failed) holds it",
@@ -327,6 +391,9 @@ impl TransitionLedger {
         }
         if overlap {
             self.stats.overlaps_with_declared += 1;
+        }
+        if lapsed {
+            self.stats.overlaps_with_lapsed += 1;
         }
         if !set.contains(who) {
             set.push(who.clone());
@@ -425,6 +492,16 @@ pub struct TransitionNode {
     /// a declared death is acted on only once the member's lease must have
     /// lapsed, and not at all if it refutes first.
     gate: TakeoverGate,
+    /// Datums whose holding (per the handoff) may have changed in this
+    /// callback: reported to the acting-owner check at its end.
+    touched: Vec<i64>,
+    /// Every datum's holding may have changed (a view installed, a peer
+    /// gone, a timer, the lease: an acquire waiting to retry holds no token
+    /// once queued again, or passed on).
+    rescan: bool,
+    /// A new generation after a declared death: ready once it knows
+    /// another member, never alone.
+    reborn: bool,
 }
 
 impl fmt::Debug for TransitionNode {
@@ -466,8 +543,43 @@ impl TransitionNode {
         ctx.violation(format!("{at:?}: {what}"));
     }
 
-    /// Drains the state machine's outputs into the simulation.
+    /// Drains the state machine's outputs into the simulation, then tells
+    /// the acting-owner check what this process holds now.
     fn pump(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        self.pump_outputs(ctx);
+        self.sync_owned(ctx);
+    }
+
+    /// Reports the holdings of the datums touched since the last report
+    /// (`Handoff::token`: from the hand-out of the acquire job to the end of
+    /// a successful relinquish).
+    fn sync_owned(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let rescan = std::mem::take(&mut self.rescan);
+        if (self.touched.is_empty() && !rescan) || !ctx.shared().settings.leases {
+            self.touched.clear();
+            return;
+        }
+        if rescan {
+            self.touched.clear();
+            self.touched
+                .extend(0..i64::from(ctx.shared().settings.datums));
+        }
+        let (slot, generation) = (ctx.node().slot, self.key.1);
+        for d in std::mem::take(&mut self.touched) {
+            let owned = self
+                .core
+                .as_ref()
+                .is_some_and(|c| c.handoff.token(Datum::new(c.ty, d)).is_some());
+            ctx.shared().acting.set_owned(slot, generation, d, owned);
+        }
+    }
+
+    /// Whether this process's lease is valid now (always, leases off).
+    fn lease_valid(ctx: &AppCtx<'_, TransitionLedger>) -> bool {
+        ctx.membership().standing(ctx.now()).is_valid()
+    }
+
+    fn pump_outputs(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
         let now = ctx.now();
         loop {
             let Some(core) = self.core.as_mut() else {
@@ -476,6 +588,26 @@ impl TransitionNode {
             let mut progressed = false;
             while let Some(job) = core.handoff.poll_job() {
                 progressed = true;
+                self.touched.push(job.datum.id);
+                tracing::debug!(
+                    target: "shoal_sim::transition",
+                    t = now.saturating_duration_since(ctx.shared().base).as_secs_f64(),
+                    node = %self.key.0,
+                    generation = self.key.1,
+                    datum = job.datum.id,
+                    kind = ?job.kind,
+                    token = job.token.0,
+                    "job"
+                );
+                if ctx.shared().settings.leases && !Self::lease_valid(ctx) {
+                    Self::violation(
+                        ctx,
+                        format!(
+                            "{}/{} starts a {:?} job for datum {} without a valid lease",
+                            self.key.0, self.key.1, job.kind, job.datum.id
+                        ),
+                    );
+                }
                 if job.kind == JobKind::Acquire {
                     self.holding.insert(job.datum.id);
                     ctx.shared().acquiring(job.datum.id, now);
@@ -548,6 +680,14 @@ impl TransitionNode {
 
     fn on_handoff_event(&mut self, e: Event, ctx: &mut AppCtx<'_, TransitionLedger>) {
         let now = ctx.now();
+        tracing::debug!(
+            target: "shoal_sim::transition",
+            t = now.saturating_duration_since(ctx.shared().base).as_secs_f64(),
+            node = %self.key.0,
+            generation = self.key.1,
+            event = ?e,
+            "handoff event"
+        );
         match e {
             Event::Fenced { .. } => {
                 ctx.shared().stats.fenced += 1;
@@ -567,11 +707,13 @@ impl TransitionNode {
             }
             Event::RelinquishFailed { .. } => ctx.shared().stats.relinquish_failures += 1,
             Event::RelinquishAbandoned { datum } => {
+                self.touched.push(datum.id);
                 ctx.shared().stats.relinquish_abandoned += 1;
                 self.holding.remove(&datum.id);
                 ctx.shared().stop_holding(&self.key, datum.id);
             }
             Event::AcquireFailed { datum, retry, .. } => {
+                self.touched.push(datum.id);
                 ctx.shared().stats.acquire_failures += 1;
                 let held = self.core.as_ref().is_some_and(|c| c.handoff.is_held(datum));
                 if !retry && held {
@@ -598,6 +740,15 @@ impl TransitionNode {
     }
 
     fn process(&mut self, item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        if ctx.shared().settings.leases && !Self::lease_valid(ctx) {
+            Self::violation(
+                ctx,
+                format!(
+                    "{}/{} processes work {} for datum {} without a valid lease",
+                    self.key.0, self.key.1, item.id, item.datum
+                ),
+            );
+        }
         if !self.holding.contains(&item.datum) {
             Self::violation(
                 ctx,
@@ -685,7 +836,7 @@ impl TransitionNode {
             .membership()
             .members()
             .any(|m| m.state.is_live() && m.name != *me);
-        let first = ctx.node().slot == 0 && ctx.now() >= alone_at;
+        let first = ctx.node().slot == 0 && ctx.now() >= alone_at && !self.reborn;
         if joined || first {
             self.ready_alone_at = None;
             ctx.set_ready(true);
@@ -730,6 +881,7 @@ impl TransitionNode {
         let Some(core) = self.core.as_mut() else {
             return;
         };
+        self.rescan = true;
         let peers: Vec<NodeId> = members
             .iter()
             .filter(|m| m.state.is_live())
@@ -751,28 +903,84 @@ impl TransitionNode {
 impl Application for TransitionNode {
     type Shared = TransitionLedger;
 
+    const STEP_CHECKS: bool = true;
+
+    /// With leases, after every step: at most one process acts as owner of
+    /// each datum (holds it per its handoff, lease valid now, not frozen,
+    /// not fenced); and, once the last fault healed, when a datum last had
+    /// no ready acting owner.
+    fn check_step(
+        shared: &mut TransitionLedger,
+        now: Instant,
+        nodes: &mut dyn Iterator<Item = NodeView<'_, Self>>,
+    ) -> Result<(), String> {
+        if !shared.settings.leases {
+            return Ok(());
+        }
+        for n in nodes {
+            let fenced = n.app.handoff().is_none_or(|h| h.is_fenced());
+            let acting = !n.frozen && !fenced && n.membership.standing(now).is_valid();
+            let ready = n.membership.local().ready;
+            shared
+                .acting
+                .refresh(n.info.slot, n.info.generation, acting, ready);
+        }
+        if let Some((datum, owners)) = shared.acting.doubled() {
+            let at = now.saturating_duration_since(shared.base);
+            let owners: Vec<String> = owners
+                .iter()
+                .map(|(slot, generation)| format!("{}/{generation}", crate::node_name(*slot)))
+                .collect();
+            return Err(format!(
+                "{at:?}: datum {datum} has {} acting owners (held, lease valid, not frozen): {}",
+                owners.len(),
+                owners.join(", ")
+            ));
+        }
+        if let Some(healed) = shared.settings.healed_at
+            && now >= shared.base + healed
+            && shared.acting.unserved() > 0
+        {
+            shared.last_unserved = Some(now);
+        }
+        Ok(())
+    }
+
+    /// With leases, at every sampling point: the acting-owner check's
+    /// record of what each process holds is the handoff's own
+    /// (`Handoff::token`), for every datum.
+    fn check(
+        shared: &TransitionLedger,
+        nodes: &mut dyn Iterator<Item = NodeView<'_, Self>>,
+    ) -> Result<(), String> {
+        if !shared.settings.leases {
+            return Ok(());
+        }
+        for n in nodes {
+            let Some(core) = n.app.core.as_ref() else {
+                continue;
+            };
+            for id in 0..i64::from(shared.settings.datums) {
+                let held = core.handoff.token(Datum::new(core.ty, id)).is_some();
+                if held != shared.acting.owns(n.info.slot, n.info.generation, id) {
+                    return Err(format!(
+                        "{}/{}: the acting-owner check counts datum {id} {} but the handoff {}",
+                        n.info.name,
+                        n.info.generation,
+                        if held { "free" } else { "held" },
+                        if held { "holds it" } else { "does not" }
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn start(ctx: &mut AppCtx<'_, TransitionLedger>) -> Self {
         let now = ctx.now();
         let key: Key = (ctx.node().name.clone(), ctx.node().generation);
         let settings = ctx.shared().settings.clone();
-        let core = Handoff::new(node_id(&key), settings.handoff.clone())
-            .map_err(|e| e.to_string())
-            .and_then(|mut handoff| {
-                let ty = handoff.datum_type(DATUM_TYPE).map_err(|e| e.to_string())?;
-                for id in 0..i64::from(settings.datums) {
-                    handoff
-                        .register(Datum::new(ty, id), now)
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(Core { handoff, ty })
-            });
-        let core = match core {
-            Ok(core) => Some(core),
-            Err(e) => {
-                Self::violation(ctx, format!("cannot start the transition layer: {e}"));
-                None
-            }
-        };
+        let core = Self::new_core(&key, None, ctx);
         let first = between(ctx.rng(), (Duration::ZERO, settings.work_every));
         TransitionNode {
             key,
@@ -788,6 +996,9 @@ impl Application for TransitionNode {
             departing: false,
             ready_alone_at: Some(now + READY_ALONE_AFTER),
             gate: TakeoverGate::new(ctx.membership().takeover_delay()),
+            touched: Vec::new(),
+            rescan: false,
+            reborn: false,
         }
     }
 
@@ -824,6 +1035,7 @@ impl Application for TransitionNode {
         ctx: &mut AppCtx<'_, TransitionLedger>,
     ) {
         let now = ctx.now();
+        self.refresh_standing(ctx);
         match self.sends.remove(&id) {
             Some(Pending::Notices(send)) => {
                 if let Some(core) = self.core.as_mut() {
@@ -859,6 +1071,17 @@ impl Application for TransitionNode {
                 break;
             }
             let RunningJob { job, ok } = entry.remove();
+            self.touched.push(job.datum.id);
+            tracing::debug!(
+                target: "shoal_sim::transition",
+                t = now.saturating_duration_since(ctx.shared().base).as_secs_f64(),
+                node = %self.key.0,
+                generation = self.key.1,
+                datum = job.datum.id,
+                kind = ?job.kind,
+                ok,
+                "job done"
+            );
             match (job.kind, ok) {
                 (JobKind::Relinquish, true) => {
                     ctx.shared().stats.relinquished += 1;
@@ -891,6 +1114,8 @@ impl Application for TransitionNode {
         if let Some(core) = self.core.as_mut()
             && core.handoff.poll_timeout().is_some_and(|t| t <= now)
         {
+            // A retry due queues the acquire again: no token until its job.
+            self.rescan = true;
             core.handoff.handle_timeout(now);
         }
         if !self.leaving {
@@ -939,7 +1164,39 @@ impl Application for TransitionNode {
         Some(next)
     }
 
-    fn on_stop(&mut self, _node: &NodeInfo, crashed: bool, shared: &mut TransitionLedger) {
+    fn on_reborn(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
+        let slot = ctx.node().slot;
+        let key: Key = (ctx.node().name.clone(), ctx.node().generation);
+        ctx.shared().acting.retire(slot);
+        ctx.shared().stats.rebirths += 1;
+        for d in std::mem::take(&mut self.holding) {
+            ctx.shared().stop_holding(&self.key, d);
+        }
+        // As the facade's driver: outcomes of the old machine's jobs and
+        // sends are ignored (the simulator drops the sends' outcomes).
+        for pending in std::mem::take(&mut self.sends).into_values() {
+            if let Pending::Work(item) = pending {
+                let l = ctx.shared();
+                l.maybe_lost.insert(item.id);
+                l.stats.work_maybe_lost += 1;
+            }
+        }
+        self.jobs.clear();
+        self.transition_since = None;
+        self.touched.clear();
+        let old = self.core.take();
+        self.core = Self::new_core(&key, old.as_ref().map(|c| &c.handoff), ctx);
+        self.key = key;
+        self.reborn = true;
+        self.rescan = true;
+        self.leaving = false;
+        self.ready_alone_at = Some(ctx.now());
+        self.refresh_standing(ctx);
+        self.pump(ctx);
+    }
+
+    fn on_stop(&mut self, node: &NodeInfo, crashed: bool, shared: &mut TransitionLedger) {
+        shared.acting.retire(node.slot);
         if crashed {
             shared.crashed(&self.key, &self.holding);
         }
@@ -967,6 +1224,47 @@ impl Application for TransitionNode {
 }
 
 impl TransitionNode {
+    /// A state machine for process `key` with every datum registered. For
+    /// a new generation after a declared death (`old`: the fenced machine),
+    /// as the facade's driver does it: it continues the old one's epoch,
+    /// installs the old one's table as its first view (it knows who held
+    /// what, and waits for their notices instead of taking datums as their
+    /// first owner), and knows the old generation gone.
+    fn new_core(
+        key: &Key,
+        old: Option<&Handoff<WorkItem>>,
+        ctx: &mut AppCtx<'_, TransitionLedger>,
+    ) -> Option<Core> {
+        let now = ctx.now();
+        let (config, datums) = {
+            let s = &ctx.shared().settings;
+            (s.handoff.clone(), s.datums)
+        };
+        let core = Handoff::new(node_id(key), config)
+            .map_err(|e| e.to_string())
+            .and_then(|mut handoff| {
+                if let Some(old) = old {
+                    handoff.observe_epoch(old.epoch());
+                    handoff.install(Arc::clone(old.table()), now);
+                    handoff.peer_left(old.local(), now);
+                }
+                let ty = handoff.datum_type(DATUM_TYPE).map_err(|e| e.to_string())?;
+                for id in 0..i64::from(datums) {
+                    handoff
+                        .register(Datum::new(ty, id), now)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(Core { handoff, ty })
+            });
+        match core {
+            Ok(core) => Some(core),
+            Err(e) => {
+                Self::violation(ctx, format!("cannot start the transition layer: {e}"));
+                None
+            }
+        }
+    }
+
     /// The handoff learns whether this node may act as an owner (its
     /// lease), as the facade's driver does before every decision.
     fn refresh_standing(&mut self, ctx: &mut AppCtx<'_, TransitionLedger>) {
@@ -975,6 +1273,15 @@ impl TransitionNode {
         if let Some(core) = self.core.as_mut()
             && core.handoff.has_standing() != valid
         {
+            tracing::debug!(
+                target: "shoal_sim::transition",
+                t = now.saturating_duration_since(ctx.shared().base).as_secs_f64(),
+                node = %self.key.0,
+                generation = self.key.1,
+                valid,
+                "set_standing"
+            );
+            self.rescan = true;
             core.handoff.set_standing(valid, now);
         }
     }
@@ -994,6 +1301,7 @@ impl TransitionNode {
                         ctx.shared().declared.insert(key.clone());
                         ctx.shared().detected(&key, now);
                     }
+                    self.rescan = true;
                     if let Some(core) = self.core.as_mut() {
                         let id = node_id(&key);
                         if failed {
@@ -1009,9 +1317,15 @@ impl TransitionNode {
                 if let Some(core) = self.core.as_mut() {
                     core.handoff.fence(now);
                 }
-                // A fenced state machine is final: this process leaves and
-                // exits; a new generation would start afresh.
-                if !self.leaving {
+                if ctx.shared().settings.leases {
+                    // As the facade: unless it is leaving, the process
+                    // comes back as a new generation (`on_reborn`).
+                    if !self.leaving && !self.departing && ctx.shared().settings.rebirth {
+                        ctx.rebirth();
+                    }
+                } else if !self.leaving {
+                    // A fenced state machine is final: this process leaves
+                    // and exits.
                     self.leaving = true;
                     ctx.leave();
                 }
@@ -1153,18 +1467,51 @@ pub enum TransitionScenario {
     /// datum the crashed node held is acquired again within
     /// [`FAILOVER_MARGIN`] of the last survivor marking it failed.
     JoinLeaveKill,
+    /// With leases: from 15 s, for 0.5 to 20 s, one node is isolated, a
+    /// minority ((N-1)/2 nodes) is cut off, or the cluster splits in two
+    /// even halves (by seed, in turn).
+    Partition,
+    /// With leases: from 15 s, for 0.5 to 20 s, links are cut in one
+    /// direction: every link into one node (it hears nobody, all hear it),
+    /// every link out of one node, or 1 to N random (from, to) pairs (by
+    /// seed, in turn).
+    OneWay,
+    /// With leases: from 15 s one node is frozen for 0.5 to 60 s
+    /// (log-uniform): it handles no input and no timer and sends nothing,
+    /// then wakes with its clock jumped and handles its backlog.
+    Pause,
+    /// With leases: from 15 s, one node or a minority is cut off and
+    /// reconnected 2 to 6 times, each state lasting 0.2 to 6 s.
+    LinkFlap,
 }
 
 impl TransitionScenario {
     /// Every scenario.
-    pub const ALL: [TransitionScenario; 6] = [
+    pub const ALL: [TransitionScenario; 10] = [
         TransitionScenario::Join,
         TransitionScenario::Leave,
         TransitionScenario::KillOwner,
         TransitionScenario::Chained,
         TransitionScenario::Flap,
         TransitionScenario::JoinLeaveKill,
+        TransitionScenario::Partition,
+        TransitionScenario::OneWay,
+        TransitionScenario::Pause,
+        TransitionScenario::LinkFlap,
     ];
+
+    /// The scenarios run with leases on, checked by the acting-owner check.
+    pub const WITH_LEASES: [TransitionScenario; 4] = [
+        TransitionScenario::Partition,
+        TransitionScenario::OneWay,
+        TransitionScenario::Pause,
+        TransitionScenario::LinkFlap,
+    ];
+
+    /// Whether the scenario runs with leases (and the acting-owner check).
+    pub fn leases(self) -> bool {
+        Self::WITH_LEASES.contains(&self)
+    }
 
     /// The scenario's name on the command line.
     pub fn name(self) -> &'static str {
@@ -1175,6 +1522,10 @@ impl TransitionScenario {
             TransitionScenario::Chained => "chained",
             TransitionScenario::Flap => "flap",
             TransitionScenario::JoinLeaveKill => "join-leave-kill",
+            TransitionScenario::Partition => "partition",
+            TransitionScenario::OneWay => "one-way",
+            TransitionScenario::Pause => "pause",
+            TransitionScenario::LinkFlap => "link-flap",
         }
     }
 }
@@ -1196,27 +1547,39 @@ pub struct TransitionOptions {
     pub seed: u64,
     /// Number of datums.
     pub datums: u32,
-    /// Loss probability of membership datagrams during `flap`.
+    /// Loss probability of membership datagrams during `flap`, and during
+    /// the whole run in the scenarios with leases.
     pub loss: f64,
     /// Placement strategy.
     pub strategy: Strategy,
     /// Every process is ready as soon as it starts, before it joined (the
     /// unsafe formation: see the module documentation). Off by default.
     pub ready_on_start: bool,
+    /// The scenarios with leases, run with membership's lease strategy
+    /// `Off` (always valid) under the same checks: unsafe, to show that the
+    /// acting-owner check catches a cut-off owner that keeps acting. Off by
+    /// default.
+    pub lease_off: bool,
+    /// The scenarios with leases: a process declared dead comes back as a
+    /// new generation, as the facade's does (on by default); off, it stays
+    /// fenced, which the final check catches.
+    pub rebirth: bool,
 }
 
 impl TransitionOptions {
-    /// `scenario` with `nodes`, `seed` and `datums`, 10 % loss for `flap`,
-    /// mod-N placement.
+    /// `scenario` with `nodes`, `seed` and `datums`, 10 % loss for `flap`
+    /// and 5 % for the scenarios with leases, mod-N placement.
     pub fn new(scenario: TransitionScenario, nodes: u32, seed: u64, datums: u32) -> Self {
         TransitionOptions {
             scenario,
             nodes,
             seed,
             datums,
-            loss: 0.1,
+            loss: if scenario.leases() { 0.05 } else { 0.1 },
             strategy: Strategy::ModN,
             ready_on_start: false,
+            lease_off: false,
+            rebirth: true,
         }
     }
 }
@@ -1234,12 +1597,28 @@ pub struct TransitionReport {
     pub datums: u32,
     /// Placement strategy (`mod-n` or `rendezvous`).
     pub strategy: String,
+    /// The scenarios with leases: the fault drawn from the seed.
+    pub fault: Option<String>,
+    /// The scenarios with leases: the liveness bound, in seconds.
+    pub recover_bound_s: Option<f64>,
     /// The counters (moved, relinquished, acquired, failovers, timeouts...).
     #[serde(flatten)]
     pub stats: TransitionStats,
     /// 0, or 1 when the run stopped at a broken invariant or failed its
     /// final check.
     pub invariant_violations: u64,
+    /// 0, or 1 when the run stopped at an invariant checked while it ran
+    /// (one acting owner, work and jobs only under a valid lease, work
+    /// never processed twice, membership's invariants), as opposed to a
+    /// final check once it settled (every transition ended, every datum
+    /// owned in time, every node ready with a lease).
+    pub stopped_early: u64,
+    /// Membership's own lease check (`Sim::lease_report`): takeovers whose
+    /// victim still held a valid lease at that instant (a fault of the
+    /// lease rule, below the transition layer), and the first described.
+    pub lease_violations: usize,
+    /// The first of those, described.
+    pub first_lease_violation: Option<String>,
     /// What broke, if anything.
     pub failure: Option<String>,
     /// Whether the run passed.
@@ -1307,8 +1686,13 @@ fn empty_report(opts: &TransitionOptions) -> TransitionReport {
             Strategy::ModN => "mod-n".to_string(),
             _ => "rendezvous".to_string(),
         },
+        fault: None,
+        recover_bound_s: None,
         stats: TransitionStats::default(),
         invariant_violations: 0,
+        stopped_early: 0,
+        lease_violations: 0,
+        first_lease_violation: None,
         failure: None,
         ok: false,
         virtual_s: 0.0,
@@ -1329,7 +1713,33 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         settings.graceful_leaves = vec![(p.leaver, p.leave_at)];
         settings.failover_within = Some(FAILOVER_MARGIN);
     }
+    let mconfig = if opts.scenario.leases() && !opts.lease_off {
+        shoal_membership::Config::lan()
+    } else {
+        // Leases off: these scenarios' checker counts a datum held from
+        // its acquire to the end of its relinquish, not acted on under a
+        // valid lease, so a lapsed holder that stops acting would read as
+        // a second owner. The gate and the standing rule run (as
+        // pass-throughs with no lease).
+        shoal_membership::Config {
+            lease: shoal_membership::LeaseStrategy::Off,
+            ..shoal_membership::Config::lan()
+        }
+    };
+    let faults = fault_plan(opts);
+    let mut end = END_AT;
     let mut report = empty_report(opts);
+    if let Some(f) = &faults {
+        let bound = recover_bound(&mconfig, &settings.handoff, opts.nodes);
+        settings.leases = true;
+        settings.rebirth = opts.rebirth;
+        settings.healed_at = Some(f.healed_at);
+        settings.recover_within = Some(bound);
+        settings.work_until = f.healed_at + WORK_AFTER_HEAL;
+        end = f.healed_at + bound + SETTLE_AFTER_BOUND;
+        report.fault = Some(f.fault.clone());
+        report.recover_bound_s = Some(bound.as_secs_f64());
+    }
     let failure = if opts.nodes < 3 {
         Some("transition scenarios need at least 3 nodes".to_string())
     } else if opts.nodes < 4 && opts.scenario == TransitionScenario::JoinLeaveKill {
@@ -1345,15 +1755,6 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         return report;
     }
     let base = Instant::now();
-    // Leases off: these scenarios' checker counts a datum held from its
-    // acquire to the end of its relinquish, not acted on under a valid
-    // lease, so a lapsed holder that stops acting would read as a second
-    // owner. The gate and the standing rule run (as pass-throughs with no
-    // lease); the lease scenarios need an acting-owner checker.
-    let mconfig = shoal_membership::Config {
-        lease: shoal_membership::LeaseStrategy::Off,
-        ..shoal_membership::Config::lan()
-    };
     let mut cfg = SimConfig::new(opts.seed, mconfig);
     // Nodes join first, then become ready (as `shoal-cluster` nodes do).
     cfg.ready_on_start = opts.ready_on_start;
@@ -1367,16 +1768,33 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         }
     };
     schedule(&mut sim, opts);
-    let outcome = sim
-        .run_until(END_AT)
-        .map_err(|v| v.to_string())
+    if let Some(f) = faults {
+        sim.schedule(Duration::ZERO, Action::SetLoss(opts.loss));
+        for (at, action) in f.actions {
+            sim.schedule(at, action);
+        }
+        sim.schedule(f.healed_at, Action::Quiet);
+    }
+    let outcome = sim.run_until(end).map_err(|v| v.to_string());
+    if let Err(e) = &outcome {
+        report.failure = Some(e.clone());
+        report.invariant_violations = 1;
+        report.stopped_early = 1;
+    }
+    let settled = outcome
         .and_then(|()| sim.check_converged())
+        .and_then(|()| final_check_leases(&sim))
         .and_then(|()| final_check(&sim));
-    if let Err(e) = outcome {
+    if let (Err(e), None) = (settled, &report.failure) {
         report.failure = Some(e);
         report.invariant_violations = 1;
     }
     report.ok = report.failure.is_none();
+    if opts.scenario.leases() && !opts.lease_off {
+        let lease = sim.lease_report();
+        report.lease_violations = lease.violations;
+        report.first_lease_violation = lease.first_violation;
+    }
     report.stats = sim.shared().stats.clone();
     report.stats.max_failover_lag_s = sim
         .shared()
@@ -1386,6 +1804,11 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         .max()
         .unwrap_or_default()
         .as_secs_f64();
+    if let (Some(healed), Some(last)) =
+        (sim.shared().settings.healed_at, sim.shared().last_unserved)
+    {
+        report.stats.recovered_s = last.saturating_duration_since(base + healed).as_secs_f64();
+    }
     report.virtual_s = sim.now().as_secs_f64();
     report.events = sim.steps();
     report.trace_hash = format!("{:016x}", sim.trace_hash());
@@ -1508,6 +1931,11 @@ fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
                 sim.schedule(p.last, Action::Quiet);
             }
         }
+        // Their faults come from `fault_plan`.
+        TransitionScenario::Partition
+        | TransitionScenario::OneWay
+        | TransitionScenario::Pause
+        | TransitionScenario::LinkFlap => {}
         TransitionScenario::Flap => {
             sim.schedule(
                 FAULT_AT - Duration::from_secs(2),
@@ -1531,4 +1959,230 @@ fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
             sim.schedule(QUIET_AT, Action::Quiet);
         }
     }
+}
+
+/// Work is injected until this long after the last heal.
+const WORK_AFTER_HEAL: Duration = Duration::from_secs(5);
+/// The scenarios with leases end this long after the liveness bound.
+const SETTLE_AFTER_BOUND: Duration = Duration::from_secs(5);
+
+/// The liveness bound of the scenarios with leases: after the last fault
+/// healed, every datum has a ready owner that acts (holds it, lease valid)
+/// within this, from the timing profile:
+///
+/// - the slowest dead verdict that may still come after the heal (a
+///   suspicion raised just before it, never confirmed): the longest
+///   suspicion timeout, `suspicion_max_mult × suspicion_mult × max(1,
+///   log10 N) × probe_interval`, plus one probe (`probe_interval`);
+/// - news of a verdict reaching its subject, which is reborn at once and
+///   rejoins: `reconnect_interval`;
+/// - twice the takeover delay: the new generation's lease becomes valid
+///   only after its evidence held that long (`Returning`), and a healthy
+///   node fenced by a cut-off node's stale verdict (the heal storm) goes
+///   through it once more;
+/// - the transition: a datum whose notice went to the old generation is
+///   taken at the handoff's `timeout`.
+pub fn recover_bound(
+    membership: &shoal_membership::Config,
+    handoff: &HandoffConfig,
+    nodes: u32,
+) -> Duration {
+    let scale = f64::from(nodes.max(1)).log10().max(1.0);
+    let suspicion = membership.probe_interval.mul_f64(
+        f64::from(membership.suspicion_mult) * f64::from(membership.suspicion_max_mult) * scale,
+    );
+    suspicion
+        + membership.probe_interval
+        + membership.reconnect_interval
+        + membership.takeover_delay() * 2
+        + handoff.timeout
+}
+
+/// The fault of a scenario with leases, drawn from the seed.
+struct FaultPlan {
+    actions: Vec<(Duration, Action)>,
+    /// When the last fault ends (the last heal, or the wake-up).
+    healed_at: Duration,
+    /// What it is, for the report.
+    fault: String,
+}
+
+/// The fault of `opts` (None for the scenarios without leases).
+fn fault_plan(opts: &TransitionOptions) -> Option<FaultPlan> {
+    if !opts.scenario.leases() {
+        return None;
+    }
+    let mut rng = SmallRng::seed_from_u64(derive_seed(opts.seed, TAG_TRANSITION_SCENARIO, 2));
+    let n = opts.nodes;
+    let mut order: Vec<u32> = (0..n).collect();
+    for i in (1..order.len()).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+    let cut = |k: u32| -> Vec<u32> {
+        let mut groups = vec![0; n as usize];
+        for &slot in order.iter().take(k as usize) {
+            if let Some(g) = groups.get_mut(slot as usize) {
+                *g = 1;
+            }
+        }
+        groups
+    };
+    let one = order.first().copied().unwrap_or(0);
+    let variant = opts.seed % 3;
+    let secs = |d: Duration| d.as_secs_f64();
+    let mut actions = Vec::new();
+    let (healed_at, fault) = match opts.scenario {
+        TransitionScenario::Partition => {
+            let (k, name) = match variant {
+                0 => (1, "isolated"),
+                1 => ((n - 1) / 2, "minority"),
+                _ => (n / 2, "even"),
+            };
+            let lasts = between(
+                &mut rng,
+                (Duration::from_millis(500), Duration::from_secs(20)),
+            );
+            actions.push((FAULT_AT, Action::Partition { groups: cut(k) }));
+            actions.push((FAULT_AT + lasts, Action::Heal));
+            (
+                FAULT_AT + lasts,
+                format!("{name} {k}|{} for {:.2}s", n - k, secs(lasts)),
+            )
+        }
+        TransitionScenario::OneWay => {
+            let others = order.iter().copied().filter(|&s| s != one);
+            let (pairs, name): (Vec<(u32, u32)>, _) = match variant {
+                0 => (others.map(|o| (o, one)).collect(), "deaf"),
+                1 => (others.map(|o| (one, o)).collect(), "mute"),
+                _ => {
+                    let k = rng.random_range(1..=n);
+                    let mut pairs = Vec::new();
+                    while pairs.len() < k as usize {
+                        let a = rng.random_range(0..n);
+                        let b = rng.random_range(0..n);
+                        if a != b && !pairs.contains(&(a, b)) {
+                            pairs.push((a, b));
+                        }
+                    }
+                    (pairs, "pairs")
+                }
+            };
+            let lasts = between(
+                &mut rng,
+                (Duration::from_millis(500), Duration::from_secs(20)),
+            );
+            let fault = format!(
+                "{name} ({} links{}) for {:.2}s",
+                pairs.len(),
+                if variant < 2 {
+                    format!(", node {one}")
+                } else {
+                    String::new()
+                },
+                secs(lasts)
+            );
+            actions.push((FAULT_AT, Action::OneWay { pairs }));
+            actions.push((FAULT_AT + lasts, Action::Heal));
+            (FAULT_AT + lasts, fault)
+        }
+        TransitionScenario::Pause => {
+            // Log-uniform from 0.5 s to 60 s.
+            let (lo, hi) = (0.5f64.ln(), 60f64.ln());
+            let lasts = Duration::from_secs_f64(rng.random_range(lo..hi).exp());
+            actions.push((
+                FAULT_AT,
+                Action::Pause {
+                    slot: one,
+                    duration: lasts,
+                },
+            ));
+            (
+                FAULT_AT + lasts,
+                format!("node {one} paused for {:.2}s", secs(lasts)),
+            )
+        }
+        _ => {
+            let (k, name) = if variant.is_multiple_of(2) {
+                (1, "isolated")
+            } else {
+                ((n - 1) / 2, "minority")
+            };
+            let toggles = rng.random_range(2..=6u32);
+            let span = (Duration::from_millis(200), Duration::from_secs(6));
+            let mut at = FAULT_AT;
+            for i in 0..toggles {
+                actions.push((at, Action::Partition { groups: cut(k) }));
+                at += between(&mut rng, span);
+                actions.push((at, Action::Heal));
+                if i + 1 < toggles {
+                    at += between(&mut rng, span);
+                }
+            }
+            (
+                at,
+                format!(
+                    "{name} {k}|{} cut {toggles} times over {:.2}s",
+                    n - k,
+                    secs(at - FAULT_AT)
+                ),
+            )
+        }
+    };
+    Some(FaultPlan {
+        actions,
+        healed_at,
+        fault,
+    })
+}
+
+/// With leases, once the run settled: no live process is fenced or not
+/// ready, every one holds a valid lease, every datum has a ready acting
+/// owner, and since the last heal every datum had one within the bound.
+pub fn final_check_leases(sim: &Sim<TransitionNode>) -> Result<(), String> {
+    let ledger = sim.shared();
+    let s = &ledger.settings;
+    let (Some(healed), Some(bound)) = (s.healed_at, s.recover_within) else {
+        return Ok(());
+    };
+    let now = ledger.base + sim.now();
+    for n in sim.nodes() {
+        if n.leaving {
+            continue;
+        }
+        if n.app.handoff().is_none_or(|h| h.is_fenced()) {
+            return Err(format!(
+                "{}/{} is fenced at the end",
+                n.info.name, n.info.generation
+            ));
+        }
+        if !n.membership.local().ready {
+            return Err(format!(
+                "{}/{} is not ready at the end",
+                n.info.name, n.info.generation
+            ));
+        }
+        let standing = n.membership.standing(now);
+        if !standing.is_valid() {
+            return Err(format!(
+                "{}/{} has no valid lease at the end: {standing:?}",
+                n.info.name, n.info.generation
+            ));
+        }
+    }
+    if let Some(d) = ledger.acting.an_unserved() {
+        return Err(format!(
+            "datum {d} has no ready acting owner at the end ({} such datums)",
+            ledger.acting.unserved()
+        ));
+    }
+    if let Some(last) = ledger.last_unserved {
+        let after = last.saturating_duration_since(ledger.base + healed);
+        if after > bound {
+            return Err(format!(
+                "a datum had no ready acting owner {after:?} after the last heal (bound {bound:?})"
+            ));
+        }
+    }
+    Ok(())
 }
