@@ -34,8 +34,8 @@ fn options(scenario: TransitionScenario, seed: u64) -> TransitionOptions {
 }
 
 /// The two failures these runs are known to meet, both in membership's
-/// lease rule, below the transition layer (`docs/partitions.md`, known
-/// limits). Any other failure fails the test.
+/// lease rule, below the transition layer (`docs/simulator.md`, "What the
+/// runs with leases found"). Any other failure fails the test.
 ///
 /// - Two acting owners while membership's own lease check
 ///   (`Sim::lease_report`) found a takeover whose victim still held a
