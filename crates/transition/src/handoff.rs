@@ -211,6 +211,26 @@ struct SentBatch {
     datums: Vec<Datum>,
     /// For a state batch (announcement or done marker): the addressee.
     state: Option<NodeId>,
+    /// For a notice batch: its addressee, view and epoch. A failed send is
+    /// re-sent exactly so, never re-addressed (rule 3).
+    notice: Option<Address>,
+}
+
+/// Where a notice batch went: addressee, the view it names, the sender's
+/// install count (`epoch`) it carries.
+#[derive(Clone)]
+struct Address {
+    to: NodeId,
+    view: ViewId,
+    epoch: u64,
+}
+
+/// Notices whose send failed, to re-send to the same address after a
+/// backoff: each datum with the flight it was relinquished (or passed on)
+/// in, so a later token of the same datum is never taken for this one.
+struct Retry {
+    address: Address,
+    datums: Vec<(Datum, u64)>,
 }
 
 struct Parked {
@@ -226,6 +246,8 @@ struct Parked {
 struct Src<'a> {
     node: &'a NodeId,
     epoch: u64,
+    /// `node` hashed (see [`Handoff::sender_key`]), once per batch.
+    key: u64,
 }
 
 #[derive(Debug)]
@@ -371,7 +393,18 @@ pub struct Handoff<W = Vec<u8>> {
     transmits: VecDeque<Transmit>,
     sent: HashMap<u64, SentBatch, DetState>,
     next_send: u64,
-    retrying: HashMap<u64, Vec<Datum>, DetState>,
+    retrying: HashMap<u64, Retry, DetState>,
+    /// Per datum: the sender (hashed name and generation) and the sender's
+    /// install count of the last notice taken here. A copy of it (a send the
+    /// transport reported failed although it was delivered, re-sent) is
+    /// refused: its token is spent. Kept `2 × timeout` (see `taken_order`).
+    taken: HashMap<Datum, (u64, u64), DetState>,
+    /// When each entry of `taken` was made, oldest first, to forget it.
+    taken_order: VecDeque<(Instant, Datum, u64)>,
+    /// Datums this node is primary of and waits for, whose token it sent
+    /// to a node (`None`: not known which) that may have it now: see
+    /// [`Handoff::token_left`]. At most `max_parked` entries.
+    returning: HashMap<Datum, Option<NodeId>, DetState>,
     next_retry: u64,
     timers: BinaryHeap<Reverse<Timer>>,
     timer_seq: u64,
@@ -470,6 +503,9 @@ impl<W> Handoff<W> {
             sent: HashMap::default(),
             next_send: 0,
             retrying: HashMap::default(),
+            taken: HashMap::default(),
+            taken_order: VecDeque::new(),
+            returning: HashMap::default(),
             next_retry: 0,
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -836,8 +872,33 @@ impl<W> Handoff<W> {
             if parked.is_some() {
                 self.parked_total = self.parked_total.saturating_sub(1);
             }
+            let key = parked.as_ref().map_or(0, |(node, _)| self.sender_key(node));
             let parked_here = match parked {
-                Some((node, epoch)) if self.sender_unmoved(&node, epoch) => true,
+                Some((node, epoch))
+                    if self.is_copy(
+                        datum,
+                        Src {
+                            node: &node,
+                            epoch,
+                            key,
+                        },
+                    ) =>
+                {
+                    self.counters.notices_copy_refused += 1;
+                    false
+                }
+                Some((node, epoch)) if self.sender_unmoved(&node, epoch) => {
+                    self.note_taken(
+                        datum,
+                        Src {
+                            node: &node,
+                            epoch,
+                            key,
+                        },
+                        now,
+                    );
+                    true
+                }
                 Some(_) => {
                     self.counters.notices_stale += 1;
                     false
@@ -882,6 +943,7 @@ impl<W> Handoff<W> {
             return false;
         }
         self.acquire_superseded.remove(&datum);
+        self.returning.remove(&datum);
         if let Some(work) = self.held.remove(&datum) {
             self.held_total = self.held_total.saturating_sub(work.len());
             self.releases.push_back(Release {
@@ -1011,6 +1073,7 @@ impl<W> Handoff<W> {
                 let src = Src {
                     node,
                     epoch: *epoch,
+                    key: self.sender_key(node),
                 };
                 self.take_notice(ViewAt::Current, d, src, now, &mut report);
             }
@@ -1264,6 +1327,7 @@ impl<W> Handoff<W> {
         let mut report = NoticeReport::default();
         let at = self.locate_view(batch.view);
         let (done, view, epoch, echo) = (batch.done, batch.view, batch.epoch, batch.echo);
+        let key = self.sender_key(from);
         for group in batch.groups {
             let Some(ty) = self.types.lookup(&group.datum_type) else {
                 report.unknown_type += group.ids.len();
@@ -1272,7 +1336,11 @@ impl<W> Handoff<W> {
             let mut datums: Vec<Datum> = group.ids.iter().map(|&id| Datum::new(ty, id)).collect();
             self.registry.sort_for_locality(&mut datums);
             for d in datums {
-                let src = Src { node: from, epoch };
+                let src = Src {
+                    node: from,
+                    epoch,
+                    key,
+                };
                 match at {
                     ViewAt::Stale => report.stale += 1,
                     ViewAt::Unknown => self.park(view, d, src, now, &mut report),
@@ -1303,12 +1371,18 @@ impl<W> Handoff<W> {
         match outcome {
             Ok(()) => {
                 for d in batch.datums {
-                    self.registry.modify(&d, |s| {
-                        if s.phase == Phase::Passed {
+                    let delivered = self.registry.modify(&d, |s| {
+                        let passed = s.phase == Phase::Passed;
+                        if passed {
                             s.phase = Phase::Free;
                             s.attempt = 0;
                         }
+                        passed.then_some(*s)
                     });
+                    if let Some(s) = delivered.flatten() {
+                        let at = batch.notice.as_ref().map(|a| a.to.clone());
+                        self.token_left(d, s, at, now);
+                    }
                 }
             }
             Err(error) => {
@@ -1319,37 +1393,93 @@ impl<W> Handoff<W> {
                     let seq = self.install_seq;
                     self.add_timer(at, TimerKind::ResendState { to, seq });
                 }
+                // The peer may have received the batch all the same: it is
+                // re-sent to the same node under the same view and epoch,
+                // never to another one, so at most one node can take it
+                // (and that node refuses a second copy, see `taken`).
                 let mut back = Vec::new();
                 let mut attempt = 0u8;
                 for d in batch.datums {
                     let Some(mut s) = self.registry.get(&d) else {
                         continue;
                     };
-                    match s.phase {
-                        Phase::Passed => {
-                            s.phase = Phase::TokenWait;
-                            s.attempt = s.attempt.saturating_add(1);
-                            attempt = attempt.max(s.attempt);
-                            self.registry.set(d, s);
-                            back.push(d);
-                        }
-                        // Our own notice came back to a node waiting for it.
-                        Phase::Awaiting | Phase::Relay => {
-                            self.take_token(d, s, Source::Reroute, now);
-                        }
-                        _ => {}
+                    if s.phase == Phase::Passed {
+                        s.phase = Phase::TokenWait;
+                        s.attempt = s.attempt.saturating_add(1);
+                        attempt = attempt.max(s.attempt);
+                        self.registry.set(d, s);
+                        back.push((d, s.flight));
                     }
                 }
-                if !back.is_empty() {
+                if let Some(address) = batch.notice.filter(|_| !back.is_empty()) {
                     let key = self.next_retry;
                     self.next_retry += 1;
-                    self.retrying.insert(key, back);
+                    self.retrying.insert(
+                        key,
+                        Retry {
+                            address,
+                            datums: back,
+                        },
+                    );
                     let at = now + self.backoff(attempt);
                     self.add_timer(at, TimerKind::Resend { key });
                 }
             }
         }
         self.check_ended();
+    }
+
+    /// Gives up relinquishing `datum` now, as the relinquish deadline would
+    /// (`RelinquishAbandoned`): the node stops holding it (its unsaved state
+    /// is likely lost), sends no notice for it, and once nothing else is
+    /// busy says done, so the datum's primary takes it on everyone's done
+    /// markers without waiting for a timeout. A job still running is left to
+    /// finish; its completion is ignored. For a node on its way out (a
+    /// graceful leave) whose application could not relinquish the datum.
+    /// Returns whether the datum was being relinquished here and is not any
+    /// more (a datum whose primary this node is again is kept, as at the
+    /// deadline).
+    pub fn give_up_relinquish(&mut self, datum: Datum, now: Instant) -> bool {
+        let _ = self.clock(now);
+        if self.fenced {
+            return false;
+        }
+        let Some(s) = self.registry.get(&datum).filter(|s| {
+            matches!(
+                s.phase,
+                Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
+            )
+        }) else {
+            return false;
+        };
+        self.abandon_relinquish(datum, s.flight);
+        let given_up = self
+            .registry
+            .get(&datum)
+            .is_some_and(|s| s.phase == Phase::Free);
+        self.check_ended();
+        given_up
+    }
+
+    /// [`Handoff::give_up_relinquish`] for every datum being relinquished
+    /// here (queued, running, or backing off after a failure); returns those
+    /// given up, sorted.
+    pub fn give_up_relinquishes(&mut self, now: Instant) -> Vec<Datum> {
+        let mut datums: Vec<Datum> = self
+            .registry
+            .map
+            .iter()
+            .filter(|(_, s)| {
+                matches!(
+                    s.phase,
+                    Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
+                )
+            })
+            .map(|(d, _)| *d)
+            .collect();
+        datums.sort_unstable();
+        datums.retain(|&d| self.give_up_relinquish(d, now));
+        datums
     }
 
     /// Membership declared `node` failed. Waits whose every possible holder
@@ -1722,6 +1852,32 @@ impl<W> Handoff<W> {
         self.settle_wait(d, s, now);
     }
 
+    /// The notice this node sent for `d` was delivered, expired or dropped
+    /// (`s` is its slot, now `Free`). If this node is the datum's primary
+    /// again, it waits for it: the node the notice went to passes it back.
+    /// A notice for any view in force since the token left here may bring
+    /// it, so the wait counts views from the token's flight on.
+    ///
+    /// `at`: the node that may have the token now (`None`: not known). Until
+    /// the token comes back, the wait ends only by a notice, the timeout,
+    /// or the failover of that node: its done markers may predate the token
+    /// reaching it (it may get it under a view it has not installed yet).
+    fn token_left(&mut self, d: Datum, s: Slot, at: Option<NodeId>, now: Instant) {
+        if s.phase != Phase::Free || !matches!(self.primary_of(d.id), Primary::Me) {
+            return;
+        }
+        if self.returning.len() < self.config.max_parked {
+            self.returning.insert(d, at);
+        }
+        let since = s.flight;
+        self.begin_wait(d, s, now);
+        self.registry.modify(&d, |s| {
+            if s.phase == Phase::Awaiting {
+                s.since = since;
+            }
+        });
+    }
+
     /// A wait ends without a notice once every live node (ready or not) and
     /// every node of the recent views has said done with the view in force:
     /// none of them holds the datum then, so the primary takes it. Until
@@ -1732,6 +1888,16 @@ impl<W> Handoff<W> {
         // the primary in force (not among the candidates) may hold it.
         if s.phase != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
             return;
+        }
+        if let Some(at) = self.returning.get(&d) {
+            // This node's own token went to `at` (or nobody knows where):
+            // it comes back by notice, unless `at` failed and is out.
+            let failed_out = at
+                .as_ref()
+                .is_some_and(|n| self.failed.contains(n) && !self.current.view().contains(n));
+            if !failed_out {
+                return;
+            }
         }
         let source = match self.candidates(d.id) {
             Candidates::Pending => return,
@@ -1754,7 +1920,16 @@ impl<W> Handoff<W> {
         let mine = matches!(self.primary_of(d.id), Primary::Me);
         use Phase::*;
         match (s.phase, mine) {
-            (Free | Passed, true) => self.begin_wait(d, s, now),
+            // A notice on its way (`Passed`, `TokenWait`) stays addressed
+            // to the node it went to; this node waits once it has left.
+            (Free, true) => {
+                // A fresh wait: a token this node sent away long ago and
+                // that expired as a relay elsewhere no longer holds it up.
+                if !self.returning.is_empty() {
+                    self.returning.remove(&d);
+                }
+                self.begin_wait(d, s, now);
+            }
             (Held, false) => self.start_relinquish(d, s, now),
             (RelinquishQueued | RelinquishBackoff, true) => {
                 // Came back before the relinquish ran: keep it.
@@ -1788,7 +1963,7 @@ impl<W> Handoff<W> {
                 s.flight = self.enter_cohort(d, now);
                 self.take_token(d, s, Source::PassOn, now);
             }
-            (TokenWait | TokenQueued | TokenParked, _) => {
+            (TokenQueued | TokenParked, _) => {
                 self.take_token(d, s, Source::Reroute, now);
             }
             (Acquiring, false) => {
@@ -1827,6 +2002,9 @@ impl<W> Handoff<W> {
 
     /// The effects of a token arriving, once the slot has its new phase.
     fn after_token(&mut self, d: Datum, primary: Primary, source: Source, now: Instant) {
+        if !self.returning.is_empty() {
+            self.returning.remove(&d);
+        }
         match primary {
             Primary::Me => {
                 self.acquire_queue.push_back(d);
@@ -1905,6 +2083,16 @@ impl<W> Handoff<W> {
         if datums.is_empty() {
             return;
         }
+        let address = Address {
+            to,
+            view: self.current.view_id(),
+            epoch: self.install_seq,
+        };
+        self.send_notices(address, datums);
+    }
+
+    /// Hands out one notice batch for `datums` (already `Passed`).
+    fn send_notices(&mut self, address: Address, datums: Vec<Datum>) {
         // Grouped by type; the datums keep the registry's order (the
         // encoder sorts the ids), so the completions walk memory in order.
         let mut groups: Vec<(DatumType, NoticeGroup)> = Vec::new();
@@ -1933,12 +2121,13 @@ impl<W> Handoff<W> {
         self.next_send += 1;
         self.counters.batches_sent += 1;
         self.counters.notices_sent += datums.len() as u64;
+        let to = address.to.clone();
         let batch = NoticeBatch {
-            view: self.current.view_id(),
+            view: address.view,
             from: self.local.clone(),
             to: to.clone(),
             groups,
-            epoch: self.install_seq,
+            epoch: address.epoch,
             done: false,
             echo: 0,
         };
@@ -1947,6 +2136,7 @@ impl<W> Handoff<W> {
             SentBatch {
                 datums,
                 state: None,
+                notice: Some(address),
             },
         );
         self.transmits.push_back(Transmit {
@@ -1999,6 +2189,10 @@ impl<W> Handoff<W> {
             report.misdirected += 1;
             return;
         }
+        if self.is_copy(d, src) {
+            report.copies += 1;
+            return;
+        }
         enum Taken {
             Yes,
             Stale,
@@ -2018,6 +2212,20 @@ impl<W> Handoff<W> {
                     Taken::Yes
                 }
             }
+            // This node's own notice, still on its way as far as it knows
+            // (the send outcome is not in, or it failed and waits for a
+            // retry), comes back through the node it went to: the token is
+            // here again. A past view counts only if it was in force after
+            // the token left.
+            Phase::Passed | Phase::TokenWait => {
+                if left_epoch.is_some_and(|left| left <= s.flight) {
+                    Taken::Stale
+                } else {
+                    s.phase = phase;
+                    s.attempt = 0;
+                    Taken::Yes
+                }
+            }
             Phase::Free => Taken::Stale,
             _ => Taken::Duplicate,
         });
@@ -2026,11 +2234,33 @@ impl<W> Handoff<W> {
             None => self.park(view, d, src, now, report),
             Some(Taken::Yes) => {
                 report.accepted += 1;
+                self.note_taken(d, src, now);
                 self.after_token(d, primary, Source::Notice, now);
             }
             Some(Taken::Stale) => report.stale += 1,
             Some(Taken::Duplicate) => report.duplicate += 1,
         }
+    }
+
+    /// The key of a notice's sender in `taken`.
+    fn sender_key(&self, node: &NodeId) -> u64 {
+        use std::hash::BuildHasher;
+        self.registry.map.hasher().hash_one(node)
+    }
+
+    /// Whether this node already took this very notice (same sender, same
+    /// install count of the sender, same datum): a copy whose token is
+    /// spent. A node relinquishes or passes on a datum at most once per
+    /// install of its own, so the pair names one notice.
+    fn is_copy(&self, d: Datum, src: Src<'_>) -> bool {
+        self.taken
+            .get(&d)
+            .is_some_and(|&(k, e)| e == src.epoch && k == src.key)
+    }
+
+    fn note_taken(&mut self, d: Datum, src: Src<'_>, now: Instant) {
+        self.taken.insert(d, (src.key, src.epoch));
+        self.taken_order.push_back((now, d, src.epoch));
     }
 
     fn park(
@@ -2107,6 +2337,7 @@ impl<W> Handoff<W> {
         c.notices_parked += r.parked as u64;
         c.notices_parked_dropped += r.overflow as u64;
         c.notices_unknown_type += r.unknown_type as u64;
+        c.notices_copy_refused += r.copies as u64;
     }
 
     fn peer_gone(&mut self, node: &NodeId, now: Instant) {
@@ -2476,6 +2707,7 @@ impl<W> Handoff<W> {
             SentBatch {
                 datums: Vec::new(),
                 state: Some(to.clone()),
+                notice: None,
             },
         );
         self.transmits.push_back(Transmit {
@@ -2534,11 +2766,15 @@ impl<W> Handoff<W> {
                     Relay => {
                         s.phase = Free;
                         self.registry.set(d, s);
+                        if !self.returning.is_empty() {
+                            self.returning.remove(&d);
+                        }
                     }
                     TokenWait | TokenQueued | TokenParked | Passed => {
                         self.counters.notices_expired += 1;
                         s.phase = Free;
                         self.registry.set(d, s);
+                        self.token_left(d, s, None, now);
                         self.maybe_release(d);
                     }
                     RelinquishQueued | Relinquishing | RelinquishBackoff => {
@@ -2667,14 +2903,36 @@ impl<W> Handoff<W> {
                 }
             }
             TimerKind::Resend { key } => {
-                for d in self.retrying.remove(&key).unwrap_or_default() {
-                    if let Some(s) = self
+                let Some(retry) = self.retrying.remove(&key) else {
+                    return;
+                };
+                let gone = self.gone.contains_key(&retry.address.to);
+                let mut datums = Vec::new();
+                for (d, flight) in retry.datums {
+                    let Some(mut s) = self
                         .registry
                         .get(&d)
-                        .filter(|s| s.phase == Phase::TokenWait)
-                    {
-                        self.take_token(d, s, Source::Reroute, now);
+                        .filter(|s| s.phase == Phase::TokenWait && s.flight == flight)
+                    else {
+                        continue;
+                    };
+                    if gone {
+                        // Never re-addressed: the token is dropped, as if it
+                        // expired; the done markers or the timeout end the wait.
+                        self.counters.notices_undeliverable += 1;
+                        s.phase = Phase::Free;
+                        s.attempt = 0;
+                        self.registry.set(d, s);
+                        self.token_left(d, s, Some(retry.address.to.clone()), now);
+                        self.maybe_release(d);
+                    } else {
+                        s.phase = Phase::Passed;
+                        self.registry.set(d, s);
+                        datums.push(d);
                     }
+                }
+                if !datums.is_empty() {
+                    self.send_notices(retry.address, datums);
                 }
             }
         }
@@ -2682,6 +2940,19 @@ impl<W> Handoff<W> {
 
     fn prune(&mut self, now: Instant) {
         let timeout = self.config.timeout;
+        // A copy of a notice comes at most `timeout` after its sender's view
+        // change (it stops retrying then) plus one transfer: twice the
+        // timeout covers it.
+        let keep_taken = timeout.saturating_mul(2);
+        while let Some(&(at, d, epoch)) = self.taken_order.front() {
+            if at + keep_taken >= now {
+                break;
+            }
+            self.taken_order.pop_front();
+            if self.taken.get(&d).is_some_and(|&(_, e)| e == epoch) {
+                self.taken.remove(&d);
+            }
+        }
         while self.history.len() > self.config.max_history {
             self.history.pop_back();
         }

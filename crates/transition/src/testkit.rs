@@ -59,6 +59,9 @@ pub struct SimConfig {
     pub net_delay: (Duration, Duration),
     /// Probability that a send fails (the sender is told).
     pub send_failure: f64,
+    /// Probability that a notice batch that arrives is reported failed to
+    /// its sender all the same.
+    pub lost_ack: f64,
     /// Duration range of a relinquish or acquire job.
     pub job_time: (Duration, Duration),
     /// Probability that a job fails.
@@ -101,6 +104,7 @@ impl SimConfig {
             peers: true,
             net_delay: (Duration::from_millis(1), Duration::from_millis(30)),
             send_failure: 0.0,
+            lost_ack: 0.0,
             job_time: (Duration::ZERO, Duration::from_millis(10)),
             job_failure: 0.05,
             install_skew: Duration::from_millis(300),
@@ -120,6 +124,9 @@ pub enum Payload {
         bytes: Vec<u8>,
         /// The sender's send id.
         id: SendId,
+        /// Delivered, but the transport tells the sender it failed (a
+        /// connection lost after the peer got the data, before it said so).
+        ack_lost: bool,
     },
     /// Forwarded work.
     Work(WorkItem),
@@ -144,6 +151,8 @@ pub struct Net {
     pub delay: (Duration, Duration),
     /// Probability that a send fails.
     pub failure: f64,
+    /// Probability that a send that arrives is reported failed all the same.
+    pub lost_ack: f64,
 }
 
 /// The fate of one send.
@@ -153,6 +162,8 @@ pub enum Fate {
     Arrives(Duration),
     /// The transport reports a failure to the sender after this delay.
     Fails(Duration),
+    /// Delivered after this delay, and yet reported failed to the sender.
+    ArrivesAckLost(Duration),
 }
 
 impl Net {
@@ -161,6 +172,8 @@ impl Net {
         let delay = between(rng, self.delay);
         if self.failure > 0.0 && rng.random_bool(self.failure.min(1.0)) {
             Fate::Fails(delay)
+        } else if self.lost_ack > 0.0 && rng.random_bool(self.lost_ack.min(1.0)) {
+            Fate::ArrivesAckLost(delay)
         } else {
             Fate::Arrives(delay)
         }
@@ -361,6 +374,7 @@ impl Sim {
         let net = Net {
             delay: cfg.net_delay,
             failure: cfg.send_failure,
+            lost_ack: cfg.lost_ack,
         };
         let mut sim = Sim {
             rng: SmallRng::seed_from_u64(cfg.seed),
@@ -995,6 +1009,14 @@ impl Sim {
     fn send(&mut self, msg: Message) {
         match self.net.send(&mut self.rng) {
             Fate::Arrives(d) => self.schedule(d, Ev::Deliver(msg)),
+            Fate::ArrivesAckLost(d) => {
+                let mut msg = msg;
+                if let Payload::Notices { ack_lost, .. } = &mut msg.payload {
+                    *ack_lost = true;
+                    self.stats.failed_sends += 1;
+                }
+                self.schedule(d, Ev::Deliver(msg));
+            }
             Fate::Fails(d) => match msg.payload {
                 Payload::Notices { id, .. } => {
                     self.stats.failed_sends += 1;
@@ -1022,7 +1044,11 @@ impl Sim {
         let at = self.at();
         let receiver_up = self.live(msg.to);
         match msg.payload {
-            Payload::Notices { bytes, id } => {
+            Payload::Notices {
+                bytes,
+                id,
+                ack_lost,
+            } => {
                 if receiver_up {
                     let from = self.nodes.get(msg.from).map(|s| s.id.clone());
                     if let (Some(from), Some(s)) = (from, self.nodes.get_mut(msg.to)) {
@@ -1041,7 +1067,7 @@ impl Sim {
                     Ev::SendOutcome {
                         node: msg.from,
                         id,
-                        ok: receiver_up,
+                        ok: receiver_up && !ack_lost,
                     },
                 );
             }
@@ -1148,6 +1174,7 @@ impl Sim {
                     payload: Payload::Notices {
                         bytes: tx.batch.encode(),
                         id: tx.id,
+                        ack_lost: false,
                     },
                 });
             }
@@ -1305,7 +1332,9 @@ impl Sim {
 
 /// The named scenarios of the test suite: `join`, `leave`, `kill-owner`,
 /// `chained`, `flap` (under send failures), `false-positive`, `chaos` (six
-/// random changes of any kind, close together, under send failures), `stress`
+/// random changes of any kind, close together, under send failures),
+/// `lost-ack` (the same, and a tenth of the batches that arrive are reported
+/// failed to their sender all the same), `stress`
 /// (the same with slow, failing jobs, tiny caps and batches, and replicas),
 /// `concurrent-ready` (a cluster forming from nodes that become ready at the
 /// same moment, each first seeing only itself ready), `join-leave-kill`
@@ -1319,6 +1348,7 @@ pub const SCENARIOS: &[&str] = &[
     "flap",
     "false-positive",
     "chaos",
+    "lost-ack",
     "stress",
     "concurrent-ready",
     "join-leave-kill",
@@ -1518,6 +1548,10 @@ pub fn run_scenario_with(name: &str, mut cfg: SimConfig) -> Vec<String> {
     match name {
         "flap" => cfg.send_failure = 0.2,
         "chaos" => cfg.send_failure = 0.1,
+        "lost-ack" => {
+            cfg.send_failure = 0.1;
+            cfg.lost_ack = 0.1;
+        }
         "stress" => {
             // Slow, often failing jobs and sends, tiny caps and batches,
             // replicas: everything queues, retries and crosses views.
@@ -1613,7 +1647,7 @@ pub fn run_scenario_with(name: &str, mut cfg: SimConfig) -> Vec<String> {
                 sim.declare_failed(n);
             }
         }
-        "chaos" | "stress" => {
+        "chaos" | "lost-ack" | "stress" => {
             // Random joins, leaves, crashes, flaps and false declarations,
             // close together, while sends fail.
             for _ in 0..6 {

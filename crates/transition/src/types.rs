@@ -364,6 +364,11 @@ pub struct NoticeReport {
     pub overflow: usize,
     /// Notices of a datum type this node never interned.
     pub unknown_type: usize,
+    /// Copies of a notice this node already took (same sender, same
+    /// install count of the sender, same datum): a send the transport
+    /// reported failed although it was delivered, re-sent. Refused: the
+    /// token they carry is spent.
+    pub copies: usize,
 }
 
 /// Running counters of one node (monotonic).
@@ -402,6 +407,11 @@ pub struct Counters {
     pub notices_parked_dropped: u64,
     /// Notices passed on to another node (this node was an intermediate primary).
     pub notices_relayed: u64,
+    /// Copies of notices already taken here, refused (see [`NoticeReport::copies`]).
+    pub notices_copy_refused: u64,
+    /// Notices whose send failed and whose addressee left or was declared
+    /// failed before a retry got through: dropped (never re-addressed).
+    pub notices_undeliverable: u64,
     /// Relinquish jobs completed successfully.
     pub relinquished: u64,
     /// Relinquish job failures.

@@ -1130,3 +1130,166 @@ fn a_new_state_machine_continues_the_old_ones_epoch() {
         "its first install is above the old clock"
     );
 }
+
+/// Delivers node `n`'s state batches until its first notice batch, returned undelivered.
+fn next_notice(c: &mut Cluster, n: usize) -> Transmit {
+    loop {
+        let tx = c.nodes[n].poll_transmit().expect("a notice batch");
+        if !tx.batch.groups.is_empty() {
+            return tx;
+        }
+        c.deliver(n, &tx);
+    }
+}
+
+/// A datum id whose primary is `first` under `t1` and `second` under `t2`.
+fn moving_id(t1: &PlacementTable, first: &NodeId, t2: &PlacementTable, second: &NodeId) -> i64 {
+    (0..1_000)
+        .find(|&i| t1.owner_ids(i).next() == Some(first) && t2.owner_ids(i).next() == Some(second))
+        .expect("some id moves that way")
+}
+
+#[test]
+fn a_notice_whose_send_failed_after_delivery_is_resent_to_the_same_node_only() {
+    // a holds everything; b joins, then c: the datum goes a -> b -> c.
+    let mut c = Cluster::new(&["a", "b", "c"], 0, 1);
+    let t1 = c.table_of(&[0, 1]);
+    let t2 = c.table_of(&[0, 1, 2]);
+    let id = moving_id(&t1, &c.ids[1], &t2, &c.ids[2]);
+    for n in 0..3 {
+        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), id);
+        c.nodes[n].register(d, c.now).unwrap();
+    }
+    c.settle();
+    assert_eq!(c.holders(id), vec![0]);
+    c.install_all(&t1);
+    c.run_jobs(0);
+    let tx = next_notice(&mut c, 0);
+    assert_eq!(tx.to, c.ids[1]);
+    // b receives the notice, but the transport tells a that the send failed.
+    let bytes = tx.batch.encode();
+    c.nodes[1].handle_notices(&c.ids[0], &bytes, c.now).unwrap();
+    c.nodes[0].send_done(tx.id, Err("reset after delivery".into()), c.now);
+    c.run_jobs(1);
+    assert_eq!(c.holders(id), vec![1]);
+    // a and c move on to the view with c before b does.
+    c.nodes[0].install(Arc::clone(&t2), c.now);
+    c.nodes[2].install(Arc::clone(&t2), c.now);
+    c.advance(Duration::from_millis(300));
+    // Deliver what a and c send, but nothing b sends yet.
+    for _ in 0..10 {
+        for n in [0, 2] {
+            c.run_jobs(n);
+            while let Some(tx) = c.nodes[n].poll_transmit() {
+                c.deliver(n, &tx);
+            }
+        }
+        c.advance(Duration::from_millis(100));
+        assert_eq!(
+            c.holders(id),
+            vec![1],
+            "the re-sent copy must not let c take the datum b holds"
+        );
+    }
+    assert!(c.nodes[1].counters().notices_copy_refused >= 1);
+    // Once b moves on, it hands the datum to c.
+    c.nodes[1].install(Arc::clone(&t2), c.now);
+    c.settle();
+    assert_eq!(c.holders(id), vec![2]);
+    assert_eq!(c.nodes[2].counters().acquired_after_timeout, 0);
+}
+
+#[test]
+fn a_copy_of_a_notice_already_taken_is_refused_when_its_view_recurs() {
+    let mut c = Cluster::new(&["a", "b"], 0, 1);
+    let t0 = c.table_of(&[0]);
+    let t1 = c.table_of(&[0, 1]);
+    let id = moving_id(&t0, &c.ids[0], &t1, &c.ids[1]);
+    for n in 0..2 {
+        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), id);
+        c.nodes[n].register(d, c.now).unwrap();
+    }
+    c.settle();
+    // a -> b under t1; keep a copy of a's notice (a transport may deliver one twice).
+    c.install_all(&t1);
+    c.run_jobs(0);
+    let tx = next_notice(&mut c, 0);
+    let copy = tx.batch.encode();
+    c.deliver(0, &tx);
+    c.settle();
+    assert_eq!(c.holders(id), vec![1]);
+    // Back to a, then t1 again: the same view id, a new instance of it.
+    c.install_all(&t0);
+    c.settle();
+    assert_eq!(c.holders(id), vec![0]);
+    c.advance(Duration::from_millis(100));
+    c.install_all(&t1);
+    assert_eq!(c.nodes[1].progress().awaiting, 1);
+    // The old copy arrives while a still holds the datum.
+    let r = c.nodes[1].handle_notices(&c.ids[0], &copy, c.now).unwrap();
+    assert_eq!((r.accepted, r.copies), (0, 1), "{r:?}");
+    assert_eq!(c.nodes[1].counters().notices_copy_refused, 1);
+    assert!(
+        c.nodes[1].poll_job().is_none(),
+        "no acquire from a spent token"
+    );
+    c.settle();
+    assert_eq!(c.holders(id), vec![1]);
+}
+
+#[test]
+fn a_relinquish_given_up_lets_the_new_primary_take_the_datum_on_the_done_markers() {
+    // a leaves (not ready): b becomes primary of everything; a's
+    // application cannot relinquish datum 0, a gives it up.
+    let mut c = Cluster::new(&["a", "b"], 2, 2);
+    let d0 = c.datum(0, 0);
+    let owner = c.index(c.nodes[0].owner(0).unwrap());
+    assert_eq!(owner, 0, "a holds datum 0");
+    let t = c.table_of(&[1]);
+    c.install_all(&t);
+    let job = c.nodes[0].poll_job().unwrap();
+    assert_eq!((job.kind, job.datum), (JobKind::Relinquish, d0));
+    c.nodes[0].job_done(job, Err("disk full".into()), c.now);
+    assert_eq!(c.nodes[0].state(d0), Some(DatumState::Relinquishing));
+    assert_eq!(c.nodes[0].give_up_relinquishes(c.now), vec![d0]);
+    assert!(!c.nodes[0].give_up_relinquish(d0, c.now), "given up once");
+    assert_eq!(c.nodes[0].state(d0), Some(DatumState::Free));
+    assert!(
+        c.events(0)
+            .contains(&Event::RelinquishAbandoned { datum: d0 })
+    );
+    c.settle();
+    assert_eq!(c.holders(0), vec![1]);
+    let ev = c.events(1);
+    assert!(ev.contains(&Event::AcquiredWithoutNotice {
+        datum: c.datum(1, 0),
+        reason: WithoutNotice::AllDone
+    }));
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+}
+
+#[test]
+fn a_notice_whose_addressee_is_gone_is_dropped_not_readdressed() {
+    let mut c = Cluster::new(&["a", "b", "c"], 0, 1);
+    let t1 = c.table_of(&[0, 1]);
+    let t2 = c.table_of(&[0, 2]);
+    let id = moving_id(&t1, &c.ids[1], &t2, &c.ids[2]);
+    for n in 0..3 {
+        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), id);
+        c.nodes[n].register(d, c.now).unwrap();
+    }
+    c.settle();
+    c.install_all(&t1);
+    c.run_jobs(0);
+    let tx = next_notice(&mut c, 0);
+    c.nodes[0].send_done(tx.id, Err("connection lost".into()), c.now);
+    // b leaves before the retry; a never sends the notice to anyone else.
+    c.nodes[0].peer_left(&c.ids[1], c.now);
+    c.nodes[0].install(Arc::clone(&t2), c.now);
+    c.advance(Duration::from_millis(500));
+    while let Some(tx) = c.nodes[0].poll_transmit() {
+        assert!(tx.batch.groups.is_empty(), "no notice to {}", tx.to);
+    }
+    assert_eq!(c.nodes[0].counters().notices_undeliverable, 1);
+    assert_eq!(c.nodes[0].progress().notices_pending, 0);
+}

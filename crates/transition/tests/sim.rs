@@ -29,7 +29,7 @@ fn run(name: &str) {
 
 #[test]
 fn scenario_names_are_known() {
-    assert_eq!(SCENARIOS.len(), 10);
+    assert_eq!(SCENARIOS.len(), 11);
     assert!(!run_scenario("no-such", 0).is_empty());
 }
 
@@ -85,6 +85,14 @@ fn false_positive() {
 #[test]
 fn chaos() {
     run("chaos");
+}
+
+/// Chaos where a tenth of the batches that arrive are reported failed to
+/// their sender all the same: a notice re-sent after such a false failure
+/// goes to the same node, which refuses it once it took the first copy.
+#[test]
+fn lost_ack() {
+    run("lost-ack");
 }
 
 #[test]
