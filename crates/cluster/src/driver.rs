@@ -65,6 +65,20 @@ pub(crate) enum Command {
         tx: oneshot::Sender<TransitionReport>,
     },
     Progress(oneshot::Sender<TransitionReport>),
+    /// A graceful leave begins (sent before the node stops being ready):
+    /// from now on a relinquish that fails is given up at once (not
+    /// retried): the node is on its way out, and its done markers then let
+    /// the datum's new primary take it without waiting for a timeout.
+    BeginLeave(oneshot::Sender<()>),
+    /// The transition of a graceful leave: as `Transition` with `install`.
+    Leave {
+        deadline: Instant,
+        tx: oneshot::Sender<TransitionReport>,
+    },
+    /// After a leave's transition: gives up every relinquish still going on
+    /// (its deadline passed) and answers with every datum given up since
+    /// the leave began, and the transition's report.
+    GiveUp(oneshot::Sender<(Vec<(String, i64)>, TransitionReport)>),
     /// The fencing token of a datum held here.
     Token(String, i64, oneshot::Sender<Option<FencingToken>>),
     /// A datum's handoff state here and whether this node may act as its
@@ -395,6 +409,9 @@ pub(crate) struct Driver {
     /// Acknowledged forwards not answered yet.
     forwards_in_flight: usize,
     waiters: Vec<Waiter>,
+    /// During a graceful leave: the datums whose relinquish was given up
+    /// (see [`Command::Leave`]).
+    leaving: Option<Vec<Datum>>,
     report_base: Counters,
     counts: Arc<Counts>,
     version: u64,
@@ -452,6 +469,7 @@ impl Driver {
             closing: None,
             forwards_in_flight: 0,
             waiters: Vec::new(),
+            leaving: None,
             report_base: Counters::default(),
             counts,
             version: 0,
@@ -717,9 +735,7 @@ impl Driver {
 
     fn drain_handoff(&mut self, now: Instant) {
         self.more_jobs = false;
-        while let Some(event) = self.handoff.poll_event() {
-            self.on_handoff_event(event);
-        }
+        self.handle_events(now);
         let mut inline_budget = INLINE_JOBS_PER_PUMP;
         while inline_budget > 0
             && let Some(job) = self.handoff.poll_job()
@@ -768,6 +784,8 @@ impl Driver {
                     .await;
             });
         }
+        // Failures of the jobs completed inline, before the done markers go.
+        self.handle_events(now);
         while let Some(t) = self.handoff.poll_transmit() {
             let member = self
                 .members
@@ -1023,6 +1041,19 @@ impl Driver {
         self.view_dirty = true;
     }
 
+    fn handle_events(&mut self, now: Instant) {
+        while let Some(event) = self.handoff.poll_event() {
+            if let (Some(given_up), HEvent::RelinquishFailed { datum, .. }) =
+                (&mut self.leaving, &event)
+                && self.handoff.give_up_relinquish(*datum, now)
+            {
+                warn!(node = %self.name, datum = %datum, "leaving: relinquish failed, given up");
+                given_up.push(*datum);
+            }
+            self.on_handoff_event(event);
+        }
+    }
+
     fn on_handoff_event(&mut self, event: HEvent) {
         match &event {
             HEvent::TransitionStarted {
@@ -1161,6 +1192,31 @@ impl Driver {
             }
             Command::Progress(tx) => {
                 let _ = tx.send(self.report());
+            }
+            Command::BeginLeave(tx) => {
+                self.leaving.get_or_insert_with(Vec::new);
+                let _ = tx.send(());
+            }
+            Command::Leave { deadline, tx } => {
+                if let Some(table) = self.latest.clone() {
+                    self.install(table, now);
+                }
+                self.drain_handoff(now);
+                self.waiters.push(Waiter { deadline, tx });
+            }
+            Command::GiveUp(tx) => {
+                let mut given_up = self.leaving.take().unwrap_or_default();
+                given_up.extend(self.handoff.give_up_relinquishes(now));
+                // The done markers (farewells) go out now.
+                self.drain_handoff(now);
+                let names = given_up
+                    .iter()
+                    .map(|d| {
+                        let ty = self.handoff.type_name(d.ty).unwrap_or("?").to_owned();
+                        (ty, d.id)
+                    })
+                    .collect();
+                let _ = tx.send((names, self.report()));
             }
             Command::Token(type_name, id, tx) => {
                 let token = self

@@ -86,6 +86,18 @@ pub enum Error {
     /// The channel name is empty or longer than 255 bytes.
     #[error("invalid channel name of {0} bytes (1 to 255)")]
     BadChannelName(usize),
+    /// A graceful leave ([`Node::leave`](crate::Node::leave)) gave up these
+    /// datums `(type, id)`: their relinquish failed or had not completed by
+    /// the leave's timeout. The node left all the same, holding nothing;
+    /// the datums' new owners took them without a notice, so state the
+    /// relinquish did not save is lost unless the application kept it.
+    #[error("left without relinquishing {} datum(s)", datums.len())]
+    LeaveIncomplete {
+        /// The datums given up, `(type, id)`.
+        datums: Vec<(String, i64)>,
+        /// How the leave's transition went.
+        report: Box<crate::TransitionReport>,
+    },
 }
 
 /// Sending a typed message failed.

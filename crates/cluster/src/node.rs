@@ -665,18 +665,26 @@ impl Node {
     /// [`SendError::Shutdown`](crate::SendError::Shutdown) from the last step
     /// on. Returns how the final transition went.
     ///
+    /// A datum whose relinquish fails during the leave (the application's
+    /// `relinquish` returned an error), or has not completed by `timeout`,
+    /// is given up at once, not retried: this node stops holding it (a job
+    /// still running is left to finish, its outcome ignored) and sends no
+    /// notice for it; once nothing else is in flight it tells the others it
+    /// holds nothing, so the datum's new owner acquires it then (on
+    /// everyone's done markers, `AcquiredWithoutNotice` with reason
+    /// `AllDone`), without waiting for the transition timeout. Only then is
+    /// the departure announced, and the leave finishes as usual.
+    ///
     /// # Errors
-    /// [`Error::Shutdown`] if the node was already shut down.
+    /// [`Error::Shutdown`] if the node was already shut down;
+    /// [`Error::LeaveIncomplete`] (after the node left) naming the datums
+    /// given up: their unsaved state is lost unless the application kept it.
     pub async fn leave(&self, timeout: Duration) -> Result<TransitionReport, Error> {
         let deadline = Instant::now() + timeout;
+        self.command(Command::BeginLeave).await?;
         self.set_ready(false).await?;
-        let report = self
-            .command(|tx| Command::Transition {
-                install: true,
-                deadline,
-                tx,
-            })
-            .await?;
+        self.command(|tx| Command::Leave { deadline, tx }).await?;
+        let (given_up, report) = self.command(Command::GiveUp).await?;
         self.membership_command(|tx| MembershipCommand::Leave { deadline, tx })
             .await?;
         self.command(|tx| Command::Close { deadline, tx }).await?;
@@ -690,7 +698,14 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.shutdown().await;
-        Ok(report)
+        if given_up.is_empty() {
+            Ok(report)
+        } else {
+            Err(Error::LeaveIncomplete {
+                datums: given_up,
+                report: Box::new(report),
+            })
+        }
     }
 
     /// Stops the node abruptly, as a crash would, for tests and fault drills

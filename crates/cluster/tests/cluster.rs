@@ -229,6 +229,74 @@ async fn graceful_leave_relinquishes_everything() {
     }
 }
 
+/// A graceful leave whose application cannot relinquish some datums gives
+/// them up at once (no retry), returns an error naming them, and tells the
+/// others it holds nothing: their new owners take them on the done markers,
+/// not at the (30 s) transition timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_whose_relinquish_fails_gives_the_datums_up_and_the_others_take_them() {
+    let _serial = SERIAL.lock().await;
+    const DATUMS: i64 = 60;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let nodes = cluster(&ca, &["a", "b", "c"]).await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    ready_all(&refs, DATUMS, &ledger).await;
+    settled(&refs, 3, DATUMS, &ledger).await;
+    let mut failing: Vec<i64> = {
+        let mut l = ledger.lock();
+        let mut held: Vec<i64> = l
+            .holder
+            .iter()
+            .filter(|(_, h)| *h == "c")
+            .map(|(id, _)| *id)
+            .collect();
+        held.sort_unstable();
+        held.truncate(2);
+        l.fail_relinquish = held.iter().map(|id| ("c".to_owned(), *id)).collect();
+        held
+    };
+    assert_eq!(failing.len(), 2);
+    failing.sort_unstable();
+    let err = nodes[2].leave(PATIENCE).await.unwrap_err();
+    let Error::LeaveIncomplete { datums, report } = err else {
+        panic!("expected LeaveIncomplete, got {err:?}");
+    };
+    let mut named: Vec<i64> = datums
+        .iter()
+        .map(|(ty, id)| {
+            assert_eq!(ty, "series");
+            *id
+        })
+        .collect();
+    named.sort_unstable();
+    assert_eq!(named, failing);
+    assert!(report.completed, "{report:?}");
+    assert_eq!(report.relinquish_abandoned, 2);
+    settled(&refs[..2], 2, DATUMS, &ledger).await;
+    for n in &nodes[..2] {
+        let t = n.snapshot().await.unwrap().transition;
+        assert_eq!(t.acquired_after_timeout, 0, "taken on the done markers");
+    }
+    {
+        let l = ledger.lock();
+        for id in &failing {
+            let tries: Vec<usize> = (0..l.log.len())
+                .filter(|&i| l.log[i] == ("c".to_owned(), "relinquish failed", *id))
+                .collect();
+            assert_eq!(tries.len(), 1, "datum {id}: given up, not retried");
+            let taken = (0..l.log.len())
+                .find(|&i| l.log[i].1 == "acquired" && l.log[i].2 == *id && l.log[i].0 != "c")
+                .expect("a survivor acquired it");
+            assert!(tries[0] < taken, "datum {id}: {:?}", l.log);
+        }
+    }
+    assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    for n in &nodes[..2] {
+        n.shutdown().await;
+    }
+}
+
 /// A notice batch a member sent before it left, arriving after its leave was
 /// gossiped (as a leaver's farewell done marker often does: it leaves the
 /// membership as soon as its relinquishes are delivered), is taken: it tells

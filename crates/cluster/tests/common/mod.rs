@@ -24,6 +24,11 @@ pub struct LedgerInner {
     /// Per datum, the fencing token of its latest acquisition: the next
     /// acquisition's must be higher, and a relinquish carries it.
     pub tokens: HashMap<i64, u64>,
+    /// `(node, datum)` whose relinquish fails on that node: the node gives
+    /// the datum up (it stops holding it) and the call returns an error.
+    pub fail_relinquish: HashSet<(String, i64)>,
+    /// In order: `(node, "relinquish failed" | "acquired", datum)`.
+    pub log: Vec<(String, &'static str, i64)>,
 }
 
 /// Every node's datums report here.
@@ -63,6 +68,14 @@ impl DistDatum for TestDatum {
     }
     async fn relinquish(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
+        if l.fail_relinquish.contains(&(self.node.clone(), self.id)) {
+            if l.holder.get(&self.id) == Some(&self.node) {
+                l.holder.remove(&self.id);
+            }
+            l.log
+                .push((self.node.clone(), "relinquish failed", self.id));
+            return Err("cannot save the datum".into());
+        }
         if l.tokens.get(&self.id) != Some(&ctx.token.get()) {
             let v = format!(
                 "{} relinquished {} under token {} (acquired under {:?})",
@@ -113,6 +126,7 @@ impl DistDatum for TestDatum {
         }
         l.holder.insert(self.id, self.node.clone());
         l.acquired.push((self.node.clone(), self.id));
+        l.log.push((self.node.clone(), "acquired", self.id));
         Ok(())
     }
 }
