@@ -403,7 +403,7 @@ pub struct Handoff<W = Vec<u8>> {
     taken_order: VecDeque<(Instant, Datum, u64)>,
     /// Datums this node is primary of and waits for, whose token it sent
     /// to a node (`None`: not known which) that may have it now: see
-    /// [`Handoff::token_left`]. At most `max_parked` entries.
+    /// [`Handoff::token_left`]. At most one entry per registered datum.
     returning: HashMap<Datum, Option<NodeId>, DetState>,
     next_retry: u64,
     timers: BinaryHeap<Reverse<Timer>>,
@@ -1866,9 +1866,7 @@ impl<W> Handoff<W> {
         if s.phase != Phase::Free || !matches!(self.primary_of(d.id), Primary::Me) {
             return;
         }
-        if self.returning.len() < self.config.max_parked {
-            self.returning.insert(d, at);
-        }
+        self.returning.insert(d, at);
         let since = s.flight;
         self.begin_wait(d, s, now);
         self.registry.modify(&d, |s| {
