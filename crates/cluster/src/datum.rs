@@ -98,6 +98,10 @@ pub struct HandoffContext {
 /// The future of one relinquish or acquire, type-erased.
 pub(crate) type JobFuture = Pin<Box<dyn Future<Output = Result<(), DatumError>> + Send>>;
 
+/// Makes the datum of a type registered on demand, from its id
+/// ([`Node::register_factory`](crate::Node::register_factory)).
+pub(crate) type Factory = Arc<dyn Fn(i64) -> Arc<dyn ErasedDatum> + Send + Sync>;
+
 /// Object-safe form of [`DistDatum`], what the driver keeps.
 pub(crate) trait ErasedDatum: Send + Sync + 'static {
     fn id(&self) -> i64;

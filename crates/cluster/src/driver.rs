@@ -29,7 +29,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::channel::{ChannelTable, Delivery};
 use crate::config::{NodeConfig, TransitionMode};
-use crate::datum::{ErasedDatum, HandoffContext};
+use crate::datum::{ErasedDatum, Factory, HandoffContext};
 use crate::error::Error;
 use crate::gossip::{FromMembership, MembershipSnapshot};
 use crate::lease::LeaseCell;
@@ -59,6 +59,9 @@ pub(crate) enum Command {
         oneshot::Sender<Result<usize, Error>>,
     ),
     Unregister(String, Vec<i64>, oneshot::Sender<usize>),
+    /// Datums of this type are made by the factory when they are first
+    /// needed here (work at their primary, or a notice).
+    RegisterFactory(String, Factory, oneshot::Sender<Result<(), Error>>),
     Transition {
         install: bool,
         deadline: Instant,
@@ -389,6 +392,8 @@ pub(crate) struct Driver {
     channels: Arc<ChannelTable>,
     view_tx: watch::Sender<Arc<ClusterView>>,
     datums: HashMap<Datum, Arc<dyn ErasedDatum>>,
+    /// Factories of the types registered on demand, by type name.
+    factories: HashMap<String, Factory>,
     links: HashMap<SocketAddr, mpsc::Sender<Out>>,
     latest: Option<Arc<PlacementTable>>,
     backlog: VecDeque<Pending>,
@@ -457,6 +462,7 @@ impl Driver {
             channels,
             view_tx,
             datums: HashMap::new(),
+            factories: HashMap::new(),
             links: HashMap::new(),
             latest: None,
             backlog: VecDeque::new(),
@@ -740,7 +746,12 @@ impl Driver {
         while inline_budget > 0
             && let Some(job) = self.handoff.poll_job()
         {
-            let Some(datum) = self.datums.get(&job.datum).cloned() else {
+            let Some(datum) = self
+                .datums
+                .get(&job.datum)
+                .cloned()
+                .or_else(|| self.make_on_demand(job.datum))
+            else {
                 self.handoff.job_done(job, Ok(()), now);
                 continue;
             };
@@ -895,6 +906,11 @@ impl Driver {
         self.handoff.observe_epoch(old.epoch());
         self.handoff.install(Arc::clone(old.table()), now);
         self.handoff.peer_left(&old_me, now);
+        for name in self.factories.keys() {
+            if let Ok(ty) = self.handoff.datum_type(name) {
+                self.handoff.set_on_demand(ty, true);
+            }
+        }
         let datums = std::mem::take(&mut self.datums);
         for (_, datum) in datums {
             let Ok(ty) = self.handoff.datum_type(datum.type_name()) else {
@@ -1164,6 +1180,17 @@ impl Driver {
             Command::Register(batch, tx) => {
                 let _ = tx.send(self.register(batch, now));
             }
+            Command::RegisterFactory(name, factory, tx) => {
+                let result = self
+                    .handoff
+                    .datum_type(&name)
+                    .map(|ty| {
+                        self.handoff.set_on_demand(ty, true);
+                        self.factories.insert(name, factory);
+                    })
+                    .map_err(Error::from);
+                let _ = tx.send(result);
+            }
             Command::Unregister(ty, ids, tx) => {
                 let mut count = 0;
                 if let Some(ty) = self.handoff.lookup_type(&ty) {
@@ -1239,6 +1266,50 @@ impl Driver {
             }
             Command::Close { deadline, tx } => self.close(deadline, tx, now),
             Command::Shutdown => self.stop = true,
+        }
+    }
+
+    /// The object of datum `d` of a type registered on demand, made by its
+    /// factory and kept (the handoff registered `d` on a notice, or is about
+    /// to on work). `None` for other types, or when the factory made a datum
+    /// of another id or type (logged and counted as a failed creation).
+    fn make_on_demand(&mut self, d: Datum) -> Option<Arc<dyn ErasedDatum>> {
+        let name = self.handoff.type_name(d.ty)?;
+        let factory = self.factories.get(name)?;
+        let datum = factory(d.id);
+        if datum.id() != d.id || datum.type_name() != name {
+            warn!(node = %self.name, datum_type = name, id = d.id, made = %datum.name(),
+                "the factory made another datum than the one asked for");
+            metrics::counter!("shoal_on_demand_refused_total").increment(1);
+            return None;
+        }
+        self.datums.insert(d, Arc::clone(&datum));
+        Some(datum)
+    }
+
+    /// Registers datum `d` on demand when work for it reaches this node as
+    /// its primary: its type has a factory, this node is not fenced, and
+    /// the table in force names this node. Returns whether `d` is now
+    /// registered.
+    fn register_on_demand(&mut self, d: Datum, now: Instant) -> bool {
+        if self.fenced || !self.handoff.is_on_demand(d.ty) {
+            return false;
+        }
+        let table = self.handoff.table();
+        let mine = table
+            .primary(d.id)
+            .and_then(|i| table.view().node(i))
+            .is_some_and(|n| *n == self.me);
+        if !mine || self.make_on_demand(d).is_none() {
+            return false;
+        }
+        match self.handoff.register(d, now) {
+            Ok(_) => true,
+            Err(error) => {
+                self.datums.remove(&d);
+                debug!(node = %self.name, %error, id = d.id, "on-demand registration refused");
+                false
+            }
         }
     }
 
@@ -1489,7 +1560,7 @@ impl Driver {
             .handoff
             .lookup_type(&routed.datum_type)
             .map(|ty| Datum::new(ty, routed.id))
-            .filter(|d| self.handoff.is_registered(*d));
+            .filter(|d| self.handoff.is_registered(*d) || self.register_on_demand(*d, now));
         let decision = match datum {
             Some(d) => match self.handoff.route(d) {
                 Route::Process => Decision::Here,

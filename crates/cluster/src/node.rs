@@ -363,6 +363,35 @@ impl Node {
         }
     }
 
+    /// Registers datum type `type_name` **on demand**: instead of every
+    /// datum up front ([`Node::register`]), `factory(id)` makes a datum the
+    /// first time this node needs it: when work for it (a message or ask to
+    /// its owner) reaches this node as its primary, or when a notice hands
+    /// it over from its previous holder. A datum is then acquired and
+    /// relinquished like any other; a node relinquishes only the datums it
+    /// has made (or was given). Every node that may own datums of the type
+    /// registers the same factory. Datums made this way stay registered
+    /// until [`Node::unregister`]; memory grows with the datums this node
+    /// has owned.
+    ///
+    /// The factory runs on the node's driver: it must be quick and must not
+    /// block (load state in `acquire`, not here), and must return a datum
+    /// with this type name and id (another is refused and counted).
+    ///
+    /// # Errors
+    /// [`Error::Registry`] for a bad type name, [`Error::Shutdown`].
+    pub async fn register_factory<D, F>(&self, type_name: &str, factory: F) -> Result<(), Error>
+    where
+        D: DistDatum,
+        F: Fn(i64) -> Arc<D> + Send + Sync + 'static,
+    {
+        let factory: crate::datum::Factory =
+            Arc::new(move |id| factory(id) as Arc<dyn ErasedDatum>);
+        let name = type_name.to_owned();
+        self.command(|tx| Command::RegisterFactory(name, factory, tx))
+            .await?
+    }
+
     /// Forgets datums of `datum_type`; work held for them is dropped (and
     /// counted). Returns how many were registered.
     ///

@@ -1294,3 +1294,120 @@ async fn asks_are_answered_by_the_owner_and_acked_sends_wait_for_the_take() {
         n.shutdown().await;
     }
 }
+
+async fn on_demand(node: &Node, ledger: &Arc<Ledger>) {
+    let name = node.local().name.to_string();
+    let ledger = Arc::clone(ledger);
+    node.register_factory("series", move |id| {
+        Arc::new(TestDatum {
+            id,
+            node: name.clone(),
+            ledger: Arc::clone(&ledger),
+        })
+    })
+    .await
+    .unwrap();
+}
+
+/// Datums registered on demand: nothing is registered up front; work sent
+/// to a datum's owner makes the datum there (acquired once, by its primary),
+/// and when a join moves it, its holder relinquishes it and the new primary
+/// makes it from the notice. Datums nobody sent work to are never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_datums_are_made_where_work_arrives_and_follow_their_owner() {
+    let _serial = SERIAL.lock().await;
+    const TOUCHED: i64 = 40;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let nodes = cluster(&ca, &["a", "b", "c"]).await;
+    for n in &nodes {
+        on_demand(n, &ledger).await;
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    ready_all(&refs, 0, &ledger).await;
+    let in_force = |n: &Node, ready: usize| {
+        let v = n.view();
+        v.placement.view().len() == ready && v.settled
+    };
+    eventually("three ready, settled", || {
+        nodes.iter().all(|n| in_force(n, 3))
+    })
+    .await;
+
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let mut senders = Vec::new();
+    for n in &nodes {
+        let (tx, mut rx) = n.channel::<i64>("work").unwrap();
+        senders.push(tx);
+        let name = n.local().name.to_string();
+        let delivered = Arc::clone(&delivered);
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                delivered.lock().unwrap().push((name.clone(), m.payload));
+            }
+        });
+    }
+    for id in 0..TOUCHED {
+        senders[0].send_to_owner("series", id, &id).await.unwrap();
+    }
+    eventually("every message delivered", || {
+        delivered.lock().unwrap().len() == TOUCHED as usize
+    })
+    .await;
+    let before = nodes[0].view();
+    for (node, id) in delivered.lock().unwrap().iter() {
+        assert_eq!(
+            *node,
+            before.primary(*id).unwrap().name.to_string(),
+            "datum {id}"
+        );
+    }
+    {
+        let l = ledger.lock();
+        let acquired: BTreeSet<_> = l.acquired.iter().cloned().collect();
+        assert_eq!(acquired.len(), l.acquired.len(), "acquired twice");
+        let want: BTreeSet<_> = (0..TOUCHED)
+            .map(|id| (before.primary(id).unwrap().name.to_string(), id))
+            .collect();
+        assert_eq!(
+            acquired, want,
+            "made and acquired where work arrived, nowhere else"
+        );
+    }
+    ledger.clear_history();
+
+    // A fourth node joins: what moves to it is handed over by notice.
+    let d = start(&ca, config("d")).await;
+    d.join(&[nodes[0].local().addr]).await.unwrap();
+    on_demand(&d, &ledger).await;
+    eventually("d sees three ready", || d.view().ready.len() == 3).await;
+    d.set_ready(true).await.unwrap();
+    let mut all = refs.clone();
+    all.push(&d);
+    eventually("four ready, settled", || all.iter().all(|n| in_force(n, 4))).await;
+    let after = d.view();
+    let l = ledger.lock();
+    let moved: BTreeSet<i64> = (0..TOUCHED)
+        .filter(|&id| before.primary(id).unwrap().name != after.primary(id).unwrap().name)
+        .collect();
+    assert!(!moved.is_empty());
+    let relinquished: BTreeSet<i64> = l.relinquished.iter().map(|(_, id)| *id).collect();
+    let acquired: BTreeSet<(String, i64)> = l.acquired.iter().cloned().collect();
+    assert_eq!(
+        relinquished, moved,
+        "exactly the made datums that moved were relinquished"
+    );
+    let want: BTreeSet<(String, i64)> = moved
+        .iter()
+        .map(|&id| (after.primary(id).unwrap().name.to_string(), id))
+        .collect();
+    assert_eq!(acquired, want);
+    assert!(l.violations.is_empty(), "{:?}", l.violations);
+    drop(l);
+    let t = d.snapshot().await.unwrap().transition;
+    assert_eq!(t.acquired_after_timeout, 0, "taken by notice");
+    assert!(t.registered_on_demand > 0);
+    for n in all {
+        n.shutdown().await;
+    }
+}

@@ -359,6 +359,9 @@ pub struct Handoff<W = Vec<u8>> {
     local: NodeId,
     config: Config,
     types: TypeRegistry,
+    /// Types whose datums are registered by their first notice here
+    /// ([`Handoff::set_on_demand`]).
+    on_demand: BTreeSet<DatumType>,
     registry: Registry,
     current: Arc<PlacementTable>,
     self_index: Option<NodeIndex>,
@@ -484,6 +487,7 @@ impl<W> Handoff<W> {
             local,
             config,
             types: TypeRegistry::default(),
+            on_demand: BTreeSet::new(),
             registry: Registry::default(),
             current: Arc::new(PlacementTable::empty()),
             self_index: None,
@@ -917,6 +921,27 @@ impl<W> Handoff<W> {
         self.maybe_release(datum);
         self.check_ended();
         Ok(true)
+    }
+
+    /// Datums of type `ty` exist on demand: besides [`Handoff::register`]
+    /// (which the driver calls when work for one arrives at its primary),
+    /// a notice for an unregistered datum of this type registers it and is
+    /// taken, instead of waiting parked for a registration. So a datum
+    /// created on one node follows its ownership to the next, and a node
+    /// relinquishes only the datums it has.
+    pub fn set_on_demand(&mut self, ty: DatumType, on: bool) {
+        if on {
+            self.on_demand.insert(ty);
+        } else {
+            self.on_demand.remove(&ty);
+        }
+    }
+
+    /// Whether datums of type `ty` exist on demand
+    /// ([`Handoff::set_on_demand`]).
+    #[must_use]
+    pub fn is_on_demand(&self, ty: DatumType) -> bool {
+        self.on_demand.contains(&ty)
     }
 
     /// Interns `ty` and registers the datum; returns it.
@@ -2228,6 +2253,17 @@ impl<W> Handoff<W> {
             _ => Taken::Duplicate,
         });
         match taken {
+            // A type created on demand: the datum exists from its first
+            // notice here. Registered now, it waits as any moving datum
+            // and the notice is taken as for a datum registered before.
+            None if self.on_demand.contains(&d.ty) && !self.fenced => {
+                if matches!(self.register(d, now), Ok(true)) {
+                    self.counters.registered_on_demand += 1;
+                    self.take_notice(at, d, src, now, report);
+                } else {
+                    self.park(view, d, src, now, report);
+                }
+            }
             // Not registered (yet): keep it for a registration during this view.
             None => self.park(view, d, src, now, report),
             Some(Taken::Yes) => {

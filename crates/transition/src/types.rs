@@ -412,6 +412,9 @@ pub struct Counters {
     /// Notices whose send failed and whose addressee left or was declared
     /// failed before a retry got through: dropped (never re-addressed).
     pub notices_undeliverable: u64,
+    /// Datums of an on-demand type registered by their first notice here
+    /// ([`Handoff::set_on_demand`](crate::Handoff::set_on_demand)).
+    pub registered_on_demand: u64,
     /// Relinquish jobs completed successfully.
     pub relinquished: u64,
     /// Relinquish job failures.

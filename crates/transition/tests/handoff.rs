@@ -185,6 +185,63 @@ fn settled_needs_every_nodes_done_marker_for_the_view_in_force() {
     assert!(c.nodes.iter().all(Handoff::is_idle));
 }
 
+/// A type created on demand: a datum that exists only on its holder is
+/// registered at the new primary by its notice and acquired there; without
+/// on-demand the notice waits parked for a registration.
+#[test]
+fn a_notice_registers_a_datum_of_an_on_demand_type() {
+    let mut c = Cluster::new(&["a", "b"], 0, 1);
+    let ty = c.nodes[1].lookup_type("series").unwrap();
+    for n in &mut c.nodes {
+        n.set_on_demand(ty, true);
+    }
+    let t = c.table_of(&[0, 1]);
+    // A datum that moves from a to b in the two-node table.
+    let id = (0..100)
+        .find(|&id| c.index(t.owner_ids(id).next().unwrap()) == 1)
+        .unwrap();
+    let now = c.now;
+    let d0 = c.datum(0, id);
+    assert!(c.nodes[0].register(d0, now).unwrap());
+    c.settle();
+    assert_eq!(c.holders(id), vec![0], "created on a, its only node");
+    assert!(!c.nodes[1].is_registered(c.datum(1, id)));
+    c.install_all(&t);
+    c.settle();
+    assert_eq!(c.holders(id), vec![1], "followed its ownership to b");
+    assert_eq!(c.nodes[1].counters().registered_on_demand, 1);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+}
+
+/// Without on-demand, the same notice is parked and the datum is not held
+/// by anyone on b until it is registered there.
+#[test]
+fn a_notice_for_an_unregistered_datum_waits_for_its_registration() {
+    let mut c = Cluster::new(&["a", "b"], 0, 1);
+    let t = c.table_of(&[0, 1]);
+    let id = (0..100)
+        .find(|&id| c.index(t.owner_ids(id).next().unwrap()) == 1)
+        .unwrap();
+    let now = c.now;
+    let d0 = c.datum(0, id);
+    assert!(c.nodes[0].register(d0, now).unwrap());
+    c.settle();
+    c.install_all(&t);
+    c.settle();
+    assert!(c.holders(id).is_empty());
+    assert!(!c.nodes[1].is_registered(c.datum(1, id)));
+    let now = c.now;
+    let d = c.datum(1, id);
+    assert!(c.nodes[1].register(d, now).unwrap());
+    c.settle();
+    assert_eq!(
+        c.holders(id),
+        vec![1],
+        "the parked notice is taken at registration"
+    );
+}
+
 #[test]
 fn a_third_node_joining_two_that_owe_each_other_many_notices_finishes() {
     // The seed hangs for good at about 1,150 datums here.
