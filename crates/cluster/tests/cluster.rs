@@ -1386,24 +1386,25 @@ async fn on_demand_datums_are_made_where_work_arrives_and_follow_their_owner() {
     all.push(&d);
     eventually("four ready, settled", || all.iter().all(|n| in_force(n, 4))).await;
     let after = d.view();
-    let l = ledger.lock();
-    let moved: BTreeSet<i64> = (0..TOUCHED)
-        .filter(|&id| before.primary(id).unwrap().name != after.primary(id).unwrap().name)
-        .collect();
-    assert!(!moved.is_empty());
-    let relinquished: BTreeSet<i64> = l.relinquished.iter().map(|(_, id)| *id).collect();
-    let acquired: BTreeSet<(String, i64)> = l.acquired.iter().cloned().collect();
-    assert_eq!(
-        relinquished, moved,
-        "exactly the made datums that moved were relinquished"
-    );
-    let want: BTreeSet<(String, i64)> = moved
-        .iter()
-        .map(|&id| (after.primary(id).unwrap().name.to_string(), id))
-        .collect();
-    assert_eq!(acquired, want);
-    assert!(l.violations.is_empty(), "{:?}", l.violations);
-    drop(l);
+    {
+        let l = ledger.lock();
+        let moved: BTreeSet<i64> = (0..TOUCHED)
+            .filter(|&id| before.primary(id).unwrap().name != after.primary(id).unwrap().name)
+            .collect();
+        assert!(!moved.is_empty());
+        let relinquished: BTreeSet<i64> = l.relinquished.iter().map(|(_, id)| *id).collect();
+        let acquired: BTreeSet<(String, i64)> = l.acquired.iter().cloned().collect();
+        assert_eq!(
+            relinquished, moved,
+            "exactly the made datums that moved were relinquished"
+        );
+        let want: BTreeSet<(String, i64)> = moved
+            .iter()
+            .map(|&id| (after.primary(id).unwrap().name.to_string(), id))
+            .collect();
+        assert_eq!(acquired, want);
+        assert!(l.violations.is_empty(), "{:?}", l.violations);
+    }
     let t = d.snapshot().await.unwrap().transition;
     assert_eq!(t.acquired_after_timeout, 0, "taken by notice");
     assert!(t.registered_on_demand > 0);
