@@ -93,6 +93,12 @@ pub struct HandoffContext {
     pub view: ViewId,
     /// 1 for the first attempt, then 2, 3... on retries.
     pub attempt: u32,
+    /// Why it runs: a relinquish because the datum moves
+    /// ([`JobReason::Moving`](crate::JobReason::Moving)); an acquire after
+    /// a graceful handoff (the previous holder's notice), a failover (the
+    /// holder was declared failed: what it did not persist is lost), as the
+    /// first owner, once nobody held it, or after the wait timed out.
+    pub reason: shoal_transition::JobReason,
 }
 
 /// The future of one relinquish or acquire, type-erased.

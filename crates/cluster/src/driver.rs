@@ -761,6 +761,7 @@ impl Driver {
                 token: job.token,
                 view: job.view,
                 attempt: job.attempt,
+                reason: job.reason,
             };
             let mut fut = match job.kind {
                 JobKind::Relinquish => datum.relinquish_boxed(ctx),

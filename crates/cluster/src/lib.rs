@@ -79,7 +79,7 @@ pub use view::{ClusterView, FacadeCounters, NodeInfo, RoutedDrops, Snapshot, Tra
 
 pub use shoal_membership::{LeaseStrategy, MemberState};
 pub use shoal_placement::{NodeId, PlacementTable, Strategy, View, ViewId};
-pub use shoal_transition::{DatumState, FencingToken};
+pub use shoal_transition::{DatumState, FencingToken, JobReason};
 pub use shoal_transport::{ClusterCa, NodeIdentity, NodeName, throwaway_cluster};
 
 /// The membership layer (SWIM with Lifeguard, leases), for the types a

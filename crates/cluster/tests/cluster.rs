@@ -176,6 +176,13 @@ async fn datums_have_one_owner_and_a_join_moves_exactly_what_changes() {
         assert_eq!(l.acquired.len(), acquired.len(), "acquired twice");
         assert_eq!(relinquished, want_relinquished);
         assert_eq!(acquired, want_acquired);
+        assert!(
+            l.acquire_reasons
+                .iter()
+                .all(|(_, _, r)| *r == shoal::JobReason::Handoff),
+            "a join hands every datum over gracefully: {:?}",
+            l.acquire_reasons
+        );
         assert!(l.violations.is_empty(), "{:?}", l.violations);
     }
     for n in &all {
@@ -399,6 +406,18 @@ async fn dropped_node_is_detected_and_its_datums_taken_over() {
     }
     assert!(gone > 0);
     assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    {
+        let l = ledger.lock();
+        let failovers = l
+            .acquire_reasons
+            .iter()
+            .filter(|(_, _, r)| *r == shoal::JobReason::Failover)
+            .count();
+        assert_eq!(
+            failovers as u64, gone,
+            "each takeover of c's datums is a failover"
+        );
+    }
     for n in &nodes[..2] {
         n.shutdown().await;
     }

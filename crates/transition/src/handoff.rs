@@ -12,8 +12,8 @@ use tracing::{debug, info, warn};
 use crate::datum::{DetState, TypeRegistry};
 use crate::error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError};
 use crate::types::{
-    Config, Counters, DatumState, Event, FencingToken, Job, JobKind, NoticeReport, Progress,
-    Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
+    Config, Counters, DatumState, Event, FencingToken, Job, JobKind, JobReason, NoticeReport,
+    Progress, Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
 };
 use crate::wire::{NoticeBatch, NoticeGroup};
 use crate::{Datum, DatumType};
@@ -94,6 +94,9 @@ struct Slot {
     /// The fencing token of the ownership that the last acquire job started
     /// (meaningful while held, relinquishing or acquiring).
     token: u64,
+    /// How the token of the queued or running acquire reached this node
+    /// (fits the slot's padding).
+    reason: JobReason,
 }
 
 /// All registered datums with their phase, and how many are in each phase.
@@ -149,6 +152,7 @@ impl Registry {
             phase: Phase::Free,
             attempt: 0,
             token: 0,
+            reason: JobReason::First,
         };
         self.map.insert(d, slot);
         self.counts[Phase::Free as usize] += 1;
@@ -1671,6 +1675,7 @@ impl<W> Handoff<W> {
                     view,
                     attempt: u32::from(s.attempt) + 1,
                     token: FencingToken(s.token),
+                    reason: JobReason::Moving,
                     flight: s.flight,
                 });
             }
@@ -1697,6 +1702,7 @@ impl<W> Handoff<W> {
                     view,
                     attempt: u32::from(s.attempt) + 1,
                     token: FencingToken(s.token),
+                    reason: s.reason,
                     flight: s.flight,
                 });
             }
@@ -2031,6 +2037,15 @@ impl<W> Handoff<W> {
         match primary {
             Primary::Me => {
                 self.acquire_queue.push_back(d);
+                let why = match source {
+                    Source::Fresh => JobReason::First,
+                    Source::Notice | Source::PassOn => JobReason::Handoff,
+                    Source::OwnerGone => JobReason::Failover,
+                    Source::AllDone => JobReason::NobodyHeld,
+                    Source::Timeout => JobReason::Timeout,
+                    Source::Relinquished | Source::Reroute => JobReason::Returned,
+                };
+                self.registry.modify(&d, |s| s.reason = why);
                 let reason = match source {
                     Source::Timeout => {
                         self.counters.acquired_after_timeout += 1;

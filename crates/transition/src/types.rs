@@ -134,7 +134,36 @@ pub struct Job {
     /// the token it held the datum under (flush under it). See
     /// [`FencingToken`].
     pub token: FencingToken,
+    /// Why the job runs: for a relinquish, [`JobReason::Moving`]; for an
+    /// acquire, how the ownership reached this node (a graceful handoff, a
+    /// failover, …).
+    pub reason: JobReason,
     pub(crate) flight: u64,
+}
+
+/// Why a relinquish or acquire job runs ([`Job::reason`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum JobReason {
+    /// A relinquish: the datum moves to another node (a view change, or
+    /// this node leaving).
+    Moving,
+    /// An acquire as the datum's first owner: no node could have held it.
+    First,
+    /// An acquire after the previous holder's notice: a graceful handoff
+    /// (the holder persisted the datum in its relinquish).
+    Handoff,
+    /// An acquire after every possible holder was declared failed (and its
+    /// lease lapsed): a failover; state it did not persist is lost.
+    Failover,
+    /// An acquire once every live node said done with the view: nobody
+    /// held the datum.
+    NobodyHeld,
+    /// An acquire after the wait for the previous holder timed out.
+    Timeout,
+    /// An acquire of a token that came back to this node (its own
+    /// relinquish, or a notice it had passed on returned).
+    Returned,
 }
 
 /// A number that strictly increases for a datum from one owner to the next.

@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal::{ClusterCa, DatumError, DistDatum, HandoffContext, Node, NodeConfig, NodeName};
+use shoal::{
+    ClusterCa, DatumError, DistDatum, HandoffContext, JobReason, Node, NodeConfig, NodeName,
+};
 
 /// Generous bound on anything a test waits for: only bounds hangs.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -29,6 +31,8 @@ pub struct LedgerInner {
     pub fail_relinquish: HashSet<(String, i64)>,
     /// In order: `(node, "relinquish failed" | "acquired", datum)`.
     pub log: Vec<(String, &'static str, i64)>,
+    /// Why each acquisition ran: `(node, datum, reason)`.
+    pub acquire_reasons: Vec<(String, i64, JobReason)>,
 }
 
 /// Every node's datums report here.
@@ -50,6 +54,7 @@ impl Ledger {
         let mut l = self.lock();
         l.relinquished.clear();
         l.acquired.clear();
+        l.acquire_reasons.clear();
     }
 }
 
@@ -102,6 +107,8 @@ impl DistDatum for TestDatum {
     }
     async fn acquire(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
+        l.acquire_reasons
+            .push((self.node.clone(), self.id, ctx.reason));
         let token = ctx.token.get();
         if let Some(&prev) = l.tokens.get(&self.id)
             && token <= prev
