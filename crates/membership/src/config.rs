@@ -103,7 +103,7 @@ pub struct Config {
     /// polled). A simulator of 10,000 nodes can turn it off.
     pub view_events: bool,
     /// How this node decides whether it may act as an owner
-    /// ([`Membership::standing`]); `Majority` by default.
+    /// ([`Membership::standing`]); `Witnesses` by default.
     ///
     /// [`Membership::standing`]: crate::Membership::standing
     pub lease: LeaseStrategy,
@@ -168,7 +168,7 @@ impl Config {
             max_queued_transmits: 4096,
             max_queued_events: 65_536,
             view_events: true,
-            lease: LeaseStrategy::Majority,
+            lease: LeaseStrategy::Witnesses,
             lease_period: Duration::from_secs(2),
             max_clock_drift_percent: 10,
             takeover_margin: Duration::from_millis(100),

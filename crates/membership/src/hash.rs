@@ -86,6 +86,19 @@ impl Hasher for NameHasher {
     }
 }
 
+/// Seed of [`witness_rank`]: fixed, so every node ranks members alike.
+const WITNESS_SEED: u64 = 0x5ee4_3a1d_0c0f_fee5;
+
+/// A member's place in the witness order (`src/lease.rs`): the same on every
+/// node and every platform (little-endian words), spread uniformly, so the
+/// witnesses are neither the oldest nor the first started members.
+pub(crate) fn witness_rank(name: &str, generation: u64) -> u64 {
+    let mut h = SeededState::new(WITNESS_SEED).build_hasher();
+    h.write(name.as_bytes());
+    h.write(&generation.to_le_bytes());
+    h.finish()
+}
+
 /// Name → slot index over the member table, storing only the slot (4 bytes
 /// and one control byte a member; names live once, in the table).
 #[derive(Debug, Clone)]

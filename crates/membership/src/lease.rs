@@ -12,7 +12,17 @@
 //!    last-chance and reconnect pings) or push-pull request. A send time is
 //!    used, not the receive time of the answer, so a process that was
 //!    paused wakes with a lapsed lease even if answers wait in its input.
-//! 2. **Majority standing**: of a reference set `R` (the live view while the
+//! 2. **Witness majority** (strategy `Witnesses`, the default): of a small
+//!    witness set `W` drawn from the reference set `R` (below) by a rank
+//!    every node computes alike from (name, generation), a strict majority
+//!    acknowledged directly a ping this node sent within `lease_period`
+//!    (this node counts for itself if it is a witness). The node pings its
+//!    witnesses itself, so a node cut off from most of them loses its lease
+//!    within `lease_period` of the cut whatever the cluster's size, and a
+//!    split into two sides leaves the lease to the side holding most
+//!    witnesses (`W` is odd-sized). `W` follows `R`: frozen while the lease
+//!    is not valid, renewed when a witness leaves `R`.
+//! 3. **Majority standing** (strategy `Majority`): of a reference set `R` (the live view while the
 //!    lease was valid, frozen while it is not), the members this node holds
 //!    alive, plus itself, are a strict majority; on an exact half, the side
 //!    holding the oldest member of `R` by (generation, name) keeps it. A
@@ -46,9 +56,20 @@ const MAX_PULLS: usize = 16;
 /// [`Config::lease`]: crate::Config::lease
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LeaseStrategy {
-    /// Fresh contact, and a strict majority of the reference set held alive
-    /// (an exact half keeps it if it holds the oldest member). The default.
+    /// Fresh contact, and acknowledgements from a strict majority of the
+    /// witness set: a few members (`2⌈log₂ N⌉ + 1`, all of them up to 5)
+    /// drawn from the reference set by a hash every node computes alike,
+    /// and pinged directly. A node cut off from most witnesses loses its
+    /// lease within `lease_period` whatever the cluster's size, and an even
+    /// split keeps the side with most witnesses. The default.
     #[default]
+    Witnesses,
+    /// Fresh contact, and a strict majority of the reference set held alive
+    /// (an exact half keeps it if it holds the oldest member). Decided from
+    /// the local view, so from about 500 nodes a near-even split leaves
+    /// minority nodes their lease past the majority's takeover (their
+    /// suspicions of the other side arrive one gossip message at a time):
+    /// use `Witnesses` there.
     Majority,
     /// Fresh contact, and at least this many members (this node included)
     /// held alive, whatever the cluster's size.
@@ -81,13 +102,17 @@ pub enum Standing {
         /// Send time of the latest answered one (`None`: never).
         last_contact: Option<Instant>,
     },
-    /// Too few members of the reference set are held alive.
+    /// Too few members of the reference set are held alive (`Majority`,
+    /// `StaticQuorum`), or too few witnesses answered (`Witnesses`).
     NoMajority {
         /// Members held alive, this node included (of the reference set with
-        /// `Majority`, of the view with `StaticQuorum`).
+        /// `Majority`, of the view with `StaticQuorum`); with `Witnesses`,
+        /// the witnesses that acknowledged a ping sent within
+        /// `lease_period`, this node included if it is one.
         reachable: usize,
         /// The size of the reference set (strategy `Majority`: more than
-        /// half is needed), or the quorum (`StaticQuorum`).
+        /// half is needed), the quorum (`StaticQuorum`), or the size of the
+        /// witness set (`Witnesses`: more than half is needed).
         reference: usize,
     },
     /// The evidence holds again after a lapse, but must hold for the
@@ -156,6 +181,8 @@ pub(crate) struct Lease {
     pub(crate) returning_since: Option<Instant>,
     /// The time of the input being handled.
     pub(crate) clock: Instant,
+    /// The witness set (strategy `Witnesses`).
+    pub(crate) witnesses: Witnesses,
 }
 
 impl Lease {
@@ -184,6 +211,7 @@ impl Lease {
             linger: settle,
             returning_since: None,
             clock: now,
+            witnesses: Witnesses::default(),
         }
     }
 
@@ -249,6 +277,12 @@ impl Lease {
             self.view_alive += 1;
         }
         let was_in = self.in_ref(slot);
+        if self.starting()
+            && was.is_some_and(MemberState::is_live) != now.is_some_and(MemberState::is_live)
+        {
+            // Before the first valid lease the witnesses follow the view.
+            self.witnesses.stale = true;
+        }
         let now_in = if self.tracking {
             // A member declared dead stays in `R` (unreachable) until the
             // lease has stayed valid for `settle` after the verdict: a
@@ -281,6 +315,45 @@ impl Lease {
         if was_in != now_in {
             self.set_in_ref(slot, now_in);
             self.oldest = None;
+            self.witness_moved(slot, now_in);
+        }
+    }
+
+    /// Members of `R`, this node and reaped ones included.
+    pub(crate) fn reference_size(&self) -> usize {
+        self.ref_remote + self.ref_ghosts + 1
+    }
+
+    /// Before the first valid lease: `R` is empty and frozen (the witness
+    /// set follows the live view meanwhile).
+    pub(crate) fn starting(&self) -> bool {
+        !self.tracking && self.ref_remote == 0 && self.ref_ghosts == 0
+    }
+
+    /// The member in `slot` entered or left `R`: the witness set follows
+    /// while the lease is valid; frozen, a witness that left (was reaped)
+    /// stays in it, gone.
+    fn witness_moved(&mut self, slot: u32, entered: bool) {
+        if self.strategy != LeaseStrategy::Witnesses {
+            return;
+        }
+        let w = &mut self.witnesses;
+        if !self.tracking {
+            if !entered
+                && let Some(i) = w.list.iter().position(|x| x.id == WitnessId::Slot(slot))
+                && let Some(x) = w.list.get_mut(i)
+            {
+                x.id = WitnessId::Gone;
+                x.acked = None;
+            }
+        } else if entered {
+            if w.entered.len() >= MAX_ENTERED {
+                w.stale = true;
+            } else {
+                w.entered.push(slot);
+            }
+        } else if w.contains(slot) {
+            w.stale = true;
         }
     }
 
@@ -297,6 +370,8 @@ impl Lease {
             self.member_changed(slot, was, now);
             if self.in_ref(slot) {
                 self.oldest = None;
+                // Its witness rank changed with its generation.
+                self.witnesses.stale = true;
             }
         } else {
             self.member_changed(slot, was, Some(MemberState::Dead));
@@ -315,6 +390,7 @@ impl Lease {
                 self.set_in_ref(slot, false);
                 self.ref_remote = self.ref_remote.saturating_sub(1);
                 self.oldest = None;
+                self.witness_moved(slot, false);
             }
         }
     }
@@ -332,6 +408,7 @@ impl Lease {
         self.ref_ghosts = 0;
         self.oldest = None;
         self.leaving.clear();
+        self.witnesses.stale = true;
         let due = self.clock.checked_add(self.linger).unwrap_or(self.clock);
         for (slot, state) in members {
             let was_in = self.in_ref(slot);
@@ -366,7 +443,15 @@ impl Lease {
         if !self.reported {
             return self.returning_since?.checked_add(self.settle);
         }
-        self.last_contact?.checked_add(self.period)
+        let contact = self.last_contact?.checked_add(self.period);
+        if self.strategy == LeaseStrategy::Witnesses {
+            let (_, _, witnessed) = self.witnesses.count(self.clock, self.period);
+            return match (contact, witnessed) {
+                (Some(c), Some(w)) => Some(c.min(w)),
+                (c, _) => c,
+            };
+        }
+        contact
     }
 
     /// A cluster of one: no live peer in sight and none in the reference
@@ -449,6 +534,20 @@ impl Lease {
                     }
                 }
             }
+            LeaseStrategy::Witnesses => {
+                let (reachable, reference, until_witnessed) =
+                    self.witnesses.count(now, self.period);
+                if 2 * reachable > reference {
+                    Standing::Valid {
+                        until: Some(until_witnessed.map_or(until, |w| w.min(until))),
+                    }
+                } else {
+                    Standing::NoMajority {
+                        reachable,
+                        reference,
+                    }
+                }
+            }
             LeaseStrategy::Majority => {
                 let reference = self.ref_remote + self.ref_ghosts + 1;
                 // A reaped member of a frozen set may have been the oldest:
@@ -464,5 +563,229 @@ impl Lease {
                 }
             }
         }
+    }
+}
+
+/// Pings to witnesses remembered (to match their acks), at most; when full
+/// the oldest is forgotten and its ack, if it still comes, counts as stray.
+const MAX_WITNESS_PINGS: usize = 256;
+/// Slots entered into `R` remembered for an incremental update of the
+/// witness set, at most; past it the set is rebuilt with one scan.
+const MAX_ENTERED: usize = 64;
+
+/// The size of the witness set for a reference set of `n` members (this
+/// node included): all of them up to 3 (one for 1 or 2), then the largest
+/// odd number not above `n`, at most `2⌈log₂ n⌉ + 1` (5 at 5 members, 9 at
+/// 16, 13 at 64, 17 at 200, 21 at 1,000, 29 at 10,000). Always odd: a split
+/// into two sides gives one of them a strict majority.
+pub(crate) fn witness_set_size(n: usize) -> usize {
+    if n <= 2 {
+        return 1;
+    }
+    let odd = if n % 2 == 1 { n } else { n - 1 };
+    let log2 = (usize::BITS - (n - 1).leading_zeros()) as usize;
+    odd.min(2 * log2 + 1)
+}
+
+/// Who a witness is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WitnessId {
+    /// This node: it counts for itself.
+    Local,
+    /// The member in this slot (whatever its generation: a witness is a
+    /// place on the network, and a restarted witness answers from the same
+    /// side of a partition).
+    Slot(u32),
+    /// Reaped while the set was frozen: never answers again.
+    Gone,
+}
+
+/// One member of the witness set.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Witness {
+    pub(crate) id: WitnessId,
+    /// Its place in the witness order (`hash::witness_rank`).
+    pub(crate) rank: u64,
+    /// Send time of the latest ping of this node it acknowledged directly.
+    pub(crate) acked: Option<Instant>,
+    /// Send time of the latest witness ping to it.
+    pub(crate) pinged: Option<Instant>,
+}
+
+/// The witness set `W` of strategy [`LeaseStrategy::Witnesses`]: the
+/// members of `R` (this node included) with the lowest witness ranks. It
+/// follows `R`: rebuilt (by the membership, which knows the names) when a
+/// witness leaves `R` or the set's size changes, merged incrementally when a
+/// member enters; frozen with `R` while the lease is not valid, a witness
+/// reaped meanwhile staying in it as [`WitnessId::Gone`]. Before the lease
+/// was ever valid (`R` empty and frozen), it follows the live view instead,
+/// so a starting node pings the witnesses it will need.
+#[derive(Debug, Default)]
+pub(crate) struct Witnesses {
+    /// Sorted by rank.
+    pub(crate) list: Vec<Witness>,
+    /// The set must be rebuilt before it is next read.
+    pub(crate) stale: bool,
+    /// Slots that entered `R` since the last rebuild.
+    pub(crate) entered: Vec<u32>,
+    /// Witness pings in flight: (seq, slot, send time).
+    pub(crate) pings: VecDeque<(u32, u32, Instant)>,
+}
+
+impl Witnesses {
+    fn position(&self, slot: u32) -> Option<usize> {
+        self.list.iter().position(|w| w.id == WitnessId::Slot(slot))
+    }
+
+    /// Whether the member in `slot` is a witness.
+    pub(crate) fn contains(&self, slot: u32) -> bool {
+        self.position(slot).is_some()
+    }
+
+    /// A ping to the member in `slot`, sent at `sent_at`, was acknowledged
+    /// by that member itself.
+    pub(crate) fn acked(&mut self, slot: u32, sent_at: Instant) {
+        if let Some(i) = self.position(slot)
+            && let Some(w) = self.list.get_mut(i)
+        {
+            w.acked = w.acked.max(Some(sent_at));
+        }
+    }
+
+    /// A witness ping went to `slot` at `now` with sequence number `seq`.
+    pub(crate) fn ping_sent(&mut self, seq: u32, slot: u32, now: Instant) {
+        if let Some(i) = self.position(slot)
+            && let Some(w) = self.list.get_mut(i)
+        {
+            w.pinged = Some(now);
+        }
+        if self.pings.len() >= MAX_WITNESS_PINGS {
+            self.pings.pop_front();
+        }
+        self.pings.push_back((seq, slot, now));
+    }
+
+    /// The witness ping with sequence number `seq`, if it was one: (slot,
+    /// send time).
+    pub(crate) fn take_ping(&mut self, seq: u32) -> Option<(u32, Instant)> {
+        let pos = self.pings.iter().position(|(s, _, _)| *s == seq)?;
+        self.pings.remove(pos).map(|(_, slot, at)| (slot, at))
+    }
+
+    /// Replaces the set by the `size` lowest-ranked `candidates`, keeping
+    /// what is known of the members that stay.
+    pub(crate) fn rebuild(
+        &mut self,
+        candidates: impl Iterator<Item = (WitnessId, u64)>,
+        size: usize,
+    ) {
+        let mut next: Vec<Witness> = Vec::with_capacity(size + 1);
+        for (id, rank) in candidates {
+            let pos = next.partition_point(|w| (w.rank, w.id_key()) < (rank, key(id)));
+            if pos >= size {
+                continue;
+            }
+            next.insert(
+                pos,
+                Witness {
+                    id,
+                    rank,
+                    acked: None,
+                    pinged: None,
+                },
+            );
+            next.truncate(size);
+        }
+        for w in &mut next {
+            if let Some(old) = self.list.iter().find(|o| o.id == w.id) {
+                w.acked = old.acked;
+                w.pinged = old.pinged;
+            }
+        }
+        self.list = next;
+        self.stale = false;
+        self.entered.clear();
+    }
+
+    /// Merges a member that entered `R` (of rank `rank`) into a set whose
+    /// size does not change: it replaces the highest-ranked witness if it
+    /// ranks lower.
+    pub(crate) fn merge(&mut self, slot: u32, rank: u64) {
+        if self.contains(slot) {
+            return;
+        }
+        let id = WitnessId::Slot(slot);
+        let Some(last) = self.list.last() else {
+            self.stale = true;
+            return;
+        };
+        if (rank, key(id)) >= (last.rank, last.id_key()) {
+            return;
+        }
+        self.list.pop();
+        let pos = self
+            .list
+            .partition_point(|w| (w.rank, w.id_key()) < (rank, key(id)));
+        self.list.insert(
+            pos,
+            Witness {
+                id,
+                rank,
+                acked: None,
+                pinged: None,
+            },
+        );
+    }
+
+    /// (Witnesses that answered a ping sent after `now − period`, this node
+    /// included if it is one; the set's size; when that count drops below a
+    /// strict majority without new answers, `None` if never).
+    pub(crate) fn count(&self, now: Instant, period: Duration) -> (usize, usize, Option<Instant>) {
+        let size = self.list.len();
+        let fresh = |w: &Witness| {
+            matches!(w.id, WitnessId::Slot(_))
+                .then_some(w.acked)
+                .flatten()
+                .and_then(|a| a.checked_add(period))
+                .filter(|until| *until > now)
+        };
+        let local = usize::from(self.list.iter().any(|w| w.id == WitnessId::Local));
+        let remote = self.list.iter().filter_map(fresh).count();
+        let reached = local + remote;
+        // The lease holds while `needed` remote answers stay fresh: until
+        // the `needed`-th latest expiry among them.
+        let needed = (size / 2 + 1).saturating_sub(local);
+        let until = if needed == 0 {
+            None
+        } else {
+            self.list
+                .iter()
+                .filter_map(fresh)
+                .filter(|&e| {
+                    self.list
+                        .iter()
+                        .filter_map(fresh)
+                        .filter(|&x| x >= e)
+                        .count()
+                        >= needed
+                })
+                .max()
+        };
+        (reached, size, until)
+    }
+}
+
+impl Witness {
+    fn id_key(&self) -> u64 {
+        key(self.id)
+    }
+}
+
+/// A tie-break between equal ranks: this node first, then by slot.
+fn key(id: WitnessId) -> u64 {
+    match id {
+        WitnessId::Local => 0,
+        WitnessId::Slot(slot) => u64::from(slot) + 1,
+        WitnessId::Gone => u64::MAX,
     }
 }

@@ -10,8 +10,8 @@ use rand::seq::SliceRandom;
 use tracing::{debug, info, warn};
 
 use crate::broadcast::Broadcasts;
-use crate::hash::{NameIndex, SeededState, SlotMap};
-use crate::lease::{Lease, LeaseStrategy, Standing};
+use crate::hash::{NameIndex, SeededState, SlotMap, witness_rank};
+use crate::lease::{Lease, LeaseStrategy, Standing, WitnessId, witness_set_size};
 use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
 use crate::wire::{
     self, Accusation, Alive, IndirectPing, Limits, Message, Ping, PushPull, State, WireState,
@@ -268,13 +268,15 @@ pub struct Membership<R: Rng> {
     deferred_acks: Vec<DeferredAck>,
     /// Accusers already answered directly, for one incarnation of ours.
     told: (u64, Vec<u64>),
-    /// Sequence numbers and send times of last-chance pings to suspects
-    /// (their acks are expected, not stray).
-    checks: VecDeque<(u32, Instant)>,
+    /// Sequence numbers, slots and send times of last-chance pings to
+    /// suspects (their acks are expected, not stray).
+    checks: VecDeque<(u32, u32, Instant)>,
     /// Next ping to a dead member, and the one in flight (seq, slot, send
     /// time).
     next_reconnect_at: Instant,
     reconnect: Option<(u32, u32, Instant)>,
+    /// Next round of witness pings (strategy `Witnesses`).
+    next_witness_at: Instant,
     /// Lease evidence: contact and the reference set (`Membership::standing`).
     lease: Lease,
 }
@@ -372,6 +374,7 @@ impl<R: Rng> Membership<R> {
             checks: VecDeque::new(),
             next_reconnect_at,
             reconnect: None,
+            next_witness_at: now,
             lease: Lease::new(
                 config.lease,
                 config.lease_period,
@@ -578,6 +581,7 @@ impl<R: Rng> Membership<R> {
         self.fire_gossip(now);
         self.fire_push_pull(now);
         self.fire_reconnect(now);
+        self.fire_witnesses(now);
         self.fire_join(now);
         self.fire_reap(now);
         self.update_standing(now);
@@ -631,6 +635,9 @@ impl<R: Rng> Membership<R> {
             self.reap_queue.first().map(|(at, _)| *at),
             self.join.as_ref().map(|j| j.next_at),
             self.lease.expiry(),
+            (self.local.state == MemberState::Alive
+                && self.lease.strategy == LeaseStrategy::Witnesses)
+                .then_some(self.next_witness_at),
         ];
         candidates.into_iter().flatten().min()
     }
@@ -710,6 +717,23 @@ impl<R: Rng> Membership<R> {
     /// its lease ([`Config::takeover_delay`]).
     pub fn takeover_delay(&self) -> Duration {
         self.config.takeover_delay()
+    }
+
+    /// The witness set of strategy [`LeaseStrategy::Witnesses`] (empty with
+    /// the others), lowest witness rank first: this node if it is one, and
+    /// the members it must reach. A witness reaped while the set was frozen
+    /// is not listed, but still counts against the majority.
+    pub fn witnesses(&self) -> impl Iterator<Item = &Member> {
+        self.lease
+            .witnesses
+            .list
+            .iter()
+            .filter(|_| self.lease.strategy == LeaseStrategy::Witnesses)
+            .filter_map(|w| match w.id {
+                WitnessId::Local => Some(&self.local),
+                WitnessId::Slot(slot) => self.slot(slot),
+                WitnessId::Gone => None,
+            })
     }
 
     /// For simulators and restarts: merges a member snapshot as push-pull
@@ -795,6 +819,7 @@ impl<R: Rng> Membership<R> {
                     .map(|m| m.state)
             });
         }
+        self.refresh_witnesses();
         let mut standing = self.judge(now);
         if standing.is_valid() && !self.lease.reported {
             // Back after a lapse (or at start): the evidence must hold for
@@ -813,6 +838,7 @@ impl<R: Rng> Membership<R> {
             });
             self.lease.thaw(members);
             self.lease.tracking = true;
+            self.refresh_witnesses();
             standing = self.judge(now);
         }
         let valid = standing.is_valid();
@@ -832,6 +858,144 @@ impl<R: Rng> Membership<R> {
             }
             self.emit(Event::StandingChanged(standing));
         }
+    }
+
+    /// Brings the witness set up to date with `R` (or, before the first
+    /// valid lease, with the live view); frozen `R`, frozen set.
+    fn refresh_witnesses(&mut self) {
+        if self.lease.strategy != LeaseStrategy::Witnesses {
+            return;
+        }
+        let starting = self.lease.starting();
+        if !self.lease.tracking && !starting {
+            return;
+        }
+        let n = if starting {
+            self.live.max(1)
+        } else {
+            self.lease.reference_size()
+        };
+        let size = witness_set_size(n);
+        let w = &self.lease.witnesses;
+        if !w.stale && w.list.len() == size {
+            if w.entered.is_empty() {
+                return;
+            }
+            if !starting {
+                let entered = std::mem::take(&mut self.lease.witnesses.entered);
+                for &slot in &entered {
+                    if !self.lease.in_ref(slot) {
+                        continue;
+                    }
+                    if let Some(m) = self.slot(slot) {
+                        let rank = witness_rank(&m.name, m.generation);
+                        self.lease.witnesses.merge(slot, rank);
+                    }
+                }
+                self.lease.witnesses.entered = entered;
+                self.lease.witnesses.entered.clear();
+                if !self.lease.witnesses.stale {
+                    return;
+                }
+            }
+        }
+        let local = (
+            WitnessId::Local,
+            witness_rank(&self.local.name, self.local.generation),
+        );
+        let lease = &self.lease;
+        let remote = self.members.iter().enumerate().filter_map(|(slot, m)| {
+            let m = m.as_ref()?;
+            let slot = u32::try_from(slot).ok()?;
+            let candidate = if starting {
+                m.state.is_live()
+            } else {
+                lease.in_ref(slot)
+            };
+            candidate.then(|| (WitnessId::Slot(slot), witness_rank(&m.name, m.generation)))
+        });
+        let candidates: Vec<(WitnessId, u64)> = std::iter::once(local).chain(remote).collect();
+        self.lease.witnesses.rebuild(candidates.into_iter(), size);
+    }
+
+    /// A ping to `slot`, sent at `sent_at`, was acknowledged from `from`:
+    /// a witness's answer if it came from the witness itself (an answer
+    /// forwarded by a relay proves the relay reaches it, not this node).
+    fn witness_acked(&mut self, slot: u32, from: SocketAddr, sent_at: Instant) {
+        if self.lease.strategy == LeaseStrategy::Witnesses
+            && self.slot(slot).is_some_and(|m| m.addr == from)
+        {
+            self.lease.witnesses.acked(slot, sent_at);
+        }
+    }
+
+    /// Pings the witnesses whose last answer is getting old (strategy
+    /// `Witnesses`), once per probe interval: each is due half a lease
+    /// period after the send time of the ping it last answered, and again a
+    /// quarter period after an unanswered witness ping; at most
+    /// `⌈remote witnesses × probe interval / (lease_period / 2)⌉ + 1` per
+    /// round, the longest unpinged first, so the pings spread evenly. Plain
+    /// pings with their own sequence numbers: any member answers them.
+    fn fire_witnesses(&mut self, now: Instant) {
+        if self.lease.strategy != LeaseStrategy::Witnesses || now < self.next_witness_at {
+            return;
+        }
+        self.next_witness_at = later(now, self.config.probe_interval);
+        if self.local.state != MemberState::Alive {
+            return;
+        }
+        let period = self.config.lease_period;
+        let refresh = period / 2;
+        let retry = (period / 4).max(self.config.probe_interval);
+        let remote = self
+            .lease
+            .witnesses
+            .list
+            .iter()
+            .filter(|w| matches!(w.id, WitnessId::Slot(_)))
+            .count();
+        if remote == 0 {
+            return;
+        }
+        let per_round = self.config.probe_interval.as_nanos() * remote as u128;
+        let budget = per_round.div_ceil(refresh.as_nanos().max(1)) as usize + 1;
+        for _ in 0..budget {
+            let due = self
+                .lease
+                .witnesses
+                .list
+                .iter()
+                .filter_map(|w| match w.id {
+                    WitnessId::Slot(slot) => Some((slot, w)),
+                    _ => None,
+                })
+                .filter(|(_, w)| {
+                    w.acked.is_none_or(|a| now >= later(a, refresh))
+                        && w.pinged.is_none_or(|p| now >= later(p, retry))
+                })
+                .min_by_key(|(_, w)| w.pinged)
+                .map(|(slot, _)| slot);
+            let Some(slot) = due else {
+                break;
+            };
+            self.send_witness_ping(slot, now);
+        }
+    }
+
+    fn send_witness_ping(&mut self, slot: u32, now: Instant) {
+        let seq = self.next_seq();
+        self.lease.witnesses.ping_sent(seq, slot, now);
+        let Some(m) = self.slot(slot) else {
+            return;
+        };
+        let mut buf = self.new_packet();
+        wire::encode(
+            &ping_msg(&self.local, seq, &m.name, m.generation, false),
+            &mut buf,
+        );
+        let addr = m.addr;
+        self.stats.witness_pings += 1;
+        self.finish_unreliable(addr, buf);
     }
 
     /// The lease at `now`, caching the oldest member of the reference set.
@@ -1829,6 +1993,7 @@ impl<R: Rng> Membership<R> {
             // Answered, directly or through a relay: contact since the ping
             // left (the lease counts from the send time).
             self.lease.contact(probe.sent_at);
+            self.witness_acked(probe.slot, from, probe.sent_at);
             // A direct answer in time means we are healthy; an answer after
             // indirect probes proves nothing either way.
             if !probe.indirect_sent {
@@ -1852,15 +2017,22 @@ impl<R: Rng> Membership<R> {
             }
             return;
         }
-        if let Some(pos) = self.checks.iter().position(|(c, _)| *c == seq) {
-            if let Some((_, sent_at)) = self.checks.remove(pos) {
+        if let Some(pos) = self.checks.iter().position(|(c, _, _)| *c == seq) {
+            if let Some((_, slot, sent_at)) = self.checks.remove(pos) {
                 self.lease.contact(sent_at);
+                self.witness_acked(slot, from, sent_at);
             }
+            return;
+        }
+        if let Some((slot, sent_at)) = self.lease.witnesses.take_ping(seq) {
+            self.lease.contact(sent_at);
+            self.witness_acked(slot, from, sent_at);
             return;
         }
         if let Some(pos) = self.notice_pings.iter().position(|(s, _, _)| *s == seq) {
             if let Some((_, slot, sent_at)) = self.notice_pings.remove(pos) {
                 self.lease.contact(sent_at);
+                self.witness_acked(slot, from, sent_at);
                 self.notices.remove(&slot);
             }
             return;
@@ -1869,6 +2041,7 @@ impl<R: Rng> Membership<R> {
             && reconnect_seq == seq
         {
             self.lease.contact(sent_at);
+            self.witness_acked(slot, from, sent_at);
             // A dead member answers: the partition (or whatever it was) is
             // over. Exchange full state so both sides learn and refute.
             self.reconnect = None;
@@ -2153,7 +2326,7 @@ impl<R: Rng> Membership<R> {
         if self.checks.len() >= MAX_CHECKS {
             self.checks.pop_front();
         }
-        self.checks.push_back((seq, now));
+        self.checks.push_back((seq, slot, now));
         self.stats.suspicion_checks += 1;
         self.finish_unreliable(addr, buf);
         if let Some(buf) = reliable {

@@ -1390,16 +1390,13 @@ fn late_direct_timeout_still_gives_relays_their_window() {
     let now = Instant::now();
     let mut n = node_knowing(5, now);
     drain_transmits(&mut n);
-    // Find the first probe.
+    // Find the first probe (witness pings are pings too, not probes).
     let mut t = now;
     let ping_at = loop {
         t += Duration::from_millis(1);
         n.handle_timeout(t);
-        let transmits = drain_transmits(&mut n);
-        if sent_messages(&transmits)
-            .iter()
-            .any(|m| matches!(m, Message::Ping(_)))
-        {
+        drain_transmits(&mut n);
+        if n.stats().probes > 0 {
             break t;
         }
     };
@@ -2081,6 +2078,14 @@ fn standing_events(n: &mut Node) -> Vec<crate::Standing> {
         .collect()
 }
 
+/// `Config::lan()` with the view-majority lease (`LeaseStrategy::Majority`).
+fn majority() -> Config {
+    Config {
+        lease: crate::LeaseStrategy::Majority,
+        ..Config::lan()
+    }
+}
+
 /// A node that knows `peers` alive members (x0, x1, ... on ports 10..).
 fn node_with_peers(config: Config, peers: u16, now: Instant) -> Node {
     let mut n = node_with(config, "me", 1, now);
@@ -2115,7 +2120,7 @@ fn establish(n: &mut Node, t: &mut Instant) -> Instant {
 fn the_lease_lasts_lease_period_from_the_send_time_of_the_last_acked_probe() {
     use crate::Standing;
     let start = Instant::now();
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(majority(), 4, start);
     assert_eq!(
         n.standing(start),
         Standing::NoContact { last_contact: None }
@@ -2132,7 +2137,7 @@ fn the_lease_lasts_lease_period_from_the_send_time_of_the_last_acked_probe() {
     assert!(standing_events(&mut n).is_empty());
     assert!(first + n.takeover_delay() > t);
     let sent = establish(&mut n, &mut t);
-    let period = Config::lan().lease_period;
+    let period = majority().lease_period;
     assert_eq!(
         n.standing(t),
         Standing::Valid {
@@ -2255,7 +2260,7 @@ fn the_lease_needs_a_strict_majority_of_the_reference_set() {
     use crate::Standing;
     let start = Instant::now();
     // Five members: this node and x0..x3.
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(majority(), 4, start);
     let mut t = start;
     establish(&mut n, &mut t);
     assert!(n.standing(t).is_valid());
@@ -2339,7 +2344,7 @@ fn early_verdicts_of_a_minority_do_not_shrink_the_reference_set() {
     let start = Instant::now();
     // Five members; this node and x0 are cut off from x1, x2, x3, whose
     // suspicions and verdicts arrive one by one.
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(majority(), 4, start);
     let mut t = start;
     establish(&mut n, &mut t);
     deliver(&mut n, &[suspect("x1", 1, 1, "x0")], t);
@@ -2429,4 +2434,310 @@ fn a_node_with_a_valid_lease_refutes_a_verdict_at_its_incarnation_instead_of_fen
     let inc = n.local().incarnation;
     deliver(&mut n, &[dead("me", 100, inc, "x1")], t);
     assert!(drain_events(&mut n).contains(&Event::DeclaredFailed));
+}
+
+// ----- witnesses (LeaseStrategy::Witnesses, the default) ---------------------
+
+/// A node called `name` (port from its index in `all`) that knows every
+/// other name of `all` alive, at generation 100 like itself, so every node
+/// built this way holds the same members.
+fn cluster_node(name: &str, all: &[&str], now: Instant) -> Node {
+    let port = |n: &str| 10 + all.iter().position(|x| *x == n).unwrap() as u16;
+    let mut node = node_with(Config::lan(), name, port(name), now);
+    let msgs: Vec<Message<'_>> = all
+        .iter()
+        .filter(|n| **n != name)
+        .map(|n| alive(n, 100, 1, port(n)))
+        .collect();
+    if !msgs.is_empty() {
+        deliver(&mut node, &msgs, now);
+    }
+    drain_events(&mut node);
+    drain_transmits(&mut node);
+    node
+}
+
+fn witness_names(n: &Node) -> Vec<String> {
+    n.witnesses().map(|m| m.name.to_string()).collect()
+}
+
+/// Runs `n` in 10 ms steps until `until`; every ping to an address `reach`
+/// accepts is answered by its target (an ack from the target's address).
+/// Returns when the lease first lapsed, if it did.
+fn run_answering(
+    n: &mut Node,
+    t: &mut Instant,
+    until: Instant,
+    reach: &dyn Fn(SocketAddr) -> bool,
+) -> Option<Instant> {
+    let mut lapsed = None;
+    while *t < until {
+        *t += Duration::from_millis(10);
+        n.handle_timeout(*t);
+        for tr in drain_transmits(n) {
+            if !reach(tr.to) {
+                continue;
+            }
+            let ack = wire::Messages::new(&tr.payload).find_map(|m| match m {
+                Message::Ping(p) => Some(Message::Ack(p.seq)),
+                _ => None,
+            });
+            if let Some(ack) = ack {
+                n.handle_packet(tr.to, &packet(&[ack]), *t).unwrap();
+            }
+        }
+        if lapsed.is_none() && n.stats().standing_lost > 0 && !n.standing(*t).is_valid() {
+            lapsed = Some(*t);
+        }
+    }
+    lapsed
+}
+
+#[test]
+fn the_witness_set_size_is_odd_and_grows_with_the_log_of_the_cluster() {
+    use crate::lease::witness_set_size;
+    let sizes: Vec<usize> = [1, 2, 3, 4, 5, 6, 7, 16, 64, 200, 1_000, 10_000]
+        .iter()
+        .map(|&n| witness_set_size(n))
+        .collect();
+    assert_eq!(sizes, vec![1, 1, 3, 3, 5, 5, 7, 9, 13, 17, 21, 29]);
+}
+
+#[test]
+fn a_witness_majority_keeps_the_lease_and_losing_it_lapses_within_lease_period() {
+    use crate::Standing;
+    let start = Instant::now();
+    // Sixteen members: nine witnesses.
+    let mut n = node_with_peers(Config::lan(), 15, start);
+    let mut t = start;
+    let everyone = |_: SocketAddr| true;
+    assert_eq!(
+        run_answering(&mut n, &mut t, start + Duration::from_secs(4), &everyone),
+        None
+    );
+    assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
+    let witnesses: Vec<Member> = n.witnesses().cloned().collect();
+    assert_eq!(witnesses.len(), 9);
+    let local = usize::from(witnesses.iter().any(|w| w.name == n.local().name));
+    let remote: Vec<SocketAddr> = witnesses
+        .iter()
+        .filter(|w| w.name != n.local().name)
+        .map(|w| w.addr)
+        .collect();
+    // Only a bare majority of the witnesses answers: 5 of 16 members, and
+    // the lease holds (the others are suspected, die and leave the set).
+    let majority: Vec<SocketAddr> = remote.iter().copied().take(5 - local).collect();
+    let in_majority = |a: SocketAddr| majority.contains(&a);
+    let kept = t + Duration::from_secs(20);
+    assert_eq!(run_answering(&mut n, &mut t, kept, &in_majority), None);
+    assert!(n.standing(t).is_valid());
+    // Now one of them stops answering too: the lease lapses within
+    // lease_period of the cut, whatever the view says.
+    let cut = t;
+    let Standing::Valid { until: Some(until) } = n.standing(cut) else {
+        panic!("{:?}", n.standing(cut));
+    };
+    assert!(until <= cut + Config::lan().lease_period);
+    let fewer: Vec<SocketAddr> = majority.iter().copied().skip(1).collect();
+    let in_fewer = |a: SocketAddr| fewer.contains(&a);
+    let lapsed = run_answering(&mut n, &mut t, cut + Duration::from_secs(3), &in_fewer);
+    let lapsed = lapsed.expect("lapsed");
+    assert!(
+        lapsed <= cut + Config::lan().lease_period,
+        "{:?}",
+        lapsed - cut
+    );
+    assert!(
+        matches!(n.standing(t), Standing::NoMajority { reachable, reference } if 2 * reachable < reference),
+        "{:?}",
+        n.standing(t)
+    );
+}
+
+#[test]
+fn an_even_split_keeps_the_side_holding_most_witnesses() {
+    let start = Instant::now();
+    let all = ["a", "b", "c", "d", "e", "f"];
+    let nodes: Vec<Node> = all.iter().map(|n| cluster_node(n, &all, start)).collect();
+    // Every node derives the same five witnesses from the same members.
+    let witnesses = witness_names(&nodes[0]);
+    assert_eq!(witnesses.len(), 5);
+    for n in &nodes {
+        assert_eq!(witness_names(n), witnesses);
+    }
+    // Split 3 | 3: exactly the side holding three or more witnesses keeps
+    // its lease, for every split.
+    let port = |name: &str| addr(10 + all.iter().position(|x| *x == name).unwrap() as u16);
+    for mask in 0u32..64 {
+        if mask.count_ones() != 3 || mask & 1 == 0 {
+            continue;
+        }
+        let side = |i: usize| mask & (1 << i) != 0;
+        let held = all
+            .iter()
+            .enumerate()
+            .filter(|(i, name)| side(*i) && witnesses.contains(&name.to_string()))
+            .count();
+        for (i, name) in all.iter().enumerate() {
+            let mut n = cluster_node(name, &all, start);
+            let mut t = start;
+            let mine: Vec<SocketAddr> = all
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| side(*j) == side(i))
+                .map(|(_, other)| port(other))
+                .collect();
+            let everyone = |_: SocketAddr| true;
+            run_answering(&mut n, &mut t, start + Duration::from_secs(4), &everyone);
+            assert!(n.standing(t).is_valid());
+            let reach = |a: SocketAddr| mine.contains(&a);
+            let end = t + Duration::from_secs(3);
+            run_answering(&mut n, &mut t, end, &reach);
+            let wins = if side(i) {
+                2 * held > 5
+            } else {
+                2 * (5 - held) > 5
+            };
+            assert_eq!(n.standing(t).is_valid(), wins, "{name} in split {mask:06b}");
+        }
+    }
+}
+
+#[test]
+fn the_witness_set_is_frozen_while_the_lease_is_lapsed() {
+    use crate::Standing;
+    let start = Instant::now();
+    let config = Config {
+        reap_after: Duration::from_secs(3),
+        ..Config::lan()
+    };
+    let mut n = node_with_peers(config, 15, start);
+    let mut t = start;
+    run_answering(&mut n, &mut t, start + Duration::from_secs(4), &|_| true);
+    assert!(n.standing(t).is_valid());
+    let before = witness_names(&n);
+    // Cut off from everyone: it lapses, and the set stays what it was while
+    // every member dies, is reaped, and new members join.
+    let cut = t;
+    let lapsed = run_answering(&mut n, &mut t, cut + Duration::from_secs(3), &|_| false);
+    assert!(lapsed.is_some_and(|at| at <= cut + Config::lan().lease_period));
+    let names: Vec<String> = (0..15).map(|i| format!("x{i}")).collect();
+    for name in &names {
+        deliver(&mut n, &[dead(name, 1, 1, "y")], t);
+    }
+    let newcomers: Vec<String> = (0..20).map(|i| format!("y{i}")).collect();
+    let msgs: Vec<Message<'_>> = newcomers
+        .iter()
+        .zip(100..)
+        .map(|(name, port)| alive(name, 1, 1, port))
+        .collect();
+    deliver(&mut n, &msgs, t);
+    assert_eq!(witness_names(&n), before);
+    // Reaped: gone from the list, still counted against the majority.
+    let end = t + Duration::from_secs(5);
+    run_answering(&mut n, &mut t, end, &|_| false);
+    let left = witness_names(&n);
+    assert!(left.iter().all(|w| before.contains(w)));
+    assert!(left.len() <= 1, "{left:?}");
+    assert!(
+        matches!(
+            n.standing(t),
+            Standing::NoContact { .. } | Standing::NoMajority { .. }
+        ),
+        "{:?}",
+        n.standing(t)
+    );
+    // The newcomers answer: contact, but no witness majority.
+    let reach = |a: SocketAddr| a.port() >= 100;
+    let end = t + Duration::from_secs(5);
+    run_answering(&mut n, &mut t, end, &reach);
+    assert_eq!(
+        n.standing(t),
+        Standing::NoMajority {
+            reachable: left.len(),
+            reference: 9
+        }
+    );
+    assert_eq!(
+        witness_names(&n),
+        left,
+        "the set does not follow the view while lapsed"
+    );
+}
+
+#[test]
+fn a_witness_declared_dead_under_a_valid_lease_is_replaced_after_the_linger() {
+    let start = Instant::now();
+    let mut n = node_with_peers(Config::lan(), 15, start);
+    let mut t = start;
+    run_answering(&mut n, &mut t, start + Duration::from_secs(4), &|_| true);
+    assert!(n.standing(t).is_valid());
+    let before: Vec<Member> = n.witnesses().cloned().collect();
+    let gone = before
+        .iter()
+        .find(|w| w.name != n.local().name)
+        .unwrap()
+        .clone();
+    // It crashes; the cluster's verdict arrives.
+    let alive_ones = |a: SocketAddr| a != gone.addr;
+    let end = t + Duration::from_millis(500);
+    run_answering(&mut n, &mut t, end, &alive_ones);
+    deliver(&mut n, &[dead(&gone.name, 1, 1, "x9")], t);
+    // It stays a witness (unreachable) for the takeover delay plus the
+    // longest suspicion (6 × 0.96 s at this size) of valid lease...
+    let verdict = t;
+    run_answering(
+        &mut n,
+        &mut t,
+        verdict + Duration::from_secs(2),
+        &alive_ones,
+    );
+    assert!(witness_names(&n).contains(&gone.name.to_string()));
+    // ...then leaves it; another member takes its place.
+    let end = verdict + n.takeover_delay() + Duration::from_secs(7);
+    let lapsed = run_answering(&mut n, &mut t, end, &alive_ones);
+    assert_eq!(lapsed, None, "the lease held throughout");
+    let after = witness_names(&n);
+    assert_eq!(after.len(), 9);
+    assert!(!after.contains(&gone.name.to_string()), "{after:?}");
+    let kept = before
+        .iter()
+        .filter(|w| after.contains(&w.name.to_string()))
+        .count();
+    assert_eq!(kept, 8, "only the dead witness was replaced");
+    assert!(n.standing(t).is_valid());
+}
+
+#[test]
+fn clusters_of_one_and_two_have_one_witness() {
+    use crate::Standing;
+    let start = Instant::now();
+    // Alone: its own witness, valid without contact (after the hysteresis).
+    let mut n = cluster_node("a", &["a"], start);
+    let mut t = start;
+    run_answering(&mut n, &mut t, start + Duration::from_secs(3), &|_| false);
+    assert_eq!(witness_names(&n), vec!["a".to_string()]);
+    assert_eq!(n.standing(t), Standing::Valid { until: None });
+    // Two: one witness, the same on both; both valid while they reach each
+    // other, neither once cut (the witness lacks contact, the other the
+    // witness).
+    let all = ["a", "b"];
+    let mut nodes: Vec<Node> = all.iter().map(|n| cluster_node(n, &all, start)).collect();
+    let w = witness_names(&nodes[0]);
+    assert_eq!(w.len(), 1);
+    assert_eq!(witness_names(&nodes[1]), w);
+    for n in &mut nodes {
+        let mut t = start;
+        run_answering(n, &mut t, start + Duration::from_secs(4), &|_| true);
+        assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
+        let cut = t;
+        let lapsed = run_answering(n, &mut t, cut + Duration::from_secs(3), &|_| false);
+        assert!(lapsed.is_some_and(|at| at <= cut + Config::lan().lease_period));
+        let is_witness = w[0] == *n.local().name;
+        match n.standing(t) {
+            Standing::NoContact { .. } => {}
+            Standing::NoMajority { .. } => assert!(!is_witness),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -225,6 +225,9 @@ pub struct Stats {
     pub events_dropped: u64,
     /// Times this node's lease lapsed (valid to not valid).
     pub standing_lost: u64,
+    /// Pings sent to witnesses (strategy `Witnesses`; their bytes are in
+    /// `packets_out` and `bytes_out` like any ping's).
+    pub witness_pings: u64,
 }
 
 /// Errors returned to the caller of [`Membership`](crate::Membership).
