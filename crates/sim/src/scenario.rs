@@ -7,7 +7,7 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use shoal_membership::Config;
+use shoal_membership::{Config, LeaseStrategy};
 
 use crate::app::Application;
 use crate::sim::{Action, Sim, SimConfig, Violation};
@@ -600,7 +600,15 @@ fn drive<A: Application>(
                     *g = 1;
                 }
             }
-            if 2 * cut == n {
+            let witnesses = witness_slots(sim);
+            if sim.config().membership.lease == LeaseStrategy::Witnesses && cut > 1 {
+                // The side holding most witnesses keeps its lease, whichever
+                // side has more nodes; the other is the one cut off.
+                let held = cut_off.iter().filter(|s| witnesses.contains(s)).count();
+                if 2 * held > witnesses.len() {
+                    cut_off = order.iter().copied().skip(cut as usize).collect();
+                }
+            } else if 2 * cut == n {
                 // An even split: the side holding the oldest process keeps
                 // its lease; the other is the one cut off.
                 let oldest = (0..n).min_by_key(|&slot| (sim.generation(slot), slot));
@@ -722,6 +730,18 @@ fn drive<A: Application>(
         }
     }
     Ok(())
+}
+
+/// The slots of the witness set (`LeaseStrategy::Witnesses`) as the first
+/// live node holds it (the nodes of a converged cluster hold the same).
+fn witness_slots<A: Application>(sim: &Sim<A>) -> Vec<u32> {
+    let Some(node) = sim.nodes().find(|n| !n.leaving) else {
+        return Vec::new();
+    };
+    node.membership
+        .witnesses()
+        .filter_map(|m| m.name.strip_prefix("node-")?.parse().ok())
+        .collect()
 }
 
 /// Lease measurements about the nodes cut off (or paused) at `t0`: when

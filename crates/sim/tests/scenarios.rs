@@ -118,3 +118,31 @@ fn a_cut_off_node_loses_its_lease_before_its_datums_are_taken_over() {
         }
     }
 }
+
+/// The witness lease (`LeaseStrategy::Witnesses`, the default) in an even
+/// split: the side without the witness majority loses its lease within
+/// `lease_period` of the cut, before any takeover, however the split falls.
+/// 64 nodes is the largest size that runs in seconds here; the view-majority
+/// rule it replaced kept minority leases past the takeover from about 500
+/// nodes (`docs/simulator.md` has the figures up to 1,000).
+#[test]
+fn an_even_split_loses_the_lease_on_the_side_without_the_witness_majority_first() {
+    let lease_period = shoal_membership::Config::lan().lease_period.as_secs_f64();
+    for (nodes, seeds) in [(16, 1..=8), (64, 1..=2)] {
+        for seed in seeds {
+            for scenario in [ScenarioKind::PartitionHeal, ScenarioKind::PartitionMinority] {
+                let r = scenario::run(&ScenarioOptions::new(scenario, nodes, seed));
+                assert!(r.ok, "{r}");
+                assert_eq!(r.lease_violations, 0, "{r}");
+                assert!(r.takeovers > 0, "{r}");
+                let (Some(lost), Some(takeover)) = (r.standing_lost_s, r.takeover_first_s) else {
+                    panic!("not measured: {r}");
+                };
+                assert!(lost <= lease_period, "{r}");
+                assert!(lost < takeover, "{r}");
+                assert!(r.lease_margin_min_s.is_some_and(|m| m > 0.0), "{r}");
+                assert_eq!(r.healthy_lapses, 0, "{r}");
+            }
+        }
+    }
+}
