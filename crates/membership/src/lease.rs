@@ -22,8 +22,9 @@
 //!    split into two sides leaves the lease to the side holding most
 //!    witnesses (`W` is odd-sized). `W` follows `R`: frozen while the lease
 //!    is not valid, renewed when a witness leaves `R`.
-//! 3. **Majority standing** (strategy `Majority`): of a reference set `R` (the live view while the
-//!    lease was valid, frozen while it is not), the members this node holds
+//! 3. **Majority standing** (strategy `Majority`): of a reference set `R`
+//!    (the live view while the lease was valid, frozen while it is not; kept
+//!    with every strategy, `W` is drawn from it), the members this node holds
 //!    alive, plus itself, are a strict majority; on an exact half, the side
 //!    holding the oldest member of `R` by (generation, name) keeps it. A
 //!    member declared dead stays in `R`, unreachable, for the takeover delay
