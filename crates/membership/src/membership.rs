@@ -935,7 +935,8 @@ impl<R: Rng> Membership<R> {
     /// quarter period after an unanswered witness ping; at most
     /// `⌈remote witnesses × probe interval / (lease_period / 2)⌉ + 1` per
     /// round, the longest unpinged first, so the pings spread evenly. Plain
-    /// pings with their own sequence numbers: any member answers them.
+    /// pings with their own sequence numbers (any member answers them),
+    /// without piggybacked updates.
     fn fire_witnesses(&mut self, now: Instant) {
         if self.lease.strategy != LeaseStrategy::Witnesses || now < self.next_witness_at {
             return;
@@ -995,7 +996,10 @@ impl<R: Rng> Membership<R> {
         );
         let addr = m.addr;
         self.stats.witness_pings += 1;
-        self.finish_unreliable(addr, buf);
+        // No piggybacked updates: the same few witnesses would use up each
+        // update's retransmissions, and fewer members would hear it (the
+        // witnesses' acks, to every member, carry updates instead).
+        self.send(addr, false, buf);
     }
 
     /// The lease at `now`, caching the oldest member of the reference set.
