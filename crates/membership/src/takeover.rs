@@ -36,8 +36,13 @@ struct Pending {
     due: Instant,
 }
 
-/// Holds failures of declared-dead members back for the takeover delay.
-/// See the [module documentation](self).
+/// Holds failures of declared-dead members back for the takeover delay:
+/// each [`Event::Failed`] of a declared death waits
+/// [`Config::takeover_delay`](crate::Config::takeover_delay) after the local
+/// verdict, the member stays in every [`Event::ViewChanged`] meanwhile (as
+/// suspect), and the failure is dropped if the member comes back alive
+/// first; a superseded or departed member is released at once
+/// (`docs/membership.md`, "Takeover gate").
 pub struct TakeoverGate {
     delay: Duration,
     pending: VecDeque<Pending>,
