@@ -404,6 +404,14 @@ pub(crate) struct Driver {
     early_notices: VecDeque<EarlyNotice>,
     job_tx: mpsc::Sender<JobDone>,
     send_tx: mpsc::Sender<SendDone>,
+    /// The notice sends in flight (one task each), with their addressee:
+    /// those to a member declared failed are stopped and reported failed at
+    /// once, so the handoff routes their notices again to the primary in
+    /// force instead of waiting out the request timeout on a connection
+    /// that went through the partition (its answer, if any, would be the
+    /// refusal of the dead generation's successor). As many entries as the
+    /// handoff has sends outstanding; each leaves when its send completes.
+    sends: HashMap<SendId, (NodeId, tokio::task::AbortHandle)>,
     forward_tx: mpsc::Sender<ForwardDone>,
     /// Nodes that refused a routed message (they are leaving): messages for
     /// them are parked until the view moves on. Pruned on every view.
@@ -424,6 +432,12 @@ pub(crate) struct Driver {
     /// `settled` as last published in the view.
     published_settled: bool,
     fenced: bool,
+    /// After a rebirth: the other nodes of the view the new generation
+    /// inherited from the old one, which its membership has never known.
+    /// When a newer generation of one of their names shows up in a view,
+    /// that node is gone for good ([`Handoff::peer_superseded`]); no event
+    /// would say so. At most one view's nodes.
+    inherited: Vec<NodeId>,
     /// Which handoff state machine is in force: a rebirth (a new generation
     /// after a declared death) starts a new one, and completions of the old
     /// one's jobs and sends are ignored.
@@ -470,6 +484,7 @@ impl Driver {
             early_notices: VecDeque::new(),
             job_tx,
             send_tx,
+            sends: HashMap::new(),
             forward_tx,
             refusing: HashSet::new(),
             closing: None,
@@ -482,6 +497,7 @@ impl Driver {
             view_dirty: true,
             published_settled: false,
             fenced: false,
+            inherited: Vec::new(),
             instance: 0,
             lease: Arc::new(LeaseCell::new(Instant::now())),
             stop: false,
@@ -571,6 +587,7 @@ impl Driver {
                 }
                 Some(s) = send_rx.recv() => {
                     if s.instance == self.instance {
+                        self.sends.remove(&s.id);
                         self.handoff.send_done(s.id, s.result, Instant::now());
                     }
                 }
@@ -813,12 +830,15 @@ impl Driver {
                     .send_done(t.id, Err(format!("{} is not a member", t.to)), now);
                 continue;
             };
+            debug!(node = %self.name, to = %t.to, view = %t.batch.view, done = t.batch.done,
+                notices = t.batch.groups.iter().map(|g| g.ids.len()).sum::<usize>(), "sending notices");
             let body = Bytes::from(t.batch.encode());
             let transport = self.transport.clone();
             let tx = self.send_tx.clone();
             let id = t.id;
             let instance = self.instance;
-            tokio::spawn(async move {
+            let to = t.to;
+            let task = tokio::spawn(async move {
                 let answer = transport
                     .request(&dest, CH_NOTICES, body, NOTICE_REQUEST_TIMEOUT)
                     .await;
@@ -835,6 +855,7 @@ impl Driver {
                     })
                     .await;
             });
+            self.sends.insert(id, (to, task.abort_handle()));
         }
         while let Some(release) = self.handoff.poll_release() {
             match release.to {
@@ -901,12 +922,32 @@ impl Driver {
         let old = std::mem::replace(&mut self.handoff, handoff);
         // The cluster as the old generation last saw it: with it as its
         // first view, the new generation knows who held what, and waits for
-        // their notices instead of taking datums as their first owner. The
-        // old generation is gone: no done marker will come from it.
+        // their notices instead of taking datums as their first owner.
+        //
+        // The old generation failed, and this node knows it for certain: it
+        // was fenced in this process just before (`DeclaredFailed` comes
+        // first), so it will neither send a notice nor a done marker, and
+        // every job it still has running completes unheard under a token
+        // the new generation's exceeds. Its datums are failed over here as
+        // the other members fail them over (it is their failed member too):
+        // a datum this generation is primary of is taken once every live
+        // member and every node of the recent views has said done with the
+        // view in force, instead of after the transition timeout, which a
+        // departure that is not a failure (`peer_left`) would wait for.
+        // (The new handoff has standing at its creation: the lease read at
+        // the next pump only gates what it does from then on.)
         let old_me = old.local().clone();
         self.handoff.observe_epoch(old.epoch());
         self.handoff.install(Arc::clone(old.table()), now);
-        self.handoff.peer_left(&old_me, now);
+        self.handoff.peer_failed(&old_me, now);
+        self.inherited = old
+            .table()
+            .view()
+            .nodes()
+            .iter()
+            .filter(|n| **n != old_me)
+            .cloned()
+            .collect();
         for name in self.factories.keys() {
             if let Ok(ty) = self.handoff.datum_type(name) {
                 self.handoff.set_on_demand(ty, true);
@@ -926,6 +967,8 @@ impl Driver {
         info!(node = %self.name, generation = local.generation, datums = self.datums.len(),
             "new generation: handoff restarted");
         self.instance += 1;
+        // The old machine's sends are ignored when they complete.
+        self.sends.clear();
         self.me = me;
         self.local = local;
         self.members.clear();
@@ -950,6 +993,7 @@ impl Driver {
                 metrics::counter!("shoal_members_failed_total").increment(1);
                 if *m.name != *self.name || m.generation != self.me.generation {
                     let id = NodeId::new(&*m.name, m.generation);
+                    self.abort_sends_to(&id, now);
                     self.handoff.peer_failed(&id, now);
                     self.links.remove(&m.addr);
                 }
@@ -982,6 +1026,22 @@ impl Driver {
                     .into_iter()
                     .map(|m| (Arc::clone(&m.name), m))
                     .collect();
+                if !self.inherited.is_empty() {
+                    let members = &self.members;
+                    let (gone, keep): (Vec<NodeId>, Vec<NodeId>) =
+                        std::mem::take(&mut self.inherited)
+                            .into_iter()
+                            .partition(|n| {
+                                members
+                                    .get(&*n.name)
+                                    .is_some_and(|m| m.generation > n.generation)
+                            });
+                    self.inherited = keep;
+                    for n in gone {
+                        info!(node = %self.name, peer = %n, "a newer generation of an inherited member: gone");
+                        self.handoff.peer_superseded(&n, now);
+                    }
+                }
                 // A node that refused is forgotten once it left the view.
                 let members = &self.members;
                 self.refusing.retain(|n| {
@@ -1000,6 +1060,29 @@ impl Driver {
                 self.fenced = true;
                 // The membership task has marked this node not ready.
                 self.view_dirty = true;
+            }
+        }
+    }
+
+    /// Stops the notice sends in flight to `node`, declared failed, and
+    /// reports each failed: the handoff routes their notices again after
+    /// its backoff, to the primary in force. Safe as a request timeout is:
+    /// a batch the dead generation took before it was fenced gives it
+    /// nothing to act on (it acquires nothing without its lease, which
+    /// lapsed before the verdict reached this node through the takeover
+    /// gate).
+    fn abort_sends_to(&mut self, node: &NodeId, now: Instant) {
+        let ids: Vec<SendId> = self
+            .sends
+            .iter()
+            .filter(|(_, (to, _))| to == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some((_, task)) = self.sends.remove(&id) {
+                task.abort();
+                self.handoff
+                    .send_done(id, Err(format!("{node} was declared failed")), now);
             }
         }
     }

@@ -427,6 +427,15 @@ impl MembershipTask {
                 return;
             }
         };
+        // Connections that lived through the cut (or the pause) may be
+        // stalled in QUIC's retransmission backoff for seconds after the
+        // heal: requests the new generation sends on them (its first state
+        // and done markers) would wait that long. Close them all: the new
+        // generation dials afresh, and the peers, told of the close,
+        // redial too.
+        for peer in self.transport.peers() {
+            self.transport.disconnect(peer.addr);
+        }
         membership.join(&targets, now);
         info!(node = %self.name, old = old.generation, generation, targets = targets.len(),
             "declared dead: rejoining as a new generation");

@@ -1534,6 +1534,29 @@ impl<W> Handoff<W> {
         self.peer_gone(node, now);
     }
 
+    /// `node`, a node of a view this node installed, is gone for good and
+    /// membership will never report it: a newer generation of its name is
+    /// a member, and this node's membership never knew `node` itself (a
+    /// node reborn as a new generation knows the members of its old view
+    /// only from that view). A newer generation exists only once the old
+    /// process ended, by a crash, a death verdict (which fenced it) or a
+    /// leave. Its datums are failed over as for [`Handoff::peer_failed`],
+    /// whatever this node's standing (which side of a cut a node is on
+    /// does not change which generation of a name is alive), and
+    /// `node` owes no done marker any more. The datums of a node that left
+    /// are in the hands of the nodes it notified; those are in the views
+    /// that follow and say done only once their notices are delivered.
+    pub fn peer_superseded(&mut self, node: &NodeId, now: Instant) {
+        if !self.fenced
+            && *node != self.local
+            && !self.gone.contains_key(node)
+            && self.in_views(node)
+        {
+            self.failed.insert(node.clone());
+        }
+        self.peer_gone(node, now);
+    }
+
     /// `node` left the cluster gracefully (it relinquished what it held
     /// first and sent the notices, possibly under a view this node has not
     /// installed yet): no done marker is expected from it any more, but its
