@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -480,7 +480,13 @@ impl Store {
                 Ok(outcome)
             }
             Backend::Sqlite(conn) => {
-                let tx = conn.transaction()?;
+                // IMMEDIATE: the write lock is taken at BEGIN, where the busy
+                // timeout waits for it. A deferred transaction that reads
+                // (the token check) and then writes could not wait: SQLite
+                // answers "database is locked" at once when another process
+                // writes meanwhile (seen as a relinquish failing at
+                // start-up, while several nodes write their first acquires).
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 {
                     let mut upsert = tx.prepare_cached(SQLITE_UPSERT)?;
                     let mut claim = tx.prepare_cached(SQLITE_CLAIM)?;
