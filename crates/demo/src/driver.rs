@@ -65,7 +65,7 @@ impl Scenario {
     fn steps(self) -> Vec<Step> {
         use Step::*;
         match self {
-            Scenario::Default => vec![Join, Leave, Kill, Restart],
+            Scenario::Default => vec![Join, Leave, Kill, Restart, Pause],
             Scenario::Join => vec![Join],
             Scenario::Leave => vec![Leave],
             Scenario::Kill => vec![Kill],
@@ -79,7 +79,7 @@ impl Scenario {
     /// The fault duration when `--fault-s` is not given.
     fn default_fault(self) -> Duration {
         match self {
-            Scenario::Pause => Duration::from_secs(8),
+            Scenario::Pause | Scenario::Default => Duration::from_secs(8),
             Scenario::Flap => Duration::from_millis(1500),
             _ => Duration::from_secs(10),
         }
@@ -541,7 +541,12 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
     let now = Instant::now();
     let seed = cfg.seed;
     let faults = Arc::new(Mutex::new(Faults::default()));
-    if cfg.scenario.steps().iter().any(|s| s.is_fault()) {
+    if cfg
+        .scenario
+        .steps()
+        .iter()
+        .any(|s| matches!(s, Step::Partition | Step::Flap))
+    {
         fault::ensure_nft()?;
         fault::remove_leftovers();
         fault::clear_on_signal(&faults)?;

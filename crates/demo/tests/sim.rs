@@ -1,6 +1,6 @@
 //! The default scenario with real node processes on loopback: 3 nodes,
 //! load, a 4th joins, one leaves gracefully, one is SIGKILLed and restarts,
-//! drain, verdict from the store.
+//! one is paused (SIGSTOP) and thawed, drain, verdict from the store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -21,6 +21,9 @@ fn config(name: &str) -> SimConfig {
     cfg.rate = 300;
     cfg.duration = Duration::from_secs(8);
     cfg.scenario = Scenario::Default;
+    // The pause: long enough for the others to declare the node dead (it
+    // comes back as a new generation), shorter than the scenario's 8 s.
+    cfg.fault = Some(Duration::from_secs(5));
     cfg.timing = shoal::Timing::Lan;
     cfg.flush_ms = 300;
     cfg.settle_timeout = Duration::from_secs(40);
@@ -48,7 +51,8 @@ fn default_scenario_three_nodes_loses_nothing_outside_kills() {
     );
     assert_eq!(summary.double_owner_writes, 0);
     assert_eq!(summary.lost_by_kill.len(), 1, "one kill, one attribution");
-    assert_eq!(summary.transitions.len(), 4);
+    assert_eq!(summary.transitions.len(), 5);
+    assert_eq!(summary.faults.len(), 1, "the pause");
     assert!(
         summary.transitions.iter().all(|t| t.s.is_some()),
         "every transition settled"
