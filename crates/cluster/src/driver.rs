@@ -371,6 +371,9 @@ struct Parked {
     routed: Routed,
 }
 
+/// Most nodes kept in [`Driver::unresolved`].
+const MAX_UNRESOLVED: usize = 4096;
+
 /// Delay before a parked message is routed again.
 const REROUTE_DELAY: Duration = Duration::from_millis(100);
 
@@ -432,12 +435,15 @@ pub(crate) struct Driver {
     /// `settled` as last published in the view.
     published_settled: bool,
     fenced: bool,
-    /// After a rebirth: the other nodes of the view the new generation
-    /// inherited from the old one, which its membership has never known.
-    /// When a newer generation of one of their names shows up in a view,
-    /// that node is gone for good ([`Handoff::peer_superseded`]); no event
-    /// would say so. At most one view's nodes.
-    inherited: Vec<NodeId>,
+    /// Nodes gone without a failover decided here: after a rebirth, the
+    /// other nodes of the view the new generation inherited from the old
+    /// one (its membership never knew them); and members declared failed
+    /// while this node had no standing. When a newer generation of one of
+    /// their names is a member, that node is gone for good and failed over
+    /// ([`Handoff::peer_superseded`]); no event would say so. Bounded by
+    /// [`MAX_UNRESOLVED`]: beyond, the oldest is dropped (its datums wait
+    /// for the transition timeout, as before this list).
+    unresolved: VecDeque<NodeId>,
     /// Which handoff state machine is in force: a rebirth (a new generation
     /// after a declared death) starts a new one, and completions of the old
     /// one's jobs and sends are ignored.
@@ -497,7 +503,7 @@ impl Driver {
             view_dirty: true,
             published_settled: false,
             fenced: false,
-            inherited: Vec::new(),
+            unresolved: VecDeque::new(),
             instance: 0,
             lease: Arc::new(LeaseCell::new(Instant::now())),
             stop: false,
@@ -940,12 +946,13 @@ impl Driver {
         self.handoff.observe_epoch(old.epoch());
         self.handoff.install(Arc::clone(old.table()), now);
         self.handoff.peer_failed(&old_me, now);
-        self.inherited = old
+        self.unresolved = old
             .table()
             .view()
             .nodes()
             .iter()
             .filter(|n| **n != old_me)
+            .take(MAX_UNRESOLVED)
             .cloned()
             .collect();
         for name in self.factories.keys() {
@@ -994,6 +1001,14 @@ impl Driver {
                 if *m.name != *self.name || m.generation != self.me.generation {
                     let id = NodeId::new(&*m.name, m.generation);
                     self.abort_sends_to(&id, now);
+                    if !self.handoff.has_standing() {
+                        // Not failed over here (see `Handoff::peer_failed`)
+                        // unless a newer generation shows it is gone.
+                        if self.unresolved.len() >= MAX_UNRESOLVED {
+                            self.unresolved.pop_front();
+                        }
+                        self.unresolved.push_back(id.clone());
+                    }
                     self.handoff.peer_failed(&id, now);
                     self.links.remove(&m.addr);
                 }
@@ -1026,19 +1041,19 @@ impl Driver {
                     .into_iter()
                     .map(|m| (Arc::clone(&m.name), m))
                     .collect();
-                if !self.inherited.is_empty() {
+                if !self.unresolved.is_empty() {
                     let members = &self.members;
                     let (gone, keep): (Vec<NodeId>, Vec<NodeId>) =
-                        std::mem::take(&mut self.inherited)
+                        std::mem::take(&mut self.unresolved)
                             .into_iter()
                             .partition(|n| {
                                 members
                                     .get(&*n.name)
                                     .is_some_and(|m| m.generation > n.generation)
                             });
-                    self.inherited = keep;
+                    self.unresolved = keep.into();
                     for n in gone {
-                        info!(node = %self.name, peer = %n, "a newer generation of an inherited member: gone");
+                        info!(node = %self.name, peer = %n, "superseded by a newer generation: failed over");
                         self.handoff.peer_superseded(&n, now);
                     }
                 }

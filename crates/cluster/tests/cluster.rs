@@ -1142,6 +1142,7 @@ async fn a_node_declared_dead_rejoins_as_a_new_generation() {
     let refs: Vec<&Node> = nodes.iter().collect();
     let port = |n: &Node| n.local().addr.port();
     let old = nodes[2].local().generation;
+    let (gen_a, gen_b) = (nodes[0].local().generation, nodes[1].local().generation);
     // The ledger knows holders by name, not generation: from the cut until
     // the cluster settled again, any node may be a generation that was
     // fenced (c for sure; after the heal, c's stale verdicts may fence a
@@ -1184,6 +1185,18 @@ async fn a_node_declared_dead_rejoins_as_a_new_generation() {
     ledger.lock().dead.clear();
     for n in &nodes {
         assert!(!n.view().fenced, "{} is fenced", n.local().name);
+    }
+    // c's new generation fails its old one over at once (the old one was
+    // fenced in the same process): it waits out no timeout for the datums
+    // the old one held. Unless c's stale verdicts fenced a or b as well:
+    // c's new generation, without standing yet, does not fail their old
+    // generations over and may wait for their datums.
+    if nodes[0].local().generation == gen_a && nodes[1].local().generation == gen_b {
+        let snapshot = nodes[2].snapshot().await.unwrap();
+        assert_eq!(
+            snapshot.transition.acquired_after_timeout, 0,
+            "c's new generation waited out the transition timeout"
+        );
     }
     assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
     for n in &nodes {

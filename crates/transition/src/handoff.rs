@@ -1534,27 +1534,37 @@ impl<W> Handoff<W> {
         self.peer_gone(node, now);
     }
 
-    /// `node`, a node of a view this node installed, is gone for good and
-    /// membership will never report it: a newer generation of its name is
-    /// a member, and this node's membership never knew `node` itself (a
-    /// node reborn as a new generation knows the members of its old view
-    /// only from that view). A newer generation exists only once the old
-    /// process ended, by a crash, a death verdict (which fenced it) or a
-    /// leave. Its datums are failed over as for [`Handoff::peer_failed`],
-    /// whatever this node's standing (which side of a cut a node is on
-    /// does not change which generation of a name is alive), and
-    /// `node` owes no done marker any more. The datums of a node that left
-    /// are in the hands of the nodes it notified; those are in the views
-    /// that follow and say done only once their notices are delivered.
+    /// `node`, a node of a view this node installed, is gone for good: a
+    /// newer generation of its name is a member. A newer generation exists
+    /// only once the old process ended, by a crash or a death verdict
+    /// (which fenced it), so its datums are failed over as for
+    /// [`Handoff::peer_failed`] whatever this node's standing: which side
+    /// of a cut this node is on does not change which generation of a name
+    /// is alive. For a node membership never reported (a node reborn as a
+    /// new generation knows the members of its old view only from that
+    /// view), or one it reported failed while this node had no standing
+    /// (gone then, but not failed over). Never for a node that left: its
+    /// datums are in the hands of the nodes it notified.
     pub fn peer_superseded(&mut self, node: &NodeId, now: Instant) {
-        if !self.fenced
-            && *node != self.local
-            && !self.gone.contains_key(node)
-            && self.in_views(node)
-        {
-            self.failed.insert(node.clone());
+        let now = self.clock(now);
+        if self.fenced || *node == self.local || !self.in_views(node) {
+            return;
         }
-        self.peer_gone(node, now);
+        self.failed.insert(node.clone());
+        if !self.gone.contains_key(node) {
+            self.peer_gone(node, now);
+            return;
+        }
+        info!(node = %self.local, peer = %node, "gone peer superseded: failed over");
+        for past in &mut self.history {
+            if let Some(i) = past.table.view().index_of_id(node)
+                && let Some(g) = past.failed.get_mut(i.get())
+            {
+                *g = true;
+            }
+        }
+        self.release_unheld_waits(now, true);
+        self.check_ended();
     }
 
     /// `node` left the cluster gracefully (it relinquished what it held

@@ -1349,4 +1349,69 @@ fn a_notice_whose_addressee_is_gone_is_dropped_not_readdressed() {
     }
     assert_eq!(c.nodes[0].counters().notices_undeliverable, 1);
     assert_eq!(c.nodes[0].progress().notices_pending, 0);
+
+/// Drains the jobs, completing each, and returns the ids acquired.
+fn acquire_all(h: &mut Handoff<u32>, now: Instant) -> Vec<i64> {
+    let mut acquired = Vec::new();
+    while let Some(job) = h.poll_job() {
+        assert_eq!(job.kind, JobKind::Acquire);
+        acquired.push(job.datum.id);
+        h.job_done(job, Ok(()), now);
+    }
+    acquired.sort_unstable();
+    acquired
+}
+
+/// A node reborn as a new generation (b2 after b1, fenced) starts from the
+/// view its old generation had, {a1, b1}. Its membership never knew a1,
+/// gone too (a newer generation of `a` is a member): no event will say
+/// so. b2 fails over its predecessor, and a1 once superseded, and takes
+/// every datum it is primary of at once rather than at the timeout.
+#[test]
+fn a_reborn_node_takes_over_from_its_predecessor_and_superseded_members_at_once() {
+    let now = Instant::now();
+    let (a1, b1, b2) = (id("a", 1), id("b", 1), id("b", 2));
+    let mut h: Handoff<u32> = Handoff::new(b2.clone(), config()).unwrap();
+    let ty = h.datum_type("series").unwrap();
+    for d in 0..8 {
+        h.register(Datum::new(ty, d), now).unwrap();
+    }
+    h.install(table(&[&a1, &b1]), now);
+    h.peer_failed(&b1, now);
+    h.install(table(&[&b2]), now);
+    let before = acquire_all(&mut h, now);
+    assert!(before.len() < 8, "a1 may still hold some: {before:?}");
+    h.peer_superseded(&a1, now);
+    let mut all = before;
+    all.extend(acquire_all(&mut h, now));
+    all.sort_unstable();
+    assert_eq!(all, (0..8).collect::<Vec<_>>());
+    assert_eq!(h.counters().acquired_after_timeout, 0);
+    assert!(h.is_idle());
+}
+
+/// A member declared failed while this node had no standing is not failed
+/// over (the verdict may come from the wrong side of a cut); once a newer
+/// generation of its name is a member, it is.
+#[test]
+fn a_member_failed_without_standing_is_failed_over_once_superseded() {
+    let now = Instant::now();
+    let (a1, b1) = (id("a", 1), id("b", 1));
+    let mut h: Handoff<u32> = Handoff::new(b1.clone(), config()).unwrap();
+    let ty = h.datum_type("series").unwrap();
+    for d in 0..8 {
+        h.register(Datum::new(ty, d), now).unwrap();
+    }
+    h.install(table(&[&a1]), now);
+    h.set_standing(false, now);
+    h.peer_failed(&a1, now);
+    h.install(table(&[&b1]), now);
+    h.set_standing(true, now);
+    assert!(
+        acquire_all(&mut h, now).is_empty(),
+        "no failover decided without standing"
+    );
+    h.peer_superseded(&a1, now);
+    assert_eq!(acquire_all(&mut h, now), (0..8).collect::<Vec<_>>());
+    assert_eq!(h.counters().acquired_after_timeout, 0);
 }
