@@ -1349,6 +1349,7 @@ fn a_notice_whose_addressee_is_gone_is_dropped_not_readdressed() {
     }
     assert_eq!(c.nodes[0].counters().notices_undeliverable, 1);
     assert_eq!(c.nodes[0].progress().notices_pending, 0);
+}
 
 /// Drains the jobs, completing each, and returns the ids acquired.
 fn acquire_all(h: &mut Handoff<u32>, now: Instant) -> Vec<i64> {
