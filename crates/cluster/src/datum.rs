@@ -82,7 +82,7 @@ pub trait DistDatum: Send + Sync + 'static {
 
 /// What a relinquish or acquire is told about the ownership it ends or
 /// starts.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HandoffContext {
     /// The fencing token of the ownership: for an acquire, the new one
@@ -99,6 +99,11 @@ pub struct HandoffContext {
     /// holder was declared failed: what it did not persist is lost), as the
     /// first owner, once nobody held it, or after the wait timed out.
     pub reason: shoal_transition::JobReason,
+    /// For an acquire after a graceful handoff: the node whose notice
+    /// handed the datum over (its previous owner, or a node that passed the
+    /// notice on). `None` for a relinquish and for other acquires (after a
+    /// failover the failed holder is not named).
+    pub previous: Option<shoal_placement::NodeId>,
 }
 
 /// The future of one relinquish or acquire, type-erased.

@@ -785,6 +785,7 @@ impl Driver {
                 view: job.view,
                 attempt: job.attempt,
                 reason: job.reason,
+                previous: job.previous.clone(),
             };
             let mut fut = match job.kind {
                 JobKind::Relinquish => datum.relinquish_boxed(ctx),

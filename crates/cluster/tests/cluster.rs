@@ -176,10 +176,20 @@ async fn datums_have_one_owner_and_a_join_moves_exactly_what_changes() {
         assert_eq!(l.acquired.len(), acquired.len(), "acquired twice");
         assert_eq!(relinquished, want_relinquished);
         assert_eq!(acquired, want_acquired);
+        // Each acquisition names its previous owner: the datum's old primary.
+        for (node, id, _, previous) in &l.acquire_reasons {
+            let previous = previous.as_ref().map(|p| p.name.to_string());
+            let old = before.primary(*id).unwrap().name.to_string();
+            assert_eq!(
+                previous.as_deref(),
+                Some(old.as_str()),
+                "{node} acquired {id}"
+            );
+        }
         assert!(
             l.acquire_reasons
                 .iter()
-                .all(|(_, _, r)| *r == shoal::JobReason::Handoff),
+                .all(|(_, _, r, _)| *r == shoal::JobReason::Handoff),
             "a join hands every datum over gracefully: {:?}",
             l.acquire_reasons
         );
@@ -411,7 +421,7 @@ async fn dropped_node_is_detected_and_its_datums_taken_over() {
         let failovers = l
             .acquire_reasons
             .iter()
-            .filter(|(_, _, r)| *r == shoal::JobReason::Failover)
+            .filter(|(_, _, r, previous)| *r == shoal::JobReason::Failover && previous.is_none())
             .count();
         assert_eq!(
             failovers as u64, gone,

@@ -451,7 +451,7 @@ impl TransitionLedger {
 }
 
 /// The state of one job handed out and not finished yet.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct RunningJob {
     job: Job,
     ok: bool,

@@ -406,6 +406,9 @@ pub struct Handoff<W = Vec<u8>> {
     /// transport reported failed although it was delivered, re-sent) is
     /// refused: its token is spent. Kept `2 × timeout` (see `taken_order`).
     taken: HashMap<Datum, (u64, u64), DetState>,
+    /// For a datum whose acquire is queued after a notice: the node that
+    /// sent it (the previous owner, given in [`Job::previous`]).
+    previous: HashMap<Datum, NodeId, DetState>,
     /// When each entry of `taken` was made, oldest first, to forget it.
     taken_order: VecDeque<(Instant, Datum, u64)>,
     /// Datums this node is primary of and waits for, whose token it sent
@@ -512,6 +515,7 @@ impl<W> Handoff<W> {
             next_send: 0,
             retrying: HashMap::default(),
             taken: HashMap::default(),
+            previous: HashMap::default(),
             taken_order: VecDeque::new(),
             returning: HashMap::default(),
             next_retry: 0,
@@ -973,6 +977,7 @@ impl<W> Handoff<W> {
         }
         self.acquire_superseded.remove(&datum);
         self.returning.remove(&datum);
+        self.previous.remove(&datum);
         if let Some(work) = self.held.remove(&datum) {
             self.held_total = self.held_total.saturating_sub(work.len());
             self.releases.push_back(Release {
@@ -1709,6 +1714,7 @@ impl<W> Handoff<W> {
                     attempt: u32::from(s.attempt) + 1,
                     token: FencingToken(s.token),
                     reason: JobReason::Moving,
+                    previous: None,
                     flight: s.flight,
                 });
             }
@@ -1736,6 +1742,7 @@ impl<W> Handoff<W> {
                     attempt: u32::from(s.attempt) + 1,
                     token: FencingToken(s.token),
                     reason: s.reason,
+                    previous: self.previous.remove(&d),
                     flight: s.flight,
                 });
             }
@@ -2079,6 +2086,9 @@ impl<W> Handoff<W> {
                     Source::Relinquished | Source::Reroute => JobReason::Returned,
                 };
                 self.registry.modify(&d, |s| s.reason = why);
+                if why != JobReason::Handoff {
+                    self.previous.remove(&d);
+                }
                 let reason = match source {
                     Source::Timeout => {
                         self.counters.acquired_after_timeout += 1;
@@ -2104,6 +2114,7 @@ impl<W> Handoff<W> {
                 }
             }
             Primary::Other(i) => {
+                self.previous.remove(&d);
                 if matches!(source, Source::Notice | Source::OwnerGone) {
                     self.counters.notices_relayed += 1;
                 }
@@ -2341,6 +2352,7 @@ impl<W> Handoff<W> {
     }
 
     fn note_taken(&mut self, d: Datum, src: Src<'_>, now: Instant) {
+        self.previous.insert(d, src.node.clone());
         self.taken.insert(d, (src.key, src.epoch));
         self.taken_order.push_back((now, d, src.epoch));
     }

@@ -119,7 +119,7 @@ pub enum JobKind {
 
 /// A relinquish or acquire the application must run, then report with
 /// [`Handoff::job_done`](crate::Handoff::job_done) (passing the job back).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     /// Relinquish or acquire.
     pub kind: JobKind,
@@ -138,6 +138,10 @@ pub struct Job {
     /// acquire, how the ownership reached this node (a graceful handoff, a
     /// failover, …).
     pub reason: JobReason,
+    /// For an acquire after a graceful handoff ([`JobReason::Handoff`]):
+    /// the node whose notice handed the datum over (the previous owner, or
+    /// the node that passed its notice on). `None` otherwise.
+    pub previous: Option<NodeId>,
     pub(crate) flight: u64,
 }
 

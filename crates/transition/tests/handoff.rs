@@ -729,7 +729,7 @@ fn relinquish_failures_are_retried_with_backoff_and_reported() {
     let t = c.table_of(&[0, 1]);
     c.install_all(&t);
     let job = c.nodes[0].poll_job().unwrap();
-    c.nodes[0].job_done(job, Err("disk full".into()), c.now);
+    c.nodes[0].job_done(job.clone(), Err("disk full".into()), c.now);
     let ev = c.events(0);
     assert!(ev.iter().any(|e| matches!(e,
         Event::RelinquishFailed { attempt: 1, retry: true, error, .. } if error == "disk full")));
@@ -988,7 +988,7 @@ fn jobs_are_capped() {
     h.install(table(&[&a]), now);
     let jobs: Vec<_> = std::iter::from_fn(|| h.poll_job()).collect();
     assert_eq!(jobs.len(), 3);
-    h.job_done(jobs[0], Ok(()), now);
+    h.job_done(jobs[0].clone(), Ok(()), now);
     assert!(h.poll_job().is_some());
     assert!(h.poll_job().is_none());
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal::{
-    ClusterCa, DatumError, DistDatum, HandoffContext, JobReason, Node, NodeConfig, NodeName,
+    ClusterCa, DatumError, DistDatum, HandoffContext, JobReason, Node, NodeConfig, NodeId, NodeName,
 };
 
 /// Generous bound on anything a test waits for: only bounds hangs.
@@ -32,7 +32,7 @@ pub struct LedgerInner {
     /// In order: `(node, "relinquish failed" | "acquired", datum)`.
     pub log: Vec<(String, &'static str, i64)>,
     /// Why each acquisition ran: `(node, datum, reason)`.
-    pub acquire_reasons: Vec<(String, i64, JobReason)>,
+    pub acquire_reasons: Vec<(String, i64, JobReason, Option<NodeId>)>,
 }
 
 /// Every node's datums report here.
@@ -108,7 +108,7 @@ impl DistDatum for TestDatum {
     async fn acquire(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
         l.acquire_reasons
-            .push((self.node.clone(), self.id, ctx.reason));
+            .push((self.node.clone(), self.id, ctx.reason, ctx.previous.clone()));
         let token = ctx.token.get();
         if let Some(&prev) = l.tokens.get(&self.id)
             && token <= prev
