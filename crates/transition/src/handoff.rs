@@ -656,7 +656,7 @@ impl<W> Handoff<W> {
     /// view of who failed comes from the wrong side). When it may again,
     /// held work for the datums it still holds is released to it.
     pub fn set_standing(&mut self, valid: bool, now: Instant) {
-        let _ = self.clock(now);
+        let now = self.clock(now);
         if self.standing == valid {
             return;
         }
@@ -664,6 +664,9 @@ impl<W> Handoff<W> {
         if valid {
             info!(node = %self.local, "standing regained: acting as owner again");
             self.recheck_held();
+            // Waits left unsettled while without standing (`settle_wait`).
+            self.release_unheld_waits(now, true);
+            self.check_ended();
         } else {
             self.counters.standing_lost += 1;
             warn!(node = %self.local, "standing lost: holding work, no acquisitions");
@@ -1967,6 +1970,14 @@ impl<W> Handoff<W> {
             if !failed_out {
                 return;
             }
+        }
+        // Without standing no token is minted: a node that may not act as
+        // owner takes nothing as first owner, on done markers or by
+        // failover. The wait is settled again when standing comes back
+        // (`set_standing`). So nodes that form a cluster before any has a
+        // lease pass no tokens among themselves as the views grow.
+        if !self.standing {
+            return;
         }
         let source = match self.candidates(d.id) {
             Candidates::Pending => return,

@@ -242,6 +242,47 @@ fn a_notice_for_an_unregistered_datum_waits_for_its_registration() {
     );
 }
 
+/// Nodes that form a cluster before any has a lease (all start without
+/// standing) mint no tokens and pass none around as the views grow; once
+/// they have standing, each primary takes its datums on the done markers,
+/// without waiting out the timeout.
+#[test]
+fn a_cluster_forming_without_standing_passes_no_tokens_and_settles_once_it_has_it() {
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 0);
+    let now = c.now;
+    let ids = c.ids.clone();
+    for n in &mut c.nodes {
+        n.set_peers(ids.iter(), now);
+        n.set_standing(false, now);
+    }
+    for ready in 1..=3 {
+        let t = c.table_of(&(0..ready).collect::<Vec<_>>());
+        c.install_all(&t);
+        c.settle();
+    }
+    let notices: u64 = c.nodes.iter().map(|n| n.counters().notices_sent).sum();
+    assert_eq!(notices, 0, "no token was minted, so none travelled");
+    for id in 0..30 {
+        assert!(c.holders(id).is_empty());
+    }
+    let now = c.now;
+    for n in &mut c.nodes {
+        n.set_standing(true, now);
+    }
+    c.settle();
+    let t = c.table_of(&[0, 1, 2]);
+    for id in 0..30 {
+        let primary = c.index(t.owner_ids(id).next().unwrap());
+        assert_eq!(c.holders(id), vec![primary], "datum {id}");
+    }
+    assert!(
+        c.nodes
+            .iter()
+            .all(|n| n.counters().acquired_after_timeout == 0)
+    );
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+}
+
 #[test]
 fn a_third_node_joining_two_that_owe_each_other_many_notices_finishes() {
     // The seed hangs for good at about 1,150 datums here.
