@@ -301,6 +301,12 @@ pub struct Summary {
     pub fenced_nodes: usize,
     /// Nodes whose last status before the drain said fenced: a violation.
     pub fenced_nodes_at_end: usize,
+    /// Series read at the end through the facade's request/response (each
+    /// asked of a running node, answered by the series' owner).
+    pub reads_answered: usize,
+    /// Reads that failed or whose count differed from the store's after
+    /// the final flush: a violation.
+    pub reads_wrong: usize,
     /// Series writes the store refused for a stale fencing token, as the
     /// nodes reported them (their last status, summed).
     pub stale_writes_refused: u64,
@@ -491,6 +497,10 @@ struct Sim<'a> {
     next_cut: u32,
     /// Running nodes whose last status (after the final flush) said fenced.
     fenced_at_end: Vec<String>,
+    /// End-of-run reads answered by owners: series → (owner, count).
+    reads: HashMap<i64, (String, u64)>,
+    /// End-of-run reads that failed: (series, error).
+    read_failures: Vec<(i64, String)>,
     injected: u64,
     acked_twice: u64,
     kills: Vec<Kill>,
@@ -573,6 +583,8 @@ pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
         fault_windows: Vec::new(),
         next_cut: 0,
         fenced_at_end: Vec::new(),
+        reads: HashMap::new(),
+        read_failures: Vec::new(),
         injected: 0,
         acked_twice: 0,
         kills: Vec::new(),
@@ -784,7 +796,15 @@ impl Sim<'_> {
                 self.refused += 1;
                 self.outstanding.remove(&id);
             }
-            Event::Read { .. } | Event::ReadFailed { .. } => {}
+            Event::Read {
+                series,
+                owner,
+                count,
+                ..
+            } => {
+                self.reads.insert(series, (owner, count));
+            }
+            Event::ReadFailed { series, error } => self.read_failures.push((series, error)),
             Event::Status {
                 members,
                 live,
@@ -1480,6 +1500,25 @@ impl Sim<'_> {
             .filter(|(_, p)| p.status.as_ref().is_some_and(|s| s.fenced))
             .map(|(_, p)| p.name.clone())
             .collect();
+        // Every series read from some running node, through the owner
+        // (request/response): after the final flush the owner's answer is
+        // what the store holds; the verdict compares them.
+        let readers: Vec<usize> = self.running().map(|(i, _)| i).collect();
+        if !readers.is_empty() {
+            for id in 0..i64::from(self.cfg.series) {
+                let Ok(k) = usize::try_from(id) else { break };
+                if let Some(p) = readers
+                    .get(k % readers.len())
+                    .and_then(|&i| self.procs.get_mut(i))
+                {
+                    p.send(&format!("r {id}\n"));
+                }
+            }
+            let want = self.cfg.series as usize;
+            self.wait_for(Duration::from_secs(15), |s| {
+                s.reads.len() + s.read_failures.len() >= want
+            });
+        }
         for p in &mut self.procs {
             if p.state == ProcState::Running {
                 p.send("quit\n");
@@ -1698,6 +1737,29 @@ impl Sim<'_> {
         let stale_writes_refused = last(|s| s.stale_writes_refused);
         let points_refused_by_store = last(|s| s.points_refused);
         let points_sent: u64 = self.acked.values().sum();
+        let mut reads_wrong = self.read_failures.len();
+        for id in 0..i64::from(self.cfg.series) {
+            let stored = store.load(id)?.map_or(0, |a| a.count);
+            match self.reads.get(&id) {
+                Some((_, count)) if *count == stored => {}
+                Some((owner, count)) => {
+                    reads_wrong += 1;
+                    self.problems.push(format!(
+                        "series {id}: its owner {owner} answered {count} points, the store holds {stored}"
+                    ));
+                }
+                None if self.read_failures.iter().any(|(s, _)| *s == id) => {}
+                None => {
+                    reads_wrong += 1;
+                    self.problems
+                        .push(format!("series {id}: the read got no answer"));
+                }
+            }
+        }
+        for (id, error) in &self.read_failures {
+            self.problems
+                .push(format!("series {id}: the read failed: {error}"));
+        }
         let ok = lost_outside == 0
             && self.fenced_at_end.is_empty()
             && unacked_outside == 0
@@ -1727,6 +1789,8 @@ impl Sim<'_> {
             max_transition_s: max_transition,
             fenced_nodes,
             fenced_nodes_at_end: self.fenced_at_end.len(),
+            reads_answered: self.reads.len(),
+            reads_wrong,
             stale_writes_refused,
             stale_writes_refused_store: audit.stale_writes_refused,
             points_refused_by_store,
@@ -1810,6 +1874,11 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
             ))
     )?;
     writeln!(out, "fenced nodes at the end     {}", s.fenced_nodes_at_end)?;
+    writeln!(
+        out,
+        "end reads (ask the owner)   {} answered, {} wrong",
+        s.reads_answered, s.reads_wrong
+    )?;
     writeln!(
         out,
         "failure detection           first {} / all survivors {}",
