@@ -37,6 +37,11 @@
 //! that reaches one member again may not have suspected yet every member it
 //! no longer reaches.
 //!
+//! A new generation started in the same process (a rebirth after a dead
+//! verdict) inherits its predecessor's witness set ([`LeaseEvidence`]),
+//! frozen until its own lease has been valid once: drawn from the live view
+//! instead, inside a cut-off piece it would hold only that piece's members.
+//!
 //! The other nodes wait [`Config::takeover_delay`] after their own dead
 //! verdict before taking a member's datums, by which time a member that
 //! could not answer their probes has lost its lease.
@@ -45,6 +50,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::MemberState;
@@ -326,9 +332,15 @@ impl Lease {
     }
 
     /// Before the first valid lease: `R` is empty and frozen (the witness
-    /// set follows the live view meanwhile).
+    /// set follows the live view meanwhile, unless it was inherited).
     pub(crate) fn starting(&self) -> bool {
-        !self.tracking && self.ref_remote == 0 && self.ref_ghosts == 0
+        !self.tracking && self.ref_remote == 0 && self.ref_ghosts == 0 && !self.inherited()
+    }
+
+    /// Whether the witness set is a predecessor's, frozen until this
+    /// node's lease has been valid once.
+    pub(crate) fn inherited(&self) -> bool {
+        !self.witnesses.inherited.is_empty()
     }
 
     /// The member in `slot` entered or left `R`: the witness set follows
@@ -410,6 +422,7 @@ impl Lease {
         self.oldest = None;
         self.leaving.clear();
         self.witnesses.stale = true;
+        self.witnesses.inherited.clear();
         let due = self.clock.checked_add(self.linger).unwrap_or(self.clock);
         for (slot, state) in members {
             let was_in = self.in_ref(slot);
@@ -457,9 +470,13 @@ impl Lease {
 
     /// A cluster of one: no live peer in sight and none in the reference
     /// set (it never had one, or every peer left or was failed over while
-    /// its lease was valid): nobody to answer its probes, and nobody to
-    /// compete with, so it needs no contact.
+    /// its lease was valid) nor in an inherited witness set: nobody to
+    /// answer its probes, and nobody to compete with, so it needs no
+    /// contact.
     fn alone(&self) -> bool {
+        if self.inherited() {
+            return false;
+        }
         let alone_may_own = match self.strategy {
             LeaseStrategy::StaticQuorum(quorum) => quorum <= 1,
             _ => true,
@@ -597,8 +614,13 @@ pub(crate) enum WitnessId {
     /// place on the network, and a restarted witness answers from the same
     /// side of a partition).
     Slot(u32),
-    /// Reaped while the set was frozen: never answers again.
+    /// Reaped while the set was frozen, or this node's own previous
+    /// generation in an inherited set: never answers again.
     Gone,
+    /// Inherited from a previous generation of this node, by name, and not
+    /// in the member table (yet): unreachable until a member of that name
+    /// is.
+    Unknown,
 }
 
 /// One member of the witness set.
@@ -620,7 +642,9 @@ pub(crate) struct Witness {
 /// member enters; frozen with `R` while the lease is not valid, a witness
 /// reaped meanwhile staying in it as [`WitnessId::Gone`]. Before the lease
 /// was ever valid (`R` empty and frozen), it follows the live view instead,
-/// so a starting node pings the witnesses it will need.
+/// so a starting node pings the witnesses it will need; a node reborn in
+/// the same process starts with its predecessor's set instead
+/// ([`LeaseEvidence`]), frozen.
 #[derive(Debug, Default)]
 pub(crate) struct Witnesses {
     /// Sorted by rank.
@@ -631,6 +655,11 @@ pub(crate) struct Witnesses {
     pub(crate) entered: Vec<u32>,
     /// Witness pings in flight: (seq, slot, send time).
     pub(crate) pings: VecDeque<(u32, u32, Instant)>,
+    /// The set is inherited from a previous generation of this node: the
+    /// remote witnesses by name (index in `list`, name), resolved to a
+    /// slot as members enter and leave the table. Empty otherwise, and
+    /// once the lease has been valid.
+    pub(crate) inherited: Vec<(usize, Arc<str>)>,
 }
 
 impl Witnesses {
@@ -787,6 +816,42 @@ fn key(id: WitnessId) -> u64 {
     match id {
         WitnessId::Local => 0,
         WitnessId::Slot(slot) => u64::from(slot) + 1,
-        WitnessId::Gone => u64::MAX,
+        WitnessId::Gone | WitnessId::Unknown => u64::MAX,
+    }
+}
+
+/// A node's witness set, by name, for the next generation of the same
+/// process ([`Membership::lease_evidence`], then
+/// [`Membership::inherit_lease`]).
+///
+/// A process declared dead comes back as a new generation whose lease was
+/// never valid; drawing its witness set from the members it sees alive, as
+/// a new process does, would let it hold a lease inside a cut-off piece
+/// (where it sees only that piece). With its predecessor's set, frozen
+/// until its own lease has been valid once, it needs the same majority the
+/// predecessor needed, its predecessor not counting (that generation is
+/// dead; the others may have replaced it as a witness).
+///
+/// [`Membership::lease_evidence`]: crate::Membership::lease_evidence
+/// [`Membership::inherit_lease`]: crate::Membership::inherit_lease
+#[derive(Debug, Clone, Default)]
+pub struct LeaseEvidence {
+    /// The name of the node it was taken from.
+    pub(crate) name: Option<Arc<str>>,
+    /// The witness set, lowest rank first: (name, rank); `None` for a
+    /// witness that never answers again.
+    pub(crate) witnesses: Vec<(Option<Arc<str>>, u64)>,
+}
+
+impl LeaseEvidence {
+    /// The size of the witness set it carries (0: none, the strategy is
+    /// not `Witnesses`).
+    pub fn len(&self) -> usize {
+        self.witnesses.len()
+    }
+
+    /// Whether it carries no witness set.
+    pub fn is_empty(&self) -> bool {
+        self.witnesses.is_empty()
     }
 }

@@ -90,7 +90,7 @@ mod wire;
 mod tests;
 
 pub use config::Config;
-pub use lease::{LeaseStrategy, Standing};
+pub use lease::{LeaseEvidence, LeaseStrategy, Standing};
 pub use membership::Membership;
 pub use takeover::TakeoverGate;
 pub use types::{

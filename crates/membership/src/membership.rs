@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::broadcast::Broadcasts;
 use crate::hash::{NameIndex, SeededState, SlotMap, witness_rank};
-use crate::lease::{Lease, LeaseStrategy, Standing, WitnessId, witness_set_size};
+use crate::lease::{Lease, LeaseEvidence, LeaseStrategy, Standing, WitnessId, witness_set_size};
 use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
 use crate::wire::{
     self, Accusation, Alive, IndirectPing, Limits, Message, Ping, PushPull, State, WireState,
@@ -722,6 +722,8 @@ impl<R: Rng> Membership<R> {
     /// The witness set of strategy [`LeaseStrategy::Witnesses`] (empty with
     /// the others), lowest witness rank first: this node if it is one, and
     /// the members it must reach. A witness reaped while the set was frozen
+    /// (or, in a set inherited from a previous generation, this node's
+    /// previous generation and the witnesses not in the member table yet)
     /// is not listed, but still counts against the majority.
     pub fn witnesses(&self) -> impl Iterator<Item = &Member> {
         self.lease
@@ -732,8 +734,114 @@ impl<R: Rng> Membership<R> {
             .filter_map(|w| match w.id {
                 WitnessId::Local => Some(&self.local),
                 WitnessId::Slot(slot) => self.slot(slot),
-                WitnessId::Gone => None,
+                WitnessId::Gone | WitnessId::Unknown => None,
             })
+    }
+
+    /// This node's witness set by name, for a new generation of it started
+    /// in the same process ([`inherit_lease`](Self::inherit_lease)): taken
+    /// from a node declared dead, before it is replaced. Empty with a
+    /// strategy other than `Witnesses`.
+    pub fn lease_evidence(&self) -> LeaseEvidence {
+        if self.lease.strategy != LeaseStrategy::Witnesses {
+            return LeaseEvidence::default();
+        }
+        let w = &self.lease.witnesses;
+        let witnesses = w
+            .list
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                let name = match x.id {
+                    WitnessId::Local => Some(Arc::clone(&self.local.name)),
+                    WitnessId::Slot(slot) => self.slot(slot).map(|m| Arc::clone(&m.name)),
+                    WitnessId::Unknown => w
+                        .inherited
+                        .iter()
+                        .find(|(at, _)| *at == i)
+                        .map(|(_, name)| Arc::clone(name)),
+                    WitnessId::Gone => None,
+                };
+                (name, x.rank)
+            })
+            .collect();
+        LeaseEvidence {
+            name: Some(Arc::clone(&self.local.name)),
+            witnesses,
+        }
+    }
+
+    /// Starts this node, a new generation of a process declared dead, with
+    /// its predecessor's witness set ([`lease_evidence`](Self::lease_evidence)
+    /// of the old `Membership`), frozen until this node's lease has been
+    /// valid once; call right after [`new`](Self::new), before `join`. Its
+    /// witnesses are known by name: one not in the member table (yet), and
+    /// the predecessor itself (a dead generation), count as unreachable. A
+    /// new process instead draws its witnesses from the members it sees
+    /// alive, which inside a cut-off piece are only that piece's.
+    ///
+    /// Returns whether the evidence was taken. It is not (the node starts as
+    /// a new process does) if it is empty, from another name, the strategy
+    /// is not `Witnesses`, this node's lease was already valid, or its
+    /// remote witnesses could never be a strict majority of it (a witness
+    /// set of one: the predecessor itself).
+    pub fn inherit_lease(&mut self, evidence: LeaseEvidence, now: Instant) -> bool {
+        let own = &self.local.name;
+        let remote = evidence
+            .witnesses
+            .iter()
+            .filter(|(name, _)| name.as_ref().is_some_and(|n| n != own))
+            .count();
+        if self.lease.strategy != LeaseStrategy::Witnesses
+            || evidence.name.as_ref() != Some(own)
+            || !self.lease.starting()
+            || self.lease.reported
+            || 2 * remote <= evidence.witnesses.len()
+        {
+            return false;
+        }
+        let w = &mut self.lease.witnesses;
+        w.list.clear();
+        w.inherited.clear();
+        w.entered.clear();
+        w.stale = false;
+        for (i, (name, rank)) in evidence.witnesses.into_iter().enumerate() {
+            w.list.push(crate::lease::Witness {
+                id: WitnessId::Gone,
+                rank,
+                acked: None,
+                pinged: None,
+            });
+            if let Some(name) = name.filter(|n| n != own) {
+                w.inherited.push((i, name));
+            }
+        }
+        self.resolve_inherited();
+        info!(name = %self.local.name, witnesses = self.lease.witnesses.list.len(),
+            "inherited the previous generation's witness set");
+        self.update_standing(now);
+        true
+    }
+
+    /// Finds the members of an inherited witness set in the member table
+    /// (by name, whatever their generation: a witness is a place on the
+    /// network); one that is not there, or whose slot changed, has not
+    /// answered yet.
+    fn resolve_inherited(&mut self) {
+        let (index, members) = (&self.index, &self.members);
+        let w = &mut self.lease.witnesses;
+        for (i, name) in &w.inherited {
+            let id = index
+                .get(name, members)
+                .map_or(WitnessId::Unknown, WitnessId::Slot);
+            if let Some(x) = w.list.get_mut(*i)
+                && x.id != id
+            {
+                x.id = id;
+                x.acked = None;
+                x.pinged = None;
+            }
+        }
     }
 
     /// For simulators and restarts: merges a member snapshot as push-pull
@@ -1050,6 +1158,10 @@ impl<R: Rng> Membership<R> {
     fn note(&mut self, slot: u32, was: Option<MemberState>, now: Option<MemberState>) {
         if was != now {
             self.lease.member_changed(slot, was, now);
+        }
+        if (was.is_none() || now.is_none()) && self.lease.inherited() {
+            // A member entered the table or was reaped from it.
+            self.resolve_inherited();
         }
     }
 

@@ -2750,3 +2750,119 @@ fn clusters_of_one_and_two_have_one_witness() {
         }
     }
 }
+
+/// Node `a` of `all` reborn as generation 101 (same address), knowing the
+/// others alive, with `evidence` inherited if given.
+fn reborn_node(all: &[&str], evidence: Option<crate::LeaseEvidence>, now: Instant) -> Node {
+    let port = |n: &str| 10 + all.iter().position(|x| *x == n).unwrap() as u16;
+    let mut node = Membership::new(
+        Config::lan(),
+        LocalNode {
+            generation: 101,
+            ..local("a", port("a"))
+        },
+        SmallRng::seed_from_u64(101),
+        now,
+    )
+    .unwrap();
+    if let Some(evidence) = evidence {
+        assert!(node.inherit_lease(evidence, now));
+    }
+    let msgs: Vec<Message<'_>> = all
+        .iter()
+        .filter(|n| **n != "a")
+        .map(|n| alive(n, 100, 1, port(n)))
+        .collect();
+    deliver(&mut node, &msgs, now);
+    drain_events(&mut node);
+    drain_transmits(&mut node);
+    node
+}
+
+#[test]
+fn a_reborn_node_keeps_its_predecessors_witnesses_and_gets_no_lease_in_a_minority() {
+    use crate::Standing;
+    let start = Instant::now();
+    let all = ["a", "b", "c", "d", "e", "f", "g"];
+    let port = |name: &str| addr(10 + all.iter().position(|x| *x == name).unwrap() as u16);
+    // The predecessor: seven members, seven witnesses, a valid lease.
+    let mut old = cluster_node("a", &all, start);
+    let mut t = start;
+    run_answering(&mut old, &mut t, start + Duration::from_secs(4), &|_| true);
+    assert!(old.standing(t).is_valid());
+    let evidence = old.lease_evidence();
+    assert_eq!(evidence.len(), 7);
+    // Reborn, then cut off with b and c (three of seven): the others are
+    // suspected and declared dead, and it never gets a lease: of its
+    // predecessor's witnesses only b and c answer (the predecessor, a dead
+    // generation, does not count).
+    let minority = [port("b"), port("c")];
+    let reach = |a: SocketAddr| minority.contains(&a);
+    let mut n = reborn_node(&all, Some(evidence.clone()), t);
+    let mut t1 = t;
+    let end = t + Duration::from_secs(20);
+    while t1 < end {
+        let step = t1 + Duration::from_secs(1);
+        run_answering(&mut n, &mut t1, step, &reach);
+        assert!(!n.standing(t1).is_valid(), "{:?}", n.standing(t1));
+    }
+    for name in ["d", "e", "f", "g"] {
+        assert_eq!(n.member(name).unwrap().state, MemberState::Dead, "{name}");
+    }
+    assert_eq!(
+        n.standing(t1),
+        Standing::NoMajority {
+            reachable: 2,
+            reference: 7
+        }
+    );
+    assert!(standing_events(&mut n).iter().all(|s| !s.is_valid()));
+    // A new process in the same place (no evidence) draws its witnesses from
+    // the members it sees alive, only that piece, and gets a lease there:
+    // the gap the inherited set closes for a rebirth.
+    let mut fresh = reborn_node(&all, None, t);
+    let mut t2 = t;
+    run_answering(&mut fresh, &mut t2, end, &reach);
+    assert!(fresh.standing(t2).is_valid(), "{:?}", fresh.standing(t2));
+    assert_eq!(witness_names(&fresh).len(), 3);
+    // With the whole cluster in reach the reborn node gets its lease once the
+    // witnesses' answers held for the takeover delay, and its witness set
+    // then follows the view again (its own new generation included).
+    let mut n = reborn_node(&all, Some(evidence), t);
+    let mut t3 = t;
+    let early = t + n.takeover_delay() - Duration::from_millis(10);
+    run_answering(&mut n, &mut t3, early, &|_| true);
+    assert!(
+        matches!(n.standing(t3), Standing::Returning { .. }),
+        "{:?}",
+        n.standing(t3)
+    );
+    let late = t + n.takeover_delay() + Duration::from_secs(1);
+    run_answering(&mut n, &mut t3, late, &|_| true);
+    assert!(n.standing(t3).is_valid(), "{:?}", n.standing(t3));
+    let mut after = witness_names(&n);
+    after.sort();
+    assert_eq!(after, all.map(String::from).to_vec());
+    assert_eq!(n.lease_evidence().len(), 7);
+}
+
+#[test]
+fn lease_evidence_is_refused_when_it_could_never_give_a_majority() {
+    let start = Instant::now();
+    // Two members: one witness. Whichever it is, a new generation of the
+    // witness could never reach a majority of {its predecessor}: it starts
+    // as a new process does; the other inherits.
+    let all = ["a", "b"];
+    let mut old = cluster_node("a", &all, start);
+    let mut t = start;
+    run_answering(&mut old, &mut t, start + Duration::from_secs(4), &|_| true);
+    let evidence = old.lease_evidence();
+    assert_eq!(evidence.len(), 1);
+    let mut n = reborn_node(&all, None, t);
+    let a_is_witness = witness_names(&old) == ["a"];
+    assert_eq!(n.inherit_lease(evidence.clone(), t), !a_is_witness);
+    // Never from another name, nor empty evidence.
+    let mut other = cluster_node("b", &all, t);
+    assert!(!other.inherit_lease(evidence, t));
+    assert!(!n.inherit_lease(crate::LeaseEvidence::default(), t));
+}
