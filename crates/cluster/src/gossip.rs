@@ -436,6 +436,10 @@ impl MembershipTask {
         for peer in self.transport.peers() {
             self.transport.disconnect(peer.addr);
         }
+        // The old generation's witness set, frozen until the new one's lease
+        // has been valid once: one drawn from the members it sees alive
+        // could give it a lease inside a cut-off piece.
+        membership.inherit_lease(self.membership.lease_evidence(), now);
         membership.join(&targets, now);
         info!(node = %self.name, old = old.generation, generation, targets = targets.len(),
             "declared dead: rejoining as a new generation");

@@ -1449,8 +1449,10 @@ impl<A: Application> Sim<A> {
     /// The process, declared dead by the cluster, comes back as a new
     /// generation of itself: a new membership (not ready) that joins
     /// through every member the old one knew, in any state, and a few
-    /// live seeds; the old generation counts as stopped (not crashed). The
-    /// application instance stays and hears [`Application::on_reborn`].
+    /// live seeds, with the old one's witness set
+    /// (`Membership::inherit_lease`); the old generation counts as stopped
+    /// (not crashed). The application instance stays and hears
+    /// [`Application::on_reborn`].
     fn rebirth(&mut self, p: &mut Proc<A>) {
         if p.leaving {
             return;
@@ -1498,6 +1500,9 @@ impl<A: Application> Sim<A> {
             targets = targets.len(),
             "reborn"
         );
+        // Its predecessor's witness set, frozen until its own lease has
+        // been valid once (not one drawn from what it sees alive).
+        membership.inherit_lease(p.membership.lease_evidence(), now);
         if !targets.is_empty() {
             membership.join(&targets, now);
         }
