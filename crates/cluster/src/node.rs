@@ -750,13 +750,7 @@ impl Node {
             return;
         }
         self.shared.transport.sever();
-        let tasks = std::mem::take(
-            &mut *self
-                .shared
-                .tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let tasks = self.take_tasks();
         for task in &tasks {
             task.abort();
         }
@@ -765,6 +759,17 @@ impl Node {
         }
         self.shared.transport.shutdown().await;
         warn!(node = %self.shared.name, "node crashed (severed and aborted)");
+    }
+
+    /// The node's tasks, taken once (by `shutdown` or `crash`).
+    fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Stops the node at once: the driver ends, the transport closes. Other
@@ -779,13 +784,7 @@ impl Node {
             .membership_tx
             .send(MembershipCommand::Shutdown)
             .await;
-        let tasks = std::mem::take(
-            &mut *self
-                .shared
-                .tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let tasks = self.take_tasks();
         for task in tasks {
             let _ = task.await;
         }

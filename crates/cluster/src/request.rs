@@ -183,22 +183,8 @@ impl<Q: Serialize, R: DeserializeOwned> Requester<Q, R> {
         request: &Q,
         timeout: Duration,
     ) -> Result<R, RequestError> {
-        let body = postcard::to_allocvec(request).map_err(SendError::from)?;
-        let (guard, rx) = self.pending.open()?;
-        let ask = Ask {
-            asker: self.me.to_string(),
-            corr: guard.corr,
-            body,
-        };
-        let exchange = async {
-            self.asks.send_to_owner(datum_type, id, &ask).await?;
-            await_answer(rx, None).await
-        };
-        let outcome = tokio::time::timeout(timeout, exchange)
+        self.exchange(AskTo::Owner(datum_type, id), request, timeout)
             .await
-            .map_err(|_| RequestError::Timeout(timeout))?;
-        drop(guard);
-        decode_answer(outcome?)
     }
 
     /// Asks the node named `node` (this node too) and waits for its answer.
@@ -207,6 +193,17 @@ impl<Q: Serialize, R: DeserializeOwned> Requester<Q, R> {
     /// As [`Requester::ask_owner`], and [`RequestError::PeerGone`] when
     /// `node` leaves the live view (dies or leaves) before it answered.
     pub async fn ask(&self, node: &str, request: &Q, timeout: Duration) -> Result<R, RequestError> {
+        self.exchange(AskTo::Node(node), request, timeout).await
+    }
+
+    /// Sends one ask to `to` and waits (all within `timeout`) for its
+    /// answer; the pending entry goes however the wait ends.
+    async fn exchange(
+        &self,
+        to: AskTo<'_>,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<R, RequestError> {
         let body = postcard::to_allocvec(request).map_err(SendError::from)?;
         let (guard, rx) = self.pending.open()?;
         let ask = Ask {
@@ -214,10 +211,18 @@ impl<Q: Serialize, R: DeserializeOwned> Requester<Q, R> {
             corr: guard.corr,
             body,
         };
-        let watch_gone = (node != &*self.me).then(|| (node, self.view.clone()));
         let exchange = async {
-            self.asks.send_to(node, &ask).await?;
-            await_answer(rx, watch_gone).await
+            match to {
+                AskTo::Owner(datum_type, id) => {
+                    self.asks.send_to_owner(datum_type, id, &ask).await?;
+                    await_answer(rx, None).await
+                }
+                AskTo::Node(node) => {
+                    self.asks.send_to(node, &ask).await?;
+                    let gone = (node != &*self.me).then(|| (node, self.view.clone()));
+                    await_answer(rx, gone).await
+                }
+            }
         };
         let outcome = tokio::time::timeout(timeout, exchange)
             .await
@@ -236,6 +241,15 @@ impl<Q: Serialize, R: DeserializeOwned> Requester<Q, R> {
     pub fn pending(&self) -> usize {
         self.pending.lock().len()
     }
+}
+
+/// Where an ask goes.
+#[derive(Clone, Copy)]
+enum AskTo<'a> {
+    /// The owner of datum `(type, id)`, routed.
+    Owner(&'a str, i64),
+    /// A named node.
+    Node(&'a str),
 }
 
 /// Waits for the answer; with `gone`, fails once that node is no longer a

@@ -88,4 +88,4 @@ pub use sim::{
     Action, DetectionTimes, DisseminationTimes, LeaseReport, Sim, SimConfig, Traffic, Violation,
     node_name,
 };
-pub use util::{TraceHash, peak_rss_bytes};
+pub use util::{TraceHash, peak_rss_bytes, run_seeds};

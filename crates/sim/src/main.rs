@@ -11,7 +11,7 @@ use clap::ValueEnum;
 use shoal_placement::Strategy;
 use shoal_sim::scenario::{self, Report};
 use shoal_sim::transition_app::{self, TransitionOptions, TransitionReport, TransitionScenario};
-use shoal_sim::{Profile, ScenarioKind, ScenarioOptions};
+use shoal_sim::{Profile, ScenarioKind, ScenarioOptions, run_seeds};
 
 /// Which layers the simulated nodes run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -252,40 +252,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
         .unwrap_or_else(|| "unknown panic".to_string())
-}
-
-/// Runs `run(i)` for `i` in `0..runs` on `jobs` threads; results come back
-/// in order of `i`.
-fn run_seeds<R: Send>(runs: u64, jobs: usize, run: impl Fn(u64) -> R + Sync) -> Vec<R> {
-    let next = std::sync::atomic::AtomicU64::new(0);
-    let mut results: Vec<(u64, R)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..jobs)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= runs {
-                            break;
-                        }
-                        mine.push((i, run(i)));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    eprintln!("shoal-sim: a campaign worker died; its runs are missing");
-                    std::process::exit(1)
-                })
-            })
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Runs `runs` seeds on `jobs` threads; reports come back in seed order.

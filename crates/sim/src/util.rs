@@ -1,4 +1,5 @@
-//! Seed derivation and the running hash of the event trace.
+//! Seed derivation, the running hash of the event trace, and campaigns of
+//! seeds on several threads.
 
 /// The splitmix64 finaliser: a fast bijective mix of 64 bits.
 pub(crate) fn mix64(mut z: u64) -> u64 {
@@ -59,6 +60,40 @@ pub fn peak_rss_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
+}
+
+/// Runs `run(i)` for `i` in `0..runs` on `jobs` threads (at least one);
+/// results come back in order of `i`. A panic in `run` is raised again here
+/// once the other workers stopped (wrap `run` in `catch_unwind` to turn it
+/// into a result instead).
+pub fn run_seeds<R: Send>(runs: u64, jobs: usize, run: impl Fn(u64) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let mut results: Vec<(u64, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..jobs.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= runs {
+                            break;
+                        }
+                        mine.push((i, run(i)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]

@@ -34,29 +34,9 @@ fn options(scenario: TransitionScenario, seed: u64) -> TransitionOptions {
 }
 
 fn campaign(scenario: TransitionScenario) -> Vec<TransitionReport> {
-    let runs = seeds();
-    let next = std::sync::atomic::AtomicU64::new(0);
-    let mut reports: Vec<TransitionReport> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= runs {
-                            return mine;
-                        }
-                        mine.push(transition_app::run(&options(scenario, i + 1)));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
+    let reports = shoal_sim::run_seeds(seeds(), 2, |i| {
+        transition_app::run(&options(scenario, i + 1))
     });
-    reports.sort_by_key(|r| r.seed);
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.ok)
