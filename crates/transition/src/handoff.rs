@@ -406,9 +406,10 @@ pub struct Handoff<W = Vec<u8>> {
     /// transport reported failed although it was delivered, re-sent) is
     /// refused: its token is spent. Kept `2 × timeout` (see `taken_order`).
     taken: HashMap<Datum, (u64, u64), DetState>,
-    /// For a datum whose acquire is queued after a notice: the node that
-    /// sent it (the previous owner, given in [`Job::previous`]).
-    previous: HashMap<Datum, NodeId, DetState>,
+    /// The senders of the notices in `taken`, by their key: the previous
+    /// owner an acquire after a handoff names ([`Job::previous`]). One entry
+    /// per sender, cleared once `taken` is empty.
+    sender_names: HashMap<u64, NodeId, DetState>,
     /// When each entry of `taken` was made, oldest first, to forget it.
     taken_order: VecDeque<(Instant, Datum, u64)>,
     /// Datums this node is primary of and waits for, whose token it sent
@@ -515,7 +516,7 @@ impl<W> Handoff<W> {
             next_send: 0,
             retrying: HashMap::default(),
             taken: HashMap::default(),
-            previous: HashMap::default(),
+            sender_names: HashMap::default(),
             taken_order: VecDeque::new(),
             returning: HashMap::default(),
             next_retry: 0,
@@ -980,7 +981,6 @@ impl<W> Handoff<W> {
         }
         self.acquire_superseded.remove(&datum);
         self.returning.remove(&datum);
-        self.previous.remove(&datum);
         if let Some(work) = self.held.remove(&datum) {
             self.held_total = self.held_total.saturating_sub(work.len());
             self.releases.push_back(Release {
@@ -1745,7 +1745,7 @@ impl<W> Handoff<W> {
                     attempt: u32::from(s.attempt) + 1,
                     token: FencingToken(s.token),
                     reason: s.reason,
-                    previous: self.previous.remove(&d),
+                    previous: self.previous_owner(d, s.reason),
                     flight: s.flight,
                 });
             }
@@ -2097,9 +2097,6 @@ impl<W> Handoff<W> {
                     Source::Relinquished | Source::Reroute => JobReason::Returned,
                 };
                 self.registry.modify(&d, |s| s.reason = why);
-                if why != JobReason::Handoff {
-                    self.previous.remove(&d);
-                }
                 let reason = match source {
                     Source::Timeout => {
                         self.counters.acquired_after_timeout += 1;
@@ -2125,7 +2122,6 @@ impl<W> Handoff<W> {
                 }
             }
             Primary::Other(i) => {
-                self.previous.remove(&d);
                 if matches!(source, Source::Notice | Source::OwnerGone) {
                     self.counters.notices_relayed += 1;
                 }
@@ -2363,7 +2359,9 @@ impl<W> Handoff<W> {
     }
 
     fn note_taken(&mut self, d: Datum, src: Src<'_>, now: Instant) {
-        self.previous.insert(d, src.node.clone());
+        self.sender_names
+            .entry(src.key)
+            .or_insert_with(|| src.node.clone());
         self.taken.insert(d, (src.key, src.epoch));
         self.taken_order.push_back((now, d, src.epoch));
     }
@@ -3043,6 +3041,16 @@ impl<W> Handoff<W> {
         }
     }
 
+    /// For an acquire after a handoff: the sender of the notice taken for
+    /// `d` (kept `2 × timeout`, see `taken`).
+    fn previous_owner(&self, d: Datum, reason: JobReason) -> Option<NodeId> {
+        if reason != JobReason::Handoff {
+            return None;
+        }
+        let (key, _) = self.taken.get(&d)?;
+        self.sender_names.get(key).cloned()
+    }
+
     fn prune(&mut self, now: Instant) {
         let timeout = self.config.timeout;
         // A copy of a notice comes at most `timeout` after its sender's view
@@ -3057,6 +3065,9 @@ impl<W> Handoff<W> {
             if self.taken.get(&d).is_some_and(|&(_, e)| e == epoch) {
                 self.taken.remove(&d);
             }
+        }
+        if self.taken.is_empty() {
+            self.sender_names.clear();
         }
         while self.history.len() > self.config.max_history {
             self.history.pop_back();
