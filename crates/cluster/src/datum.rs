@@ -139,3 +139,47 @@ impl<D: DistDatum> ErasedDatum for D {
         Box::pin(async move { self.acquire(ctx).await })
     }
 }
+
+/// How an application callback (`relinquish`, `acquire`) failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallbackFailure {
+    /// It returned an error.
+    #[error("{0}")]
+    Error(String),
+    /// It panicked; the panic was caught and the driver goes on.
+    #[error("panicked: {0}")]
+    Panicked(String),
+}
+
+/// A job's future that turns a panic of the application's code into a
+/// [`CallbackFailure::Panicked`] instead of unwinding into the driver (an
+/// inline poll) or ending the job's task without a report (the datum would
+/// stay in flight forever).
+pub(crate) struct CatchPanic(pub(crate) JobFuture);
+
+impl Future for CatchPanic {
+    type Output = Result<(), CallbackFailure>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let fut = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(CallbackFailure::Error(e.to_string()))),
+            Err(panic) => Poll::Ready(Err(CallbackFailure::Panicked(panic_message(&*panic)))),
+        }
+    }
+}
+
+/// The message of a caught panic, when it carries one.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

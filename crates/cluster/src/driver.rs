@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -29,7 +30,9 @@ use tracing::{debug, info, trace, warn};
 
 use crate::channel::{ChannelTable, Delivery};
 use crate::config::{NodeConfig, TransitionMode};
-use crate::datum::{ErasedDatum, Factory, HandoffContext};
+use crate::datum::{
+    CallbackFailure, CatchPanic, ErasedDatum, Factory, HandoffContext, panic_message,
+};
 use crate::error::Error;
 use crate::gossip::{FromMembership, MembershipSnapshot};
 use crate::lease::LeaseCell;
@@ -227,6 +230,8 @@ pub(crate) struct Counts {
     pub(crate) datagrams_dropped: AtomicU64,
     pub(crate) malformed: AtomicU64,
     jobs_started: AtomicU64,
+    /// Relinquish / acquire callbacks and factories that panicked.
+    callback_panics: AtomicU64,
     /// Set once a leaving node's driver stopped: routed messages that
     /// arrive are refused from then on.
     pub(crate) refusing: AtomicBool,
@@ -237,6 +242,23 @@ pub(crate) struct Counts {
 impl Counts {
     pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A job's outcome as the handoff takes it; a panic is counted and
+    /// logged, then fails the job as an error would.
+    fn job_result(
+        &self,
+        node: &str,
+        datum: Datum,
+        kind: JobKind,
+        result: Result<(), CallbackFailure>,
+    ) -> Result<(), String> {
+        if let Err(failure @ CallbackFailure::Panicked(_)) = &result {
+            Self::inc(&self.callback_panics);
+            metrics::counter!("shoal_callback_panics_total").increment(1);
+            warn!(%node, %datum, ?kind, %failure, "application callback panicked: the job fails");
+        }
+        result.map_err(|e| e.to_string())
     }
 
     /// Counts `n` routed messages dropped for `reason`.
@@ -283,6 +305,7 @@ impl Counts {
             datagrams_dropped: g(&self.datagrams_dropped),
             malformed: g(&self.malformed),
             jobs_started: g(&self.jobs_started),
+            callback_panics: g(&self.callback_panics),
         }
     }
 }
@@ -787,18 +810,19 @@ impl Driver {
                 reason: job.reason,
                 previous: job.previous.clone(),
             };
-            let mut fut = match job.kind {
+            let kind = job.kind;
+            let mut fut = CatchPanic(match kind {
                 JobKind::Relinquish => datum.relinquish_boxed(ctx),
                 JobKind::Acquire => datum.acquire_boxed(ctx),
-            };
+            });
             if self.config.limits.inline_first_poll {
                 // Poll once here: a job that completes without waiting (an
                 // in-memory flush, a no-op) costs no task and no queue hop.
                 // One that waits continues as a task from where it stopped.
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                if let std::task::Poll::Ready(result) = fut.as_mut().poll(&mut cx) {
-                    self.handoff
-                        .job_done(job, result.map_err(|e| e.to_string()), now);
+                if let std::task::Poll::Ready(result) = Pin::new(&mut fut).poll(&mut cx) {
+                    let result = self.counts.job_result(&self.name, job.datum, kind, result);
+                    self.handoff.job_done(job, result, now);
                     inline_budget -= 1;
                     if inline_budget == 0 {
                         // Let probes and messages in before the next slice.
@@ -809,8 +833,11 @@ impl Driver {
             }
             let tx = self.job_tx.clone();
             let instance = self.instance;
+            let counts = Arc::clone(&self.counts);
+            let name = Arc::clone(&self.name);
             tokio::spawn(async move {
-                let result = fut.await.map_err(|e| e.to_string());
+                let result = fut.await;
+                let result = counts.job_result(&name, job.datum, kind, result);
                 let _ = tx
                     .send(JobDone {
                         instance,
@@ -1376,7 +1403,15 @@ impl Driver {
     fn make_on_demand(&mut self, d: Datum) -> Option<Arc<dyn ErasedDatum>> {
         let name = self.handoff.type_name(d.ty)?;
         let factory = self.factories.get(name)?;
-        let datum = factory(d.id);
+        let datum = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory(d.id))) {
+            Ok(datum) => datum,
+            Err(panic) => {
+                Counts::inc(&self.counts.callback_panics);
+                warn!(node = %self.name, datum_type = name, id = d.id,
+                    panic = %panic_message(&*panic), "the factory panicked: datum not made");
+                return None;
+            }
+        };
         if datum.id() != d.id || datum.type_name() != name {
             warn!(node = %self.name, datum_type = name, id = d.id, made = %datum.name(),
                 "the factory made another datum than the one asked for");

@@ -238,17 +238,22 @@ impl Node {
             events_tx,
             lease,
         );
+        let driver_task = tokio::spawn(driver.run(
+            queues,
+            DriverInputs {
+                messages,
+                membership_tx: packets_tx,
+                membership_rx: events_rx,
+                cmd_rx,
+                owner_rx,
+            },
+        ));
         let tasks = vec![
             tokio::spawn(gossip.run(datagrams, packets_rx, membership_cmd_rx)),
-            tokio::spawn(driver.run(
-                queues,
-                DriverInputs {
-                    messages,
-                    membership_tx: packets_tx,
-                    membership_rx: events_rx,
-                    cmd_rx,
-                    owner_rx,
-                },
+            tokio::spawn(watch_driver(
+                driver_task,
+                membership_tx.clone(),
+                name.clone(),
             )),
         ];
         info!(node = %name, %addr, generation, "node started");
@@ -791,4 +796,37 @@ impl Node {
         self.shared.transport.shutdown().await;
         info!(node = %self.shared.name, "node shut down");
     }
+}
+
+/// Aborts a task when dropped (the watcher of a task is aborted by `crash`).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits for the driver's task. The driver ends by itself only when told
+/// (shutdown, the last step of a leave); if it ends by a panic instead (a
+/// bug: the application's callbacks are caught in the driver), the node
+/// can no longer hand datums over, so membership stops announcing it ready
+/// and the others place its datums elsewhere.
+async fn watch_driver(
+    task: JoinHandle<()>,
+    membership_tx: mpsc::Sender<MembershipCommand>,
+    name: NodeName,
+) {
+    let _abort = AbortOnDrop(task.abort_handle());
+    let Err(error) = task.await else { return };
+    if !error.is_panic() {
+        return;
+    }
+    let panic = crate::datum::panic_message(&*error.into_panic());
+    tracing::error!(node = %name, %panic, "the driver panicked: this node is no longer ready");
+    metrics::counter!("shoal_task_panics_total", "task" => "driver").increment(1);
+    let (tx, _rx) = oneshot::channel();
+    let _ = membership_tx
+        .send(MembershipCommand::SetReady(false, tx))
+        .await;
 }

@@ -192,6 +192,11 @@ pub struct FacadeCounters {
     pub malformed: u64,
     /// Relinquish and acquire jobs started.
     pub jobs_started: u64,
+    /// Relinquish and acquire callbacks (and datum factories) that
+    /// panicked. The panic is caught: the job fails as if the callback had
+    /// returned an error (a relinquish is retried, an acquire reported as
+    /// failed), and the driver goes on.
+    pub callback_panics: u64,
 }
 
 /// Messages for datum owners dropped on this node, by reason. Each is also
