@@ -63,8 +63,9 @@ pub(crate) struct Budgets {
 /// Budget held by inbound messages (or a response) until the application
 /// takes them: dropping it gives the bytes and the queue slots back. The
 /// messages decoded from one read of the shared stream share one charge
-/// (carried by the last of them, so released when that one is taken: never
-/// sooner than each one's own), which keeps the cost per message low.
+/// (released when the last of them is taken: never sooner than each one's
+/// own), which keeps the cost per message low; a consumer that holds a
+/// body further splits the message's own part off (`split_off`).
 #[derive(Debug)]
 pub(crate) struct Charge {
     global: Arc<Semaphore>,
@@ -86,6 +87,25 @@ impl Charge {
     pub(crate) fn shrink_to(&mut self, keep: usize) {
         let extra = self.bytes.saturating_sub(keep);
         self.give_back(extra, 0);
+    }
+
+    /// Moves up to `bytes` of this charge into a charge of their own (the
+    /// budgets neither grow nor shrink) and gives one queue slot back: a
+    /// message taken from the inbound queue by a consumer that holds its
+    /// body further. Its bytes stay charged until that body is dropped,
+    /// independently of the messages decoded with it.
+    pub(crate) fn split_off(&mut self, bytes: usize) -> Charge {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        self.give_back(0, 1);
+        Charge {
+            global: Arc::clone(&self.global),
+            peer: Arc::clone(&self.peer),
+            slots: Arc::clone(&self.slots),
+            bytes,
+            nslots: 0,
+            share: Arc::clone(&self.share),
+        }
     }
 
     /// Gives back `bytes` and `slots` (a message charged, then refused).
@@ -182,6 +202,17 @@ impl Budgets {
         charge.bytes += n as usize;
         charge.nslots += 1;
         true
+    }
+
+    /// Charges a message of `bytes` (overhead included) if the budgets have
+    /// room now.
+    pub(crate) fn try_message(&self, share: &Arc<PeerBudget>, bytes: usize) -> Option<Charge> {
+        let mut charge = self.empty(share);
+        if !self.try_add(&mut charge, bytes) {
+            return None;
+        }
+        self.note_peak();
+        Some(charge)
     }
 
     /// Charges a message of `bytes` (overhead included), waiting for room:

@@ -1057,7 +1057,7 @@ async fn read_frame(
         len.max(inspected.size)
     } + overhead;
     let charge = match charging {
-        Charging::Message => inner.budgets.message(&pc.share, want).await,
+        Charging::Message => charge_message(inner, &pc.share, want).await,
         Charging::Response => inner.budgets.response(&pc.share, want).await,
     };
     let mut charge = charge.ok_or(ReadFrameError::Gone)?;
@@ -1732,7 +1732,7 @@ async fn decode_buffered(
             if deliver_all(inner, ready).await.is_err() {
                 return Pass::Gone;
             }
-            match inner.budgets.message(&pc.share, want).await {
+            match charge_message(inner, &pc.share, want).await {
                 Some(c) => ready.charge = c,
                 None => return Pass::Gone,
             }
@@ -1753,6 +1753,16 @@ async fn decode_buffered(
     }
 }
 
+/// Charges a message of `want` bytes to `share`, waiting for room (counted
+/// in `inbound_budget_waits` when it must wait).
+async fn charge_message(inner: &Inner, share: &Arc<PeerBudget>, want: usize) -> Option<Charge> {
+    if let Some(charge) = inner.budgets.try_message(share, want) {
+        return Some(charge);
+    }
+    Stats::inc(&inner.stats.inbound_budget_waits);
+    inner.budgets.message(share, want).await
+}
+
 /// Hands decoded messages to the inbound queue, reserving room for many at
 /// once (one wait per batch rather than per message). Waits while the queue
 /// is full: that is the backpressure.
@@ -1763,20 +1773,17 @@ async fn deliver_all(inner: &Inner, ready: &mut Ready) -> Result<(), ()> {
     }
     inner.budgets.note_peak();
     let fresh = inner.budgets.empty(ready.charge.share());
-    let mut charge = Some(std::mem::replace(&mut ready.charge, fresh));
+    let charge = Arc::new(Mutex::new(std::mem::replace(&mut ready.charge, fresh)));
     let tx = &inner.messages_tx;
     let cap = tx.max_capacity().max(1);
     while !ready.msgs.is_empty() {
         let n = ready.msgs.len().min(cap);
         let permits = tx.reserve_many(n).await.map_err(|_| ())?;
         Stats::add(&inner.stats.messages_received, n as u64);
-        let last = ready.msgs.len() == n;
-        for (i, (permit, msg)) in permits.zip(ready.msgs.drain(..n)).enumerate() {
-            // The queue is FIFO: the batch's last message is taken last.
-            let carry = last && i + 1 == n;
+        for (permit, msg) in permits.zip(ready.msgs.drain(..n)) {
             permit.send(Charged {
                 msg,
-                _charge: if carry { charge.take() } else { None },
+                charge: Some(Arc::clone(&charge)),
             });
         }
     }
@@ -1883,7 +1890,7 @@ async fn handle_bi(
     Stats::inc(&inner.stats.messages_received);
     let charged = Charged {
         msg,
-        _charge: Some(d.charge),
+        charge: Some(Arc::new(Mutex::new(d.charge))),
     };
     if inner.messages_tx.send(charged).await.is_err() {
         if let Some(mut send) = verdict {

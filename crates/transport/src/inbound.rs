@@ -1,12 +1,12 @@
 //! What the transport delivers to the application, and how requests are
 //! answered.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::budget::{Charge, DatagramSlot};
+use crate::budget::{Charge, DatagramSlot, MESSAGE_OVERHEAD};
 use crate::endpoint::{BusyGuard, Inner};
 use crate::error::TransportError;
 use crate::frame::code;
@@ -41,8 +41,41 @@ pub struct Message {
 #[derive(Debug)]
 pub(crate) struct Charged {
     pub(crate) msg: Message,
-    /// Messages queued together share one charge, carried by the last.
-    pub(crate) _charge: Option<Charge>,
+    /// Messages decoded together share one charge, released when the last
+    /// of them is taken (or, through [`MessageReceiver::recv_held`], when
+    /// the last of their bodies is dropped).
+    pub(crate) charge: Option<Arc<Mutex<Charge>>>,
+}
+
+/// A message body that holds its share of the inbound budget until every
+/// copy and slice of it is dropped (see [`MessageReceiver::recv_held`]).
+struct HeldBody {
+    body: Bytes,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl Charged {
+    /// The message, its body now holding the charge.
+    fn into_held(self) -> Message {
+        let Charged { mut msg, charge } = self;
+        if let Some(shared) = charge {
+            let own = shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .split_off(msg.body.len() + MESSAGE_OVERHEAD);
+            msg.body = Bytes::from_owner(HeldBody {
+                body: msg.body,
+                _charge: own,
+            });
+        }
+        msg
+    }
 }
 
 /// A datagram in the inbound queue with its slot in its sender's share.
@@ -239,6 +272,20 @@ impl MessageReceiver {
     /// The next message; `None` after shutdown.
     pub async fn recv(&mut self) -> Option<Message> {
         recv_or_shut(&mut self.0, &mut self.1).await
+    }
+
+    /// The next message, whose body keeps holding the message's inbound
+    /// budget (its sender's share included) until the body and every
+    /// slice or clone of it are dropped, rather than until this call: for
+    /// a consumer that queues messages further (the budget then bounds its
+    /// queues too, and is given back when its own consumer is done with
+    /// them). `None` after shutdown.
+    pub async fn recv_held(&mut self) -> Option<Message> {
+        tokio::select! {
+            biased;
+            item = self.0.recv() => item.map(Charged::into_held),
+            () = shut_down(&mut self.1) => self.0.try_recv().ok().map(Charged::into_held),
+        }
     }
 
     /// Takes up to `limit` waiting messages into `out` (waiting for at least

@@ -77,6 +77,12 @@ counters! {
     frames_timed_out,
     /// Connections closed because they had `max_refusals` frames refused.
     connections_closed_for_abuse,
+    /// Times a stream reader had to wait before reading a message's body
+    /// because the inbound byte or count budget, or its sender's share of
+    /// it, was full (the application, or a consumer holding bodies from
+    /// `MessageReceiver::recv_held`, had not taken enough yet): the sender
+    /// is pushed back by QUIC flow control meanwhile.
+    inbound_budget_waits,
     /// Frame and datagram bytes written (headers included).
     bytes_sent,
     /// Frame and datagram bytes read (headers included).

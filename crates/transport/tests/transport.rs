@@ -1219,3 +1219,78 @@ async fn unread_messages_push_back_by_bytes_and_lose_nothing() {
     assert_eq!(a.stats().messages_lost, 0);
     assert_eq!(b.inbound_bytes_charged(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_past_recv_keep_their_budget_until_dropped() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.max_message_size = 1 << 20;
+    cfg.inbound_bytes = 3 << 20; // 1.5 MiB per peer
+    cfg.send_queue_bytes = 256 * 1024;
+    let (a, _a_in) = start(&ids[0], cfg.clone());
+    let (b, b_in) = start(&ids[1], cfg);
+    let to_b = dest_of(&b);
+    let share = 3 << 19;
+    let size = 32 * 1024;
+    // b's consumer takes every message at once and queues it further (a
+    // reader downstream that is stuck): without its budget held, it would
+    // take all 400 (12.5 MiB) and the sender would never be pushed back.
+    let (mut messages, _datagrams) = b_in.split();
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = tokio::spawn(async move {
+        while let Some(m) = messages.recv_held().await {
+            if held_tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    let body = |i: u32| noise(size, i + 1);
+    let mut accepted = 0u32;
+    let mut full_in_a_row = 0;
+    within(async {
+        while full_in_a_row < 3 && accepted < 400 {
+            match a.send(&to_b, 1, body(accepted), WhenFull::Fail).await {
+                Ok(()) => {
+                    accepted += 1;
+                    full_in_a_row = 0;
+                }
+                Err(TransportError::QueueFull { .. }) => {
+                    full_in_a_row += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(accepted < 400, "the sender was never pushed back");
+    let mut held = Vec::new();
+    while let Ok(m) = held_rx.try_recv() {
+        held.push(m);
+    }
+    let held_bytes: usize = held.iter().map(|m| m.body.len()).sum();
+    assert!(
+        held_bytes <= share,
+        "{held_bytes} bytes held past the budget"
+    );
+    let charged = b.inbound_bytes_charged();
+    assert!(
+        charged >= held_bytes && charged <= share,
+        "{charged} charged, {held_bytes} held"
+    );
+    assert!(b.stats().inbound_budget_waits > 0);
+    // Dropping the bodies lets the rest in, in order.
+    let mut i = 0;
+    for m in held.drain(..) {
+        assert!(m.body == body(i), "message {i} lost or reordered");
+        i += 1;
+    }
+    while i < accepted {
+        let m = within(held_rx.recv()).await.unwrap();
+        assert!(m.body == body(i), "message {i} lost or reordered");
+        i += 1;
+    }
+    eventually("every budget given back", || b.inbound_bytes_charged() == 0).await;
+    assert_eq!(a.stats().messages_lost, 0);
+    consumer.abort();
+}
