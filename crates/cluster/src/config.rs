@@ -195,12 +195,27 @@ pub struct Limits {
     /// Commands from API handles waiting for the driver. When full, API
     /// calls wait for room.
     pub command_queue: usize,
-    /// Messages for datum owners (`send_to_owner`) waiting for the driver.
-    /// When full, `send_to_owner` waits (backpressure).
+    /// Messages for datum owners waiting for the driver, from this node's
+    /// `send_to_owner` calls and (a queue of their own) from peers. When
+    /// full, `send_to_owner` waits, and so does the reading of peers'
+    /// messages (backpressure). Messages from peers also hold their bytes
+    /// in `inbound_bytes` while they wait.
     pub owner_queue: usize,
     /// Received messages waiting per typed channel. When full, the node stops
     /// reading from the network, and QUIC flow control makes senders wait.
+    /// Messages from peers also hold their bytes in `inbound_bytes` until
+    /// the application takes them.
     pub channel_queue: usize,
+    /// Bytes of messages from peers (decompressed, plus 128 bytes each) this
+    /// node holds at once: from the moment the transport reads a message's
+    /// header until its consumer is done with it, wherever it waits (the
+    /// transport's queue, the membership, notice and owner-routed queues,
+    /// a channel's queue, held or parked work, early notices). One peer
+    /// gets at most half. When full, the node stops reading that peer's (or
+    /// every peer's) messages and QUIC flow control makes the senders wait;
+    /// each wait is counted (`Snapshot::transport.inbound_budget_waits`).
+    /// At least 4 × `max_message` is used. Default 64 MiB.
+    pub inbound_bytes: usize,
     /// Items waiting per peer to be handed to the transport. When full,
     /// membership datagrams are dropped (counted; SWIM tolerates loss) and
     /// messages wait in the driver's backlog, which pauses intake of new
@@ -233,6 +248,7 @@ impl Default for Limits {
             command_queue: 1024,
             owner_queue: 8192,
             channel_queue: 8192,
+            inbound_bytes: 64 << 20,
             peer_queue: 8192,
             hold_capacity: 65_536,
             max_relinquish_jobs: 256,

@@ -381,6 +381,9 @@ struct EarlyNotice {
     peer: Peer,
     batch: NoticeBatch,
     reply: Option<Responder>,
+    /// The batch as received: holds its inbound budget in the transport
+    /// while the batch waits here (at most `MAX_EARLY_NOTICES` batches).
+    _wire: Bytes,
 }
 
 /// How long a notice batch for a view not in force here waits for that view.
@@ -1501,6 +1504,7 @@ impl Driver {
                 peer,
                 batch,
                 reply,
+                _wire: bytes,
             });
             return;
         }
@@ -1575,7 +1579,10 @@ impl Driver {
     fn on_routed_in(&mut self, item: RoutedIn, now: Instant) {
         match item {
             RoutedIn::Routed(peer, bytes, reply) => {
-                match Routed::decode(&bytes, self.config.limits.max_message) {
+                // The payload stays a slice of the received bytes, which
+                // hold the transport's inbound budget until the payload is
+                // dropped (taken by the application, or sent on).
+                match Routed::decode_shared(&bytes, self.config.limits.max_message) {
                     Ok(routed) => self.route_message(routed, false, false, now),
                     Err(error) => {
                         Counts::inc(&self.counts.malformed);
@@ -1942,7 +1949,11 @@ async fn dispatch(
     notice_tx: mpsc::Sender<NoticeRequest>,
     routed_tx: mpsc::Sender<RoutedIn>,
 ) {
-    while let Some(m) = messages.recv().await {
+    // Bodies keep their inbound budget until their consumer drops them, so
+    // the transport's byte budget (and each peer's share of it) bounds every
+    // queue below as well: membership, notices, routed, user channels, held
+    // and parked work.
+    while let Some(m) = messages.recv_held().await {
         let refusing = counts.refusing.load(Ordering::SeqCst);
         let delivered = match m.channel {
             // The membership task outlives a closed driver until shutdown.

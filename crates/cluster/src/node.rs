@@ -143,7 +143,10 @@ impl Node {
         let mut tconfig = TransportConfig::default();
         tconfig.max_message_size = config.limits.max_message;
         // Each peer's share (half) of the inbound budget holds two messages.
-        tconfig.inbound_bytes = tconfig
+        // Message bodies hold their budget until the node's consumers are
+        // done with them (the dispatcher uses `recv_held`).
+        tconfig.inbound_bytes = config
+            .limits
             .inbound_bytes
             .max(config.limits.max_message.saturating_mul(4));
         // Membership state and notice batches are large and repetitive: a
@@ -686,6 +689,19 @@ impl Node {
     /// The transport's counters.
     pub fn transport_stats(&self) -> shoal_transport::StatsSnapshot {
         self.shared.transport.stats()
+    }
+
+    /// Bytes of messages from peers this node holds right now (decompressed,
+    /// plus 128 bytes each), from the transport's reading to their
+    /// consumer: at most `limits.inbound_bytes` (or 4 × `limits.max_message`
+    /// if larger), one peer at most half of it.
+    pub fn inbound_bytes_held(&self) -> usize {
+        self.shared.transport.inbound_bytes_charged()
+    }
+
+    /// Of those, the bytes from the peer called `name`.
+    pub fn inbound_bytes_held_by(&self, name: &str) -> usize {
+        NodeName::new(name).map_or(0, |n| self.shared.transport.inbound_bytes_charged_by(&n))
     }
 
     /// Leaves gracefully within `timeout`, as the seed's applications do:

@@ -155,6 +155,24 @@ impl Routed {
     /// # Errors
     /// [`WireError`]; the bytes change nothing.
     pub fn decode(bytes: &[u8], max: usize) -> Result<Routed, WireError> {
+        Self::decode_with(bytes, max, Bytes::copy_from_slice)
+    }
+
+    /// As [`Routed::decode`], but the payload is a slice of `bytes`, not a
+    /// copy: whatever `bytes` holds (the transport's inbound budget, for a
+    /// message from a peer) stays held while the payload lives.
+    ///
+    /// # Errors
+    /// [`WireError`]; the bytes change nothing.
+    pub fn decode_shared(bytes: &Bytes, max: usize) -> Result<Routed, WireError> {
+        Self::decode_with(bytes, max, |p| bytes.slice_ref(p))
+    }
+
+    fn decode_with(
+        bytes: &[u8],
+        max: usize,
+        payload: impl FnOnce(&[u8]) -> Bytes,
+    ) -> Result<Routed, WireError> {
         let (&version, rest) = bytes.split_first().ok_or(WireError::Empty)?;
         if bytes.len() > max {
             return Err(WireError::TooLarge {
@@ -184,7 +202,7 @@ impl Routed {
             id: body.id,
             origin: body.origin.to_owned(),
             hops: body.hops,
-            payload: Bytes::copy_from_slice(body.payload),
+            payload: payload(body.payload),
         })
     }
 }
