@@ -11,12 +11,18 @@
 //! - `cargo xtask sim --virtual [...]` runs the deterministic simulator
 //!   (`shoal-sim`) on a virtual clock and network.
 //!
+//! - `cargo xtask fuzz --seconds N [--target T]` runs every cargo-fuzz
+//!   target (`crates/*/fuzz`) for N seconds on the stable toolchain and
+//!   prints executions, coverage and crashes per target (`fuzz.rs`).
+//!
 //! xtask itself stays light (it only spawns `cargo`), so `cargo xtask` starts
 //! quickly; the heavy work is compiled in release by the commands it runs.
 
 use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
+
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "shoal's project automation")]
@@ -39,6 +45,8 @@ enum Cmd {
         #[arg(last = true)]
         rest: Vec<String>,
     },
+    /// Run every fuzz target for a while; print executions and coverage.
+    Fuzz(fuzz::FuzzArgs),
     /// Run a simulated cluster.
     Sim {
         /// Run the sans-IO layers on a virtual clock and network (shoal-sim).
@@ -86,6 +94,7 @@ fn main() -> ExitCode {
             cmd.args(rest);
             run(cmd)
         }
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::Sim { virtual_net, rest } => {
             let mut cmd = cargo();
             if virtual_net {

@@ -57,4 +57,15 @@ fuzz_target!(|data: &[u8]| {
     }
     // Also the whole input as one packet (covers large push-pull states).
     let _ = node.handle_packet(SocketAddr::from(([127, 0, 0, 1], 7002)), data, t);
+    // The amplification case: what a few hundred bytes of zstd decompress
+    // to (the transport allows ratio 1,024 on the membership channel): the
+    // input repeated up to 4 MiB, as one packet. `-timeout` bounds the CPU
+    // it may cost, `-rss_limit_mb` the memory.
+    if let Some((&pick, unit)) = data.split_first()
+        && pick == 0xA5
+        && !unit.is_empty()
+    {
+        let big: Vec<u8> = unit.iter().copied().cycle().take(4 << 20).collect();
+        let _ = node.handle_packet(SocketAddr::from(([127, 0, 0, 1], 7003)), &big, t);
+    }
 });

@@ -26,6 +26,19 @@ fn tables() -> &'static (Arc<PlacementTable>, Arc<PlacementTable>) {
 
 fuzz_target!(|data: &[u8]| {
     let _ = NoticeBatch::decode(data, &WireLimits::default());
+    // The amplification case: what a small compressed frame decompresses to
+    // (the input repeated up to 4 MiB), decoded with limits as large.
+    if let Some((&pick, unit)) = data.split_first()
+        && pick == 0xA5
+        && !unit.is_empty()
+    {
+        let big: Vec<u8> = unit.iter().copied().cycle().take(4 << 20).collect();
+        let limits = WireLimits {
+            max_bytes: 4 << 20,
+            ..WireLimits::default()
+        };
+        let _ = NoticeBatch::decode(&big, &limits);
+    }
 
     let now = Instant::now();
     let a = NodeId::new("a", 1);
