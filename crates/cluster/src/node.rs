@@ -150,14 +150,23 @@ impl Node {
             .inbound_bytes
             .max(config.limits.max_message.saturating_mul(4));
         // Membership state and notice batches are large and repetitive: a
-        // looser compression ratio than user messages get.
-        tconfig.channel_caps = [wire::CH_MEMBERSHIP, wire::CH_NOTICES]
-            .map(|channel| ChannelCap {
-                channel,
-                max_size: config.limits.max_message,
-                max_ratio: 1024,
-            })
-            .to_vec();
+        // looser compression ratio than user messages get (which keep the
+        // transport's 64), but no larger than what their decoders accept:
+        // a push-pull state of `max_state_size`, a notice batch of the
+        // handoff's `wire.max_bytes`. Anything larger is refused from its
+        // header, before it is read or decompressed.
+        let state_cap = config.timing.membership().max_state_size;
+        let notice_cap = shoal_transition::Config::default().wire.max_bytes;
+        tconfig.channel_caps = [
+            (wire::CH_MEMBERSHIP, state_cap),
+            (wire::CH_NOTICES, notice_cap),
+        ]
+        .map(|(channel, max_size)| ChannelCap {
+            channel,
+            max_size: max_size.min(config.limits.max_message),
+            max_ratio: 1024,
+        })
+        .to_vec();
         let (transport, incoming) = Transport::bind(config.bind, &identity, tconfig)?;
         let addr = match config.advertise {
             Some(a) => a,
