@@ -834,9 +834,12 @@ impl Drop for AbortOnDrop {
 
 /// Waits for the driver's task. The driver ends by itself only when told
 /// (shutdown, the last step of a leave); if it ends by a panic instead (a
-/// bug: the application's callbacks are caught in the driver), the node
-/// can no longer hand datums over, so membership stops announcing it ready
-/// and the others place its datums elsewhere.
+/// bug, or application code the driver runs outside a callback, such as a
+/// datum's `Drop`), the node can no longer hand datums over: membership is
+/// told at once that the node is not ready, and stops as soon as it finds
+/// the driver's queue closed (the others then declare the node failed and
+/// fail its datums over). Without this, membership would notice only at
+/// its next event for the driver.
 async fn watch_driver(
     task: JoinHandle<()>,
     membership_tx: mpsc::Sender<MembershipCommand>,

@@ -151,3 +151,55 @@ async fn panicking_callbacks_fail_their_job_and_the_driver_goes_on() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A datum whose `Drop` panics (application code the driver runs when it
+/// lets go of a datum, outside any callback it could catch).
+struct DropBomb(i64);
+
+impl DistDatum for DropBomb {
+    fn id(&self) -> i64 {
+        self.0
+    }
+    fn type_name(&self) -> &str {
+        "drop-bomb"
+    }
+    async fn relinquish(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
+        Ok(())
+    }
+    async fn acquire(&self, _ctx: HandoffContext) -> Result<(), DatumError> {
+        Ok(())
+    }
+}
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        panic!("datum {} panics when dropped", self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_driver_died_is_no_longer_announced_ready() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, config("a")).await;
+    let b = start(&ca, config("b")).await;
+    join_all(&[a.clone(), b.clone()]).await;
+    a.register([Arc::new(DropBomb(0))]).await.unwrap();
+    a.set_ready(true).await.unwrap();
+    b.set_ready(true).await.unwrap();
+    eventually("both see both ready", || {
+        a.view().ready.len() == 2 && b.view().ready.len() == 2
+    })
+    .await;
+    // Unregistering drops the datum in a's driver: its task ends by a panic.
+    // a can no longer hand datums over: b must stop counting it as ready
+    // (a is marked not ready, and its membership stops: it is declared
+    // failed), and take its datums.
+    let _ = a.unregister("drop-bomb", [0]).await;
+    eventually("b no longer sees a ready", || {
+        b.view().ready.nodes().iter().all(|n| &*n.name != "a")
+    })
+    .await;
+    assert!(matches!(a.progress().await, Err(shoal::Error::Shutdown)));
+    a.shutdown().await;
+    b.shutdown().await;
+}
