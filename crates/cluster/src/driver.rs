@@ -1825,7 +1825,11 @@ impl Driver {
             });
             return;
         }
-        let out = Out::Message(Dest::node(name, addr), CH_ROUTED, routed.encode());
+        // The encoded copy keeps the payload it was made from, so a message
+        // from a peer keeps its inbound budget while it waits to be sent on
+        // (the per-peer queue, the backlog, the transport's send queue).
+        let body = holding(routed.encode(), routed.payload);
+        let out = Out::Message(Dest::node(name, addr), CH_ROUTED, body);
         self.push(Pending::Peer(addr, out));
     }
 
@@ -1899,6 +1903,20 @@ impl Driver {
             }
         }
     }
+}
+
+/// `bytes` that keep `hold` alive as long as they (or a slice of them) live.
+fn holding(bytes: Bytes, hold: Bytes) -> Bytes {
+    struct Holding {
+        bytes: Bytes,
+        _hold: Bytes,
+    }
+    impl AsRef<[u8]> for Holding {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+    Bytes::from_owner(Holding { bytes, _hold: hold })
 }
 
 /// Sends one peer's queued items through the transport, in order. A routed
