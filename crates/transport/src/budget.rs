@@ -5,7 +5,8 @@
 //! against the endpoint-wide byte budget and the sender's share of it, and
 //! one slot of the sender's share of the message queue. The charge travels
 //! with the message through the inbound queue and is released when the
-//! application takes the message from [`crate::Incoming`]. A reader that
+//! application takes the message from [`crate::Incoming`] (or, taken with
+//! [`crate::MessageReceiver::recv_held`], when its body is dropped). A reader that
 //! cannot be charged waits, which stops it reading its stream: QUIC flow
 //! control then pushes back on the sender. Responses to this node's requests
 //! have a budget of their own (they are taken by the requester, not from the
