@@ -67,3 +67,56 @@ async fn a_stuck_reader_pins_at_most_the_senders_share() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_membership_and_notice_messages_are_refused_from_their_header() {
+    use shoal::NodeName;
+    use shoal::wire::{CH_MEMBERSHIP, CH_NOTICES};
+    use shoal_transport::{Dest, Transport, TransportConfig, TransportError, WhenFull};
+
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, config("a")).await;
+    a.join(&[]).await.unwrap();
+    // A process with a valid certificate of the cluster, outside it.
+    let id = ca.issue(&NodeName::new("rogue").unwrap()).unwrap();
+    let (rogue, _in) = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &id,
+        TransportConfig::default(),
+    )
+    .unwrap();
+    let to_a = Dest::node(NodeName::new("a").unwrap(), a.local().addr);
+    // Incompressible, so its size on the wire is its size.
+    let noise = |n: usize| {
+        let mut x = 0x9e37_79b9_u32;
+        bytes::Bytes::from(
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect::<Vec<u8>>(),
+        )
+    };
+    // Push-pull state is at most 4 MiB, a notice batch 1 MiB: a node's
+    // limit for other messages (16 MiB) does not apply to them.
+    let err = rogue
+        .send(&to_a, CH_MEMBERSHIP, noise(5 << 20), WhenFull::Wait)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransportError::TooLarge { side, .. } if side.contains("receiver")),
+        "{err}"
+    );
+    let err = rogue
+        .request(&to_a, CH_NOTICES, noise(2 << 20), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
+    assert!(a.transport_stats().frames_too_large >= 2);
+    assert_eq!(a.inbound_bytes_held(), 0);
+    rogue.shutdown().await;
+    a.shutdown().await;
+}
