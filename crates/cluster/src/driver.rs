@@ -1410,6 +1410,7 @@ impl Driver {
             Ok(datum) => datum,
             Err(panic) => {
                 Counts::inc(&self.counts.callback_panics);
+                metrics::counter!("shoal_callback_panics_total").increment(1);
                 warn!(node = %self.name, datum_type = name, id = d.id,
                     panic = %panic_message(&*panic), "the factory panicked: datum not made");
                 return None;
