@@ -74,6 +74,17 @@ fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7946))
 }
 
+/// The name of the node at `addr` (as the transport would authenticate it).
+fn name_of(addr: SocketAddr) -> Arc<str> {
+    match addr {
+        SocketAddr::V4(a) => {
+            let [_, x, y, z] = a.ip().octets();
+            name((usize::from(x) << 16) | (usize::from(y) << 8) | usize::from(z))
+        }
+        SocketAddr::V6(_) => name(usize::MAX),
+    }
+}
+
 fn name(i: usize) -> Arc<str> {
     Arc::from(format!("node-{i:05}"))
 }
@@ -133,7 +144,9 @@ fn cpu_benches(args: &Args) {
     other.join(&[addr(1)], now);
     while let Some(t) = other.poll_transmit() {
         if t.to == addr(1) {
-            sender.handle_packet(addr(2), &t.payload, now).unwrap();
+            sender
+                .handle_packet(addr(2), Some(&name(2)), &t.payload, now)
+                .unwrap();
         }
     }
     while sender.poll_transmit().is_some() {}
@@ -154,14 +167,14 @@ fn cpu_benches(args: &Args) {
     receiver.bootstrap(snap.iter().cloned(), now);
     // Warm up, then time.
     for _ in 0..1000 {
-        let _ = receiver.handle_packet(addr(1), &ping.payload, t);
+        let _ = receiver.handle_packet(addr(1), Some(&name(1)), &ping.payload, t);
         while receiver.poll_transmit().is_some() {}
     }
     let iters = 200_000u32;
     let start = Instant::now();
     for _ in 0..iters {
         receiver
-            .handle_packet(addr(1), black_box(&ping.payload), t)
+            .handle_packet(addr(1), Some(&name(1)), black_box(&ping.payload), t)
             .unwrap();
         while let Some(tr) = receiver.poll_transmit() {
             black_box(tr);
@@ -367,7 +380,8 @@ impl Net {
             }
             match packet {
                 Some((from, payload)) => {
-                    let _ = self.nodes[i].handle_packet(from, &payload, at);
+                    let sender = name_of(from);
+                    let _ = self.nodes[i].handle_packet(from, Some(&sender), &payload, at);
                 }
                 None => {
                     if !delayed && self.armed[i] != Some(at) {

@@ -121,6 +121,11 @@ pub struct Config {
     /// [`takeover_delay`](Self::takeover_delay): scheduling slack of the
     /// node that loses its lease.
     pub takeover_margin: Duration,
+    /// Most members this node keeps (itself, live, dead and left ones
+    /// included; 16,384 by default). A new member beyond it is refused and
+    /// counted in `Stats::members_refused`; a bootstrap snapshot stops there.
+    /// Push-pull states carry at most this many members.
+    pub max_members: usize,
 }
 
 impl Default for Config {
@@ -172,6 +177,7 @@ impl Config {
             lease_period: Duration::from_secs(2),
             max_clock_drift_percent: 10,
             takeover_margin: Duration::from_millis(100),
+            max_members: 16_384,
         }
     }
 
@@ -281,6 +287,9 @@ impl Config {
         }
         if self.awareness_max == 0 {
             return bad("awareness_max must be at least 1");
+        }
+        if self.max_members < 2 || self.max_members > 1 << 24 {
+            return bad("max_members must be between 2 and 16,777,216");
         }
         if self.max_name_len == 0 || self.max_name_len > 1024 {
             return bad("max_name_len must be between 1 and 1024");

@@ -59,9 +59,11 @@
 //!     }
 //!     for from in 0..2 {
 //!         while let Some(transmit) = nodes[from].poll_transmit() {
-//!             let sender = nodes[from].local().addr;
+//!             // The sender's address, and its name as the transport
+//!             // authenticated it (its certificate's name).
+//!             let (addr, name) = (nodes[from].local().addr, nodes[from].local().name.clone());
 //!             let to = nodes.iter_mut().find(|n| n.local().addr == transmit.to).unwrap();
-//!             to.handle_packet(sender, &transmit.payload, now)?;
+//!             to.handle_packet(addr, Some(&name), &transmit.payload, now)?;
 //!         }
 //!     }
 //! }
@@ -78,6 +80,8 @@
 
 mod broadcast;
 mod config;
+#[cfg(feature = "forge")]
+pub mod forge;
 mod hash;
 mod lease;
 mod membership;

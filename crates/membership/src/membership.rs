@@ -34,6 +34,16 @@ const MAX_TOLD: usize = 16;
 const MAX_CHECKS: usize = 64;
 /// Death verdicts about this node remembered (to report each once), at most.
 const MAX_VERDICTS: usize = 64;
+/// Claim checks (`AliveRequest`s to a member a third party spoke for) in
+/// flight, at most: each sends one small packet to an address a peer chose.
+const MAX_CLAIM_CHECKS: usize = 256;
+/// How far above the known incarnation a third party may move a member
+/// (an `Alive`, `Suspect` or `Dead` it relays). A member raises its own
+/// incarnation by one per refutation or update, so this is far more than
+/// a partition's worth of them, and far enough below `u64::MAX` that a
+/// refutation can always answer: pushing a member to the top would take
+/// 2^44 accepted messages, each refuted by the member.
+pub(crate) const MAX_INCARNATION_STEP: u64 = 1 << 20;
 
 /// `now + d`, saturating far in the future instead of overflowing.
 fn later(now: Instant, d: Duration) -> Instant {
@@ -63,6 +73,8 @@ struct Probe {
 #[derive(Debug, Clone, Copy)]
 struct Relay {
     seq: u32,
+    /// Hash of the target's name: only its ack counts.
+    target: u64,
     /// When this node pinged the target for the requester.
     sent_at: Instant,
     requester: SocketAddr,
@@ -266,6 +278,10 @@ pub struct Membership<R: Rng> {
     stats: Stats,
     scratch_slots: Vec<u32>,
     deferred_acks: Vec<DeferredAck>,
+    /// Relays asked for the probe in progress: their acks and nacks count.
+    probe_relays: Vec<u32>,
+    /// Claim checks in flight: (hash of the name, address asked, expiry).
+    claim_checks: VecDeque<(u64, SocketAddr, Instant)>,
     /// Accusers already answered directly, for one incarnation of ours.
     told: (u64, Vec<u64>),
     /// Sequence numbers, slots and send times of last-chance pings to
@@ -321,6 +337,8 @@ impl<R: Rng> Membership<R> {
             max_len: config.max_state_size.max(config.max_packet_size),
             max_name_len: config.max_name_len,
             max_metadata_len: config.max_metadata_len,
+            max_messages: wire::MAX_MESSAGES,
+            max_states: config.max_members,
         };
         let jitter = |rng: &mut R, d: Duration| d.mul_f64(rng.random_range(0.0..1.0));
         let next_probe_at = later(now, jitter(&mut rng, config.probe_interval));
@@ -370,6 +388,8 @@ impl<R: Rng> Membership<R> {
             stats: Stats::default(),
             scratch_slots: Vec::new(),
             deferred_acks: Vec::new(),
+            probe_relays: Vec::new(),
+            claim_checks: VecDeque::new(),
             told: (0, Vec::new()),
             checks: VecDeque::new(),
             next_reconnect_at,
@@ -489,9 +509,19 @@ impl<R: Rng> Membership<R> {
     /// Handles one packet (unreliable or reliable) from `from`. A malformed
     /// or oversized packet is counted, dropped whole, and returned as an
     /// error; it changes nothing.
+    ///
+    /// `sender` is the name the transport authenticated for the peer (the
+    /// name in its certificate), `None` if it has none. Claims only a member
+    /// can make about itself (a ping's or push-pull's sender, a new
+    /// generation or address, a leave, an acted-on notice) count only when
+    /// they come from that member's own name; acks only from the member a
+    /// ping went to or a relay that was asked. The rest is refused and
+    /// counted (`Stats::forged_claims`, `acks_refused`, `relays_refused`,
+    /// `incarnations_refused`, …; see `docs/membership.md`, "Identity").
     pub fn handle_packet(
         &mut self,
         from: SocketAddr,
+        sender: Option<&str>,
         bytes: &[u8],
         now: Instant,
     ) -> Result<(), DecodeError> {
@@ -509,21 +539,40 @@ impl<R: Rng> Membership<R> {
         // A lease that lapsed before this packet: member changes below
         // must not move the frozen reference set.
         self.update_standing(now);
+        let sender = sender.filter(|name| !name.is_empty());
         let mut push_pull: Option<PushPull<'_>> = None;
         for msg in msgs {
             self.stats.messages_in += 1;
             match msg {
-                Message::Ping(ping) => self.on_ping(from, &ping),
-                Message::IndirectPing(req) => self.on_indirect_ping(from, &req, now),
-                Message::Ack(seq) => self.on_ack(from, seq, now),
-                Message::Nack(seq) => self.on_nack(seq),
+                Message::Ping(ping) => self.on_ping(from, sender, &ping),
+                Message::IndirectPing(req) => self.on_indirect_ping(from, sender, &req, now),
+                Message::Ack(seq) => self.on_ack(from, sender, seq, now),
+                Message::Nack(seq) => self.on_nack(sender, seq),
                 Message::AliveRequest => self.on_alive_request(from),
                 Message::Alive(alive) => {
-                    self.apply_alive(AliveInfo::from_wire(&alive), Mode::Announce, now)
+                    let info = AliveInfo::from_wire(&alive);
+                    if self.vet_alive(sender, &info, now) {
+                        self.apply_alive(info, Mode::Announce, now);
+                    }
                 }
-                Message::Suspect(acc) => self.apply_suspect(&acc, Mode::Announce, now),
-                Message::Dead(acc) => self.apply_dead(&acc, Mode::Announce, now),
+                Message::Suspect(acc) => {
+                    if self.vet_accusation(sender, &acc, now) {
+                        self.apply_suspect(&acc, Mode::Announce, now);
+                    }
+                }
+                Message::Dead(acc) => {
+                    if self.vet_accusation(sender, &acc, now) {
+                        self.apply_dead(&acc, Mode::Announce, now);
+                    }
+                }
                 Message::PushPull(header) => {
+                    if sender != Some(header.from) {
+                        // Someone else's state under this sender's name:
+                        // refused whole, states and reply included.
+                        self.stats.forged_claims += 1;
+                        debug!(claimed = header.from, ?sender, %from, "refused a push-pull sent under another name");
+                        continue;
+                    }
                     self.stats.push_pulls_received += 1;
                     if header.join {
                         debug!(from = header.from, %from, "join request");
@@ -532,7 +581,13 @@ impl<R: Rng> Membership<R> {
                 }
                 Message::State(state) => {
                     if let Some(header) = push_pull {
-                        self.merge_state(&state, header.from, now);
+                        // The answer to our join, from a seed we chose: the
+                        // members it lists are taken as it says (the joiner
+                        // needs the whole view at once, before it owns
+                        // anything); any other state only first-hand.
+                        let join_answer = !header.reply
+                            && self.join.as_ref().is_some_and(|j| j.seeds.contains(&from));
+                        self.merge_state(&state, header.from, join_answer, now);
                     }
                 }
             }
@@ -551,6 +606,7 @@ impl<R: Rng> Membership<R> {
             // joined through us): the join is done.
             if !header.reply && self.join.as_ref().is_some_and(|j| j.seeds.contains(&from)) {
                 self.join = None;
+                self.announce_to_members();
             }
             if header.reply && self.local.state.is_live() {
                 self.send_state(from, false, false, now);
@@ -1210,6 +1266,9 @@ impl<R: Rng> Membership<R> {
     }
 
     fn insert_down(&mut self, info: AliveInfo<'_>, state: MemberState, now: Instant) {
+        if !self.room_for_member() {
+            return;
+        }
         let member = Member {
             name: info.name.to_arc(),
             generation: info.generation,
@@ -1375,12 +1434,27 @@ impl<R: Rng> Membership<R> {
     }
 
     /// A member asked for our `Alive` (it did not know us, or an older us).
+    ///
+    /// Also how a claim a third party made about us is checked: our answer
+    /// counts first-hand. Having left, we answer with our leave instead, so
+    /// a relayed leave is confirmed by us.
     fn on_alive_request(&mut self, from: SocketAddr) {
-        if self.local.state != MemberState::Alive {
-            return;
-        }
         let mut buf = self.new_packet();
-        wire::encode(&Message::Alive(alive_of(&self.local)), &mut buf);
+        match self.local.state {
+            MemberState::Alive => {
+                wire::encode(&Message::Alive(alive_of(&self.local)), &mut buf);
+            }
+            MemberState::Left if !self.superseded => wire::encode(
+                &Message::Dead(Accusation {
+                    name: &self.local.name,
+                    generation: self.local.generation,
+                    incarnation: self.local.incarnation,
+                    from: &self.local.name,
+                }),
+                &mut buf,
+            ),
+            MemberState::Suspect | MemberState::Dead | MemberState::Left => return,
+        }
         self.finish_unreliable(from, buf);
     }
 
@@ -1412,6 +1486,152 @@ impl<R: Rng> Membership<R> {
         self.emit(Event::Updated(self.local.clone()));
     }
 
+    // ----- identity: who may say what -------------------------------------
+
+    /// Whether an `Alive` may be applied, given who sent it. The member
+    /// itself (`sender` is its name) may announce anything about itself. A
+    /// third party may relay what does not change the member's identity:
+    /// the same generation and address, at an incarnation at most
+    /// `MAX_INCARNATION_STEP` above the known one (a refutation or an
+    /// update; one the member did not make it answers by refuting). A new
+    /// member, generation or address from a third party is not applied but
+    /// checked: the member is asked at the claimed address for its own
+    /// `Alive`, which then counts first-hand.
+    fn vet_alive(&mut self, sender: Option<&str>, info: &AliveInfo<'_>, now: Instant) -> bool {
+        let name = info.name.as_str();
+        if sender == Some(name) {
+            return true;
+        }
+        if name == &*self.local.name {
+            if info.generation < self.local.generation {
+                return true; // an older process of ours: re-announced
+            }
+            if info.generation == self.local.generation && info.addr == self.local.addr {
+                return self.incarnation_ok(info.incarnation, self.local.incarnation);
+            }
+            // Another process under our name: only its own word counts (a
+            // restart of this node on another address). Ask it; if the
+            // address is ours, nobody else can be there.
+            self.stats.forged_claims += 1;
+            debug!(?sender, generation = info.generation, addr = %info.addr, "refused another identity of this node from a third party");
+            if info.addr != self.local.addr {
+                self.check_claim(name, info.addr, now);
+            }
+            return false;
+        }
+        let Some(record) = self
+            .index
+            .get(name, &self.members)
+            .and_then(|slot| self.slot(slot))
+        else {
+            if self.room_for_member() {
+                self.check_claim(name, info.addr, now);
+            }
+            return false;
+        };
+        let (generation, addr, incarnation) = (record.generation, record.addr, record.incarnation);
+        if info.generation < generation {
+            return true; // stale: ignored by the precedence rules
+        }
+        if info.generation > generation || info.addr != addr {
+            self.check_claim(name, info.addr, now);
+            return false;
+        }
+        self.incarnation_ok(info.incarnation, incarnation)
+    }
+
+    /// Whether a suspicion or death verdict may be applied, given who sent
+    /// it. Anyone may accuse a member at an incarnation it can refute (at
+    /// most `MAX_INCARNATION_STEP` above the known one). A leave counts only
+    /// from the member itself; relayed, the member is asked (a member that
+    /// left answers with its leave). An acted-on notice counts only from
+    /// its author.
+    fn vet_accusation(&mut self, sender: Option<&str>, acc: &Accusation<'_>, now: Instant) -> bool {
+        let left = acc.from == acc.name;
+        if acc.name == &*self.local.name {
+            if acc.incarnation == wire::ACTED_ON {
+                if sender == Some(acc.from) && !left {
+                    return true;
+                }
+                self.stats.forged_claims += 1;
+                debug!(
+                    ?sender,
+                    accuser = acc.from,
+                    "refused an acted-on notice not sent by its author"
+                );
+                return false;
+            }
+            return self.incarnation_ok(acc.incarnation, self.local.incarnation);
+        }
+        if acc.incarnation == wire::ACTED_ON {
+            self.stats.incarnations_refused += 1;
+            return false;
+        }
+        let Some(record) = self
+            .index
+            .get(acc.name, &self.members)
+            .and_then(|slot| self.slot(slot))
+        else {
+            return true; // ignored by the precedence rules
+        };
+        let (addr, incarnation, state) = (record.addr, record.incarnation, record.state);
+        if left && sender != Some(acc.name) {
+            if state.is_live() && acc.generation == record.generation {
+                self.check_claim(acc.name, addr, now);
+            }
+            return false;
+        }
+        self.incarnation_ok(acc.incarnation, incarnation)
+    }
+
+    /// Whether a third party's incarnation is within reach of the known one;
+    /// counts a refusal.
+    fn incarnation_ok(&mut self, claimed: u64, known: u64) -> bool {
+        if claimed > known.saturating_add(MAX_INCARNATION_STEP) {
+            self.stats.incarnations_refused += 1;
+            debug!(claimed, known, "refused an incarnation out of reach");
+            return false;
+        }
+        true
+    }
+
+    /// Whether one more member fits under `max_members`; counts a refusal.
+    fn room_for_member(&mut self) -> bool {
+        // The local node counts as one.
+        if self.index.len() + 1 >= self.config.max_members {
+            self.stats.members_refused += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Asks `name` at `addr` for its own `Alive` (the answer counts
+    /// first-hand), once per name and address while a check is in flight.
+    fn check_claim(&mut self, name: &str, addr: SocketAddr, now: Instant) {
+        if addr == self.local.addr || self.local.state != MemberState::Alive {
+            return;
+        }
+        while self.claim_checks.front().is_some_and(|c| c.2 <= now) {
+            self.claim_checks.pop_front();
+        }
+        let key = self.hasher.hash_str(name);
+        if self.claim_checks.iter().any(|c| c.0 == key && c.1 == addr) {
+            return;
+        }
+        if self.claim_checks.len() >= MAX_CLAIM_CHECKS {
+            self.stats.claim_checks_dropped += 1;
+            return;
+        }
+        // Long enough for a round trip, short enough that a lost answer is
+        // asked again at the next gossip of the claim.
+        let expiry = later(now, self.config.probe_interval.saturating_mul(5));
+        self.claim_checks.push_back((key, addr, expiry));
+        self.stats.claims_checked += 1;
+        let mut buf = self.new_packet();
+        wire::encode(&Message::AliveRequest, &mut buf);
+        self.finish_unreliable(addr, buf);
+    }
+
     // ----- precedence rules -------------------------------------------------
 
     fn apply_alive(&mut self, info: AliveInfo<'_>, mode: Mode, now: Instant) {
@@ -1420,6 +1640,9 @@ impl<R: Rng> Membership<R> {
             return;
         }
         let Some(slot) = self.index.get(info.name.as_str(), &self.members) else {
+            if !self.room_for_member() {
+                return;
+            }
             let member = Member {
                 name: info.name.to_arc(),
                 generation: info.generation,
@@ -1943,9 +2166,11 @@ impl<R: Rng> Membership<R> {
         true
     }
 
-    /// One member of a push-pull state; `from` is the sender, counted as the
-    /// accuser of the suspect and dead members it reports.
-    fn merge_state(&mut self, state: &State<'_>, from: &str, now: Instant) {
+    /// One member of a push-pull state; `from` is the sender (authenticated),
+    /// counted as the accuser of the suspect and dead members it reports.
+    /// What it says about itself counts first-hand; about others, what a
+    /// third party may say (`vet_alive`, `vet_accusation`).
+    fn merge_state(&mut self, state: &State<'_>, from: &str, join_answer: bool, now: Instant) {
         let member = &state.member;
         let acc = Accusation {
             name: member.name,
@@ -1955,8 +2180,49 @@ impl<R: Rng> Membership<R> {
         };
         let known = member.name == &*self.local.name
             || self.index.get(member.name, &self.members).is_some();
+        let info = AliveInfo::from_wire(member);
+        let first_hand = member.name == from;
         match state.state {
-            WireState::Alive => self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now),
+            _ if join_answer && !known => {
+                // A seed's answer to our join: unknown members as it lists
+                // them (the member cap still applies).
+                match state.state {
+                    WireState::Alive => self.apply_alive(info, Mode::Merge, now),
+                    WireState::Suspect => {
+                        self.apply_alive(info, Mode::Merge, now);
+                        self.apply_suspect(&acc, Mode::Merge, now);
+                    }
+                    WireState::Dead => self.insert_down(info, MemberState::Dead, now),
+                    WireState::Left => self.insert_down(info, MemberState::Left, now),
+                }
+                return;
+            }
+            WireState::Alive => {
+                if self.vet_alive(Some(from), &info, now) {
+                    self.apply_alive(info, Mode::Merge, now);
+                }
+                return;
+            }
+            WireState::Suspect | WireState::Dead | WireState::Left if first_hand => {
+                // A member does not report itself down; a leaving node sends
+                // its leave as a message. Nothing to apply.
+                self.stats.ignored_updates += 1;
+                return;
+            }
+            WireState::Dead | WireState::Left if !known => {
+                // A tombstone from a third party could bar the name (a high
+                // generation makes the real member's announcements stale).
+                self.stats.unknown_down_refused += 1;
+                return;
+            }
+            WireState::Suspect | WireState::Dead | WireState::Left => {
+                if !self.vet_alive(Some(from), &info, now) {
+                    return;
+                }
+            }
+        }
+        match state.state {
+            WireState::Alive => {}
             WireState::Suspect | WireState::Dead if member.name == &*self.local.name => {
                 if state.state == WireState::Dead {
                     self.apply_dead(&acc, Mode::Merge, now);
@@ -1968,9 +2234,6 @@ impl<R: Rng> Membership<R> {
                 // Learn an unknown member first, then the suspicion.
                 self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now);
                 self.apply_suspect(&acc, Mode::Merge, now);
-            }
-            WireState::Dead if !known => {
-                self.insert_down(AliveInfo::from_wire(member), MemberState::Dead, now);
             }
             WireState::Dead
                 if self
@@ -2007,15 +2270,15 @@ impl<R: Rng> Membership<R> {
                 }
                 self.apply_suspect(&acc, Mode::Merge, now);
             }
-            WireState::Left if !known => {
-                self.insert_down(AliveInfo::from_wire(member), MemberState::Left, now);
-            }
             WireState::Left => {
+                // Only the member's own word counts for a leave: ask it.
                 let acc = Accusation {
                     from: member.name,
                     ..acc
                 };
-                self.apply_dead(&acc, Mode::Merge, now);
+                if self.vet_accusation(Some(from), &acc, now) {
+                    self.apply_dead(&acc, Mode::Merge, now);
+                }
             }
         }
     }
@@ -2039,7 +2302,14 @@ impl<R: Rng> Membership<R> {
             .saturating_mul(self.awareness + 1)
     }
 
-    fn on_ping(&mut self, from: SocketAddr, ping: &Ping<'_>) {
+    fn on_ping(&mut self, from: SocketAddr, sender: Option<&str>, ping: &Ping<'_>) {
+        if sender != Some(ping.from) {
+            // The pinger tells who it is; only its own name counts (the ack
+            // and what rides on it are about the pinger).
+            self.stats.forged_claims += 1;
+            debug!(claimed = ping.from, ?sender, %from, "refused a ping sent under another name");
+            return;
+        }
         if ping.target != &*self.local.name {
             self.stats.ignored_updates += 1;
             return;
@@ -2066,7 +2336,26 @@ impl<R: Rng> Membership<R> {
         });
     }
 
-    fn on_indirect_ping(&mut self, from: SocketAddr, req: &IndirectPing<'_>, now: Instant) {
+    fn on_indirect_ping(
+        &mut self,
+        from: SocketAddr,
+        sender: Option<&str>,
+        req: &IndirectPing<'_>,
+        now: Instant,
+    ) {
+        // Only a live member may ask, under its own name, and only about a
+        // live member at the generation and address known here: a relay
+        // never pings an address a peer chose, nor reveals its sequence
+        // numbers to a stranger.
+        let requester_ok = sender.is_some_and(|name| {
+            self.member(name)
+                .is_some_and(|m| m.state.is_live() && name != &*self.local.name)
+        });
+        if !requester_ok {
+            self.stats.relays_refused += 1;
+            debug!(?sender, %from, target = req.target, "refused an indirect probe from a non-member");
+            return;
+        }
         if req.target == &*self.local.name {
             if req.generation == self.local.generation {
                 self.deferred_acks.push(DeferredAck {
@@ -2078,10 +2367,18 @@ impl<R: Rng> Membership<R> {
             }
             return;
         }
+        if !self.member(req.target).is_some_and(|m| {
+            m.state.is_live() && m.generation == req.generation && m.addr == req.addr
+        }) {
+            self.stats.relays_refused += 1;
+            debug!(?sender, target = req.target, addr = %req.addr, "refused an indirect probe of a member not known so");
+            return;
+        }
         if self.relays.len() >= self.config.max_relays {
             self.stats.relays_dropped += 1;
             return;
         }
+        let target = self.hasher.hash_str(req.target);
         let seq = self.next_seq();
         let mut buf = self.new_packet();
         wire::encode(
@@ -2095,6 +2392,7 @@ impl<R: Rng> Membership<R> {
         let nack_at = later(now, self.config.probe_timeout.mul_f64(0.8));
         self.relays.push_back(Relay {
             seq,
+            target,
             sent_at: now,
             requester: from,
             requester_seq: req.seq,
@@ -2102,10 +2400,61 @@ impl<R: Rng> Membership<R> {
         });
     }
 
-    fn on_ack(&mut self, from: SocketAddr, seq: u32, now: Instant) {
+    /// Sends our `Alive` straight to the live members our join answer
+    /// listed (at most `MAX_CLAIM_CHECKS`): they take a new member only
+    /// from itself, and this reaches them as fast as the seed's gossip
+    /// would have (which they now only check with us).
+    fn announce_to_members(&mut self) {
+        if self.local.state != MemberState::Alive {
+            return;
+        }
+        let targets: Vec<SocketAddr> = self
+            .members
+            .iter()
+            .flatten()
+            .filter(|m| m.state.is_live())
+            .map(|m| m.addr)
+            .take(MAX_CLAIM_CHECKS)
+            .collect();
+        for to in targets {
+            let mut buf = self.new_packet();
+            wire::encode(&Message::Alive(alive_of(&self.local)), &mut buf);
+            self.finish_unreliable(to, buf);
+        }
+    }
+
+    /// Whether `sender` is the member in `slot`.
+    fn is_member(&self, slot: u32, sender: Option<&str>) -> bool {
+        sender.is_some_and(|name| self.slot(slot).is_some_and(|m| *m.name == *name))
+    }
+
+    /// Whether `sender` is the target or one of the relays asked for the
+    /// probe in progress.
+    fn answers_probe(&self, probe: &Probe, sender: Option<&str>) -> bool {
+        self.is_member(probe.slot, sender)
+            || (probe.indirect_sent
+                && self
+                    .probe_relays
+                    .iter()
+                    .any(|&relay| self.is_member(relay, sender)))
+    }
+
+    fn refuse_ack(&mut self, sender: Option<&str>, seq: u32) {
+        self.stats.acks_refused += 1;
+        debug!(
+            ?sender,
+            seq, "refused an ack from a node that was not asked"
+        );
+    }
+
+    fn on_ack(&mut self, from: SocketAddr, sender: Option<&str>, seq: u32, now: Instant) {
         if let Some(probe) = self.probe
             && probe.seq == seq
         {
+            if !self.answers_probe(&probe, sender) {
+                self.refuse_ack(sender, seq);
+                return;
+            }
             // Answered, directly or through a relay: contact since the ping
             // left (the lease counts from the send time).
             self.lease.contact(probe.sent_at);
@@ -2125,6 +2474,11 @@ impl<R: Rng> Membership<R> {
             return;
         }
         if let Some(pos) = self.relays.iter().position(|r| r.seq == seq) {
+            let target = self.relays.get(pos).map(|r| r.target);
+            if sender.map(|name| self.hasher.hash_str(name)) != target {
+                self.refuse_ack(sender, seq);
+                return;
+            }
             if let Some(relay) = self.relays.remove(pos) {
                 self.lease.contact(relay.sent_at);
                 let mut buf = self.new_packet();
@@ -2134,10 +2488,24 @@ impl<R: Rng> Membership<R> {
             return;
         }
         if let Some(pos) = self.checks.iter().position(|(c, _, _)| *c == seq) {
+            if !self
+                .checks
+                .get(pos)
+                .is_some_and(|&(_, slot, _)| self.is_member(slot, sender))
+            {
+                self.refuse_ack(sender, seq);
+                return;
+            }
             if let Some((_, slot, sent_at)) = self.checks.remove(pos) {
                 self.lease.contact(sent_at);
                 self.witness_acked(slot, from, sent_at);
             }
+            return;
+        }
+        if let Some(&(_, slot, _)) = self.lease.witnesses.pings.iter().find(|p| p.0 == seq)
+            && !self.is_member(slot, sender)
+        {
+            self.refuse_ack(sender, seq);
             return;
         }
         if let Some((slot, sent_at)) = self.lease.witnesses.take_ping(seq) {
@@ -2146,6 +2514,14 @@ impl<R: Rng> Membership<R> {
             return;
         }
         if let Some(pos) = self.notice_pings.iter().position(|(s, _, _)| *s == seq) {
+            if !self
+                .notice_pings
+                .get(pos)
+                .is_some_and(|&(_, slot, _)| self.is_member(slot, sender))
+            {
+                self.refuse_ack(sender, seq);
+                return;
+            }
             if let Some((_, slot, sent_at)) = self.notice_pings.remove(pos) {
                 self.lease.contact(sent_at);
                 self.witness_acked(slot, from, sent_at);
@@ -2156,6 +2532,10 @@ impl<R: Rng> Membership<R> {
         if let Some((reconnect_seq, slot, sent_at)) = self.reconnect
             && reconnect_seq == seq
         {
+            if !self.is_member(slot, sender) {
+                self.refuse_ack(sender, seq);
+                return;
+            }
             self.lease.contact(sent_at);
             self.witness_acked(slot, from, sent_at);
             // A dead member answers: the partition (or whatever it was) is
@@ -2174,7 +2554,19 @@ impl<R: Rng> Membership<R> {
         self.stats.stray_acks += 1;
     }
 
-    fn on_nack(&mut self, seq: u32) {
+    fn on_nack(&mut self, sender: Option<&str>, seq: u32) {
+        let Some(probe) = self.probe else {
+            return;
+        };
+        if probe.seq == seq
+            && !self
+                .probe_relays
+                .iter()
+                .any(|&relay| self.is_member(relay, sender))
+        {
+            self.refuse_ack(sender, seq);
+            return;
+        }
         if let Some(probe) = self.probe.as_mut()
             && probe.seq == seq
             && probe.indirect_sent
@@ -2324,6 +2716,7 @@ impl<R: Rng> Membership<R> {
             self.stats.indirect_probes += 1;
         }
         probe.expected_nacks = u32::try_from(relays.len()).unwrap_or(u32::MAX);
+        self.probe_relays.clone_from(&relays);
         self.scratch_slots = relays;
         self.probe = Some(probe);
         if self.config.reliable_ping {

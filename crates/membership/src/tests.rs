@@ -81,8 +81,55 @@ fn dead<'a>(name: &'a str, generation: u64, incarnation: u64, from: &'a str) -> 
     })
 }
 
+/// Delivers `msgs` as sent by their natural authors (`author`): what the
+/// precedence tests feed a node is what its subject said first-hand.
+/// Consecutive messages of one author (and the push-pull states, acks and
+/// requests after them) go in one packet, each other author's in its own.
 fn deliver(node: &mut Node, msgs: &[Message<'_>], now: Instant) {
-    node.handle_packet(addr(9999), &packet(msgs), now).unwrap();
+    let mut start = 0;
+    while start < msgs.len() {
+        let first = author(&msgs[start..=start]);
+        let mut end = start + 1;
+        while end < msgs.len() {
+            let next = author(&msgs[end..=end]);
+            if next.is_some() && next != first {
+                break;
+            }
+            end += 1;
+        }
+        deliver_as(node, first, &msgs[start..end], now);
+        start = end;
+    }
+}
+
+/// Delivers `msgs` from a peer the transport authenticated as `sender`.
+fn deliver_as(node: &mut Node, sender: Option<&str>, msgs: &[Message<'_>], now: Instant) {
+    node.handle_packet(addr(9999), sender, &packet(msgs), now)
+        .unwrap();
+}
+
+/// Who would have sent these messages: the pinger, the push-pull's sender,
+/// the member an `Alive` is about, the accuser of a suspicion or verdict.
+fn author<'a>(msgs: &[Message<'a>]) -> Option<&'a str> {
+    msgs.iter().find_map(|msg| match *msg {
+        Message::Ping(p) => Some(p.from),
+        Message::PushPull(h) => Some(h.from),
+        Message::Alive(a) => Some(a.name),
+        Message::Suspect(a) | Message::Dead(a) => Some(a.from),
+        Message::State(_)
+        | Message::IndirectPing(_)
+        | Message::Ack(_)
+        | Message::Nack(_)
+        | Message::AliveRequest => None,
+    })
+}
+
+/// The name of the member `node` knows at `at` (who answers a ping sent
+/// there).
+fn name_at(node: &Node, at: SocketAddr) -> Option<String> {
+    node.members()
+        .find(|m| m.addr == at)
+        .map(|m| m.name.to_string())
 }
 
 /// A ping to "me" (generation 100) from `from`.
@@ -485,7 +532,7 @@ fn time_to_dead(node: &mut Node, name: &str, start: Instant) -> Duration {
                 if let Message::Ping(ping) = msg
                     && ping.target != name
                 {
-                    deliver(node, &[Message::Ack(ping.seq)], t);
+                    deliver_as(node, Some(ping.target), &[Message::Ack(ping.seq)], t);
                 }
             }
         }
@@ -530,6 +577,7 @@ fn unconfirmed_suspicion_pings_the_suspect_before_declaring_it_dead() {
     // m3 answers: ack plus its refutation. No failure, not a stray ack.
     n.handle_packet(
         addr(1003),
+        Some("m3"),
         &packet(&[Message::Ack(ping.seq), alive("m3", 1, 2, 1003)]),
         at,
     )
@@ -654,7 +702,8 @@ fn packets_stay_within_the_size_bound_with_many_updates_queued() {
             ready: true,
             metadata: &meta,
         });
-        n.handle_packet(addr(9999), &packet(&[msg]), now).unwrap();
+        n.handle_packet(addr(9999), author(&[msg]), &packet(&[msg]), now)
+            .unwrap();
     }
     assert!(n.pending_broadcasts() > 400);
     let mut t = now;
@@ -832,9 +881,12 @@ fn push_pull_merges_remote_dead_as_suspect() {
     );
     assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 3)));
     assert_eq!(state_of(&n, "peer"), Some((MemberState::Alive, 1)));
-    // Unknown dead and left members are remembered as such, silently.
-    assert_eq!(state_of(&n, "gone"), Some((MemberState::Dead, 1)));
-    assert_eq!(state_of(&n, "bye"), Some((MemberState::Left, 1)));
+    // Unknown dead and left members are not recorded on a third party's
+    // word (a tombstone at a high generation would bar the name): refused,
+    // counted.
+    assert_eq!(state_of(&n, "gone"), None);
+    assert_eq!(state_of(&n, "bye"), None);
+    assert_eq!(n.stats().unknown_down_refused, 2);
     let events = drain_events(&mut n);
     assert!(
         !events
@@ -852,7 +904,8 @@ fn push_pull_merges_remote_dead_as_suspect() {
         msgs[0],
         Message::PushPull(PushPull { reply: false, .. })
     ));
-    assert_eq!(msgs.len(), 1 + 5);
+    // Itself, the peer and x (not the refused tombstones).
+    assert_eq!(msgs.len(), 1 + 3);
 }
 
 #[test]
@@ -881,7 +934,7 @@ fn push_pull_saying_we_are_dead_is_declared_failed() {
         }),
         &mut buf,
     );
-    n.handle_packet(addr(5), &buf, now).unwrap();
+    n.handle_packet(addr(5), Some("peer"), &buf, now).unwrap();
     assert_eq!(drain_events(&mut n), vec![Event::DeclaredFailed]);
     assert_eq!(n.local().incarnation, 1);
 }
@@ -1002,17 +1055,20 @@ fn bad_packets_are_counted_and_change_nothing() {
     let mut bad = packet(&[alive("x", 1, 5, 2)]);
     bad.push(0xee);
     assert!(matches!(
-        n.handle_packet(addr(3), &bad, now),
+        n.handle_packet(addr(3), None, &bad, now),
         Err(DecodeError::Malformed { index: 1, .. })
     ));
-    assert_eq!(n.handle_packet(addr(3), &[], now), Err(DecodeError::Empty));
     assert_eq!(
-        n.handle_packet(addr(3), &[2, 0], now),
+        n.handle_packet(addr(3), None, &[], now),
+        Err(DecodeError::Empty)
+    );
+    assert_eq!(
+        n.handle_packet(addr(3), None, &[2, 0], now),
         Err(DecodeError::Version(2))
     );
     let huge = vec![wire::VERSION; (4 << 20) + 1];
     assert!(matches!(
-        n.handle_packet(addr(3), &huge, now),
+        n.handle_packet(addr(3), None, &huge, now),
         Err(DecodeError::TooLarge { .. })
     ));
     assert_eq!(n.stats().decode_errors, 4);
@@ -1033,7 +1089,7 @@ proptest::proptest! {
             bytes.insert(0, wire::VERSION);
         }
         let before: Vec<Member> = n.members().cloned().collect();
-        if n.handle_packet(addr(3), &bytes, now).is_err() {
+        if n.handle_packet(addr(3), None, &bytes, now).is_err() {
             let after: Vec<Member> = n.members().cloned().collect();
             proptest::prop_assert_eq!(before, after);
         }
@@ -1166,7 +1222,12 @@ impl Cluster {
             self.in_flight = later;
             for (_, to, from, payload) in due {
                 if !self.crashed.contains(&to) {
-                    self.nodes[to].handle_packet(from, &payload, now).unwrap();
+                    let sender = self
+                        .index_of(from)
+                        .map(|i| Arc::clone(&self.nodes[i].local().name));
+                    self.nodes[to]
+                        .handle_packet(from, sender.as_deref(), &payload, now)
+                        .unwrap();
                 }
             }
             for i in 0..self.nodes.len() {
@@ -1466,8 +1527,13 @@ fn a_dead_member_that_answers_a_reconnect_ping_gets_a_push_pull() {
             break seq;
         }
     };
-    n.handle_packet(addr(2), &packet(&[Message::Ack(seq)]), t)
-        .unwrap();
+    n.handle_packet(
+        addr(2),
+        name_at(&n, addr(2)).as_deref(),
+        &packet(&[Message::Ack(seq)]),
+        t,
+    )
+    .unwrap();
     let transmits = drain_transmits(&mut n);
     assert_eq!(transmits.len(), 1);
     assert!(transmits[0].reliable && transmits[0].to == addr(2));
@@ -1792,6 +1858,7 @@ fn a_join_request_through_us_does_not_end_our_own_join() {
     let t0 = now + Duration::from_secs(3);
     n.handle_packet(
         addr(60),
+        Some("newcomer"),
         &packet(&[other, state("newcomer", 0, 60, WireState::Alive)]),
         t0,
     )
@@ -1818,6 +1885,7 @@ fn a_join_request_through_us_does_not_end_our_own_join() {
     let t = now + Duration::from_secs(5);
     n.handle_packet(
         addr(50),
+        Some("seed"),
         &packet(&[answer, state("seed", 0, 50, WireState::Alive)]),
         t,
     )
@@ -1880,8 +1948,9 @@ fn revived_member_hears_the_verdict_until_a_probe_carrying_it_is_acked() {
             break p.seq;
         }
     };
-    // An ack forwarded by a relay (another address) proves nothing.
-    deliver(&mut n, &[Message::Ack(seq)], t);
+    // An ack that reached us by another path (another address) proves
+    // nothing.
+    deliver_as(&mut n, Some("x"), &[Message::Ack(seq)], t);
     deliver(&mut n, &[ping_from(98, "x", 1, 4)], t);
     let transmits = drain_transmits(&mut n);
     assert!(sent_messages(&transmits).iter().any(is_notice));
@@ -1901,8 +1970,13 @@ fn revived_member_hears_the_verdict_until_a_probe_carrying_it_is_acked() {
             break p.seq;
         }
     };
-    n.handle_packet(addr(2), &packet(&[Message::Ack(seq)]), t)
-        .unwrap();
+    n.handle_packet(
+        addr(2),
+        name_at(&n, addr(2)).as_deref(),
+        &packet(&[Message::Ack(seq)]),
+        t,
+    )
+    .unwrap();
     deliver(&mut n, &[ping_from(99, "x", 1, 4)], t);
     let transmits = drain_transmits(&mut n);
     assert!(!sent_messages(&transmits).iter().any(is_notice));
@@ -1973,6 +2047,7 @@ fn a_seed_that_is_not_a_live_member_is_contacted_at_push_pull_time() {
     });
     n.handle_packet(
         addr(50),
+        Some("seed"),
         &packet(&[answer, state("seed", 0, 50, WireState::Alive)]),
         now,
     )
@@ -2035,7 +2110,7 @@ fn pending_verdict_notices_are_resent_every_reconnect_interval_until_acked() {
     }
     assert!(seqs.len() >= 2, "resent at least twice in 3 s: {seqs:?}");
     // The member acks one: no more notices.
-    deliver(&mut n, &[Message::Ack(*seqs.last().unwrap())], t);
+    deliver_as(&mut n, Some("x"), &[Message::Ack(*seqs.last().unwrap())], t);
     for _ in 0..30 {
         t += Duration::from_millis(100);
         n.handle_timeout(t);
@@ -2060,8 +2135,13 @@ fn probe_and_ack(n: &mut Node, t: &mut Instant) -> (Instant, SocketAddr) {
                 _ => None,
             });
         if let Some((seq, to)) = found {
-            n.handle_packet(to, &packet(&[Message::Ack(seq)]), *t)
-                .unwrap();
+            n.handle_packet(
+                to,
+                name_at(n, to).as_deref(),
+                &packet(&[Message::Ack(seq)]),
+                *t,
+            )
+            .unwrap();
             return (*t, to);
         }
     }
@@ -2193,8 +2273,13 @@ fn a_paused_node_wakes_with_a_lapsed_lease_even_if_acks_wait_in_its_input() {
     };
     drain_events(&mut n);
     let woke = sent + Duration::from_secs(8);
-    n.handle_packet(to, &packet(&[Message::Ack(seq)]), woke)
-        .unwrap();
+    n.handle_packet(
+        to,
+        name_at(&n, to).as_deref(),
+        &packet(&[Message::Ack(seq)]),
+        woke,
+    )
+    .unwrap();
     assert!(matches!(
         n.standing(woke),
         crate::Standing::NoContact { last_contact: Some(c) } if c == sent
@@ -2224,6 +2309,7 @@ fn a_push_pull_reply_is_contact_from_its_request() {
     let later = start + Duration::from_millis(300);
     n.handle_packet(
         addr(50),
+        Some("seed"),
         &packet(&[answer, state("seed", 0, 50, WireState::Alive)]),
         later,
     )
@@ -2245,6 +2331,7 @@ fn a_push_pull_reply_is_contact_from_its_request() {
     });
     m.handle_packet(
         addr(50),
+        Some("seed"),
         &packet(&[request, state("seed", 0, 50, WireState::Alive)]),
         later,
     )
@@ -2483,7 +2570,9 @@ fn run_answering(
                 _ => None,
             });
             if let Some(ack) = ack {
-                n.handle_packet(tr.to, &packet(&[ack]), *t).unwrap();
+                let sender = name_at(n, tr.to);
+                n.handle_packet(tr.to, sender.as_deref(), &packet(&[ack]), *t)
+                    .unwrap();
             }
         }
         if lapsed.is_none() && n.stats().standing_lost > 0 && !n.standing(*t).is_valid() {
@@ -2865,4 +2954,380 @@ fn lease_evidence_is_refused_when_it_could_never_give_a_majority() {
     let mut other = cluster_node("b", &all, t);
     assert!(!other.inherit_lease(evidence, t));
     assert!(!n.inherit_lease(crate::LeaseEvidence::default(), t));
+}
+
+// ----- identity: who may say what ------------------------------------------------
+
+/// A node that knows x (generation 1, incarnation 1, port 2) and y (port 3),
+/// both first-hand.
+fn node_knowing_x_and_y(now: Instant) -> Node {
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 1, 2), alive("y", 1, 1, 3)], now);
+    drain_events(&mut n);
+    drain_transmits(&mut n);
+    n
+}
+
+/// Whether an `AliveRequest` (a claim check) went to `to`.
+fn asked_alive(transmits: &[Transmit], to: SocketAddr) -> bool {
+    transmits
+        .iter()
+        .any(|t| t.to == to && wire::Messages::new(&t.payload).any(|m| m == Message::AliveRequest))
+}
+
+#[test]
+fn a_ping_under_another_name_is_not_answered() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    deliver_as(&mut n, Some("mallory"), &[ping_from(7, "x", 1, 1)], now);
+    assert!(drain_transmits(&mut n).is_empty());
+    assert_eq!(n.stats().forged_claims, 1);
+    deliver_as(&mut n, None, &[ping_from(8, "x", 1, 1)], now);
+    assert!(drain_transmits(&mut n).is_empty());
+    assert_eq!(n.stats().forged_claims, 2);
+    deliver_as(&mut n, Some("x"), &[ping_from(9, "x", 1, 1)], now);
+    assert_eq!(sent_messages(&drain_transmits(&mut n))[0], Message::Ack(9));
+}
+
+#[test]
+fn a_push_pull_under_another_name_is_refused_whole() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    let header = Message::PushPull(PushPull {
+        from: "x",
+        join: false,
+        reply: true,
+    });
+    let ghost = Message::State(State {
+        member: Alive {
+            name: "x",
+            generation: 2,
+            incarnation: 0,
+            addr: addr(66),
+            ready: true,
+            metadata: &[],
+        },
+        state: WireState::Alive,
+    });
+    deliver_as(&mut n, Some("mallory"), &[header, ghost], now);
+    assert_eq!(n.member("x").unwrap().generation, 1);
+    assert!(drain_transmits(&mut n).is_empty(), "no reply, no check");
+    assert_eq!(n.stats().forged_claims, 1);
+    assert_eq!(n.stats().push_pulls_received, 0);
+}
+
+#[test]
+fn a_third_party_cannot_announce_a_new_generation_or_address() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    // y says x restarted (generation 2), then that x moved (port 7).
+    deliver_as(&mut n, Some("y"), &[alive("x", 2, 0, 2)], now);
+    deliver_as(&mut n, Some("y"), &[alive("x", 1, 2, 7)], now);
+    let x = n.member("x").unwrap();
+    assert_eq!((x.generation, x.addr, x.incarnation), (1, addr(2), 1));
+    assert!(!drain_events(&mut n).iter().any(|e| matches!(
+        e,
+        Event::Failed(_) | Event::Joined(_) | Event::NameConflict { .. }
+    )));
+    // Each claim is checked with the member, at the claimed address.
+    let transmits = drain_transmits(&mut n);
+    assert!(asked_alive(&transmits, addr(2)));
+    assert!(asked_alive(&transmits, addr(7)));
+    assert_eq!(n.stats().claims_checked, 2);
+    // A repeated claim does not ask again while the check is in flight.
+    deliver_as(&mut n, Some("y"), &[alive("x", 2, 0, 2)], now);
+    assert!(drain_transmits(&mut n).is_empty());
+    // The member's own word counts: x, restarted, answers the check.
+    deliver_as(&mut n, Some("x"), &[alive("x", 2, 0, 2)], now);
+    assert_eq!(n.member("x").unwrap().generation, 2);
+}
+
+#[test]
+fn a_new_member_is_learned_from_itself_not_from_a_third_party() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    deliver_as(&mut n, Some("y"), &[alive("ghost", 1, 0, 40)], now);
+    assert!(n.member("ghost").is_none());
+    assert!(asked_alive(&drain_transmits(&mut n), addr(40)));
+    // Its answer (under its own name) adds it.
+    deliver_as(&mut n, Some("ghost"), &[alive("ghost", 1, 0, 40)], now);
+    assert_eq!(state_of(&n, "ghost"), Some((MemberState::Alive, 0)));
+}
+
+#[test]
+fn another_identity_of_this_node_from_a_third_party_does_not_fence_it() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    deliver_as(&mut n, Some("y"), &[alive("me", 101, 0, 1)], now);
+    deliver_as(&mut n, Some("y"), &[alive("me", 100, 0, 9)], now);
+    assert!(!n.is_superseded());
+    assert!(
+        !drain_events(&mut n)
+            .iter()
+            .any(|e| matches!(e, Event::DeclaredFailed | Event::NameConflict { .. }))
+    );
+    assert_eq!(n.stats().forged_claims, 2);
+    // Only the other address is asked (our own is us).
+    let transmits = drain_transmits(&mut n);
+    assert!(asked_alive(&transmits, addr(9)));
+    assert!(!asked_alive(&transmits, addr(1)));
+    // A process holding our name's certificate does win it.
+    deliver_as(&mut n, Some("me"), &[alive("me", 101, 0, 9)], now);
+    assert!(n.is_superseded());
+}
+
+#[test]
+fn incarnations_out_of_refutation_reach_are_refused() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    let step = super::membership::MAX_INCARNATION_STEP;
+    deliver_as(
+        &mut n,
+        Some("y"),
+        &[suspect("x", 1, u64::MAX - 1, "y")],
+        now,
+    );
+    deliver_as(&mut n, Some("y"), &[dead("x", 1, u64::MAX, "y")], now);
+    deliver_as(&mut n, Some("y"), &[alive("x", 1, 2 + step, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 1)));
+    assert_eq!(n.stats().incarnations_refused, 3);
+    // Within reach: a suspicion the member can refute.
+    deliver_as(&mut n, Some("y"), &[suspect("x", 1, 1 + step, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 1 + step)));
+    // About ourselves: refused too, so our incarnation stays answerable.
+    deliver_as(
+        &mut n,
+        Some("y"),
+        &[suspect("me", 100, u64::MAX - 1, "y")],
+        now,
+    );
+    deliver_as(
+        &mut n,
+        Some("y"),
+        &[dead("me", 100, u64::MAX - 1, "y")],
+        now,
+    );
+    assert_eq!(n.local().incarnation, 0);
+    assert_eq!(n.stats().incarnations_refused, 5);
+    deliver_as(&mut n, Some("y"), &[suspect("me", 100, 5, "y")], now);
+    assert_eq!(n.local().incarnation, 6, "a reachable one is refuted");
+}
+
+#[test]
+fn an_acted_on_notice_counts_only_from_its_author() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    deliver_as(&mut n, Some("y"), &[dead("me", 100, u64::MAX, "x")], now);
+    assert!(!drain_events(&mut n).contains(&Event::DeclaredFailed));
+    assert_eq!(n.stats().forged_claims, 1);
+    deliver_as(&mut n, Some("x"), &[dead("me", 100, u64::MAX, "x")], now);
+    assert!(drain_events(&mut n).contains(&Event::DeclaredFailed));
+}
+
+#[test]
+fn a_relayed_leave_is_checked_with_the_member() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    deliver_as(&mut n, Some("y"), &[dead("x", 1, 1, "x")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 1)));
+    assert!(asked_alive(&drain_transmits(&mut n), addr(2)));
+    // A member that left answers the check with its leave...
+    let mut x = node_with(Config::lan(), "x", 2, now);
+    x.leave(now);
+    drain_transmits(&mut x);
+    x.handle_packet(addr(1), Some("me"), &packet(&[Message::AliveRequest]), now)
+        .unwrap();
+    let answer = drain_transmits(&mut x);
+    let leave = sent_messages(&answer)
+        .into_iter()
+        .find(|m| matches!(m, Message::Dead(a) if a.name == "x" && a.from == "x"))
+        .unwrap();
+    // ... which counts, first-hand.
+    let Message::Dead(acc) = leave else {
+        unreachable!()
+    };
+    deliver_as(
+        &mut n,
+        Some("x"),
+        &[dead("x", 1, acc.incarnation.max(1), "x")],
+        now,
+    );
+    assert_eq!(state_of(&n, "x").map(|s| s.0), Some(MemberState::Left));
+}
+
+/// Steps `n` until it pings `target`; returns the ping's sequence number
+/// and the time.
+fn next_ping_to(n: &mut Node, target: SocketAddr, mut t: Instant) -> (u32, Instant) {
+    for _ in 0..1000 {
+        t += Duration::from_millis(1);
+        n.handle_timeout(t);
+        for tr in drain_transmits(n) {
+            if tr.to == target
+                && let Some(Message::Ping(p)) = wire::Messages::new(&tr.payload).next()
+            {
+                return (p.seq, t);
+            }
+        }
+    }
+    panic!("no ping to {target}");
+}
+
+#[test]
+fn acks_count_only_from_the_probed_member() {
+    let now = Instant::now();
+    // (No lease: witness pings would be the first pings to x.)
+    let config = Config {
+        lease: crate::LeaseStrategy::Off,
+        ..Config::lan()
+    };
+    for (sender, refused) in [(Some("y"), true), (None, true), (Some("x"), false)] {
+        let mut n = node_with(config.clone(), "me", 1, now);
+        deliver(&mut n, &[alive("x", 1, 1, 2)], now);
+        let (seq, t) = next_ping_to(&mut n, addr(2), now);
+        deliver_as(&mut n, sender, &[Message::Ack(seq)], t);
+        assert_eq!(n.stats().acks_refused, u64::from(refused));
+        assert_eq!(n.stats().stray_acks, 0);
+        // The probe period ends: a refused ack left it unanswered. (The
+        // next probe, started at 200 ms, ends at 400 ms.)
+        for ms in 1..=260 {
+            n.handle_timeout(t + Duration::from_millis(ms));
+        }
+        assert_eq!(n.stats().probes_failed, u64::from(refused), "{sender:?}");
+    }
+}
+
+#[test]
+fn indirect_probes_name_only_known_members() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    let req = |target, generation, port| {
+        Message::IndirectPing(wire::IndirectPing {
+            seq: 5,
+            target,
+            generation,
+            addr: addr(port),
+        })
+    };
+    // A stranger asks; a member asks about a ghost, about x at another
+    // address, about x at another generation.
+    deliver_as(&mut n, Some("stranger"), &[req("x", 1, 2)], now);
+    deliver_as(&mut n, None, &[req("x", 1, 2)], now);
+    deliver_as(&mut n, Some("y"), &[req("ghost", 1, 50)], now);
+    deliver_as(&mut n, Some("y"), &[req("x", 1, 51)], now);
+    deliver_as(&mut n, Some("y"), &[req("x", 2, 2)], now);
+    assert!(drain_transmits(&mut n).is_empty());
+    assert_eq!(n.stats().relays_refused, 5);
+    assert_eq!(n.stats().relays, 0);
+    // The real thing is relayed, and only x's ack is forwarded.
+    deliver_as(&mut n, Some("y"), &[req("x", 1, 2)], now);
+    let transmits = drain_transmits(&mut n);
+    let Some(Message::Ping(p)) = transmits
+        .iter()
+        .find(|t| t.to == addr(2))
+        .and_then(|t| wire::Messages::new(&t.payload).next())
+    else {
+        panic!("no relayed ping: {transmits:?}")
+    };
+    deliver_as(&mut n, Some("y"), &[Message::Ack(p.seq)], now);
+    assert!(drain_transmits(&mut n).is_empty());
+    assert_eq!(n.stats().acks_refused, 1);
+    deliver_as(&mut n, Some("x"), &[Message::Ack(p.seq)], now);
+    let forwarded = drain_transmits(&mut n);
+    assert!(
+        forwarded.iter().any(|t| t.to == addr(9999)
+            && wire::Messages::new(&t.payload).next() == Some(Message::Ack(5)))
+    );
+}
+
+#[test]
+fn members_are_capped() {
+    let now = Instant::now();
+    let config = Config {
+        max_members: 3,
+        ..Config::lan()
+    };
+    let mut n = node_with(config, "me", 1, now);
+    deliver(
+        &mut n,
+        &[
+            alive("a", 1, 0, 2),
+            alive("b", 1, 0, 3),
+            alive("c", 1, 0, 4),
+        ],
+        now,
+    );
+    assert_eq!(n.members().count(), 3);
+    assert!(n.member("c").is_none());
+    assert_eq!(n.stats().members_refused, 1);
+    // A third party's claim of one more is not even checked.
+    drain_transmits(&mut n);
+    deliver_as(&mut n, Some("a"), &[alive("d", 1, 0, 5)], now);
+    assert!(!asked_alive(&drain_transmits(&mut n), addr(5)));
+    assert_eq!(n.stats().members_refused, 2);
+}
+
+#[test]
+fn a_packet_of_too_many_messages_is_refused_whole() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    let many = vec![Message::AliveRequest; wire::MAX_MESSAGES + 1];
+    let mut bytes = wire::new_packet(1024);
+    for m in &many {
+        wire::encode(m, &mut bytes);
+    }
+    assert!(matches!(
+        n.handle_packet(addr(2), Some("x"), &bytes, now),
+        Err(DecodeError::TooManyMessages { .. })
+    ));
+    assert_eq!(n.stats().decode_errors, 1);
+    assert!(drain_transmits(&mut n).is_empty());
+}
+
+#[test]
+fn a_join_answer_lists_the_members_and_the_joiner_announces_itself_to_them() {
+    let now = Instant::now();
+    let mut n = node(now);
+    n.join(&[addr(50)], now);
+    drain_transmits(&mut n);
+    let answer = Message::PushPull(PushPull {
+        from: "seed",
+        join: false,
+        reply: false,
+    });
+    n.handle_packet(
+        addr(50),
+        Some("seed"),
+        &packet(&[
+            answer,
+            state("seed", 0, 50, WireState::Alive),
+            state("other", 0, 51, WireState::Alive),
+        ]),
+        now,
+    )
+    .unwrap();
+    // The seed we chose is taken at its word for the members it lists...
+    assert_eq!(state_of(&n, "other"), Some((MemberState::Alive, 0)));
+    // ... and each hears of us from us (they take a new member only first-hand).
+    let transmits = drain_transmits(&mut n);
+    for to in [addr(50), addr(51)] {
+        assert!(transmits.iter().any(|t| {
+            t.to == to
+                && wire::Messages::new(&t.payload)
+                    .any(|m| matches!(m, Message::Alive(a) if a.name == "me"))
+        }));
+    }
+    // Any other push-pull lists members only for a check.
+    let unsolicited = Message::PushPull(PushPull {
+        from: "other",
+        join: false,
+        reply: false,
+    });
+    deliver_as(
+        &mut n,
+        Some("other"),
+        &[unsolicited, state("ghost", 0, 52, WireState::Alive)],
+        now,
+    );
+    assert!(n.member("ghost").is_none());
+    assert!(asked_alive(&drain_transmits(&mut n), addr(52)));
 }

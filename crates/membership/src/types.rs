@@ -228,6 +228,35 @@ pub struct Stats {
     /// Pings sent to witnesses (strategy `Witnesses`; their bytes are in
     /// `packets_out` and `bytes_out` like any ping's).
     pub witness_pings: u64,
+    /// First-hand claims whose authenticated sender is another node, or
+    /// claims about this node that only it can make, refused: a ping or
+    /// push-pull whose sender field is not the sender, an acted-on notice
+    /// not sent by its author, another generation or address of this node
+    /// announced by someone else.
+    pub forged_claims: u64,
+    /// Third-party messages refused for an incarnation too far above the one
+    /// known (more than a refutation could plausibly have reached), or at
+    /// the acted-on notice's incarnation.
+    pub incarnations_refused: u64,
+    /// Acks and nacks refused: not from the probe's target nor from a relay
+    /// that was asked (or not from the member a ping went to).
+    pub acks_refused: u64,
+    /// Indirect probe requests refused: the requester is not a live member
+    /// under its authenticated name, or the target is not a live member at
+    /// that generation and address.
+    pub relays_refused: u64,
+    /// New members refused because `max_members` were known.
+    pub members_refused: u64,
+    /// Third-party claims that only the member itself may make (a new
+    /// member, a new generation or address, a leave) checked by asking the
+    /// member, at the claimed address, for its own `Alive` (an
+    /// `AliveRequest`); the claim itself is not applied.
+    pub claims_checked: u64,
+    /// Such checks not sent because too many were in flight.
+    pub claim_checks_dropped: u64,
+    /// Third-party down states (dead, left) about members not known here,
+    /// ignored: a tombstone is recorded only from the member or a check.
+    pub unknown_down_refused: u64,
 }
 
 /// Errors returned to the caller of [`Membership`](crate::Membership).
@@ -305,5 +334,14 @@ pub enum DecodeError {
     Unexpected {
         /// Position of the message in the packet.
         index: usize,
+    },
+    /// More messages than a packet may carry: 256 besides push-pull
+    /// states, and at most `max_members` states.
+    #[error("message {index} is over the limit of {max} messages of its kind")]
+    TooManyMessages {
+        /// Position of the first message over the limit.
+        index: usize,
+        /// The limit.
+        max: usize,
     },
 }

@@ -143,7 +143,17 @@ pub(crate) struct Limits {
     pub max_len: usize,
     pub max_name_len: usize,
     pub max_metadata_len: usize,
+    /// Messages other than push-pull `State`s in one packet, at most.
+    pub max_messages: usize,
+    /// `State` messages in one push-pull, at most (`max_members`).
+    pub max_states: usize,
 }
+
+/// Messages other than push-pull states in one packet, at most. A datagram
+/// of `max_packet_size` (1,150 bytes) holds about 80 piggybacked updates;
+/// a packet with more is refused whole before it is applied, so a small
+/// compressed packet cannot expand into millions of messages to apply.
+pub(crate) const MAX_MESSAGES: usize = 256;
 
 // Worst-case encoded sizes (varints at their longest), used to check that a
 // configuration's packet size holds what it must.
@@ -290,6 +300,7 @@ fn decode_into<'a>(
     }
     let mut index = 0;
     let mut push_pull = false;
+    let (mut states, mut others) = (0usize, 0usize);
     while !rest.is_empty() {
         let (msg, tail) = postcard::take_from_bytes::<Message<'_>>(rest)
             .map_err(|source| DecodeError::Malformed { index, source })?;
@@ -299,6 +310,16 @@ fn decode_into<'a>(
             Message::PushPull(_) => return Err(DecodeError::Unexpected { index }),
             Message::State(_) if !push_pull => return Err(DecodeError::Unexpected { index }),
             _ => {}
+        }
+        let (count, max) = if matches!(msg, Message::State(_)) {
+            states += 1;
+            (states, limits.max_states)
+        } else {
+            others += 1;
+            (others, limits.max_messages)
+        };
+        if count > max {
+            return Err(DecodeError::TooManyMessages { index, max });
         }
         out.push(msg);
         rest = tail;
@@ -356,6 +377,8 @@ mod tests {
             max_len: 1150,
             max_name_len: 128,
             max_metadata_len: 512,
+            max_messages: MAX_MESSAGES,
+            max_states: 4,
         }
     }
 
@@ -528,6 +551,58 @@ mod tests {
             check_packet(&packet, &l),
             Err(DecodeError::Unexpected { index: 0 })
         );
+    }
+
+    #[test]
+    fn message_counts_are_capped() {
+        let l = Limits {
+            max_len: 1 << 20,
+            ..limits()
+        };
+        // One-byte messages: the cap stops the decoder, not the length.
+        let mut packet = new_packet(MAX_MESSAGES + 2);
+        for _ in 0..MAX_MESSAGES {
+            encode(&Message::AliveRequest, &mut packet);
+        }
+        assert_eq!(check_packet(&packet, &l), Ok(MAX_MESSAGES));
+        encode(&Message::AliveRequest, &mut packet);
+        assert_eq!(
+            check_packet(&packet, &l),
+            Err(DecodeError::TooManyMessages {
+                index: MAX_MESSAGES,
+                max: MAX_MESSAGES
+            })
+        );
+        // States beyond `max_states` (the member cap) are refused too.
+        let mut packet = new_packet(256);
+        encode(
+            &Message::PushPull(PushPull {
+                from: "a",
+                join: false,
+                reply: false,
+            }),
+            &mut packet,
+        );
+        let state = Message::State(State {
+            member: Alive {
+                name: "a",
+                generation: 1,
+                incarnation: 1,
+                addr: addr(),
+                ready: false,
+                metadata: &[],
+            },
+            state: WireState::Alive,
+        });
+        for _ in 0..l.max_states {
+            encode(&state, &mut packet);
+        }
+        assert_eq!(check_packet(&packet, &l), Ok(l.max_states + 1));
+        encode(&state, &mut packet);
+        assert!(matches!(
+            check_packet(&packet, &l),
+            Err(DecodeError::TooManyMessages { max: 4, .. })
+        ));
     }
 
     #[test]

@@ -1217,7 +1217,13 @@ impl<A: Application> Sim<A> {
         let from_addr = slot_addr(from);
         match channel {
             Channel::Unreliable | Channel::Reliable => {
-                if let Err(e) = p.membership.handle_packet(from_addr, &payload, now) {
+                // The simulated network authenticates the sender's name, as
+                // the transport's certificates do.
+                let sender = node_name(from);
+                if let Err(e) = p
+                    .membership
+                    .handle_packet(from_addr, Some(&sender), &payload, now)
+                {
                     self.violate(format!(
                         "{} could not decode a {} byte packet that {} sent: {e}",
                         p.info.name,
@@ -1772,7 +1778,8 @@ impl<A: Application> Sim<A> {
                 if let Some(mut p) = self.take_proc(slot) {
                     let bytes: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
                     let from = slot_addr(slot.wrapping_add(1) % self.slot_count().max(1));
-                    match p.membership.handle_packet(from, &bytes, now) {
+                    let sender = node_name(slot.wrapping_add(1) % self.slot_count().max(1));
+                    match p.membership.handle_packet(from, Some(&sender), &bytes, now) {
                         Err(_) => self.traffic.garbage_rejected += 1,
                         Ok(()) => tracing::debug!(slot, len, "random bytes decoded as a packet"),
                     }

@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         let before: Vec<Member> = node.members().cloned().collect();
         if node
-            .handle_packet(SocketAddr::from(([127, 0, 0, 1], 7001)), packet, t)
+            .handle_packet(SocketAddr::from(([127, 0, 0, 1], 7001)), Some("m0"), packet, t)
             .is_err()
         {
             let after: Vec<Member> = node.members().cloned().collect();
@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         while node.poll_event().is_some() {}
     }
     // Also the whole input as one packet (covers large push-pull states).
-    let _ = node.handle_packet(SocketAddr::from(([127, 0, 0, 1], 7002)), data, t);
+    let _ = node.handle_packet(SocketAddr::from(([127, 0, 0, 1], 7002)), None, data, t);
     // The amplification case: what a few hundred bytes of zstd decompress
     // to (the transport allows ratio 1,024 on the membership channel): the
     // input repeated up to 4 MiB, as one packet. `-timeout` bounds the CPU
@@ -66,6 +66,6 @@ fuzz_target!(|data: &[u8]| {
         && !unit.is_empty()
     {
         let big: Vec<u8> = unit.iter().copied().cycle().take(4 << 20).collect();
-        let _ = node.handle_packet(SocketAddr::from(([127, 0, 0, 1], 7003)), &big, t);
+        let _ = node.handle_packet(SocketAddr::from(([127, 0, 0, 1], 7003)), None, &big, t);
     }
 });
