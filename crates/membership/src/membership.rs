@@ -282,6 +282,10 @@ pub struct Membership<R: Rng> {
     probe_relays: Vec<u32>,
     /// Claim checks in flight: (hash of the name, address asked, expiry).
     claim_checks: VecDeque<(u64, SocketAddr, Instant)>,
+    /// Until then (shortly after our join was answered), a change of our
+    /// ready flag or metadata goes straight to every member too: they
+    /// learned us first-hand and would otherwise wait for the gossip.
+    announce_until: Option<Instant>,
     /// Accusers already answered directly, for one incarnation of ours.
     told: (u64, Vec<u64>),
     /// Sequence numbers, slots and send times of last-chance pings to
@@ -390,6 +394,7 @@ impl<R: Rng> Membership<R> {
             deferred_acks: Vec::new(),
             probe_relays: Vec::new(),
             claim_checks: VecDeque::new(),
+            announce_until: None,
             told: (0, Vec::new()),
             checks: VecDeque::new(),
             next_reconnect_at,
@@ -477,17 +482,18 @@ impl<R: Rng> Membership<R> {
     }
 
     /// Announces this node ready (or not) to own datums.
-    pub fn set_ready(&mut self, ready: bool, _now: Instant) {
+    pub fn set_ready(&mut self, ready: bool, now: Instant) {
         if self.local.ready == ready {
             return;
         }
         self.local.ready = ready;
         self.local_changed();
+        self.announce_if_joining(now);
     }
 
     /// Replaces this node's user metadata. More than `max_metadata_len` bytes
     /// is an error and changes nothing.
-    pub fn set_metadata(&mut self, metadata: Vec<u8>, _now: Instant) -> Result<(), Error> {
+    pub fn set_metadata(&mut self, metadata: Vec<u8>, now: Instant) -> Result<(), Error> {
         if metadata.len() > self.config.max_metadata_len {
             return Err(Error::MetadataTooLarge {
                 len: metadata.len(),
@@ -503,7 +509,15 @@ impl<R: Rng> Membership<R> {
             Arc::from(metadata)
         };
         self.local_changed();
+        self.announce_if_joining(now);
         Ok(())
+    }
+
+    /// Right after a join, a change of ours goes straight to every member.
+    fn announce_if_joining(&mut self, now: Instant) {
+        if self.announce_until.is_some_and(|until| now < until) {
+            self.announce_to_members();
+        }
     }
 
     /// Handles one packet (unreliable or reliable) from `from`. A malformed
@@ -607,6 +621,8 @@ impl<R: Rng> Membership<R> {
             if !header.reply && self.join.as_ref().is_some_and(|j| j.seeds.contains(&from)) {
                 self.join = None;
                 self.announce_to_members();
+                self.announce_until =
+                    Some(later(now, self.config.probe_interval.saturating_mul(5)));
             }
             if header.reply && self.local.state.is_live() {
                 self.send_state(from, false, false, now);
