@@ -47,6 +47,9 @@ const NOTICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a leaving node's acknowledged forward, or a refusal, waits for
 /// the receiver's answer.
 const ROUTED_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a member that left the view still counts as a forwarder of
+/// routed messages (`Driver::origin_plausible`).
+const DEPARTED_GRACE: Duration = Duration::from_secs(60);
 /// Items the driver takes from one input queue per wake-up.
 const BATCH: usize = 256;
 /// Registered datums from which installing a view runs in `block_in_place`.
@@ -108,7 +111,7 @@ pub(crate) struct DriverInputs {
     /// Messages from the transport, read by the dispatcher.
     pub(crate) messages: MessageReceiver,
     /// Where the dispatcher hands reliable membership messages.
-    pub(crate) membership_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    pub(crate) membership_tx: mpsc::Sender<(SocketAddr, NodeName, Bytes)>,
     /// Events and acknowledgements from the membership task.
     pub(crate) membership_rx: mpsc::Receiver<FromMembership>,
     /// Commands from API handles.
@@ -232,6 +235,7 @@ pub(crate) struct Counts {
     jobs_started: AtomicU64,
     /// Relinquish / acquire callbacks and factories that panicked.
     callback_panics: AtomicU64,
+    origin_replaced: AtomicU64,
     /// Set once a leaving node's driver stopped: routed messages that
     /// arrive are refused from then on.
     pub(crate) refusing: AtomicBool,
@@ -306,6 +310,7 @@ impl Counts {
             malformed: g(&self.malformed),
             jobs_started: g(&self.jobs_started),
             callback_panics: g(&self.callback_panics),
+            routed_origin_replaced: g(&self.origin_replaced),
         }
     }
 }
@@ -416,6 +421,10 @@ pub(crate) struct Driver {
     local: Member,
     /// The live members by name, from membership's last view.
     members: HashMap<Arc<str>, Member>,
+    /// Members that left the view in the last `DEPARTED_GRACE`, and when: a
+    /// leaving node forwards what it still had after its leave was
+    /// announced.
+    departed: HashMap<Arc<str>, Instant>,
     handoff: Handoff<Routed>,
     transport: Transport,
     channels: Arc<ChannelTable>,
@@ -503,6 +512,7 @@ impl Driver {
             me,
             local,
             members: HashMap::new(),
+            departed: HashMap::new(),
             handoff,
             transport,
             channels,
@@ -1068,10 +1078,17 @@ impl Driver {
                     .map(|m| NodeId::new(&*m.name, m.generation))
                     .collect();
                 self.handoff.set_peers(peers.iter(), now);
-                self.members = members
+                let members: HashMap<Arc<str>, Member> = members
                     .into_iter()
                     .map(|m| (Arc::clone(&m.name), m))
                     .collect();
+                self.departed.retain(|name, at| {
+                    !members.contains_key(name) && now.duration_since(*at) < DEPARTED_GRACE
+                });
+                for name in self.members.keys().filter(|n| !members.contains_key(*n)) {
+                    self.departed.insert(Arc::clone(name), now);
+                }
+                self.members = members;
                 if !self.unresolved.is_empty() {
                     let members = &self.members;
                     let (gone, keep): (Vec<NodeId>, Vec<NodeId>) =
@@ -1584,7 +1601,15 @@ impl Driver {
                 // hold the transport's inbound budget until the payload is
                 // dropped (taken by the application, or sent on).
                 match Routed::decode_shared(&bytes, self.config.limits.max_message) {
-                    Ok(routed) => self.route_message(routed, false, false, now),
+                    Ok(mut routed) => {
+                        if !self.origin_plausible(&routed, peer.name.as_str()) {
+                            Counts::inc(&self.counts.origin_replaced);
+                            debug!(node = %self.name, from = %peer, origin = %routed.origin, hops = routed.hops,
+                                "routed message's origin is not its sender's: replaced by the sender");
+                            routed.origin = peer.name.as_str().to_owned();
+                        }
+                        self.route_message(routed, false, false, now);
+                    }
                     Err(error) => {
                         Counts::inc(&self.counts.malformed);
                         self.counts.dropped(DropReason::Malformed, 1);
@@ -1610,6 +1635,18 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Whether a routed message's origin (delivered to the application as
+    /// `from`) fits its authenticated sender: a first hop (`hops` 0) comes
+    /// from its origin itself; a forwarded one (a node that was not the
+    /// owner passed it on) from a member of the view, or one that left it
+    /// in the last `DEPARTED_GRACE`, trusted to pass the origin on as it
+    /// got it.
+    fn origin_plausible(&self, routed: &Routed, sender: &str) -> bool {
+        routed.origin == sender
+            || (routed.hops > 0
+                && (self.members.contains_key(sender) || self.departed.contains_key(sender)))
     }
 
     /// Remembers that the live member `name` refuses routed messages (it is
@@ -1964,7 +2001,7 @@ async fn dispatch(
     transport: Transport,
     channels: Arc<ChannelTable>,
     counts: Arc<Counts>,
-    membership_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    membership_tx: mpsc::Sender<(SocketAddr, NodeName, Bytes)>,
     notice_tx: mpsc::Sender<NoticeRequest>,
     routed_tx: mpsc::Sender<RoutedIn>,
 ) {
@@ -1976,7 +2013,13 @@ async fn dispatch(
         let refusing = counts.refusing.load(Ordering::SeqCst);
         let delivered = match m.channel {
             // The membership task outlives a closed driver until shutdown.
-            CH_MEMBERSHIP => membership_tx.send((m.from.addr, m.body)).await.is_ok() || refusing,
+            CH_MEMBERSHIP => {
+                membership_tx
+                    .send((m.from.addr, m.from.name, m.body))
+                    .await
+                    .is_ok()
+                    || refusing
+            }
             CH_NOTICES if refusing => {
                 answer(m.reply, false);
                 true

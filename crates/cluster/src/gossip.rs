@@ -95,6 +95,20 @@ pub(crate) enum FromMembership {
 /// Most addresses a rebirth rejoins through (members it knew, then seeds).
 const REJOIN_TARGETS: usize = 64;
 
+/// How often per-address state (link tasks, names) is swept, and how long
+/// an address that is no member's stays without traffic before it goes.
+const LINK_IDLE: Duration = Duration::from_secs(10);
+/// Link tasks kept besides `max_members`, at most: addresses that are no
+/// member's (seeds, addresses being checked) beyond it are swept at once,
+/// and a packet that still finds no room is dropped and counted.
+const SPARE_LINKS: usize = 1024;
+
+/// A peer's send queue, drained by its link task, and its last use.
+struct Link {
+    tx: mpsc::Sender<Out>,
+    used: Instant,
+}
+
 struct LeaveWaiter {
     deadline: Instant,
     tx: oneshot::Sender<()>,
@@ -112,8 +126,13 @@ pub(crate) struct MembershipTask {
     stash: Option<FromMembership>,
     acks: VecDeque<Ack>,
     last_local: Member,
-    links: HashMap<SocketAddr, mpsc::Sender<Out>>,
+    /// Per-address send queues: one per address packets went to, swept
+    /// (`sweep_links`) when idle and not a member's.
+    links: HashMap<SocketAddr, Link>,
+    /// Authenticated names by address (from packets and events), to dial a
+    /// member by name; swept with the links.
     names: HashMap<SocketAddr, NodeName>,
+    next_sweep: Instant,
     leave_waiters: Vec<LeaveWaiter>,
     fenced: bool,
     stop: bool,
@@ -163,6 +182,7 @@ impl MembershipTask {
             last_local,
             links: HashMap::new(),
             names: HashMap::new(),
+            next_sweep: Instant::now() + LINK_IDLE,
             leave_waiters: Vec::new(),
             fenced: false,
             stop: false,
@@ -182,7 +202,7 @@ impl MembershipTask {
     pub(crate) async fn run(
         mut self,
         mut datagrams: DatagramReceiver,
-        mut messages: mpsc::Receiver<(SocketAddr, Bytes)>,
+        mut messages: mpsc::Receiver<(SocketAddr, NodeName, Bytes)>,
         mut commands: mpsc::Receiver<MembershipCommand>,
     ) {
         let far = Duration::from_secs(3600);
@@ -198,9 +218,11 @@ impl MembershipTask {
                 biased;
                 Some(d) = datagrams.recv() => {
                     self.names.insert(d.from.addr, d.from.name.clone());
-                    self.handle_packet(d.from.addr, &d.payload, "datagram");
+                    self.handle_packet(d.from.addr, &d.from.name, &d.payload, "datagram");
                 }
-                Some((from, bytes)) = messages.recv() => self.handle_packet(from, &bytes, "message"),
+                Some((from, name, bytes)) = messages.recv() => {
+                    self.handle_packet(from, &name, &bytes, "message");
+                }
                 cmd = commands.recv(), if !blocked => match cmd {
                     Some(cmd) => self.on_command(cmd, Instant::now()),
                     None => break,
@@ -219,8 +241,20 @@ impl MembershipTask {
         debug!(node = %self.name, "membership task stopped");
     }
 
-    fn handle_packet(&mut self, from: SocketAddr, bytes: &[u8], what: &'static str) {
-        if let Err(error) = self.membership.handle_packet(from, bytes, Instant::now()) {
+    /// Hands membership a packet with the name the transport authenticated
+    /// for its sender (the certificate's name): membership accepts claims
+    /// a node makes about itself only under its own name.
+    fn handle_packet(
+        &mut self,
+        from: SocketAddr,
+        name: &NodeName,
+        bytes: &[u8],
+        what: &'static str,
+    ) {
+        if let Err(error) =
+            self.membership
+                .handle_packet(from, Some(name.as_str()), bytes, Instant::now())
+        {
             Counts::inc(&self.counts.malformed);
             debug!(node = %self.name, %from, %error, what, "malformed membership packet");
         }
@@ -255,6 +289,9 @@ impl MembershipTask {
             self.membership.set_ready(self.wanted_ready, now);
         }
         self.hand_to_driver();
+        if now >= self.next_sweep {
+            self.sweep_links(now, false);
+        }
         while let Some(t) = self.membership.poll_transmit() {
             let dest = match self.names.get(&t.to) {
                 Some(name) => Dest::node(name.clone(), t.to),
@@ -281,11 +318,47 @@ impl MembershipTask {
         }
     }
 
+    /// Forgets per-address state of addresses that are no member's: those
+    /// idle for `LINK_IDLE` (all of them when `all`, because the spare room
+    /// is used up). Dropping a link's sender ends its task. Addresses come
+    /// from packets and gossip (a peer can name any address), so this is
+    /// what bounds them.
+    fn sweep_links(&mut self, now: Instant, all: bool) {
+        self.next_sweep = now + LINK_IDLE;
+        let members: std::collections::HashSet<SocketAddr> =
+            self.membership.members().map(|m| m.addr).collect();
+        let before = self.links.len();
+        self.links.retain(|addr, link| {
+            members.contains(addr)
+                || (!all && !link.tx.is_closed() && now.duration_since(link.used) < LINK_IDLE)
+        });
+        let links = &self.links;
+        self.names
+            .retain(|addr, _| members.contains(addr) || links.contains_key(addr));
+        if self.links.len() < before {
+            debug!(node = %self.name, swept = before - self.links.len(), links = self.links.len(),
+                "per-address state of non-members swept");
+        }
+    }
+
     /// Queues a packet for its peer; a full queue drops it (membership
     /// retransmits) and counts the drop.
     fn send(&mut self, addr: SocketAddr, out: Out) {
-        let tx = match self.links.get(&addr).filter(|tx| !tx.is_closed()) {
-            Some(tx) => tx.clone(),
+        let now = Instant::now();
+        let cap = self.config.max_members.saturating_add(SPARE_LINKS);
+        if !self.links.contains_key(&addr) && self.links.len() >= cap {
+            self.sweep_links(now, true);
+            if self.links.len() >= cap {
+                Counts::inc(&self.counts.datagrams_dropped);
+                metrics::counter!("shoal_peer_queue_drops_total").increment(1);
+                return;
+            }
+        }
+        let tx = match self.links.get_mut(&addr).filter(|l| !l.tx.is_closed()) {
+            Some(link) => {
+                link.used = now;
+                link.tx.clone()
+            }
             None => {
                 let (tx, rx) = mpsc::channel(self.peer_queue);
                 tokio::spawn(link_task(
@@ -294,7 +367,13 @@ impl MembershipTask {
                     Arc::clone(&self.name),
                     Arc::clone(&self.counts),
                 ));
-                self.links.insert(addr, tx.clone());
+                self.links.insert(
+                    addr,
+                    Link {
+                        tx: tx.clone(),
+                        used: now,
+                    },
+                );
                 tx
             }
         };
@@ -419,7 +498,8 @@ impl MembershipTask {
             ready: false,
             metadata: old.metadata.to_vec(),
         };
-        let rng = SmallRng::seed_from_u64(generation ^ crate::wire::channel_id(&old.name) as u64);
+        // Seeded by the operating system, never from gossiped values.
+        let rng = SmallRng::from_os_rng();
         let mut membership = match Membership::new(self.config.clone(), local, rng, now) {
             Ok(m) => m,
             Err(error) => {
@@ -548,7 +628,10 @@ mod tests {
             let mut messages = messages;
             while let Some(m) = messages.recv().await {
                 if m.channel == CH_MEMBERSHIP
-                    && packets_tx.send((m.from.addr, m.body)).await.is_err()
+                    && packets_tx
+                        .send((m.from.addr, m.from.name, m.body))
+                        .await
+                        .is_err()
                 {
                     break;
                 }

@@ -190,9 +190,10 @@ impl Node {
             ready: false,
             metadata: Vec::new(),
         };
-        let seed = generation ^ wire::channel_id(&config.name) as u64;
-        let membership =
-            Membership::new(mconfig.clone(), local, SmallRng::seed_from_u64(seed), now)?;
+        // Seeded by the operating system: the probe order, sequence numbers
+        // and the name index's hash keys must not be predictable from what
+        // peers know (the name and generation are gossiped).
+        let membership = Membership::new(mconfig.clone(), local, SmallRng::from_os_rng(), now)?;
         let hconfig = shoal_transition::Config {
             timeout: config.transition_timeout(),
             relinquish_timeout: config.transition_timeout().mul_f64(0.75),

@@ -197,6 +197,12 @@ pub struct FacadeCounters {
     /// returned an error (a relinquish is retried, an acquire reported as
     /// failed), and the driver goes on.
     pub callback_panics: u64,
+    /// Routed messages whose stated origin did not fit their authenticated
+    /// sender (a first hop from another node than its origin, or a forward
+    /// from a node that is no member, nor one that left in the last
+    /// minute): delivered and routed with the sender as their origin, so
+    /// the application's `from` is never a name the sender made up.
+    pub routed_origin_replaced: u64,
 }
 
 /// Messages for datum owners dropped on this node, by reason. Each is also
