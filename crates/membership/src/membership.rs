@@ -570,12 +570,12 @@ impl<R: Rng> Membership<R> {
                     }
                 }
                 Message::Suspect(acc) => {
-                    if self.vet_accusation(sender, &acc, now) {
+                    if self.vet_accusation(sender, &acc, Mode::Announce, now) {
                         self.apply_suspect(&acc, Mode::Announce, now);
                     }
                 }
                 Message::Dead(acc) => {
-                    if self.vet_accusation(sender, &acc, now) {
+                    if self.vet_accusation(sender, &acc, Mode::Announce, now) {
                         self.apply_dead(&acc, Mode::Announce, now);
                     }
                 }
@@ -1560,9 +1560,18 @@ impl<R: Rng> Membership<R> {
     /// it. Anyone may accuse a member at an incarnation it can refute (at
     /// most `MAX_INCARNATION_STEP` above the known one). A leave counts only
     /// from the member itself; relayed, the member is asked (a member that
-    /// left answers with its leave). An acted-on notice counts only from
-    /// its author.
-    fn vet_accusation(&mut self, sender: Option<&str>, acc: &Accusation<'_>, now: Instant) -> bool {
+    /// left answers with its leave) and the relay's word counts as a
+    /// suspicion by the relay (the member refutes it if it did not leave;
+    /// if it left and stopped, the relays confirm one another and it is
+    /// declared dead after the minimal suspicion timeout). An acted-on
+    /// notice counts only from its author.
+    fn vet_accusation(
+        &mut self,
+        sender: Option<&str>,
+        acc: &Accusation<'_>,
+        mode: Mode,
+        now: Instant,
+    ) -> bool {
         let left = acc.from == acc.name;
         if acc.name == &*self.local.name {
             if acc.incarnation == wire::ACTED_ON {
@@ -1592,8 +1601,18 @@ impl<R: Rng> Membership<R> {
         };
         let (addr, incarnation, state) = (record.addr, record.incarnation, record.state);
         if left && sender != Some(acc.name) {
-            if state.is_live() && acc.generation == record.generation {
+            if state.is_live()
+                && acc.generation == record.generation
+                && self.incarnation_ok(acc.incarnation, incarnation)
+            {
                 self.check_claim(acc.name, addr, now);
+                if let Some(relay) = sender {
+                    let suspicion = Accusation {
+                        from: relay,
+                        ..*acc
+                    };
+                    self.apply_suspect(&suspicion, mode, now);
+                }
             }
             return false;
         }
@@ -2292,7 +2311,7 @@ impl<R: Rng> Membership<R> {
                     from: member.name,
                     ..acc
                 };
-                if self.vet_accusation(Some(from), &acc, now) {
+                if self.vet_accusation(Some(from), &acc, Mode::Merge, now) {
                     self.apply_dead(&acc, Mode::Merge, now);
                 }
             }

@@ -3129,7 +3129,14 @@ fn a_relayed_leave_is_checked_with_the_member() {
     let now = Instant::now();
     let mut n = node_knowing_x_and_y(now);
     deliver_as(&mut n, Some("y"), &[dead("x", 1, 1, "x")], now);
-    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 1)));
+    // Not left on y's word: a suspicion by y (x refutes it if it is there),
+    // and x is asked.
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 1)));
+    assert!(
+        !drain_events(&mut n)
+            .iter()
+            .any(|e| matches!(e, Event::Left(_)))
+    );
     assert!(asked_alive(&drain_transmits(&mut n), addr(2)));
     // A member that left answers the check with its leave...
     let mut x = node_with(Config::lan(), "x", 2, now);
