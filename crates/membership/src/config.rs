@@ -174,7 +174,7 @@ impl Config {
             max_queued_events: 65_536,
             view_events: true,
             lease: LeaseStrategy::Witnesses,
-            lease_period: Duration::from_secs(2),
+            lease_period: Duration::from_secs(1),
             max_clock_drift_percent: 10,
             takeover_margin: Duration::from_millis(100),
             max_members: 16_384,
@@ -341,7 +341,7 @@ mod tests {
     #[test]
     fn takeover_delay_covers_the_lease() {
         let lan = Config::lan();
-        assert_eq!(lan.takeover_delay(), Duration::from_millis(2300));
+        assert_eq!(lan.takeover_delay(), Duration::from_millis(1200));
         let off = Config {
             lease: LeaseStrategy::Off,
             ..Config::lan()
