@@ -1112,7 +1112,7 @@ impl<R: Rng> Membership<R> {
     /// Pings the witnesses whose last answer is getting old (strategy
     /// `Witnesses`), once per probe interval: each is due half a lease
     /// period after the send time of the ping it last answered, and again a
-    /// quarter period after an unanswered witness ping; at most
+    /// probe interval after an unanswered witness ping; at most
     /// `⌈remote witnesses × probe interval / (lease_period / 2)⌉ + 1` per
     /// round, the longest unpinged first, so the pings spread evenly. Plain
     /// pings with their own sequence numbers (any member answers them),
@@ -1127,7 +1127,10 @@ impl<R: Rng> Membership<R> {
         }
         let period = self.config.lease_period;
         let refresh = period / 2;
-        let retry = (period / 4).max(self.config.probe_interval);
+        // An unanswered witness ping is retried at the next round: with
+        // `lease_period` a few probe intervals long, waiting longer would
+        // let one lost datagram expire the witness's last answer.
+        let retry = self.config.probe_interval;
         let remote = self
             .lease
             .witnesses

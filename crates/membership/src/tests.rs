@@ -2653,6 +2653,57 @@ fn a_witness_majority_keeps_the_lease_and_losing_it_lapses_within_lease_period()
 }
 
 #[test]
+fn a_lost_witness_ping_is_retried_at_the_next_round() {
+    // On `lan` the lease lasts five probe intervals and a witness is pinged
+    // again half a period after its last answer: a refresh ping that is
+    // lost must be retried at the next round (a probe interval later), or
+    // the answer it was to renew expires first.
+    let start = Instant::now();
+    let config = Config::lan();
+    let mut n = node_with_peers(config.clone(), 15, start);
+    let mut t = start;
+    run_answering(&mut n, &mut t, start + Duration::from_secs(4), &|_| true);
+    assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
+    let me = n.local().name.clone();
+    let witness = n
+        .witnesses()
+        .find(|w| w.name != me)
+        .map(|w| w.addr)
+        .unwrap();
+    // The first ping to that witness after `from` is lost; the next one
+    // must follow within a probe interval, and the lease holds throughout.
+    let from = t;
+    let mut lost: Option<Instant> = None;
+    let mut next: Option<Instant> = None;
+    while t < from + Duration::from_secs(3) {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        for tr in drain_transmits(&mut n) {
+            let ack = wire::Messages::new(&tr.payload).find_map(|m| match m {
+                Message::Ping(p) => Some(Message::Ack(p.seq)),
+                _ => None,
+            });
+            let Some(ack) = ack else { continue };
+            if tr.to == witness && !tr.reliable {
+                if lost.is_none() {
+                    lost = Some(t);
+                    continue;
+                }
+                next.get_or_insert(t);
+            }
+            n.handle_packet(tr.to, &packet(&[ack]), t).unwrap();
+        }
+        assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
+    }
+    let (lost, next) = (lost.unwrap(), next.unwrap());
+    assert!(
+        next - lost <= config.probe_interval,
+        "pinged again {:?} after the lost ping",
+        next - lost
+    );
+}
+
+#[test]
 fn an_even_split_keeps_the_side_holding_most_witnesses() {
     let start = Instant::now();
     let all = ["a", "b", "c", "d", "e", "f"];
