@@ -2158,10 +2158,12 @@ fn standing_events(n: &mut Node) -> Vec<crate::Standing> {
         .collect()
 }
 
-/// `Config::lan()` with the view-majority lease (`LeaseStrategy::Majority`).
+/// `Config::lan()` with the view-majority lease (`LeaseStrategy::Majority`),
+/// which needs a 2 s lease.
 fn majority() -> Config {
     Config {
         lease: crate::LeaseStrategy::Majority,
+        lease_period: Duration::from_secs(2),
         ..Config::lan()
     }
 }
