@@ -2693,7 +2693,9 @@ fn a_lost_witness_ping_is_retried_at_the_next_round() {
                 }
                 next.get_or_insert(t);
             }
-            n.handle_packet(tr.to, &packet(&[ack]), t).unwrap();
+            let sender = name_at(&n, tr.to);
+            n.handle_packet(tr.to, sender.as_deref(), &packet(&[ack]), t)
+                .unwrap();
         }
         assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
     }
