@@ -156,6 +156,11 @@ pub(crate) struct Lease {
     pub(crate) tracking: bool,
     /// The validity last reported with `StandingChanged`.
     pub(crate) reported: bool,
+    /// When the last lapse of a lease reported valid was noticed (at or
+    /// after the instant it lapsed): the lease was valid up to about then.
+    /// `None` while it never was valid. Bounds which of this node's verdicts
+    /// can have been acted on (see `Membership::acted_on`).
+    pub(crate) lapsed_at: Option<Instant>,
     in_ref: Vec<u64>,
     /// Remote members in `R`.
     ref_remote: usize,
@@ -206,6 +211,7 @@ impl Lease {
             last_contact: None,
             tracking: off,
             reported: off,
+            lapsed_at: None,
             in_ref: Vec::new(),
             ref_remote: 0,
             ref_alive: 0,

@@ -1033,6 +1033,7 @@ impl<R: Rng> Membership<R> {
             if valid {
                 info!(name = %self.local.name, ?standing, "lease valid");
             } else {
+                self.lease.lapsed_at = Some(now);
                 self.stats.standing_lost += 1;
                 warn!(name = %self.local.name, ?standing, "lease lapsed: this node may not act as an owner");
             }
@@ -1559,6 +1560,36 @@ impl<R: Rng> Membership<R> {
         self.incarnation_ok(info.incarnation, incarnation)
     }
 
+    /// Whether this node's dead verdict about a member, reached at
+    /// `down_since`, may have been acted on by the layers above: it stood for
+    /// the takeover delay, and this node's lease was valid at some instant
+    /// since then (a node takes datums over only while its lease is valid).
+    /// A node that was cut off into a minority reaches verdicts about the
+    /// majority's members while its lease has lapsed; after the heal those
+    /// members refute, and must not be told a verdict was acted on that
+    /// never was (they would fence for nothing: the heal storm).
+    fn acted_on(&self, down_since: Option<Instant>, now: Instant) -> bool {
+        let Some(since) = down_since else {
+            // No record of when: assume it was.
+            return true;
+        };
+        let Some(takeover) = since.checked_add(self.config.takeover_delay()) else {
+            return false;
+        };
+        if now < takeover {
+            return false;
+        }
+        if self.lease.strategy == LeaseStrategy::Off {
+            return true;
+        }
+        self.lease.reported
+            || self.standing(now).is_valid()
+            || self
+                .lease
+                .lapsed_at
+                .is_some_and(|lapsed| lapsed >= takeover)
+    }
+
     /// Whether a suspicion or death verdict may be applied, given who sent
     /// it. Anyone may accuse a member at an incarnation it can refute (at
     /// most `MAX_INCARNATION_STEP` above the known one). A leave counts only
@@ -1775,9 +1806,7 @@ impl<R: Rng> Membership<R> {
                 self.add_to_probe_order(slot);
             }
         }
-        let acted_on = down_since.is_none_or(|since| {
-            now.saturating_duration_since(since) >= self.config.takeover_delay()
-        });
+        let acted_on = self.acted_on(down_since, now);
         if state == MemberState::Dead && mode.announces() && acted_on {
             // Our verdict stood for the takeover delay: the layers above
             // have taken its datums over. It refuted, maybe without ever

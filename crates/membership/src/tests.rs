@@ -3393,3 +3393,61 @@ fn a_join_answer_lists_the_members_and_the_joiner_announces_itself_to_them() {
     assert!(n.member("ghost").is_none());
     assert!(asked_alive(&drain_transmits(&mut n), addr(52)));
 }
+
+#[test]
+fn only_verdicts_reached_under_a_valid_lease_are_told_as_acted_on() {
+    // The heal storm: a node cut off into a minority declares the members
+    // it no longer reaches dead while its own lease has lapsed, so it takes
+    // nothing over; when they refute after the heal, telling them the
+    // verdict was acted on would make them fence for nothing.
+    let start = Instant::now();
+    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut t = start;
+    let everyone = |_: SocketAddr| true;
+    run_answering(&mut n, &mut t, start + Duration::from_secs(4), &everyone);
+    assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
+    // x0 (port 10) stops answering while the others still do: it is
+    // declared dead under a valid lease, which stays valid for longer than
+    // the takeover delay after the verdict (its datums were taken over).
+    let x0 = addr(10);
+    let all_but_x0 = move |a: SocketAddr| a != x0;
+    let until = t + Duration::from_secs(8);
+    run_answering(&mut n, &mut t, until, &all_but_x0);
+    assert!(matches!(state_of(&n, "x0"), Some((MemberState::Dead, _))));
+    assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
+    // Then nobody answers: the lease lapses, and the others are declared
+    // dead without a lease.
+    let nobody = |_: SocketAddr| false;
+    let until = t + Duration::from_secs(15);
+    let lapsed = run_answering(&mut n, &mut t, until, &nobody);
+    assert!(lapsed.is_some());
+    let names = ["x1", "x2", "x3"];
+    for name in names {
+        assert!(
+            matches!(state_of(&n, name), Some((MemberState::Dead, _))),
+            "{name}: {:?}",
+            state_of(&n, name)
+        );
+    }
+    // The heal: each refutes.
+    drain_transmits(&mut n);
+    for (name, port) in ["x0", "x1", "x2", "x3"].into_iter().zip(10..) {
+        deliver_as(&mut n, Some(name), &[alive(name, 1, 50, port)], t);
+    }
+    let transmits = drain_transmits(&mut n);
+    let acted_on: Vec<SocketAddr> = transmits
+        .iter()
+        .filter(|tr| {
+            wire::Messages::new(&tr.payload)
+                .any(|m| matches!(m, Message::Dead(a) if a.incarnation == wire::ACTED_ON))
+        })
+        .map(|tr| tr.to)
+        .collect();
+    assert!(acted_on.contains(&x0), "{acted_on:?}");
+    for port in 11..14 {
+        assert!(!acted_on.contains(&addr(port)), "{acted_on:?}");
+    }
+    for name in names {
+        assert!(matches!(state_of(&n, name), Some((MemberState::Alive, 50))));
+    }
+}

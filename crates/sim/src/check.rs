@@ -77,14 +77,22 @@ impl Fate {
     /// would keep acting as an owner while that accuser fails its datums
     /// over. A verdict withdrawn sooner (the accuser saw the refutation)
     /// was never acted on.
+    ///
+    /// `held_lease(accuser, from, to)`: whether the accuser's lease was
+    /// valid at some instant from `from` to `to` (`None`: up to now). An
+    /// accuser takes datums over only while its lease is valid, so a verdict
+    /// it reached without one (cut off into a minority) and withdrew before
+    /// its lease came back was never acted on either.
     pub(crate) fn unfenced_by(
         &self,
         still_running: impl Fn(ProcKey) -> bool,
+        held_lease: impl Fn(ProcKey, u64, Option<u64>) -> bool,
         takeover_ns: u64,
     ) -> Option<(ProcKey, u64)> {
         self.accusers
             .iter()
             .filter(|v| still_running(v.accuser) && v.acted_on(takeover_ns))
+            .filter(|v| held_lease(v.accuser, v.at_ns.saturating_add(takeover_ns), v.revived_ns))
             .find(|v| self.fenced_below.is_none_or(|f| v.incarnation >= f))
             .map(|v| (v.accuser, v.incarnation))
     }
@@ -97,6 +105,16 @@ impl Fate {
             .rev()
             .find(|(at, _)| *at <= t_ns)
             .map_or(initial, |(_, valid)| *valid)
+    }
+
+    /// Whether it held a valid lease at some instant from `from_ns` to
+    /// `to_ns` (`None`: up to now).
+    pub(crate) fn standing_during(&self, from_ns: u64, to_ns: Option<u64>, initial: bool) -> bool {
+        self.standing_at(from_ns, initial)
+            || self
+                .standing
+                .iter()
+                .any(|(at, valid)| *valid && *at > from_ns && to_ns.is_none_or(|to| *at <= to))
     }
 
     /// When it last lost its lease at or before `t_ns`.

@@ -2115,7 +2115,13 @@ impl<A: Application> Sim<A> {
         let unfenced = self.live.iter().find_map(|&slot| {
             let generation = self.current_generation(slot)?;
             let fate = self.checks.fate((slot, generation))?;
-            let (accuser, incarnation) = fate.unfenced_by(running, self.checks.takeover_ns)?;
+            let held_lease = |accuser: ProcKey, from: u64, to: Option<u64>| {
+                self.checks
+                    .fate(accuser)
+                    .is_some_and(|a| a.standing_during(from, to, self.checks.lease_off))
+            };
+            let (accuser, incarnation) =
+                fate.unfenced_by(running, held_lease, self.checks.takeover_ns)?;
             Some((slot, generation, accuser, incarnation, fate.fenced_below))
         });
         if let Some((slot, generation, accuser, incarnation, fenced_below)) = unfenced {
