@@ -1961,14 +1961,20 @@ impl<W> Handoff<W> {
         if s.phase != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
             return;
         }
+        let mut returned = false;
         if let Some(at) = self.returning.get(&d) {
             // This node's own token went to `at` (or nobody knows where):
-            // it comes back by notice, unless `at` failed and is out.
+            // it comes back by notice, unless `at` failed and is out, or
+            // `at` is a live target whose done marker for this instance of
+            // the view in force is required below (see `answers_for`).
             let failed_out = at
                 .as_ref()
                 .is_some_and(|n| self.failed.contains(n) && !self.current.view().contains(n));
             if !failed_out {
-                return;
+                if !at.as_ref().is_some_and(|n| self.answers_for(n)) {
+                    return;
+                }
+                returned = true;
             }
         }
         // Without standing no token is minted: a node that may not act as
@@ -1981,15 +1987,51 @@ impl<W> Handoff<W> {
         }
         let source = match self.candidates(d.id) {
             Candidates::Pending => return,
+            // The token is this node's own: whoever was primary since, the
+            // node it went to must say done too.
+            _ if returned => Source::AllDone,
             Candidates::AllDone => Source::AllDone,
             Candidates::AllGone => Source::OwnerGone,
             Candidates::None => Source::Fresh,
         };
         if self.installing || !self.done_missing.is_empty() {
             self.blocked_on_done.push(d);
+        } else if returned && !self.answered_by_token_holder(d) {
+            // The node the token went to stopped being a target before it
+            // said done (it left the live members): wait for the notice or
+            // the timeout.
         } else {
             self.take_token(d, s, source, now);
         }
+    }
+
+    /// Whether `node`, which this node's token for a datum went to, is a
+    /// live target that must say done with this instance of the view in
+    /// force before any wait ends without a notice (it is in
+    /// `done_missing`, or said done already).
+    ///
+    /// Its done marker ends a wait for the returning token: it answers this
+    /// node's announcement of the view in force, an install later than the
+    /// one the notice was sent from, so once `node` sent it, a notice of
+    /// this node's still parked there is spent (its sender moved on,
+    /// `sender_unmoved`) and is never taken; a notice it took was
+    /// relinquished or passed on before it said done (a relay is busy until
+    /// its notice is delivered), so the token came back or went to a node
+    /// that must say done too. The notice was delivered before the wait
+    /// began (`token_left`), so it was at `node` before that marker counts.
+    fn answers_for(&self, node: &NodeId) -> bool {
+        self.is_target(node)
+            && (self.done_missing.contains(node) || self.done_received.contains_key(node))
+    }
+
+    /// Whether the node datum `d`'s token went to (see
+    /// [`Handoff::answers_for`]) said done with this instance of the view in
+    /// force.
+    fn answered_by_token_holder(&self, d: Datum) -> bool {
+        self.returning
+            .get(&d)
+            .and_then(Option::as_ref)
+            .is_some_and(|n| self.is_target(n) && self.done_received.contains_key(n))
     }
 
     /// One datum under a new view (the view in force is already the new one).
@@ -2282,6 +2324,10 @@ impl<W> Handoff<W> {
             report.copies += 1;
             return;
         }
+        // This node told the sender it was done with a later install of the
+        // sender's: the sender may have counted that marker to take the
+        // datum back (`answers_for`), so this older token is spent.
+        let spent = self.answered_later(src);
         enum Taken {
             Yes,
             Stale,
@@ -2291,7 +2337,7 @@ impl<W> Handoff<W> {
         let taken = self.registry.modify(&d, |s| match s.phase {
             Phase::Awaiting | Phase::Relay => {
                 // A past view counts only if it was in force during this wait.
-                if left_epoch.is_some_and(|left| left <= s.since) {
+                if spent || left_epoch.is_some_and(|left| left <= s.since) {
                     Taken::Stale
                 } else {
                     s.phase = phase;
@@ -2307,7 +2353,7 @@ impl<W> Handoff<W> {
             // here again. A past view counts only if it was in force after
             // the token left.
             Phase::Passed | Phase::TokenWait => {
-                if left_epoch.is_some_and(|left| left <= s.flight) {
+                if spent || left_epoch.is_some_and(|left| left <= s.flight) {
                     Taken::Stale
                 } else {
                     s.phase = phase;
@@ -2356,6 +2402,15 @@ impl<W> Handoff<W> {
         self.taken
             .get(&d)
             .is_some_and(|&(k, e)| e == src.epoch && k == src.key)
+    }
+
+    /// Whether this node answered an announcement of the notice's sender
+    /// made at a later install than the notice's with a done marker: the
+    /// sender may have counted that marker, so the notice's token is spent.
+    fn answered_later(&self, src: Src<'_>) -> bool {
+        self.answered
+            .get(src.node)
+            .is_some_and(|&(_, e)| e != FAREWELL && e > src.epoch)
     }
 
     fn note_taken(&mut self, d: Datum, src: Src<'_>, now: Instant) {

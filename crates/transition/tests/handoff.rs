@@ -1457,3 +1457,82 @@ fn a_member_failed_without_standing_is_failed_over_once_superseded() {
     assert_eq!(acquire_all(&mut h, now), (0..8).collect::<Vec<_>>());
     assert_eq!(h.counters().acquired_after_timeout, 0);
 }
+
+/// A notice parked for a view its receiver skips, while the next view
+/// makes its sender the primary again: the sender waits for its token to
+/// come back, but the receiver never installs the parked notice's view.
+/// The receiver's done marker for the view in force (it heard the sender
+/// move on, so the parked notice is spent there) ends the sender's wait
+/// within a round of messages, not at the timeout; and the spent notice is
+/// not taken when its view recurs later.
+#[test]
+fn a_notice_parked_for_a_view_its_receiver_skips_does_not_hold_its_sender_until_the_timeout() {
+    let (a, b, cc) = (0, 1, 2);
+    let mut c = Cluster::new(&["a", "b", "c"], 0, 1);
+    let t0 = c.table_of(&[a]);
+    let v1 = c.table_of(&[a, b]);
+    let v2 = c.table_of(&[a, b, cc]);
+    let primary = |t: &PlacementTable, id: i64| t.owner_ids(id).next().cloned();
+    // Held by a, handed to b under v1, a's again under v2.
+    let id = (0..1_000)
+        .find(|&i| {
+            primary(&v1, i).as_ref() == Some(&c.ids[b])
+                && primary(&v2, i).as_ref() == Some(&c.ids[a])
+        })
+        .expect("some id moves a -> b -> a");
+    for n in 0..3 {
+        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), id);
+        c.nodes[n].register(d, c.now).unwrap();
+    }
+    c.settle();
+    assert_eq!(c.holders(id), vec![a]);
+    assert_eq!(primary(&t0, id).as_ref(), Some(&c.ids[a]));
+    let token = |c: &Cluster, n: usize| c.nodes[n].token(c.datum(n, id)).unwrap().get();
+    let first = token(&c, a);
+    // a installs v1 and relinquishes to b, which is still at t0.
+    c.nodes[a].install(Arc::clone(&v1), c.now);
+    c.run_jobs(a);
+    let notice = next_notice(&mut c, a);
+    assert_eq!(notice.to, c.ids[b]);
+    // a moves on to v2 before the notice is delivered.
+    c.nodes[a].install(Arc::clone(&v2), c.now);
+    c.deliver(a, &notice);
+    assert_eq!(
+        c.nodes[b].progress().parked_notices,
+        1,
+        "v1 is unknown at b"
+    );
+    // b and c go straight to v2: b never installs v1.
+    c.nodes[b].install(Arc::clone(&v2), c.now);
+    c.nodes[cc].install(Arc::clone(&v2), c.now);
+    c.settle();
+    assert_eq!(
+        c.holders(id),
+        vec![a],
+        "a takes its datum back on the done markers, without a timeout"
+    );
+    let second = token(&c, a);
+    assert!(second > first, "token {second} after {first}");
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+    assert!(c.events(a).contains(&Event::AcquiredWithoutNotice {
+        datum: c.datum(a, id),
+        reason: WithoutNotice::AllDone
+    }));
+    // v1 recurs, b first: the parked notice is spent, b waits for a's new one.
+    c.advance(Duration::from_millis(100));
+    c.nodes[b].install(Arc::clone(&v1), c.now);
+    assert!(
+        c.nodes[b].poll_job().is_none(),
+        "no acquire on a spent notice"
+    );
+    assert_eq!(c.holders(id), vec![a]);
+    c.nodes[a].install(Arc::clone(&v1), c.now);
+    c.nodes[cc].install(Arc::clone(&v1), c.now);
+    c.settle();
+    assert_eq!(c.holders(id), vec![b]);
+    let third = token(&c, b);
+    assert!(third > second, "token {third} after {second}");
+    for n in 0..3 {
+        assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0, "node {n}");
+    }
+}
