@@ -3151,8 +3151,13 @@ impl<W> Handoff<W> {
             };
             let keep = timeout.saturating_mul(16);
             self.gone.retain(|n, at| known(n) || *at + keep >= now);
-            self.failed.retain(|n| known(n));
+            // A failed node is remembered as long as its departure: a view
+            // may name it again after the views that knew it were pruned
+            // (a membership view still holding its old generation at a
+            // heal), and its datums must still fail over, not wait for the
+            // timeout as those of a node that left.
             let gone = &self.gone;
+            self.failed.retain(|n| known(n) || gone.contains_key(n));
             self.empty_handed
                 .retain(|n, _| known(n) || gone.contains_key(n));
         }

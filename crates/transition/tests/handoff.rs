@@ -1536,3 +1536,52 @@ fn a_notice_parked_for_a_view_its_receiver_skips_does_not_hold_its_sender_until_
         assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0, "node {n}");
     }
 }
+
+/// A node declared failed stays failed as long as its departure is
+/// remembered, not only while a view of this node names it: a view naming
+/// it again after the views that knew it were pruned (membership still
+/// listing the old generation at a heal) must not turn its datums into a
+/// wait for the timeout once it is out again.
+#[test]
+fn a_failed_node_named_again_by_a_late_view_is_still_failed_over() {
+    let (a, b, cc, d) = (0, 1, 2, 3);
+    let mut c = Cluster::new(&["a", "b", "c", "d"], 60, 3);
+    let dead = c.ids[cc].clone();
+    let ab = c.table_of(&[a, b]);
+    for n in [a, b, d] {
+        c.nodes[n].peer_failed(&dead, c.now);
+        c.nodes[n].install(Arc::clone(&ab), c.now);
+    }
+    settle_among(&mut c, &[a, b, d]);
+    // Long after, d is ready: the views naming c are pruned.
+    c.advance(Duration::from_secs(11));
+    let abd = c.table_of(&[a, b, d]);
+    for n in [a, b, d] {
+        c.nodes[n].install(Arc::clone(&abd), c.now);
+    }
+    settle_among(&mut c, &[a, b, d]);
+    // A late view names c again, then c is out again.
+    let abcd = c.table_of(&[a, b, cc, d]);
+    for n in [a, b, d] {
+        c.nodes[n].install(Arc::clone(&abcd), c.now);
+    }
+    for _ in 0..5 {
+        settle_among(&mut c, &[a, b, d]);
+        c.advance(Duration::from_millis(200));
+    }
+    for n in [a, b, d] {
+        c.nodes[n].install(Arc::clone(&abd), c.now);
+    }
+    for _ in 0..5 {
+        settle_among(&mut c, &[a, b, d]);
+        c.advance(Duration::from_millis(200));
+    }
+    for id in 0..60 {
+        let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != cc).collect();
+        assert_eq!(h.len(), 1, "datum {id}: {h:?}");
+    }
+    for n in [a, b, d] {
+        assert!(c.nodes[n].is_idle(), "node {n} waits for nobody");
+        assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0, "node {n}");
+    }
+}
