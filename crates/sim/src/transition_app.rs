@@ -59,7 +59,7 @@
 //! not know; the checks catch the two first owners that follow, see
 //! [`TransitionOptions::ready_on_start`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -502,7 +502,18 @@ pub struct TransitionNode {
     /// A new generation after a declared death: ready once it knows
     /// another member, never alone.
     reborn: bool,
+    /// As the facade's driver: nodes gone without a failover decided here
+    /// (after a rebirth, the other nodes of the inherited view, which this
+    /// generation's membership never knew; members declared failed while
+    /// this node had no standing). Failed over (`peer_superseded`) once a
+    /// newer generation of their name is a member. At most
+    /// [`MAX_UNRESOLVED`]; beyond, the oldest is dropped (its datums wait
+    /// for the transition timeout).
+    unresolved: VecDeque<NodeId>,
 }
+
+/// Most nodes kept in [`TransitionNode::unresolved`], as in the facade.
+const MAX_UNRESOLVED: usize = 4096;
 
 impl fmt::Debug for TransitionNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -888,6 +899,19 @@ impl TransitionNode {
             .map(|m| NodeId::new(&*m.name, m.generation))
             .collect();
         core.handoff.set_peers(peers.iter(), ctx.now());
+        if !self.unresolved.is_empty() {
+            let (gone, keep): (Vec<NodeId>, Vec<NodeId>) = std::mem::take(&mut self.unresolved)
+                .into_iter()
+                .partition(|n| {
+                    members
+                        .iter()
+                        .any(|m| *m.name == *n.name && m.generation > n.generation)
+                });
+            self.unresolved = keep.into();
+            for n in gone {
+                core.handoff.peer_superseded(&n, ctx.now());
+            }
+        }
         let view = View::new(
             members
                 .iter()
@@ -999,6 +1023,7 @@ impl Application for TransitionNode {
             touched: Vec::new(),
             rescan: false,
             reborn: false,
+            unresolved: VecDeque::new(),
         }
     }
 
@@ -1186,6 +1211,21 @@ impl Application for TransitionNode {
         self.touched.clear();
         let old = self.core.take();
         self.core = Self::new_core(&key, old.as_ref().map(|c| &c.handoff), ctx);
+        self.unresolved = old
+            .as_ref()
+            .map(|c| {
+                let me = c.handoff.local();
+                c.handoff
+                    .table()
+                    .view()
+                    .nodes()
+                    .iter()
+                    .filter(|n| *n != me)
+                    .take(MAX_UNRESOLVED)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         self.key = key;
         self.reborn = true;
         self.rescan = true;
@@ -1246,7 +1286,9 @@ impl TransitionNode {
                 if let Some(old) = old {
                     handoff.observe_epoch(old.epoch());
                     handoff.install(Arc::clone(old.table()), now);
-                    handoff.peer_left(old.local(), now);
+                    // Failed, not left: its datums fail over once the
+                    // others are done (the facade's driver does the same).
+                    handoff.peer_failed(old.local(), now);
                 }
                 let ty = handoff.datum_type(DATUM_TYPE).map_err(|e| e.to_string())?;
                 for id in 0..i64::from(datums) {
@@ -1305,6 +1347,14 @@ impl TransitionNode {
                     if let Some(core) = self.core.as_mut() {
                         let id = node_id(&key);
                         if failed {
+                            if !core.handoff.has_standing() {
+                                // Not failed over here unless a newer
+                                // generation shows it is gone.
+                                if self.unresolved.len() >= MAX_UNRESOLVED {
+                                    self.unresolved.pop_front();
+                                }
+                                self.unresolved.push_back(id.clone());
+                            }
                             core.handoff.peer_failed(&id, now);
                         } else {
                             core.handoff.peer_left(&id, now);

@@ -9,7 +9,8 @@
 use shoal_placement::Strategy;
 use shoal_sim::transition_app::{self, TransitionOptions, TransitionReport, TransitionScenario};
 
-/// Seeds per scenario in `cargo test`; `SHOAL_SIM_TRANSITION_SEEDS=n` for more.
+/// Seeds per scenario in `cargo test` (seeds 1 to n); `SHOAL_SIM_TRANSITION_SEEDS=n`
+/// for more.
 fn seeds() -> u64 {
     std::env::var("SHOAL_SIM_TRANSITION_SEEDS")
         .ok()
@@ -33,10 +34,21 @@ fn options(scenario: TransitionScenario, seed: u64) -> TransitionOptions {
     opts
 }
 
+/// `SHOAL_SIM_TRANSITION_SEED=k` runs only seed `k` of each scenario (to
+/// replay a failure with the options this file gives it).
+fn only_seed() -> Option<u64> {
+    std::env::var("SHOAL_SIM_TRANSITION_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
 fn campaign(scenario: TransitionScenario) -> Vec<TransitionReport> {
-    let reports = shoal_sim::run_seeds(seeds(), 2, |i| {
-        transition_app::run(&options(scenario, i + 1))
-    });
+    let reports = match only_seed() {
+        Some(seed) => vec![transition_app::run(&options(scenario, seed))],
+        None => shoal_sim::run_seeds(seeds(), 2, |i| {
+            transition_app::run(&options(scenario, i + 1))
+        }),
+    };
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.ok)
