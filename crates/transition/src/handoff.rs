@@ -279,6 +279,10 @@ enum TimerKind {
         datum: Datum,
         flight: u64,
     },
+    /// A live member outside every view here may have stayed silent for
+    /// [`silent_peer_grace`](Handoff::silent_peer_grace): settle the waits
+    /// blocked on done markers again.
+    SilentPeer,
 }
 
 #[derive(Debug)]
@@ -455,6 +459,11 @@ pub struct Handoff<W = Vec<u8>> {
     /// [`Handoff::set_peers`]): each must say done before a wait ends
     /// without a notice.
     peers: BTreeSet<NodeId>,
+    /// When each live member outside the views here became one: a member
+    /// that never sent this node a batch is waited for at most
+    /// [`Handoff::silent_peer_grace`] from then, except by a first owner.
+    /// One entry per member of `peers`.
+    peer_since: HashMap<NodeId, Instant, DetState>,
     /// Nodes that said done for the view in force, with their epoch.
     done_received: BTreeMap<NodeId, u64>,
     /// Inside `install`: waits are settled once the parked notices of the
@@ -541,6 +550,7 @@ impl<W> Handoff<W> {
             answered: HashMap::default(),
             blocked_on_done: Vec::new(),
             peers: BTreeSet::new(),
+            peer_since: HashMap::default(),
             done_received: BTreeMap::new(),
             installing: false,
             acquire_superseded: HashMap::default(),
@@ -1121,7 +1131,7 @@ impl<W> Handoff<W> {
             self.done_seq = Some(self.install_seq);
         }
         self.announce();
-        if self.done_missing.is_empty() {
+        if !self.missing_done(false, now) {
             self.release_unheld_waits(now, false);
         }
         self.recheck_held();
@@ -1614,7 +1624,15 @@ impl<W> Handoff<W> {
         let added: Vec<NodeId> = peers.difference(&self.peers).cloned().collect();
         let removed: Vec<NodeId> = self.peers.difference(&peers).cloned().collect();
         self.peers = peers;
+        for n in &removed {
+            self.peer_since.remove(n);
+        }
+        if !added.is_empty() {
+            let at = now + self.silent_peer_grace();
+            self.add_timer(at, TimerKind::SilentPeer);
+        }
         for n in added {
+            self.peer_since.insert(n.clone(), now);
             if self.in_views(&n) {
                 continue;
             }
@@ -1626,7 +1644,7 @@ impl<W> Handoff<W> {
         let mut emptied = false;
         for n in removed {
             if !self.in_views(&n) && self.done_missing.remove(&n) {
-                emptied = self.done_missing.is_empty();
+                emptied = !self.missing_done(false, now);
             }
         }
         if emptied {
@@ -1994,7 +2012,8 @@ impl<W> Handoff<W> {
             Candidates::AllGone => Source::OwnerGone,
             Candidates::None => Source::Fresh,
         };
-        if self.installing || !self.done_missing.is_empty() {
+        let fresh = matches!(source, Source::Fresh);
+        if self.installing || self.missing_done(fresh, now) {
             self.blocked_on_done.push(d);
         } else if returned && !self.answered_by_token_holder(d) {
             // The node the token went to stopped being a target before it
@@ -2003,6 +2022,34 @@ impl<W> Handoff<W> {
         } else {
             self.take_token(d, s, source, now);
         }
+    }
+
+    /// How long a live member outside every view here that never sent this
+    /// node a batch (a member that joined and stays silent, not running a
+    /// handoff or withholding its done markers) is waited for before a wait
+    /// that has a previous owner ends without its done marker: a quarter of
+    /// `timeout` (2.5 s by default) from when it became a member. A first
+    /// owner (no previous owner in a recent view) waits for it whatever the
+    /// time: two nodes made ready at once must each hear the other first.
+    pub fn silent_peer_grace(&self) -> Duration {
+        self.config.timeout / 4
+    }
+
+    /// Whether a wait must still wait for a done marker: some node in
+    /// `done_missing`, other than (unless `fresh`) a silent live member past
+    /// its grace (see [`Handoff::silent_peer_grace`]). Such a member is in
+    /// no view here (it is no previous owner) and announced nothing: the
+    /// datum's token is with the previous owners, whose word the wait has.
+    fn missing_done(&self, fresh: bool, now: Instant) -> bool {
+        if fresh {
+            return !self.done_missing.is_empty();
+        }
+        let grace = self.silent_peer_grace();
+        self.done_missing.iter().any(|n| {
+            self.announced.contains_key(n)
+                || self.in_views(n)
+                || self.peer_since.get(n).is_none_or(|&at| at + grace > now)
+        })
     }
 
     /// Whether `node`, which this node's token for a datum went to, is a
@@ -2567,7 +2614,9 @@ impl<W> Handoff<W> {
             }
             self.blocked_on_done.clear();
             waiting
-        } else if self.done_missing.is_empty() {
+        } else if !self.missing_done(false, now) {
+            // Waits of first owners still blocked (on a silent member) go
+            // back on the list in `settle_wait`.
             std::mem::take(&mut self.blocked_on_done)
         } else {
             return;
@@ -2798,7 +2847,7 @@ impl<W> Handoff<W> {
         let counted = view == current && done == Some(self.install_seq);
         if counted {
             self.done_received.insert(from.clone(), epoch);
-            if self.done_missing.remove(from) && self.done_missing.is_empty() {
+            if self.done_missing.remove(from) && !self.missing_done(false, now) {
                 self.release_unheld_waits(now, false);
             }
         } else if self
@@ -3055,6 +3104,7 @@ impl<W> Handoff<W> {
             TimerKind::AbandonRelinquish { datum, flight } => {
                 self.abandon_relinquish(datum, flight);
             }
+            TimerKind::SilentPeer => self.release_unheld_waits(now, false),
             TimerKind::ResendState { to, seq } => {
                 if seq == self.install_seq && self.is_target(&to) {
                     self.push_state(to);

@@ -1585,3 +1585,66 @@ fn a_failed_node_named_again_by_a_late_view_is_still_failed_over() {
         assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0, "node {n}");
     }
 }
+
+/// A live member that joined but never says anything (no handoff running,
+/// or withholding its done markers) holds a failover for at most
+/// `silent_peer_grace` (a quarter of the timeout), not for the timeout; a
+/// first owner still waits for it (two nodes made ready at once must hear
+/// each other first).
+#[test]
+fn a_silent_member_holds_a_failover_only_for_a_bounded_delay() {
+    let (a, b, cc) = (0, 1, 2);
+    let mut c = Cluster::new(&["a", "b", "c", "s"], 30, 3);
+    let ids = c.ids.clone();
+    for n in [a, b, cc] {
+        c.nodes[n].set_peers(ids.iter(), c.now);
+    }
+    // s (node 3) never answers: deliver only among a, b and c.
+    settle_among(&mut c, &[a, b, cc]);
+    let held_by_c: Vec<i64> = (0..30).filter(|&i| c.holders(i) == vec![cc]).collect();
+    assert!(!held_by_c.is_empty());
+    let grace = c.nodes[a].silent_peer_grace();
+    assert_eq!(grace, config().timeout / 4);
+    // c dies.
+    let dead = c.ids[cc].clone();
+    let t = c.table_of(&[a, b]);
+    for n in [a, b] {
+        c.nodes[n].peer_failed(&dead, c.now);
+        c.nodes[n].install(Arc::clone(&t), c.now);
+    }
+    settle_among(&mut c, &[a, b]);
+    for &id in &held_by_c {
+        assert!(
+            c.holders(id).iter().all(|&n| n == cc),
+            "datum {id}: s is waited for a while"
+        );
+    }
+    // Within the grace of s joining (the cluster formed at c.now - 0).
+    c.advance(grace);
+    settle_among(&mut c, &[a, b]);
+    for &id in &held_by_c {
+        let h: Vec<usize> = c.holders(id).into_iter().filter(|&n| n != cc).collect();
+        assert_eq!(h.len(), 1, "datum {id} failed over after the grace: {h:?}");
+    }
+    for n in [a, b] {
+        assert_eq!(c.nodes[n].counters().acquired_after_timeout, 0, "node {n}");
+    }
+    assert!(
+        c.nodes[a].counters().acquired_owner_gone + c.nodes[b].counters().acquired_owner_gone > 0
+    );
+    // A first owner waits for s whatever the time: a new datum nobody held.
+    let ty = c.nodes[a].lookup_type("series").unwrap();
+    let abc = c.table_of(&[a, b, cc]);
+    let fresh = (100..200)
+        .find(|&i| {
+            t.owner_ids(i).next() == Some(&c.ids[a]) && abc.owner_ids(i).next() == Some(&c.ids[a])
+        })
+        .unwrap();
+    c.nodes[a].register(Datum::new(ty, fresh), c.now).unwrap();
+    c.advance(grace);
+    settle_among(&mut c, &[a, b]);
+    assert!(
+        !c.nodes[a].is_held(Datum::new(ty, fresh)),
+        "a first owner waits for every live member"
+    );
+}
