@@ -30,6 +30,9 @@ const MAX_NOTICE_PINGS: usize = 16;
 const MAX_SEEDS: usize = 64;
 /// Accusers answered directly per incarnation, at most.
 const MAX_TOLD: usize = 16;
+/// Stale accusations about other members answered directly, remembered to
+/// answer each once.
+const MAX_STALE_ANSWERED: usize = 256;
 /// Last-chance pings to suspects remembered, at most.
 const MAX_CHECKS: usize = 64;
 /// Death verdicts about this node remembered (to report each once), at most.
@@ -288,6 +291,10 @@ pub struct Membership<R: Rng> {
     announce_until: Option<Instant>,
     /// Accusers already answered directly, for one incarnation of ours.
     told: (u64, Vec<u64>),
+    /// Stale accusations already answered for a third member (accuser,
+    /// member, incarnation hashed), oldest first, at most
+    /// `MAX_STALE_ANSWERED`.
+    stale_answered: VecDeque<u64>,
     /// Sequence numbers, slots and send times of last-chance pings to
     /// suspects (their acks are expected, not stray).
     checks: VecDeque<(u32, u32, Instant)>,
@@ -396,6 +403,7 @@ impl<R: Rng> Membership<R> {
             claim_checks: VecDeque::new(),
             announce_until: None,
             told: (0, Vec::new()),
+            stale_answered: VecDeque::new(),
             checks: VecDeque::new(),
             next_reconnect_at,
             reconnect: None,
@@ -2004,6 +2012,53 @@ impl<R: Rng> Membership<R> {
         self.finish_unreliable(addr, buf);
     }
 
+    /// An accusation about a live member at an incarnation below the one
+    /// known here: the member refuted it, but its refutation may not reach
+    /// the accuser (one-way loss between them, or the gossip ran out before
+    /// it got there), and an accuser that never hears it declares the
+    /// member dead on its own and, after the takeover delay, takes datums the
+    /// member still holds under a valid lease. So the newer record goes
+    /// straight to the accuser, once per (accuser, member, incarnation).
+    fn answer_stale_accusation(&mut self, slot: u32, acc: &Accusation<'_>, mode: Mode) {
+        if !mode.announces() || acc.from == &*self.local.name || acc.from == acc.name {
+            return;
+        }
+        let Some(record) = self.slot(slot) else {
+            return;
+        };
+        if acc.generation != record.generation
+            || acc.incarnation >= record.incarnation
+            || record.state != MemberState::Alive
+        {
+            return;
+        }
+        let key = self.hasher.hash_str(acc.from)
+            ^ self.hasher.hash_str(acc.name).rotate_left(21)
+            ^ record.incarnation.rotate_left(42);
+        if self.stale_answered.contains(&key) {
+            return;
+        }
+        let Some(to) = self
+            .member(acc.from)
+            .filter(|m| m.state.is_live())
+            .map(|m| m.addr)
+        else {
+            return;
+        };
+        let record = self.slot(slot).cloned();
+        let Some(record) = record else {
+            return;
+        };
+        if self.stale_answered.len() >= MAX_STALE_ANSWERED {
+            self.stale_answered.pop_front();
+        }
+        self.stale_answered.push_back(key);
+        let mut buf = self.new_packet();
+        wire::encode(&Message::Alive(alive_of(&record)), &mut buf);
+        self.stats.stale_accusations_answered += 1;
+        self.finish_unreliable(to, buf);
+    }
+
     fn apply_suspect(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
         if acc.name == &*self.local.name {
             if self.accusation_about_self(acc) {
@@ -2021,6 +2076,7 @@ impl<R: Rng> Membership<R> {
         };
         if acc.generation != record.generation || acc.incarnation < record.incarnation {
             self.stats.ignored_updates += 1;
+            self.answer_stale_accusation(slot, acc, mode);
             return;
         }
         let accuser = self.hasher.hash_str(acc.from);
@@ -2145,6 +2201,7 @@ impl<R: Rng> Membership<R> {
             || !record.state.is_live()
         {
             self.stats.ignored_updates += 1;
+            self.answer_stale_accusation(slot, acc, mode);
             return;
         }
         let was = record.state;

@@ -3451,3 +3451,38 @@ fn only_verdicts_reached_under_a_valid_lease_are_told_as_acted_on() {
         assert!(matches!(state_of(&n, name), Some((MemberState::Alive, 50))));
     }
 }
+
+#[test]
+fn a_stale_accusation_is_answered_with_the_newer_record_to_its_accuser_once() {
+    // x refuted a suspicion (incarnation 3), but y, which cannot hear x,
+    // never got the refutation and still accuses it at incarnation 1: it
+    // would declare x dead on its own and take datums x holds. Whoever
+    // hears y's stale accusation sends x's newer record straight to y.
+    let now = Instant::now();
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2), alive("y", 1, 1, 3)], now);
+    drain_transmits(&mut n);
+    let alive_x_to_y = |transmits: &[Transmit]| {
+        transmits
+            .iter()
+            .filter(|t| t.to == addr(3))
+            .flat_map(|t| wire::Messages::new(&t.payload))
+            .filter(|m| matches!(m, Message::Alive(a) if a.name == "x" && a.incarnation == 3))
+            .count()
+    };
+    deliver_as(&mut n, Some("y"), &[suspect("x", 1, 1, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 3)));
+    assert!(alive_x_to_y(&drain_transmits(&mut n)) >= 1);
+    assert_eq!(n.stats().stale_accusations_answered, 1);
+    // Copies of the same accusation (gossip repeats it) are answered once;
+    // its verdict is answered too, once.
+    deliver_as(&mut n, Some("z"), &[suspect("x", 1, 1, "y")], now);
+    drain_transmits(&mut n);
+    deliver_as(&mut n, Some("y"), &[dead("x", 1, 2, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 3)));
+    drain_transmits(&mut n);
+    assert_eq!(n.stats().stale_accusations_answered, 1);
+    // An accusation at the current incarnation is a real one.
+    deliver_as(&mut n, Some("y"), &[suspect("x", 1, 3, "y")], now);
+    assert_eq!(state_of(&n, "x").map(|s| s.0), Some(MemberState::Suspect));
+}

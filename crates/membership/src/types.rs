@@ -191,6 +191,10 @@ pub struct Stats {
     pub refutations: u64,
     /// Refutations sent straight to an accuser (besides gossip).
     pub direct_refutations: u64,
+    /// Accusations about another member at an incarnation it already
+    /// refuted, answered with its newer `Alive` straight to the accuser
+    /// (whose refutation may not reach it directly).
+    pub stale_accusations_answered: u64,
     /// Last-chance pings to a suspect whose suspicion expired unconfirmed.
     pub suspicion_checks: u64,
     /// Push-pulls started because a dead member answered a ping (healed
