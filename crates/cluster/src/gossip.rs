@@ -744,4 +744,79 @@ mod tests {
         stop(a).await;
         stop(b).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_address_state_of_non_members_is_swept_once_idle() {
+        // Addresses reach the membership task from packets and gossip (a
+        // peer can name any address); each gets a link task and maybe a
+        // name. Those of no member must go once idle, members' must stay.
+        let ca = ClusterCa::generate().unwrap();
+        let identity = ca.issue(&NodeName::new("a").unwrap()).unwrap();
+        let (transport, _incoming) = Transport::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &identity,
+            TransportConfig::default(),
+        )
+        .unwrap();
+        let addr = transport.local_addr();
+        let local = LocalNode {
+            name: "a".into(),
+            generation: 1,
+            addr,
+            ready: false,
+            metadata: Vec::new(),
+        };
+        let start = Instant::now();
+        let membership =
+            Membership::new(Config::local(), local, SmallRng::seed_from_u64(7), start).unwrap();
+        let (events_tx, _events) = mpsc::channel(64);
+        let mut task = MembershipTask::new(
+            membership,
+            Config::local(),
+            transport.clone(),
+            Arc::new(Counts::default()),
+            64,
+            events_tx,
+            Arc::new(crate::lease::LeaseCell::new(start)),
+        );
+        // Nothing listens on these ports: the link tasks' sends fail, which
+        // is what a made-up address gives.
+        let strangers: Vec<SocketAddr> = (0..50u16)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 40_000 + i)))
+            .collect();
+        for &to in &strangers {
+            task.names.insert(to, NodeName::new("ghost").unwrap());
+            task.send(to, Out::Datagram(Dest::addr(to), Bytes::from_static(b"x")));
+        }
+        // This node itself is a member: its address stays whatever happens.
+        task.send(
+            addr,
+            Out::Datagram(Dest::addr(addr), Bytes::from_static(b"x")),
+        );
+        assert_eq!(task.links.len(), strangers.len() + 1);
+        // Not idle yet: nothing goes.
+        let now = Instant::now();
+        task.sweep_links(now, false);
+        assert_eq!(task.links.len(), strangers.len() + 1);
+        // Idle for LINK_IDLE: the strangers' links and names go, the
+        // member's link stays.
+        task.sweep_links(now + LINK_IDLE, false);
+        assert_eq!(
+            task.links.len(),
+            1,
+            "{:?}",
+            task.links.keys().collect::<Vec<_>>()
+        );
+        assert!(task.links.contains_key(&addr));
+        assert!(strangers.iter().all(|s| !task.names.contains_key(s)));
+        // Out of room (`all`): every non-member's link goes at once.
+        for &to in &strangers[..5] {
+            task.send(to, Out::Datagram(Dest::addr(to), Bytes::from_static(b"x")));
+        }
+        assert_eq!(task.links.len(), 6);
+        task.sweep_links(Instant::now(), true);
+        assert_eq!(task.links.len(), 1);
+        drop(task);
+        transport.shutdown().await;
+    }
 }
