@@ -1,0 +1,319 @@
+//! Periodic work: notices re-sent, reconnects to dead members and seeds,
+//! suspicions expiring, gossip rounds, push-pull anti-entropy, the join
+//! retried, and reaping.
+
+use super::*;
+
+impl<R: Rng> Membership<R> {
+    /// Re-sends pending death-verdict notices, each in a ping of its own:
+    /// the member's ack proves it applied the notice (then it is dropped).
+    pub(super) fn resend_notices(&mut self, now: Instant) {
+        let pending: Vec<u32> = self
+            .notices
+            .keys()
+            .copied()
+            .take(MAX_NOTICE_PINGS)
+            .collect();
+        for slot in pending {
+            let seq = self.next_seq();
+            let Some(m) = self.slot(slot) else {
+                self.notices.remove(&slot);
+                continue;
+            };
+            let mut buf = self.new_packet();
+            wire::encode(
+                &ping_msg(&self.local, seq, &m.name, m.generation, false),
+                &mut buf,
+            );
+            self.append_notice(slot, &mut buf);
+            let addr = m.addr;
+            if self.notice_pings.len() >= MAX_CHECKS {
+                self.notice_pings.pop_front();
+            }
+            self.notice_pings.push_back((seq, slot, now));
+            self.send(addr, false, buf);
+        }
+    }
+
+    /// Pings one random dead member; an ack means it is reachable again (a
+    /// healed partition) and triggers a push-pull with it.
+    pub(super) fn fire_reconnect(&mut self, now: Instant) {
+        if now < self.next_reconnect_at {
+            return;
+        }
+        self.next_reconnect_at = later(now, self.config.reconnect_interval);
+        self.reconnect = None;
+        if self.local.state != MemberState::Alive {
+            return;
+        }
+        self.resend_notices(now);
+        if self.down_since.is_empty() {
+            return;
+        }
+        let mut targets = std::mem::take(&mut self.scratch_slots);
+        self.sample_members(1, &mut targets, |_, m| m.state == MemberState::Dead);
+        let target = targets.first().copied();
+        self.scratch_slots = targets;
+        let Some(slot) = target else { return };
+        let seq = self.next_seq();
+        let Some(member) = self.slot(slot) else {
+            return;
+        };
+        let mut buf = self.new_packet();
+        wire::encode(
+            &ping_msg(&self.local, seq, &member.name, member.generation, false),
+            &mut buf,
+        );
+        let addr = member.addr;
+        self.reconnect = Some((seq, slot, now));
+        self.send(addr, false, buf);
+    }
+
+    pub(super) fn fire_suspicions(&mut self, now: Instant) {
+        while let Some(&(at, slot)) = self.suspicion_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.suspicion_deadlines.pop_first();
+            // Woken long after the deadline: this node was stalled, and a
+            // refutation may be waiting in its input. Grant one probe
+            // interval to read it before declaring anyone dead (once).
+            // Not confirmed by enough independent members: ping the suspect
+            // once more ourselves, carrying the suspicion, so its refutation
+            // comes straight back even if the gossip of it missed us.
+            if let Some(s) = self.suspicions.get_mut(&slot)
+                && !s.graced
+            {
+                let late =
+                    now.saturating_duration_since(at.max(s.set_at)) >= self.config.probe_interval;
+                let unconfirmed = s.confirmations() < s.k.max(1);
+                if late || unconfirmed {
+                    s.graced = true;
+                    s.deadline = later(now, self.config.probe_interval);
+                    let deadline = s.deadline;
+                    self.suspicion_deadlines.insert((deadline, slot));
+                    if unconfirmed {
+                        self.send_check(slot, now);
+                    }
+                    continue;
+                }
+            }
+            let Some(suspicion) = self.suspicions.remove(&slot) else {
+                continue;
+            };
+            let Some(member) = self.slot(slot) else {
+                continue;
+            };
+            if member.state != MemberState::Suspect {
+                continue;
+            }
+            let name = Arc::clone(&member.name);
+            let local = Arc::clone(&self.local.name);
+            let acc = Accusation {
+                name: &name,
+                generation: member.generation,
+                incarnation: member.incarnation,
+                from: &local,
+            };
+            debug!(member = %name, confirmations = suspicion.confirmations(),
+                after_ms = u64::try_from(now.saturating_duration_since(suspicion.start).as_millis()).unwrap_or(u64::MAX),
+                "suspicion timed out");
+            self.apply_dead(&acc, Mode::Announce, now);
+        }
+    }
+
+    pub(super) fn fire_gossip(&mut self, now: Instant) {
+        if now < self.next_gossip_at {
+            return;
+        }
+        self.next_gossip_at = later(now, self.config.gossip_interval);
+        if self.broadcasts.is_empty() {
+            return;
+        }
+        let gossip_to_dead = self.config.gossip_to_dead;
+        let mut targets = std::mem::take(&mut self.scratch_slots);
+        // The filter reads `down_since` while sampling needs `&mut self`.
+        let down_since = std::mem::take(&mut self.down_since);
+        self.sample_members(self.config.gossip_fanout, &mut targets, |slot, m| {
+            match m.state {
+                MemberState::Alive | MemberState::Suspect => true,
+                MemberState::Dead => down_since
+                    .get(&slot)
+                    .is_some_and(|since| now.saturating_duration_since(*since) < gossip_to_dead),
+                MemberState::Left => false,
+            }
+        });
+        self.down_since = down_since;
+        let limit = self.retransmit_limit();
+        for &slot in &targets {
+            let Some(addr) = self.slot(slot).map(|m| m.addr) else {
+                continue;
+            };
+            let mut buf = self.new_packet();
+            if self
+                .broadcasts
+                .fill(&mut buf, self.config.max_packet_size, limit)
+                == 0
+            {
+                break;
+            }
+            self.stats.gossip_packets += 1;
+            self.send(addr, false, buf);
+        }
+        self.scratch_slots = targets;
+    }
+
+    pub(super) fn fire_push_pull(&mut self, now: Instant) {
+        if now < self.next_push_pull_at {
+            return;
+        }
+        let interval = push_pull_scale(self.config.push_pull_interval, self.live);
+        self.next_push_pull_at = later(now, interval);
+        if !self.local.state.is_live() {
+            return;
+        }
+        // Dead members too, so the two sides of a healed partition meet.
+        let mut targets = std::mem::take(&mut self.scratch_slots);
+        self.sample_members(1, &mut targets, |_, m| m.state != MemberState::Left);
+        let target = targets
+            .first()
+            .and_then(|slot| self.slot(*slot))
+            .map(|m| m.addr);
+        self.scratch_slots = targets;
+        if let Some(addr) = target {
+            self.send_state(addr, false, true, now);
+        }
+        // A seed that is not a live member here: maybe another cluster that
+        // formed while we were apart. One of them per round.
+        if self.seeds.is_empty() || self.join.is_some() {
+            return;
+        }
+        let unknown: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .copied()
+            .filter(|seed| {
+                !self
+                    .members
+                    .iter()
+                    .flatten()
+                    .any(|m| m.addr == *seed && m.state.is_live())
+            })
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let pick = self.rng.random_range(0..unknown.len());
+        if let Some(&seed) = unknown.get(pick)
+            && Some(seed) != target
+        {
+            self.stats.seed_push_pulls += 1;
+            self.send_state(seed, false, true, now);
+        }
+    }
+
+    /// Sends this node's full state (reliable), truncated to
+    /// `max_state_size` from a random starting member if need be.
+    pub(super) fn send_state(&mut self, to: SocketAddr, join: bool, reply: bool, now: Instant) {
+        if reply {
+            // A request: its answer is contact, from now (lease).
+            self.lease.pull_sent(to, now);
+        }
+        let max = self.config.max_state_size;
+        let mut buf = wire::new_packet(self.config.max_packet_size.min(max));
+        wire::encode(
+            &Message::PushPull(PushPull {
+                from: &self.local.name,
+                join,
+                reply,
+            }),
+            &mut buf,
+        );
+        let local_state = wire_state(self.local.state);
+        wire::encode(
+            &Message::State(State {
+                member: alive_of(&self.local),
+                state: local_state,
+            }),
+            &mut buf,
+        );
+        let len = self.members.len();
+        let start = if len == 0 {
+            0
+        } else {
+            self.rng.random_range(0..len)
+        };
+        let mut truncated = false;
+        for i in 0..len {
+            let Some(Some(m)) = self.members.get((start + i) % len) else {
+                continue;
+            };
+            let before = buf.len();
+            wire::encode(
+                &Message::State(State {
+                    member: alive_of(m),
+                    state: wire_state(m.state),
+                }),
+                &mut buf,
+            );
+            if buf.len() > max {
+                buf.truncate(before);
+                truncated = true;
+                break;
+            }
+        }
+        if truncated {
+            self.stats.states_truncated += 1;
+        }
+        self.stats.push_pulls += 1;
+        self.send(to, true, buf);
+    }
+
+    pub(super) fn fire_join(&mut self, now: Instant) {
+        let Some(join) = self.join.as_mut() else {
+            return;
+        };
+        if now < join.next_at {
+            return;
+        }
+        // Already in touch with a seed (it is a live member here): done.
+        let seeds_known = join.seeds.iter().any(|addr| {
+            self.members
+                .iter()
+                .flatten()
+                .any(|m| m.addr == *addr && m.state == MemberState::Alive)
+        });
+        if seeds_known {
+            self.join = None;
+            return;
+        }
+        let Some(join) = self.join.as_mut() else {
+            return;
+        };
+        join.next_at = later(now, join.delay);
+        join.delay = join
+            .delay
+            .saturating_mul(2)
+            .min(self.config.push_pull_interval);
+        let seeds = join.seeds.clone();
+        for seed in seeds {
+            self.send_state(seed, true, true, now);
+        }
+    }
+
+    pub(super) fn fire_reap(&mut self, now: Instant) {
+        while let Some(&(at, slot)) = self.reap_queue.first() {
+            if at > now {
+                break;
+            }
+            self.reap_queue.pop_first();
+            let current = self
+                .down_since
+                .get(&slot)
+                .is_some_and(|since| later(*since, self.config.reap_after) == at);
+            if current && self.slot(slot).is_some_and(|m| !m.state.is_live()) {
+                self.remove_member(slot);
+            }
+        }
+    }
+}
