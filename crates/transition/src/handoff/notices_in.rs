@@ -1,0 +1,325 @@
+//! Notices in: a batch checked against its sender and this node, then each
+//! notice taken (the token is here), parked for a view not installed yet,
+//! or refused and counted (a copy, a spent token, misdirected).
+
+use super::*;
+
+impl<W> Handoff<W> {
+    /// Decodes and takes a notice batch received from the authenticated peer `from`.
+    ///
+    /// # Errors
+    /// [`NoticeError`] when the batch is refused as a whole (counted; nothing
+    /// else changes). Individual notices that are stale, duplicate or
+    /// misdirected are counted in the returned report, never an error.
+    pub fn handle_notices(
+        &mut self,
+        from: &NodeId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<NoticeReport, NoticeError> {
+        match NoticeBatch::decode(bytes, &self.config.wire) {
+            Ok(batch) => self.handle_batch(from, batch, now),
+            Err(e) => {
+                self.counters.batches_rejected += 1;
+                debug!(node = %self.local, peer = %from, error = %e, "undecodable notice batch");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes a decoded notice batch received from the authenticated peer `from`.
+    ///
+    /// # Errors
+    /// As [`Handoff::handle_notices`].
+    pub fn handle_batch(
+        &mut self,
+        from: &NodeId,
+        batch: NoticeBatch,
+        now: Instant,
+    ) -> Result<NoticeReport, NoticeError> {
+        let now = self.clock(now);
+        let refused = if self.fenced {
+            Some(NoticeError::Fenced)
+        } else if batch.from != *from {
+            Some(NoticeError::SenderMismatch {
+                claimed: batch.from.clone(),
+                peer: from.clone(),
+            })
+        } else if batch.to != self.local {
+            Some(NoticeError::Misaddressed {
+                to: batch.to.clone(),
+            })
+        } else if batch.epoch
+            > self
+                .install_seq
+                .max(self.heard_epoch)
+                .saturating_add(MAX_EPOCH_JUMP)
+        {
+            self.counters.epoch_jumps_refused += 1;
+            Some(NoticeError::EpochJump {
+                epoch: batch.epoch,
+                known: self.install_seq.max(self.heard_epoch),
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.counters.batches_rejected += 1;
+            debug!(node = %self.local, peer = %from, error = %e, "notice batch refused");
+            return Err(e);
+        }
+        self.counters.batches_received += 1;
+        self.heard_epoch = self.heard_epoch.max(batch.epoch);
+        let mut report = NoticeReport::default();
+        let at = self.locate_view(batch.view);
+        let (done, view, epoch, echo) = (batch.done, batch.view, batch.epoch, batch.echo);
+        let key = self.sender_key(from);
+        for group in batch.groups {
+            let Some(ty) = self.types.lookup(&group.datum_type) else {
+                report.unknown_type += group.ids.len();
+                continue;
+            };
+            let mut datums: Vec<Datum> = group.ids.iter().map(|&id| Datum::new(ty, id)).collect();
+            self.registry.sort_for_locality(&mut datums);
+            for d in datums {
+                let src = Src {
+                    node: from,
+                    epoch,
+                    key,
+                };
+                match at {
+                    ViewAt::Stale => report.stale += 1,
+                    ViewAt::Unknown => self.park(view, d, src, now, &mut report),
+                    ViewAt::Current | ViewAt::Past(_) => {
+                        self.take_notice(at, d, src, now, &mut report);
+                    }
+                }
+            }
+        }
+        self.count_report(&report);
+        self.peer_state(from, view, epoch, done.then_some(echo), now);
+        self.check_ended();
+        Ok(report)
+    }
+
+    pub(super) fn locate_view(&self, view: ViewId) -> ViewAt {
+        if view == self.current.view_id() {
+            return ViewAt::Current;
+        }
+        if let Some(i) = self.history.iter().position(|p| p.table.view_id() == view) {
+            return ViewAt::Past(i);
+        }
+        if self.seen.contains_key(&view) {
+            ViewAt::Stale
+        } else {
+            ViewAt::Unknown
+        }
+    }
+
+    /// One notice for a view this node knows (in force or recent).
+    pub(super) fn take_notice(
+        &mut self,
+        at: ViewAt,
+        d: Datum,
+        src: Src<'_>,
+        now: Instant,
+        report: &mut NoticeReport,
+    ) {
+        let (table, self_idx, left_epoch) = match at {
+            ViewAt::Current => (&self.current, self.self_index, None),
+            ViewAt::Past(i) => match self.history.get(i) {
+                Some(p) => (&p.table, p.self_index, Some(p.left_epoch)),
+                None => {
+                    report.stale += 1;
+                    return;
+                }
+            },
+            ViewAt::Stale | ViewAt::Unknown => {
+                report.stale += 1;
+                return;
+            }
+        };
+        let view = table.view_id();
+        let primary = table.primary(d.id);
+        if primary.is_none() || primary != self_idx {
+            report.misdirected += 1;
+            return;
+        }
+        if self.is_copy(d, src) {
+            report.copies += 1;
+            return;
+        }
+        // This node told the sender it was done with a later install of the
+        // sender's: the sender may have counted that marker to take the
+        // datum back (`answers_for`), so this older token is spent.
+        let spent = self.answered_later(src);
+        enum Taken {
+            Yes,
+            Stale,
+            Duplicate,
+        }
+        let (phase, primary) = self.token_phase(d.id);
+        let taken = self.registry.modify(&d, |s| match s.phase {
+            Phase::Awaiting | Phase::Relay => {
+                // A past view counts only if it was in force during this wait.
+                if spent || left_epoch.is_some_and(|left| left <= s.since) {
+                    Taken::Stale
+                } else {
+                    s.phase = phase;
+                    if phase == Phase::AcquireQueued {
+                        s.attempt = 0;
+                    }
+                    Taken::Yes
+                }
+            }
+            // This node's own notice, still on its way as far as it knows
+            // (the send outcome is not in, or it failed and waits for a
+            // retry), comes back through the node it went to: the token is
+            // here again. A past view counts only if it was in force after
+            // the token left.
+            Phase::Passed | Phase::TokenWait => {
+                if spent || left_epoch.is_some_and(|left| left <= s.flight) {
+                    Taken::Stale
+                } else {
+                    s.phase = phase;
+                    s.attempt = 0;
+                    Taken::Yes
+                }
+            }
+            Phase::Free => Taken::Stale,
+            _ => Taken::Duplicate,
+        });
+        match taken {
+            // A type created on demand: the datum exists from its first
+            // notice here. Registered now, it waits as any moving datum
+            // and the notice is taken as for a datum registered before.
+            None if self.on_demand.contains(&d.ty) && !self.fenced => {
+                if matches!(self.register(d, now), Ok(true)) {
+                    self.counters.registered_on_demand += 1;
+                    self.take_notice(at, d, src, now, report);
+                } else {
+                    self.park(view, d, src, now, report);
+                }
+            }
+            // Not registered (yet): keep it for a registration during this view.
+            None => self.park(view, d, src, now, report),
+            Some(Taken::Yes) => {
+                report.accepted += 1;
+                self.note_taken(d, src, now);
+                self.after_token(d, primary, Source::Notice, now);
+            }
+            Some(Taken::Stale) => report.stale += 1,
+            Some(Taken::Duplicate) => report.duplicate += 1,
+        }
+    }
+
+    /// The key of a notice's sender in `taken`.
+    pub(super) fn sender_key(&self, node: &NodeId) -> u64 {
+        use std::hash::BuildHasher;
+        self.registry.map.hasher().hash_one(node)
+    }
+
+    /// Whether this node already took this very notice (same sender, same
+    /// install count of the sender, same datum): a copy whose token is
+    /// spent. A node relinquishes or passes on a datum at most once per
+    /// install of its own, so the pair names one notice.
+    pub(super) fn is_copy(&self, d: Datum, src: Src<'_>) -> bool {
+        self.taken
+            .get(&d)
+            .is_some_and(|&(k, e)| e == src.epoch && k == src.key)
+    }
+
+    /// Whether this node answered an announcement of the notice's sender
+    /// made at a later install than the notice's with a done marker: the
+    /// sender may have counted that marker, so the notice's token is spent.
+    pub(super) fn answered_later(&self, src: Src<'_>) -> bool {
+        self.answered
+            .get(src.node)
+            .is_some_and(|&(_, e)| e != FAREWELL && e > src.epoch)
+    }
+
+    pub(super) fn note_taken(&mut self, d: Datum, src: Src<'_>, now: Instant) {
+        self.sender_names
+            .entry(src.key)
+            .or_insert_with(|| src.node.clone());
+        self.taken.insert(d, (src.key, src.epoch));
+        self.taken_order.push_back((now, d, src.epoch));
+    }
+
+    pub(super) fn park(
+        &mut self,
+        view: ViewId,
+        d: Datum,
+        src: Src<'_>,
+        now: Instant,
+        report: &mut NoticeReport,
+    ) {
+        if self.parked_total >= self.config.max_parked {
+            report.overflow += 1;
+            return;
+        }
+        let p = self.parked.entry(view).or_insert_with(|| Parked {
+            first: now,
+            datums: HashMap::default(),
+            senders: Vec::new(),
+        });
+        let i = match p
+            .senders
+            .iter()
+            .position(|(n, e)| n == src.node && *e == src.epoch)
+        {
+            Some(i) => i,
+            None => {
+                p.senders.push((src.node.clone(), src.epoch));
+                p.senders.len() - 1
+            }
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = p.datums.entry(d) {
+            v.insert(i as u32);
+            self.parked_total += 1;
+            report.parked += 1;
+        } else {
+            report.duplicate += 1;
+        }
+    }
+
+    /// Whether the sender of a parked notice is still at the install it sent
+    /// it from. Once it moved on, another node may have taken the datum from
+    /// the done markers of a later view (a new token), so this old one is
+    /// spent; if it was the only one, the done markers or the timeout end the
+    /// wait. A notice of a sender that left or failed is spent too; one never
+    /// heard from otherwise is taken at its word.
+    pub(super) fn sender_unmoved(&self, node: &NodeId, epoch: u64) -> bool {
+        if self.gone.contains_key(node) {
+            // It left or failed: an announcement of a later install may have
+            // been lost with it (a send that failed is not retried by a node
+            // that is gone), while another node, told by its done marker
+            // that it holds nothing, took the datum.
+            return false;
+        }
+        self.announced.get(node).is_none_or(|(e, _)| *e == epoch)
+    }
+
+    pub(super) fn forget_parked(&mut self, d: Datum) {
+        if self.parked_total == 0 {
+            return;
+        }
+        let mut removed = 0;
+        for p in self.parked.values_mut() {
+            removed += usize::from(p.datums.remove(&d).is_some());
+        }
+        self.parked_total = self.parked_total.saturating_sub(removed);
+    }
+
+    pub(super) fn count_report(&mut self, r: &NoticeReport) {
+        let c = &mut self.counters;
+        c.notices_accepted += r.accepted as u64;
+        c.notices_duplicate += r.duplicate as u64;
+        c.notices_stale += r.stale as u64;
+        c.notices_misdirected += r.misdirected as u64;
+        c.notices_parked += r.parked as u64;
+        c.notices_parked_dropped += r.overflow as u64;
+        c.notices_unknown_type += r.unknown_type as u64;
+        c.notices_copy_refused += r.copies as u64;
+    }
+}

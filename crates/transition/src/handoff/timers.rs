@@ -1,0 +1,306 @@
+//! Deadlines: relinquish attempts and their abandonment, wait timeouts,
+//! retries of failed sends, and pruning of what is remembered.
+
+use super::*;
+
+impl<W> Handoff<W> {
+    /// Runs everything due at `now`: relinquish deadlines, wait timeouts,
+    /// retries, batch lingering, expiry of parked notices.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.clock(now);
+        if self.fenced {
+            return;
+        }
+        self.process_timeouts(now);
+        self.check_ended();
+    }
+
+    pub(super) fn process_timeouts(&mut self, now: Instant) {
+        let abandoned = self.counters.relinquish_abandoned;
+        let timed_out = self.counters.acquired_after_timeout;
+        self.run_deadlines(now);
+        let abandoned = self.counters.relinquish_abandoned - abandoned;
+        let timed_out = self.counters.acquired_after_timeout - timed_out;
+        if abandoned > 0 || timed_out > 0 {
+            warn!(
+                node = %self.local, abandoned, timed_out,
+                "handoff deadlines passed: relinquishes abandoned, datums acquired without notice"
+            );
+        }
+    }
+
+    pub(super) fn run_deadlines(&mut self, now: Instant) {
+        // Relinquish deadlines: give up and stop holding.
+        while let Some(c) = self.cohorts.get_mut(self.rcursor) {
+            if c.start + self.config.relinquish_timeout > now {
+                break;
+            }
+            let id = c.id;
+            let datums = std::mem::take(&mut c.datums);
+            for &d in &datums {
+                self.abandon_relinquish(d, id);
+            }
+            if let Some(c) = self.cohorts.get_mut(self.rcursor) {
+                c.datums = datums;
+            }
+            self.rcursor += 1;
+        }
+        // Full deadlines: waits acquire, tokens expire, relays stop.
+        while let Some(c) = self.cohorts.front() {
+            if c.start + self.config.timeout > now {
+                break;
+            }
+            let Some(c) = self.cohorts.pop_front() else {
+                break;
+            };
+            self.rcursor = self.rcursor.saturating_sub(1);
+            for d in c.datums {
+                let Some(mut s) = self.registry.get(&d).filter(|s| s.flight == c.id) else {
+                    continue;
+                };
+                use Phase::*;
+                match s.phase {
+                    Awaiting => self.take_token(d, s, Source::Timeout, now),
+                    Relay => {
+                        s.phase = Free;
+                        self.registry.set(d, s);
+                        if !self.returning.is_empty() {
+                            self.returning.remove(&d);
+                        }
+                    }
+                    TokenWait | TokenQueued | TokenParked | Passed => {
+                        self.counters.notices_expired += 1;
+                        s.phase = Free;
+                        self.registry.set(d, s);
+                        self.token_left(d, s, None, now);
+                        self.maybe_release(d);
+                    }
+                    RelinquishQueued | Relinquishing | RelinquishBackoff => {
+                        self.abandon_relinquish(d, c.id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Retries.
+        while let Some(Reverse(t)) = self.timers.peek() {
+            if t.at > now {
+                break;
+            }
+            let Some(Reverse(t)) = self.timers.pop() else {
+                break;
+            };
+            self.fire(t.kind, now);
+        }
+        // Lingering batches.
+        for i in 0..self.out.len() {
+            let due = self
+                .out
+                .get(i)
+                .and_then(|b| b.since)
+                .is_some_and(|since| since + self.config.batch_linger <= now);
+            if due {
+                self.flush(i);
+            }
+        }
+        // Parked notices for views that never came.
+        let timeout = self.config.timeout;
+        let expired: Vec<ViewId> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.first + timeout <= now)
+            .map(|(v, _)| *v)
+            .collect();
+        for v in expired {
+            if let Some(p) = self.parked.remove(&v) {
+                self.parked_total = self.parked_total.saturating_sub(p.datums.len());
+                self.counters.notices_parked_dropped += p.datums.len() as u64;
+            }
+        }
+        self.prune(now);
+    }
+
+    pub(super) fn abandon_relinquish(&mut self, d: Datum, flight: u64) {
+        let Some(mut s) = self.registry.get(&d).filter(|s| {
+            s.flight == flight
+                && matches!(
+                    s.phase,
+                    Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
+                )
+        }) else {
+            return;
+        };
+        if matches!(self.primary_of(d.id), Primary::Me) {
+            // The datum came back here meanwhile: nobody else will take it.
+            // A running job finishes (success: acquire again; failure: kept).
+            if s.phase != Phase::Relinquishing {
+                s.phase = Phase::Held;
+                self.registry.set(d, s);
+                self.maybe_release(d);
+            }
+            return;
+        }
+        debug!(node = %self.local, datum = %d, "relinquish abandoned at its deadline");
+        self.counters.relinquish_abandoned += 1;
+        s.phase = Phase::Free;
+        self.registry.set(d, s);
+        self.events
+            .push_back(Event::RelinquishAbandoned { datum: d });
+        self.maybe_release(d);
+    }
+
+    pub(super) fn fire(&mut self, kind: TimerKind, now: Instant) {
+        match kind {
+            TimerKind::RelinquishRetry {
+                datum,
+                flight,
+                attempt,
+            } => {
+                let Some(mut s) = self.registry.get(&datum).filter(|s| {
+                    s.phase == Phase::RelinquishBackoff
+                        && s.flight == flight
+                        && s.attempt == attempt
+                }) else {
+                    return;
+                };
+                if matches!(self.primary_of(datum.id), Primary::Me) {
+                    s.phase = Phase::Held;
+                    self.registry.set(datum, s);
+                    self.maybe_release(datum);
+                } else {
+                    s.phase = Phase::RelinquishQueued;
+                    self.registry.set(datum, s);
+                    self.relinquish_queue.push_back(datum);
+                }
+            }
+            TimerKind::AcquireRetry {
+                datum,
+                flight,
+                attempt,
+            } => {
+                let Some(mut s) = self.registry.get(&datum).filter(|s| {
+                    s.phase == Phase::AcquireBackoff && s.flight == flight && s.attempt == attempt
+                }) else {
+                    return;
+                };
+                if matches!(self.primary_of(datum.id), Primary::Me) {
+                    s.phase = Phase::AcquireQueued;
+                    self.registry.set(datum, s);
+                    self.acquire_queue.push_back(datum);
+                } else {
+                    s.flight = self.enter_cohort(datum, now);
+                    self.take_token(datum, s, Source::PassOn, now);
+                }
+            }
+            TimerKind::AbandonRelinquish { datum, flight } => {
+                self.abandon_relinquish(datum, flight);
+            }
+            TimerKind::SilentPeer => self.release_unheld_waits(now, false),
+            TimerKind::ResendState { to, seq } => {
+                if seq == self.install_seq && self.is_target(&to) {
+                    self.push_state(to);
+                }
+            }
+            TimerKind::Resend { key } => {
+                let Some(retry) = self.retrying.remove(&key) else {
+                    return;
+                };
+                let gone = self.gone.contains_key(&retry.address.to);
+                let mut datums = Vec::new();
+                for (d, flight) in retry.datums {
+                    let Some(mut s) = self
+                        .registry
+                        .get(&d)
+                        .filter(|s| s.phase == Phase::TokenWait && s.flight == flight)
+                    else {
+                        continue;
+                    };
+                    if gone {
+                        // Never re-addressed: the token is dropped, as if it
+                        // expired; the done markers or the timeout end the wait.
+                        self.counters.notices_undeliverable += 1;
+                        s.phase = Phase::Free;
+                        s.attempt = 0;
+                        self.registry.set(d, s);
+                        self.token_left(d, s, Some(retry.address.to.clone()), now);
+                        self.maybe_release(d);
+                    } else {
+                        s.phase = Phase::Passed;
+                        self.registry.set(d, s);
+                        datums.push(d);
+                    }
+                }
+                if !datums.is_empty() {
+                    self.send_notices(retry.address, datums);
+                }
+            }
+        }
+    }
+
+    pub(super) fn prune(&mut self, now: Instant) {
+        let timeout = self.config.timeout;
+        // A copy of a notice comes at most `timeout` after its sender's view
+        // change (it stops retrying then) plus one transfer: twice the
+        // timeout covers it.
+        let keep_taken = timeout.saturating_mul(2);
+        while let Some(&(at, d, epoch)) = self.taken_order.front() {
+            if at + keep_taken >= now {
+                break;
+            }
+            self.taken_order.pop_front();
+            if self.taken.get(&d).is_some_and(|&(_, e)| e == epoch) {
+                self.taken.remove(&d);
+            }
+        }
+        if self.taken.is_empty() {
+            self.sender_names.clear();
+        }
+        while self.history.len() > self.config.max_history {
+            self.history.pop_back();
+        }
+        while self.history.back().is_some_and(|p| p.left + timeout < now) {
+            self.history.pop_back();
+        }
+        // Views seen are remembered longer, to recognise stale notices.
+        let keep = timeout.saturating_mul(16);
+        if self.seen.len() > 64 {
+            self.seen.retain(|_, left| *left + keep >= now);
+        }
+        if self.seen.len() > 4096 {
+            let mut by_age: Vec<(Instant, ViewId)> =
+                self.seen.iter().map(|(v, t)| (*t, *v)).collect();
+            by_age.sort_unstable();
+            for (_, v) in by_age.iter().take(self.seen.len() - 4096) {
+                self.seen.remove(v);
+            }
+        }
+        if !self.gone.is_empty() {
+            let current = Arc::clone(&self.current);
+            let history = &self.history;
+            let known = |n: &NodeId| {
+                current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
+            };
+            let keep = timeout.saturating_mul(16);
+            self.gone.retain(|n, at| known(n) || *at + keep >= now);
+            // A failed node is remembered as long as its departure: a view
+            // may name it again after the views that knew it were pruned
+            // (a membership view still holding its old generation at a
+            // heal), and its datums must still fail over, not wait for the
+            // timeout as those of a node that left.
+            let gone = &self.gone;
+            self.failed.retain(|n| known(n) || gone.contains_key(n));
+            self.empty_handed
+                .retain(|n, _| known(n) || gone.contains_key(n));
+        }
+        if !self.pending_done.is_empty() {
+            let current = Arc::clone(&self.current);
+            let (history, gone, peers) = (&self.history, &self.gone, &self.peers);
+            self.pending_done.retain(|n, _| {
+                peers.contains(n)
+                    || gone.contains_key(n)
+                    || current.view().contains(n)
+                    || history.iter().any(|p| p.table.view().contains(n))
+            });
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Waiting for a token: who may hold it (the candidates of the recent
+//! views), when a wait is settled, and what a view change does to a datum
+//! in flight.
+
+use super::*;
+
+impl<W> Handoff<W> {
+    /// Whether the nodes other than this one that were the datum's primary
+    /// in a recent view may still hold it, and who answers for them.
+    pub(super) fn candidates(&self, id: i64) -> Candidates {
+        let (mut any, mut alive) = (false, false);
+        for past in &self.history {
+            let Some(p) = past.table.primary(id) else {
+                continue;
+            };
+            if Some(p) == past.self_index {
+                continue;
+            }
+            any = true;
+            let Some(node) = past.table.view().node(p) else {
+                continue;
+            };
+            // Failed over only for a node declared failed while it was a
+            // member (a node that left, or was not ready, stays up and may
+            // relinquish under a view this node has not installed yet), and
+            // only once the view in force no longer has it: the done markers
+            // of that view cover every notice it sent before dying.
+            let failed_out = past.failed.get(p.get()).copied().unwrap_or(false)
+                && !self.current.view().contains(node);
+            if failed_out {
+                continue;
+            }
+            if self.gone.contains_key(node) {
+                // Gone after saying done under a view without it: it had
+                // relinquished everything (and delivered its notices).
+                if self.empty_handed.contains_key(node) {
+                    continue;
+                }
+                return Candidates::Pending;
+            }
+            // Alive: in `done_missing` until it says done for the view in force.
+            alive = true;
+        }
+        match (any, alive) {
+            (_, true) => Candidates::AllDone,
+            (true, false) => Candidates::AllGone,
+            (false, false) => Candidates::None,
+        }
+    }
+
+    /// This node became primary of a datum it does not hold.
+    pub(super) fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
+        s.phase = Phase::Awaiting;
+        s.attempt = 0;
+        s.flight = self.enter_cohort(d, now);
+        s.since = s.flight;
+        self.registry.set(d, s);
+        self.settle_wait(d, s, now);
+    }
+
+    /// The notice this node sent for `d` was delivered, expired or dropped
+    /// (`s` is its slot, now `Free`). If this node is the datum's primary
+    /// again, it waits for it: the node the notice went to passes it back.
+    /// A notice for any view in force since the token left here may bring
+    /// it, so the wait counts views from the token's flight on.
+    ///
+    /// `at`: the node that may have the token now (`None`: not known). Until
+    /// the token comes back, the wait ends only by a notice, the timeout,
+    /// or the failover of that node: its done markers may predate the token
+    /// reaching it (it may get it under a view it has not installed yet).
+    pub(super) fn token_left(&mut self, d: Datum, s: Slot, at: Option<NodeId>, now: Instant) {
+        if s.phase != Phase::Free || !matches!(self.primary_of(d.id), Primary::Me) {
+            return;
+        }
+        self.returning.insert(d, at);
+        let since = s.flight;
+        self.begin_wait(d, s, now);
+        self.registry.modify(&d, |s| {
+            if s.phase == Phase::Awaiting {
+                s.since = since;
+            }
+        });
+    }
+
+    /// A wait ends without a notice once every live node (ready or not) and
+    /// every node of the recent views has said done with the view in force:
+    /// none of them holds the datum then, so the primary takes it. Until
+    /// then it is remembered in `blocked_on_done`. A departed holder that
+    /// will never say done leaves the wait to its notice or the timeout.
+    pub(super) fn settle_wait(&mut self, d: Datum, s: Slot, now: Instant) {
+        // Only the primary may take a datum without a notice: for a relay,
+        // the primary in force (not among the candidates) may hold it.
+        if s.phase != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
+            return;
+        }
+        let mut returned = false;
+        if let Some(at) = self.returning.get(&d) {
+            // This node's own token went to `at` (or nobody knows where):
+            // it comes back by notice, unless `at` failed and is out, or
+            // `at` is a live target whose done marker for this instance of
+            // the view in force is required below (see `answers_for`).
+            let failed_out = at
+                .as_ref()
+                .is_some_and(|n| self.failed.contains(n) && !self.current.view().contains(n));
+            if !failed_out {
+                if !at.as_ref().is_some_and(|n| self.answers_for(n)) {
+                    return;
+                }
+                returned = true;
+            }
+        }
+        // Without standing no token is minted: a node that may not act as
+        // owner takes nothing as first owner, on done markers or by
+        // failover. The wait is settled again when standing comes back
+        // (`set_standing`). So nodes that form a cluster before any has a
+        // lease pass no tokens among themselves as the views grow.
+        if !self.standing {
+            return;
+        }
+        let source = match self.candidates(d.id) {
+            Candidates::Pending => return,
+            // The token is this node's own: whoever was primary since, the
+            // node it went to must say done too.
+            _ if returned => Source::AllDone,
+            Candidates::AllDone => Source::AllDone,
+            Candidates::AllGone => Source::OwnerGone,
+            Candidates::None => Source::Fresh,
+        };
+        let fresh = matches!(source, Source::Fresh);
+        if self.installing || self.missing_done(fresh, now) {
+            self.blocked_on_done.push(d);
+        } else if returned && !self.answered_by_token_holder(d) {
+            // The node the token went to stopped being a target before it
+            // said done (it left the live members): wait for the notice or
+            // the timeout.
+        } else {
+            self.take_token(d, s, source, now);
+        }
+    }
+
+    /// One datum under a new view (the view in force is already the new one).
+    pub(super) fn on_view_change(&mut self, d: Datum, now: Instant) {
+        let Some(mut s) = self.registry.get(&d) else {
+            return;
+        };
+        let mine = matches!(self.primary_of(d.id), Primary::Me);
+        use Phase::*;
+        match (s.phase, mine) {
+            // A notice on its way (`Passed`, `TokenWait`) stays addressed
+            // to the node it went to; this node waits once it has left.
+            (Free, true) => {
+                // A fresh wait: a token this node sent away long ago and
+                // that expired as a relay elsewhere no longer holds it up.
+                if !self.returning.is_empty() {
+                    self.returning.remove(&d);
+                }
+                self.begin_wait(d, s, now);
+            }
+            (Held, false) => self.start_relinquish(d, s, now),
+            (RelinquishQueued | RelinquishBackoff, true) => {
+                // Came back before the relinquish ran: keep it.
+                s.phase = Held;
+                self.registry.set(d, s);
+            }
+            (Awaiting, false) => {
+                s.phase = Relay;
+                self.registry.set(d, s);
+            }
+            (Awaiting, true) => {
+                // Still waiting: the holder may have seen views this node did
+                // not (and kept the datum meanwhile), so the deadline restarts
+                // at every view change. It never ends early, only late.
+                s.flight = self.enter_cohort(d, now);
+                self.registry.set(d, s);
+                self.settle_wait(d, s, now);
+            }
+            (Relay, true) => {
+                // A new wait: a notice sent under a view of the old one may
+                // be a token that a primary in between made worthless by
+                // taking the datum once everyone was done.
+                s.phase = Awaiting;
+                s.flight = self.enter_cohort(d, now);
+                s.since = s.flight;
+                self.registry.set(d, s);
+                self.settle_wait(d, s, now);
+            }
+            (AcquireQueued | AcquireBackoff, false) => {
+                // Not acquired yet: pass the token on instead.
+                s.flight = self.enter_cohort(d, now);
+                self.take_token(d, s, Source::PassOn, now);
+            }
+            (TokenQueued | TokenParked, _) => {
+                self.take_token(d, s, Source::Reroute, now);
+            }
+            (Acquiring, false) => {
+                self.acquire_superseded.entry(d).or_insert(now);
+            }
+            (Acquiring, true) => {
+                self.acquire_superseded.remove(&d);
+            }
+            _ => {}
+        }
+    }
+}
