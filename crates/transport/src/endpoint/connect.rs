@@ -1,0 +1,271 @@
+//! Connections made: dialled (one dial per peer at a time) or accepted,
+//! the peer's certificate name verified, admitted under the per-peer and
+//! endpoint limits, and installed in the table.
+
+use super::*;
+
+pub(super) async fn dial_task(inner: Arc<Inner>, dest: Dest, tx: watch::Sender<DialResult>) {
+    let addr = canonical_addr(dest.addr);
+    let result = dial(&inner, &dest).await;
+    if let Err(e) = &result {
+        debug!(peer = %dest, error = %e, "dial failed");
+    }
+    lock(&inner.table).dialing.remove(&addr);
+    let _ = tx.send(Some(result));
+}
+
+pub(super) async fn dial(inner: &Arc<Inner>, dest: &Dest) -> Result<Arc<PeerConn>, TransportError> {
+    let addr = canonical_addr(dest.addr);
+    let (config, sni) = match &dest.name {
+        Some(name) => (inner.client_named.clone(), name.as_str()),
+        None => (inner.client_any.clone(), ANY_NODE_SNI),
+    };
+    let connecting = inner
+        .endpoint
+        .connect_with(config, addr, sni)
+        .map_err(|e| TransportError::Unreachable {
+            peer: dest.clone(),
+            reason: e.to_string(),
+        })?;
+    let timeout = inner.config.handshake_timeout;
+    let conn = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => {
+            return Err(TransportError::TimedOut {
+                peer: dest.clone(),
+                after: timeout,
+            });
+        }
+        Ok(Err(e)) => {
+            let err = classify(dest, &e);
+            if matches!(err, TransportError::Rejected { .. }) {
+                Stats::inc(&inner.stats.handshakes_rejected);
+            }
+            return Err(err);
+        }
+        Ok(Ok(conn)) => conn,
+    };
+    let name = match verified_name(&conn) {
+        Ok(name) if dest.name.as_ref().is_none_or(|n| *n == name) => name,
+        Ok(name) => {
+            conn.close(code::REJECTED.into(), b"unexpected node name");
+            Stats::inc(&inner.stats.handshakes_rejected);
+            return Err(TransportError::Rejected {
+                peer: dest.clone(),
+                reason: format!("the certificate names {name}"),
+            });
+        }
+        Err(reason) => {
+            conn.close(code::REJECTED.into(), b"bad peer identity");
+            Stats::inc(&inner.stats.handshakes_rejected);
+            return Err(TransportError::Rejected {
+                peer: dest.clone(),
+                reason,
+            });
+        }
+    };
+    admit(inner, conn, Peer { name, addr }, true).await
+}
+
+/// The verified name of the peer of an established connection, after
+/// checking the negotiated protocol.
+pub(super) fn verified_name(conn: &quinn::Connection) -> Result<NodeName, String> {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() != Some(ALPN) {
+        return Err("the peer does not speak shoal/1".into());
+    }
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or_else(|| "no peer certificate".to_owned())?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| "empty certificate chain".to_owned())?;
+    node_name_of(cert).map_err(|e| e.to_string())
+}
+
+pub(super) async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        if inner.shut.load(Ordering::Relaxed) {
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(accept_one(inner.clone(), incoming));
+    }
+}
+
+pub(super) async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
+    let addr = canonical_addr(incoming.remote_address());
+    let unknown = Dest::addr(addr);
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(from = %addr, error = %e, "incoming connection failed");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(inner.config.handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            let err = classify(&unknown, &e);
+            if matches!(err, TransportError::Rejected { .. }) {
+                Stats::inc(&inner.stats.handshakes_rejected);
+                warn!(from = %addr, error = %e, "handshake rejected");
+            } else {
+                debug!(from = %addr, error = %e, "incoming handshake failed");
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(from = %addr, "incoming handshake timed out");
+            return;
+        }
+    };
+    let name = match verified_name(&conn) {
+        Ok(name) => name,
+        Err(reason) => {
+            warn!(from = %addr, %reason, "peer rejected after handshake");
+            conn.close(code::REJECTED.into(), reason.as_bytes());
+            Stats::inc(&inner.stats.handshakes_rejected);
+            return;
+        }
+    };
+    if let Err(e) = admit(&inner, conn, Peer { name, addr }, false).await {
+        debug!(from = %addr, error = %e, "incoming connection not admitted");
+    }
+}
+
+/// Starts the tasks of a verified connection, exchanges hellos and installs
+/// it as the connection for its address.
+pub(super) async fn admit(
+    inner: &Arc<Inner>,
+    conn: quinn::Connection,
+    peer: Peer,
+    initiated_locally: bool,
+) -> Result<Arc<PeerConn>, TransportError> {
+    let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+    let (hello_tx, hello_rx) = oneshot::channel();
+    let pc = Arc::new(PeerConn {
+        peer: peer.clone(),
+        conn: conn.clone(),
+        initiated_locally,
+        instance: AtomicU64::new(0),
+        queue_tx,
+        budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
+        share: inner.budgets.peer(&peer.name),
+        refusals: AtomicU32::new(0),
+        active: AtomicBool::new(true),
+        busy: AtomicUsize::new(0),
+        superseded: AtomicBool::new(false),
+        hello_tx: Mutex::new(Some(hello_tx)),
+        closing: AtomicBool::new(false),
+        streams_opened: AtomicU32::new(0),
+        streams_finished: AtomicU32::new(0),
+        drain_tx: watch::channel(false).0,
+        writer_done: watch::channel(false).0,
+        peer_done: watch::channel(None).0,
+    });
+    // Our hello: tells the peer our instance, and is the first thing the
+    // server says, so a client learns that the server admitted it.
+    let hello = frame::encode_hello(&frame::Hello {
+        version: frame::ENVELOPE_VERSION,
+        instance: inner.instance,
+    });
+    let hello_conn = conn.clone();
+    tokio::spawn(async move {
+        if let Ok(mut s) = hello_conn.open_uni().await
+            && s.write_all(&hello).await.is_ok()
+        {
+            let _ = s.finish();
+        }
+    });
+    tokio::spawn(accept_uni_loop(inner.clone(), pc.clone()));
+    tokio::spawn(accept_bi_loop(inner.clone(), pc.clone()));
+    tokio::spawn(datagram_loop(inner.clone(), pc.clone()));
+    let dest = Dest::from(&peer);
+    let timeout = inner.config.handshake_timeout;
+    let instance = tokio::select! {
+        r = tokio::time::timeout(timeout, hello_rx) => match r {
+            Ok(Ok(instance)) => instance,
+            Ok(Err(_)) => {
+                conn.close(code::PROTOCOL.into(), b"bad hello");
+                Stats::inc(&inner.stats.handshakes_rejected);
+                return Err(TransportError::Rejected { peer: dest, reason: "malformed hello".into() });
+            }
+            Err(_) => {
+                conn.close(code::REJECTED.into(), b"no hello");
+                Stats::inc(&inner.stats.handshakes_rejected);
+                return Err(TransportError::TimedOut { peer: dest, after: timeout });
+            }
+        },
+        e = conn.closed() => {
+            let err = classify(&dest, &e);
+            if matches!(err, TransportError::Rejected { .. }) {
+                Stats::inc(&inner.stats.handshakes_rejected);
+            }
+            return Err(err);
+        }
+    };
+    pc.instance.store(instance, Ordering::Relaxed);
+    Stats::inc(&inner.stats.connections_opened);
+    tokio::spawn(writer_task(inner.clone(), pc.clone(), queue_rx));
+    tokio::spawn(watchdog(inner.clone(), pc.clone()));
+    install(inner, &pc);
+    debug!(peer = %peer, outgoing = initiated_locally, "connection admitted");
+    Ok(pc)
+}
+
+/// Makes `pc` the connection used for its address, unless a live duplicate
+/// to the same process wins the tie-break. Duplicates from racing dials are
+/// resolved the same way on both sides: the connection dialed by the node
+/// with the smaller name is kept; the other is left to drain and close.
+pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
+    let mut close_old = None;
+    {
+        let mut table = lock(&inner.table);
+        if inner.shut.load(Ordering::Relaxed) {
+            drop(table);
+            pc.conn.close(code::SHUTDOWN.into(), b"shutdown");
+            return;
+        }
+        let addr = pc.peer.addr;
+        let keep_new = match table.conns.get(&addr) {
+            None => true,
+            Some(cur) if Arc::ptr_eq(cur, pc) => return,
+            Some(cur) if cur.is_closed() => true,
+            Some(cur)
+                if cur.peer.name != pc.peer.name
+                    || cur.instance.load(Ordering::Relaxed)
+                        != pc.instance.load(Ordering::Relaxed) =>
+            {
+                // Another node, or the same node restarted: the old one is dead.
+                close_old = Some(cur.clone());
+                true
+            }
+            Some(cur) => {
+                if cur.initiated_locally == pc.initiated_locally {
+                    // Not a cross dial: the peer (or we) replaced it.
+                    true
+                } else {
+                    pc.initiator(&inner.me) < cur.initiator(&inner.me)
+                }
+            }
+        };
+        if keep_new {
+            if let Some(old) = table.conns.insert(addr, pc.clone()) {
+                old.superseded.store(true, Ordering::Relaxed);
+            }
+        } else {
+            pc.superseded.store(true, Ordering::Relaxed);
+        }
+    }
+    if let Some(old) = close_old {
+        debug!(peer = %old.peer, "replacing the connection to a previous instance");
+        old.conn.close(code::SUPERSEDED.into(), b"replaced");
+    }
+}

@@ -1,0 +1,221 @@
+//! A connection's life after install: its writer task, the idle watchdog,
+//! removal from the table, and the graceful close (goaway, drain).
+
+use super::*;
+
+/// Writes queued one-way messages on the connection's shared stream, many
+/// frames per write.
+pub(super) async fn writer_task(
+    inner: Arc<Inner>,
+    pc: Arc<PeerConn>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+) {
+    let mut stream: Option<quinn::SendStream> = None;
+    // Allocated on first use: most connections (membership only) never send
+    // a one-way message, and an idle connection should cost little.
+    let mut batch = Vec::new();
+    let mut buf = BytesMut::new();
+    let mut drain_rx = pc.drain_tx.subscribe();
+    let mut draining = false;
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 512) => n,
+            _ = pc.conn.closed() => 0,
+            _ = drain_rx.wait_for(|d| *d), if !draining => {
+                // Graceful close: take what is queued, then stop.
+                draining = true;
+                rx.close();
+                while let Ok(q) = rx.try_recv() {
+                    batch.push(q);
+                }
+                batch.len()
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        buf.clear();
+        if stream.is_none() {
+            match pc.conn.open_uni().await {
+                Ok(s) => {
+                    stream = Some(s);
+                    pc.streams_opened.fetch_add(1, Ordering::SeqCst);
+                    buf.extend_from_slice(&[StreamKind::Messages as u8]);
+                }
+                Err(e) => {
+                    debug!(peer = %pc.peer, error = %e, "cannot open the message stream");
+                    Stats::add(&inner.stats.messages_lost, batch.len() as u64);
+                    batch.clear();
+                    break;
+                }
+            }
+        }
+        let mut compressed = 0;
+        for q in &batch {
+            q.frame.write_to(&mut buf);
+            compressed += u64::from(q.frame.is_compressed());
+        }
+        let len = buf.len() as u64;
+        let Some(s) = stream.as_mut() else { break };
+        match s.write_chunk(buf.split().freeze()).await {
+            Ok(()) => {
+                Stats::add(&inner.stats.messages_sent, batch.len() as u64);
+                Stats::add(&inner.stats.bytes_sent, len);
+                Stats::add(&inner.stats.messages_compressed, compressed);
+                pc.touch();
+            }
+            Err(e) => {
+                Stats::add(&inner.stats.messages_lost, batch.len() as u64);
+                match e {
+                    quinn::WriteError::Stopped(code) => {
+                        warn!(peer = %pc.peer, %code, "peer stopped the message stream");
+                        stream = None;
+                    }
+                    e => {
+                        debug!(peer = %pc.peer, error = %e, "message stream failed");
+                        batch.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        batch.clear();
+        if draining {
+            break;
+        }
+    }
+    if let Some(mut s) = stream {
+        let _ = s.finish();
+        if draining {
+            // Wait until the peer has every byte, so closing loses nothing.
+            let _ = tokio::time::timeout(GRACE, s.stopped()).await;
+        }
+    }
+    pc.writer_done.send_replace(true);
+    // Whatever is still queued cannot be sent any more.
+    rx.close();
+    let mut lost = 0;
+    while rx.try_recv().is_ok() {
+        lost += 1;
+    }
+    Stats::add(&inner.stats.messages_lost, lost);
+}
+
+/// Watches a connection: removes it from the table when it ends, and closes
+/// it when idle (sooner when a duplicate superseded it).
+pub(super) async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    let idle_close = inner.config.idle_close;
+    let tick = (idle_close / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    let ticks_to_close = (idle_close.as_millis() / tick.as_millis().max(1)).max(1) as u32;
+    let mut idle_ticks = 0u32;
+    let reason = loop {
+        tokio::select! {
+            e = pc.conn.closed() => break e,
+            () = tokio::time::sleep(tick) => {}
+        }
+        let was_active = pc.active.swap(false, Ordering::Relaxed);
+        let busy = pc.busy.load(Ordering::Relaxed) > 0
+            || pc.budget.available_permits() < inner.config.send_queue_bytes;
+        if was_active || busy {
+            idle_ticks = 0;
+            continue;
+        }
+        idle_ticks += 1;
+        let limit = if pc.superseded.load(Ordering::Relaxed) {
+            SUPERSEDED_IDLE_TICKS
+        } else {
+            ticks_to_close
+        };
+        if idle_ticks >= limit && !pc.closing.load(Ordering::SeqCst) {
+            debug!(peer = %pc.peer, "closing idle connection");
+            tokio::spawn(graceful_close(inner.clone(), pc.clone()));
+        }
+    };
+    remove_from_table(&inner, &pc);
+    Stats::inc(&inner.stats.connections_closed);
+    debug!(peer = %pc.peer, reason = %reason, "connection closed");
+}
+
+pub(super) fn remove_from_table(inner: &Inner, pc: &Arc<PeerConn>) {
+    let mut table = lock(&inner.table);
+    if table
+        .conns
+        .get(&pc.peer.addr)
+        .is_some_and(|c| Arc::ptr_eq(c, pc))
+    {
+        table.conns.remove(&pc.peer.addr);
+    }
+}
+
+/// Stops sending on a connection: flushes and finishes the message stream
+/// (waiting until the peer has it) and waits for requests in progress.
+pub(super) async fn drain(pc: &Arc<PeerConn>) {
+    pc.drain_tx.send_replace(true);
+    let mut done = pc.writer_done.subscribe();
+    let _ = tokio::time::timeout(GRACE, done.wait_for(|d| *d)).await;
+    wait_until(|| pc.busy.load(Ordering::SeqCst) == 0).await;
+}
+
+/// Polls `cond` (rare path: closing connections) for at most [`GRACE`].
+pub(super) async fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + GRACE;
+    while !cond() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub(super) async fn send_control(pc: &PeerConn, kind: StreamKind) -> bool {
+    let count = pc.streams_opened.load(Ordering::SeqCst);
+    let mut msg = [kind as u8, 0, 0, 0, 0];
+    if let Some(dst) = msg.get_mut(1..) {
+        dst.copy_from_slice(&count.to_le_bytes());
+    }
+    match pc.conn.open_uni().await {
+        Ok(mut s) => s.write_all(&msg).await.is_ok() && s.finish().is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Closes an idle or superseded connection without losing anything in
+/// flight: both sides stop sending, flush, and read everything the other
+/// sent before the connection closes.
+///
+/// 1. This side leaves the table (no new sends), flushes, and sends `GoAway`
+///    with the number of message streams it opened.
+/// 2. The peer does the same, reads all our streams, and answers `Done` with
+///    its own count ([`answer_goaway`]).
+/// 3. We read all its streams and close. Each step waits at most [`GRACE`].
+pub(super) async fn graceful_close(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    if pc.closing.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    remove_from_table(&inner, &pc);
+    drain(&pc).await;
+    if send_control(&pc, StreamKind::GoAway).await {
+        let mut done = pc.peer_done.subscribe();
+        let peer_count = tokio::time::timeout(GRACE, done.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|v| *v));
+        if let Some(peer_count) = peer_count {
+            wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
+        }
+    }
+    pc.conn.close(code::IDLE.into(), b"idle");
+}
+
+/// The peer's side of [`graceful_close`].
+pub(super) async fn answer_goaway(inner: Arc<Inner>, pc: Arc<PeerConn>, peer_count: u32) {
+    pc.closing.store(true, Ordering::SeqCst);
+    remove_from_table(&inner, &pc);
+    drain(&pc).await;
+    wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
+    send_control(&pc, StreamKind::Done).await;
+    // The initiator closes; close anyway if it does not.
+    if tokio::time::timeout(2 * GRACE, pc.conn.closed())
+        .await
+        .is_err()
+    {
+        pc.conn.close(code::IDLE.into(), b"idle");
+    }
+}

@@ -1,0 +1,532 @@
+//! What arrives: frames read (small ones whole, large ones charged to the
+//! inbound budget before their body is read), messages decoded and
+//! delivered, datagrams, and request streams answered.
+
+use super::*;
+
+pub(super) async fn write_frame(
+    send: &mut quinn::SendStream,
+    kind: StreamKind,
+    frame: &OutFrame,
+) -> Result<(), quinn::WriteError> {
+    let mut head = BytesMut::with_capacity(1 + LEN_PREFIX + MAX_HEADER_LEN);
+    head.extend_from_slice(&[kind as u8]);
+    head.extend_from_slice(&frame.head_bytes());
+    let mut chunks = [head.freeze(), frame.body.clone()];
+    send.write_all_chunks(&mut chunks).await
+}
+
+pub(super) enum ReadFrameError {
+    /// Over the caps, or malformed: the frame is refused.
+    Refused(DecodeError),
+    /// The frame did not arrive within `frame_timeout`.
+    TimedOut,
+    Stream(quinn::ReadError),
+    /// A budget is closed (never in practice).
+    Gone,
+}
+
+/// Which budget a frame is charged to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Charging {
+    /// A message or request for the inbound queue.
+    Message,
+    /// The answer to one of this node's requests.
+    Response,
+}
+
+/// A frame read from a stream of its own, decoded, with its charge.
+pub(super) struct Decoded {
+    pub(super) channel: u32,
+    pub(super) body: Bytes,
+    pub(super) charge: Charge,
+    /// Frame bytes on the wire, length prefix included.
+    pub(super) wire: usize,
+}
+
+/// Reads one length-prefixed frame from a stream of its own: the prefix and
+/// header first, checked against the channel's caps before anything large
+/// is allocated; then the budget is charged (waiting for room: the stream
+/// is not read meanwhile); then the body is read and decoded.
+///
+/// With a `deadline`, the prefix and header must arrive by then, and the
+/// body within `frame_timeout` of the charge.
+pub(super) async fn read_frame(
+    inner: &Inner,
+    pc: &PeerConn,
+    recv: &mut quinn::RecvStream,
+    caps: impl Fn(u32) -> Cap,
+    deadline: Option<Instant>,
+    charging: Charging,
+) -> Result<Decoded, ReadFrameError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    read_exact(recv, &mut prefix, deadline).await?;
+    let max_frame = frame::max_frame_len(inner.caps.max_size());
+    let len = frame::check_frame_len(u32::from_le_bytes(prefix), max_frame)
+        .map_err(ReadFrameError::Refused)?;
+    let head_len = len.min(MAX_HEADER_LEN);
+    let mut buf = vec![0u8; head_len];
+    read_exact(recv, &mut buf, deadline).await?;
+    let inspected = frame::inspect(&buf, len, caps).map_err(ReadFrameError::Refused)?;
+    let compressed = matches!(inspected.header.encoding, Encoding::Zstd { .. });
+    let overhead = match charging {
+        Charging::Message => MESSAGE_OVERHEAD,
+        Charging::Response => 0,
+    };
+    // While decompressing, the compressed body and the output coexist.
+    let want = if compressed {
+        inspected.size + len
+    } else {
+        len.max(inspected.size)
+    } + overhead;
+    let charge = match charging {
+        Charging::Message => charge_message(inner, &pc.share, want).await,
+        Charging::Response => inner.budgets.response(&pc.share, want).await,
+    };
+    let mut charge = charge.ok_or(ReadFrameError::Gone)?;
+    // Time spent waiting for this node's own budget does not count.
+    let deadline = deadline.map(|_| Instant::now() + inner.config.frame_timeout);
+    buf.resize(len, 0);
+    read_exact(recv, buf.get_mut(head_len..).unwrap_or_default(), deadline).await?;
+    let body = frame::decode_body(Bytes::from(buf), &inspected).map_err(ReadFrameError::Refused)?;
+    if compressed {
+        charge.shrink_to(inspected.size + overhead);
+    }
+    Ok(Decoded {
+        channel: inspected.header.channel,
+        body,
+        charge,
+        wire: LEN_PREFIX + len,
+    })
+}
+
+/// Reads a frame of a hello stream (tiny, no budget).
+pub(super) async fn read_small_frame(
+    recv: &mut quinn::RecvStream,
+    max_frame: usize,
+) -> Result<Bytes, ReadFrameError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    read_exact(recv, &mut prefix, None).await?;
+    let len = frame::check_frame_len(u32::from_le_bytes(prefix), max_frame)
+        .map_err(ReadFrameError::Refused)?;
+    let mut buf = vec![0u8; len];
+    read_exact(recv, &mut buf, None).await?;
+    Ok(Bytes::from(buf))
+}
+
+pub(super) async fn read_exact(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> Result<(), ReadFrameError> {
+    let read = recv.read_exact(buf);
+    let r = match deadline {
+        Some(d) => tokio::time::timeout_at(d, read)
+            .await
+            .map_err(|_| ReadFrameError::TimedOut)?,
+        None => read.await,
+    };
+    r.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => {
+            ReadFrameError::Stream(quinn::ReadError::ClosedStream)
+        }
+        quinn::ReadExactError::ReadError(e) => ReadFrameError::Stream(e),
+    })
+}
+
+pub(super) async fn accept_uni_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    while let Ok(recv) = pc.conn.accept_uni().await {
+        tokio::spawn(handle_uni(inner.clone(), pc.clone(), recv));
+    }
+}
+
+pub(super) async fn accept_bi_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    while let Ok((send, recv)) = pc.conn.accept_bi().await {
+        tokio::spawn(handle_bi(inner.clone(), pc.clone(), send, recv));
+    }
+}
+
+pub(super) async fn datagram_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    while let Ok(datagram) = pc.conn.read_datagram().await {
+        Stats::add(&inner.stats.bytes_received, datagram.len() as u64);
+        pc.touch();
+        match frame::decode_datagram(datagram) {
+            Ok(payload) => {
+                Stats::inc(&inner.stats.datagrams_received);
+                // The sender's share of the queue, then the queue itself.
+                let queued = Budgets::try_datagram(&pc.share).is_some_and(|slot| {
+                    let d = Datagram {
+                        from: pc.peer.clone(),
+                        payload,
+                    };
+                    inner
+                        .datagrams_tx
+                        .try_send(SlottedDatagram {
+                            datagram: d,
+                            _slot: slot,
+                        })
+                        .is_ok()
+                });
+                if !queued {
+                    Stats::inc(&inner.stats.datagrams_dropped);
+                }
+            }
+            Err(_) => {
+                Stats::inc(&inner.stats.datagrams_malformed);
+                debug!(peer = %pc.peer, "malformed datagram dropped");
+            }
+        }
+    }
+}
+
+pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: quinn::RecvStream) {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    match StreamKind::from_byte(kind[0]) {
+        Some(StreamKind::Hello) => {
+            let hello = match read_small_frame(&mut recv, MAX_HELLO_LEN).await {
+                Ok(f) => frame::decode_hello(&f).ok(),
+                Err(_) => None,
+            };
+            let slot = lock(&pc.hello_tx).take();
+            match (hello, slot) {
+                (Some(h), Some(tx)) => {
+                    let _ = tx.send(h.instance);
+                }
+                (None, slot) => {
+                    Stats::inc(&inner.stats.frames_malformed);
+                    // Dropping the sender fails the admission.
+                    drop(slot);
+                }
+                (Some(_), None) => Stats::inc(&inner.stats.frames_malformed),
+            }
+        }
+        Some(StreamKind::Messages) => {
+            read_messages(&inner, &pc, recv).await;
+            pc.streams_finished.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(k @ (StreamKind::GoAway | StreamKind::Done)) => {
+            let mut count = [0u8; 4];
+            if recv.read_exact(&mut count).await.is_err() {
+                Stats::inc(&inner.stats.frames_malformed);
+                return;
+            }
+            let count = u32::from_le_bytes(count);
+            if k == StreamKind::GoAway {
+                tokio::spawn(answer_goaway(inner.clone(), pc.clone(), count));
+            } else {
+                pc.peer_done.send_replace(Some(count));
+            }
+        }
+        _ => {
+            Stats::inc(&inner.stats.frames_malformed);
+            warn!(peer = %pc.peer, kind = kind[0], "unknown uni stream kind");
+            let _ = recv.stop(code::PROTOCOL.into());
+        }
+    }
+}
+
+/// How a pass over the frames buffered from the shared stream ended.
+pub(super) enum Pass {
+    /// Every whole frame was handled; read more.
+    More,
+    /// The stream must be stopped with this code.
+    Stop(u32),
+    /// The application is gone.
+    Gone,
+}
+
+/// Reads the peer's shared message stream until it ends.
+///
+/// Each frame is checked against the inline caps of its channel, then
+/// charged to the budgets before it is decompressed; when the budgets are
+/// full, what is decoded is handed over first, then the reader waits (and
+/// stops reading, so QUIC flow control pushes back on the sender).
+pub(super) async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvStream) {
+    let mut reader = FrameReader::new(INLINE_FRAME_MAX);
+    let mut ready = Ready {
+        msgs: Vec::new(),
+        charge: inner.budgets.empty(&pc.share),
+    };
+    let frame_timeout = inner.config.frame_timeout;
+    // When this node started waiting for the rest of a partial frame.
+    let mut partial_since: Option<Instant> = None;
+    let mut chunks: [Bytes; 32] = Default::default();
+    loop {
+        // Several chunks per read: fewer, larger batches to charge and queue.
+        let read = recv.read_chunks(&mut chunks);
+        let got = if reader.has_partial() {
+            let since = *partial_since.get_or_insert_with(Instant::now);
+            match tokio::time::timeout_at(since + frame_timeout, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    Stats::inc(&inner.stats.frames_timed_out);
+                    warn!(peer = %pc.peer, "partial frame timed out; message stream stopped");
+                    let _ = recv.stop(code::TIMED_OUT.into());
+                    strike(inner, pc);
+                    return;
+                }
+            }
+        } else {
+            partial_since = None;
+            read.await
+        };
+        let n = match got {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                if reader.has_partial() {
+                    Stats::inc(&inner.stats.frames_malformed);
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        for chunk in chunks.iter_mut().take(n) {
+            Stats::add(&inner.stats.bytes_received, chunk.len() as u64);
+            reader.push(chunk);
+            *chunk = Bytes::new();
+        }
+        pc.touch();
+        let pass = decode_buffered(inner, pc, &mut reader, &mut ready, &mut partial_since).await;
+        // Everything decoded before a framing error is still delivered.
+        if deliver_all(inner, &mut ready).await.is_err() {
+            let _ = recv.stop(code::GONE.into());
+            return;
+        }
+        match pass {
+            Pass::More => {}
+            Pass::Stop(c) => {
+                let _ = recv.stop(c.into());
+                return;
+            }
+            Pass::Gone => {
+                let _ = recv.stop(code::GONE.into());
+                return;
+            }
+        }
+    }
+}
+
+/// Messages decoded from the shared stream, not yet in the inbound queue,
+/// and their charge.
+pub(super) struct Ready {
+    pub(super) msgs: Vec<Message>,
+    pub(super) charge: Charge,
+}
+
+/// Decodes the whole frames buffered in `reader` into `ready`, charging each.
+pub(super) async fn decode_buffered(
+    inner: &Inner,
+    pc: &Arc<PeerConn>,
+    reader: &mut FrameReader,
+    ready: &mut Ready,
+    partial_since: &mut Option<Instant>,
+) -> Pass {
+    loop {
+        let f = match reader.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return Pass::More,
+            Err(e) => {
+                // The framing is lost: nothing after this can be trusted.
+                Stats::inc(&inner.stats.frames_malformed);
+                warn!(peer = %pc.peer, error = %e, "broken message stream stopped");
+                return Pass::Stop(code::PROTOCOL);
+            }
+        };
+        *partial_since = None;
+        let inspected = match frame::inspect(&f, f.len(), |ch| inner.caps.inline(ch)) {
+            Ok(i) => i,
+            Err(e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. })) => {
+                refused(inner, pc, &e);
+                return Pass::Stop(code::TOO_LARGE);
+            }
+            Err(e) => {
+                // A bad header: the framing holds, skip this frame.
+                count_decode_error(inner, &e);
+                debug!(peer = %pc.peer, error = %e, "frame dropped");
+                continue;
+            }
+        };
+        let want = inspected.size + MESSAGE_OVERHEAD;
+        if !inner.budgets.try_add(&mut ready.charge, want) {
+            // The budget may be full of what this reader decoded: hand that
+            // over first, then wait for room.
+            if deliver_all(inner, ready).await.is_err() {
+                return Pass::Gone;
+            }
+            match charge_message(inner, &pc.share, want).await {
+                Some(c) => ready.charge = c,
+                None => return Pass::Gone,
+            }
+        }
+        match frame::decode_body(f, &inspected) {
+            Ok(body) => ready.msgs.push(Message {
+                from: pc.peer.clone(),
+                channel: inspected.header.channel,
+                body,
+                reply: None,
+            }),
+            Err(e) => {
+                ready.charge.give_back(want, 1);
+                count_decode_error(inner, &e);
+                debug!(peer = %pc.peer, error = %e, "frame dropped");
+            }
+        }
+    }
+}
+
+/// Charges a message of `want` bytes to `share`, waiting for room (counted
+/// in `inbound_budget_waits` when it must wait).
+pub(super) async fn charge_message(
+    inner: &Inner,
+    share: &Arc<PeerBudget>,
+    want: usize,
+) -> Option<Charge> {
+    if let Some(charge) = inner.budgets.try_message(share, want) {
+        return Some(charge);
+    }
+    Stats::inc(&inner.stats.inbound_budget_waits);
+    inner.budgets.message(share, want).await
+}
+
+/// Hands decoded messages to the inbound queue, reserving room for many at
+/// once (one wait per batch rather than per message). Waits while the queue
+/// is full: that is the backpressure.
+/// The messages share the batch's charge, which a fresh one replaces.
+pub(super) async fn deliver_all(inner: &Inner, ready: &mut Ready) -> Result<(), ()> {
+    if ready.msgs.is_empty() {
+        return Ok(());
+    }
+    inner.budgets.note_peak();
+    let fresh = inner.budgets.empty(ready.charge.share());
+    let charge = Arc::new(Mutex::new(std::mem::replace(&mut ready.charge, fresh)));
+    let tx = &inner.messages_tx;
+    let cap = tx.max_capacity().max(1);
+    while !ready.msgs.is_empty() {
+        let n = ready.msgs.len().min(cap);
+        let permits = tx.reserve_many(n).await.map_err(|_| ())?;
+        Stats::add(&inner.stats.messages_received, n as u64);
+        for (permit, msg) in permits.zip(ready.msgs.drain(..n)) {
+            permit.send(Charged {
+                msg,
+                charge: Some(Arc::clone(&charge)),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn handle_bi(
+    inner: Arc<Inner>,
+    pc: Arc<PeerConn>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let busy = pc.busy();
+    let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
+        let _ = recv.stop(c.into());
+        let _ = send.reset(c.into());
+    };
+    // The kind, prefix and header must arrive by then.
+    let deadline = Instant::now() + inner.config.frame_timeout;
+    let mut kind = [0u8; 1];
+    match read_exact(&mut recv, &mut kind, Some(deadline)).await {
+        Ok(()) => {}
+        Err(ReadFrameError::TimedOut) => {
+            Stats::inc(&inner.stats.frames_timed_out);
+            refuse(&mut send, &mut recv, code::TIMED_OUT);
+            strike(&inner, &pc);
+            return;
+        }
+        Err(_) => {
+            refuse(&mut send, &mut recv, code::PROTOCOL);
+            return;
+        }
+    }
+    let kind = match StreamKind::from_byte(kind[0]) {
+        Some(k @ (StreamKind::Single | StreamKind::Request)) => k,
+        _ => {
+            Stats::inc(&inner.stats.frames_malformed);
+            warn!(peer = %pc.peer, kind = kind[0], "unknown bi stream kind");
+            refuse(&mut send, &mut recv, code::PROTOCOL);
+            return;
+        }
+    };
+    let caps = &inner.caps;
+    let read = read_frame(
+        &inner,
+        &pc,
+        &mut recv,
+        |ch| caps.of(ch),
+        Some(deadline),
+        Charging::Message,
+    )
+    .await;
+    let d = match read {
+        Ok(d) => d,
+        Err(ReadFrameError::Refused(
+            e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. }),
+        )) => {
+            refused(&inner, &pc, &e);
+            refuse(&mut send, &mut recv, code::TOO_LARGE);
+            return;
+        }
+        Err(ReadFrameError::Refused(e)) => {
+            count_decode_error(&inner, &e);
+            debug!(peer = %pc.peer, error = %e, "frame refused");
+            refuse(&mut send, &mut recv, code::PROTOCOL);
+            return;
+        }
+        Err(ReadFrameError::TimedOut) => {
+            Stats::inc(&inner.stats.frames_timed_out);
+            warn!(peer = %pc.peer, "frame timed out; stream dropped");
+            refuse(&mut send, &mut recv, code::TIMED_OUT);
+            strike(&inner, &pc);
+            return;
+        }
+        Err(ReadFrameError::Stream(e)) => {
+            debug!(peer = %pc.peer, error = %e, "incoming stream failed");
+            return;
+        }
+        Err(ReadFrameError::Gone) => {
+            refuse(&mut send, &mut recv, code::GONE);
+            return;
+        }
+    };
+    Stats::add(&inner.stats.bytes_received, (d.wire + 1) as u64);
+    let (reply, verdict) = match kind {
+        StreamKind::Request => (
+            Some(Responder {
+                stream: Some(send),
+                peer: pc.peer.clone(),
+                channel: d.channel,
+                inner: inner.clone(),
+                _busy: busy,
+            }),
+            None,
+        ),
+        _ => (None, Some(send)),
+    };
+    let msg = Message {
+        from: pc.peer.clone(),
+        channel: d.channel,
+        body: d.body,
+        reply,
+    };
+    Stats::inc(&inner.stats.messages_received);
+    let charged = Charged {
+        msg,
+        charge: Some(Arc::new(Mutex::new(d.charge))),
+    };
+    if inner.messages_tx.send(charged).await.is_err() {
+        if let Some(mut send) = verdict {
+            let _ = send.reset(code::GONE.into());
+        }
+        return;
+    }
+    if let Some(mut send) = verdict {
+        let _ = send.finish();
+    }
+}
