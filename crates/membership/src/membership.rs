@@ -207,6 +207,20 @@ impl<'a> AliveInfo<'a> {
             metadata: MetaSrc::Shared(&member.metadata),
         }
     }
+
+    /// A member record of this announcement, in `state` (`empty`: the
+    /// shared empty metadata).
+    fn to_member(self, state: MemberState, empty: &Arc<[u8]>) -> Member {
+        Member {
+            name: self.name.to_arc(),
+            generation: self.generation,
+            addr: self.addr,
+            incarnation: self.incarnation,
+            state,
+            ready: self.ready,
+            metadata: self.metadata.to_arc(empty),
+        }
+    }
 }
 
 /// Where an update comes from, which decides what it may do.
@@ -941,15 +955,7 @@ impl<R: Rng> Membership<R> {
         if !self.room_for_member() {
             return;
         }
-        let member = Member {
-            name: info.name.to_arc(),
-            generation: info.generation,
-            addr: info.addr,
-            incarnation: info.incarnation,
-            state,
-            ready: info.ready,
-            metadata: info.metadata.to_arc(&self.empty_metadata),
-        };
+        let member = info.to_member(state, &self.empty_metadata);
         let slot = self.insert_member(member);
         self.mark_down(slot, now);
     }

@@ -213,15 +213,7 @@ impl<R: Rng> Membership<R> {
             if !self.room_for_member() {
                 return;
             }
-            let member = Member {
-                name: info.name.to_arc(),
-                generation: info.generation,
-                addr: info.addr,
-                incarnation: info.incarnation,
-                state: MemberState::Alive,
-                ready: info.ready,
-                metadata: info.metadata.to_arc(&self.empty_metadata),
-            };
+            let member = info.to_member(MemberState::Alive, &self.empty_metadata);
             let slot = self.insert_member(member);
             self.live += 1;
             self.view_dirty = true;
@@ -522,7 +514,7 @@ impl<R: Rng> Membership<R> {
         if !mode.announces() || acc.from == &*self.local.name || acc.from == acc.name {
             return;
         }
-        let Some(record) = self.slot(slot) else {
+        let Some(record) = self.slot(slot).cloned() else {
             return;
         };
         if acc.generation != record.generation
@@ -542,10 +534,6 @@ impl<R: Rng> Membership<R> {
             .filter(|m| m.state.is_live())
             .map(|m| m.addr)
         else {
-            return;
-        };
-        let record = self.slot(slot).cloned();
-        let Some(record) = record else {
             return;
         };
         if self.stale_answered.len() >= MAX_STALE_ANSWERED {
