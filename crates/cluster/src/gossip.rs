@@ -596,9 +596,18 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
     }
 
-    /// A membership task on loopback whose queue to the driver holds
-    /// `capacity` items; nobody reads the transport's messages but this task.
-    fn start(ca: &ClusterCa, name: &str, capacity: usize) -> Running {
+    /// A membership task (not running) of node `name` on a loopback
+    /// transport, handing its driver events through a queue of `capacity`.
+    fn task_on_loopback(
+        ca: &ClusterCa,
+        name: &str,
+        capacity: usize,
+    ) -> (
+        MembershipTask,
+        Transport,
+        shoal_transport::Incoming,
+        mpsc::Receiver<FromMembership>,
+    ) {
         let identity = ca.issue(&NodeName::new(name).unwrap()).unwrap();
         let (transport, incoming) = Transport::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -606,21 +615,34 @@ mod tests {
             TransportConfig::default(),
         )
         .unwrap();
-        let addr = transport.local_addr();
         let local = LocalNode {
             name: name.into(),
             generation: 1,
-            addr,
+            addr: transport.local_addr(),
             ready: false,
             metadata: Vec::new(),
         };
-        let membership = Membership::new(
+        let now = Instant::now();
+        let membership =
+            Membership::new(Config::local(), local, SmallRng::seed_from_u64(7), now).unwrap();
+        let (events_tx, events) = mpsc::channel(capacity);
+        let task = MembershipTask::new(
+            membership,
             Config::local(),
-            local,
-            SmallRng::seed_from_u64(7),
-            Instant::now(),
-        )
-        .unwrap();
+            transport.clone(),
+            Arc::new(Counts::default()),
+            64,
+            events_tx,
+            Arc::new(crate::lease::LeaseCell::new(now)),
+        );
+        (task, transport, incoming, events)
+    }
+
+    /// A membership task on loopback whose queue to the driver holds
+    /// `capacity` items; nobody reads the transport's messages but this task.
+    fn start(ca: &ClusterCa, name: &str, capacity: usize) -> Running {
+        let (task, transport, incoming, events) = task_on_loopback(ca, name, capacity);
+        let addr = transport.local_addr();
         let (messages, datagrams) = incoming.split();
         let (packets_tx, packets_rx) = mpsc::channel(64);
         // Reliable membership messages: what the dispatcher does for them.
@@ -637,17 +659,7 @@ mod tests {
                 }
             }
         });
-        let (events_tx, events) = mpsc::channel(capacity);
         let (commands, commands_rx) = mpsc::channel(16);
-        let task = MembershipTask::new(
-            membership,
-            Config::local(),
-            transport.clone(),
-            Arc::new(Counts::default()),
-            64,
-            events_tx,
-            Arc::new(crate::lease::LeaseCell::new(Instant::now())),
-        );
         let task = tokio::spawn(task.run(datagrams, packets_rx, commands_rx));
         Running {
             addr,
@@ -751,34 +763,8 @@ mod tests {
         // peer can name any address); each gets a link task and maybe a
         // name. Those of no member must go once idle, members' must stay.
         let ca = ClusterCa::generate().unwrap();
-        let identity = ca.issue(&NodeName::new("a").unwrap()).unwrap();
-        let (transport, _incoming) = Transport::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            &identity,
-            TransportConfig::default(),
-        )
-        .unwrap();
+        let (mut task, transport, _incoming, _events) = task_on_loopback(&ca, "a", 64);
         let addr = transport.local_addr();
-        let local = LocalNode {
-            name: "a".into(),
-            generation: 1,
-            addr,
-            ready: false,
-            metadata: Vec::new(),
-        };
-        let start = Instant::now();
-        let membership =
-            Membership::new(Config::local(), local, SmallRng::seed_from_u64(7), start).unwrap();
-        let (events_tx, _events) = mpsc::channel(64);
-        let mut task = MembershipTask::new(
-            membership,
-            Config::local(),
-            transport.clone(),
-            Arc::new(Counts::default()),
-            64,
-            events_tx,
-            Arc::new(crate::lease::LeaseCell::new(start)),
-        );
         // Nothing listens on these ports: the link tasks' sends fail, which
         // is what a made-up address gives.
         let strangers: Vec<SocketAddr> = (0..50u16)
