@@ -283,6 +283,10 @@ pub struct Membership<R: Rng> {
     suspicions: SlotMap<Suspicion>,
     suspicion_deadlines: BTreeSet<(Instant, u32)>,
     down_since: SlotMap<Instant>,
+    /// For a member declared dead here after this node had held it suspect
+    /// at the incarnation of the verdict: when that suspicion started (the
+    /// takeover gate counts the takeover delay from it).
+    suspected_from: SlotMap<Instant>,
     reap_queue: BTreeSet<(Instant, u32)>,
 
     broadcasts: Broadcasts,
@@ -406,6 +410,7 @@ impl<R: Rng> Membership<R> {
             suspicions: SlotMap::default(),
             suspicion_deadlines: BTreeSet::new(),
             down_since: SlotMap::default(),
+            suspected_from: SlotMap::default(),
             reap_queue: BTreeSet::new(),
             broadcasts: Broadcasts::default(),
             next_gossip_at,
@@ -970,6 +975,7 @@ impl<R: Rng> Membership<R> {
     }
 
     fn clear_down(&mut self, slot: u32) {
+        self.suspected_from.remove(&slot);
         if let Some(old) = self.down_since.remove(&slot) {
             self.reap_queue
                 .remove(&(later(old, self.config.reap_after), slot));

@@ -1721,6 +1721,45 @@ fn reviving_a_member_after_the_takeover_delay_tells_it_at_its_new_incarnation() 
 }
 
 #[test]
+fn the_takeover_delay_counts_from_the_suspicion_behind_the_verdict() {
+    let now = Instant::now();
+    let verdict = now + Duration::from_millis(800);
+    let suspected_then_dead = || {
+        let mut n = node(now);
+        deliver(&mut n, &[alive("x", 1, 3, 2), suspect("x", 1, 3, "y")], now);
+        deliver(&mut n, &[dead("x", 1, 3, "z")], verdict);
+        drain_transmits(&mut n);
+        n
+    };
+    // x answered nothing since the suspicion started here: the gate takes
+    // it over the takeover delay after that start, before the delay after
+    // the verdict has passed; a revival from then on is told so.
+    let mut n = suspected_then_dead();
+    let taken = now + n.takeover_delay();
+    assert!(taken < verdict + n.takeover_delay());
+    let mut m = suspected_then_dead();
+    deliver(
+        &mut m,
+        &[alive("x", 1, 4, 2)],
+        taken - Duration::from_millis(1),
+    );
+    assert!(verdicts_to_x(&drain_transmits(&mut m)).is_empty());
+    deliver(&mut n, &[alive("x", 1, 4, 2)], taken);
+    assert_eq!(verdicts_to_x(&drain_transmits(&mut n)), vec![u64::MAX]);
+
+    // A suspicion at an older incarnation (x refuted it, then was accused
+    // again) says nothing about the later one: the delay counts from the
+    // verdict.
+    let mut n = node(now);
+    deliver(&mut n, &[alive("x", 1, 3, 2), suspect("x", 1, 3, "y")], now);
+    deliver(&mut n, &[dead("x", 1, 4, "z")], verdict);
+    drain_transmits(&mut n);
+    let at = now + n.takeover_delay();
+    deliver(&mut n, &[alive("x", 1, 5, 2)], at);
+    assert!(verdicts_to_x(&drain_transmits(&mut n)).is_empty());
+}
+
+#[test]
 fn reviving_a_member_within_the_takeover_delay_tells_it_nothing() {
     let now = Instant::now();
     let mut n = node(now);

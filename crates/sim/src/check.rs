@@ -31,16 +31,30 @@ pub(crate) struct Verdict {
     pub(crate) incarnation: u64,
     /// When the accuser marked it failed.
     pub(crate) at_ns: u64,
+    /// When the accuser first saw it suspected at the verdict's
+    /// incarnation, if it did (the takeover gate counts from there).
+    pub(crate) suspected_ns: Option<u64>,
     /// When the accuser saw it alive again, if it did.
     pub(crate) revived_ns: Option<u64>,
 }
 
 impl Verdict {
-    /// Whether the verdict still stood `delay_ns` after it was made: the
+    /// When the accuser's takeover gate released the failure: `delay_ns`
+    /// after the suspicion behind the verdict (after the verdict when the
+    /// accuser held none), never before the verdict, as
+    /// `shoal_membership::TakeoverGate` does.
+    pub(crate) fn takeover_at(&self, delay_ns: u64) -> u64 {
+        self.suspected_ns
+            .unwrap_or(self.at_ns)
+            .saturating_add(delay_ns)
+            .max(self.at_ns)
+    }
+
+    /// Whether the verdict still stood when the gate released it: the
     /// accuser's layers above took the datums over then.
     pub(crate) fn acted_on(&self, delay_ns: u64) -> bool {
         self.revived_ns
-            .is_none_or(|r| r >= self.at_ns.saturating_add(delay_ns))
+            .is_none_or(|r| r >= self.takeover_at(delay_ns))
     }
 }
 
@@ -92,7 +106,7 @@ impl Fate {
         self.accusers
             .iter()
             .filter(|v| still_running(v.accuser) && v.acted_on(takeover_ns))
-            .filter(|v| held_lease(v.accuser, v.at_ns.saturating_add(takeover_ns), v.revived_ns))
+            .filter(|v| held_lease(v.accuser, v.takeover_at(takeover_ns), v.revived_ns))
             .find(|v| self.fenced_below.is_none_or(|f| v.incarnation >= f))
             .map(|v| (v.accuser, v.incarnation))
     }
@@ -128,12 +142,13 @@ impl Fate {
 }
 
 /// A takeover: an accuser holding a valid lease still held a process dead
-/// `takeover_delay` after its verdict, and took its datums.
+/// when its takeover gate released the verdict ([`Verdict::takeover_at`]),
+/// and took its datums.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Takeover {
     pub(crate) victim: ProcKey,
     pub(crate) accuser: ProcKey,
-    /// The takeover instant (verdict + takeover delay).
+    /// The takeover instant ([`Verdict::takeover_at`]).
     pub(crate) at_ns: u64,
     /// How long before it the victim had lost its lease, been fenced or
     /// stopped (negative: it still held a valid lease then).
@@ -179,6 +194,9 @@ pub(crate) struct Checks {
     pub(crate) declared_failed_events: u64,
     pub(crate) detections: Vec<Detection>,
     pub(crate) disseminations: Vec<Dissemination>,
+    /// (observer, member) → (incarnation, when the observer first saw the
+    /// member suspected at it), until it is refuted, failed or gone.
+    pub(crate) suspected: HashMap<(ProcKey, ProcKey), (u64, u64)>,
     /// How long a verdict must stand before its accuser takes over
     /// (`Config::takeover_delay`).
     pub(crate) takeover_ns: u64,
@@ -219,7 +237,7 @@ impl Checks {
         let mut out = Vec::new();
         for (&victim, fate) in &self.fates {
             for v in &fate.accusers {
-                let at = v.at_ns.saturating_add(self.takeover_ns);
+                let at = v.takeover_at(self.takeover_ns);
                 if at > now_ns || !v.acted_on(self.takeover_ns) {
                     continue;
                 }
@@ -389,8 +407,21 @@ impl Checks {
         };
         let key = self.observe_member(observer, member, world)?;
         match event {
-            Event::Failed(m) => self.on_failed(observer, key, m.incarnation, now_ns),
-            Event::Suspected(_) => {
+            Event::Failed(m) => {
+                let suspected_ns = match self.suspected.remove(&(observer, key)) {
+                    Some((incarnation, t)) if incarnation == m.incarnation => Some(t),
+                    _ => None,
+                };
+                self.on_failed(observer, key, m.incarnation, now_ns, suspected_ns);
+            }
+            Event::Suspected(m) => {
+                let entry = self
+                    .suspected
+                    .entry((observer, key))
+                    .or_insert((m.incarnation, now_ns));
+                if entry.0 != m.incarnation {
+                    *entry = (m.incarnation, now_ns);
+                }
                 for d in &mut self.detections {
                     if d.victim == key {
                         d.first_suspect_ns.get_or_insert(now_ns);
@@ -398,6 +429,7 @@ impl Checks {
                 }
             }
             Event::Updated(m) | Event::Joined(m) | Event::Alive(m) => {
+                self.suspected.remove(&(observer, key));
                 if is_live(&m.state)
                     && let Some(fate) = self.fates.get_mut(&key)
                     && let Some(v) = fate
@@ -423,12 +455,22 @@ impl Checks {
                     }
                 }
             }
+            Event::Left(_) => {
+                self.suspected.remove(&(observer, key));
+            }
             _ => {}
         }
         Ok(())
     }
 
-    fn on_failed(&mut self, observer: ProcKey, key: ProcKey, incarnation: u64, now_ns: u64) {
+    fn on_failed(
+        &mut self,
+        observer: ProcKey,
+        key: ProcKey,
+        incarnation: u64,
+        now_ns: u64,
+        suspected_ns: Option<u64>,
+    ) {
         let fate = self.fate_mut(key);
         let running = fate.up && !fate.crashed && !fate.leaving;
         if running {
@@ -436,6 +478,7 @@ impl Checks {
                 accuser: observer,
                 incarnation,
                 at_ns: now_ns,
+                suspected_ns,
                 revived_ns: None,
             });
         }

@@ -195,9 +195,11 @@ pub struct Report {
     /// (partition-heal, partition-minority, isolated, paused).
     pub standing_lost_s: Option<f64>,
     /// From the fault to the first takeover of a cut-off node's datums: a
-    /// dead verdict + `takeover_delay`, by a node holding a valid lease.
+    /// dead verdict released by the takeover gate (`takeover_delay` after the
+    /// suspicion behind it, never before the verdict), by a node holding a
+    /// valid lease.
     pub takeover_first_s: Option<f64>,
-    /// Takeovers in the run (verdicts that stood `takeover_delay`, by nodes
+    /// Takeovers in the run (verdicts that stood until the gate released them, by nodes
     /// holding a valid lease then).
     pub takeovers: u64,
     /// The smallest margin between a takeover and its victim losing its

@@ -119,6 +119,15 @@ impl<R: Rng> Membership<R> {
                 after_ms = u64::try_from(now.saturating_duration_since(suspicion.start).as_millis()).unwrap_or(u64::MAX),
                 "suspicion timed out");
             self.apply_dead(&acc, Mode::Announce, now);
+            // The suspicion was taken out above: the takeover delay counts
+            // from its start (`suspected_from`, as the gate counts).
+            if self
+                .slot(slot)
+                .is_some_and(|m| m.state == MemberState::Dead)
+                && self.down_since.contains_key(&slot)
+            {
+                self.suspected_from.insert(slot, suspicion.start);
+            }
         }
     }
 

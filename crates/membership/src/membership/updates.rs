@@ -64,19 +64,33 @@ impl<R: Rng> Membership<R> {
     }
 
     /// Whether this node's dead verdict about a member, reached at
-    /// `down_since`, may have been acted on by the layers above: it stood for
-    /// the takeover delay, and this node's lease was valid at some instant
-    /// since then (a node takes datums over only while its lease is valid).
+    /// `down_since`, may have been acted on by the layers above: the
+    /// takeover gate has released it (the takeover delay after the start of
+    /// the suspicion behind the verdict, `suspected_from`, or after the
+    /// verdict itself when this node held no such suspicion; the gate
+    /// counts the same way, from its own sight of the suspicion, never
+    /// earlier), and this node's lease was valid at some instant since then
+    /// (a node takes datums over only while its lease is valid).
     /// A node that was cut off into a minority reaches verdicts about the
     /// majority's members while its lease has lapsed; after the heal those
     /// members refute, and must not be told a verdict was acted on that
     /// never was (they would fence for nothing: the heal storm).
-    pub(super) fn acted_on(&self, down_since: Option<Instant>, now: Instant) -> bool {
+    pub(super) fn acted_on(
+        &self,
+        down_since: Option<Instant>,
+        suspected_from: Option<Instant>,
+        now: Instant,
+    ) -> bool {
         let Some(since) = down_since else {
             // No record of when: assume it was.
             return true;
         };
-        let Some(takeover) = since.checked_add(self.config.takeover_delay()) else {
+        let delay = self.config.takeover_delay();
+        let Some(takeover) = suspected_from
+            .unwrap_or(since)
+            .checked_add(delay)
+            .map(|t| t.max(since))
+        else {
             return false;
         };
         if now < takeover {
@@ -236,6 +250,7 @@ impl<R: Rng> Membership<R> {
             record.state,
         );
         let down_since = self.down_since.get(&slot).copied();
+        let suspected_from = self.suspected_from.get(&slot).copied();
         if info.generation < generation {
             self.stats.ignored_updates += 1;
             return;
@@ -299,7 +314,7 @@ impl<R: Rng> Membership<R> {
                 self.add_to_probe_order(slot);
             }
         }
-        let acted_on = self.acted_on(down_since, now);
+        let acted_on = self.acted_on(down_since, suspected_from, now);
         if state == MemberState::Dead && mode.announces() && acted_on {
             // Our verdict stood for the takeover delay: the layers above
             // have taken its datums over. It refuted, maybe without ever
@@ -692,6 +707,15 @@ impl<R: Rng> Membership<R> {
             return;
         }
         let was = record.state;
+        // A suspicion held here at the verdict's incarnation: the member has
+        // answered no probe since it started (a refutation would have
+        // ended it), so the takeover delay may count from there.
+        let suspected = (was == MemberState::Suspect && acc.incarnation == record.incarnation)
+            .then(|| self.suspicions.get(&slot).map(|s| s.start))
+            .flatten();
+        let Some(record) = self.slot_mut(slot) else {
+            return;
+        };
         record.state = if left {
             MemberState::Left
         } else {
@@ -703,6 +727,11 @@ impl<R: Rng> Membership<R> {
         self.clear_suspicion(slot);
         self.live = self.live.saturating_sub(1);
         self.mark_down(slot, now);
+        if let Some(start) = suspected
+            && !left
+        {
+            self.suspected_from.insert(slot, start);
+        }
         self.view_dirty = true;
         if self.probe.is_some_and(|p| p.slot == slot) {
             self.probe = None;
