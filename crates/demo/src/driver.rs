@@ -17,7 +17,7 @@ use shoal::Timing;
 use shoal_transport::{ClusterCa, NodeName, TrustError};
 
 use crate::fault::{self, Cut, FaultError, Faults, Freeze};
-use crate::protocol::{Event, MemberCounts};
+use crate::protocol::{MemberCounts, NodeEvent};
 use crate::store::{Store, StoreError, StoreUrl, Writer};
 use crate::svg;
 
@@ -123,7 +123,7 @@ impl Step {
 
 /// Configuration of a run.
 #[derive(Clone, Debug)]
-pub struct SimConfig {
+pub struct ScenarioConfig {
     /// Nodes at the start.
     pub nodes: usize,
     /// Series (datums).
@@ -158,10 +158,10 @@ pub struct SimConfig {
     pub flaps: u32,
 }
 
-impl SimConfig {
+impl ScenarioConfig {
     /// The defaults of `cargo xtask sim`, for a binary and a work dir.
-    pub fn new(bin: PathBuf, work_dir: PathBuf) -> SimConfig {
-        SimConfig {
+    pub fn new(bin: PathBuf, work_dir: PathBuf) -> ScenarioConfig {
+        ScenarioConfig {
             nodes: 5,
             series: 64,
             rate: 1000,
@@ -183,7 +183,7 @@ impl SimConfig {
 
 /// Driver errors (setup failures; violations are in the [`Summary`]).
 #[derive(Debug, thiserror::Error)]
-pub enum SimError {
+pub enum ScenarioError {
     /// Files, processes or pipes.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -433,7 +433,7 @@ struct FaultWindow {
 struct Msg {
     proc: usize,
     at: Instant,
-    event: Option<Event>,
+    event: Option<NodeEvent>,
 }
 
 struct Kill {
@@ -470,7 +470,7 @@ struct Sim<'a> {
     /// every path out of the driver (normal end, error, panic): the network
     /// heals and frozen nodes thaw before the children are killed.
     faults: Arc<Mutex<Faults>>,
-    cfg: SimConfig,
+    cfg: ScenarioConfig,
     out: &'a mut dyn Write,
     t0: Instant,
     store_url: StoreUrl,
@@ -518,9 +518,9 @@ struct Sim<'a> {
 /// `out` (readable lines, or JSON lines with `cfg.json`).
 ///
 /// # Errors
-/// [`SimError`] when the run cannot be set up (certificates, store,
+/// [`ScenarioError`] when the run cannot be set up (certificates, store,
 /// processes). Violations are reported in the [`Summary`] (`ok: false`).
-pub fn run(cfg: SimConfig, out: &mut dyn Write) -> Result<Summary, SimError> {
+pub fn run(cfg: ScenarioConfig, out: &mut dyn Write) -> Result<Summary, ScenarioError> {
     std::fs::create_dir_all(&cfg.work_dir)?;
     // Certificates and logs are per run: a certificate of an earlier run's
     // CA would be refused by this run's nodes (and split the cluster).
@@ -634,7 +634,7 @@ impl Sim<'_> {
             .filter(|(_, p)| p.state == ProcState::Running)
     }
 
-    fn spawn(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, SimError> {
+    fn spawn(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, ScenarioError> {
         let dir = self.cfg.work_dir.join("certs").join(name);
         if !dir.join("node.crt").exists() {
             let node_name = NodeName::new(name)?;
@@ -674,7 +674,7 @@ impl Sim<'_> {
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if let Ok(event) = serde_json::from_str::<Event>(&line) {
+                    if let Ok(event) = serde_json::from_str::<NodeEvent>(&line) {
                         let msg = Msg {
                             proc: index,
                             at: Instant::now(),
@@ -730,18 +730,18 @@ impl Sim<'_> {
             return;
         };
         match event {
-            Event::Started {
+            NodeEvent::Started {
                 generation, addr, ..
             } => {
                 proc.generation = generation;
                 proc.addr = Some(addr);
             }
-            Event::Ready { .. } => {
+            NodeEvent::Ready { .. } => {
                 if proc.state == ProcState::Starting {
                     proc.state = ProcState::Running;
                 }
             }
-            Event::Member {
+            NodeEvent::Member {
                 peer,
                 generation,
                 state,
@@ -761,7 +761,7 @@ impl Sim<'_> {
                 }
                 let _ = t;
             }
-            Event::Acked {
+            NodeEvent::Acked {
                 owner,
                 generation,
                 count,
@@ -792,11 +792,11 @@ impl Sim<'_> {
                     }
                 }
             }
-            Event::Refused { id } => {
+            NodeEvent::Refused { id } => {
                 self.refused += 1;
                 self.outstanding.remove(&id);
             }
-            Event::Read {
+            NodeEvent::Read {
                 series,
                 owner,
                 count,
@@ -804,8 +804,8 @@ impl Sim<'_> {
             } => {
                 self.reads.insert(series, (owner, count));
             }
-            Event::ReadFailed { series, error } => self.read_failures.push((series, error)),
-            Event::Status {
+            NodeEvent::ReadFailed { series, error } => self.read_failures.push((series, error)),
+            NodeEvent::Status {
                 members,
                 live,
                 view_id,
@@ -832,8 +832,8 @@ impl Sim<'_> {
                     points_refused,
                 });
             }
-            Event::Flushed { .. } => proc.flushed = true,
-            Event::Left { .. } | Event::Bye { .. } => proc.done = true,
+            NodeEvent::Flushed { .. } => proc.flushed = true,
+            NodeEvent::Left { .. } | NodeEvent::Bye { .. } => proc.done = true,
         }
     }
 
@@ -1072,14 +1072,14 @@ impl Sim<'_> {
         addrs
     }
 
-    fn start_node(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, SimError> {
+    fn start_node(&mut self, name: &str, seeds: Vec<String>) -> Result<usize, ScenarioError> {
         let index = self.spawn(name, seeds)?;
         self.wait_started(index, name)?;
         Ok(index)
     }
 
     /// Waits until process `index` is ready (at most 60 s).
-    fn wait_started(&mut self, index: usize, name: &str) -> Result<(), SimError> {
+    fn wait_started(&mut self, index: usize, name: &str) -> Result<(), ScenarioError> {
         let up = self.wait_for(Duration::from_secs(60), |s| {
             s.procs
                 .get(index)
@@ -1091,7 +1091,7 @@ impl Sim<'_> {
                 .get(index)
                 .is_none_or(|p| p.state != ProcState::Running)
         {
-            return Err(SimError::Node(format!(
+            return Err(ScenarioError::Node(format!(
                 "{name} did not start (see its log in {})",
                 self.cfg.work_dir.join("logs").display()
             )));
@@ -1113,7 +1113,7 @@ impl Sim<'_> {
         candidates.get(i).copied()
     }
 
-    fn step(&mut self, step: Step) -> Result<(), SimError> {
+    fn step(&mut self, step: Step) -> Result<(), ScenarioError> {
         if step.is_fault() {
             return self.fault_step(step);
         }
@@ -1254,10 +1254,10 @@ impl Sim<'_> {
     }
 
     /// Cuts `a` from `b`, both directions, until the next heal.
-    fn cut(&mut self, a: &[usize], b: &[usize]) -> Result<(), SimError> {
+    fn cut(&mut self, a: &[usize], b: &[usize]) -> Result<(), ScenarioError> {
         let (pa, pb) = (self.ports(a), self.ports(b));
         if pa.is_empty() || pb.is_empty() {
-            return Err(SimError::Node(format!(
+            return Err(ScenarioError::Node(format!(
                 "no address to cut between {} and {}",
                 self.names(a),
                 self.names(b)
@@ -1289,7 +1289,7 @@ impl Sim<'_> {
     /// Plays a fault step: injects it, keeps the load on for its duration,
     /// removes it, and waits until the cluster settles (bounded by
     /// [`HEAL_SETTLE_BOUND_S`] in the verdict).
-    fn fault_step(&mut self, step: Step) -> Result<(), SimError> {
+    fn fault_step(&mut self, step: Step) -> Result<(), ScenarioError> {
         let fault = self
             .cfg
             .fault
@@ -1410,7 +1410,7 @@ impl Sim<'_> {
         Ok(())
     }
 
-    fn play(&mut self) -> Result<Summary, SimError> {
+    fn play(&mut self) -> Result<Summary, ScenarioError> {
         let started = Instant::now();
         let first = self.new_name();
         self.event(
@@ -1542,7 +1542,7 @@ impl Sim<'_> {
         }
     }
 
-    fn verdict(&mut self, started: Instant) -> Result<Summary, SimError> {
+    fn verdict(&mut self, started: Instant) -> Result<Summary, ScenarioError> {
         let store = Store::open(&self.store_url)?;
         let audit = store.audit()?;
         let persisted_total = store.total_points()?;

@@ -19,10 +19,10 @@
 //! the duration of each transition, and an SVG timeline.
 //!
 //! ```
-//! use shoal_demo::protocol::Command;
+//! use shoal_demo::protocol::NodeCommand;
 //! use shoal_demo::store::Aggregate;
 //!
-//! assert_eq!(Command::parse("p 1 7 2.5"), Some(Command::Point { id: 1, series: 7, value: 2.5 }));
+//! assert_eq!(NodeCommand::parse("p 1 7 2.5"), Some(NodeCommand::Point { id: 1, series: 7, value: 2.5 }));
 //! let mut series = Aggregate::default();
 //! series.add(2.5, 1_000);
 //! series.add(-1.0, 2_000);

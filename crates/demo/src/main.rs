@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use shoal_demo::driver::{self, Scenario, SimConfig};
+use shoal_demo::driver::{self, Scenario, ScenarioConfig};
 use shoal_demo::service::{self, DemoNodeConfig};
 
 #[derive(Parser)]
@@ -237,7 +237,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut cfg = SimConfig::new(bin, work_dir);
+            let mut cfg = ScenarioConfig::new(bin, work_dir);
             cfg.nodes = nodes.max(1);
             cfg.series = series.max(1);
             cfg.rate = rate;

@@ -12,14 +12,14 @@
 //! | `quit` | flush, answer `bye`, exit without leaving |
 //!
 //! End of stdin makes the node exit at once (the driver is gone). The node
-//! writes one JSON object per line on stdout ([`Event`], tagged by `"ev"`);
+//! writes one JSON object per line on stdout ([`NodeEvent`], tagged by `"ev"`);
 //! logs go to stderr.
 
 use serde::{Deserialize, Serialize};
 
 /// A command line from the driver.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Command {
+pub enum NodeCommand {
     /// Ingest a point.
     Point {
         /// Point id.
@@ -44,23 +44,23 @@ pub enum Command {
     Quit,
 }
 
-impl Command {
+impl NodeCommand {
     /// Parses a line; `None` when it is not a command.
-    pub fn parse(line: &str) -> Option<Command> {
+    pub fn parse(line: &str) -> Option<NodeCommand> {
         let mut words = line.split_ascii_whitespace();
         let cmd = match words.next()? {
-            "p" => Command::Point {
+            "p" => NodeCommand::Point {
                 id: words.next()?.parse().ok()?,
                 series: words.next()?.parse().ok()?,
                 value: words.next()?.parse().ok()?,
             },
-            "r" => Command::Read {
+            "r" => NodeCommand::Read {
                 series: words.next()?.parse().ok()?,
             },
-            "status" => Command::Status,
-            "flush" => Command::Flush,
-            "leave" => Command::Leave,
-            "quit" => Command::Quit,
+            "status" => NodeCommand::Status,
+            "flush" => NodeCommand::Flush,
+            "leave" => NodeCommand::Leave,
+            "quit" => NodeCommand::Quit,
             _ => return None,
         };
         if words.next().is_some() {
@@ -86,7 +86,7 @@ pub struct MemberCounts {
 /// An event line from a node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "ev", rename_all = "snake_case")]
-pub enum Event {
+pub enum NodeEvent {
     /// The node is up (not joined yet).
     Started {
         /// Name.
@@ -222,25 +222,28 @@ mod tests {
     #[test]
     fn commands_parse() {
         assert_eq!(
-            Command::parse("p 7 -3 1.5"),
-            Some(Command::Point {
+            NodeCommand::parse("p 7 -3 1.5"),
+            Some(NodeCommand::Point {
                 id: 7,
                 series: -3,
                 value: 1.5
             })
         );
-        assert_eq!(Command::parse("status"), Some(Command::Status));
-        assert_eq!(Command::parse("r -4"), Some(Command::Read { series: -4 }));
-        assert_eq!(Command::parse("r"), None);
-        assert_eq!(Command::parse("p 7 x 1"), None);
-        assert_eq!(Command::parse("p 7 1"), None);
-        assert_eq!(Command::parse("quit now"), None);
-        assert_eq!(Command::parse(""), None);
+        assert_eq!(NodeCommand::parse("status"), Some(NodeCommand::Status));
+        assert_eq!(
+            NodeCommand::parse("r -4"),
+            Some(NodeCommand::Read { series: -4 })
+        );
+        assert_eq!(NodeCommand::parse("r"), None);
+        assert_eq!(NodeCommand::parse("p 7 x 1"), None);
+        assert_eq!(NodeCommand::parse("p 7 1"), None);
+        assert_eq!(NodeCommand::parse("quit now"), None);
+        assert_eq!(NodeCommand::parse(""), None);
     }
 
     #[test]
     fn events_round_trip() {
-        let e = Event::Acked {
+        let e = NodeEvent::Acked {
             owner: "n1".into(),
             generation: 5,
             count: 3,
@@ -248,6 +251,6 @@ mod tests {
         };
         let line = serde_json::to_string(&e).unwrap();
         assert!(line.starts_with(r#"{"ev":"acked""#));
-        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e);
+        assert_eq!(serde_json::from_str::<NodeEvent>(&line).unwrap(), e);
     }
 }

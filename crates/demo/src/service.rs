@@ -15,7 +15,7 @@ use shoal::{
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{debug, warn};
 
-use crate::protocol::{Command, Event, MemberCounts};
+use crate::protocol::{MemberCounts, NodeCommand, NodeEvent};
 use crate::store::{Aggregate, Delta, Store, StoreError, StoreUrl, WriteKind, Writer};
 
 /// The datum type name of a series.
@@ -159,7 +159,7 @@ fn now_ms() -> i64 {
 }
 
 /// Prints one event line on stdout (the driver reads it).
-pub fn emit(event: &Event) {
+pub fn emit(event: &NodeEvent) {
     use std::io::Write;
     if let Ok(line) = serde_json::to_string(event) {
         let mut out = std::io::stdout().lock();
@@ -460,7 +460,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
     };
     let node = Node::start(shoal_config).await?;
     let local = node.local();
-    emit(&Event::Started {
+    emit(&NodeEvent::Started {
         name: config.name.clone(),
         generation: local.generation,
         addr: local.addr.to_string(),
@@ -571,7 +571,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
             while let Some(msg) = ack_inbox.recv().await {
                 app.answered
                     .fetch_add(msg.payload.ids.len() as u64, Ordering::Relaxed);
-                emit(&Event::Acked {
+                emit(&NodeEvent::Acked {
                     owner: msg.payload.owner,
                     generation: msg.payload.generation,
                     count: msg.payload.count,
@@ -608,13 +608,13 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                         if let Some((old_gen, _)) = known.get(name)
                             && old_gen != generation
                         {
-                            emit(&Event::Member {
+                            emit(&NodeEvent::Member {
                                 peer: name.clone(),
                                 generation: *old_gen,
                                 state: "gone".into(),
                             });
                         }
-                        emit(&Event::Member {
+                        emit(&NodeEvent::Member {
                             peer: name.clone(),
                             generation: *generation,
                             state: format!("{state:?}").to_lowercase(),
@@ -623,7 +623,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                 }
                 for (name, (generation, _)) in &known {
                     if !now.contains_key(name) {
-                        emit(&Event::Member {
+                        emit(&NodeEvent::Member {
                             peer: name.clone(),
                             generation: *generation,
                             state: "gone".into(),
@@ -663,7 +663,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
         .collect();
     node.register(datums).await?;
     node.set_ready(true).await?;
-    emit(&Event::Ready {
+    emit(&NodeEvent::Ready {
         name: config.name.clone(),
         joined,
     });
@@ -672,12 +672,12 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
     let mut lines = stdin.lines();
     let mut last_status = (Instant::now(), 0u64);
     while let Some(line) = lines.next_line().await? {
-        let Some(cmd) = Command::parse(&line) else {
+        let Some(cmd) = NodeCommand::parse(&line) else {
             warn!(line, "unknown control line");
             continue;
         };
         match cmd {
-            Command::Point { id, series, value } => {
+            NodeCommand::Point { id, series, value } => {
                 app.ingested.fetch_add(1, Ordering::Relaxed);
                 let p = Point {
                     id,
@@ -688,10 +688,10 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                 if let Err(error) = points.send_to_owner(SERIES, series, &p).await {
                     debug!(%error, id, "point refused");
                     app.answered.fetch_add(1, Ordering::Relaxed);
-                    emit(&Event::Refused { id });
+                    emit(&NodeEvent::Refused { id });
                 }
             }
-            Command::Read { series } => {
+            NodeCommand::Read { series } => {
                 let reader = reader.clone();
                 tokio::spawn(async move {
                     let mut outcome = Err(String::new());
@@ -707,25 +707,25 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                         }
                     }
                     match outcome {
-                        Ok(a) => emit(&Event::Read {
+                        Ok(a) => emit(&NodeEvent::Read {
                             series,
                             owner: a.owner,
                             token: a.token,
                             count: a.count,
                             sum: a.sum,
                         }),
-                        Err(error) => emit(&Event::ReadFailed { series, error }),
+                        Err(error) => emit(&NodeEvent::ReadFailed { series, error }),
                     }
                 });
             }
-            Command::Status => {
+            NodeCommand::Status => {
                 let snap = node.snapshot().await?;
                 let ingested = app.ingested.load(Ordering::Relaxed);
                 let secs = last_status.0.elapsed().as_secs_f64().max(1e-3);
                 let rate = (ingested.saturating_sub(last_status.1)) as f64 / secs;
                 last_status = (Instant::now(), ingested);
                 let view = node.view();
-                emit(&Event::Status {
+                emit(&NodeEvent::Status {
                     name: config.name.clone(),
                     generation: snap.local.generation,
                     members: member_counts(&snap.members),
@@ -743,14 +743,14 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                     points_refused: app.points_refused.load(Ordering::Relaxed),
                 });
             }
-            Command::Flush => {
+            NodeCommand::Flush => {
                 app.flush().await;
-                emit(&Event::Flushed {
+                emit(&NodeEvent::Flushed {
                     name: config.name.clone(),
                     pending: app.pending_points(),
                 });
             }
-            Command::Leave => {
+            NodeCommand::Leave => {
                 // The acknowledgements of the points ingested here come back
                 // here: wait for them (a few batches) before leaving.
                 let waited = Instant::now();
@@ -774,7 +774,7 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                     Err(e) => return Err(e.into()),
                 };
                 app.flush().await;
-                emit(&Event::Left {
+                emit(&NodeEvent::Left {
                     name: config.name.clone(),
                     relinquished: report.relinquished,
                     completed: report.completed,
@@ -782,9 +782,9 @@ pub async fn run_node(config: DemoNodeConfig) -> Result<(), NodeError> {
                 });
                 return Ok(());
             }
-            Command::Quit => {
+            NodeCommand::Quit => {
                 app.flush().await;
-                emit(&Event::Bye {
+                emit(&NodeEvent::Bye {
                     name: config.name.clone(),
                     pending: app.pending_points(),
                 });

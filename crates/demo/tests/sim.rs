@@ -6,16 +6,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_demo::driver::{self, Scenario, SimConfig};
+use shoal_demo::driver::{self, Scenario, ScenarioConfig};
 
 /// One cluster of processes at a time: two would starve each other's
 /// failure detectors on a 2-core machine.
 static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn config(name: &str) -> SimConfig {
+fn config(name: &str) -> ScenarioConfig {
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&work);
-    let mut cfg = SimConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_shoal-demo")), work);
+    let mut cfg = ScenarioConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_shoal-demo")), work);
     cfg.nodes = 3;
     cfg.series = 32;
     cfg.rate = 300;

@@ -52,7 +52,7 @@ pub struct NodeInfo {
 /// A request an application makes to its node's membership; applied by the
 /// simulator right after the callback returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
+pub enum AppCommand {
     /// `Membership::set_ready`.
     SetReady(bool),
     /// `Membership::set_metadata`.
@@ -77,7 +77,7 @@ pub struct MessageId(pub u64);
 #[derive(Debug, Default)]
 pub(crate) struct AppOutput {
     pub(crate) sends: Vec<(MessageId, SocketAddr, Vec<u8>)>,
-    pub(crate) commands: Vec<Command>,
+    pub(crate) commands: Vec<AppCommand>,
     pub(crate) violations: Vec<String>,
 }
 
@@ -141,23 +141,23 @@ impl<S> AppCtx<'_, S> {
 
     /// Asks this node's membership to change its ready flag.
     pub fn set_ready(&mut self, ready: bool) {
-        self.out.commands.push(Command::SetReady(ready));
+        self.out.commands.push(AppCommand::SetReady(ready));
     }
 
     /// Asks this node's membership to change its metadata.
     pub fn set_metadata(&mut self, metadata: Vec<u8>) {
-        self.out.commands.push(Command::SetMetadata(metadata));
+        self.out.commands.push(AppCommand::SetMetadata(metadata));
     }
 
     /// Asks this node to leave the cluster gracefully and then exit.
     pub fn leave(&mut self) {
-        self.out.commands.push(Command::Leave);
+        self.out.commands.push(AppCommand::Leave);
     }
 
     /// Asks for a new generation of this process (after `DeclaredFailed`):
-    /// see [`Command::Rebirth`].
+    /// see [`AppCommand::Rebirth`].
     pub fn rebirth(&mut self) {
-        self.out.commands.push(Command::Rebirth);
+        self.out.commands.push(AppCommand::Rebirth);
     }
 
     /// Reports a broken invariant: the simulator stops the run and reports
@@ -224,7 +224,7 @@ pub trait Application: Sized {
         None
     }
 
-    /// This process was reborn as a new generation ([`Command::Rebirth`]):
+    /// This process was reborn as a new generation ([`AppCommand::Rebirth`]):
     /// `ctx.node()` and `ctx.membership()` are the new ones; in-flight
     /// message outcomes of the old generation never come.
     fn on_reborn(&mut self, ctx: &mut AppCtx<'_, Self::Shared>) {

@@ -21,7 +21,7 @@
 //!   graceful leaves, CPU-starved nodes that handle their input late,
 //!   paused nodes, partitions, one-way cuts, loss and duplication bursts,
 //!   garbage packets; a process declared dead may come back as a new
-//!   generation of itself ([`Command::Rebirth`]).
+//!   generation of itself ([`AppCommand::Rebirth`]).
 //! - **Invariants**, checked as events happen: a node's incarnations of a
 //!   member only grow; no member comes back from dead or left without a
 //!   higher incarnation or a new generation; every packet a peer produced
@@ -81,7 +81,7 @@ mod sim;
 pub mod transition_app;
 mod util;
 
-pub use app::{AppCtx, Application, Command, MessageId, NodeInfo, NodeView};
+pub use app::{AppCommand, AppCtx, Application, MessageId, NodeInfo, NodeView};
 pub use net::NetConfig;
 pub use scenario::{Profile, Report, ScenarioKind, ScenarioOptions};
 pub use sim::{

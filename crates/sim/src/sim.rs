@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shoal_membership::{Config, Event, LocalNode, Member, Membership, Transmit};
 
-use crate::app::{AppCtx, AppOutput, Application, Command, MessageId, NodeInfo, NodeView};
+use crate::app::{AppCommand, AppCtx, AppOutput, Application, MessageId, NodeInfo, NodeView};
 use crate::check::{Checks, Detection, Dissemination, ProcKey, World, is_live};
 use crate::net::{Copies, NetConfig, Partitions, duration_ns};
 use crate::util::{TraceHash, derive_seed};
@@ -1438,17 +1438,17 @@ impl<A: Application> Sim<A> {
         self.rearm(p);
     }
 
-    fn command(&mut self, p: &mut Proc<A>, c: Command) {
+    fn command(&mut self, p: &mut Proc<A>, c: AppCommand) {
         let now = self.instant(self.now_ns);
         match c {
-            Command::SetReady(ready) => p.membership.set_ready(ready, now),
-            Command::SetMetadata(metadata) => {
+            AppCommand::SetReady(ready) => p.membership.set_ready(ready, now),
+            AppCommand::SetMetadata(metadata) => {
                 if let Err(e) = p.membership.set_metadata(metadata, now) {
                     tracing::debug!(node = %p.info.name, error = %e, "metadata refused");
                 }
             }
-            Command::Leave => self.begin_leave(p),
-            Command::Rebirth => self.rebirth(p),
+            AppCommand::Leave => self.begin_leave(p),
+            AppCommand::Rebirth => self.rebirth(p),
         }
     }
 
