@@ -1214,6 +1214,41 @@ fn without_standing_a_node_holds_work_runs_no_job_and_fails_nobody_over() {
 }
 
 #[test]
+fn without_standing_a_wait_mints_no_token_at_its_deadline() {
+    // a and b hold their datums; a, cut off (no standing), installs a view
+    // of itself alone and waits for b's datums: at the deadline it must
+    // not take them (it would pass that token on, newer than b's, when the
+    // datum moves to another node).
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 2);
+    let on_b = (0..30).find(|&i| c.holders(i) == vec![1]).unwrap();
+    let d = c.datum(0, on_b);
+    c.nodes[0].set_standing(false, c.now);
+    let alone = c.table_of(&[0]);
+    c.nodes[0].install(alone, c.now);
+    assert_eq!(c.nodes[0].state(d), Some(DatumState::Awaiting));
+    for _ in 0..3 {
+        c.now += config().timeout + Duration::from_secs(1);
+        c.nodes[0].handle_timeout(c.now);
+        assert_eq!(c.nodes[0].state(d), Some(DatumState::Awaiting));
+        assert!(c.nodes[0].poll_job().is_none(), "no job without standing");
+    }
+    // The datum moves to c: a has nothing to pass on.
+    let to_c = c.table_of(&[2]);
+    c.nodes[0].install(to_c, c.now);
+    while let Some(tx) = c.nodes[0].poll_transmit() {
+        assert!(
+            tx.batch
+                .groups
+                .iter()
+                .all(|g| g.ids.iter().all(|&i| i != on_b)),
+            "a passed on a token it minted without standing: {tx:?}"
+        );
+        c.nodes[0].send_done(tx.id, Ok(()), c.now);
+    }
+    assert_eq!(c.nodes[0].counters().acquired_after_timeout, 0);
+}
+
+#[test]
 fn a_new_state_machine_continues_the_old_ones_epoch() {
     let c = Cluster::new(&["a", "b"], 10, 2);
     let old = c.nodes[0].epoch();

@@ -60,6 +60,16 @@ impl<W> Handoff<W> {
                 };
                 use Phase::*;
                 match s.phase {
+                    Awaiting if !self.standing => {
+                        // No token is minted without standing, not even at
+                        // the deadline: a node cut off into a minority would
+                        // later pass it on, newer than the real holder's,
+                        // to a primary that then acquires while the holder
+                        // still acts. The wait restarts; standing's return
+                        // settles it (`set_standing`), or the next deadline.
+                        s.flight = self.enter_cohort(d, now);
+                        self.registry.set(d, s);
+                    }
                     Awaiting => self.take_token(d, s, Source::Timeout, now),
                     Relay => {
                         s.phase = Free;
