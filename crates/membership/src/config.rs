@@ -230,11 +230,14 @@ impl Config {
         }
     }
 
-    /// How long after its own dead verdict about a member another node must
-    /// wait before taking that member's datums:
+    /// How long after it started suspecting a member (at the incarnation of
+    /// its dead verdict; after the verdict itself if it held no such
+    /// suspicion) another node must wait before taking that member's
+    /// datums, and never before its verdict
+    /// ([`TakeoverGate`](crate::TakeoverGate)):
     /// `lease_period × (1 + max_clock_drift) + takeover_margin`. By then a
-    /// member that could not answer the probes behind the verdict has lost
-    /// its lease (no fresh contact), even on a clock that runs slow. Zero
+    /// member that has answered no probe since the suspicion started has
+    /// lost its lease (no fresh contact), even on a clock that runs slow. Zero
     /// with [`LeaseStrategy::Off`] (no lease: take over at once, as before).
     pub fn takeover_delay(&self) -> Duration {
         if self.lease == LeaseStrategy::Off {
