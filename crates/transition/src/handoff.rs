@@ -431,6 +431,13 @@ pub struct Handoff<W = Vec<u8>> {
     timer_seq: u64,
     parked: HashMap<ViewId, Parked, DetState>,
     parked_total: usize,
+    /// The notices parked for the view in force, taken out at its install:
+    /// each waits for its sender's done marker answering this install, at
+    /// the install count the notice came from, before it is taken (see
+    /// [`Handoff::confirm_parked`]). `first` is the install. Refused when
+    /// the sender moves on, is gone, the view changes or `timeout` passes.
+    /// Counts against `max_parked` with `parked`.
+    unconfirmed: Option<Parked>,
     held: HashMap<Datum, VecDeque<W>, DetState>,
     held_total: usize,
     releases: VecDeque<Release<W>>,
@@ -539,6 +546,7 @@ impl<W> Handoff<W> {
             timer_seq: 0,
             parked: HashMap::default(),
             parked_total: 0,
+            unconfirmed: None,
             held: HashMap::default(),
             held_total: 0,
             releases: VecDeque::new(),
@@ -1109,10 +1117,19 @@ impl<W> Handoff<W> {
             self.cohorts.pop_back();
         }
 
-        // Notices that arrived before this view did.
+        // Notices that arrived before this view did: each is taken once its
+        // sender confirms that it is still at the install it sent it from
+        // (`confirm_parked`). What the previous view left unconfirmed is
+        // refused.
+        self.refuse_unconfirmed(|_, _| true);
         if let Some(parked) = self.parked.remove(&current_id) {
             self.parked_total = self.parked_total.saturating_sub(parked.datums.len());
             let mut report = NoticeReport::default();
+            let mut held = Parked {
+                first: now,
+                datums: HashMap::default(),
+                senders: Vec::new(),
+            };
             let mut datums: Vec<(Datum, u32)> = parked.datums.into_iter().collect();
             datums.sort_unstable();
             for (d, i) in datums {
@@ -1123,14 +1140,13 @@ impl<W> Handoff<W> {
                     report.stale += 1;
                     continue;
                 }
-                let src = Src {
-                    node,
-                    epoch: *epoch,
-                    key: self.sender_key(node),
-                };
-                self.take_notice(ViewAt::Current, d, src, now, &mut report);
+                held.datums.insert(d, i);
             }
+            held.senders = parked.senders;
             self.count_report(&report);
+            if !held.datums.is_empty() {
+                self.unconfirmed = Some(held);
+            }
         }
         self.installing = false;
         if !self.is_busy() {
@@ -1390,6 +1406,7 @@ impl<W> Handoff<W> {
         self.sent.clear();
         self.retrying.clear();
         self.timers.clear();
+        self.unconfirmed = None;
         let mut held: Vec<(Datum, VecDeque<W>)> = self.held.drain().collect();
         held.sort_unstable_by_key(|(d, _)| *d);
         self.held_total = 0;
@@ -1519,7 +1536,7 @@ impl<W> Handoff<W> {
                 consider(since + self.config.batch_linger);
             }
         }
-        for p in self.parked.values() {
+        for p in self.parked.values().chain(self.unconfirmed.as_ref()) {
             consider(p.first + self.config.timeout);
         }
         next

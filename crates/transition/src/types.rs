@@ -442,6 +442,13 @@ pub struct Counters {
     pub notices_relayed: u64,
     /// Copies of notices already taken here, refused (see [`NoticeReport::copies`]).
     pub notices_copy_refused: u64,
+    /// Notices parked for a view not installed yet, refused after its
+    /// install because their sender did not confirm that it was still at
+    /// the install it sent them from (a done marker answering this node's
+    /// install): it announced a later install, left or was declared failed,
+    /// or the view changed or `timeout` passed first. Their token may be
+    /// spent (`docs/transition.md`, rule 5).
+    pub notices_unconfirmed: u64,
     /// Notices whose send failed and whose addressee left or was declared
     /// failed before a retry got through: dropped (never re-addressed).
     pub notices_undeliverable: u64,
@@ -520,6 +527,7 @@ pub struct Progress {
     pub in_flight: usize,
     /// Pieces of work held.
     pub held_work: usize,
-    /// Notices parked for later.
+    /// Notices parked for a view not installed yet (those of the view in
+    /// force still waiting for their sender's confirmation are not counted).
     pub parked_notices: usize,
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use shoal_placement::{NodeId, PlacementTable, Strategy, View};
 use shoal_transition::{
-    Config, Datum, DatumState, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch, NoticeError,
-    NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
+    Config, Counters, Datum, DatumState, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch,
+    NoticeError, NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
 };
 
 fn id(name: &str, generation: u64) -> NodeId {
@@ -762,6 +762,155 @@ fn a_parked_notice_of_a_node_that_left_is_spent() {
     for id in 0..60 {
         assert_eq!(c.holders(id), vec![owner(&c, &w, id)], "datum {id}");
     }
+}
+
+/// Known limit (2) before parked notices waited for their sender's word:
+/// as in `a_parked_notice_of_a_node_that_left_is_spent`, but z hears
+/// neither that d moved on (its announcement of the view z skipped to is
+/// lost) nor that d left before w recurs. z's parked notice from d, under
+/// the earlier instance of w, looked unspent: d's last word here was from
+/// the install it sent it from, and d was not gone here.
+#[test]
+fn a_parked_notice_of_a_node_that_moved_on_and_left_unheard_is_not_taken() {
+    let (a, b, cc, d) = (0, 1, 2, 3);
+    let mut c = Cluster::new(&["a", "b", "c", "d"], 60, 4);
+    for n in [a, b, cc, d] {
+        c.nodes[n].set_peers(c.ids.clone().iter(), c.now);
+    }
+    c.settle();
+    let owner = |c: &Cluster, t: &PlacementTable, id: i64| c.index(t.owner_ids(id).next().unwrap());
+    let v1 = c.table_of(&[a, b, cc, d]);
+    let w = c.table_of(&[a, b, cc]);
+    let (x, z, taker, q, skipped) = (0..60)
+        .flat_map(|id| [a, b, cc].map(|q| (id, q)))
+        .find_map(|(id, q)| {
+            let rest: Vec<usize> = [a, b, cc].into_iter().filter(|&n| n != q).collect();
+            let skipped = c.table_of(&rest);
+            let (z, taker) = (owner(&c, &w, id), owner(&c, &skipped, id));
+            (owner(&c, &v1, id) == d && z != q && taker != z).then_some((id, z, taker, q, skipped))
+        })
+        .unwrap();
+    // z goes straight to the view without q; the others pass through w,
+    // where d relinquishes x to z, which parks the notice.
+    c.nodes[z].install(Arc::clone(&skipped), c.now);
+    for n in [a, b, cc, d].into_iter().filter(|&n| n != z) {
+        c.nodes[n].install(Arc::clone(&w), c.now);
+    }
+    c.settle();
+    assert!(c.nodes[d].is_idle());
+    assert!(
+        c.nodes[z].progress().parked_notices > 0,
+        "z parked d's notices"
+    );
+    // Everyone moves on to the view without q, d too; what d sends z is
+    // lost.
+    for n in [a, b, cc, d].into_iter().filter(|&n| n != z) {
+        c.nodes[n].install(Arc::clone(&skipped), c.now);
+    }
+    let mut lost = Vec::new();
+    settle_keeping(
+        &mut c,
+        &[a, b, cc, d],
+        |from, to, _| from == d && to == z,
+        &mut lost,
+    );
+    for (_, tx) in lost {
+        c.nodes[d].send_done(tx.id, Err("lost".into()), c.now);
+    }
+    assert_eq!(c.holders(x), vec![taker], "{taker} took x: d held nothing");
+    // d leaves; z does not hear of it yet.
+    let left = c.ids[d].clone();
+    for n in [a, b, cc].into_iter().filter(|&n| n != z) {
+        c.nodes[n].peer_left(&left, c.now);
+    }
+    settle_among(&mut c, &[a, b, cc]);
+    assert_eq!(c.holders(x), vec![taker]);
+    // q is ready again: w recurs, and z installs it first.
+    c.nodes[z].install(Arc::clone(&w), c.now);
+    let mut kept = Vec::new();
+    settle_keeping(&mut c, &[a, b, cc], |from, _, _| from == z, &mut kept);
+    assert_eq!(
+        c.holders(x),
+        vec![taker],
+        "z did not take x on the spent notice"
+    );
+    assert_eq!(c.nodes[z].state(c.datum(z, x)), Some(DatumState::Awaiting));
+    // z hears of the departure: the notices d never confirmed are refused.
+    c.nodes[z].peer_left(&left, c.now);
+    assert!(c.nodes[z].counters().notices_unconfirmed > 0);
+    for n in [a, b, cc].into_iter().filter(|&n| n != z) {
+        c.nodes[n].install(Arc::clone(&w), c.now);
+    }
+    for (from, tx) in kept {
+        c.deliver(from, &tx);
+    }
+    settle_among(&mut c, &[a, b, cc]);
+    for id in 0..60 {
+        assert_eq!(c.holders(id), vec![owner(&c, &w, id)], "datum {id}");
+    }
+    assert!(c.nodes[q].is_idle());
+    assert!([a, b, cc].iter().all(|&n| c.nodes[n].is_idle()));
+    assert_eq!(c.nodes[z].counters().acquired_after_timeout, 0);
+}
+
+/// A parked notice is taken only once its sender, answering this node's
+/// install of the notice's view, says it is still at the install it sent
+/// the notice from. A sender that announces a later install first could
+/// not hold the datum at that install any more: the notice is refused and
+/// counted, and nothing else changes (the datum is still waited for).
+#[test]
+fn a_parked_notice_whose_sender_moved_on_before_confirming_it_is_refused() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    let t_a = c.table_of(&[0]);
+    let x = (0..2)
+        .find(|&id| c.index(t.owner_ids(id).next().unwrap()) == 1)
+        .unwrap();
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    assert!(c.run_jobs(0));
+    while let Some(tx) = c.nodes[0].poll_transmit() {
+        c.deliver(0, &tx);
+    }
+    assert_eq!(c.nodes[1].progress().parked_notices, 1);
+    // b installs the view; its announcement to a (which a would answer
+    // with a done marker) is held back.
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    let held: Vec<Transmit> = std::iter::from_fn(|| c.nodes[1].poll_transmit()).collect();
+    assert!(c.holders(x).is_empty());
+    assert_eq!(c.nodes[1].state(c.datum(1, x)), Some(DatumState::Awaiting));
+    assert_eq!(c.nodes[1].counters().notices_accepted, 0);
+    // a moves on first: a view where it is primary of everything again.
+    c.nodes[0].install(Arc::clone(&t_a), c.now);
+    let before = c.nodes[1].counters().clone();
+    let tx = c.nodes[0].poll_transmit().unwrap();
+    assert!(tx.batch.groups.is_empty(), "an announcement");
+    c.deliver(0, &tx);
+    let after = c.nodes[1].counters().clone();
+    assert_eq!(after.notices_unconfirmed, before.notices_unconfirmed + 1);
+    assert_eq!(
+        Counters {
+            notices_unconfirmed: before.notices_unconfirmed,
+            batches_received: before.batches_received,
+            ..after
+        },
+        before,
+        "only the refusal is counted"
+    );
+    assert!(c.holders(x).is_empty());
+    assert_eq!(c.nodes[1].state(c.datum(1, x)), Some(DatumState::Awaiting));
+    // b's late announcement, a's done marker for it: nothing is taken.
+    for tx in held {
+        c.deliver(1, &tx);
+    }
+    c.settle();
+    assert!(c.holders(x).is_empty());
+    assert_eq!(c.nodes[1].counters().notices_accepted, 0);
+    // b follows a: a takes its token back on b's done marker.
+    c.nodes[1].install(Arc::clone(&t_a), c.now);
+    c.settle();
+    assert_eq!(c.holders(x), vec![0]);
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+    assert_eq!(c.nodes[0].counters().acquired_after_timeout, 0);
 }
 
 #[test]

@@ -254,7 +254,8 @@ impl<W> Handoff<W> {
         now: Instant,
         report: &mut NoticeReport,
     ) {
-        if self.parked_total >= self.config.max_parked {
+        let unconfirmed = self.unconfirmed.as_ref().map_or(0, |p| p.datums.len());
+        if self.parked_total + unconfirmed >= self.config.max_parked {
             report.overflow += 1;
             return;
         }
@@ -301,6 +302,9 @@ impl<W> Handoff<W> {
     }
 
     pub(super) fn forget_parked(&mut self, d: Datum) {
+        if let Some(p) = self.unconfirmed.as_mut() {
+            p.datums.remove(&d);
+        }
         if self.parked_total == 0 {
             return;
         }
@@ -309,6 +313,83 @@ impl<W> Handoff<W> {
             removed += usize::from(p.datums.remove(&d).is_some());
         }
         self.parked_total = self.parked_total.saturating_sub(removed);
+    }
+
+    /// `from` said done with this node's install of the view in force, at
+    /// its install count `epoch`: the notices it sent at that install and
+    /// that were parked here for this view are taken now.
+    ///
+    /// The notice names a view, not an instance of it: view ids recur, and a
+    /// notice parked here may come from an earlier instance of the view
+    /// than the one installed now. Its sender may have moved on since and
+    /// said done elsewhere, so that another node took the datum on the done
+    /// markers, and left; if neither its later announcement nor its
+    /// departure reached this node, nothing here tells the token is spent.
+    /// A done marker answering this install (its echo is this node's
+    /// install count) was sent after this node installed the view, so if it
+    /// carries the notice's install count, the sender had installed nothing
+    /// since it sent the notice: it said done with no other view, and the
+    /// token it sent is still the only one.
+    pub(super) fn confirm_parked(&mut self, from: &NodeId, epoch: u64, now: Instant) {
+        let Some(p) = self.unconfirmed.as_mut() else {
+            return;
+        };
+        let Some(i) = p.senders.iter().position(|(n, e)| n == from && *e == epoch) else {
+            return;
+        };
+        let mut datums: Vec<Datum> = p
+            .datums
+            .iter()
+            .filter(|(_, s)| **s as usize == i)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in &datums {
+            p.datums.remove(d);
+        }
+        if p.datums.is_empty() {
+            self.unconfirmed = None;
+        }
+        datums.sort_unstable();
+        let src = Src {
+            node: from,
+            epoch,
+            key: self.sender_key(from),
+        };
+        let mut report = NoticeReport::default();
+        for d in datums {
+            self.take_notice(ViewAt::Current, d, src, now, &mut report);
+        }
+        self.count_report(&report);
+    }
+
+    /// Refuses the notices waiting for their sender's confirmation
+    /// ([`Handoff::confirm_parked`]) whose sender and install count match
+    /// `spent`: counted (`notices_unconfirmed`), nothing else changes (the
+    /// wait goes on, for the done markers or the timeout).
+    pub(super) fn refuse_unconfirmed(&mut self, spent: impl Fn(&NodeId, u64) -> bool) {
+        let Some(p) = self.unconfirmed.as_mut() else {
+            return;
+        };
+        let refused: Vec<u32> = p
+            .senders
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, e))| spent(n, *e))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if refused.is_empty() {
+            return;
+        }
+        let before = p.datums.len();
+        p.datums.retain(|_, i| !refused.contains(i));
+        let gone = before - p.datums.len();
+        if p.datums.is_empty() {
+            self.unconfirmed = None;
+        }
+        if gone > 0 {
+            self.counters.notices_unconfirmed += gone as u64;
+            debug!(node = %self.local, notices = gone, "parked notices refused: not confirmed by their sender");
+        }
     }
 
     pub(super) fn count_report(&mut self, r: &NoticeReport) {

@@ -308,6 +308,8 @@ impl<W> Handoff<W> {
         self.peers.remove(node);
         // `announced` keeps its last install count: a notice it sent before
         // it moved on and left stays spent (see `sender_unmoved`).
+        // Its parked notices waiting for its word are spent (rule 5).
+        self.refuse_unconfirmed(|n, _| n == node);
         self.answered.remove(node);
         self.done_received.remove(node);
         self.done_missing.remove(node);
@@ -552,6 +554,9 @@ impl<W> Handoff<W> {
         if self.announced.get(from).is_some_and(|(e, _)| epoch < *e) {
             return;
         }
+        // It moved on: its notices from an earlier install, parked here for
+        // the view in force, are spent.
+        self.refuse_unconfirmed(|n, e| n == from && e < epoch);
         if self.announced.len() < 65_536 || self.announced.contains_key(from) {
             self.announced.insert(from.clone(), (epoch, view));
         }
@@ -566,6 +571,9 @@ impl<W> Handoff<W> {
         let current = self.current.view_id();
         let counted = view == current && done == Some(self.install_seq);
         if counted {
+            // It answers this install and is still where its parked notices
+            // came from: they are taken before the waits are settled again.
+            self.confirm_parked(from, epoch, now);
             self.done_received.insert(from.clone(), epoch);
             if self.done_missing.remove(from) && !self.missing_done(false, now) {
                 self.release_unheld_waits(now, false);

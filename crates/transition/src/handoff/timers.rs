@@ -127,6 +127,14 @@ impl<W> Handoff<W> {
                 self.counters.notices_parked_dropped += p.datums.len() as u64;
             }
         }
+        // Notices of the view in force whose sender never confirmed them.
+        if self
+            .unconfirmed
+            .as_ref()
+            .is_some_and(|p| p.first + timeout <= now)
+        {
+            self.refuse_unconfirmed(|_, _| true);
+        }
         self.prune(now);
     }
 
