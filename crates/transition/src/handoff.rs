@@ -463,6 +463,12 @@ pub struct Handoff<W = Vec<u8>> {
     done_seq: Option<u64>,
     /// Per peer: the latest (epoch, view) its batches said it was at.
     announced: HashMap<NodeId, (u64, ViewId), DetState>,
+    /// Nodes this node handed notices to at its install in force (cleared
+    /// at each install; at most the nodes of the view in force): a new
+    /// announcement of the view in force from one of them is answered at
+    /// once, done or not, so that it can take the notices it parked for that
+    /// view (see [`Handoff::confirm_parked`]).
+    notified: BTreeSet<NodeId>,
     /// Per peer: (this node's install count, the peer's epoch) of the last
     /// done marker sent to it.
     answered: HashMap<NodeId, (u64, u64), DetState>,
@@ -561,6 +567,7 @@ impl<W> Handoff<W> {
             heard_epoch: 0,
             done_seq: None,
             announced: HashMap::default(),
+            notified: BTreeSet::new(),
             answered: HashMap::default(),
             blocked_on_done: Vec::new(),
             peers: BTreeSet::new(),
@@ -1083,6 +1090,7 @@ impl<W> Handoff<W> {
         self.prune(now);
         self.counters.views += 1;
         self.install_seq = self.install_seq.max(self.heard_epoch) + 1;
+        self.notified.clear();
         self.reset_done();
 
         // Outgoing buffers are per node index of the view in force: their
@@ -1407,6 +1415,7 @@ impl<W> Handoff<W> {
         self.retrying.clear();
         self.timers.clear();
         self.unconfirmed = None;
+        self.notified.clear();
         let mut held: Vec<(Datum, VecDeque<W>)> = self.held.drain().collect();
         held.sort_unstable_by_key(|(d, _)| *d);
         self.held_total = 0;

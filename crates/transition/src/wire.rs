@@ -73,6 +73,10 @@ pub struct NoticeBatch {
     /// With `done`: the addressee's own `epoch` this marker answers (the
     /// last batch `from` had from it said it was at `view`). A marker counts
     /// only for the instance of the view it answers, never a later one.
+    /// Without `done`, in an announcement: the addressee's latest `epoch`
+    /// at `view` that `from` had heard of (0: none), so the batch was sent
+    /// after `from` learnt of that install (it confirms the notices the
+    /// addressee parked for it). 0 in a batch of notices.
     pub echo: u64,
 }
 

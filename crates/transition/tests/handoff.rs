@@ -913,6 +913,60 @@ fn a_parked_notice_whose_sender_moved_on_before_confirming_it_is_refused() {
     assert_eq!(c.nodes[0].counters().acquired_after_timeout, 0);
 }
 
+/// The sender of a parked notice confirms it as soon as it hears of the
+/// receiver's install of the notice's view, busy or not: an announcement
+/// echoing the receiver's own. The receiver takes the notice then, not when
+/// the sender is done with everything else.
+#[test]
+fn a_parked_notice_is_taken_once_its_sender_answers_the_install_before_it_is_done() {
+    let mut c = Cluster::new(&["a", "b", "c"], 30, 1);
+    let t = c.table_of(&[0, 1, 2]);
+    let x = (0..30)
+        .find(|&id| c.index(t.owner_ids(id).next().unwrap()) == 1)
+        .unwrap();
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    // Only x's relinquish completes; the others keep running.
+    let jobs: Vec<_> = std::iter::from_fn(|| c.nodes[0].poll_job()).collect();
+    let (done, running): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.datum.id == x);
+    assert!(!running.is_empty());
+    for job in done {
+        c.nodes[0].job_done(job, Ok(()), c.now);
+    }
+    c.advance(Duration::from_millis(10));
+    let out: Vec<Transmit> = std::iter::from_fn(|| c.nodes[0].poll_transmit()).collect();
+    assert!(out.iter().any(|tx| !tx.batch.groups.is_empty()));
+    let (b, a) = (c.ids[1].clone(), c.ids[0].clone());
+    for tx in out.iter().filter(|tx| tx.to == b) {
+        c.deliver(0, tx);
+    }
+    assert_eq!(c.nodes[1].progress().parked_notices, 1);
+    // b installs the view and announces it to a, which is still busy.
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    let out: Vec<Transmit> = std::iter::from_fn(|| c.nodes[1].poll_transmit()).collect();
+    for tx in out.iter().filter(|tx| tx.to == a) {
+        c.deliver(1, tx);
+    }
+    let answer = c.nodes[0].poll_transmit().expect("a answers at once");
+    assert!(!answer.batch.done, "a is not done");
+    c.deliver(0, &answer);
+    c.run_jobs(1);
+    assert_eq!(c.holders(x), vec![1], "b took x on a's notice");
+    assert_eq!(c.nodes[1].counters().notices_accepted, 1);
+    assert!(!c.nodes[0].is_idle(), "a is still relinquishing");
+    for job in running {
+        c.nodes[0].job_done(job, Ok(()), c.now);
+    }
+    c.nodes[2].install(Arc::clone(&t), c.now);
+    c.settle();
+    for id in 0..30 {
+        assert_eq!(
+            c.holders(id),
+            vec![c.index(t.owner_ids(id).next().unwrap())]
+        );
+    }
+    assert!(c.nodes.iter().all(Handoff::is_idle));
+}
+
 #[test]
 fn relinquish_failures_are_retried_with_backoff_and_reported() {
     let mut c = Cluster::new(&["a", "b"], 2, 1);

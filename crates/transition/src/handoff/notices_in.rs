@@ -97,7 +97,7 @@ impl<W> Handoff<W> {
             }
         }
         self.count_report(&report);
-        self.peer_state(from, view, epoch, done.then_some(echo), now);
+        self.peer_state(from, view, epoch, done, echo, now);
         self.check_ended();
         Ok(report)
     }

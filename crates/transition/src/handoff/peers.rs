@@ -532,18 +532,20 @@ impl<W> Handoff<W> {
     }
 
     /// What a batch from `from` says of it: it is at instance `epoch` of
-    /// `view`, and (`done = Some(echo)`) done with it, answering this node's
-    /// instance `echo`. A done marker counts only for the instance it
-    /// answers, and stops counting once `from` says it moved on: a recurring
-    /// view id never revives an old marker.
+    /// `view`, sent after it heard of this node's instance `echo` of that
+    /// view (0: none), and (`done`) done with it. A done marker counts only
+    /// for the instance it answers, and stops counting once `from` says it
+    /// moved on: a recurring view id never revives an old marker.
     pub(super) fn peer_state(
         &mut self,
         from: &NodeId,
         view: ViewId,
         epoch: u64,
-        done: Option<u64>,
+        done: bool,
+        echo: u64,
         now: Instant,
     ) {
+        let done = done.then_some(echo);
         // A gone node's last batches may arrive after it left (or after it
         // was declared failed): they still tell what it held when it went.
         let gone = self.gone.contains_key(from);
@@ -557,6 +559,7 @@ impl<W> Handoff<W> {
         // It moved on: its notices from an earlier install, parked here for
         // the view in force, are spent.
         self.refuse_unconfirmed(|n, e| n == from && e < epoch);
+        let fresh = self.announced.get(from) != Some(&(epoch, view));
         if self.announced.len() < 65_536 || self.announced.contains_key(from) {
             self.announced.insert(from.clone(), (epoch, view));
         }
@@ -569,11 +572,14 @@ impl<W> Handoff<W> {
             return;
         }
         let current = self.current.view_id();
+        if view == current && echo == self.install_seq {
+            // It answers this install (done or not) and is still where its
+            // parked notices came from: they are taken before the waits are
+            // settled again.
+            self.confirm_parked(from, epoch, now);
+        }
         let counted = view == current && done == Some(self.install_seq);
         if counted {
-            // It answers this install and is still where its parked notices
-            // came from: they are taken before the waits are settled again.
-            self.confirm_parked(from, epoch, now);
             self.done_received.insert(from.clone(), epoch);
             if self.done_missing.remove(from) && !self.missing_done(false, now) {
                 self.release_unheld_waits(now, false);
@@ -598,12 +604,22 @@ impl<W> Handoff<W> {
             && self.answered.get(from) != Some(&(self.install_seq, epoch))
         {
             self.push_state(from.clone());
+        } else if fresh
+            && view == current
+            && self.done_seq != Some(self.install_seq)
+            && self.notified.contains(from)
+        {
+            // Not done yet, but `from` may have parked notices this node sent
+            // it at this install: an announcement echoing its own lets it
+            // take them now (`confirm_parked`) instead of at the done marker.
+            self.push_state(from.clone());
         }
     }
 
     /// Sends `to` where this node stands: a done marker answering its
     /// latest batch if both are at the view in force and this node is done
-    /// with it, else an announcement of the view and install count. A node
+    /// with it, else an announcement of the view and install count (echoing
+    /// `to`'s latest install of that view heard here, if any). A node
     /// that is done with a view without itself says so to every target
     /// (echo [`FAREWELL`], which answers no instance and is never counted as
     /// one): it holds nothing, which lets the others stop waiting for it
@@ -625,7 +641,12 @@ impl<W> Handoff<W> {
         {
             self.answered.insert(to.clone(), (self.install_seq, e));
         }
-        let answer = answer.map(|(echo, _)| echo);
+        let marker = answer.is_some();
+        // An announcement echoes the addressee's latest install of the view
+        // in force that this node heard of: it was sent after that.
+        let echo = answer
+            .map(|(echo, _)| echo)
+            .unwrap_or_else(|| latest.filter(|(_, v)| *v == view).map_or(0, |(e, _)| e));
         let id = self.next_send;
         self.next_send += 1;
         let batch = NoticeBatch {
@@ -634,8 +655,8 @@ impl<W> Handoff<W> {
             to: to.clone(),
             groups: Vec::new(),
             epoch: self.install_seq,
-            done: answer.is_some(),
-            echo: answer.unwrap_or(0),
+            done: marker,
+            echo,
         };
         self.sent.insert(
             id,

@@ -159,6 +159,9 @@ impl<W> Handoff<W> {
         self.counters.batches_sent += 1;
         self.counters.notices_sent += datums.len() as u64;
         let to = address.to.clone();
+        if address.epoch == self.install_seq && !self.notified.contains(&to) {
+            self.notified.insert(to.clone());
+        }
         let batch = NoticeBatch {
             view: address.view,
             from: self.local.clone(),
