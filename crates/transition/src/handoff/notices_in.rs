@@ -288,8 +288,10 @@ impl<W> Handoff<W> {
     /// it from. Once it moved on, another node may have taken the datum from
     /// the done markers of a later view (a new token), so this old one is
     /// spent; if it was the only one, the done markers or the timeout end the
-    /// wait. A notice of a sender that left or failed is spent too; one never
-    /// heard from otherwise is taken at its word.
+    /// wait. A notice of a sender that left or failed is spent too. One that
+    /// passes is taken only once its sender confirms it after the install
+    /// ([`Handoff::confirm_parked`]); parked during the install in force (a
+    /// datum registered later), it was taken as it came.
     pub(super) fn sender_unmoved(&self, node: &NodeId, epoch: u64) -> bool {
         if self.gone.contains_key(node) {
             // It left or failed: an announcement of a later install may have
