@@ -1936,7 +1936,14 @@ fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
             sim.schedule(FAULT_AT, Action::Quiet);
         }
         TransitionScenario::Leave => {
-            sim.schedule(FAULT_AT, Action::Leave { slot: victim });
+            // The facade's leave (not ready, relinquish, then leave), run
+            // by the process itself: a member leaving the membership while
+            // it holds datums loses its standing at once and relinquishes
+            // nothing, which the product never does.
+            sim.shared_mut()
+                .settings
+                .graceful_leaves
+                .push((victim, FAULT_AT));
             sim.schedule(FAULT_AT, Action::Quiet);
         }
         TransitionScenario::KillOwner => {
@@ -1956,15 +1963,21 @@ fn schedule(sim: &mut Sim<TransitionNode>, opts: &TransitionOptions) {
                     &mut rng,
                     (Duration::from_millis(20), Duration::from_millis(1_500)),
                 );
-            let action = if opts.seed.is_multiple_of(2) {
-                Action::Crash {
-                    slot: victim,
-                    measure: false,
-                }
+            if opts.seed.is_multiple_of(2) {
+                sim.schedule(
+                    second,
+                    Action::Crash {
+                        slot: victim,
+                        measure: false,
+                    },
+                );
             } else {
-                Action::Leave { slot: victim }
-            };
-            sim.schedule(second, action);
+                // A graceful leave, as in `leave`.
+                sim.shared_mut()
+                    .settings
+                    .graceful_leaves
+                    .push((victim, second));
+            }
             sim.schedule(second, Action::Quiet);
         }
         TransitionScenario::JoinLeaveKill => {
