@@ -13,6 +13,11 @@
 //! queue, so they must not wait behind it), and datagrams a per-peer share of
 //! the datagram queue.
 //!
+//! Messages on control channels ([`crate::TransportConfig::control_channels`])
+//! are charged to a byte budget of their own, with its own per-peer shares
+//! (bytes and queue slots), so messages on other channels that nobody
+//! consumes never make control traffic wait.
+//!
 //! Shares are per node name, not per connection: a peer gets no more by
 //! opening more connections.
 
@@ -42,6 +47,17 @@ pub(crate) struct PeerBudget {
     messages: Arc<Semaphore>,
     datagrams: Arc<Semaphore>,
     responses: Arc<Semaphore>,
+    control_bytes: Arc<Semaphore>,
+    control_messages: Arc<Semaphore>,
+}
+
+/// Which budget a message is charged to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Any channel but a control channel.
+    Data,
+    /// A control channel.
+    Control,
 }
 
 /// The endpoint-wide inbound budgets and every peer's shares of them.
@@ -49,6 +65,9 @@ pub(crate) struct PeerBudget {
 pub(crate) struct Budgets {
     bytes: Arc<Semaphore>,
     bytes_total: usize,
+    control: Arc<Semaphore>,
+    control_total: usize,
+    peer_control: usize,
     responses: Arc<Semaphore>,
     peer_bytes: usize,
     peer_messages: usize,
@@ -144,6 +163,9 @@ impl Budgets {
         Self {
             bytes: Arc::new(Semaphore::new(config.inbound_bytes)),
             bytes_total: config.inbound_bytes,
+            control: Arc::new(Semaphore::new(config.control_bytes)),
+            control_total: config.control_bytes,
+            peer_control: config.peer_share(config.control_bytes),
             responses: Arc::new(Semaphore::new(responses)),
             peer_bytes: config.peer_share(config.inbound_bytes),
             peer_messages: config.peer_share(config.inbound_messages),
@@ -167,27 +189,42 @@ impl Budgets {
             messages: Arc::new(Semaphore::new(self.peer_messages)),
             datagrams: Arc::new(Semaphore::new(self.peer_datagrams)),
             responses: Arc::new(Semaphore::new(self.peer_responses)),
+            control_bytes: Arc::new(Semaphore::new(self.peer_control)),
+            control_messages: Arc::new(Semaphore::new(self.peer_messages)),
         });
         peers.insert(name.clone(), Arc::downgrade(&share));
         share
     }
 
     /// An empty charge for messages of `share`'s peer, to add to.
-    pub(crate) fn empty(&self, share: &Arc<PeerBudget>) -> Charge {
+    pub(crate) fn empty(&self, share: &Arc<PeerBudget>, class: Class) -> Charge {
+        let (global, peer, slots) = match class {
+            Class::Data => (&self.bytes, &share.bytes, &share.messages),
+            Class::Control => (&self.control, &share.control_bytes, &share.control_messages),
+        };
         Charge {
-            global: self.bytes.clone(),
-            peer: share.bytes.clone(),
-            slots: share.messages.clone(),
+            global: global.clone(),
+            peer: peer.clone(),
+            slots: slots.clone(),
             bytes: 0,
             nslots: 0,
             share: share.clone(),
         }
     }
 
+    /// The share of a peer in the budget `charge` draws on.
+    fn share_of(&self, charge: &Charge) -> usize {
+        if Arc::ptr_eq(&charge.global, &self.control) {
+            self.peer_control
+        } else {
+            self.peer_bytes
+        }
+    }
+
     /// Adds a message of `bytes` (overhead included) to `charge` if the
     /// budgets have room now.
     pub(crate) fn try_add(&self, charge: &mut Charge, bytes: usize) -> bool {
-        let n = to_u32(bytes.min(self.peer_bytes));
+        let n = to_u32(bytes.min(self.share_of(charge)));
         let Ok(slot) = charge.slots.try_acquire() else {
             return false;
         };
@@ -207,8 +244,13 @@ impl Budgets {
 
     /// Charges a message of `bytes` (overhead included) if the budgets have
     /// room now.
-    pub(crate) fn try_message(&self, share: &Arc<PeerBudget>, bytes: usize) -> Option<Charge> {
-        let mut charge = self.empty(share);
+    pub(crate) fn try_message(
+        &self,
+        share: &Arc<PeerBudget>,
+        class: Class,
+        bytes: usize,
+    ) -> Option<Charge> {
+        let mut charge = self.empty(share, class);
         if !self.try_add(&mut charge, bytes) {
             return None;
         }
@@ -219,9 +261,14 @@ impl Budgets {
     /// Charges a message of `bytes` (overhead included), waiting for room:
     /// first in the sender's shares, then in the endpoint's budget. `None`
     /// only if a budget was closed (never, in practice).
-    pub(crate) async fn message(&self, share: &Arc<PeerBudget>, bytes: usize) -> Option<Charge> {
-        let mut charge = self.empty(share);
-        let n = to_u32(bytes.min(self.peer_bytes));
+    pub(crate) async fn message(
+        &self,
+        share: &Arc<PeerBudget>,
+        class: Class,
+        bytes: usize,
+    ) -> Option<Charge> {
+        let mut charge = self.empty(share, class);
+        let n = to_u32(bytes.min(self.share_of(&charge)));
         let slot = charge.slots.acquire().await.ok()?;
         let peer = charge.peer.acquire_many(n).await.ok()?;
         let global = charge.global.acquire_many(n).await.ok()?;
@@ -277,13 +324,30 @@ impl Budgets {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Of those, the bytes charged to the peer called `name`.
+    /// Bytes of inbound messages on control channels charged right now.
+    pub(crate) fn control_charged(&self) -> usize {
+        self.control_total
+            .saturating_sub(self.control.available_permits())
+    }
+
+    /// Of the data bytes charged, those charged to the peer called `name`.
     pub(crate) fn charged_by(&self, name: &NodeName) -> usize {
         lock(&self.peers)
             .get(name)
             .and_then(Weak::upgrade)
             .map_or(0, |s| {
                 self.peer_bytes.saturating_sub(s.bytes.available_permits())
+            })
+    }
+
+    /// Bytes of control messages charged to the peer called `name`.
+    pub(crate) fn control_charged_by(&self, name: &NodeName) -> usize {
+        lock(&self.peers)
+            .get(name)
+            .and_then(Weak::upgrade)
+            .map_or(0, |s| {
+                self.peer_control
+                    .saturating_sub(s.control_bytes.available_permits())
             })
     }
 }

@@ -21,6 +21,13 @@ pub struct ChannelCap {
     pub max_ratio: u32,
 }
 
+/// Bi streams of a peer's [`TransportConfig::max_concurrent_requests`] that
+/// requests and large one-way messages on data channels leave free for
+/// control channels (at most half of them), so that a peer whose
+/// application holds many requests unanswered still gets its control
+/// traffic through. Nodes of a cluster are assumed to share that setting.
+pub const CONTROL_STREAMS: u32 = 16;
+
 /// What a send does when the peer's send queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum WhenFull {
@@ -87,6 +94,30 @@ pub struct TransportConfig {
     /// frame over its cap is refused with `TOO_LARGE` (`frames_too_large`).
     /// Default empty.
     pub channel_caps: Vec<ChannelCap>,
+    /// Control channels: their inbound messages are charged to a budget of
+    /// their own ([`TransportConfig::control_bytes`], the same per-peer
+    /// share) and queued apart from the others (read first by
+    /// [`crate::Incoming`], or from a receiver of their own with
+    /// [`crate::MessageReceiver::take_control`]), so messages on other
+    /// channels that nobody consumes never make them wait. On the sending
+    /// side their one-way messages get a QUIC stream of their own at a
+    /// higher priority rather than the shared message stream, and their
+    /// requests too get the higher priority; requests and large messages
+    /// on other channels leave [`CONTROL_STREAMS`] of the peer's
+    /// concurrent bi streams free for them. Meant for a node's own
+    /// protocol traffic (few messages, each bounded by a
+    /// [`ChannelCap`]). Default empty.
+    pub control_channels: Vec<u32>,
+    /// Bytes of inbound messages on control channels read, decoded or
+    /// queued and not yet taken, endpoint-wide (one peer to
+    /// [`TransportConfig::peer_share_percent`]), charged like
+    /// [`TransportConfig::inbound_bytes`] but apart from it. When it (or the
+    /// sender's share) is full, that peer's control streams wait (QUIC flow
+    /// control); nothing is dropped. Its per-peer share should hold the
+    /// largest control message twice (compressed and decompressed, as it
+    /// is charged while decompressing); a message is never charged more
+    /// than the share. Default 16 MiB.
+    pub control_bytes: usize,
     /// A frame must arrive completely within this time from its first byte
     /// (not counting time this node makes it wait for budget); otherwise its
     /// stream is dropped (`frames_timed_out`). A bi stream must also deliver
@@ -132,6 +163,8 @@ impl Default for TransportConfig {
             inbound_datagrams: 4096,
             max_ratio: 64,
             channel_caps: Vec::new(),
+            control_channels: Vec::new(),
+            control_bytes: 16 * 1024 * 1024,
             frame_timeout: Duration::from_secs(20),
             max_refusals: 8,
             max_concurrent_requests: 256,
@@ -176,8 +209,11 @@ impl TransportConfig {
                 "inbound_bytes x peer_share_percent must hold one message of max_message_size",
             );
         }
-        if self.inbound_bytes > u32::MAX as usize {
-            return bad("inbound_bytes must be below 4 GiB");
+        if self.inbound_bytes > u32::MAX as usize || self.control_bytes > u32::MAX as usize {
+            return bad("inbound_bytes and control_bytes must be below 4 GiB");
+        }
+        if self.control_bytes == 0 {
+            return bad("control_bytes must be positive");
         }
         if self.max_ratio == 0 || self.channel_caps.iter().any(|c| c.max_ratio == 0) {
             return bad("compression ratios must be positive");
@@ -209,6 +245,17 @@ impl TransportConfig {
             .saturating_mul(usize::from(self.peer_share_percent))
             .saturating_add(total % 100 * usize::from(self.peer_share_percent) / 100)
             .max(1)
+    }
+
+    /// Whether `channel` is a control channel.
+    pub(crate) fn is_control(&self, channel: u32) -> bool {
+        self.control_channels.contains(&channel)
+    }
+
+    /// Bi streams to a peer that data channels may have open at once.
+    pub(crate) fn data_streams(&self) -> usize {
+        let reserved = CONTROL_STREAMS.min(self.max_concurrent_requests / 2);
+        (self.max_concurrent_requests - reserved).max(1) as usize
     }
 
     /// The caps of every channel, as the frame decoder takes them.
@@ -256,6 +303,15 @@ mod tests {
         let mut c = TransportConfig::default();
         c.peer_share_percent = 0;
         assert!(c.validate().is_err());
+        let mut c = TransportConfig::default();
+        c.control_bytes = 0;
+        assert!(c.validate().is_err());
+        let mut c = TransportConfig::default();
+        assert_eq!(c.data_streams(), 256 - CONTROL_STREAMS as usize);
+        c.max_concurrent_requests = 4;
+        assert_eq!(c.data_streams(), 2, "at most half kept for control");
+        c.max_concurrent_requests = 1;
+        assert_eq!(c.data_streams(), 1);
         let c = TransportConfig::default();
         assert_eq!(c.peer_share(100), 50);
         assert_eq!(c.peer_share(1), 1);

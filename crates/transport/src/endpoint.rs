@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::budget::{Budgets, Charge, MESSAGE_OVERHEAD, PeerBudget};
+use crate::budget::{Budgets, Charge, Class, MESSAGE_OVERHEAD, PeerBudget};
 use crate::config::{TransportConfig, WhenFull};
 use crate::error::{BindError, TransportError};
 use crate::frame::{
@@ -79,6 +79,8 @@ pub(crate) struct Inner {
     pub(crate) stats: Stats,
     table: Mutex<Table>,
     messages_tx: mpsc::Sender<Charged>,
+    /// Messages on control channels, queued apart.
+    control_tx: mpsc::Sender<Charged>,
     datagrams_tx: mpsc::Sender<SlottedDatagram>,
     /// What inbound data may cost, endpoint-wide and per peer.
     budgets: Budgets,
@@ -101,6 +103,15 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    /// The inbound queue of messages on `channel`.
+    pub(crate) fn queue_for(&self, channel: u32) -> &mpsc::Sender<Charged> {
+        if self.config.is_control(channel) {
+            &self.control_tx
+        } else {
+            &self.messages_tx
+        }
+    }
+
     /// Frames a message for the wire, compressed when that helps and stays
     /// within the channel's ratio cap (so a peer with the same caps never
     /// refuses it).
@@ -140,6 +151,9 @@ pub(crate) struct PeerConn {
     queue_tx: mpsc::UnboundedSender<Queued>,
     /// Bytes allowed in the send queue.
     budget: Arc<Semaphore>,
+    /// Bi streams data channels may open at once
+    /// ([`TransportConfig::data_streams`]).
+    data_streams: Arc<Semaphore>,
     /// The peer's shares of the inbound budgets (shared by its connections).
     share: Arc<PeerBudget>,
     /// Frames of this connection refused (caps, ratio, deadline).
@@ -326,6 +340,7 @@ impl Transport {
             })?;
         let (shut_tx, shut_rx) = watch::channel(false);
         let (messages_tx, messages) = mpsc::channel(config.inbound_messages);
+        let (control_tx, control) = mpsc::channel(config.inbound_messages);
         let (datagrams_tx, datagrams) = mpsc::channel(config.inbound_datagrams);
         let inner = Arc::new(Inner {
             me: identity.name().clone(),
@@ -337,6 +352,7 @@ impl Transport {
             stats: Stats::default(),
             table: Mutex::new(Table::default()),
             messages_tx,
+            control_tx,
             datagrams_tx,
             budgets: Budgets::new(&config),
             caps: config.caps(),
@@ -351,6 +367,7 @@ impl Transport {
             Self { inner },
             Incoming {
                 messages,
+                control,
                 datagrams,
                 shut: shut_rx,
             },
@@ -375,9 +392,17 @@ impl Transport {
     /// Bytes of inbound messages charged right now: announced decompressed
     /// sizes (plus [`crate::MESSAGE_OVERHEAD`] each) of messages being read,
     /// decoded or waiting in [`Incoming`], until the application takes them.
-    /// At most [`TransportConfig::inbound_bytes`].
+    /// At most [`TransportConfig::inbound_bytes`]. Messages on control
+    /// channels are not included: see [`Transport::control_bytes_charged`].
     pub fn inbound_bytes_charged(&self) -> usize {
         self.inner.budgets.charged()
+    }
+
+    /// Bytes of inbound messages on control channels charged right now (as
+    /// [`Transport::inbound_bytes_charged`], against
+    /// [`TransportConfig::control_bytes`]).
+    pub fn control_bytes_charged(&self) -> usize {
+        self.inner.budgets.control_charged()
     }
 
     /// The most bytes [`Transport::inbound_bytes_charged`] ever reached: the
@@ -541,6 +566,9 @@ impl Transport {
                     }
                 },
             };
+            if self.inner.config.is_control(channel) {
+                return self.send_control(&pc, frame).await;
+            }
             if !inline {
                 return self.send_single(&pc, frame).await;
             }
@@ -613,7 +641,7 @@ impl Transport {
         let pc = self.connection(dest).await?;
         let _busy = pc.busy();
         let peer = Dest::from(&pc.peer);
-        let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| classify(&peer, &e))?;
+        let (_data, (mut send, mut recv)) = open_bi(pc.as_ref(), &frame, &inner.config).await?;
         write_frame(&mut send, StreamKind::Request, &frame)
             .await
             .map_err(|e| write_error(&peer, &e))?;
@@ -741,7 +769,7 @@ impl Transport {
         let peer = Dest::from(&pc.peer);
         let timeout = inner.config.send_timeout;
         let work = async {
-            let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| classify(&peer, &e))?;
+            let (_data, (mut send, mut recv)) = open_bi(pc.as_ref(), &frame, &inner.config).await?;
             write_frame(&mut send, StreamKind::Single, &frame)
                 .await
                 .map_err(|e| write_error(&peer, &e))?;
@@ -774,6 +802,51 @@ impl Transport {
                 after: timeout,
             }),
         }
+    }
+
+    /// A one-way message on a control channel: on a bi stream of its own at
+    /// a higher priority, so that it never waits behind the shared message
+    /// stream (whose reader may be waiting for a data budget the peer's
+    /// application does not free). `Ok` once it is handed to QUIC, like a
+    /// queued message; the receiver's verdict is read in the background
+    /// (a refusal is counted in `messages_lost` and logged).
+    async fn send_control(
+        &self,
+        pc: &Arc<PeerConn>,
+        frame: OutFrame,
+    ) -> Result<(), TransportError> {
+        let inner = &self.inner;
+        let busy = pc.busy();
+        let peer = Dest::from(&pc.peer);
+        let timeout = inner.config.send_timeout;
+        let work = async {
+            let (_, (mut send, recv)) = open_bi(pc.as_ref(), &frame, &inner.config).await?;
+            write_frame(&mut send, StreamKind::Single, &frame)
+                .await
+                .map_err(|e| write_error(&peer, &e))?;
+            let _ = send.finish();
+            Ok::<_, TransportError>(recv)
+        };
+        let mut recv = match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(TransportError::TimedOut {
+                    peer,
+                    after: timeout,
+                });
+            }
+        };
+        count_sent(inner, &frame);
+        let stats = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let _busy = busy;
+            let verdict = tokio::time::timeout(timeout, recv.read_to_end(0)).await;
+            if !matches!(verdict, Ok(Ok(_))) {
+                Stats::inc(&stats.stats.messages_lost);
+                debug!(%peer, "control message not confirmed by the receiver");
+            }
+        });
+        Ok(())
     }
 
     /// The admitted connection for `dest` if one is open.
@@ -866,6 +939,45 @@ impl TransportError {
         }
     }
 }
+
+/// Opens a bi stream for `frame`: on a control channel at a higher
+/// priority; on any other channel only while fewer than
+/// [`TransportConfig::data_streams`] of them are open to the peer (the
+/// permit returned lives as long as the stream is in use), so that
+/// [`crate::CONTROL_STREAMS`] of the peer's stream limit stay free for
+/// control traffic.
+async fn open_bi(
+    pc: &PeerConn,
+    frame: &OutFrame,
+    config: &TransportConfig,
+) -> Result<
+    (
+        Option<tokio::sync::OwnedSemaphorePermit>,
+        (quinn::SendStream, quinn::RecvStream),
+    ),
+    TransportError,
+> {
+    let peer = Dest::from(&pc.peer);
+    let control = config.is_control(frame.header.channel);
+    let permit = if control {
+        None
+    } else {
+        let p = pc.data_streams.clone().acquire_owned().await;
+        Some(p.map_err(|_| TransportError::Closed {
+            peer: peer.clone(),
+            reason: "connection closing".into(),
+        })?)
+    };
+    let (send, recv) = pc.conn.open_bi().await.map_err(|e| classify(&peer, &e))?;
+    if control {
+        let _ = send.set_priority(CONTROL_PRIORITY);
+    }
+    Ok((permit, (send, recv)))
+}
+
+/// QUIC send priority of control streams (others have 0): their bytes go
+/// out first when the connection's congestion window is the limit.
+const CONTROL_PRIORITY: i32 = 1;
 
 fn count_sent(inner: &Inner, frame: &OutFrame) {
     Stats::inc(&inner.stats.messages_sent);

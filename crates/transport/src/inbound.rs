@@ -203,9 +203,15 @@ impl Drop for Responder {
 /// waits or fails as they chose). Nothing is dropped. Datagrams: when their
 /// queue, or the sender's share of it, is full, new datagrams are dropped and
 /// counted (`datagrams_dropped`).
+///
+/// Messages on control channels ([`crate::TransportConfig::control_channels`])
+/// have a queue (and budget) of their own, read before the others; a
+/// consumer that may be slow with the others reads them from a receiver of
+/// their own ([`MessageReceiver::take_control`]).
 #[derive(Debug)]
 pub struct Incoming {
     pub(crate) messages: mpsc::Receiver<Charged>,
+    pub(crate) control: mpsc::Receiver<Charged>,
     pub(crate) datagrams: mpsc::Receiver<SlottedDatagram>,
     pub(crate) shut: watch::Receiver<bool>,
 }
@@ -228,25 +234,60 @@ async fn recv_or_shut<T: Take>(
     }
 }
 
+/// The next message, from `control` first (when there is one), until both
+/// queues are empty and the transport is shut down.
+async fn recv_either(
+    data: &mut mpsc::Receiver<Charged>,
+    control: Option<&mut mpsc::Receiver<Charged>>,
+    shut: &mut watch::Receiver<bool>,
+) -> Option<Charged> {
+    let Some(control) = control else {
+        return tokio::select! {
+            biased;
+            item = data.recv() => item,
+            () = shut_down(shut) => data.try_recv().ok(),
+        };
+    };
+    tokio::select! {
+        biased;
+        Some(item) = control.recv() => Some(item),
+        Some(item) = data.recv() => Some(item),
+        () = shut_down(shut) => match control.try_recv() {
+            Ok(item) => Some(item),
+            Err(_) => data.try_recv().ok(),
+        },
+    }
+}
+
 impl Incoming {
     /// The next datagram or message, datagrams first when both wait (they
-    /// carry failure detection, which must not queue behind bulk messages).
-    /// `None` once the transport is shut down and both queues are empty.
+    /// carry failure detection, which must not queue behind bulk messages),
+    /// then messages on control channels. `None` once the transport is shut
+    /// down and every queue is empty.
     pub async fn recv(&mut self) -> Option<Inbound> {
         tokio::select! {
             biased;
             Some(d) = self.datagrams.recv() => Some(Inbound::Datagram(d.take())),
+            Some(m) = self.control.recv() => Some(Inbound::Message(m.take())),
             Some(m) = self.messages.recv() => Some(Inbound::Message(m.take())),
             () = shut_down(&mut self.shut) => match self.datagrams.try_recv() {
                 Ok(d) => Some(Inbound::Datagram(d.take())),
-                Err(_) => self.messages.try_recv().ok().map(|m| Inbound::Message(m.take())),
+                Err(_) => self
+                    .control
+                    .try_recv()
+                    .or_else(|_| self.messages.try_recv())
+                    .ok()
+                    .map(|m| Inbound::Message(m.take())),
             },
         }
     }
 
-    /// The next message (datagrams stay queued); `None` after shutdown.
+    /// The next message, control channels first (datagrams stay queued);
+    /// `None` after shutdown.
     pub async fn recv_message(&mut self) -> Option<Message> {
-        recv_or_shut(&mut self.messages, &mut self.shut).await
+        recv_either(&mut self.messages, Some(&mut self.control), &mut self.shut)
+            .await
+            .map(Take::take)
     }
 
     /// The next datagram (messages stay queued); `None` after shutdown.
@@ -258,20 +299,57 @@ impl Incoming {
     /// from different tasks.
     pub fn split(self) -> (MessageReceiver, DatagramReceiver) {
         (
-            MessageReceiver(self.messages, self.shut.clone()),
+            MessageReceiver {
+                data: self.messages,
+                control: Some(self.control),
+                shut: self.shut.clone(),
+            },
             DatagramReceiver(self.datagrams, self.shut),
         )
     }
 }
 
-/// The message half of [`Incoming::split`].
+/// The message half of [`Incoming::split`]: every message, control channels
+/// first, until [`MessageReceiver::take_control`] moves those to a receiver
+/// of their own.
 #[derive(Debug)]
-pub struct MessageReceiver(mpsc::Receiver<Charged>, watch::Receiver<bool>);
+pub struct MessageReceiver {
+    data: mpsc::Receiver<Charged>,
+    control: Option<mpsc::Receiver<Charged>>,
+    shut: watch::Receiver<bool>,
+}
 
 impl MessageReceiver {
+    /// Moves the messages on control channels to a receiver of their own,
+    /// for a task that consumes them whatever this receiver's consumer is
+    /// waiting for (a consumer that waits for room in a full queue of its
+    /// own must not make control messages wait). This receiver keeps the
+    /// others. `None` if they were taken already.
+    pub fn take_control(&mut self) -> Option<MessageReceiver> {
+        let control = self.control.take()?;
+        Some(MessageReceiver {
+            data: control,
+            control: None,
+            shut: self.shut.clone(),
+        })
+    }
+
+    async fn next(&mut self) -> Option<Charged> {
+        recv_either(&mut self.data, self.control.as_mut(), &mut self.shut).await
+    }
+
+    fn try_next(&mut self) -> Option<Charged> {
+        if let Some(c) = self.control.as_mut()
+            && let Ok(m) = c.try_recv()
+        {
+            return Some(m);
+        }
+        self.data.try_recv().ok()
+    }
+
     /// The next message; `None` after shutdown.
     pub async fn recv(&mut self) -> Option<Message> {
-        recv_or_shut(&mut self.0, &mut self.1).await
+        self.next().await.map(Take::take)
     }
 
     /// The next message, whose body keeps holding the message's inbound
@@ -281,11 +359,7 @@ impl MessageReceiver {
     /// queues too, and is given back when its own consumer is done with
     /// them). `None` after shutdown.
     pub async fn recv_held(&mut self) -> Option<Message> {
-        tokio::select! {
-            biased;
-            item = self.0.recv() => item.map(Charged::into_held),
-            () = shut_down(&mut self.1) => self.0.try_recv().ok().map(Charged::into_held),
-        }
+        self.next().await.map(Charged::into_held)
     }
 
     /// Takes up to `limit` waiting messages into `out` (waiting for at least
@@ -294,18 +368,15 @@ impl MessageReceiver {
         if limit == 0 {
             return 0;
         }
-        let first = tokio::select! {
-            biased;
-            m = self.0.recv() => m,
-            () = shut_down(&mut self.1) => self.0.try_recv().ok(),
+        let Some(first) = self.next().await else {
+            return 0;
         };
-        let Some(first) = first else { return 0 };
         out.push(first.take());
         let mut n = 1;
         while n < limit {
-            match self.0.try_recv() {
-                Ok(m) => out.push(m.take()),
-                Err(_) => break,
+            match self.try_next() {
+                Some(m) => out.push(m.take()),
+                None => break,
             }
             n += 1;
         }

@@ -73,7 +73,7 @@ pub mod virtual_net;
 
 pub use budget::MESSAGE_OVERHEAD;
 pub use bytes::Bytes;
-pub use config::{ChannelCap, TransportConfig, WhenFull};
+pub use config::{CONTROL_STREAMS, ChannelCap, TransportConfig, WhenFull};
 pub use endpoint::Transport;
 pub use error::{BindError, TransportError, TrustError};
 pub use inbound::{

@@ -83,6 +83,14 @@ counters! {
     /// `MessageReceiver::recv_held`, had not taken enough yet): the sender
     /// is pushed back by QUIC flow control meanwhile.
     inbound_budget_waits,
+    /// Of those waits, the ones for a control channel's budget
+    /// (`TransportConfig::control_channels`): its messages wait only for
+    /// other control messages not yet taken.
+    control_budget_waits,
+    /// Waits for budget that lasted longer than `BUDGET_STALL` (1 s): the
+    /// sender's share stays full of messages nobody takes (a stuck reader).
+    /// Each is also logged at warn, with the peer and the channel.
+    inbound_budget_stalls,
     /// Frame and datagram bytes written (headers included).
     bytes_sent,
     /// Frame and datagram bytes read (headers included).

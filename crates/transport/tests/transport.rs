@@ -1294,3 +1294,181 @@ async fn bodies_held_past_recv_keep_their_budget_until_dropped() {
     assert_eq!(a.stats().messages_lost, 0);
     consumer.abort();
 }
+
+/// A peer's share of the data budget is full of messages a consumer holds
+/// and does not let go (a stuck reader downstream): messages and requests
+/// on a control channel still get through, from a receiver of their own,
+/// charged to the control budget; the stall is reported; and once the
+/// bodies are dropped every data message arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_channels_get_through_a_full_data_share() {
+    const CONTROL: u32 = 9;
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.max_message_size = 1 << 20;
+    cfg.inbound_bytes = 3 << 20; // 1.5 MiB per peer
+    cfg.send_queue_bytes = 256 * 1024;
+    cfg.control_channels = vec![CONTROL];
+    cfg.control_bytes = 4 << 20;
+    let (a, _a_in) = start(&ids[0], cfg.clone());
+    let (b, b_in) = start(&ids[1], cfg);
+    let to_b = dest_of(&b);
+    let share = 3 << 19;
+    let size = 32 * 1024;
+    let (mut messages, _datagrams) = b_in.split();
+    let mut control = messages.take_control().expect("control receiver");
+    assert!(messages.take_control().is_none());
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = tokio::spawn(async move {
+        while let Some(m) = messages.recv_held().await {
+            if held_tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    let body = |i: u32| noise(size, i + 1);
+    let mut accepted = 0u32;
+    let mut full_in_a_row = 0;
+    within(async {
+        while full_in_a_row < 3 && accepted < 400 {
+            match a.send(&to_b, 1, body(accepted), WhenFull::Fail).await {
+                Ok(()) => {
+                    accepted += 1;
+                    full_in_a_row = 0;
+                }
+                Err(TransportError::QueueFull { .. }) => {
+                    full_in_a_row += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(accepted < 400, "the sender was never pushed back");
+    assert!(b.inbound_bytes_charged_by(a.name()) + size + 1024 >= share);
+    // b's reader of a's shared stream waits for budget: reported.
+    eventually("the stall is reported", || {
+        b.stats().inbound_budget_stalls > 0
+    })
+    .await;
+
+    // A small and a large one-way message and a request on the control
+    // channel, none of which waits for the data budget.
+    let small = noise(100, 7);
+    let large = noise(200 * 1024, 8);
+    within(a.send(&to_b, CONTROL, small.clone(), WhenFull::Fail))
+        .await
+        .unwrap();
+    within(a.send(&to_b, CONTROL, large.clone(), WhenFull::Fail))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = within(control.recv_held()).await.expect("control closed");
+        assert_eq!(m.channel, CONTROL);
+        got.push(m.body);
+    }
+    got.sort_by_key(Bytes::len);
+    assert!(
+        got[0] == small && got[1] == large,
+        "control messages garbled"
+    );
+    assert!(b.control_bytes_charged() >= large.len());
+    drop(got);
+    let answer = {
+        let a = a.clone();
+        let to_b = to_b.clone();
+        tokio::spawn(async move {
+            a.request(&to_b, CONTROL, Bytes::from_static(b"ping"), HANG)
+                .await
+        })
+    };
+    let req = within(control.recv()).await.expect("control closed");
+    assert_eq!(&req.body[..], b"ping");
+    req.reply
+        .expect("a request")
+        .respond(Bytes::from_static(b"pong"))
+        .await
+        .unwrap();
+    assert_eq!(&within(answer).await.unwrap().unwrap()[..], b"pong");
+    assert_eq!(b.control_bytes_charged(), 0);
+    assert!(b.inbound_bytes_charged_by(a.name()) + size + 1024 >= share);
+
+    // The stuck consumer lets go: every data message arrives, in order.
+    let mut i = 0;
+    while i < accepted {
+        let m = within(held_rx.recv()).await.unwrap();
+        assert!(m.body == body(i), "message {i} lost or reordered");
+        i += 1;
+    }
+    eventually("every budget given back", || b.inbound_bytes_charged() == 0).await;
+    assert_eq!(a.stats().messages_lost, 0);
+    consumer.abort();
+}
+
+/// Requests on data channels that the peer's application leaves unanswered
+/// use at most the peer's stream limit less the streams kept for control:
+/// a control request still gets a stream and its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_requests_leave_streams_for_control() {
+    const CONTROL: u32 = 9;
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.max_concurrent_requests = 4; // 2 for data, 2 kept for control
+    cfg.control_channels = vec![CONTROL];
+    let (a, _a_in) = start(&ids[0], cfg.clone());
+    let (b, b_in) = start(&ids[1], cfg);
+    let to_b = dest_of(&b);
+    let (mut messages, _datagrams) = b_in.split();
+    let mut control = messages.take_control().expect("control receiver");
+    let mut pending = Vec::new();
+    for i in 0..3u8 {
+        let a = a.clone();
+        let to_b = to_b.clone();
+        pending.push(tokio::spawn(async move {
+            a.request(&to_b, 1, Bytes::from(vec![i]), HANG).await
+        }));
+    }
+    // b's application takes two and holds them unanswered; the third waits
+    // on a's side for a stream.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(within(messages.recv()).await.expect("messages closed"));
+    }
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), messages.recv()).await {
+        panic!("a third data request got a stream: {m:?}");
+    }
+    let answer = {
+        let a = a.clone();
+        let to_b = to_b.clone();
+        tokio::spawn(async move {
+            a.request(&to_b, CONTROL, Bytes::from_static(b"ping"), HANG)
+                .await
+        })
+    };
+    let req = within(control.recv()).await.expect("control closed");
+    req.reply
+        .expect("a request")
+        .respond(Bytes::from_static(b"pong"))
+        .await
+        .unwrap();
+    assert_eq!(&within(answer).await.unwrap().unwrap()[..], b"pong");
+    // Answering the held requests lets the third through.
+    for m in held.drain(..) {
+        m.reply
+            .unwrap()
+            .respond(Bytes::from_static(b"ok"))
+            .await
+            .unwrap();
+    }
+    let m = within(messages.recv()).await.expect("messages closed");
+    m.reply
+        .unwrap()
+        .respond(Bytes::from_static(b"ok"))
+        .await
+        .unwrap();
+    for p in pending {
+        assert_eq!(&within(p).await.unwrap().unwrap()[..], b"ok");
+    }
+}

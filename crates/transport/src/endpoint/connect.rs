@@ -157,6 +157,7 @@ pub(super) async fn admit(
         instance: AtomicU64::new(0),
         queue_tx,
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
+        data_streams: Arc::new(Semaphore::new(inner.config.data_streams())),
         share: inner.budgets.peer(&peer.name),
         refusals: AtomicU32::new(0),
         active: AtomicBool::new(true),

@@ -79,8 +79,11 @@ pub(super) async fn read_frame(
     } else {
         len.max(inspected.size)
     } + overhead;
+    let channel = inspected.header.channel;
     let charge = match charging {
-        Charging::Message => charge_message(inner, &pc.share, want).await,
+        Charging::Message => {
+            charge_message(inner, pc, class_of(inner, channel), channel, want).await
+        }
         Charging::Response => inner.budgets.response(&pc.share, want).await,
     };
     let mut charge = charge.ok_or(ReadFrameError::Gone)?;
@@ -246,9 +249,12 @@ pub(super) enum Pass {
 /// stops reading, so QUIC flow control pushes back on the sender).
 pub(super) async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(INLINE_FRAME_MAX);
+    // Everything on the shared stream is charged to the data budget: it
+    // waits behind data anyway (this transport sends control messages on
+    // streams of their own).
     let mut ready = Ready {
         msgs: Vec::new(),
-        charge: inner.budgets.empty(&pc.share),
+        charge: inner.budgets.empty(&pc.share, Class::Data),
     };
     let frame_timeout = inner.config.frame_timeout;
     // When this node started waiting for the rest of a partial frame.
@@ -356,7 +362,8 @@ pub(super) async fn decode_buffered(
             if deliver_all(inner, ready).await.is_err() {
                 return Pass::Gone;
             }
-            match charge_message(inner, &pc.share, want).await {
+            let channel = inspected.header.channel;
+            match charge_message(inner, pc, Class::Data, channel, want).await {
                 Some(c) => ready.charge = c,
                 None => return Pass::Gone,
             }
@@ -377,18 +384,57 @@ pub(super) async fn decode_buffered(
     }
 }
 
-/// Charges a message of `want` bytes to `share`, waiting for room (counted
-/// in `inbound_budget_waits` when it must wait).
+/// The budget a message on `channel` is charged to.
+pub(super) fn class_of(inner: &Inner, channel: u32) -> Class {
+    if inner.config.is_control(channel) {
+        Class::Control
+    } else {
+        Class::Data
+    }
+}
+
+/// How long a reader waits for budget before the wait is reported as a
+/// stall (`inbound_budget_stalls`, a warning naming the peer and channel).
+pub(super) const BUDGET_STALL: Duration = Duration::from_secs(1);
+
+/// Charges a message of `want` bytes on `channel` to `pc`'s peer's share of
+/// the `class` budget, waiting for room (counted in `inbound_budget_waits`,
+/// and `control_budget_waits` for control, when it must wait; reported when
+/// the wait lasts longer than [`BUDGET_STALL`]).
 pub(super) async fn charge_message(
     inner: &Inner,
-    share: &Arc<PeerBudget>,
+    pc: &PeerConn,
+    class: Class,
+    channel: u32,
     want: usize,
 ) -> Option<Charge> {
-    if let Some(charge) = inner.budgets.try_message(share, want) {
+    let share = &pc.share;
+    if let Some(charge) = inner.budgets.try_message(share, class, want) {
         return Some(charge);
     }
     Stats::inc(&inner.stats.inbound_budget_waits);
-    inner.budgets.message(share, want).await
+    if class == Class::Control {
+        Stats::inc(&inner.stats.control_budget_waits);
+    }
+    let wait = inner.budgets.message(share, class, want);
+    tokio::pin!(wait);
+    if let Ok(charge) = tokio::time::timeout(BUDGET_STALL, &mut wait).await {
+        return charge;
+    }
+    Stats::inc(&inner.stats.inbound_budget_stalls);
+    let held = match class {
+        Class::Data => inner.budgets.charged_by(&pc.peer.name),
+        Class::Control => inner.budgets.control_charged_by(&pc.peer.name),
+    };
+    warn!(
+        peer = %pc.peer,
+        channel,
+        control = class == Class::Control,
+        held,
+        wanted = want,
+        "inbound budget share of this peer full of messages not taken yet: its streams wait"
+    );
+    wait.await
 }
 
 /// Hands decoded messages to the inbound queue, reserving room for many at
@@ -400,8 +446,30 @@ pub(super) async fn deliver_all(inner: &Inner, ready: &mut Ready) -> Result<(), 
         return Ok(());
     }
     inner.budgets.note_peak();
-    let fresh = inner.budgets.empty(ready.charge.share());
+    let fresh = inner.budgets.empty(ready.charge.share(), Class::Data);
     let charge = Arc::new(Mutex::new(std::mem::replace(&mut ready.charge, fresh)));
+    if !inner.config.control_channels.is_empty()
+        && ready
+            .msgs
+            .iter()
+            .any(|m| inner.config.is_control(m.channel))
+    {
+        // Control messages on the shared stream (a peer that sends them
+        // there): each to its own queue, in order.
+        Stats::add(&inner.stats.messages_received, ready.msgs.len() as u64);
+        for msg in ready.msgs.drain(..) {
+            let charged = Charged {
+                charge: Some(Arc::clone(&charge)),
+                msg,
+            };
+            inner
+                .queue_for(charged.msg.channel)
+                .send(charged)
+                .await
+                .map_err(|_| ())?;
+        }
+        return Ok(());
+    }
     let tx = &inner.messages_tx;
     let cap = tx.max_capacity().max(1);
     while !ready.msgs.is_empty() {
@@ -520,7 +588,7 @@ pub(super) async fn handle_bi(
         msg,
         charge: Some(Arc::new(Mutex::new(d.charge))),
     };
-    if inner.messages_tx.send(charged).await.is_err() {
+    if inner.queue_for(d.channel).send(charged).await.is_err() {
         if let Some(mut send) = verdict {
             let _ = send.reset(code::GONE.into());
         }
