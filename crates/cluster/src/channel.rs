@@ -24,6 +24,7 @@ pub(crate) struct Delivery {
 
 pub(crate) struct ChannelEntry {
     pub(crate) tx: mpsc::Sender<Delivery>,
+    pub(crate) name: Arc<str>,
 }
 
 /// The registered channels of a node, by id.
@@ -40,6 +41,15 @@ impl ChannelTable {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&id)
             .map(|e| e.tx.clone())
+    }
+
+    /// The name of channel `id`, if registered.
+    pub(crate) fn name(&self, id: u32) -> Option<Arc<str>> {
+        self.map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .map(|e| Arc::clone(&e.name))
     }
 
     fn remove(&self, id: u32) {

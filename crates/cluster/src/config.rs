@@ -202,19 +202,26 @@ pub struct Limits {
     /// in `inbound_bytes` while they wait.
     pub owner_queue: usize,
     /// Received messages waiting per typed channel. When full, the node stops
-    /// reading from the network, and QUIC flow control makes senders wait.
+    /// reading peers' data messages (user channels, owner-routed) until
+    /// there is room, and QUIC flow control makes senders wait; it is
+    /// counted (`Snapshot::facade.channel_full`) and logged at warn with
+    /// the channel and the peer. Membership and notices do not wait for it.
     /// Messages from peers also hold their bytes in `inbound_bytes` until
     /// the application takes them.
     pub channel_queue: usize,
     /// Bytes of messages from peers (decompressed, plus 128 bytes each) this
     /// node holds at once: from the moment the transport reads a message's
     /// header until its consumer is done with it, wherever it waits (the
-    /// transport's queue, the membership, notice and owner-routed queues,
-    /// a channel's queue, held or parked work, early notices). One peer
-    /// gets at most half. When full, the node stops reading that peer's (or
-    /// every peer's) messages and QUIC flow control makes the senders wait;
-    /// each wait is counted (`Snapshot::transport.inbound_budget_waits`).
-    /// At least 4 × `max_message` is used. Default 64 MiB.
+    /// transport's queue, the owner-routed queue, a channel's queue, held
+    /// or parked work, early notices). One peer gets at most half. When
+    /// full, the node stops reading that peer's (or every peer's) data
+    /// messages and QUIC flow control makes the senders wait; each wait is
+    /// counted (`Snapshot::transport.inbound_budget_waits`, and
+    /// `inbound_budget_stalls` with a warning when it lasts over 1 s).
+    /// Membership messages and notice batches are not charged here: they
+    /// have a budget of their own (4 × (4 MiB + 1 MiB), one peer half), so
+    /// they never wait for data nobody consumes. At least 4 ×
+    /// `max_message` is used. Default 64 MiB.
     pub inbound_bytes: usize,
     /// Items waiting per peer to be handed to the transport. When full,
     /// membership datagrams are dropped (counted; SWIM tolerates loss) and

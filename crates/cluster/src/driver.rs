@@ -241,6 +241,8 @@ pub(crate) struct Counts {
     /// Relinquish / acquire callbacks and factories that panicked.
     callback_panics: AtomicU64,
     origin_replaced: AtomicU64,
+    /// Peers' messages that found their user channel's queue full.
+    channel_full: AtomicU64,
     /// Set once a leaving node's driver stopped: routed messages that
     /// arrive are refused from then on.
     pub(crate) refusing: AtomicBool,
@@ -316,6 +318,7 @@ impl Counts {
             jobs_started: g(&self.jobs_started),
             callback_panics: g(&self.callback_panics),
             routed_origin_replaced: g(&self.origin_replaced),
+            channel_full: g(&self.channel_full),
         }
     }
 }
@@ -575,6 +578,21 @@ impl Driver {
         } = inputs;
         let (notice_tx, mut notice_rx) = mpsc::channel(1024);
         let (routed_tx, mut routed_rx) = mpsc::channel(self.config.limits.owner_queue);
+        // Control messages (membership, notices) have a dispatcher of their
+        // own: the other one may wait for room in a full user channel or
+        // owner-routed queue, which must not delay them.
+        let mut messages = messages;
+        let control_dispatcher = messages.take_control().map(|control| {
+            tokio::spawn(dispatch(
+                control,
+                self.transport.clone(),
+                Arc::clone(&self.channels),
+                Arc::clone(&self.counts),
+                membership_tx.clone(),
+                notice_tx.clone(),
+                routed_tx.clone(),
+            ))
+        });
         let dispatcher = tokio::spawn(dispatch(
             messages,
             self.transport.clone(),
@@ -684,6 +702,9 @@ impl Driver {
             info!(node = %self.name, "driver closed: routed messages are refused from now on");
         } else {
             dispatcher.abort();
+            if let Some(control) = &control_dispatcher {
+                control.abort();
+            }
             // Stopped without leaving: what is still here is lost.
             let queued = self
                 .backlog
@@ -1081,9 +1102,41 @@ pub(crate) async fn link_task(
     }
 }
 
+/// How often a user channel whose queue stays full is reported.
+const CHANNEL_FULL_REPORT: Duration = Duration::from_secs(10);
+
+/// A peer's message found user channel `id`'s queue full: counted, and
+/// logged at warn (at most every [`CHANNEL_FULL_REPORT`] per channel).
+fn channel_full(
+    channels: &ChannelTable,
+    counts: &Counts,
+    id: u32,
+    from: &Peer,
+    reported: &mut HashMap<u32, Instant>,
+) {
+    Counts::inc(&counts.channel_full);
+    let name = channels.name(id).unwrap_or_else(|| Arc::from("?"));
+    metrics::counter!("shoal_channel_full_total", "channel" => name.to_string()).increment(1);
+    let now = Instant::now();
+    if reported
+        .get(&id)
+        .is_none_or(|&at| now.duration_since(at) >= CHANNEL_FULL_REPORT)
+    {
+        reported.insert(id, now);
+        warn!(
+            channel = %name,
+            from = %from,
+            "a channel's receive queue is full (its reader is not keeping up): peers' messages wait for it"
+        );
+    }
+}
+
 /// Reads the transport's messages and hands each to its consumer: internal
 /// ones to the driver, user ones to their channel. Waits when a queue is
 /// full, so the transport stops reading and QUIC pushes back on senders.
+/// Runs as two tasks: one on the control messages (membership, notices),
+/// one on the others, so that waiting for room in a user channel or the
+/// owner-routed queue never delays control traffic.
 ///
 /// Once a leaving node's driver has stopped (`counts.refusing`), it refuses
 /// every routed message (hands it back to its sender) and keeps serving
@@ -1101,6 +1154,8 @@ async fn dispatch(
     // the transport's byte budget (and each peer's share of it) bounds every
     // queue below as well: membership, notices, routed, user channels, held
     // and parked work.
+    // When each user channel's full queue was last reported.
+    let mut full_reported: HashMap<u32, Instant> = HashMap::new();
     while let Some(m) = messages.recv_held().await {
         let refusing = counts.refusing.load(Ordering::SeqCst);
         let delivered = match m.channel {
@@ -1157,7 +1212,15 @@ async fn dispatch(
                             datum: None,
                             payload: m.body,
                         };
-                        if tx.send(delivery).await.is_err() {
+                        let sent = match tx.try_send(delivery) {
+                            Ok(()) => Ok(()),
+                            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                                channel_full(&channels, &counts, id, &m.from, &mut full_reported);
+                                tx.send(delivery).await.map_err(|_| ())
+                            }
+                        };
+                        if sent.is_err() {
                             counts.dropped(DropReason::ChannelClosed, 1);
                         }
                     }

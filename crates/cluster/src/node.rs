@@ -167,6 +167,18 @@ impl Node {
             max_ratio: 1024,
         })
         .to_vec();
+        // Membership and notices (the handoff's notice batches and done
+        // markers) are control traffic: their own budget, queue and
+        // streams, so that peers' messages this node's application has not
+        // consumed (which hold the data budget) never make them wait. Each
+        // peer's share (half) holds a push-pull state and a notice batch
+        // twice (while decompressing, compressed and decompressed bytes
+        // are charged together).
+        tconfig.control_channels = vec![wire::CH_MEMBERSHIP, wire::CH_NOTICES];
+        let max = config.limits.max_message;
+        tconfig.control_bytes = (state_cap.min(max) + notice_cap.min(max))
+            .saturating_mul(4)
+            .min(u32::MAX as usize);
         let (transport, incoming) = Transport::bind(config.bind, &identity, tconfig)?;
         let addr = match config.advertise {
             Some(a) => a,
@@ -225,8 +237,9 @@ impl Node {
         // Membership events for the driver; when full, they wait in the
         // membership state machine's own bounded queue.
         let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
-        // Reliable membership messages from the dispatcher; when full, the
-        // dispatcher waits (QUIC flow control pushes back on the senders).
+        // Reliable membership messages from the control dispatcher; when
+        // full, it waits (QUIC flow control pushes back on the senders'
+        // control streams; data is not affected).
         let (packets_tx, packets_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
         let channels = Arc::new(ChannelTable::default());
         let counts = Arc::new(Counts::default());
@@ -628,7 +641,13 @@ impl Node {
                     id,
                 });
             }
-            map.insert(id, ChannelEntry { tx });
+            map.insert(
+                id,
+                ChannelEntry {
+                    tx,
+                    name: Arc::clone(&name),
+                },
+            );
         }
         let sender = Sender {
             shared: Arc::clone(&self.shared),
@@ -704,9 +723,18 @@ impl Node {
     /// Bytes of messages from peers this node holds right now (decompressed,
     /// plus 128 bytes each), from the transport's reading to their
     /// consumer: at most `limits.inbound_bytes` (or 4 × `limits.max_message`
-    /// if larger), one peer at most half of it.
+    /// if larger), one peer at most half of it. Membership messages and
+    /// notice batches are not included: see [`Node::control_bytes_held`].
     pub fn inbound_bytes_held(&self) -> usize {
         self.shared.transport.inbound_bytes_charged()
+    }
+
+    /// Bytes of membership messages and notice batches from peers this
+    /// node holds right now, in a budget of their own (4 × (the push-pull
+    /// state cap + the notice batch cap), one peer at most half), so that
+    /// they never wait for data messages nobody consumes.
+    pub fn control_bytes_held(&self) -> usize {
+        self.shared.transport.control_bytes_charged()
     }
 
     /// Of those, the bytes from the peer called `name`.

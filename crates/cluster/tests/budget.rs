@@ -5,13 +5,18 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, eventually, join_all, start};
-use shoal::ClusterCa;
+use common::{Ledger, PATIENCE, config, eventually, join_all, ready_all, settled, start};
+use shoal::{ClusterCa, JobReason, Node};
+
+/// The handoff tests start failure detectors: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_reader_pins_at_most_the_senders_share() {
+    let _serial = SERIAL.lock().await;
     let ca = ClusterCa::generate().unwrap();
     let mut cb = config("b");
     cb.limits.max_message = 1 << 20;
@@ -70,6 +75,7 @@ async fn a_stuck_reader_pins_at_most_the_senders_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_membership_and_notice_messages_are_refused_from_their_header() {
+    let _serial = SERIAL.lock().await;
     use shoal::NodeName;
     use shoal::wire::{CH_MEMBERSHIP, CH_NOTICES};
     use shoal_transport::{Dest, Transport, TransportConfig, TransportError, WhenFull};
@@ -119,4 +125,111 @@ async fn oversized_membership_and_notice_messages_are_refused_from_their_header(
     assert_eq!(a.inbound_bytes_held(), 0);
     rogue.shutdown().await;
     a.shutdown().await;
+}
+
+/// How a's application leaves b's messages unread.
+#[derive(Clone, Copy, Debug)]
+enum Unread {
+    /// Large messages until b's share of a's data budget is full.
+    Bytes,
+    /// Small messages until the channel's queue is full (the dispatcher of
+    /// data messages waits for room in it).
+    Count,
+}
+
+/// a's application never reads a channel b sends to, until b's share of
+/// a's inbound budget, or the channel's queue, is full; then b leaves.
+/// b's notice batches and done markers (control traffic) still reach a:
+/// every datum b held is handed over by notice, none at the transition
+/// timeout, and the leave completes.
+async fn a_handoff_gets_through_past_unread_messages(unread: Unread) {
+    let _serial = SERIAL.lock().await;
+    const DATUMS: i64 = 60;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let mut ca_cfg = config("a");
+    ca_cfg.limits.max_message = 1 << 20;
+    ca_cfg.limits.inbound_bytes = 4 << 20; // 2 MiB per peer
+    let share = 2 << 20;
+    if let Unread::Count = unread {
+        ca_cfg.limits.channel_queue = 16;
+    }
+    let a = start(&ca, ca_cfg).await;
+    let b = start(&ca, config("b")).await;
+    let nodes = [a.clone(), b.clone()];
+    join_all(&nodes).await;
+    let refs: Vec<&Node> = nodes.iter().collect();
+    ready_all(&refs, DATUMS, &ledger).await;
+    settled(&refs, 2, DATUMS, &ledger).await;
+    let held = ledger.lock().holder.values().filter(|h| *h == "b").count() as u64;
+    assert!(held > 0);
+
+    // a registers the channel and never reads it.
+    let (_a_tx, _a_rx) = a.channel::<Vec<u8>>("bulk").unwrap();
+    let (to_a, _b_rx) = b.channel::<Vec<u8>>("bulk").unwrap();
+    let size = match unread {
+        Unread::Bytes => 32 * 1024,
+        Unread::Count => 16,
+    };
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u32;
+        while to_a.send_to("a", &vec![7u8; size]).await.is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    match unread {
+        Unread::Bytes => {
+            eventually("b's share of a's budget is full", || {
+                a.inbound_bytes_held_by("b") + 2 * (size + 1024) >= share
+            })
+            .await;
+        }
+        Unread::Count => {
+            let start = tokio::time::Instant::now();
+            while a.snapshot().await.unwrap().facade.channel_full == 0 {
+                assert!(start.elapsed() < PATIENCE, "a's channel queue never filled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // Let the stall settle in: whatever b sends to a now waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sender.is_finished(), "b is pushed back");
+
+    ledger.clear_history();
+    let report = b.leave(PATIENCE).await.unwrap();
+    assert!(report.completed, "{report:?}");
+    assert_eq!(report.relinquished, held);
+    settled(&refs[..1], 1, DATUMS, &ledger).await;
+    let t = a.snapshot().await.unwrap().transition;
+    assert_eq!(
+        t.acquired_after_timeout, 0,
+        "a waited out the transition timeout for b's notices"
+    );
+    let taken: Vec<_> = ledger
+        .lock()
+        .acquire_reasons
+        .iter()
+        .filter(|(node, ..)| node == "a")
+        .cloned()
+        .collect();
+    assert_eq!(taken.len() as u64, held);
+    assert!(
+        taken.iter().all(|(_, _, r, _)| *r == JobReason::Handoff),
+        "every datum b held is handed over by its notice: {taken:?}"
+    );
+    assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    a.shutdown().await;
+    sender.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_gets_through_when_a_peers_share_is_full_of_unread_messages() {
+    a_handoff_gets_through_past_unread_messages(Unread::Bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_gets_through_when_a_channels_queue_is_full() {
+    a_handoff_gets_through_past_unread_messages(Unread::Count).await;
 }
