@@ -201,13 +201,15 @@ pub struct Limits {
     /// messages (backpressure). Messages from peers also hold their bytes
     /// in `inbound_bytes` while they wait.
     pub owner_queue: usize,
-    /// Received messages waiting per typed channel. When full, the node stops
-    /// reading peers' data messages (user channels, owner-routed) until
-    /// there is room, and QUIC flow control makes senders wait; it is
-    /// counted (`Snapshot::facade.channel_full`) and logged at warn with
-    /// the channel and the peer. Membership and notices do not wait for it.
-    /// Messages from peers also hold their bytes in `inbound_bytes` until
-    /// the application takes them.
+    /// Received messages waiting per typed channel. When full, peers'
+    /// messages for the channel wait apart, in order, each holding its bytes
+    /// in its sender's share of `inbound_bytes` (so a channel nobody reads
+    /// pins at most the share of each peer that sends to it, which is then
+    /// read no further and pushed back by QUIC flow control); other
+    /// channels, other peers, membership and notices go on. Counted
+    /// (`Snapshot::facade.channel_full`) and logged at warn with the
+    /// channel and the peer. Messages from peers also hold their bytes in
+    /// `inbound_bytes` until the application takes them.
     pub channel_queue: usize,
     /// Bytes of messages from peers (decompressed, plus 128 bytes each) this
     /// node holds at once: from the moment the transport reads a message's

@@ -1102,6 +1102,91 @@ pub(crate) async fn link_task(
     }
 }
 
+/// Room found in a full user channel's queue (or the channel is closed).
+type ChannelRoom = (
+    u32,
+    Result<mpsc::OwnedPermit<Delivery>, mpsc::error::SendError<()>>,
+);
+
+/// Peers' messages for user channels whose queue is full, waiting in order
+/// (per channel) while the dispatcher goes on with other channels and
+/// peers. Each holds its bytes in its sender's share of the data budget
+/// (its body comes from `recv_held`), so the spill is bounded by that
+/// budget, not by a count: a channel nobody reads pins at most the share
+/// of each peer that sends to it, and those peers' data streams are then
+/// read no further (QUIC pushes back on them).
+#[derive(Default)]
+struct Spill {
+    /// By channel: its queue and the messages waiting for room in it.
+    waiting: HashMap<u32, (mpsc::Sender<Delivery>, VecDeque<Delivery>)>,
+    /// One task per waiting channel, waiting for room in its queue.
+    room: tokio::task::JoinSet<ChannelRoom>,
+}
+
+impl Spill {
+    /// Whether messages for channel `id` wait here (a new one goes after
+    /// them).
+    fn waits(&self, id: u32) -> bool {
+        self.waiting.contains_key(&id)
+    }
+
+    fn push(&mut self, id: u32, delivery: Delivery) {
+        if let Some((_, queue)) = self.waiting.get_mut(&id) {
+            queue.push_back(delivery);
+        }
+    }
+
+    /// Channel `id`'s queue is full: `delivery` waits, and so do the
+    /// channel's next messages, until there is room.
+    fn start(&mut self, id: u32, tx: mpsc::Sender<Delivery>, delivery: Delivery) {
+        self.wait_for_room(id, &tx);
+        self.waiting.insert(id, (tx, VecDeque::from([delivery])));
+    }
+
+    fn wait_for_room(&mut self, id: u32, tx: &mpsc::Sender<Delivery>) {
+        let tx = tx.clone();
+        self.room
+            .spawn(async move { (id, tx.reserve_owned().await) });
+    }
+
+    /// Room in channel `id`'s queue: hands over what fits, in order.
+    fn on_room(
+        &mut self,
+        id: u32,
+        permit: Result<mpsc::OwnedPermit<Delivery>, mpsc::error::SendError<()>>,
+        counts: &Counts,
+    ) {
+        let Some((tx, mut queue)) = self.waiting.remove(&id) else {
+            return;
+        };
+        let Ok(permit) = permit else {
+            // The application dropped the channel's receiver.
+            counts.dropped(DropReason::ChannelClosed, queue.len() as u64);
+            return;
+        };
+        if let Some(d) = queue.pop_front() {
+            permit.send(d);
+        }
+        while let Some(d) = queue.pop_front() {
+            match tx.try_send(d) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(d)) => {
+                    queue.push_front(d);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    counts.dropped(DropReason::ChannelClosed, queue.len() as u64 + 1);
+                    return;
+                }
+            }
+        }
+        if !queue.is_empty() {
+            self.wait_for_room(id, &tx);
+            self.waiting.insert(id, (tx, queue));
+        }
+    }
+}
+
 /// How often a user channel whose queue stays full is reported.
 const CHANNEL_FULL_REPORT: Duration = Duration::from_secs(10);
 
@@ -1156,7 +1241,19 @@ async fn dispatch(
     // and parked work.
     // When each user channel's full queue was last reported.
     let mut full_reported: HashMap<u32, Instant> = HashMap::new();
-    while let Some(m) = messages.recv_held().await {
+    let mut spill = Spill::default();
+    loop {
+        let m = tokio::select! {
+            biased;
+            Some(done) = spill.room.join_next(), if !spill.room.is_empty() => {
+                if let Ok((id, permit)) = done {
+                    spill.on_room(id, permit, &counts);
+                }
+                continue;
+            }
+            m = messages.recv_held() => m,
+        };
+        let Some(m) = m else { break };
         let refusing = counts.refusing.load(Ordering::SeqCst);
         let delivered = match m.channel {
             // The membership task outlives a closed driver until shutdown.
@@ -1212,16 +1309,26 @@ async fn dispatch(
                             datum: None,
                             payload: m.body,
                         };
-                        let sent = match tx.try_send(delivery) {
-                            Ok(()) => Ok(()),
-                            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-                            Err(mpsc::error::TrySendError::Full(delivery)) => {
-                                channel_full(&channels, &counts, id, &m.from, &mut full_reported);
-                                tx.send(delivery).await.map_err(|_| ())
+                        if spill.waits(id) {
+                            spill.push(id, delivery);
+                            channel_full(&channels, &counts, id, &m.from, &mut full_reported);
+                        } else {
+                            match tx.try_send(delivery) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Closed(_)) => {
+                                    counts.dropped(DropReason::ChannelClosed, 1);
+                                }
+                                Err(mpsc::error::TrySendError::Full(delivery)) => {
+                                    spill.start(id, tx, delivery);
+                                    channel_full(
+                                        &channels,
+                                        &counts,
+                                        id,
+                                        &m.from,
+                                        &mut full_reported,
+                                    );
+                                }
                             }
-                        };
-                        if sent.is_err() {
-                            counts.dropped(DropReason::ChannelClosed, 1);
                         }
                     }
                     None => {

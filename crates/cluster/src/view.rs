@@ -203,12 +203,13 @@ pub struct FacadeCounters {
     /// minute): delivered and routed with the sender as their origin, so
     /// the application's `from` is never a name the sender made up.
     pub routed_origin_replaced: u64,
-    /// Times a message from a peer found its user channel's receive queue
-    /// full (`limits.channel_queue`): the channel's reader is not keeping
-    /// up, or stuck. The dispatcher of peers' data messages waits for room
-    /// meanwhile (membership and notices have their own and do not wait);
-    /// logged at warn with the channel and the peer, at most every 10 s
-    /// per channel. Also `shoal_channel_full_total{channel}`.
+    /// Messages from peers that found their user channel's receive queue
+    /// full (`limits.channel_queue`), or others of that channel waiting
+    /// already: the channel's reader is not keeping up, or stuck. They wait
+    /// apart, in order, holding their bytes in their senders' shares of
+    /// the inbound budget, while other channels go on; logged at warn with
+    /// the channel and the peer, at most every 10 s per channel. Also
+    /// `shoal_channel_full_total{channel}`.
     pub channel_full: u64,
 }
 

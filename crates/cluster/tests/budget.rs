@@ -233,3 +233,71 @@ async fn a_handoff_gets_through_when_a_peers_share_is_full_of_unread_messages() 
 async fn a_handoff_gets_through_when_a_channels_queue_is_full() {
     a_handoff_gets_through_past_unread_messages(Unread::Count).await;
 }
+
+/// A channel nobody reads delays only itself: once its queue is full, the
+/// messages for it wait apart (in order, holding their sender's share of
+/// the data budget), and other channels and peers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_channel_delays_only_itself_and_the_peers_that_fill_it() {
+    let _serial = SERIAL.lock().await;
+    const COUNT: u32 = 20_000;
+    let ca = ClusterCa::generate().unwrap();
+    let mut ca_cfg = config("a");
+    ca_cfg.limits.max_message = 1 << 20;
+    ca_cfg.limits.inbound_bytes = 4 << 20; // 2 MiB per peer
+    ca_cfg.limits.channel_queue = 16;
+    let share = 2 << 20;
+    let a = start(&ca, ca_cfg).await;
+    let b = start(&ca, config("b")).await;
+    let c = start(&ca, config("c")).await;
+    join_all(&[a.clone(), b.clone(), c.clone()]).await;
+    let (_a_bulk_tx, mut a_bulk) = a.channel::<u32>("bulk").unwrap();
+    let (_a_other_tx, mut a_other) = a.channel::<u32>("other").unwrap();
+    let (b_bulk, _b_bulk_rx) = b.channel::<u32>("bulk").unwrap();
+    let (c_other, _c_other_rx) = c.channel::<u32>("other").unwrap();
+    // 20,000 messages of 4 bytes hold 144 bytes each of b's share: 2.7 MiB.
+    let sender = tokio::spawn(async move {
+        for i in 0..COUNT {
+            b_bulk.send_to("a", &i).await.unwrap();
+        }
+    });
+    let start_wait = tokio::time::Instant::now();
+    while a.snapshot().await.unwrap().facade.channel_full == 0 {
+        assert!(
+            start_wait.elapsed() < PATIENCE,
+            "a's channel queue never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another peer's message on another channel is not held up.
+    c_other.send_to("a", &7).await.unwrap();
+    let m = tokio::time::timeout(PATIENCE, a_other.recv())
+        .await
+        .expect("a message on another channel waited for the stuck one")
+        .unwrap();
+    assert_eq!(m.payload, 7);
+    // b's messages wait in b's share, which fills: then b is read no further.
+    eventually("b's share of a's budget fills", || {
+        a.inbound_bytes_held_by("b") >= share * 9 / 10
+    })
+    .await;
+    assert!(a.inbound_bytes_held() <= 2 * share);
+    let full = a.snapshot().await.unwrap().facade.channel_full;
+    assert!(full > 0);
+    // The reader wakes up: every message arrives, in order.
+    for i in 0..COUNT {
+        let m = tokio::time::timeout(PATIENCE, a_bulk.recv())
+            .await
+            .expect("message never arrived")
+            .unwrap();
+        assert_eq!(m.payload, i, "message lost or reordered");
+    }
+    tokio::time::timeout(PATIENCE, sender)
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("budget given back", || a.inbound_bytes_held() == 0).await;
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
