@@ -564,6 +564,10 @@ pub(super) async fn handle_bi(
         }
     };
     Stats::add(&inner.stats.bytes_received, (d.wire + 1) as u64);
+    if inner.config.is_control(d.channel) {
+        // The answer (or verdict) goes first too.
+        let _ = send.set_priority(CONTROL_PRIORITY);
+    }
     let (reply, verdict) = match kind {
         StreamKind::Request => (
             Some(Responder {
