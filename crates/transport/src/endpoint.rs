@@ -649,8 +649,15 @@ impl Transport {
         count_sent(inner, &frame);
         let channel = frame.header.channel;
         let caps = inner.caps.of(channel);
-        // The request's own timeout bounds the wait: no frame deadline.
-        let response = read_frame(inner, &pc, &mut recv, |_| caps, None, Charging::Response).await;
+        // The request's own timeout bounds the wait: no frame deadline. The
+        // answer on a control channel is charged to the control budget, so
+        // it never waits for large answers on other channels.
+        let charging = if inner.config.is_control(channel) {
+            Charging::Message
+        } else {
+            Charging::Response
+        };
+        let response = read_frame(inner, &pc, &mut recv, |_| caps, None, charging).await;
         match response {
             Ok(d) => {
                 Stats::inc(&inner.stats.responses_received);
