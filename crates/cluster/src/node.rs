@@ -737,7 +737,13 @@ impl Node {
         self.shared.transport.control_bytes_charged()
     }
 
-    /// Of those, the bytes from the peer called `name`.
+    /// The most bytes [`Node::inbound_bytes_held`] ever reached since the
+    /// node started: the high-water mark of memory held for peers' messages.
+    pub fn inbound_bytes_held_peak(&self) -> usize {
+        self.shared.transport.inbound_bytes_charged_peak()
+    }
+
+    /// Of [`Node::inbound_bytes_held`], the bytes from the peer called `name`.
     pub fn inbound_bytes_held_by(&self, name: &str) -> usize {
         NodeName::new(name).map_or(0, |n| self.shared.transport.inbound_bytes_charged_by(&n))
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use shoal::wire::{CH_ROUTED, Routed, channel_id};
+use shoal::wire::{CH_MEMBERSHIP, CH_ROUTED, Routed, channel_id};
 use shoal::{ClusterCa, Node, NodeName, Snapshot};
 use shoal_membership::forge;
 use shoal_transport::{
@@ -146,7 +146,21 @@ async fn nothing_happened(nodes: &[Node], ledger: &Ledger, before: &Picture, att
 }
 
 async fn settled_cluster(ca: &ClusterCa, ledger: &Arc<Ledger>) -> Vec<Node> {
-    let nodes = cluster(ca, &["a", "b", "c", "d"]).await;
+    settled_cluster_timed(ca, ledger, shoal::Timing::Local).await
+}
+
+async fn settled_cluster_timed(
+    ca: &ClusterCa,
+    ledger: &Arc<Ledger>,
+    timing: shoal::Timing,
+) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let mut c = config(name);
+        c.timing = timing;
+        nodes.push(start(ca, c).await);
+    }
+    join_all(&nodes).await;
     let refs: Vec<&Node> = nodes.iter().collect();
     ready_all(&refs, DATUMS, ledger).await;
     settled(&refs, 4, DATUMS, ledger).await;
@@ -328,4 +342,226 @@ async fn spoofed_acks_do_not_keep_a_stopped_node_alive() {
         n.shutdown().await;
     }
     rogue.transport.shutdown().await;
+}
+
+/// Resident set size of this test process, bytes (Linux; 0 elsewhere).
+/// Only reported: tests share the process, so it is never asserted on.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Pseudo-random bytes over a 4-letter alphabet: zstd compresses them about
+/// 4:1, under every ratio cap, so they cross the wire compressed.
+fn compressible(n: usize, seed: u32) -> bytes::Bytes {
+    let mut x = seed | 1;
+    bytes::Bytes::from(
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                b"ACGT"[(x & 3) as usize]
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// `f`, cut off half a second after `end` (a send waiting for room).
+async fn bounded(end: tokio::time::Instant, f: impl Future<Output = ()>) {
+    let _ = tokio::time::timeout_at(end + Duration::from_millis(500), f).await;
+}
+
+/// The rogue's side of the memory flood, on a runtime of its own (so its
+/// compression does not steal the nodes' threads): first small messages
+/// past the channel's queue, then `flood_for` of everything at once.
+async fn flood(
+    id: shoal_transport::NodeIdentity,
+    to_b: Dest,
+    limits: shoal::Limits,
+    flood_for: Duration,
+) {
+    // The rogue may send what b refuses: its own limits are above b's.
+    let mut tconfig = TransportConfig::default();
+    tconfig.max_message_size = 2 * limits.max_message;
+    tconfig.inbound_bytes = 4 * tconfig.max_message_size;
+    let (rogue, _incoming) = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, tconfig).unwrap();
+    // First, small messages to the same channel, past its queue's capacity.
+    for i in 0..(limits.channel_queue + 1000) {
+        let body = bytes::Bytes::from(vec![u8::try_from(i % 251).unwrap(); 64]);
+        let send = rogue.send(&to_b, channel_id("bulk"), body, WhenFull::Wait);
+        if tokio::time::timeout(Duration::from_secs(2), send)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let end = tokio::time::Instant::now() + flood_for;
+    let mut flood = tokio::task::JoinSet::new();
+    // 8 streams of 4 MiB compressed messages to the unread channel.
+    for s in 0..8u32 {
+        let (rogue, to_b) = (rogue.clone(), to_b.clone());
+        let body = compressible(4 << 20, s + 1);
+        flood.spawn(bounded(end, async move {
+            while tokio::time::Instant::now() < end {
+                let _ = rogue
+                    .send(&to_b, channel_id("bulk"), body.clone(), WhenFull::Wait)
+                    .await;
+            }
+        }));
+    }
+    // Frames over b's limit: refused from their header.
+    let (r, t) = (rogue.clone(), to_b.clone());
+    flood.spawn(bounded(end, async move {
+        let big = compressible(limits.max_message + 1, 99);
+        while tokio::time::Instant::now() < end {
+            let _ = r
+                .send(&t, channel_id("bulk"), big.clone(), WhenFull::Wait)
+                .await;
+        }
+    }));
+    // Membership at its caps: push-pull states of the most members, with
+    // long names, and full datagrams of stray acks.
+    let (r, t) = (rogue.clone(), to_b.clone());
+    let rogue_addr = rogue.local_addr();
+    flood.spawn(bounded(end, async move {
+        let mut msgs = vec![forge::push_pull("mallory", false, true)];
+        let long = "g".repeat(100);
+        for i in 0..16_000 {
+            msgs.push(forge::state(
+                &format!("{long}-{i:05}"),
+                1,
+                0,
+                rogue_addr,
+                true,
+                forge::ForgedState::Alive,
+            ));
+        }
+        let state = bytes::Bytes::from(forge::packet(&msgs));
+        while tokio::time::Instant::now() < end {
+            let _ = r
+                .send(&t, CH_MEMBERSHIP, state.clone(), WhenFull::Wait)
+                .await;
+        }
+    }));
+    let (r, t) = (rogue.clone(), to_b.clone());
+    flood.spawn(bounded(end, async move {
+        let mut seq = 0u32;
+        while tokio::time::Instant::now() < end {
+            let mut acks = Vec::new();
+            let mut len = 1;
+            while len < 1100 {
+                let ack = forge::ack(seq);
+                seq = seq.wrapping_add(1);
+                len += ack.len();
+                acks.push(ack);
+            }
+            let _ = r.send_datagram(&t, &forge::packet(&acks)).await;
+            tokio::task::yield_now().await;
+        }
+    }));
+    while flood.join_next().await.is_some() {}
+    rogue.shutdown().await;
+}
+
+/// Memory exhaustion: for `FLOOD` the rogue (on a runtime of its own, as
+/// another process would be) sends b everything that pins memory — first
+/// more small messages than the queue of a channel b's application never
+/// reads holds, then large compressed messages on 8 streams to that
+/// channel, frames over b's size limit (refused from their header; the
+/// connection is closed for abuse and the rogue dials again), push-pull
+/// states of 16,000 members with long names and full datagrams of
+/// membership messages. b's bytes held for the rogue stay within its share
+/// (half of the inbound budget) and all of b's within the budget, no
+/// member suspects another (with the lan profile's 100 ms probe timeout),
+/// nothing changes, a member's message on another channel still reaches
+/// b's application, and dropping the unread channel gives the share back.
+/// Prints the figures `docs/security.md` reports, and the test process's
+/// RSS (never asserted on: the whole cluster and the rogue share it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_flood_pins_at_most_its_share() {
+    const FLOOD: Duration = Duration::from_secs(3);
+    let _serial = SERIAL.lock().await;
+    let ca = ClusterCa::generate().unwrap();
+    let ledger = Arc::new(Ledger::default());
+    // The lan profile's probe timeout (100 ms) is the one to keep.
+    let nodes = settled_cluster_timed(&ca, &ledger, shoal::Timing::Lan).await;
+    let b = nodes[1].clone();
+    let limits = config("b").limits;
+    let budget = limits.inbound_bytes.max(4 * limits.max_message);
+    let share = budget / 2;
+    // A channel b's application opened and never reads, and one it does.
+    let (_bulk_tx, bulk_rx) = b.channel::<Vec<u8>>("bulk").unwrap();
+    let (_work_tx, mut work_rx) = b.channel::<u64>("work").unwrap();
+    let (to_b_work, _a_work_rx) = nodes[0].channel::<u64>("work").unwrap();
+    let before = picture(&nodes).await;
+    let suspicions = |s: &Snapshot| s.membership.suspicions + s.membership.refutations;
+    let suspicions_before = total(&nodes, suspicions).await;
+    let stats_before = b.transport_stats();
+    let rss_before = rss_bytes();
+
+    let local = b.local();
+    let to_b = Dest::node(NodeName::new(&local.name).unwrap(), local.addr);
+    let rogue = {
+        let id = ca.issue(&NodeName::new("mallory").unwrap()).unwrap();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(flood(id, to_b, limits, FLOOD));
+        })
+    };
+    // Meanwhile, b's held bytes, sampled.
+    let (mut peak_rogue, mut peak_all) = (0, 0);
+    while !rogue.is_finished() {
+        peak_rogue = peak_rogue.max(b.inbound_bytes_held_by("mallory"));
+        peak_all = peak_all.max(b.inbound_bytes_held());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rogue.join().unwrap();
+    let rss_flood = rss_bytes();
+    let stats = b.transport_stats();
+    println!(
+        "flood of {FLOOD:?}: b held at most {peak_rogue} bytes from the rogue (share {share}), \
+         {peak_all} in all (budget {budget}), peak gauge {}; {} messages, {} frames too large, \
+         {} connections closed for abuse, {} datagrams dropped; test process RSS {} -> {} MiB",
+        b.inbound_bytes_held_peak(),
+        stats.messages_received - stats_before.messages_received,
+        stats.frames_too_large - stats_before.frames_too_large,
+        stats.connections_closed_for_abuse - stats_before.connections_closed_for_abuse,
+        stats.datagrams_dropped - stats_before.datagrams_dropped,
+        rss_before >> 20,
+        rss_flood >> 20,
+    );
+    assert!(peak_rogue <= share, "{peak_rogue} > share {share}");
+    assert!(b.inbound_bytes_held_peak() <= budget);
+    assert!(peak_rogue > share / 2, "the flood never filled b's budget");
+    assert!(stats.frames_too_large > stats_before.frames_too_large);
+    // No probe went unanswered: nobody suspected anybody.
+    assert_eq!(total(&nodes, suspicions).await, suspicions_before);
+    nothing_happened(&nodes, &ledger, &before, "memory flood").await;
+    // A member's message still gets through to b's application while the
+    // rogue's bytes are pinned.
+    to_b_work.send_to("b", &7).await.unwrap();
+    let m = tokio::time::timeout(PATIENCE, work_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&*m.from, m.payload), ("a", 7));
+    // The application drops its unread channel: the rogue's share is given
+    // back.
+    drop(bulk_rx);
+    eventually("the rogue's bytes given back", || {
+        b.inbound_bytes_held_by("mallory") == 0
+    })
+    .await;
+    println!("after: test process RSS {} MiB", rss_bytes() >> 20);
+    for n in &nodes {
+        n.shutdown().await;
+    }
 }
