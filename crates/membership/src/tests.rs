@@ -3137,6 +3137,30 @@ fn a_third_party_cannot_announce_a_new_generation_or_address() {
 }
 
 #[test]
+fn a_refutation_relayed_by_a_non_member_is_checked_not_applied() {
+    let now = Instant::now();
+    let mut n = node_knowing_x_and_y(now);
+    deliver_as(&mut n, Some("y"), &[suspect("x", 1, 1, "y")], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 1)));
+    drain_transmits(&mut n);
+    // A process that is no member relays x's refutation: x is asked.
+    deliver_as(&mut n, Some("rogue"), &[alive("x", 1, 2, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Suspect, 1)));
+    assert!(asked_alive(&drain_transmits(&mut n), addr(2)));
+    assert_eq!(n.stats().claims_checked, 1);
+    // A member's relay of it still counts (gossip), and x's own answer.
+    deliver_as(&mut n, Some("y"), &[alive("x", 1, 2, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 2)));
+    deliver_as(&mut n, Some("y"), &[suspect("x", 1, 2, "y")], now);
+    deliver_as(&mut n, Some("x"), &[alive("x", 1, 3, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 3)));
+    // An update of a live member from a non-member is applied as before
+    // (x refutes one it did not make).
+    deliver_as(&mut n, Some("rogue"), &[alive("x", 1, 4, 2)], now);
+    assert_eq!(state_of(&n, "x"), Some((MemberState::Alive, 4)));
+}
+
+#[test]
 fn a_new_member_is_learned_from_itself_not_from_a_third_party() {
     let now = Instant::now();
     let mut n = node_knowing_x_and_y(now);

@@ -11,7 +11,9 @@ impl<R: Rng> Membership<R> {
     /// third party may relay what does not change the member's identity:
     /// the same generation and address, at an incarnation at most
     /// `MAX_INCARNATION_STEP` above the known one (a refutation or an
-    /// update; one the member did not make it answers by refuting). A new
+    /// update; one the member did not make it answers by refuting); but a
+    /// refutation of a member held suspect or down relayed by a sender that
+    /// is no member is checked, as below, instead of applied. A new
     /// member, generation or address from a third party is not applied but
     /// checked: the member is asked at the claimed address for its own
     /// `Alive`, which then counts first-hand.
@@ -52,7 +54,12 @@ impl<R: Rng> Membership<R> {
             }
             return false;
         };
-        let (generation, addr, incarnation) = (record.generation, record.addr, record.incarnation);
+        let (generation, addr, incarnation, state) = (
+            record.generation,
+            record.addr,
+            record.incarnation,
+            record.state,
+        );
         if info.generation < generation {
             return true; // stale: ignored by the precedence rules
         }
@@ -60,7 +67,25 @@ impl<R: Rng> Membership<R> {
             self.check_claim(name, info.addr, now);
             return false;
         }
-        self.incarnation_ok(info.incarnation, incarnation)
+        if !self.incarnation_ok(info.incarnation, incarnation) {
+            return false;
+        }
+        if state != MemberState::Alive
+            && info.incarnation > incarnation
+            && sender.is_none_or(|s| self.index.get(s, &self.members).is_none())
+        {
+            // A refutation of a member held suspect or down, relayed by a
+            // process that is no member (it may be keeping a stopped node
+            // alive): the member is asked, and only its own answer counts.
+            debug!(
+                ?sender,
+                member = name,
+                "checking a refutation relayed by a non-member"
+            );
+            self.check_claim(name, addr, now);
+            return false;
+        }
+        true
     }
 
     /// Whether this node's dead verdict about a member, reached at
