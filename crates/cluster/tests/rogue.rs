@@ -565,3 +565,55 @@ async fn a_rogue_flood_pins_at_most_its_share() {
         n.shutdown().await;
     }
 }
+
+/// A forged refutation: the rogue, no member, relays an `Alive` for a
+/// stopped node at a rising incarnation, which would clear every suspicion
+/// and verdict about it as the spoofed acks did. A refutation of a
+/// member held suspect or dead from a non-member is checked with the member
+/// itself (which does not answer): d is still declared dead by every
+/// survivor, and the checks are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refutation_relayed_by_a_non_member_does_not_keep_a_stopped_node_alive() {
+    let _serial = SERIAL.lock().await;
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b", "c", "d"]).await;
+    let rogue = Rogue::new(&ca);
+    let d = nodes[3].local();
+    let survivors = &nodes[..3];
+    let checks = |s: &Snapshot| s.membership.claims_checked;
+    let was = total(survivors, checks).await;
+    nodes[3].crash().await;
+    let mut incarnation = 1;
+    let start = tokio::time::Instant::now();
+    loop {
+        assert!(start.elapsed() < PATIENCE, "d was never declared dead");
+        let dead_everywhere = snapshots(survivors).await.iter().all(|s| {
+            s.members
+                .iter()
+                .any(|m| &*m.name == "d" && m.generation == d.generation && !m.state.is_live())
+        });
+        if dead_everywhere {
+            break;
+        }
+        // One above the last: within reach of any incarnation d had.
+        rogue
+            .send_all(
+                survivors,
+                &[forge::alive(
+                    "d",
+                    d.generation,
+                    incarnation,
+                    d.addr,
+                    d.ready,
+                )],
+            )
+            .await;
+        incarnation += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(total(survivors, checks).await > was);
+    for n in survivors {
+        n.shutdown().await;
+    }
+    rogue.transport.shutdown().await;
+}
