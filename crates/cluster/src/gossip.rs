@@ -169,7 +169,7 @@ impl MembershipTask {
         lease: Arc<crate::lease::LeaseCell>,
     ) -> MembershipTask {
         let last_local = membership.local().clone();
-        let gate = TakeoverGate::new(membership.takeover_delay());
+        let gate = membership.takeover_gate();
         MembershipTask {
             name: Arc::clone(&membership.local().name),
             membership,

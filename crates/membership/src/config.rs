@@ -247,6 +247,19 @@ impl Config {
         (self.lease_period * (100 + drift) / 100).saturating_add(self.takeover_margin)
     }
 
+    /// Whether the takeover delay may count from the start of the suspicion
+    /// behind a verdict ([`TakeoverGate`](crate::TakeoverGate)): with the
+    /// contact-based leases (`Witnesses`, `StaticQuorum`, `ContactOnly`),
+    /// where a member that answers no probe has no fresh contact either.
+    /// Not with `Majority`, whose lease rests on the member's own view (a
+    /// cut-off minority that still reaches itself keeps it until its own
+    /// verdicts about the majority), nor with `Off`: the delay then counts
+    /// from the verdict.
+    #[must_use]
+    pub fn takeover_from_suspicion(&self) -> bool {
+        !matches!(self.lease, LeaseStrategy::Majority | LeaseStrategy::Off)
+    }
+
     /// Checks that the configuration is usable; [`Membership::new`] calls it.
     ///
     /// [`Membership::new`]: crate::Membership::new
@@ -367,6 +380,13 @@ mod tests {
             ..Config::lan()
         };
         assert_eq!(off.takeover_delay(), Duration::ZERO);
+        assert!(lan.takeover_from_suspicion());
+        assert!(!off.takeover_from_suspicion());
+        let majority = Config {
+            lease: LeaseStrategy::Majority,
+            ..Config::lan()
+        };
+        assert!(!majority.takeover_from_suspicion());
         let short = Config {
             lease_period: lan.probe_interval,
             ..Config::lan()

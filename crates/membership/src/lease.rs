@@ -42,9 +42,10 @@
 //! frozen until its own lease has been valid once: drawn from the live view
 //! instead, inside a cut-off piece it would hold only that piece's members.
 //!
-//! The other nodes wait [`Config::takeover_delay`] after their own dead
-//! verdict before taking a member's datums, by which time a member that
-//! could not answer their probes has lost its lease.
+//! The other nodes wait [`Config::takeover_delay`] after they started
+//! suspecting a member (after their own dead verdict with `Majority`)
+//! before taking its datums, by which time a member that could not answer
+//! their probes has lost its lease.
 //!
 //! [`Config::takeover_delay`]: crate::Config::takeover_delay
 

@@ -816,11 +816,20 @@ impl<R: Rng> Membership<R> {
         self.lease.hysteresis(base, now)
     }
 
-    /// How long after this node's own dead verdict about a member it must
-    /// wait before taking that member's datums: by then the member has lost
-    /// its lease ([`Config::takeover_delay`]).
+    /// How long after it started suspecting a member (or after its dead
+    /// verdict: [`Config::takeover_from_suspicion`]) this node must wait
+    /// before taking that member's datums: by then the member has lost its
+    /// lease ([`Config::takeover_delay`]).
     pub fn takeover_delay(&self) -> Duration {
         self.config.takeover_delay()
+    }
+
+    /// A takeover gate for this node's events, set up as its configuration
+    /// says (delay, and where the delay counts from).
+    #[must_use]
+    pub fn takeover_gate(&self) -> crate::TakeoverGate {
+        crate::TakeoverGate::new(self.config.takeover_delay())
+            .counting_from_suspicion(self.config.takeover_from_suspicion())
     }
 
     /// The witness set of strategy [`LeaseStrategy::Witnesses`] (empty with

@@ -57,6 +57,9 @@ struct Pending {
 /// (`docs/membership.md`, "Takeover gate").
 pub struct TakeoverGate {
     delay: Duration,
+    /// Count the delay from the suspicion behind a verdict (else from the
+    /// verdict).
+    from_suspicion: bool,
     pending: VecDeque<Pending>,
     out: VecDeque<Event>,
     /// The last view membership reported, without the pending members.
@@ -87,6 +90,7 @@ impl TakeoverGate {
     pub fn new(delay: Duration) -> TakeoverGate {
         TakeoverGate {
             delay,
+            from_suspicion: true,
             pending: VecDeque::new(),
             out: VecDeque::new(),
             view: None,
@@ -94,6 +98,17 @@ impl TakeoverGate {
             released_early: 0,
             withdrawn: 0,
         }
+    }
+
+    /// Whether the delay counts from the start of the suspicion behind a
+    /// verdict (the default) or from the verdict itself
+    /// ([`Config::takeover_from_suspicion`](crate::Config::takeover_from_suspicion);
+    /// [`Membership::takeover_gate`](crate::Membership::takeover_gate) sets
+    /// it from the configuration).
+    #[must_use]
+    pub fn counting_from_suspicion(mut self, yes: bool) -> TakeoverGate {
+        self.from_suspicion = yes;
+        self
     }
 
     /// Takes one membership event, in the order membership emitted them.
@@ -109,7 +124,11 @@ impl TakeoverGate {
                     self.release(p.member);
                 }
                 let from = match self.suspected.remove(&(Arc::clone(&m.name), m.generation)) {
-                    Some((incarnation, since)) if incarnation == m.incarnation => since,
+                    Some((incarnation, since))
+                        if self.from_suspicion && incarnation == m.incarnation =>
+                    {
+                        since
+                    }
                     _ => now,
                 };
                 let due = (from + self.delay).max(now);
@@ -360,6 +379,12 @@ mod tests {
         g.handle_event(Event::Failed(member("e", 1, MemberState::Dead)), t0 + s(3));
         assert!(failed(drain(&mut g)).is_empty());
         assert_eq!(g.poll_timeout(), Some(t0 + s(5)));
+        // Counting from the verdict (the `Majority` lease): a suspicion
+        // changes nothing.
+        let mut g = TakeoverGate::new(s(2)).counting_from_suspicion(false);
+        g.handle_event(Event::Suspected(member("b", 1, MemberState::Suspect)), t0);
+        g.handle_event(Event::Failed(member("b", 1, MemberState::Dead)), t0 + s(1));
+        assert_eq!(g.poll_timeout(), Some(t0 + s(3)));
     }
 
     #[test]

@@ -197,6 +197,9 @@ pub(crate) struct Checks {
     /// (observer, member) → (incarnation, when the observer first saw the
     /// member suspected at it), until it is refuted, failed or gone.
     pub(crate) suspected: HashMap<(ProcKey, ProcKey), (u64, u64)>,
+    /// The takeover delay counts from the suspicion
+    /// (`Config::takeover_from_suspicion`).
+    pub(crate) from_suspicion: bool,
     /// How long a verdict must stand before its accuser takes over
     /// (`Config::takeover_delay`).
     pub(crate) takeover_ns: u64,
@@ -409,7 +412,11 @@ impl Checks {
         match event {
             Event::Failed(m) => {
                 let suspected_ns = match self.suspected.remove(&(observer, key)) {
-                    Some((incarnation, t)) if incarnation == m.incarnation => Some(t),
+                    Some((incarnation, t))
+                        if self.from_suspicion && incarnation == m.incarnation =>
+                    {
+                        Some(t)
+                    }
                     _ => None,
                 };
                 self.on_failed(observer, key, m.incarnation, now_ns, suspected_ns);

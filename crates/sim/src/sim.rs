@@ -546,6 +546,7 @@ impl<A: Application> Sim<A> {
         }
         let checks = Checks {
             takeover_ns: duration_ns(cfg.membership.takeover_delay()),
+            from_suspicion: cfg.membership.takeover_from_suspicion(),
             lease_period_ns: duration_ns(cfg.membership.lease_period),
             lease_off: cfg.membership.lease == shoal_membership::LeaseStrategy::Off,
             base: Some(base),

@@ -1019,7 +1019,7 @@ impl Application for TransitionNode {
             leaving: false,
             departing: false,
             ready_alone_at: Some(now + READY_ALONE_AFTER),
-            gate: TakeoverGate::new(ctx.membership().takeover_delay()),
+            gate: ctx.membership().takeover_gate(),
             touched: Vec::new(),
             rescan: false,
             reborn: false,

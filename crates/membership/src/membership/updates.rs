@@ -112,6 +112,7 @@ impl<R: Rng> Membership<R> {
         };
         let delay = self.config.takeover_delay();
         let Some(takeover) = suspected_from
+            .filter(|_| self.config.takeover_from_suspicion())
             .unwrap_or(since)
             .checked_add(delay)
             .map(|t| t.max(since))
