@@ -21,12 +21,12 @@
 //!   to the nodes that changed.
 //!
 //! ```
-//! use shoal_placement::{Member, PlacementTable, Strategy, View};
+//! use shoal_placement::{ViewMember, PlacementTable, Strategy, View};
 //!
 //! let old = View::new([
-//!     Member::new("b", 200, true),
-//!     Member::new("a", 100, true),
-//!     Member::new("c", 300, false), // not ready: takes no part
+//!     ViewMember::new("b", 200, true),
+//!     ViewMember::new("a", 100, true),
+//!     ViewMember::new("c", 300, false), // not ready: takes no part
 //! ]);
 //! assert_eq!(old.nodes()[0].name, "a"); // oldest first
 //!
@@ -38,9 +38,9 @@
 //!
 //! // "c" becomes ready: which datums change primary?
 //! let new = View::new([
-//!     Member::new("a", 100, true),
-//!     Member::new("b", 200, true),
-//!     Member::new("c", 300, true),
+//!     ViewMember::new("a", 100, true),
+//!     ViewMember::new("b", 200, true),
+//!     ViewMember::new("c", 300, true),
 //! ]);
 //! assert_ne!(old.id(), new.id());
 //! let next = PlacementTable::build(new, &Strategy::ModN, 2)?;
@@ -68,4 +68,4 @@ mod view;
 pub use error::PlacementError;
 pub use strategy::Strategy;
 pub use table::{PlacementTable, PrimaryMove, TableDiff};
-pub use view::{Member, NodeId, NodeIndex, View, ViewId};
+pub use view::{NodeId, NodeIndex, View, ViewId, ViewMember};

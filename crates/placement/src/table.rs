@@ -550,7 +550,7 @@ mod tests {
 
     #[test]
     fn no_ready_node_no_owner() {
-        let empty = View::new([crate::Member::new("a", 1, false)]);
+        let empty = View::new([crate::ViewMember::new("a", 1, false)]);
         for strategy in [Strategy::ModN, Strategy::rendezvous()] {
             let t = PlacementTable::build(empty.clone(), &strategy, 2).unwrap();
             assert!(t.owners(5).is_empty());

@@ -48,17 +48,17 @@ impl fmt::Display for NodeId {
 
 /// One member as membership reports it (input to placement).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
+pub struct ViewMember {
     /// Who it is.
     pub id: NodeId,
     /// Whether it takes part in placement (the seed's ready flag).
     pub ready: bool,
 }
 
-impl Member {
+impl ViewMember {
     /// A member from its parts.
-    pub fn new(name: impl Into<String>, generation: u64, ready: bool) -> Member {
-        Member {
+    pub fn new(name: impl Into<String>, generation: u64, ready: bool) -> ViewMember {
+        ViewMember {
             id: NodeId::new(name, generation),
             ready,
         }
@@ -125,8 +125,8 @@ impl Default for View {
 impl View {
     /// The view of `members`: keeps only ready ones; duplicate names: newest
     /// generation wins (see the type's documentation for the exact rules).
-    pub fn new(members: impl IntoIterator<Item = Member>) -> View {
-        let mut members: Vec<Member> = members.into_iter().collect();
+    pub fn new(members: impl IntoIterator<Item = ViewMember>) -> View {
+        let mut members: Vec<ViewMember> = members.into_iter().collect();
         // Name ascending, newest generation first, not-ready before ready, so
         // the first entry of each name is the one that counts.
         members.sort_unstable_by(|a, b| {
@@ -147,7 +147,7 @@ impl View {
     /// The view whose ready nodes are `nodes` (all taken as ready; duplicate
     /// names: newest generation wins).
     pub fn from_nodes(nodes: impl IntoIterator<Item = NodeId>) -> View {
-        View::new(nodes.into_iter().map(|id| Member { id, ready: true }))
+        View::new(nodes.into_iter().map(|id| ViewMember { id, ready: true }))
     }
 
     /// `nodes` have distinct names.
@@ -246,8 +246,8 @@ fn view_id(nodes: &[NodeId]) -> ViewId {
 mod tests {
     use super::*;
 
-    fn m(name: &str, generation: u64, ready: bool) -> Member {
-        Member::new(name, generation, ready)
+    fn m(name: &str, generation: u64, ready: bool) -> ViewMember {
+        ViewMember::new(name, generation, ready)
     }
 
     #[test]

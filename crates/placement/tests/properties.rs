@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
-use shoal_placement::{Member, NodeId, PlacementTable, Strategy as Rule, View};
+use shoal_placement::{NodeId, PlacementTable, Strategy as Rule, View, ViewMember};
 
 /// Deterministic runs: a fixed seed (CI and every machine see the same
 /// cases), no failure-persistence files.
@@ -22,10 +22,10 @@ fn config(cases: u32) -> ProptestConfig {
 
 /// Members drawn from a small name space so that duplicates, restarts and
 /// not-ready members all occur.
-fn members() -> impl Strategy<Value = Vec<Member>> {
+fn members() -> impl Strategy<Value = Vec<ViewMember>> {
     prop::collection::vec((0u8..12, 0u64..6, prop::bool::weighted(0.8)), 0..16).prop_map(|v| {
         v.into_iter()
-            .map(|(name, generation, ready)| Member::new(format!("n{name}"), generation, ready))
+            .map(|(name, generation, ready)| ViewMember::new(format!("n{name}"), generation, ready))
             .collect()
     })
 }
@@ -90,7 +90,7 @@ proptest! {
         // Adding only not-ready members of new names changes nothing.
         let view = View::new(members.clone());
         let mut more = members;
-        more.extend(extra.into_iter().map(|m| Member::new(format!("x{}", m.id.name), m.id.generation, false)));
+        more.extend(extra.into_iter().map(|m| ViewMember::new(format!("x{}", m.id.name), m.id.generation, false)));
         prop_assert_eq!(View::new(more).id(), view.id());
     }
 
@@ -198,7 +198,7 @@ proptest! {
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
         let _ = serde_json::from_slice::<NodeId>(&bytes);
-        let _ = serde_json::from_slice::<Member>(&bytes);
+        let _ = serde_json::from_slice::<ViewMember>(&bytes);
         if let Ok(rule) = serde_json::from_slice::<Rule>(&bytes) {
             let _ = PlacementTable::build(View::default(), &rule, 1);
         }

@@ -69,7 +69,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use shoal_membership::{Event as MembershipEvent, TakeoverGate};
-use shoal_placement::{Member as PlacementMember, NodeId, PlacementTable, Strategy, View};
+use shoal_placement::{NodeId, PlacementTable, Strategy, View, ViewMember};
 use shoal_transition::{
     Config as HandoffConfig, Datum, DatumType, Event, Handoff, Job, JobKind, ReleaseTo, Route,
     SendId, WithoutNotice,
@@ -915,7 +915,7 @@ impl TransitionNode {
         let view = View::new(
             members
                 .iter()
-                .map(|m| PlacementMember::new(&*m.name, m.generation, m.ready)),
+                .map(|m| ViewMember::new(&*m.name, m.generation, m.ready)),
         );
         match PlacementTable::build_from(core.handoff.table(), view, &self.strategy, 1) {
             Ok(table) => core.handoff.install(table, ctx.now()),

@@ -225,7 +225,7 @@ impl Driver {
         View::new(
             self.members
                 .values()
-                .map(|m| shoal_placement::Member::new(&*m.name, m.generation, m.ready)),
+                .map(|m| shoal_placement::ViewMember::new(&*m.name, m.generation, m.ready)),
         )
     }
 
