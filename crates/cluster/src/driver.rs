@@ -21,7 +21,7 @@ use bytes::Bytes;
 use shoal_membership::{Event as MEvent, Member};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{
-    Counters, Datum, DatumState, Event as HEvent, FencingToken, Handoff, Job, JobKind, NoticeBatch,
+    Counters, Datum, DatumState, FencingToken, Handoff, HandoffEvent, Job, JobKind, NoticeBatch,
     ReleaseTo, Route, SendId,
 };
 use shoal_transport::{Dest, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull};

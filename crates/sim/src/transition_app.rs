@@ -71,8 +71,8 @@ use serde::Serialize;
 use shoal_membership::{Event as MembershipEvent, TakeoverGate};
 use shoal_placement::{NodeId, PlacementTable, Strategy, View, ViewMember};
 use shoal_transition::{
-    Config as HandoffConfig, Datum, DatumType, Event, Handoff, Job, JobKind, ReleaseTo, Route,
-    SendId, WithoutNotice,
+    Config as HandoffConfig, Datum, DatumType, Handoff, HandoffEvent, Job, JobKind, ReleaseTo,
+    Route, SendId, WithoutNotice,
 };
 
 use crate::acting::ActingOwners;
@@ -689,7 +689,7 @@ impl TransitionNode {
         }
     }
 
-    fn on_handoff_event(&mut self, e: Event, ctx: &mut AppCtx<'_, TransitionLedger>) {
+    fn on_handoff_event(&mut self, e: HandoffEvent, ctx: &mut AppCtx<'_, TransitionLedger>) {
         let now = ctx.now();
         tracing::debug!(
             target: "shoal_sim::transition",
@@ -700,30 +700,30 @@ impl TransitionNode {
             "handoff event"
         );
         match e {
-            Event::Fenced { .. } => {
+            HandoffEvent::Fenced { .. } => {
                 ctx.shared().stats.fenced += 1;
                 for d in std::mem::take(&mut self.holding) {
                     ctx.shared().stop_holding(&self.key, d);
                 }
             }
-            Event::TransitionStarted { .. } => {
+            HandoffEvent::TransitionStarted { .. } => {
                 self.transition_since.get_or_insert(now);
             }
-            Event::TransitionEnded { .. } => {
+            HandoffEvent::TransitionEnded { .. } => {
                 if let Some(since) = self.transition_since.take() {
                     let s = now.saturating_duration_since(since).as_secs_f64();
                     let stats = &mut ctx.shared().stats;
                     stats.max_transition_s = stats.max_transition_s.max(s);
                 }
             }
-            Event::RelinquishFailed { .. } => ctx.shared().stats.relinquish_failures += 1,
-            Event::RelinquishAbandoned { datum } => {
+            HandoffEvent::RelinquishFailed { .. } => ctx.shared().stats.relinquish_failures += 1,
+            HandoffEvent::RelinquishAbandoned { datum } => {
                 self.touched.push(datum.id);
                 ctx.shared().stats.relinquish_abandoned += 1;
                 self.holding.remove(&datum.id);
                 ctx.shared().stop_holding(&self.key, datum.id);
             }
-            Event::AcquireFailed { datum, retry, .. } => {
+            HandoffEvent::AcquireFailed { datum, retry, .. } => {
                 self.touched.push(datum.id);
                 ctx.shared().stats.acquire_failures += 1;
                 let held = self.core.as_ref().is_some_and(|c| c.handoff.is_held(datum));
@@ -735,7 +735,7 @@ impl TransitionNode {
                     }
                 }
             }
-            Event::AcquiredWithoutNotice { reason, .. } => match reason {
+            HandoffEvent::AcquiredWithoutNotice { reason, .. } => match reason {
                 WithoutNotice::Timeout => {
                     let l = ctx.shared();
                     l.stats.timeouts += 1;
@@ -746,7 +746,7 @@ impl TransitionNode {
                 WithoutNotice::OwnerGone => ctx.shared().stats.failovers += 1,
                 WithoutNotice::AllDone => ctx.shared().stats.all_done += 1,
             },
-            Event::TransitionSuperseded { .. } | Event::ReplicasChanged { .. } => {}
+            HandoffEvent::TransitionSuperseded { .. } | HandoffEvent::ReplicasChanged { .. } => {}
         }
     }
 

@@ -12,8 +12,9 @@ use tracing::{debug, info, warn};
 use crate::datum::{DetState, TypeRegistry};
 use crate::error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError};
 use crate::types::{
-    Config, Counters, DatumState, Event, FencingToken, Job, JobKind, JobReason, NoticeReport,
-    Progress, Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
+    Config, Counters, DatumState, FencingToken, HandoffEvent, Job, JobKind, JobReason,
+    NoticeReport, Progress, Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit,
+    WithoutNotice,
 };
 use crate::wire::{NoticeBatch, NoticeGroup};
 use crate::{Datum, DatumType};
@@ -441,7 +442,7 @@ pub struct Handoff<W = Vec<u8>> {
     held: HashMap<Datum, VecDeque<W>, DetState>,
     held_total: usize,
     releases: VecDeque<Release<W>>,
-    events: VecDeque<Event>,
+    events: VecDeque<HandoffEvent>,
     counters: Counters,
     fenced: bool,
     /// Whether this node may act as an owner (its ownership lease, from
@@ -1167,7 +1168,7 @@ impl<W> Handoff<W> {
         self.recheck_held();
 
         if let Some(view) = running {
-            self.events.push_back(Event::TransitionSuperseded {
+            self.events.push_back(HandoffEvent::TransitionSuperseded {
                 view,
                 by: current_id,
             });
@@ -1178,7 +1179,7 @@ impl<W> Handoff<W> {
             relinquish = p.relinquishing, awaiting = p.awaiting, acquire = p.acquiring,
             "transition started"
         );
-        self.events.push_back(Event::TransitionStarted {
+        self.events.push_back(HandoffEvent::TransitionStarted {
             view: current_id,
             relinquish: p.relinquishing,
             awaiting: p.awaiting,
@@ -1285,7 +1286,7 @@ impl<W> Handoff<W> {
                         },
                     );
                 }
-                self.events.push_back(Event::RelinquishFailed {
+                self.events.push_back(HandoffEvent::RelinquishFailed {
                     datum: d,
                     attempt: job.attempt,
                     error,
@@ -1325,7 +1326,7 @@ impl<W> Handoff<W> {
                     self.registry.set(d, s);
                     self.maybe_release(d);
                 }
-                self.events.push_back(Event::AcquireFailed {
+                self.events.push_back(HandoffEvent::AcquireFailed {
                     datum: d,
                     attempt: job.attempt,
                     error,
@@ -1390,7 +1391,7 @@ impl<W> Handoff<W> {
     }
 
     /// The cluster declared *this* node failed: stop processing every datum
-    /// at once. [`Event::Fenced`] is the next event; no job, notice or
+    /// at once. [`HandoffEvent::Fenced`] is the next event; no job, notice or
     /// release is handed out any more except held work, returned as
     /// [`ReturnReason::Fenced`]. Final: a node rejoins with a new generation
     /// and a new state machine.
@@ -1405,7 +1406,7 @@ impl<W> Handoff<W> {
             - self.registry.count(Phase::Relay)
             - self.registry.count(Phase::TokenParked);
         warn!(node = %self.local, datums, "declared failed by the cluster: fenced");
-        self.events.push_front(Event::Fenced { datums });
+        self.events.push_front(HandoffEvent::Fenced { datums });
         self.relinquish_queue.clear();
         self.acquire_superseded.clear();
         self.acquire_queue.clear();
@@ -1512,7 +1513,7 @@ impl<W> Handoff<W> {
     }
 
     /// The next event.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<HandoffEvent> {
         self.events.pop_front()
     }
 
@@ -1659,7 +1660,7 @@ impl<W> Handoff<W> {
                         .is_some_and(|j| new_row.contains(&j))
                 });
             if !same {
-                self.events.push_back(Event::ReplicasChanged {
+                self.events.push_back(HandoffEvent::ReplicasChanged {
                     datum: d,
                     view: new.view_id(),
                     previous,
@@ -1707,7 +1708,8 @@ impl<W> Handoff<W> {
         {
             self.transition = None;
             info!(node = %self.local, view = %view, "transition ended");
-            self.events.push_back(Event::TransitionEnded { view });
+            self.events
+                .push_back(HandoffEvent::TransitionEnded { view });
         }
     }
 }

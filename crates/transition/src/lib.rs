@@ -99,7 +99,8 @@ pub use datum::{Datum, DatumType};
 pub use error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError, WireError};
 pub use handoff::{Handoff, MAX_EPOCH_JUMP};
 pub use types::{
-    Config, Counters, DatumState, Event, FencingToken, Job, JobKind, JobReason, NoticeReport,
-    Progress, Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit, WithoutNotice,
+    Config, Counters, DatumState, FencingToken, HandoffEvent, Job, JobKind, JobReason,
+    NoticeReport, Progress, Release, ReleaseTo, ReturnReason, Role, Route, SendId, Transmit,
+    WithoutNotice,
 };
 pub use wire::{NoticeBatch, NoticeGroup, WIRE_VERSION, WireLimits};

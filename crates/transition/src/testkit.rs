@@ -29,7 +29,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shoal_placement::{NodeId, PlacementTable, Strategy, View};
 
-use crate::{Config, Datum, Event, Handoff, HoldErrorKind, Job, JobKind, ReleaseTo, Route, SendId};
+use crate::{
+    Config, Datum, Handoff, HandoffEvent, HoldErrorKind, Job, JobKind, ReleaseTo, Route, SendId,
+};
 
 /// A piece of application work for a datum, as the simulation routes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -849,7 +851,7 @@ impl Sim {
                 if let Some(s) = self.nodes.get_mut(node) {
                     s.handoff.fence(at);
                     match s.handoff.poll_event() {
-                        Some(Event::Fenced { .. }) => {}
+                        Some(HandoffEvent::Fenced { .. }) => {}
                         other => self
                             .check
                             .violations
@@ -1181,11 +1183,11 @@ impl Sim {
             for e in events {
                 if let Some(t) = self.cfg.trace {
                     let about = match &e {
-                        Event::RelinquishFailed { datum, .. }
-                        | Event::RelinquishAbandoned { datum }
-                        | Event::AcquireFailed { datum, .. }
-                        | Event::AcquiredWithoutNotice { datum, .. } => datum.id == t,
-                        Event::Fenced { .. } => true,
+                        HandoffEvent::RelinquishFailed { datum, .. }
+                        | HandoffEvent::RelinquishAbandoned { datum }
+                        | HandoffEvent::AcquireFailed { datum, .. }
+                        | HandoffEvent::AcquiredWithoutNotice { datum, .. } => datum.id == t,
+                        HandoffEvent::Fenced { .. } => true,
                         _ => false,
                     };
                     if about {
@@ -1227,14 +1229,14 @@ impl Sim {
         }
     }
 
-    fn on_event(&mut self, n: usize, e: Event) {
+    fn on_event(&mut self, n: usize, e: HandoffEvent) {
         let now = self.now;
         match e {
-            Event::RelinquishAbandoned { datum } => {
+            HandoffEvent::RelinquishAbandoned { datum } => {
                 self.stats.abandoned += 1;
                 self.check.stop_holding(n, datum.id);
             }
-            Event::AcquireFailed {
+            HandoffEvent::AcquireFailed {
                 datum,
                 retry: false,
                 ..
@@ -1245,14 +1247,14 @@ impl Sim {
                     self.check.start_holding(n, datum.id, &excused, now);
                 }
             }
-            Event::AcquiredWithoutNotice { .. } => self.stats.acquired_without_notice += 1,
-            Event::Fenced { .. } => self.check.drop_node(n),
-            Event::TransitionStarted { .. } => {
+            HandoffEvent::AcquiredWithoutNotice { .. } => self.stats.acquired_without_notice += 1,
+            HandoffEvent::Fenced { .. } => self.check.drop_node(n),
+            HandoffEvent::TransitionStarted { .. } => {
                 if let Some(s) = self.nodes.get_mut(n) {
                     s.transition_running = true;
                 }
             }
-            Event::TransitionEnded { .. } => {
+            HandoffEvent::TransitionEnded { .. } => {
                 if let Some(s) = self.nodes.get_mut(n) {
                     s.transition_running = false;
                 }

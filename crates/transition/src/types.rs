@@ -279,7 +279,7 @@ pub enum WithoutNotice {
     /// Every live node said it is done with the view in force, so none holds
     /// the datum: its notice went to a view this node skipped, or was lost.
     /// The old owner's relinquish had ended (saved, or abandoned and
-    /// reported as [`Event::RelinquishAbandoned`] there).
+    /// reported as [`HandoffEvent::RelinquishAbandoned`] there).
     AllDone,
 }
 
@@ -296,7 +296,7 @@ pub enum Role {
 
 /// What happened, for the application and for operators.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub enum HandoffEvent {
     /// The cluster declared this node failed: it stopped processing every
     /// datum at once (`datums` of them were held or in flight here).
     Fenced {

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use shoal_placement::{NodeId, PlacementTable, Strategy, View};
 use shoal_transition::{
-    Config, Counters, Datum, DatumState, Event, Handoff, HoldErrorKind, JobKind, NoticeBatch,
-    NoticeError, NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit, WithoutNotice,
+    Config, Counters, Datum, DatumState, Handoff, HandoffEvent, HoldErrorKind, JobKind,
+    NoticeBatch, NoticeError, NoticeGroup, ReleaseTo, ReturnReason, Role, Route, Transmit,
+    WithoutNotice,
 };
 
 fn id(name: &str, generation: u64) -> NodeId {
@@ -138,7 +139,7 @@ impl Cluster {
             .collect()
     }
 
-    fn events(&mut self, n: usize) -> Vec<Event> {
+    fn events(&mut self, n: usize) -> Vec<HandoffEvent> {
         std::iter::from_fn(|| self.nodes[n].poll_event()).collect()
     }
 }
@@ -150,7 +151,7 @@ fn forming_cluster_acquires_without_waiting() {
         assert_eq!(c.holders(id).len(), 1, "datum {id}");
     }
     let ev = c.events(0);
-    assert!(ev.contains(&Event::TransitionEnded {
+    assert!(ev.contains(&HandoffEvent::TransitionEnded {
         view: c.nodes[0].view_id()
     }));
     assert!(c.nodes.iter().all(Handoff::is_idle));
@@ -409,7 +410,7 @@ fn timeout_acquires_and_reports() {
     let job = c.nodes[0].poll_job().unwrap();
     c.advance(Duration::from_secs(7));
     let ev = c.events(0);
-    assert!(ev.contains(&Event::RelinquishAbandoned { datum: job.datum }));
+    assert!(ev.contains(&HandoffEvent::RelinquishAbandoned { datum: job.datum }));
     assert_eq!(c.nodes[0].route(job.datum), Route::Forward(&c.ids[1]));
     assert_eq!(
         c.nodes[1].poll_timeout(),
@@ -419,7 +420,7 @@ fn timeout_acquires_and_reports() {
     c.settle();
     assert_eq!(c.holders(1), vec![1]);
     let ev = c.events(1);
-    assert!(ev.contains(&Event::AcquiredWithoutNotice {
+    assert!(ev.contains(&HandoffEvent::AcquiredWithoutNotice {
         datum: c.datum(1, 1),
         reason: WithoutNotice::Timeout
     }));
@@ -976,7 +977,7 @@ fn relinquish_failures_are_retried_with_backoff_and_reported() {
     c.nodes[0].job_done(job.clone(), Err("disk full".into()), c.now);
     let ev = c.events(0);
     assert!(ev.iter().any(|e| matches!(e,
-        Event::RelinquishFailed { attempt: 1, retry: true, error, .. } if error == "disk full")));
+        HandoffEvent::RelinquishFailed { attempt: 1, retry: true, error, .. } if error == "disk full")));
     assert!(c.nodes[0].poll_job().is_none(), "waits for the backoff");
     c.advance(Duration::from_millis(100));
     let retry = c.nodes[0].poll_job().unwrap();
@@ -999,7 +1000,7 @@ fn a_datum_moving_back_before_its_relinquish_ran_is_kept() {
     let ev = c.events(0);
     assert!(
         ev.iter()
-            .any(|e| matches!(e, Event::TransitionSuperseded { .. }))
+            .any(|e| matches!(e, HandoffEvent::TransitionSuperseded { .. }))
     );
     assert!(c.nodes[0].poll_job().is_none(), "never relinquished");
     c.settle();
@@ -1060,7 +1061,7 @@ fn fencing_stops_everything_first() {
     c.nodes[0].fence(c.now);
     assert!(matches!(
         c.nodes[0].poll_event(),
-        Some(Event::Fenced { datums: 2 })
+        Some(HandoffEvent::Fenced { datums: 2 })
     ));
     assert!(c.nodes[0].poll_job().is_none());
     assert!(c.nodes[0].poll_transmit().is_none());
@@ -1209,9 +1210,9 @@ fn replica_changes_are_reported() {
     h.install(table_with(&[&a, &b], 2), now);
     while h.poll_event().is_some() {}
     h.install(table_with(&[&a, &b, &cc], 2), now);
-    let ev: Vec<Event> = std::iter::from_fn(|| h.poll_event()).collect();
+    let ev: Vec<HandoffEvent> = std::iter::from_fn(|| h.poll_event()).collect();
     assert!(ev.iter().any(|e| matches!(e,
-        Event::ReplicasChanged { datum, previous: Role::Primary, current: Role::Replica, .. } if *datum == d)));
+        HandoffEvent::ReplicasChanged { datum, previous: Role::Primary, current: Role::Replica, .. } if *datum == d)));
 }
 
 #[test]
@@ -1592,12 +1593,12 @@ fn a_relinquish_given_up_lets_the_new_primary_take_the_datum_on_the_done_markers
     assert_eq!(c.nodes[0].state(d0), Some(DatumState::Free));
     assert!(
         c.events(0)
-            .contains(&Event::RelinquishAbandoned { datum: d0 })
+            .contains(&HandoffEvent::RelinquishAbandoned { datum: d0 })
     );
     c.settle();
     assert_eq!(c.holders(0), vec![1]);
     let ev = c.events(1);
-    assert!(ev.contains(&Event::AcquiredWithoutNotice {
+    assert!(ev.contains(&HandoffEvent::AcquiredWithoutNotice {
         datum: c.datum(1, 0),
         reason: WithoutNotice::AllDone
     }));
@@ -1752,7 +1753,7 @@ fn a_notice_parked_for_a_view_its_receiver_skips_does_not_hold_its_sender_until_
     let second = token(&c, a);
     assert!(second > first, "token {second} after {first}");
     assert!(c.nodes.iter().all(Handoff::is_idle));
-    assert!(c.events(a).contains(&Event::AcquiredWithoutNotice {
+    assert!(c.events(a).contains(&HandoffEvent::AcquiredWithoutNotice {
         datum: c.datum(a, id),
         reason: WithoutNotice::AllDone
     }));

@@ -277,7 +277,7 @@ impl Driver {
 
     pub(super) fn handle_events(&mut self, now: Instant) {
         while let Some(event) = self.handoff.poll_event() {
-            if let (Some(given_up), HEvent::RelinquishFailed { datum, .. }) =
+            if let (Some(given_up), HandoffEvent::RelinquishFailed { datum, .. }) =
                 (&mut self.leaving, &event)
                 && self.handoff.give_up_relinquish(*datum, now)
             {
@@ -288,9 +288,9 @@ impl Driver {
         }
     }
 
-    pub(super) fn on_handoff_event(&mut self, event: HEvent) {
+    pub(super) fn on_handoff_event(&mut self, event: HandoffEvent) {
         match &event {
-            HEvent::TransitionStarted {
+            HandoffEvent::TransitionStarted {
                 view,
                 relinquish,
                 awaiting,
@@ -299,23 +299,23 @@ impl Driver {
                 info!(node = %self.name, %view, relinquish, awaiting, acquire, "transition started");
                 metrics::counter!("shoal_transitions_total").increment(1);
             }
-            HEvent::TransitionEnded { view } => {
+            HandoffEvent::TransitionEnded { view } => {
                 let p = self.handoff.progress();
                 info!(node = %self.name, %view, held = p.held, "transition ended");
                 metrics::gauge!("shoal_datums_owned").set(p.held as f64);
             }
-            HEvent::RelinquishFailed { .. } | HEvent::AcquireFailed { .. } => {
+            HandoffEvent::RelinquishFailed { .. } | HandoffEvent::AcquireFailed { .. } => {
                 warn!(node = %self.name, ?event, "handoff job failed");
                 metrics::counter!("shoal_job_failures_total").increment(1);
             }
-            HEvent::RelinquishAbandoned { .. } | HEvent::Fenced { .. } => {
+            HandoffEvent::RelinquishAbandoned { .. } | HandoffEvent::Fenced { .. } => {
                 warn!(node = %self.name, ?event, "handoff");
             }
-            HEvent::AcquiredWithoutNotice { .. } => {
+            HandoffEvent::AcquiredWithoutNotice { .. } => {
                 debug!(node = %self.name, ?event, "handoff");
                 metrics::counter!("shoal_acquired_without_notice_total").increment(1);
             }
-            HEvent::TransitionSuperseded { .. } | HEvent::ReplicasChanged { .. } => {
+            HandoffEvent::TransitionSuperseded { .. } | HandoffEvent::ReplicasChanged { .. } => {
                 debug!(node = %self.name, ?event, "handoff");
             }
         }

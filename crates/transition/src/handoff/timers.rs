@@ -163,7 +163,7 @@ impl<W> Handoff<W> {
         s.phase = Phase::Free;
         self.registry.set(d, s);
         self.events
-            .push_back(Event::RelinquishAbandoned { datum: d });
+            .push_back(HandoffEvent::RelinquishAbandoned { datum: d });
         self.maybe_release(d);
     }
 

@@ -66,7 +66,7 @@ impl<W> Handoff<W> {
                 if let Some(reason) = reason {
                     debug!(node = %self.local, datum = %d, ?reason, "acquiring without notice");
                     self.events
-                        .push_back(Event::AcquiredWithoutNotice { datum: d, reason });
+                        .push_back(HandoffEvent::AcquiredWithoutNotice { datum: d, reason });
                 }
             }
             Primary::Other(i) => {
