@@ -35,7 +35,7 @@ use crate::{
 
 /// A piece of application work for a datum, as the simulation routes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkItem {
+pub struct HarnessWork {
     /// Unique id of the piece of work.
     pub id: u64,
     /// The datum id it is for.
@@ -46,7 +46,7 @@ pub struct WorkItem {
 
 /// Parameters of a simulation run.
 #[derive(Clone, Debug)]
-pub struct SimConfig {
+pub struct HarnessConfig {
     /// Seed of every random choice.
     pub seed: u64,
     /// Datum ids `0..datums`, of one type, registered on every node.
@@ -81,12 +81,12 @@ pub struct SimConfig {
     pub peers: bool,
 }
 
-impl SimConfig {
+impl HarnessConfig {
     /// Defaults suited to fast tests: 2 s timeout, 1-30 ms network, 0-10 ms
     /// jobs, 5 % job failures, 300 ms install skew.
     #[must_use]
-    pub fn new(seed: u64) -> SimConfig {
-        SimConfig {
+    pub fn new(seed: u64) -> HarnessConfig {
+        HarnessConfig {
             seed,
             datums: 120,
             strategy: Strategy::ModN,
@@ -131,7 +131,7 @@ pub enum Payload {
         ack_lost: bool,
     },
     /// Forwarded work.
-    Work(WorkItem),
+    Work(HarnessWork),
 }
 
 /// A message in transit.
@@ -265,7 +265,7 @@ impl Checker {
     }
 
     /// Work processed at node `n`.
-    pub fn process(&mut self, n: usize, item: &WorkItem, at: Duration) {
+    pub fn process(&mut self, n: usize, item: &HarnessWork, at: Duration) {
         if !self.holds(n, item.datum) {
             self.violations.push(format!(
                 "{at:?}: node {n} processes work {} for datum {} it does not hold",
@@ -290,7 +290,7 @@ enum Ev {
     },
     WorkFailed {
         node: usize,
-        item: WorkItem,
+        item: HarnessWork,
     },
     JobDone {
         node: usize,
@@ -310,14 +310,14 @@ enum Ev {
     },
     Route {
         node: usize,
-        item: WorkItem,
+        item: HarnessWork,
     },
     Inject,
 }
 
-struct SimNode {
+struct HarnessNode {
     id: NodeId,
-    handoff: Handoff<WorkItem>,
+    handoff: Handoff<HarnessWork>,
     alive: bool,
     /// Declared failed by the cluster (holding no longer counts).
     declared: bool,
@@ -328,15 +328,15 @@ struct SimNode {
 }
 
 /// A simulated cluster.
-pub struct Sim {
-    cfg: SimConfig,
+pub struct Harness {
+    cfg: HarnessConfig,
     rng: SmallRng,
     base: Instant,
     now: Duration,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     pending: BTreeMap<u64, Ev>,
     seq: u64,
-    nodes: Vec<SimNode>,
+    nodes: Vec<HarnessNode>,
     /// Node indexes in the ready set, in order of joining.
     members: Vec<usize>,
     tables: Vec<Arc<PlacementTable>>,
@@ -348,12 +348,12 @@ pub struct Sim {
     work_on: bool,
     generation: u64,
     /// Counts: notices sent, messages, etc. (for reports).
-    pub stats: SimStats,
+    pub stats: HarnessStats,
 }
 
 /// Figures of a run.
 #[derive(Clone, Debug, Default)]
-pub struct SimStats {
+pub struct HarnessStats {
     /// Notice batches delivered.
     pub batches: u64,
     /// Notice batches whose send failed.
@@ -368,17 +368,17 @@ pub struct SimStats {
     pub abandoned: u64,
 }
 
-impl Sim {
+impl Harness {
     /// A cluster of `nodes` ready nodes that formed from nothing: every datum
     /// is acquired by its first owner.
     #[must_use]
-    pub fn new(cfg: SimConfig, nodes: usize) -> Sim {
+    pub fn new(cfg: HarnessConfig, nodes: usize) -> Harness {
         let net = Net {
             delay: cfg.net_delay,
             failure: cfg.send_failure,
             lost_ack: cfg.lost_ack,
         };
-        let mut sim = Sim {
+        let mut sim = Harness {
             rng: SmallRng::seed_from_u64(cfg.seed),
             cfg,
             base: Instant::now(),
@@ -395,7 +395,7 @@ impl Sim {
             injected: 0,
             work_on: false,
             generation: 1_000,
-            stats: SimStats::default(),
+            stats: HarnessStats::default(),
         };
         for _ in 0..nodes {
             let n = sim.spawn();
@@ -429,7 +429,7 @@ impl Sim {
 
     /// The state machine of node `n`.
     #[must_use]
-    pub fn handoff(&self, n: usize) -> Option<&Handoff<WorkItem>> {
+    pub fn handoff(&self, n: usize) -> Option<&Handoff<HarnessWork>> {
         self.nodes.get(n).map(|s| &s.handoff)
     }
 
@@ -483,7 +483,7 @@ impl Sim {
             handoff.install(Arc::clone(t), at);
         }
         let installed = self.tables.len() as u64 - 1;
-        self.nodes.push(SimNode {
+        self.nodes.push(HarnessNode {
             id,
             handoff,
             alive: true,
@@ -520,7 +520,7 @@ impl Sim {
     }
 
     /// Node `n` becomes ready before it has seen any other node ready: it
-    /// alone installs a view with only itself. [`Sim::ready`] later.
+    /// alone installs a view with only itself. [`Harness::ready`] later.
     pub fn ready_alone(&mut self, n: usize) {
         let Some(id) = self.nodes.get(n).map(|s| s.id.clone()) else {
             return;
@@ -694,7 +694,7 @@ impl Sim {
                     None => continue,
                 };
                 // Work still held at the leaving node goes back to the clients.
-                let held: Vec<WorkItem> = self
+                let held: Vec<HarnessWork> = self
                     .nodes
                     .get(n)
                     .map(|s| s.handoff.held_work().map(|(_, w)| w.clone()).collect())
@@ -893,7 +893,7 @@ impl Sim {
                 }
                 if let Some(every) = self.cfg.work_every {
                     let datum = self.rng.random_range(0..self.cfg.datums.max(1));
-                    let item = WorkItem {
+                    let item = HarnessWork {
                         id: self.next_item,
                         datum,
                         hops: 0,
@@ -911,7 +911,7 @@ impl Sim {
     }
 
     /// Work arrives at a random live node (a client sending or retrying).
-    fn reinject(&mut self, item: WorkItem) {
+    fn reinject(&mut self, item: HarnessWork) {
         let live: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.live(n)).collect();
         if live.is_empty() {
             self.check.lost.insert(item.id);
@@ -925,7 +925,7 @@ impl Sim {
         self.schedule(d, Ev::Route { node: n, item });
     }
 
-    fn route(&mut self, n: usize, mut item: WorkItem) {
+    fn route(&mut self, n: usize, mut item: HarnessWork) {
         let at = self.now;
         if self.cfg.trace == Some(item.datum) {
             let route = self.nodes.get(n).and_then(|s| {
@@ -992,7 +992,7 @@ impl Sim {
         self.nodes.iter().position(|s| s.id == *id)
     }
 
-    fn forward(&mut self, from: usize, to: &NodeId, item: WorkItem) {
+    fn forward(&mut self, from: usize, to: &NodeId, item: HarnessWork) {
         let Some(to) = self.index_of(to) else {
             self.schedule(
                 Duration::from_millis(1),
@@ -1366,7 +1366,7 @@ pub const FAILOVER_MARGIN: Duration = Duration::from_millis(500);
 /// again in `join-leave-kill`: the longest detection delay, plus the install
 /// skew, plus [`FAILOVER_MARGIN`].
 #[must_use]
-pub fn failover_bound(cfg: &SimConfig) -> Duration {
+pub fn failover_bound(cfg: &HarnessConfig) -> Duration {
     cfg.detect_delay.1 + cfg.install_skew + FAILOVER_MARGIN
 }
 
@@ -1378,7 +1378,7 @@ struct FailoverCheck {
     datums: Vec<i64>,
 }
 
-impl Sim {
+impl Harness {
     /// Ready members that installed a view naming themselves (they finished
     /// joining, as a node does before it leaves).
     fn joined_members(&self) -> Vec<usize> {
@@ -1450,7 +1450,7 @@ impl Sim {
 /// then up to two more of them, each 0.3 (the install skew) to 1.2 s after
 /// the previous one (and after a crash, not before every survivor learnt it).
 /// A node leaves once it finished joining.
-fn join_leave_kill(sim: &mut Sim, bound: Duration) {
+fn join_leave_kill(sim: &mut Harness, bound: Duration) {
     #[derive(Clone, Copy)]
     enum Op {
         Join,
@@ -1536,7 +1536,7 @@ pub fn run_scenario(name: &str, seed: u64) -> Vec<String> {
 /// [`run_scenario`], printing to stderr everything that happens to datum `trace`.
 #[must_use]
 pub fn run_scenario_traced(name: &str, seed: u64, trace: Option<i64>) -> Vec<String> {
-    let mut cfg = SimConfig::new(seed);
+    let mut cfg = HarnessConfig::new(seed);
     cfg.trace = trace;
     run_scenario_with(name, cfg)
 }
@@ -1544,7 +1544,7 @@ pub fn run_scenario_traced(name: &str, seed: u64, trace: Option<i64>) -> Vec<Str
 /// [`run_scenario`] from a configuration (its `seed` seeds the run); the
 /// scenario adjusts the fields it is about (send failures, job times...).
 #[must_use]
-pub fn run_scenario_with(name: &str, mut cfg: SimConfig) -> Vec<String> {
+pub fn run_scenario_with(name: &str, mut cfg: HarnessConfig) -> Vec<String> {
     let seed = cfg.seed;
     let mut settle = cfg.handoff.timeout * 6;
     match name {
@@ -1577,7 +1577,7 @@ pub fn run_scenario_with(name: &str, mut cfg: SimConfig) -> Vec<String> {
         // before it sees another ready: each first installs a view of
         // itself alone. Without waiting for the live peers' done markers,
         // every one of them would acquire every datum.
-        let mut sim = Sim::new(cfg, 0);
+        let mut sim = Harness::new(cfg, 0);
         let nodes: Vec<usize> = (0..3 + seed % 3).map(|_| sim.start()).collect();
         let gap = sim.random_duration(Duration::ZERO, Duration::from_millis(100));
         sim.run_for(gap);
@@ -1594,7 +1594,7 @@ pub fn run_scenario_with(name: &str, mut cfg: SimConfig) -> Vec<String> {
         return sim.settle(settle);
     }
     let bound = failover_bound(&cfg);
-    let mut sim = Sim::new(cfg, 3 + (seed % 2) as usize);
+    let mut sim = Harness::new(cfg, 3 + (seed % 2) as usize);
     let warmup = sim.random_duration(Duration::from_millis(200), Duration::from_secs(1));
     sim.run_for(warmup);
     match name {

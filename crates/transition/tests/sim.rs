@@ -3,7 +3,7 @@
 //! `SHOAL_TRANSITION_SEEDS=n` runs n seeds per scenario (default 150).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use shoal_transition::testkit::{SCENARIOS, SimConfig, run_scenario, run_scenario_with};
+use shoal_transition::testkit::{HarnessConfig, SCENARIOS, run_scenario, run_scenario_with};
 
 fn seeds() -> u64 {
     std::env::var("SHOAL_TRANSITION_SEEDS")
@@ -68,7 +68,7 @@ fn concurrent_ready() {
 #[test]
 fn concurrent_ready_without_peers_gives_two_first_owners() {
     let caught = (0..10).any(|seed| {
-        let mut cfg = SimConfig::new(seed);
+        let mut cfg = HarnessConfig::new(seed);
         cfg.peers = false;
         run_scenario_with("concurrent-ready", cfg)
             .iter()
@@ -143,13 +143,13 @@ fn trace_one_run() {
 /// one round of done markers), not by waiting out the timeout.
 #[test]
 fn kill_owner_fails_over_without_waiting_for_the_timeout() {
-    use shoal_transition::testkit::{Sim, SimConfig};
+    use shoal_transition::testkit::{Harness, HarnessConfig};
     use std::time::Duration;
     for seed in 0..20 {
-        let mut cfg = SimConfig::new(seed);
+        let mut cfg = HarnessConfig::new(seed);
         cfg.job_failure = 0.0;
         let timeout = cfg.handoff.timeout;
-        let mut sim = Sim::new(cfg, 4);
+        let mut sim = Harness::new(cfg, 4);
         sim.run_for(Duration::from_secs(1));
         let victim = sim.random_member().unwrap();
         sim.kill(victim);
