@@ -100,7 +100,7 @@ type Key = (Arc<str>, u64);
 
 /// One unit of work for a datum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WorkItem {
+pub struct AppWork {
     /// Unique id (index in the ledger).
     pub id: u64,
     /// The datum it is for.
@@ -109,7 +109,7 @@ pub struct WorkItem {
     pub hops: u32,
 }
 
-impl WorkItem {
+impl AppWork {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(21);
         out.push(TAG_WORK);
@@ -119,11 +119,11 @@ impl WorkItem {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Option<WorkItem> {
+    fn decode(bytes: &[u8]) -> Option<AppWork> {
         let id = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
         let datum = i64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
         let hops = u32::from_le_bytes(bytes.get(16..20)?.try_into().ok()?);
-        (bytes.len() == 20).then_some(WorkItem { id, datum, hops })
+        (bytes.len() == 20).then_some(AppWork { id, datum, hops })
     }
 }
 
@@ -274,7 +274,7 @@ pub struct TransitionLedger {
     /// Work that may have been lost with a stopped process.
     maybe_lost: HashSet<u64>,
     /// Work returned to "the client", routed again by the next live node.
-    orphans: Vec<WorkItem>,
+    orphans: Vec<AppWork>,
     /// Crashes, with the datums the crashed process held.
     failovers: Vec<Failover>,
     /// With leases: acting owners per datum, checked after every step.
@@ -432,15 +432,15 @@ impl TransitionLedger {
         }
     }
 
-    fn new_work(&mut self, datum: i64) -> WorkItem {
+    fn new_work(&mut self, datum: i64) -> AppWork {
         let id = self.processed.len() as u64;
         self.processed.push(0);
         self.stats.work_injected += 1;
-        WorkItem { id, datum, hops: 0 }
+        AppWork { id, datum, hops: 0 }
     }
 
     /// Records that `item` was processed; a violation if processed before.
-    fn process(&mut self, item: &WorkItem) -> Option<String> {
+    fn process(&mut self, item: &AppWork) -> Option<String> {
         self.stats.work_processed += 1;
         let count = usize::try_from(item.id)
             .ok()
@@ -461,12 +461,12 @@ struct RunningJob {
 #[derive(Clone, Copy, Debug)]
 enum Pending {
     Notices(SendId),
-    Work(WorkItem),
+    Work(AppWork),
 }
 
 /// The parts of a node that exist once its state machine was built.
 struct Core {
-    handoff: Handoff<WorkItem>,
+    handoff: Handoff<AppWork>,
     ty: DatumType,
 }
 
@@ -540,7 +540,7 @@ fn key_of(id: &NodeId) -> Key {
 
 impl TransitionNode {
     /// This node's state machine (None only if it could not be built).
-    pub fn handoff(&self) -> Option<&Handoff<WorkItem>> {
+    pub fn handoff(&self) -> Option<&Handoff<AppWork>> {
         self.core.as_ref().map(|c| &c.handoff)
     }
 
@@ -750,7 +750,7 @@ impl TransitionNode {
         }
     }
 
-    fn process(&mut self, item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+    fn process(&mut self, item: AppWork, ctx: &mut AppCtx<'_, TransitionLedger>) {
         if ctx.shared().settings.leases && !Self::lease_valid(ctx) {
             Self::violation(
                 ctx,
@@ -777,7 +777,7 @@ impl TransitionNode {
     /// Forwards `item` one hop. An item that was forwarded here already
     /// is not forwarded again (the nodes disagree on the view): it goes
     /// back to the client, which routes it again a little later.
-    fn forward(&mut self, to: &NodeId, mut item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+    fn forward(&mut self, to: &NodeId, mut item: AppWork, ctx: &mut AppCtx<'_, TransitionLedger>) {
         if item.hops >= MAX_HOPS {
             item.hops = 0;
             ctx.shared().stats.work_bounced += 1;
@@ -802,7 +802,7 @@ impl TransitionNode {
     }
 
     /// Routes one work item arriving at this node.
-    fn route(&mut self, item: WorkItem, ctx: &mut AppCtx<'_, TransitionLedger>) {
+    fn route(&mut self, item: AppWork, ctx: &mut AppCtx<'_, TransitionLedger>) {
         let Some(core) = self.core.as_mut() else {
             ctx.shared().orphans.push(item);
             return;
@@ -1272,7 +1272,7 @@ impl TransitionNode {
     /// first owner), and knows the old generation gone.
     fn new_core(
         key: &Key,
-        old: Option<&Handoff<WorkItem>>,
+        old: Option<&Handoff<AppWork>>,
         ctx: &mut AppCtx<'_, TransitionLedger>,
     ) -> Option<Core> {
         let now = ctx.now();
@@ -1400,7 +1400,7 @@ impl TransitionNode {
                     }
                 }
             }
-            Some((&TAG_WORK, bytes)) => match WorkItem::decode(bytes) {
+            Some((&TAG_WORK, bytes)) => match AppWork::decode(bytes) {
                 Some(item) => self.route(item, ctx),
                 None => Self::violation(ctx, "undecodable work message".into()),
             },
