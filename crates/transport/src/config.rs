@@ -130,7 +130,11 @@ pub struct TransportConfig {
     /// Concurrent requests (and large one-way messages) a peer may have open
     /// towards this node; more wait on the peer's side. Default 256. QUIC
     /// counts a stream until its last bytes are acknowledged, so this also
-    /// covers requests completed within the last ACK delay.
+    /// covers requests completed within the last ACK delay. A connection
+    /// starts by allowing 16 and doubles the allowance whenever the work in
+    /// progress on it reaches a quarter of it, up to this value: quinn keeps
+    /// table entries for every allowed stream (about 170 bytes each for both
+    /// ends), which an idle connection does not pay for.
     pub max_concurrent_requests: u32,
     /// Time to establish and admit a connection. Default 5 s.
     pub handshake_timeout: Duration,

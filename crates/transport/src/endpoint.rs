@@ -34,6 +34,12 @@ const ANY_NODE_SNI: &str = "any-node.shoal.invalid";
 const SUPERSEDED_IDLE_TICKS: u32 = 2;
 /// Longest wait of each step of a graceful close before closing anyway.
 const GRACE: Duration = Duration::from_secs(5);
+/// Request streams a peer may open at first, before the limit grows towards
+/// [`TransportConfig::max_concurrent_requests`]. quinn keeps an entry per
+/// allowed stream in two tables of each connection (about 170 bytes per
+/// stream for both ends), so an idle connection allowed 256 costs about
+/// 40 KiB more than one allowed 16.
+const INITIAL_BI_STREAMS: u32 = 16;
 
 mod connect;
 mod lifecycle;
@@ -173,6 +179,9 @@ pub(crate) struct PeerConn {
     writer_done: watch::Sender<bool>,
     /// The peer's `Done` (with its stream count), phase 2 of a graceful close.
     peer_done: watch::Sender<Option<u32>>,
+    /// Request streams the peer may have open now (grows on demand up to
+    /// `max_concurrent_requests`, never shrinks).
+    bi_limit: AtomicU32,
 }
 
 impl PeerConn {
@@ -184,6 +193,25 @@ impl PeerConn {
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.touch();
         BusyGuard(self.clone())
+    }
+
+    /// Raises the peer's request stream limit when the work in progress here
+    /// reaches a quarter of it, so the peer finds room before it needs it
+    /// (it reaches `max` while the peer has `max / 4` requests open).
+    fn grow_bi_limit(&self, max: u32) {
+        let limit = self.bi_limit.load(Ordering::Relaxed);
+        if limit >= max || self.busy.load(Ordering::Relaxed).saturating_mul(4) < limit as usize {
+            return;
+        }
+        let new = limit.saturating_mul(2).min(max);
+        if self
+            .bi_limit
+            .compare_exchange(limit, new, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.conn
+                .set_max_concurrent_bi_streams(VarInt::from_u32(new));
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -201,7 +229,8 @@ impl PeerConn {
 
 fn transport_config(config: &TransportConfig) -> Result<quinn::TransportConfig, BindError> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(config.max_concurrent_requests));
+    // Grown on demand per connection (`PeerConn::grow_bi_limit`).
+    t.max_concurrent_bidi_streams(VarInt::from_u32(initial_bi_streams(config)));
     // Hello, the shared message stream, and room for a replacement.
     t.max_concurrent_uni_streams(VarInt::from_u32(8));
     t.max_idle_timeout(Some(
@@ -215,6 +244,10 @@ fn transport_config(config: &TransportConfig) -> Result<quinn::TransportConfig, 
     t.datagram_receive_buffer_size(Some(1024 * 1024));
     t.datagram_send_buffer_size(1024 * 1024);
     Ok(t)
+}
+
+fn initial_bi_streams(config: &TransportConfig) -> u32 {
+    INITIAL_BI_STREAMS.min(config.max_concurrent_requests)
 }
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, BindError> {

@@ -1470,5 +1470,39 @@ async fn unanswered_requests_leave_streams_for_control() {
         .unwrap();
     for p in pending {
         assert_eq!(&within(p).await.unwrap().unwrap()[..], b"ok");
+/// The request stream limit starts small (an idle connection costs less)
+/// and grows on demand: `max_concurrent_requests` requests held open by the
+/// responder all reach it, and one more waits for room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_stream_limit_grows_to_max_concurrent_requests() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, _a_in) = start(&ids[0], TransportConfig::default());
+    let mut config = TransportConfig::default();
+    config.max_concurrent_requests = 100;
+    let (b, mut b_in) = start(&ids[1], config);
+    let to_b = dest_of(&b);
+    within(a.connect(&to_b)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..101u32 {
+        let (a, to_b) = (a.clone(), to_b.clone());
+        tasks.push(tokio::spawn(async move {
+            a.request(&to_b, 1, Bytes::from(i.to_le_bytes().to_vec()), HANG)
+                .await
+        }));
+    }
+    // Nothing is answered yet: every request arrived on a stream of its own.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(next_message(&mut b_in).await);
+    }
+    assert_silent(&mut b_in).await;
+    for m in held {
+        m.reply.unwrap().respond(m.body).await.unwrap();
+    }
+    // Room again: the last one arrives.
+    let m = next_message(&mut b_in).await;
+    m.reply.unwrap().respond(m.body).await.unwrap();
+    for t in tasks {
+        within(t).await.unwrap().unwrap();
     }
 }

@@ -170,6 +170,7 @@ pub(super) async fn admit(
         drain_tx: watch::channel(false).0,
         writer_done: watch::channel(false).0,
         peer_done: watch::channel(None).0,
+        bi_limit: AtomicU32::new(initial_bi_streams(&inner.config)),
     });
     // Our hello: tells the peer our instance, and is the first thing the
     // server says, so a client learns that the server admitted it.

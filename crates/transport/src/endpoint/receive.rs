@@ -144,8 +144,13 @@ pub(super) async fn accept_uni_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
 }
 
 pub(super) async fn accept_bi_loop(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+    let max = inner.config.max_concurrent_requests;
     while let Ok((send, recv)) = pc.conn.accept_bi().await {
-        tokio::spawn(handle_bi(inner.clone(), pc.clone(), send, recv));
+        // Counted busy from here, so the limit grows with the streams the
+        // peer keeps open.
+        let busy = pc.busy();
+        pc.grow_bi_limit(max);
+        tokio::spawn(handle_bi(inner.clone(), pc.clone(), busy, send, recv));
     }
 }
 
@@ -489,10 +494,10 @@ pub(super) async fn deliver_all(inner: &Inner, ready: &mut Ready) -> Result<(), 
 pub(super) async fn handle_bi(
     inner: Arc<Inner>,
     pc: Arc<PeerConn>,
+    busy: BusyGuard,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let busy = pc.busy();
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
         let _ = recv.stop(c.into());
         let _ = send.reset(c.into());
