@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -154,7 +154,13 @@ pub(crate) struct PeerConn {
     initiated_locally: bool,
     /// The peer's process instance, from its hello (0 until then).
     instance: AtomicU64,
-    queue_tx: mpsc::UnboundedSender<Queued>,
+    /// The writer's queue, made (and the writer task started) by the first
+    /// one-way message: many connections carry only datagrams and requests,
+    /// and an idle one should not pay for a task and a queue block.
+    queue_tx: OnceLock<mpsc::UnboundedSender<Queued>>,
+    /// Set by a graceful close's drain; from then on no writer starts.
+    /// Taken around starting the writer so the two never cross.
+    writer_barred: Mutex<bool>,
     /// Bytes allowed in the send queue.
     budget: Arc<Semaphore>,
     /// Bi streams data channels may open at once
@@ -212,6 +218,23 @@ impl PeerConn {
             self.conn
                 .set_max_concurrent_bi_streams(VarInt::from_u32(new));
         }
+    }
+
+    /// The writer's queue, starting the writer on first use; `None` once a
+    /// graceful close barred it (the caller moves to a new connection).
+    fn queue(self: &Arc<Self>, inner: &Arc<Inner>) -> Option<&mpsc::UnboundedSender<Queued>> {
+        if let Some(tx) = self.queue_tx.get() {
+            return Some(tx);
+        }
+        let barred = lock(&self.writer_barred);
+        if *barred {
+            return None;
+        }
+        Some(self.queue_tx.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(writer_task(inner.clone(), self.clone(), rx));
+            tx
+        }))
     }
 
     fn is_closed(&self) -> bool {
@@ -629,12 +652,17 @@ impl Transport {
                     }
                 }
             };
-            match pc.queue_tx.send(Queued {
+            let queued = Queued {
                 frame,
                 _permit: permit,
-            }) {
+            };
+            let sent = match pc.queue(&self.inner) {
+                Some(tx) => tx.send(queued).map_err(|e| e.0),
+                None => Err(queued),
+            };
+            match sent {
                 Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(q)) if !retried && pc.closing.load(Ordering::SeqCst) => {
+                Err(q) if !retried && pc.closing.load(Ordering::SeqCst) => {
                     retried = true;
                     frame = q.frame;
                 }

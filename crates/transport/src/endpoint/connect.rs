@@ -148,14 +148,14 @@ pub(super) async fn admit(
     peer: Peer,
     initiated_locally: bool,
 ) -> Result<Arc<PeerConn>, TransportError> {
-    let (queue_tx, queue_rx) = mpsc::unbounded_channel();
     let (hello_tx, hello_rx) = oneshot::channel();
     let pc = Arc::new(PeerConn {
         peer: peer.clone(),
         conn: conn.clone(),
         initiated_locally,
         instance: AtomicU64::new(0),
-        queue_tx,
+        queue_tx: OnceLock::new(),
+        writer_barred: Mutex::new(false),
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
         data_streams: Arc::new(Semaphore::new(inner.config.data_streams())),
         share: inner.budgets.peer(&peer.name),
@@ -215,7 +215,6 @@ pub(super) async fn admit(
     };
     pc.instance.store(instance, Ordering::Relaxed);
     Stats::inc(&inner.stats.connections_opened);
-    tokio::spawn(writer_task(inner.clone(), pc.clone(), queue_rx));
     tokio::spawn(watchdog(inner.clone(), pc.clone()));
     install(inner, &pc);
     debug!(peer = %peer, outgoing = initiated_locally, "connection admitted");

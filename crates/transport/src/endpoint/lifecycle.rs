@@ -4,7 +4,8 @@
 use super::*;
 
 /// Writes queued one-way messages on the connection's shared stream, many
-/// frames per write.
+/// frames per write. Started by the first one-way message
+/// ([`PeerConn::queue`]).
 pub(super) async fn writer_task(
     inner: Arc<Inner>,
     pc: Arc<PeerConn>,
@@ -150,9 +151,16 @@ pub(super) fn remove_from_table(inner: &Inner, pc: &Arc<PeerConn>) {
 /// Stops sending on a connection: flushes and finishes the message stream
 /// (waiting until the peer has it) and waits for requests in progress.
 pub(super) async fn drain(pc: &Arc<PeerConn>) {
+    let writer = {
+        let mut barred = lock(&pc.writer_barred);
+        *barred = true;
+        pc.queue_tx.get().is_some()
+    };
     pc.drain_tx.send_replace(true);
-    let mut done = pc.writer_done.subscribe();
-    let _ = tokio::time::timeout(GRACE, done.wait_for(|d| *d)).await;
+    if writer {
+        let mut done = pc.writer_done.subscribe();
+        let _ = tokio::time::timeout(GRACE, done.wait_for(|d| *d)).await;
+    }
     wait_until(|| pc.busy.load(Ordering::SeqCst) == 0).await;
 }
 
