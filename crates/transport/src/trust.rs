@@ -443,6 +443,10 @@ impl TlsConfigs {
                 .with_client_auth_cert(vec![identity.cert.clone()], identity.key())?;
             cfg.alpn_protocols = vec![ALPN.to_vec()];
             cfg.enable_early_data = false;
+            // No session resumption: no tickets kept per server (they hold
+            // its certificate chain), and every handshake checks both
+            // certificates. A reconnect costs a full handshake (≈ 1 ms).
+            cfg.resumption = rustls::client::Resumption::disabled();
             let quic = QuicClientConfig::try_from(cfg)
                 .map_err(|e| TrustError::Tls(rustls::Error::General(e.to_string())))?;
             Ok(quinn::ClientConfig::new(Arc::new(quic)))
@@ -458,6 +462,10 @@ impl TlsConfigs {
             .with_single_cert(vec![identity.cert.clone()], identity.key())?;
         server.alpn_protocols = vec![ALPN.to_vec()];
         server.max_early_data_size = 0;
+        // Clients do not resume (above): issuing tickets would only fill a
+        // session cache with copies of their certificate chains.
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let server = QuicServerConfig::try_from(server)
             .map_err(|e| TrustError::Tls(rustls::Error::General(e.to_string())))?;
         Ok(Self {
