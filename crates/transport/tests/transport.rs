@@ -1506,3 +1506,31 @@ async fn request_stream_limit_grows_to_max_concurrent_requests() {
         within(t).await.unwrap().unwrap();
     }
 }
+
+/// A request whose end arrived with its frame is read to its end, so the
+/// responder does not stop the stream (quinn sends STOP_SENDING for a
+/// stream dropped unread, one frame more per request). Single-threaded, so
+/// the client's frame and end leave in one packet.
+#[tokio::test]
+async fn a_request_read_to_its_end_is_not_stopped() {
+    let (_, ids) = throwaway_cluster(&["b", "x"]).unwrap();
+    let (b, mut b_in) = start(&ids[0], TransportConfig::default());
+    let (_ep, raw) = raw_client(&ids[1], &b).await;
+    let _responder = tokio::spawn(async move {
+        while let Some(m) = b_in.recv_message().await {
+            if let Some(reply) = m.reply {
+                reply.respond(m.body).await.unwrap();
+            }
+        }
+    });
+    for i in 0..5u8 {
+        let (mut send, mut recv) = raw.open_bi().await.unwrap();
+        let mut req = vec![StreamKind::Request as u8];
+        req.extend_from_slice(&OutFrame::new(3, Bytes::from(vec![i; 10]), 1 << 20, 1).to_bytes());
+        send.write_all(&req).await.unwrap();
+        send.finish().unwrap();
+        let answer = within(recv.read_to_end(1000)).await.unwrap();
+        assert_eq!(answer.len(), 4 + 3 + 10, "one response frame");
+    }
+    assert_eq!(raw.stats().frame_rx.stop_sending, 0);
+}

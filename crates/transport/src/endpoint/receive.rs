@@ -91,6 +91,7 @@ pub(super) async fn read_frame(
     let deadline = deadline.map(|_| Instant::now() + inner.config.frame_timeout);
     buf.resize(len, 0);
     read_exact(recv, buf.get_mut(head_len..).unwrap_or_default(), deadline).await?;
+    take_end(recv);
     let body = frame::decode_body(Bytes::from(buf), &inspected).map_err(ReadFrameError::Refused)?;
     if compressed {
         charge.shrink_to(inspected.size + overhead);
@@ -101,6 +102,18 @@ pub(super) async fn read_frame(
         charge,
         wire: LEN_PREFIX + len,
     })
+}
+
+/// Reads the end of a stream whose one frame was read, if it has arrived
+/// (it usually comes in the frame's last packet), without waiting for it.
+/// quinn sends STOP_SENDING for a stream dropped before its end was read,
+/// even when the end was there: one frame more per request each way.
+pub(super) fn take_end(recv: &mut quinn::RecvStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let read = std::pin::pin!(recv.read_chunk(1, true));
+    // Pending (the end is still to come) or trailing bytes: the stream is
+    // stopped when dropped, as before.
+    let _ = std::future::Future::poll(read, &mut cx);
 }
 
 /// Reads a frame of a hello stream (tiny, no budget).
@@ -114,6 +127,7 @@ pub(super) async fn read_small_frame(
         .map_err(ReadFrameError::Refused)?;
     let mut buf = vec![0u8; len];
     read_exact(recv, &mut buf, None).await?;
+    take_end(recv);
     Ok(Bytes::from(buf))
 }
 
@@ -221,6 +235,7 @@ pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: q
                 Stats::inc(&inner.stats.frames_malformed);
                 return;
             }
+            take_end(&mut recv);
             let count = u32::from_le_bytes(count);
             if k == StreamKind::GoAway {
                 tokio::spawn(answer_goaway(inner.clone(), pc.clone(), count));
