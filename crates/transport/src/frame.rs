@@ -34,6 +34,9 @@ pub const MAX_HEADER_LEN: usize = 20;
 /// frame header announcing more on the shared stream is a protocol violation.
 /// Every node's message limit is at least this large (checked by the config).
 pub const INLINE_FRAME_MAX: usize = 64 * 1024;
+/// Bodies up to this size are copied next to their header when a frame is
+/// written on a stream of its own ([`OutFrame::stream_chunks`]).
+pub const COPY_BODY_MAX: usize = 4096;
 
 /// What a stream carries, from its first byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,9 +396,32 @@ impl OutFrame {
 
     /// Appends the frame (length prefix, header, body) to `out`.
     pub fn write_to(&self, out: &mut BytesMut) {
-        out.reserve(LEN_PREFIX + MAX_HEADER_LEN + self.body.len());
+        out.reserve(self.wire_len());
         self.write_head(out);
         out.put_slice(&self.body);
+    }
+
+    /// The frame as the chunks to write on a stream of its own: one buffer
+    /// (one allocation, one chunk for quinn) for a body of at most
+    /// [`COPY_BODY_MAX`] bytes, which is copied next to its header, or the
+    /// head and the body, which is not copied. `kind`, if given, goes first.
+    /// (The second chunk is empty in the first case.)
+    pub fn stream_chunks(&self, kind: Option<StreamKind>) -> [Bytes; 2] {
+        let kind_len = usize::from(kind.is_some());
+        if self.body.len() <= COPY_BODY_MAX {
+            let mut out = BytesMut::with_capacity(kind_len + self.wire_len());
+            if let Some(k) = kind {
+                out.put_u8(k as u8);
+            }
+            self.write_to(&mut out);
+            return [out.freeze(), Bytes::new()];
+        }
+        let mut head = BytesMut::with_capacity(kind_len + LEN_PREFIX + MAX_HEADER_LEN);
+        if let Some(k) = kind {
+            head.put_u8(k as u8);
+        }
+        self.write_head(&mut head);
+        [head.freeze(), self.body.clone()]
     }
 
     /// The length prefix and header alone (the body follows them on the wire).
@@ -618,6 +644,21 @@ mod tests {
         assert!(!reader.has_partial());
         let (ch, msg) = decode_envelope(f, &caps(1 << 20)).unwrap();
         (ch, msg, compressed)
+    }
+
+    #[test]
+    fn stream_chunks_are_the_frame_after_its_kind_copied_or_not() {
+        for len in [0, 100, COPY_BODY_MAX, COPY_BODY_MAX + 1, 100_000] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let f = OutFrame::new(9, Bytes::from(body), usize::MAX, 1);
+            let chunks = f.stream_chunks(Some(StreamKind::Request));
+            assert_eq!(chunks[1].is_empty(), len <= COPY_BODY_MAX, "len {len}");
+            let mut want = vec![StreamKind::Request as u8];
+            want.extend_from_slice(&f.to_bytes());
+            assert_eq!([&chunks[0][..], &chunks[1][..]].concat(), want, "len {len}");
+            let plain = f.stream_chunks(None);
+            assert_eq!([&plain[0][..], &plain[1][..]].concat(), &want[1..]);
+        }
     }
 
     #[test]

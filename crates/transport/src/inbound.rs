@@ -160,7 +160,7 @@ impl Responder {
         }
         let frame = self.inner.out_frame(self.channel, body);
         let wire = frame.wire_len() as u64;
-        let mut chunks = [frame.head_bytes(), frame.body.clone()];
+        let mut chunks = frame.stream_chunks(None);
         let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
             peer: Dest::from(&self.peer),
             reason: e.to_string(),

@@ -9,10 +9,7 @@ pub(super) async fn write_frame(
     kind: StreamKind,
     frame: &OutFrame,
 ) -> Result<(), quinn::WriteError> {
-    let mut head = BytesMut::with_capacity(1 + LEN_PREFIX + MAX_HEADER_LEN);
-    head.extend_from_slice(&[kind as u8]);
-    head.extend_from_slice(&frame.head_bytes());
-    let mut chunks = [head.freeze(), frame.body.clone()];
+    let mut chunks = frame.stream_chunks(Some(kind));
     send.write_all_chunks(&mut chunks).await
 }
 
