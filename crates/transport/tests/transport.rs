@@ -1470,6 +1470,9 @@ async fn unanswered_requests_leave_streams_for_control() {
         .unwrap();
     for p in pending {
         assert_eq!(&within(p).await.unwrap().unwrap()[..], b"ok");
+    }
+}
+
 /// The request stream limit starts small (an idle connection costs less)
 /// and grows on demand: `max_concurrent_requests` requests held open by the
 /// responder all reach it, and one more waits for room.
