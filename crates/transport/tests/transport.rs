@@ -177,11 +177,16 @@ async fn messages_and_requests_both_ways() {
         .await
         .unwrap_err();
     assert!(matches!(err, TransportError::Closed { .. }), "{err}");
-    assert_eq!(
-        a.open_connections(),
-        1,
-        "one connection serves both directions"
-    );
+    // One connection serves both directions. b's dial by address can race
+    // a's hello on the connection a opened (a loaded machine sees it about
+    // once in three runs): both sides then resolve the duplicate to one
+    // connection, as in the simultaneous-open test below.
+    within(async {
+        while (a.open_connections(), b.open_connections()) != (1, 1) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
