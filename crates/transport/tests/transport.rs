@@ -1542,3 +1542,31 @@ async fn a_request_read_to_its_end_is_not_stopped() {
     }
     assert_eq!(raw.stats().frame_rx.stop_sending, 0);
 }
+
+/// One certificate name, one connection: a second process holding the
+/// same certificate (or one peer dialing from many ports) replaces the
+/// older connection instead of adding to it, and it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_connecting_from_another_address_replaces_its_older_connection() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a1, _a1_in) = start(&ids[0], TransportConfig::default());
+    let (a2, _a2_in) = start(&ids[0], TransportConfig::default());
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    let to_b = dest_of(&b);
+    within(a1.send(&to_b, 1, Bytes::from_static(b"one"), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut b_in).await.body[..], b"one");
+    within(a2.send(&to_b, 1, Bytes::from_static(b"two"), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut b_in).await.body[..], b"two");
+    within(async {
+        while b.open_connections() != 1 || a1.open_connections() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(b.stats().connections_replaced_by_name, 1);
+    assert_eq!(a2.open_connections(), 1);
+}

@@ -225,8 +225,13 @@ pub(super) async fn admit(
 /// to the same process wins the tie-break. Duplicates from racing dials are
 /// resolved the same way on both sides: the connection dialed by the node
 /// with the smaller name is kept; the other is left to drain and close.
+/// One certificate name has one connection: connections of the same name
+/// at other addresses (a restarted process at a new port, or a peer
+/// dialing from many ports to multiply its per-connection windows and
+/// queues) are closed once `pc` is installed.
 pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
     let mut close_old = None;
+    let mut same_name = Vec::new();
     {
         let mut table = lock(&inner.table);
         if inner.shut.load(Ordering::Relaxed) {
@@ -261,6 +266,18 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
             if let Some(old) = table.conns.insert(addr, pc.clone()) {
                 old.superseded.store(true, Ordering::Relaxed);
             }
+            let others: Vec<SocketAddr> = table
+                .conns
+                .iter()
+                .filter(|(a, c)| **a != addr && c.peer.name == pc.peer.name)
+                .map(|(a, _)| *a)
+                .collect();
+            for a in others {
+                if let Some(old) = table.conns.remove(&a) {
+                    old.superseded.store(true, Ordering::Relaxed);
+                    same_name.push(old);
+                }
+            }
         } else {
             pc.superseded.store(true, Ordering::Relaxed);
         }
@@ -268,5 +285,12 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
     if let Some(old) = close_old {
         debug!(peer = %old.peer, "replacing the connection to a previous instance");
         old.conn.close(code::SUPERSEDED.into(), b"replaced");
+    }
+    for old in same_name {
+        Stats::inc(&inner.stats.connections_replaced_by_name);
+        warn!(peer = %old.peer, new_addr = %pc.peer.addr,
+            "a newer connection of this certificate name came from another address: the older one is closed");
+        old.conn
+            .close(code::SUPERSEDED.into(), b"replaced by another address");
     }
 }
