@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rand::seq::SliceRandom;
 use tracing::{debug, info, warn};
 
 use crate::broadcast::Broadcasts;
-use crate::hash::{NameIndex, SeededState, SlotMap, witness_rank};
+use crate::hash::{SeededState, SlotMap, witness_rank};
 use crate::lease::{Lease, LeaseEvidence, LeaseStrategy, Standing, WitnessId, witness_set_size};
 use crate::suspicion::{Suspicion, push_pull_scale, retransmit_limit, suspicion_min};
 use crate::wire::{
@@ -22,8 +21,11 @@ use crate::{
 
 mod probe;
 mod standing;
+mod table;
 mod timers;
 mod updates;
+
+use table::Table;
 
 /// Broadcast-queue key of updates about this node.
 const LOCAL_SLOT: u32 = u32::MAX;
@@ -265,15 +267,10 @@ pub struct Membership<R: Rng> {
     notices: SlotMap<Notice>,
     /// Pings that carried only a notice: (seq, slot, send time).
     notice_pings: VecDeque<(u32, u32, Instant)>,
-    /// Remote members; `None` marks a reaped slot that `free` will reuse.
-    members: Vec<Option<Member>>,
-    free: Vec<u32>,
-    index: NameIndex,
-    /// Alive and suspect members, this node included while it is live.
-    live: usize,
+    /// The remote members (slots, name index, live count, probe order, when
+    /// each went down): changed only through `table::Table`'s methods.
+    table: Table,
 
-    probe_order: Vec<u32>,
-    probe_pos: usize,
     probe: Option<Probe>,
     next_probe_at: Instant,
     awareness: u32,
@@ -282,12 +279,6 @@ pub struct Membership<R: Rng> {
 
     suspicions: SlotMap<Suspicion>,
     suspicion_deadlines: BTreeSet<(Instant, u32)>,
-    down_since: SlotMap<Instant>,
-    /// For a member declared dead here after this node had held it suspect
-    /// at the incarnation of the verdict: when that suspicion started (the
-    /// takeover gate counts the takeover delay from it).
-    suspected_from: SlotMap<Instant>,
-    reap_queue: BTreeSet<(Instant, u32)>,
 
     broadcasts: Broadcasts,
     next_gossip_at: Instant,
@@ -335,8 +326,8 @@ impl<R: Rng> std::fmt::Debug for Membership<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Membership")
             .field("local", &self.local)
-            .field("members", &self.index.len())
-            .field("live", &self.live)
+            .field("members", &self.table.len())
+            .field("live", &self.live())
             .field("awareness", &self.awareness)
             .field("broadcasts", &self.broadcasts.len())
             .finish_non_exhaustive()
@@ -396,12 +387,7 @@ impl<R: Rng> Membership<R> {
             verdicts: VecDeque::new(),
             notices: SlotMap::default(),
             notice_pings: VecDeque::new(),
-            members: Vec::new(),
-            free: Vec::new(),
-            index: NameIndex::new(hasher),
-            live: 1,
-            probe_order: Vec::new(),
-            probe_pos: 0,
+            table: Table::new(hasher, config.reap_after),
             probe: None,
             next_probe_at,
             awareness: 0,
@@ -409,9 +395,6 @@ impl<R: Rng> Membership<R> {
             relays: VecDeque::new(),
             suspicions: SlotMap::default(),
             suspicion_deadlines: BTreeSet::new(),
-            down_since: SlotMap::default(),
-            suspected_from: SlotMap::default(),
-            reap_queue: BTreeSet::new(),
             broadcasts: Broadcasts::default(),
             next_gossip_at,
             next_push_pull_at,
@@ -457,7 +440,6 @@ impl<R: Rng> Membership<R> {
         if self.local.state == MemberState::Left {
             self.local.state = MemberState::Alive;
             self.local.incarnation = self.local.incarnation.saturating_add(1);
-            self.live += 1;
             self.view_dirty = true;
             self.broadcast_local_alive();
             self.next_probe_at = now;
@@ -494,7 +476,6 @@ impl<R: Rng> Membership<R> {
             return;
         }
         self.local.state = MemberState::Left;
-        self.live = self.live.saturating_sub(1);
         self.probe = None;
         self.join = None;
         self.view_dirty = true;
@@ -729,14 +710,14 @@ impl<R: Rng> Membership<R> {
             }),
             (!self.broadcasts.is_empty()).then_some(self.next_gossip_at),
             live.then_some(self.next_push_pull_at),
-            (live && !(self.down_since.is_empty() && self.notices.is_empty()))
+            (live && (self.table.any_down() || !self.notices.is_empty()))
                 .then_some(self.next_reconnect_at),
             self.suspicion_deadlines
                 .first()
                 .filter(|_| self.local.state == MemberState::Alive)
                 .map(|(at, _)| *at),
             self.relays.front().map(|r| r.nack_at),
-            self.reap_queue.first().map(|(at, _)| *at),
+            self.table.next_reap_at(),
             self.join.as_ref().map(|j| j.next_at),
             self.lease.expiry(),
             (self.local.state == MemberState::Alive
@@ -749,7 +730,7 @@ impl<R: Rng> Membership<R> {
     /// Every member known, this node first, in any state (dead and left
     /// members until they are reaped).
     pub fn members(&self) -> impl Iterator<Item = &Member> {
-        std::iter::once(&self.local).chain(self.members.iter().flatten())
+        std::iter::once(&self.local).chain(self.table.iter())
     }
 
     /// Alive and suspect members, this node included while it is live: the
@@ -763,14 +744,12 @@ impl<R: Rng> Membership<R> {
         if name == &*self.local.name {
             return Some(&self.local);
         }
-        self.index
-            .get(name, &self.members)
-            .and_then(|slot| self.slot(slot))
+        self.table.by_name(name)
     }
 
     /// Number of alive and suspect members, this node included while live.
     pub fn num_live(&self) -> usize {
-        self.live
+        self.live()
     }
 
     /// This node as it announces itself.
@@ -860,8 +839,7 @@ impl<R: Rng> Membership<R> {
     pub fn bootstrap(&mut self, members: impl IntoIterator<Item = Member>, now: Instant) {
         let members = members.into_iter();
         let expected = members.size_hint().0;
-        self.members.reserve(expected);
-        self.index.reserve(expected, &self.members);
+        self.table.reserve(expected);
         for member in members {
             if member.name == self.local.name {
                 continue;
@@ -873,7 +851,7 @@ impl<R: Rng> Membership<R> {
                 continue;
             }
             let info = AliveInfo::from_member(&member);
-            match (self.index.get(&member.name, &self.members), member.state) {
+            match (self.table.find(&member.name), member.state) {
                 (None, MemberState::Alive | MemberState::Suspect) => {
                     self.apply_alive(info, Mode::Quiet, now);
                 }
@@ -904,7 +882,7 @@ impl<R: Rng> Membership<R> {
         self.view_dirty = true;
         // Spread the first push-pull over the (size-scaled) interval, so nodes
         // bootstrapped together do not all exchange state at once.
-        let interval = push_pull_scale(self.config.push_pull_interval, self.live);
+        let interval = push_pull_scale(self.config.push_pull_interval, self.live());
         self.next_push_pull_at = later(now, interval.mul_f64(self.rng.random_range(0.0..1.0)));
     }
 
@@ -923,46 +901,29 @@ impl<R: Rng> Membership<R> {
 
     // ----- members table ----------------------------------------------------
 
+    // A remote member's state changes only through these, and the table's
+    // methods under them: the table keeps its live count, probe order and
+    // down bookkeeping in step; here the lease hears of each change.
+
     fn slot(&self, slot: u32) -> Option<&Member> {
-        self.members.get(slot as usize).and_then(Option::as_ref)
+        self.table.get(slot)
     }
 
-    fn slot_mut(&mut self, slot: u32) -> Option<&mut Member> {
-        self.members.get_mut(slot as usize).and_then(Option::as_mut)
+    /// Alive and suspect members, this node included while it is live.
+    fn live(&self) -> usize {
+        self.table.live() + usize::from(self.local.state.is_live())
     }
 
-    fn insert_member(&mut self, member: Member) -> u32 {
-        let live = member.state.is_live();
+    /// Stores a new member in the state it carries (`room_for_member` was
+    /// asked first); a live one changes the view.
+    fn insert_member(&mut self, member: Member, now: Instant) -> u32 {
         let state = member.state;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                if let Some(entry) = self.members.get_mut(slot as usize) {
-                    *entry = Some(member);
-                }
-                slot
-            }
-            None => {
-                let slot = u32::try_from(self.members.len()).unwrap_or(LOCAL_SLOT - 1);
-                self.members.push(Some(member));
-                slot
-            }
-        };
-        self.index.insert(slot, &self.members);
+        let slot = self.table.insert(member, now, &mut self.rng);
         self.note(slot, None, Some(state));
-        if live {
-            self.add_to_probe_order(slot);
+        if state.is_live() {
+            self.view_dirty = true;
         }
         slot
-    }
-
-    /// New members are probed in the current round, at a random place.
-    fn add_to_probe_order(&mut self, slot: u32) {
-        self.probe_order.push(slot);
-        let len = self.probe_order.len();
-        if self.probe_pos < len {
-            let at = self.rng.random_range(self.probe_pos..len);
-            self.probe_order.swap(at, len - 1);
-        }
     }
 
     fn insert_down(&mut self, info: AliveInfo<'_>, state: MemberState, now: Instant) {
@@ -970,25 +931,26 @@ impl<R: Rng> Membership<R> {
             return;
         }
         let member = info.to_member(state, &self.empty_metadata);
-        let slot = self.insert_member(member);
-        self.mark_down(slot, now);
+        self.insert_member(member, now);
     }
 
-    fn mark_down(&mut self, slot: u32, now: Instant) {
-        if let Some(old) = self.down_since.insert(slot, now) {
-            self.reap_queue
-                .remove(&(later(old, self.config.reap_after), slot));
+    /// Moves the member in `slot` to `state` at `now`; returns the state it
+    /// was in (`None`: no member there). The lease hears of it; leaving
+    /// `Suspect` ends the suspicion; a change of the live set changes the
+    /// view, and going down ends a probe of the member.
+    fn set_state(&mut self, slot: u32, state: MemberState, now: Instant) -> Option<MemberState> {
+        let was = self.table.apply(slot, state, now, &mut self.rng)?;
+        self.note(slot, Some(was), Some(state));
+        if state != MemberState::Suspect {
+            self.clear_suspicion(slot);
         }
-        self.reap_queue
-            .insert((later(now, self.config.reap_after), slot));
-    }
-
-    fn clear_down(&mut self, slot: u32) {
-        self.suspected_from.remove(&slot);
-        if let Some(old) = self.down_since.remove(&slot) {
-            self.reap_queue
-                .remove(&(later(old, self.config.reap_after), slot));
+        if was.is_live() != state.is_live() {
+            self.view_dirty = true;
+            if !state.is_live() && self.probe.is_some_and(|p| p.slot == slot) {
+                self.probe = None;
+            }
         }
+        Some(was)
     }
 
     fn clear_suspicion(&mut self, slot: u32) {
@@ -998,19 +960,13 @@ impl<R: Rng> Membership<R> {
     }
 
     fn remove_member(&mut self, slot: u32) {
-        let Some(member) = self.members.get_mut(slot as usize).and_then(Option::take) else {
+        let Some(member) = self.table.remove(slot) else {
             return;
         };
-        self.index.remove(&member.name, slot);
         self.note(slot, Some(member.state), None);
-        self.free.push(slot);
         self.notices.remove(&slot);
         self.broadcasts.remove(slot);
         self.clear_suspicion(slot);
-        self.clear_down(slot);
-        if member.state.is_live() {
-            self.live = self.live.saturating_sub(1);
-        }
         if self.probe.is_some_and(|p| p.slot == slot) {
             self.probe = None;
         }
@@ -1048,7 +1004,7 @@ impl<R: Rng> Membership<R> {
     }
 
     fn retransmit_limit(&self) -> u32 {
-        retransmit_limit(self.config.retransmit_mult, self.live.max(1))
+        retransmit_limit(self.config.retransmit_mult, self.live().max(1))
     }
 
     fn new_packet(&self) -> Vec<u8> {
@@ -1104,7 +1060,7 @@ impl<R: Rng> Membership<R> {
         if ping.from == &*self.local.name {
             return AckExtra::Nothing;
         }
-        let Some(slot) = self.index.get(ping.from, &self.members) else {
+        let Some(slot) = self.table.find(ping.from) else {
             return AckExtra::AskAlive;
         };
         let Some(record) = self.slot(slot) else {
@@ -1218,8 +1174,7 @@ impl<R: Rng> Membership<R> {
             incarnation: member.incarnation,
             from,
         };
-        let known = member.name == &*self.local.name
-            || self.index.get(member.name, &self.members).is_some();
+        let known = member.name == &*self.local.name || self.table.find(member.name).is_some();
         let info = AliveInfo::from_wire(member);
         let first_hand = member.name == from;
         match state.state {
@@ -1277,29 +1232,28 @@ impl<R: Rng> Membership<R> {
             }
             WireState::Dead
                 if self
-                    .index
-                    .get(member.name, &self.members)
-                    .and_then(|slot| self.slot(slot))
+                    .table
+                    .by_name(member.name)
                     .is_some_and(|m| !m.state.is_live() && m.generation == member.generation) =>
             {
                 // Already down here; the remote saw it refute and die again
                 // at a later incarnation. Nothing to revive: keep it dead,
                 // at the later incarnation (stale alives then stay stale).
-                if let Some(slot) = self.index.get(member.name, &self.members)
-                    && let Some(m) = self.slot_mut(slot)
-                    && m.incarnation < member.incarnation
+                if let Some(slot) = self.table.find(member.name)
+                    && self
+                        .slot(slot)
+                        .is_some_and(|m| m.incarnation < member.incarnation)
                 {
-                    let was = m.state;
-                    m.incarnation = member.incarnation;
-                    m.state = MemberState::Dead;
-                    self.note(slot, Some(was), Some(MemberState::Dead));
+                    self.table
+                        .edit(slot, |m| m.incarnation = member.incarnation);
+                    self.set_state(slot, MemberState::Dead, now);
                 }
             }
             WireState::Dead => {
                 // The remote may be wrong (a partition): only suspect. But
                 // the member itself must learn it was declared dead.
                 self.apply_alive(AliveInfo::from_wire(member), Mode::Merge, now);
-                if let Some(slot) = self.index.get(member.name, &self.members)
+                if let Some(slot) = self.table.find(member.name)
                     && self.slot(slot).is_some_and(|m| {
                         m.state.is_live()
                             && m.generation == member.generation
@@ -1334,9 +1288,8 @@ impl<R: Rng> Membership<R> {
             return;
         }
         let targets: Vec<SocketAddr> = self
-            .members
+            .table
             .iter()
-            .flatten()
             .filter(|m| m.state.is_live())
             .map(|m| m.addr)
             .take(MAX_CLAIM_CHECKS)
@@ -1346,52 +1299,6 @@ impl<R: Rng> Membership<R> {
             wire::encode(&Message::Alive(alive_of(&self.local)), &mut buf);
             self.finish_unreliable(to, buf);
         }
-    }
-
-    /// Picks up to `count` distinct remote members passing `keep` into `out`,
-    /// at random: random draws first (O(count) when most members qualify),
-    /// then a scan of everyone.
-    fn sample_members(
-        &mut self,
-        count: usize,
-        out: &mut Vec<u32>,
-        keep: impl Fn(u32, &Member) -> bool,
-    ) {
-        out.clear();
-        let len = self.members.len();
-        if count == 0 || len == 0 {
-            return;
-        }
-        for _ in 0..SAMPLE_ATTEMPTS.max(count * 4) {
-            if out.len() >= count {
-                return;
-            }
-            let slot = self.rng.random_range(0..len);
-            let Ok(slot) = u32::try_from(slot) else {
-                continue;
-            };
-            if out.contains(&slot) {
-                continue;
-            }
-            if self.slot(slot).is_some_and(|m| keep(slot, m)) {
-                out.push(slot);
-            }
-        }
-        if out.len() >= count {
-            return;
-        }
-        let mut all: Vec<u32> = self
-            .members
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, m)| {
-                let slot = u32::try_from(slot).ok()?;
-                m.as_ref().filter(|m| keep(slot, m)).map(|_| slot)
-            })
-            .collect();
-        let (chosen, _) = all.partial_shuffle(&mut self.rng, count);
-        out.clear();
-        out.extend_from_slice(chosen);
     }
 
     // ----- dissemination ----------------------------------------------------

@@ -313,36 +313,10 @@ impl<R: Rng> Membership<R> {
         }
     }
 
-    pub(super) fn next_probe_target(&mut self) -> Option<u32> {
-        for _ in 0..2 {
-            while let Some(&slot) = self.probe_order.get(self.probe_pos) {
-                self.probe_pos += 1;
-                if self.slot(slot).is_some_and(|m| m.state.is_live()) {
-                    return Some(slot);
-                }
-            }
-            // End of a round: reshuffle the live members.
-            self.probe_order.clear();
-            self.probe_order.extend(
-                self.members
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, m)| m.as_ref().is_some_and(|m| m.state.is_live()))
-                    .filter_map(|(slot, _)| u32::try_from(slot).ok()),
-            );
-            self.probe_order.shuffle(&mut self.rng);
-            self.probe_pos = 0;
-            if self.probe_order.is_empty() {
-                return None;
-            }
-        }
-        None
-    }
-
     pub(super) fn start_probe(&mut self, now: Instant) {
         let interval = self.scaled_probe_interval();
         self.next_probe_at = later(now, interval);
-        let Some(slot) = self.next_probe_target() else {
+        let Some(slot) = self.table.next_probe_target(&mut self.rng) else {
             return;
         };
         let seq = self.next_seq();
@@ -398,9 +372,12 @@ impl<R: Rng> Membership<R> {
         let (name, addr) = (Arc::clone(&target.name), target.addr);
         let exclude = probe.slot;
         let mut relays = std::mem::take(&mut self.scratch_slots);
-        self.sample_members(self.config.indirect_checks, &mut relays, |slot, m| {
-            slot != exclude && m.state == MemberState::Alive
-        });
+        self.table.sample(
+            self.config.indirect_checks,
+            &mut relays,
+            &mut self.rng,
+            |slot, m| slot != exclude && m.state == MemberState::Alive,
+        );
         for &relay in &relays {
             let Some(relay_addr) = self.slot(relay).map(|m| m.addr) else {
                 continue;

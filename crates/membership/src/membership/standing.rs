@@ -95,12 +95,10 @@ impl<R: Rng> Membership<R> {
     /// network); one that is not there, or whose slot changed, has not
     /// answered yet.
     pub(super) fn resolve_inherited(&mut self) {
-        let (index, members) = (&self.index, &self.members);
+        let table = &self.table;
         let w = &mut self.lease.witnesses;
         for (i, name) in &w.inherited {
-            let id = index
-                .get(name, members)
-                .map_or(WitnessId::Unknown, WitnessId::Slot);
+            let id = table.find(name).map_or(WitnessId::Unknown, WitnessId::Slot);
             if let Some(x) = w.list.get_mut(*i)
                 && x.id != id
             {
@@ -121,19 +119,15 @@ impl<R: Rng> Membership<R> {
         self.lease.clock = self.lease.clock.max(now);
         let longest_suspicion = suspicion_min(
             self.config.suspicion_mult,
-            self.live,
+            self.live(),
             self.config.probe_interval,
         )
         .saturating_mul(self.config.suspicion_max_mult);
         self.lease.linger = self.lease.settle.saturating_add(longest_suspicion);
         if self.lease.tracking {
-            let members = &self.members;
-            self.lease.settle_deaths(|slot| {
-                members
-                    .get(slot as usize)
-                    .and_then(Option::as_ref)
-                    .map(|m| m.state)
-            });
+            let table = &self.table;
+            self.lease
+                .settle_deaths(|slot| table.get(slot).map(|m| m.state));
         }
         self.refresh_witnesses();
         let mut standing = self.judge(now);
@@ -146,13 +140,7 @@ impl<R: Rng> Membership<R> {
             self.lease.returning_since = None;
         }
         if standing.is_valid() && !self.lease.tracking {
-            let members = self.members.iter().enumerate().map(|(slot, m)| {
-                (
-                    u32::try_from(slot).unwrap_or(u32::MAX),
-                    m.as_ref().map(|m| m.state),
-                )
-            });
-            self.lease.thaw(members);
+            self.lease.thaw(self.table.states());
             self.lease.tracking = true;
             self.refresh_witnesses();
             standing = self.judge(now);
@@ -188,7 +176,7 @@ impl<R: Rng> Membership<R> {
             return;
         }
         let n = if starting {
-            self.live.max(1)
+            self.live().max(1)
         } else {
             self.lease.reference_size()
         };
@@ -221,9 +209,7 @@ impl<R: Rng> Membership<R> {
             witness_rank(&self.local.name, self.local.generation),
         );
         let lease = &self.lease;
-        let remote = self.members.iter().enumerate().filter_map(|(slot, m)| {
-            let m = m.as_ref()?;
-            let slot = u32::try_from(slot).ok()?;
+        let remote = self.table.entries().filter_map(|(slot, m)| {
             let candidate = if starting {
                 m.state.is_live()
             } else {
@@ -345,10 +331,7 @@ impl<R: Rng> Membership<R> {
     /// placement order: `None` for this node. O(N).
     pub(super) fn oldest_in_ref(&self) -> Option<u32> {
         let mut best: (u64, &str, Option<u32>) = (self.local.generation, &self.local.name, None);
-        for (slot, m) in self.members.iter().enumerate() {
-            let (Some(m), Ok(slot)) = (m, u32::try_from(slot)) else {
-                continue;
-            };
+        for (slot, m) in self.table.entries() {
             if self.lease.in_ref(slot) && (m.generation, &*m.name) < (best.0, best.1) {
                 best = (m.generation, &m.name, Some(slot));
             }

@@ -47,11 +47,13 @@ impl<R: Rng> Membership<R> {
             return;
         }
         self.resend_notices(now);
-        if self.down_since.is_empty() {
+        if !self.table.any_down() {
             return;
         }
         let mut targets = std::mem::take(&mut self.scratch_slots);
-        self.sample_members(1, &mut targets, |_, m| m.state == MemberState::Dead);
+        self.table.sample(1, &mut targets, &mut self.rng, |_, m| {
+            m.state == MemberState::Dead
+        });
         let target = targets.first().copied();
         self.scratch_slots = targets;
         let Some(slot) = target else { return };
@@ -121,13 +123,7 @@ impl<R: Rng> Membership<R> {
             self.apply_dead(&acc, Mode::Announce, now);
             // The suspicion was taken out above: the takeover delay counts
             // from its start (`suspected_from`, as the gate counts).
-            if self
-                .slot(slot)
-                .is_some_and(|m| m.state == MemberState::Dead)
-                && self.down_since.contains_key(&slot)
-            {
-                self.suspected_from.insert(slot, suspicion.start);
-            }
+            self.table.set_suspected_from(slot, suspicion.start);
         }
     }
 
@@ -141,18 +137,19 @@ impl<R: Rng> Membership<R> {
         }
         let gossip_to_dead = self.config.gossip_to_dead;
         let mut targets = std::mem::take(&mut self.scratch_slots);
-        // The filter reads `down_since` while sampling needs `&mut self`.
-        let down_since = std::mem::take(&mut self.down_since);
-        self.sample_members(self.config.gossip_fanout, &mut targets, |slot, m| {
-            match m.state {
+        let table = &self.table;
+        table.sample(
+            self.config.gossip_fanout,
+            &mut targets,
+            &mut self.rng,
+            |slot, m| match m.state {
                 MemberState::Alive | MemberState::Suspect => true,
-                MemberState::Dead => down_since
-                    .get(&slot)
-                    .is_some_and(|since| now.saturating_duration_since(*since) < gossip_to_dead),
+                MemberState::Dead => table
+                    .down_since(slot)
+                    .is_some_and(|since| now.saturating_duration_since(since) < gossip_to_dead),
                 MemberState::Left => false,
-            }
-        });
-        self.down_since = down_since;
+            },
+        );
         let limit = self.retransmit_limit();
         for &slot in &targets {
             let Some(addr) = self.slot(slot).map(|m| m.addr) else {
@@ -176,14 +173,16 @@ impl<R: Rng> Membership<R> {
         if now < self.next_push_pull_at {
             return;
         }
-        let interval = push_pull_scale(self.config.push_pull_interval, self.live);
+        let interval = push_pull_scale(self.config.push_pull_interval, self.live());
         self.next_push_pull_at = later(now, interval);
         if !self.local.state.is_live() {
             return;
         }
         // Dead members too, so the two sides of a healed partition meet.
         let mut targets = std::mem::take(&mut self.scratch_slots);
-        self.sample_members(1, &mut targets, |_, m| m.state != MemberState::Left);
+        self.table.sample(1, &mut targets, &mut self.rng, |_, m| {
+            m.state != MemberState::Left
+        });
         let target = targets
             .first()
             .and_then(|slot| self.slot(*slot))
@@ -203,9 +202,8 @@ impl<R: Rng> Membership<R> {
             .copied()
             .filter(|seed| {
                 !self
-                    .members
+                    .table
                     .iter()
-                    .flatten()
                     .any(|m| m.addr == *seed && m.state.is_live())
             })
             .collect();
@@ -246,7 +244,7 @@ impl<R: Rng> Membership<R> {
             }),
             &mut buf,
         );
-        let len = self.members.len();
+        let len = self.table.slots();
         let start = if len == 0 {
             0
         } else {
@@ -254,7 +252,10 @@ impl<R: Rng> Membership<R> {
         };
         let mut truncated = false;
         for i in 0..len {
-            let Some(Some(m)) = self.members.get((start + i) % len) else {
+            let Some(m) = u32::try_from((start + i) % len)
+                .ok()
+                .and_then(|slot| self.table.get(slot))
+            else {
                 continue;
             };
             let before = buf.len();
@@ -287,9 +288,8 @@ impl<R: Rng> Membership<R> {
         }
         // Already in touch with a seed (it is a live member here): done.
         let seeds_known = join.seeds.iter().any(|addr| {
-            self.members
+            self.table
                 .iter()
-                .flatten()
                 .any(|m| m.addr == *addr && m.state == MemberState::Alive)
         });
         if seeds_known {
@@ -311,18 +311,8 @@ impl<R: Rng> Membership<R> {
     }
 
     pub(super) fn fire_reap(&mut self, now: Instant) {
-        while let Some(&(at, slot)) = self.reap_queue.first() {
-            if at > now {
-                break;
-            }
-            self.reap_queue.pop_first();
-            let current = self
-                .down_since
-                .get(&slot)
-                .is_some_and(|since| later(*since, self.config.reap_after) == at);
-            if current && self.slot(slot).is_some_and(|m| !m.state.is_live()) {
-                self.remove_member(slot);
-            }
+        while let Some(slot) = self.table.next_reap(now) {
+            self.remove_member(slot);
         }
     }
 }

@@ -44,11 +44,7 @@ impl<R: Rng> Membership<R> {
             }
             return false;
         }
-        let Some(record) = self
-            .index
-            .get(name, &self.members)
-            .and_then(|slot| self.slot(slot))
-        else {
+        let Some(record) = self.table.by_name(name) else {
             if self.room_for_member() {
                 self.check_claim(name, info.addr, now);
             }
@@ -72,7 +68,7 @@ impl<R: Rng> Membership<R> {
         }
         if state != MemberState::Alive
             && info.incarnation > incarnation
-            && sender.is_none_or(|s| self.index.get(s, &self.members).is_none())
+            && sender.is_none_or(|s| self.table.find(s).is_none())
         {
             // A refutation of a member held suspect or down, relayed by a
             // process that is no member (it may be keeping a stopped node
@@ -169,11 +165,7 @@ impl<R: Rng> Membership<R> {
             self.stats.incarnations_refused += 1;
             return false;
         }
-        let Some(record) = self
-            .index
-            .get(acc.name, &self.members)
-            .and_then(|slot| self.slot(slot))
-        else {
+        let Some(record) = self.table.by_name(acc.name) else {
             return true; // ignored by the precedence rules
         };
         let (addr, incarnation, state) = (record.addr, record.incarnation, record.state);
@@ -210,7 +202,7 @@ impl<R: Rng> Membership<R> {
     /// Whether one more member fits under `max_members`; counts a refusal.
     pub(super) fn room_for_member(&mut self) -> bool {
         // The local node counts as one.
-        if self.index.len() + 1 >= self.config.max_members {
+        if self.table.len() + 1 >= self.config.max_members {
             self.stats.members_refused += 1;
             return false;
         }
@@ -249,14 +241,12 @@ impl<R: Rng> Membership<R> {
             self.alive_about_self(&info);
             return;
         }
-        let Some(slot) = self.index.get(info.name.as_str(), &self.members) else {
+        let Some(slot) = self.table.find(info.name.as_str()) else {
             if !self.room_for_member() {
                 return;
             }
             let member = info.to_member(MemberState::Alive, &self.empty_metadata);
-            let slot = self.insert_member(member);
-            self.live += 1;
-            self.view_dirty = true;
+            let slot = self.insert_member(member, now);
             if mode.announces() {
                 if let Some(m) = self.slot(slot) {
                     debug!(member = %m.name, generation = m.generation, incarnation = m.incarnation, addr = %m.addr, "joined");
@@ -275,8 +265,8 @@ impl<R: Rng> Membership<R> {
             record.addr,
             record.state,
         );
-        let down_since = self.down_since.get(&slot).copied();
-        let suspected_from = self.suspected_from.get(&slot).copied();
+        let down_since = self.table.down_since(slot);
+        let suspected_from = self.table.suspected_from(slot);
         if info.generation < generation {
             self.stats.ignored_updates += 1;
             return;
@@ -317,29 +307,20 @@ impl<R: Rng> Membership<R> {
             self.stats.ignored_updates += 1;
             return;
         }
-        let empty = Arc::clone(&self.empty_metadata);
-        let Some(record) = self.slot_mut(slot) else {
+        let Some(record) = self.slot(slot) else {
             return;
         };
         let changed = record.ready != info.ready || *record.metadata != *info.metadata.as_slice();
-        record.incarnation = info.incarnation;
-        record.addr = info.addr;
-        record.ready = info.ready;
-        if changed {
-            record.metadata = info.metadata.to_arc(&empty);
-        }
-        record.state = MemberState::Alive;
-        self.note(slot, Some(state), Some(MemberState::Alive));
-        match state {
-            MemberState::Alive => {}
-            MemberState::Suspect => self.clear_suspicion(slot),
-            MemberState::Dead | MemberState::Left => {
-                self.clear_down(slot);
-                self.live += 1;
-                self.view_dirty = true;
-                self.add_to_probe_order(slot);
+        let empty = &self.empty_metadata;
+        self.table.edit(slot, |record| {
+            record.incarnation = info.incarnation;
+            record.addr = info.addr;
+            record.ready = info.ready;
+            if changed {
+                record.metadata = info.metadata.to_arc(empty);
             }
-        }
+        });
+        self.set_state(slot, MemberState::Alive, now);
         let acted_on = self.acted_on(down_since, suspected_from, now);
         if state == MemberState::Dead && mode.announces() && acted_on {
             // Our verdict stood for the takeover delay: the layers above
@@ -380,31 +361,29 @@ impl<R: Rng> Membership<R> {
         slot: u32,
         info: AliveInfo<'_>,
         mode: Mode,
-        _now: Instant,
+        now: Instant,
     ) {
-        let empty = Arc::clone(&self.empty_metadata);
-        let Some(record) = self.slot_mut(slot) else {
+        let Some(old) = self.slot(slot).cloned() else {
             return;
         };
-        let old = record.clone();
-        record.generation = info.generation;
-        record.incarnation = info.incarnation;
-        record.addr = info.addr;
-        record.ready = info.ready;
-        record.metadata = info.metadata.to_arc(&empty);
-        record.state = MemberState::Alive;
+        let empty = &self.empty_metadata;
+        self.table.edit(slot, |record| {
+            record.generation = info.generation;
+            record.incarnation = info.incarnation;
+            record.addr = info.addr;
+            record.ready = info.ready;
+            record.metadata = info.metadata.to_arc(empty);
+        });
+        // Not `set_state`: the lease hears of a new generation, not of a
+        // state change (its witness rank changed with it).
+        self.table
+            .apply(slot, MemberState::Alive, now, &mut self.rng);
         self.lease
             .member_replaced(slot, Some(old.state), Some(MemberState::Alive));
         self.clear_suspicion(slot);
         self.notices.remove(&slot);
-        if old.state.is_live() {
-            if self.probe.is_some_and(|p| p.slot == slot) {
-                self.probe = None;
-            }
-        } else {
-            self.clear_down(slot);
-            self.live += 1;
-            self.add_to_probe_order(slot);
+        if old.state.is_live() && self.probe.is_some_and(|p| p.slot == slot) {
+            self.probe = None;
         }
         self.view_dirty = true;
         debug!(member = %old.name, old_generation = old.generation, generation = info.generation, "new generation");
@@ -455,9 +434,6 @@ impl<R: Rng> Membership<R> {
             });
             self.stats.declared_failed += 1;
             self.emit(Event::DeclaredFailed);
-            if self.local.state.is_live() {
-                self.live = self.live.saturating_sub(1);
-            }
             self.local.state = MemberState::Dead;
             self.superseded = true;
             self.probe = None;
@@ -595,7 +571,7 @@ impl<R: Rng> Membership<R> {
             }
             return;
         }
-        let Some(slot) = self.index.get(acc.name, &self.members) else {
+        let Some(slot) = self.table.find(acc.name) else {
             self.stats.ignored_updates += 1;
             return;
         };
@@ -629,7 +605,7 @@ impl<R: Rng> Membership<R> {
                 }
             }
             MemberState::Alive => {
-                let n = self.live;
+                let n = self.live();
                 let mut k = self.config.suspicion_mult.saturating_sub(2);
                 if n.saturating_sub(2) < k as usize {
                     k = 0;
@@ -640,12 +616,9 @@ impl<R: Rng> Membership<R> {
                 self.suspicion_deadlines.insert((suspicion.deadline, slot));
                 self.suspicions.insert(slot, suspicion);
                 self.stats.suspicions += 1;
-                let Some(record) = self.slot_mut(slot) else {
-                    return;
-                };
-                record.state = MemberState::Suspect;
-                record.incarnation = acc.incarnation;
-                self.note(slot, Some(MemberState::Alive), Some(MemberState::Suspect));
+                self.table
+                    .edit(slot, |record| record.incarnation = acc.incarnation);
+                self.set_state(slot, MemberState::Suspect, now);
                 if mode.announces() {
                     if let Some(m) = self.slot(slot).cloned() {
                         debug!(member = %m.name, incarnation = m.incarnation, accuser = acc.from, "suspected");
@@ -717,11 +690,11 @@ impl<R: Rng> Membership<R> {
             self.stats.ignored_updates += 1;
             return;
         }
-        let Some(slot) = self.index.get(acc.name, &self.members) else {
+        let Some(slot) = self.table.find(acc.name) else {
             self.stats.ignored_updates += 1;
             return;
         };
-        let Some(record) = self.slot_mut(slot) else {
+        let Some(record) = self.slot(slot) else {
             return;
         };
         if acc.generation != record.generation
@@ -739,28 +712,16 @@ impl<R: Rng> Membership<R> {
         let suspected = (was == MemberState::Suspect && acc.incarnation == record.incarnation)
             .then(|| self.suspicions.get(&slot).map(|s| s.start))
             .flatten();
-        let Some(record) = self.slot_mut(slot) else {
-            return;
-        };
-        record.state = if left {
+        let state = if left {
             MemberState::Left
         } else {
             MemberState::Dead
         };
-        record.incarnation = acc.incarnation;
-        let state = record.state;
-        self.note(slot, Some(was), Some(state));
-        self.clear_suspicion(slot);
-        self.live = self.live.saturating_sub(1);
-        self.mark_down(slot, now);
-        if let Some(start) = suspected
-            && !left
-        {
-            self.suspected_from.insert(slot, start);
-        }
-        self.view_dirty = true;
-        if self.probe.is_some_and(|p| p.slot == slot) {
-            self.probe = None;
+        self.table
+            .edit(slot, |record| record.incarnation = acc.incarnation);
+        self.set_state(slot, state, now);
+        if let Some(start) = suspected {
+            self.table.set_suspected_from(slot, start);
         }
         if !left {
             self.stats.failures += 1;
