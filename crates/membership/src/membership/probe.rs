@@ -1,8 +1,61 @@
 //! The probe cycle: pings and their acks (direct, through relays, and the
-//! relays this node serves), nacks, the next target, and a failed probe
-//! turning into a suspicion.
+//! relays this node serves), the acks this node sends (after the whole
+//! packet was applied, with what it has to tell the pinger about itself),
+//! nacks, the next target, and a failed probe turning into a suspicion.
 
 use super::*;
+
+/// The probe in progress.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Probe {
+    pub(super) slot: u32,
+    /// When the ping left: an ack proves contact from then on (lease).
+    pub(super) sent_at: Instant,
+    pub(super) generation: u64,
+    /// The ping carried a death-verdict notice to its target.
+    pub(super) carries_notice: bool,
+    pub(super) seq: u32,
+    pub(super) indirect_at: Instant,
+    pub(super) deadline: Instant,
+    pub(super) indirect_sent: bool,
+    pub(super) expected_nacks: u32,
+    pub(super) nacks: u32,
+}
+
+/// An indirect probe this node runs for another member.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Relay {
+    pub(super) seq: u32,
+    /// Hash of the target's name: only its ack counts.
+    pub(super) target: u64,
+    /// When this node pinged the target for the requester.
+    pub(super) sent_at: Instant,
+    pub(super) requester: SocketAddr,
+    pub(super) requester_seq: u32,
+    pub(super) nack_at: Instant,
+}
+
+/// An ack to send once the whole packet was applied.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DeferredAck {
+    pub(super) to: SocketAddr,
+    pub(super) seq: u32,
+    pub(super) reliable: bool,
+    pub(super) extra: AckExtra,
+}
+
+/// What rides with an ack, about the pinger itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AckExtra {
+    Nothing,
+    /// We do not know the pinger, or an older version of it: ask.
+    AskAlive,
+    /// We hold the pinger (in this slot) suspect or dead: tell it.
+    Accuse(u32),
+    /// We revived the pinger (in this slot) and it may not know it had been
+    /// declared dead: tell it again.
+    Notice(u32),
+}
 
 impl<R: Rng> Membership<R> {
     pub(super) fn next_seq(&mut self) -> u32 {
@@ -54,6 +107,69 @@ impl<R: Rng> Membership<R> {
             reliable: ping.reliable,
             extra,
         });
+    }
+
+    pub(super) fn send_ack(&mut self, ack: &DeferredAck) {
+        let mut buf = self.new_packet();
+        wire::encode(&Message::Ack(ack.seq), &mut buf);
+        match ack.extra {
+            AckExtra::Nothing => {}
+            AckExtra::AskAlive => {
+                self.stats.alive_requests += 1;
+                wire::encode(&Message::AliveRequest, &mut buf);
+            }
+            AckExtra::Accuse(slot) => {
+                if let Some(m) = self.slot(slot) {
+                    let acc = Accusation {
+                        name: &m.name,
+                        generation: m.generation,
+                        incarnation: m.incarnation,
+                        from: &self.local.name,
+                    };
+                    match m.state {
+                        MemberState::Suspect => wire::encode(&Message::Suspect(acc), &mut buf),
+                        MemberState::Dead => wire::encode(&Message::Dead(acc), &mut buf),
+                        MemberState::Alive | MemberState::Left => {}
+                    }
+                }
+            }
+            AckExtra::Notice(slot) => {
+                self.append_notice(slot, &mut buf);
+            }
+        }
+        if ack.reliable {
+            self.send(ack.to, true, buf);
+        } else {
+            self.finish_unreliable(ack.to, buf);
+        }
+    }
+
+    /// What to tell a pinger about itself: ask for its `Alive` if our record
+    /// of it is missing or older, or tell it we hold it suspect or dead.
+    pub(super) fn pinger_extra(&self, ping: &Ping<'_>) -> AckExtra {
+        if ping.from == &*self.local.name {
+            return AckExtra::Nothing;
+        }
+        let Some(slot) = self.table.find(ping.from) else {
+            return AckExtra::AskAlive;
+        };
+        let Some(record) = self.slot(slot) else {
+            return AckExtra::AskAlive;
+        };
+        let newer =
+            (ping.from_generation, ping.from_incarnation) > (record.generation, record.incarnation);
+        if newer {
+            return AckExtra::AskAlive;
+        }
+        if ping.from_generation == record.generation
+            && matches!(record.state, MemberState::Suspect | MemberState::Dead)
+        {
+            return AckExtra::Accuse(slot);
+        }
+        if self.notices.contains_key(&slot) {
+            return AckExtra::Notice(slot);
+        }
+        AckExtra::Nothing
     }
 
     pub(super) fn on_indirect_ping(

@@ -1,89 +1,127 @@
-//! Applying `Alive`, `Suspect` and `Dead` updates, each vetted first by who
-//! sent it (first-hand claims only from the member itself, incarnations
-//! within reach of a refutation), and the answers they call for:
-//! refutations, stale accusations answered, verdicts told to their subject.
+//! Applying `Alive`, `Suspect` and `Dead` updates (vetted first by who sent
+//! them, `identity.rs`) by the precedence rules, and the answers they call
+//! for: refutations, stale accusations answered, verdicts told to their
+//! subject.
 
 use super::*;
 
-impl<R: Rng> Membership<R> {
-    /// Whether an `Alive` may be applied, given who sent it. The member
-    /// itself (`sender` is its name) may announce anything about itself. A
-    /// third party may relay what does not change the member's identity:
-    /// the same generation and address, at an incarnation at most
-    /// `MAX_INCARNATION_STEP` above the known one (a refutation or an
-    /// update; one the member did not make it answers by refuting); but a
-    /// refutation of a member held suspect or down relayed by a sender that
-    /// is no member is checked, as below, instead of applied. A new
-    /// member, generation or address from a third party is not applied but
-    /// checked: the member is asked at the claimed address for its own
-    /// `Alive`, which then counts first-hand.
-    pub(super) fn vet_alive(
-        &mut self,
-        sender: Option<&str>,
-        info: &AliveInfo<'_>,
-        now: Instant,
-    ) -> bool {
-        let name = info.name.as_str();
-        if sender == Some(name) {
-            return true;
+/// Where a member name comes from: borrowed from a packet, or shared.
+#[derive(Clone, Copy)]
+pub(super) enum NameSrc<'a> {
+    Wire(&'a str),
+    Shared(&'a Arc<str>),
+}
+
+impl NameSrc<'_> {
+    pub(super) fn as_str(&self) -> &str {
+        match self {
+            NameSrc::Wire(name) => name,
+            NameSrc::Shared(name) => name,
         }
-        if name == &*self.local.name {
-            if info.generation < self.local.generation {
-                return true; // an older process of ours: re-announced
-            }
-            if info.generation == self.local.generation && info.addr == self.local.addr {
-                return self.incarnation_ok(info.incarnation, self.local.incarnation);
-            }
-            // Another process under our name: only its own word counts (a
-            // restart of this node on another address). Ask it; if the
-            // address is ours, nobody else can be there.
-            self.stats.forged_claims += 1;
-            debug!(?sender, generation = info.generation, addr = %info.addr, "refused another identity of this node from a third party");
-            if info.addr != self.local.addr {
-                self.check_claim(name, info.addr, now);
-            }
-            return false;
-        }
-        let Some(record) = self.table.by_name(name) else {
-            if self.room_for_member() {
-                self.check_claim(name, info.addr, now);
-            }
-            return false;
-        };
-        let (generation, addr, incarnation, state) = (
-            record.generation,
-            record.addr,
-            record.incarnation,
-            record.state,
-        );
-        if info.generation < generation {
-            return true; // stale: ignored by the precedence rules
-        }
-        if info.generation > generation || info.addr != addr {
-            self.check_claim(name, info.addr, now);
-            return false;
-        }
-        if !self.incarnation_ok(info.incarnation, incarnation) {
-            return false;
-        }
-        if state != MemberState::Alive
-            && info.incarnation > incarnation
-            && sender.is_none_or(|s| self.table.find(s).is_none())
-        {
-            // A refutation of a member held suspect or down, relayed by a
-            // process that is no member (it may be keeping a stopped node
-            // alive): the member is asked, and only its own answer counts.
-            debug!(
-                ?sender,
-                member = name,
-                "checking a refutation relayed by a non-member"
-            );
-            self.check_claim(name, addr, now);
-            return false;
-        }
-        true
     }
 
+    pub(super) fn to_arc(self) -> Arc<str> {
+        match self {
+            NameSrc::Wire(name) => Arc::from(name),
+            NameSrc::Shared(name) => Arc::clone(name),
+        }
+    }
+}
+
+/// Where metadata comes from: borrowed from a packet, or shared.
+#[derive(Clone, Copy)]
+pub(super) enum MetaSrc<'a> {
+    Wire(&'a [u8]),
+    Shared(&'a Arc<[u8]>),
+}
+
+impl MetaSrc<'_> {
+    pub(super) fn as_slice(&self) -> &[u8] {
+        match self {
+            MetaSrc::Wire(meta) => meta,
+            MetaSrc::Shared(meta) => meta,
+        }
+    }
+
+    pub(super) fn to_arc(self, empty: &Arc<[u8]>) -> Arc<[u8]> {
+        match self {
+            MetaSrc::Wire([]) => Arc::clone(empty),
+            MetaSrc::Wire(meta) => Arc::from(meta),
+            MetaSrc::Shared(meta) => Arc::clone(meta),
+        }
+    }
+}
+
+/// An alive announcement, from the wire or from a snapshot.
+#[derive(Clone, Copy)]
+pub(super) struct AliveInfo<'a> {
+    pub(super) name: NameSrc<'a>,
+    pub(super) generation: u64,
+    pub(super) incarnation: u64,
+    pub(super) addr: SocketAddr,
+    pub(super) ready: bool,
+    pub(super) metadata: MetaSrc<'a>,
+}
+
+impl<'a> AliveInfo<'a> {
+    pub(super) fn from_wire(alive: &Alive<'a>) -> Self {
+        AliveInfo {
+            name: NameSrc::Wire(alive.name),
+            generation: alive.generation,
+            incarnation: alive.incarnation,
+            addr: alive.addr,
+            ready: alive.ready,
+            metadata: MetaSrc::Wire(alive.metadata),
+        }
+    }
+
+    pub(super) fn from_member(member: &'a Member) -> Self {
+        AliveInfo {
+            name: NameSrc::Shared(&member.name),
+            generation: member.generation,
+            incarnation: member.incarnation,
+            addr: member.addr,
+            ready: member.ready,
+            metadata: MetaSrc::Shared(&member.metadata),
+        }
+    }
+
+    /// A member record of this announcement, in `state` (`empty`: the
+    /// shared empty metadata).
+    pub(super) fn to_member(self, state: MemberState, empty: &Arc<[u8]>) -> Member {
+        Member {
+            name: self.name.to_arc(),
+            generation: self.generation,
+            addr: self.addr,
+            incarnation: self.incarnation,
+            state,
+            ready: self.ready,
+            metadata: self.metadata.to_arc(empty),
+        }
+    }
+}
+
+/// Where an update comes from, which decides what it may do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// A message (gossip, piggyback, own probe): events, re-broadcast, and a
+    /// suspicion from a new accuser confirms an existing one.
+    Announce,
+    /// A push-pull state: events and re-broadcast, but it never confirms a
+    /// suspicion (the sender only relays what it heard; counting it would
+    /// let one node's suspicion confirm itself through others).
+    Merge,
+    /// A bootstrap snapshot: no per-member events, nothing re-broadcast.
+    Quiet,
+}
+
+impl Mode {
+    pub(super) fn announces(self) -> bool {
+        self != Mode::Quiet
+    }
+}
+
+impl<R: Rng> Membership<R> {
     /// Whether this node's dead verdict about a member, reached at
     /// `down_since`, may have been acted on by the layers above: the
     /// takeover gate has released it (the takeover delay after the start of
@@ -129,76 +167,6 @@ impl<R: Rng> Membership<R> {
                 .is_some_and(|lapsed| lapsed >= takeover)
     }
 
-    /// Whether a suspicion or death verdict may be applied, given who sent
-    /// it. Anyone may accuse a member at an incarnation it can refute (at
-    /// most `MAX_INCARNATION_STEP` above the known one). A leave counts only
-    /// from the member itself; relayed, the member is asked (a member that
-    /// left answers with its leave) and the relay's word counts as a
-    /// suspicion by the relay (the member refutes it if it did not leave;
-    /// if it left and stopped, the relays confirm one another and it is
-    /// declared dead after the minimal suspicion timeout). An acted-on
-    /// notice counts only from its author.
-    pub(super) fn vet_accusation(
-        &mut self,
-        sender: Option<&str>,
-        acc: &Accusation<'_>,
-        mode: Mode,
-        now: Instant,
-    ) -> bool {
-        let left = acc.from == acc.name;
-        if acc.name == &*self.local.name {
-            if acc.incarnation == wire::ACTED_ON {
-                if sender == Some(acc.from) && !left {
-                    return true;
-                }
-                self.stats.forged_claims += 1;
-                debug!(
-                    ?sender,
-                    accuser = acc.from,
-                    "refused an acted-on notice not sent by its author"
-                );
-                return false;
-            }
-            return self.incarnation_ok(acc.incarnation, self.local.incarnation);
-        }
-        if acc.incarnation == wire::ACTED_ON {
-            self.stats.incarnations_refused += 1;
-            return false;
-        }
-        let Some(record) = self.table.by_name(acc.name) else {
-            return true; // ignored by the precedence rules
-        };
-        let (addr, incarnation, state) = (record.addr, record.incarnation, record.state);
-        if left && sender != Some(acc.name) {
-            if state.is_live()
-                && acc.generation == record.generation
-                && self.incarnation_ok(acc.incarnation, incarnation)
-            {
-                self.check_claim(acc.name, addr, now);
-                if let Some(relay) = sender {
-                    let suspicion = Accusation {
-                        from: relay,
-                        ..*acc
-                    };
-                    self.apply_suspect(&suspicion, mode, now);
-                }
-            }
-            return false;
-        }
-        self.incarnation_ok(acc.incarnation, incarnation)
-    }
-
-    /// Whether a third party's incarnation is within reach of the known one;
-    /// counts a refusal.
-    pub(super) fn incarnation_ok(&mut self, claimed: u64, known: u64) -> bool {
-        if claimed > known.saturating_add(MAX_INCARNATION_STEP) {
-            self.stats.incarnations_refused += 1;
-            debug!(claimed, known, "refused an incarnation out of reach");
-            return false;
-        }
-        true
-    }
-
     /// Whether one more member fits under `max_members`; counts a refusal.
     pub(super) fn room_for_member(&mut self) -> bool {
         // The local node counts as one.
@@ -207,33 +175,6 @@ impl<R: Rng> Membership<R> {
             return false;
         }
         true
-    }
-
-    /// Asks `name` at `addr` for its own `Alive` (the answer counts
-    /// first-hand), once per name and address while a check is in flight.
-    pub(super) fn check_claim(&mut self, name: &str, addr: SocketAddr, now: Instant) {
-        if addr == self.local.addr || self.local.state != MemberState::Alive {
-            return;
-        }
-        while self.claim_checks.front().is_some_and(|c| c.2 <= now) {
-            self.claim_checks.pop_front();
-        }
-        let key = self.hasher.hash_str(name);
-        if self.claim_checks.iter().any(|c| c.0 == key && c.1 == addr) {
-            return;
-        }
-        if self.claim_checks.len() >= MAX_CLAIM_CHECKS {
-            self.stats.claim_checks_dropped += 1;
-            return;
-        }
-        // Long enough for a round trip, short enough that a lost answer is
-        // asked again at the next gossip of the claim.
-        let expiry = later(now, self.config.probe_interval.saturating_mul(5));
-        self.claim_checks.push_back((key, addr, expiry));
-        self.stats.claims_checked += 1;
-        let mut buf = self.new_packet();
-        wire::encode(&Message::AliveRequest, &mut buf);
-        self.finish_unreliable(addr, buf);
     }
 
     pub(super) fn apply_alive(&mut self, info: AliveInfo<'_>, mode: Mode, now: Instant) {
