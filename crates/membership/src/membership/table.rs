@@ -359,3 +359,104 @@ impl Table {
         out.extend_from_slice(chosen);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+    use std::sync::Arc;
+
+    fn member(name: &str, state: MemberState) -> Member {
+        Member {
+            name: Arc::from(name),
+            generation: 1,
+            addr: "127.0.0.1:7000".parse().expect("address"),
+            incarnation: 0,
+            state,
+            ready: false,
+            metadata: Arc::from(&[][..]),
+        }
+    }
+
+    /// The members the probe order visits over a few rounds (a round
+    /// visits every live member once).
+    fn probed(table: &mut Table, rng: &mut SmallRng) -> Vec<u32> {
+        let mut seen = Vec::new();
+        for _ in 0..table.slots() * 3 {
+            if let Some(slot) = table.next_probe_target(rng)
+                && !seen.contains(&slot)
+            {
+                seen.push(slot);
+            }
+        }
+        seen.sort_unstable();
+        seen
+    }
+
+    #[test]
+    fn state_changes_keep_the_live_count_probe_order_and_reaping_in_step() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        let reap_after = Duration::from_secs(10);
+        let mut table = Table::new(SeededState::new(3), reap_after);
+        let a = table.insert(member("a", MemberState::Alive), t0, &mut rng);
+        let b = table.insert(member("b", MemberState::Suspect), t0, &mut rng);
+        let c = table.insert(member("c", MemberState::Dead), t0, &mut rng);
+        assert_eq!((table.len(), table.live()), (3, 2));
+        assert_eq!(table.find("b"), Some(b));
+        assert_eq!(table.down_since(c), Some(t0));
+        assert_eq!(probed(&mut table, &mut rng), vec![a, b]);
+
+        // Down: out of the live count and the probe round, due for reaping.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            table.apply(a, MemberState::Dead, t1, &mut rng),
+            Some(MemberState::Alive)
+        );
+        table.set_suspected_from(a, t0);
+        assert_eq!(table.live(), 1);
+        assert_eq!(table.down_since(a), Some(t1));
+        assert_eq!(table.suspected_from(a), Some(t0));
+        assert_eq!(probed(&mut table, &mut rng), vec![b]);
+        // Down to down: the reap timer keeps running from the first.
+        table.apply(a, MemberState::Left, t1 + reap_after, &mut rng);
+        assert_eq!(table.down_since(a), Some(t1));
+
+        // Back: counted and probed again, no longer reaped.
+        assert_eq!(
+            table.apply(c, MemberState::Alive, t1, &mut rng),
+            Some(MemberState::Dead)
+        );
+        assert_eq!(table.live(), 2);
+        assert_eq!(table.down_since(c), None);
+        // In the rest of the current round, not only the next.
+        let rest = table.probe_order.get(table.probe_pos..).unwrap_or(&[]);
+        assert!(rest.contains(&c));
+        assert_eq!(probed(&mut table, &mut rng), vec![b, c]);
+        // An edit cannot change the state behind the table's back.
+        table.edit(b, |m| {
+            m.incarnation = 5;
+            m.state = MemberState::Dead;
+        });
+        let edited = table.get(b).map(|m| (m.incarnation, m.state));
+        assert_eq!(edited, Some((5, MemberState::Suspect)));
+        assert_eq!(table.live(), 2);
+
+        // Only `a` is due, once, `reap_after` after it went down.
+        assert_eq!(table.next_reap_at(), Some(t1 + reap_after));
+        assert_eq!(table.next_reap(t1), None);
+        assert_eq!(table.next_reap(t1 + reap_after), Some(a));
+        assert_eq!(table.next_reap(t1 + reap_after * 5), None);
+        let reaped = table.remove(a).map(|m| m.name);
+        assert_eq!(reaped.as_deref(), Some("a"));
+        assert_eq!((table.len(), table.live(), table.find("a")), (2, 2, None));
+        assert!(!table.any_down());
+        // Its slot is reused.
+        assert_eq!(
+            table.insert(member("d", MemberState::Alive), t1, &mut rng),
+            a
+        );
+        assert_eq!(table.live(), 3);
+    }
+}
