@@ -10,7 +10,8 @@
 //!   stays in the order and is skipped;
 //! - a member is in `down_since` (and due for reaping `reap_after` later)
 //!   exactly while it is dead or left, from the instant it went down;
-//!   `suspected_from` only while it is dead.
+//!   `suspected_from` is set only for a member dead here, and goes with
+//!   `down_since`.
 //!
 //! What a state change means to the rest of `Membership` (the lease, the
 //! suspicion timers, events) is the caller's: each method returns what it
