@@ -699,12 +699,22 @@ fn a_leavers_done_marker_for_a_view_not_installed_here_does_not_count_yet() {
     assert!(alive.iter().all(|&n| c.nodes[n].is_idle()));
 }
 
-#[test]
-fn a_parked_notice_of_a_node_that_left_is_spent() {
-    // d leaves under w and hands x to z, which skipped w and parks the
-    // notice. d says done under w; once d is gone, the primary of x in the
-    // view z skipped to takes x (d held nothing). When w comes back, z must
-    // not take x on d's old notice while that primary still holds it.
+/// The start of the parked-notice tests: a, b, c, d hold 60 datums; x
+/// moves from d to z when d leaves (view w, without d), but z goes straight
+/// to the view without q as well (`skipped`, where `taker` is x's primary)
+/// while the others pass through w, where d relinquishes x to z, which
+/// parks the notice. Settled, d idle.
+struct ParkedFromD {
+    c: Cluster,
+    w: Arc<PlacementTable>,
+    skipped: Arc<PlacementTable>,
+    x: i64,
+    z: usize,
+    taker: usize,
+    q: usize,
+}
+
+fn parked_notice_from_d() -> ParkedFromD {
     let (a, b, cc, d) = (0, 1, 2, 3);
     let mut c = Cluster::new(&["a", "b", "c", "d"], 60, 4);
     for n in [a, b, cc, d] {
@@ -723,7 +733,8 @@ fn a_parked_notice_of_a_node_that_left_is_spent() {
             (owner(&c, &v1, id) == d && z != q && taker != z).then_some((id, z, taker, q, skipped))
         })
         .unwrap();
-    // z goes straight to the view without q; the others pass through w.
+    // z goes straight to the view without q; the others pass through w,
+    // where d relinquishes x to z, which parks the notice.
     c.nodes[z].install(Arc::clone(&skipped), c.now);
     for n in [a, b, cc, d].into_iter().filter(|&n| n != z) {
         c.nodes[n].install(Arc::clone(&w), c.now);
@@ -734,6 +745,34 @@ fn a_parked_notice_of_a_node_that_left_is_spent() {
         c.nodes[z].progress().parked_notices > 0,
         "z parked d's notices"
     );
+    ParkedFromD {
+        c,
+        w,
+        skipped,
+        x,
+        z,
+        taker,
+        q,
+    }
+}
+
+#[test]
+fn a_parked_notice_of_a_node_that_left_is_spent() {
+    // d leaves under w and hands x to z, which skipped w and parks the
+    // notice. d says done under w; once d is gone, the primary of x in the
+    // view z skipped to takes x (d held nothing). When w comes back, z must
+    // not take x on d's old notice while that primary still holds it.
+    let (a, b, cc, d) = (0, 1, 2, 3);
+    let ParkedFromD {
+        mut c,
+        w,
+        skipped,
+        x,
+        z,
+        taker,
+        q,
+    } = parked_notice_from_d();
+    let owner = |c: &Cluster, t: &PlacementTable, id: i64| c.index(t.owner_ids(id).next().unwrap());
     for n in [a, b, cc].into_iter().filter(|&n| n != z) {
         c.nodes[n].install(Arc::clone(&skipped), c.now);
     }
@@ -774,35 +813,16 @@ fn a_parked_notice_of_a_node_that_left_is_spent() {
 #[test]
 fn a_parked_notice_of_a_node_that_moved_on_and_left_unheard_is_not_taken() {
     let (a, b, cc, d) = (0, 1, 2, 3);
-    let mut c = Cluster::new(&["a", "b", "c", "d"], 60, 4);
-    for n in [a, b, cc, d] {
-        c.nodes[n].set_peers(c.ids.clone().iter(), c.now);
-    }
-    c.settle();
+    let ParkedFromD {
+        mut c,
+        w,
+        skipped,
+        x,
+        z,
+        taker,
+        q,
+    } = parked_notice_from_d();
     let owner = |c: &Cluster, t: &PlacementTable, id: i64| c.index(t.owner_ids(id).next().unwrap());
-    let v1 = c.table_of(&[a, b, cc, d]);
-    let w = c.table_of(&[a, b, cc]);
-    let (x, z, taker, q, skipped) = (0..60)
-        .flat_map(|id| [a, b, cc].map(|q| (id, q)))
-        .find_map(|(id, q)| {
-            let rest: Vec<usize> = [a, b, cc].into_iter().filter(|&n| n != q).collect();
-            let skipped = c.table_of(&rest);
-            let (z, taker) = (owner(&c, &w, id), owner(&c, &skipped, id));
-            (owner(&c, &v1, id) == d && z != q && taker != z).then_some((id, z, taker, q, skipped))
-        })
-        .unwrap();
-    // z goes straight to the view without q; the others pass through w,
-    // where d relinquishes x to z, which parks the notice.
-    c.nodes[z].install(Arc::clone(&skipped), c.now);
-    for n in [a, b, cc, d].into_iter().filter(|&n| n != z) {
-        c.nodes[n].install(Arc::clone(&w), c.now);
-    }
-    c.settle();
-    assert!(c.nodes[d].is_idle());
-    assert!(
-        c.nodes[z].progress().parked_notices > 0,
-        "z parked d's notices"
-    );
     // Everyone moves on to the view without q, d too; what d sends z is
     // lost.
     for n in [a, b, cc, d].into_iter().filter(|&n| n != z) {

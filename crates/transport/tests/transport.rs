@@ -1179,24 +1179,7 @@ async fn unread_messages_push_back_by_bytes_and_lose_nothing() {
     // 32-KiB incompressible messages; b does not read. The count limit
     // (8192) is far away: only the byte budget can stop b's reader.
     let body = |i: u32| noise(32 * 1024, i + 1);
-    let mut accepted = 0u32;
-    let mut full_in_a_row = 0;
-    within(async {
-        while full_in_a_row < 3 {
-            match a.send(&to_b, 1, body(accepted), WhenFull::Fail).await {
-                Ok(()) => {
-                    accepted += 1;
-                    full_in_a_row = 0;
-                }
-                Err(TransportError::QueueFull { .. }) => {
-                    full_in_a_row += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+    let accepted = send_until_pushed_back(&a, &to_b, body, u32::MAX).await;
     let charged = b.inbound_bytes_charged();
     assert!(charged <= share, "{charged} charged");
     assert!(b.inbound_bytes_charged_peak() <= share);
@@ -1225,6 +1208,56 @@ async fn unread_messages_push_back_by_bytes_and_lose_nothing() {
     assert_eq!(b.inbound_bytes_charged(), 0);
 }
 
+/// Sends `body(i)` on channel 1 from `a` to `to`, refusing to wait, until
+/// three sends in a row found the queue full (the sender is pushed back)
+/// or `limit` were accepted; returns how many were accepted.
+async fn send_until_pushed_back(
+    a: &Transport,
+    to: &Dest,
+    body: impl Fn(u32) -> Bytes,
+    limit: u32,
+) -> u32 {
+    let mut accepted = 0u32;
+    let mut full_in_a_row = 0;
+    within(async {
+        while full_in_a_row < 3 && accepted < limit {
+            match a.send(to, 1, body(accepted), WhenFull::Fail).await {
+                Ok(()) => {
+                    accepted += 1;
+                    full_in_a_row = 0;
+                }
+                Err(TransportError::QueueFull { .. }) => {
+                    full_in_a_row += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    accepted
+}
+
+/// A consumer that takes every message at once and queues it further (a
+/// reader downstream that is stuck), each body keeping its budget until
+/// dropped: its task and the queue.
+fn hold_everything(
+    mut messages: shoal_transport::MessageReceiver,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Message>,
+) {
+    let (held_tx, held_rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = tokio::spawn(async move {
+        while let Some(m) = messages.recv_held().await {
+            if held_tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    (consumer, held_rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_held_past_recv_keep_their_budget_until_dropped() {
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
@@ -1240,34 +1273,10 @@ async fn bodies_held_past_recv_keep_their_budget_until_dropped() {
     // b's consumer takes every message at once and queues it further (a
     // reader downstream that is stuck): without its budget held, it would
     // take all 400 (12.5 MiB) and the sender would never be pushed back.
-    let (mut messages, _datagrams) = b_in.split();
-    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
-    let consumer = tokio::spawn(async move {
-        while let Some(m) = messages.recv_held().await {
-            if held_tx.send(m).is_err() {
-                break;
-            }
-        }
-    });
+    let (messages, _datagrams) = b_in.split();
+    let (consumer, mut held_rx) = hold_everything(messages);
     let body = |i: u32| noise(size, i + 1);
-    let mut accepted = 0u32;
-    let mut full_in_a_row = 0;
-    within(async {
-        while full_in_a_row < 3 && accepted < 400 {
-            match a.send(&to_b, 1, body(accepted), WhenFull::Fail).await {
-                Ok(()) => {
-                    accepted += 1;
-                    full_in_a_row = 0;
-                }
-                Err(TransportError::QueueFull { .. }) => {
-                    full_in_a_row += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+    let accepted = send_until_pushed_back(&a, &to_b, body, 400).await;
     assert!(accepted < 400, "the sender was never pushed back");
     let mut held = Vec::new();
     while let Ok(m) = held_rx.try_recv() {
@@ -1323,33 +1332,9 @@ async fn control_channels_get_through_a_full_data_share() {
     let (mut messages, _datagrams) = b_in.split();
     let mut control = messages.take_control().expect("control receiver");
     assert!(messages.take_control().is_none());
-    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
-    let consumer = tokio::spawn(async move {
-        while let Some(m) = messages.recv_held().await {
-            if held_tx.send(m).is_err() {
-                break;
-            }
-        }
-    });
+    let (consumer, mut held_rx) = hold_everything(messages);
     let body = |i: u32| noise(size, i + 1);
-    let mut accepted = 0u32;
-    let mut full_in_a_row = 0;
-    within(async {
-        while full_in_a_row < 3 && accepted < 400 {
-            match a.send(&to_b, 1, body(accepted), WhenFull::Fail).await {
-                Ok(()) => {
-                    accepted += 1;
-                    full_in_a_row = 0;
-                }
-                Err(TransportError::QueueFull { .. }) => {
-                    full_in_a_row += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+    let accepted = send_until_pushed_back(&a, &to_b, body, 400).await;
     assert!(accepted < 400, "the sender was never pushed back");
     assert!(b.inbound_bytes_charged_by(a.name()) + size + 1024 >= share);
     // b's reader of a's shared stream waits for budget: reported.

@@ -135,15 +135,7 @@ impl Witnesses {
             if pos >= size {
                 continue;
             }
-            next.insert(
-                pos,
-                Witness {
-                    id,
-                    rank,
-                    acked: None,
-                    pinged: None,
-                },
-            );
+            next.insert(pos, Witness::new(id, rank));
             next.truncate(size);
         }
         for w in &mut next {
@@ -176,15 +168,7 @@ impl Witnesses {
         let pos = self
             .list
             .partition_point(|w| (w.rank, w.id_key()) < (rank, key(id)));
-        self.list.insert(
-            pos,
-            Witness {
-                id,
-                rank,
-                acked: None,
-                pinged: None,
-            },
-        );
+        self.list.insert(pos, Witness::new(id, rank));
     }
 
     /// (Witnesses that answered a ping sent after `now − period`, this node
@@ -226,6 +210,16 @@ impl Witnesses {
 }
 
 impl Witness {
+    /// A witness of rank `rank` not pinged yet.
+    pub(crate) fn new(id: WitnessId, rank: u64) -> Witness {
+        Witness {
+            id,
+            rank,
+            acked: None,
+            pinged: None,
+        }
+    }
+
     fn id_key(&self) -> u64 {
         key(self.id)
     }

@@ -73,12 +73,8 @@ impl<R: Rng> Membership<R> {
         w.entered.clear();
         w.stale = false;
         for (i, (name, rank)) in evidence.witnesses.into_iter().enumerate() {
-            w.list.push(crate::lease::Witness {
-                id: WitnessId::Gone,
-                rank,
-                acked: None,
-                pinged: None,
-            });
+            w.list
+                .push(crate::lease::Witness::new(WitnessId::Gone, rank));
             if let Some(name) = name.filter(|n| n != own) {
                 w.inherited.push((i, name));
             }

@@ -504,6 +504,28 @@ impl<R: Rng> Membership<R> {
         self.finish_unreliable(to, buf);
     }
 
+    /// The slot of the member an accusation is about, if it is about the
+    /// member's current generation at an incarnation not below the one
+    /// known here (and, with `live_only`, while the member is live).
+    /// Otherwise `None`: counted in `ignored_updates`, and a known member's
+    /// newer record goes back to the accuser (`answer_stale_accusation`).
+    fn accused(&mut self, acc: &Accusation<'_>, mode: Mode, live_only: bool) -> Option<u32> {
+        let Some(slot) = self.table.find(acc.name) else {
+            self.stats.ignored_updates += 1;
+            return None;
+        };
+        let record = self.slot(slot)?;
+        if acc.generation != record.generation
+            || acc.incarnation < record.incarnation
+            || (live_only && !record.state.is_live())
+        {
+            self.stats.ignored_updates += 1;
+            self.answer_stale_accusation(slot, acc, mode);
+            return None;
+        }
+        Some(slot)
+    }
+
     pub(super) fn apply_suspect(&mut self, acc: &Accusation<'_>, mode: Mode, now: Instant) {
         if acc.name == &*self.local.name {
             if self.accusation_about_self(acc) {
@@ -512,18 +534,12 @@ impl<R: Rng> Membership<R> {
             }
             return;
         }
-        let Some(slot) = self.table.find(acc.name) else {
-            self.stats.ignored_updates += 1;
+        let Some(slot) = self.accused(acc, mode, false) else {
             return;
         };
         let Some(record) = self.slot(slot) else {
             return;
         };
-        if acc.generation != record.generation || acc.incarnation < record.incarnation {
-            self.stats.ignored_updates += 1;
-            self.answer_stale_accusation(slot, acc, mode);
-            return;
-        }
         let accuser = self.hasher.hash_str(acc.from);
         match record.state {
             MemberState::Dead | MemberState::Left => {
@@ -631,21 +647,12 @@ impl<R: Rng> Membership<R> {
             self.stats.ignored_updates += 1;
             return;
         }
-        let Some(slot) = self.table.find(acc.name) else {
-            self.stats.ignored_updates += 1;
+        let Some(slot) = self.accused(acc, mode, true) else {
             return;
         };
         let Some(record) = self.slot(slot) else {
             return;
         };
-        if acc.generation != record.generation
-            || acc.incarnation < record.incarnation
-            || !record.state.is_live()
-        {
-            self.stats.ignored_updates += 1;
-            self.answer_stale_accusation(slot, acc, mode);
-            return;
-        }
         let was = record.state;
         // A suspicion held here at the verdict's incarnation: the member has
         // answered no probe since it started (a refutation would have
