@@ -290,6 +290,12 @@ enum TimerKind {
     /// [`silent_peer_grace`](Handoff::silent_peer_grace): settle the waits
     /// blocked on done markers again.
     SilentPeer,
+    /// A wait whose deadline was deferred because a holder might still act
+    /// ([`Handoff::holder_may_act`]): look at it again.
+    WaitDeadline {
+        datum: Datum,
+        flight: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -464,6 +470,12 @@ pub struct Handoff<W = Vec<u8>> {
     done_seq: Option<u64>,
     /// Per peer: the latest (epoch, view) its batches said it was at.
     announced: HashMap<NodeId, (u64, ViewId), DetState>,
+    /// Per peer: when its entry in `announced` last changed (a new install
+    /// of its was heard of). A wait ends at its deadline only once every
+    /// live node that may hold the datum announced the view in force at
+    /// least `timeout` ago (see [`Handoff::holder_may_act`]). Same keys as
+    /// `announced`.
+    announced_since: HashMap<NodeId, Instant, DetState>,
     /// Nodes this node handed notices to at its install in force (cleared
     /// at each install; at most the nodes of the view in force): a new
     /// announcement of the view in force from one of them is answered at
@@ -568,6 +580,7 @@ impl<W> Handoff<W> {
             heard_epoch: 0,
             done_seq: None,
             announced: HashMap::default(),
+            announced_since: HashMap::default(),
             notified: BTreeSet::new(),
             answered: HashMap::default(),
             blocked_on_done: Vec::new(),

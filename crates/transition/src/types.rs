@@ -467,6 +467,11 @@ pub struct Counters {
     pub acquire_failures: u64,
     /// Datums acquired after the timeout, without a notice.
     pub acquired_after_timeout: u64,
+    /// Wait deadlines passed while a live node that may hold the datum had
+    /// not announced the view in force for a whole `timeout`: the wait
+    /// restarted instead of acquiring (it ends by the notice, the done
+    /// markers, the holder's failover, or a later deadline).
+    pub timeouts_deferred: u64,
     /// Datums acquired at once because their possible holders were gone.
     pub acquired_owner_gone: u64,
     /// Datums acquired without their notice once every live node had said

@@ -406,8 +406,11 @@ fn timeout_acquires_and_reports() {
     let mut c = Cluster::new(&["a", "b"], 2, 1);
     let t = c.table_of(&[0, 1]);
     c.install_all(&t);
-    // a's relinquish job never completes; b times out.
+    // a's relinquish job never completes; b times out. Their announcements
+    // of the view reach each other: b knows a has been at the view for the
+    // whole timeout, so a's relinquish deadline has passed.
     let job = c.nodes[0].poll_job().unwrap();
+    c.settle();
     c.advance(Duration::from_secs(7));
     let ev = c.events(0);
     assert!(ev.contains(&HandoffEvent::RelinquishAbandoned { datum: job.datum }));
@@ -428,6 +431,108 @@ fn timeout_acquires_and_reports() {
     c.nodes[0].job_done(job, Ok(()), c.now);
     assert_eq!(c.nodes[0].counters().stale_completions, 1);
     assert_eq!(c.holders(1), vec![1]);
+}
+
+/// Known limit (8), as the simulator's `one-way` campaign met it (seed 746
+/// at 16 nodes): the holder never installs the view that moves its datum,
+/// and the new primary hears nothing from it. The new primary's deadline
+/// must not acquire while the holder, as far as it knows, still acts under
+/// an older view; once the holder installs the view, the notice hands the
+/// datum over.
+#[test]
+fn a_wait_deadline_does_not_acquire_while_the_holder_has_not_been_at_the_view() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    assert_eq!(c.holders(1), vec![0]);
+    let t = c.table_of(&[0, 1]);
+    // Only b installs the view that makes it primary of datum 1; a, the
+    // holder, does not, and b hears nothing from it.
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    while c.nodes[1].poll_transmit().is_some() {}
+    c.advance(Duration::from_secs(10));
+    c.run_jobs(1);
+    assert_eq!(c.holders(1), vec![0], "b acquired while a still holds");
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    assert_eq!(c.nodes[1].counters().timeouts_deferred, 1);
+    // Later deadlines too, as long as a says nothing.
+    c.advance(Duration::from_secs(10));
+    c.run_jobs(1);
+    assert_eq!(c.holders(1), vec![0]);
+    assert_eq!(c.nodes[1].counters().timeouts_deferred, 2);
+    // a installs the view: it relinquishes and its notice hands datum 1 to b.
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    let ev = c.events(1);
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, HandoffEvent::AcquiredWithoutNotice { .. })),
+        "{ev:?}"
+    );
+}
+
+/// A holder that announced the view in force just before the new
+/// primary's deadline may have restarted its relinquish then (it had
+/// installed a view in between that gave it the datum back): the wait ends
+/// only `timeout` after that announcement, when the holder's relinquish
+/// deadline has passed.
+#[test]
+fn a_wait_deadline_waits_a_timeout_after_the_holders_announcement() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    while c.nodes[1].poll_transmit().is_some() {}
+    c.advance(Duration::from_secs(9));
+    // a installs the view at 9 s; its relinquish job never completes.
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    let job = c.nodes[0].poll_job().unwrap();
+    c.settle();
+    c.advance(Duration::from_secs(1));
+    c.run_jobs(1);
+    assert!(
+        !c.nodes[1].is_held(c.datum(1, 1)),
+        "b acquired 1 s after a's announcement"
+    );
+    assert_eq!(c.nodes[1].counters().timeouts_deferred, 1);
+    // a abandons its relinquish at 9 + 7 s; b's wait ends at 9 + 10 s at
+    // the latest (a's done marker, delivered late here, does not end it).
+    c.advance(Duration::from_secs(6));
+    assert!(
+        c.events(0)
+            .contains(&HandoffEvent::RelinquishAbandoned { datum: job.datum })
+    );
+    c.advance(Duration::from_secs(3));
+    c.run_jobs(1);
+    assert_eq!(c.holders(1), vec![1]);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 1);
+}
+
+/// A member whose failure verdict was refuted is in the views again under
+/// the same identity. A node that learnt of the verdict trusts nothing it
+/// says any more and drops the notices addressed to it, but still tells it
+/// where it stands: its waits end on the done markers, not at their
+/// deadline (which would not come while that node, as far as it knows, may
+/// still act as owner).
+#[test]
+fn a_member_back_from_a_refuted_verdict_gets_the_done_markers() {
+    let mut c = Cluster::new(&["a", "b"], 8, 1);
+    let (a, b) = (c.ids[0].clone(), c.ids[1].clone());
+    c.nodes[0].peer_failed(&b, c.now);
+    assert!(c.nodes[0].is_gone(&b));
+    let t = c.table_of(&[0, 1]);
+    // A datum only b has: a owes no notice for it, so b takes it on the
+    // done markers.
+    let only_b = (100..200)
+        .find(|&i| t.primary(i).and_then(|p| t.view().node(p)) == Some(&b))
+        .unwrap();
+    let d = c.datum(1, only_b);
+    c.nodes[1].register(d, c.now).unwrap();
+    c.install_all(&t);
+    c.settle();
+    assert!(c.nodes[1].is_held(d));
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    assert!(c.nodes[1].counters().acquired_all_done > 0);
+    assert!(!c.nodes[1].is_gone(&a));
 }
 
 #[test]

@@ -404,17 +404,34 @@ impl<W> Handoff<W> {
             && (self.peers.contains(node) || self.in_views(node))
     }
 
-    /// Every node this node exchanges its state with: the nodes of the view
-    /// in force and of the recent views, and the live members, minus gone
-    /// ones.
+    /// Whether this node tells `node` where it stands (announcements, done
+    /// markers): a target, or a node of the view in force even if it is
+    /// gone here. A member declared failed whose verdict was refuted is in
+    /// the views again with the same identity; this node trusts nothing it
+    /// says any more, but it may be the primary of datums this node
+    /// relinquished (their notices to it are dropped), and it waits: its
+    /// wait ends on the done markers, and never at its deadline while this
+    /// node may still act as their owner as far as it knows (see
+    /// [`Handoff::holder_may_act`]). What this node says of itself is true
+    /// whoever hears it.
+    pub(super) fn is_listener(&self, node: &NodeId) -> bool {
+        self.is_target(node) || (*node != self.local && self.current.view().contains(node))
+    }
+
+    /// Every node this node tells where it stands: the nodes of the view in
+    /// force, and those of the recent views and the live members that are
+    /// not gone.
     pub(super) fn targets(&self) -> BTreeSet<NodeId> {
-        self.current
-            .view()
-            .nodes()
+        let current = self.current.view().nodes().iter();
+        let others = self
+            .history
             .iter()
-            .chain(self.history.iter().flat_map(|p| p.table.view().nodes()))
+            .flat_map(|p| p.table.view().nodes())
             .chain(self.peers.iter())
-            .filter(|n| **n != self.local && !self.gone.contains_key(*n))
+            .filter(|n| !self.gone.contains_key(*n));
+        current
+            .chain(others)
+            .filter(|n| **n != self.local)
             .cloned()
             .collect()
     }
@@ -448,7 +465,7 @@ impl<W> Handoff<W> {
             self.announced
                 .iter()
                 .filter(|(n, (e, v))| {
-                    *v == view && self.answered.get(*n) != Some(&(seq, *e)) && self.is_target(n)
+                    *v == view && self.answered.get(*n) != Some(&(seq, *e)) && self.is_listener(n)
                 })
                 .map(|(n, _)| n.clone())
                 .collect()
@@ -562,12 +579,25 @@ impl<W> Handoff<W> {
         let fresh = self.announced.get(from) != Some(&(epoch, view));
         if self.announced.len() < 65_536 || self.announced.contains_key(from) {
             self.announced.insert(from.clone(), (epoch, view));
+            if fresh {
+                self.announced_since.insert(from.clone(), now);
+            }
         }
         let emptied = self.note_last_word(from, view, epoch, done);
         if gone {
             if emptied {
                 // It was a possible holder of the waits it appears in.
                 self.release_unheld_waits(now, true);
+            }
+            // Still in the view in force (a refuted verdict): its waits end
+            // on the done markers, so it gets this node's, as a live node
+            // would (see `is_listener`).
+            if view == self.current.view_id()
+                && self.current.view().contains(from)
+                && self.done_seq == Some(self.install_seq)
+                && self.answered.get(from) != Some(&(self.install_seq, epoch))
+            {
+                self.push_state(from.clone());
             }
             return;
         }

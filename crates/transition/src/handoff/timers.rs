@@ -60,17 +60,7 @@ impl<W> Handoff<W> {
                 };
                 use Phase::*;
                 match s.phase {
-                    Awaiting if !self.standing => {
-                        // No token is minted without standing, not even at
-                        // the deadline: a node cut off into a minority would
-                        // later pass it on, newer than the real holder's,
-                        // to a primary that then acquires while the holder
-                        // still acts. The wait restarts; standing's return
-                        // settles it (`set_standing`), or the next deadline.
-                        s.flight = self.enter_cohort(d, now);
-                        self.registry.set(d, s);
-                    }
-                    Awaiting => self.take_token(d, s, Source::Timeout, now),
+                    Awaiting => self.wait_deadline(d, s, now),
                     Relay => {
                         s.phase = Free;
                         self.registry.set(d, s);
@@ -136,6 +126,50 @@ impl<W> Handoff<W> {
             self.refuse_unconfirmed(|_, _| true);
         }
         self.prune(now);
+    }
+
+    /// A wait reached its deadline (`s` is its slot, `Awaiting`). It
+    /// acquires without a notice (`AcquiredWithoutNotice { reason: Timeout }`)
+    /// unless this node has no standing, or a live node that may hold the
+    /// datum may still act as its owner ([`Handoff::holder_may_act`]):
+    /// then the wait restarts, and is looked at again once that node's
+    /// relinquish deadline must have passed.
+    pub(super) fn wait_deadline(&mut self, d: Datum, mut s: Slot, now: Instant) {
+        if !self.standing {
+            // No token is minted without standing, not even at the
+            // deadline: a node cut off into a minority would later pass it
+            // on, newer than the real holder's, to a primary that then
+            // acquires while the holder still acts. The wait restarts;
+            // standing's return settles it (`set_standing`), or the next
+            // deadline.
+            s.flight = self.enter_cohort(d, now);
+            self.registry.set(d, s);
+            return;
+        }
+        let Some(again) = self.holder_may_act(d, now) else {
+            self.take_token(d, s, Source::Timeout, now);
+            return;
+        };
+        // A live node that may hold the datum has not been at the view in
+        // force long enough for its own relinquish deadline to have passed
+        // (it may not have installed that view at all, or installed a view
+        // in between that gave the datum back to it): acquiring now could
+        // give two acting owners. The wait restarts (it stays in a cohort,
+        // so a failover of that node still ends it), and is looked at again
+        // at `again`.
+        self.counters.timeouts_deferred += 1;
+        debug!(node = %self.local, datum = %d, "wait deadline deferred: a holder may still act");
+        s.flight = self.enter_cohort(d, now);
+        self.registry.set(d, s);
+        if again < now + self.config.timeout {
+            self.add_timer(
+                again,
+                TimerKind::WaitDeadline {
+                    datum: d,
+                    flight: s.flight,
+                },
+            );
+        }
     }
 
     pub(super) fn abandon_relinquish(&mut self, d: Datum, flight: u64) {
@@ -214,8 +248,17 @@ impl<W> Handoff<W> {
                 self.abandon_relinquish(datum, flight);
             }
             TimerKind::SilentPeer => self.release_unheld_waits(now, false),
+            TimerKind::WaitDeadline { datum, flight } => {
+                if let Some(s) = self
+                    .registry
+                    .get(&datum)
+                    .filter(|s| s.phase == Phase::Awaiting && s.flight == flight)
+                {
+                    self.wait_deadline(datum, s, now);
+                }
+            }
             TimerKind::ResendState { to, seq } => {
-                if seq == self.install_seq && self.is_target(&to) {
+                if seq == self.install_seq && self.is_listener(&to) {
                     self.push_state(to);
                 }
             }

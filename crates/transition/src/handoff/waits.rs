@@ -48,6 +48,60 @@ impl<W> Handoff<W> {
         }
     }
 
+    /// When a wait for `d` may end at its deadline: `None` if now, else
+    /// `Some(instant)` to look again. It may not while a live node that may
+    /// hold `d` (the primary of a recent view here, or the node this node's
+    /// own token went to) has not announced the view in force, or announced
+    /// it less than `timeout` ago. Such a node may still act as its owner:
+    /// it may not have installed the view in force (membership reached it
+    /// later, or not yet, as under one-way cuts), or it installed a view
+    /// this node skipped that made it primary again and restarted its
+    /// relinquish. Its relinquish deadline (`relinquish_timeout` after its
+    /// install, which precedes its announcement here) has passed once it
+    /// announced the view in force `timeout` ago. Nodes failed out of the
+    /// view in force and gone nodes are not waited for here.
+    pub(super) fn holder_may_act(&self, d: Datum, now: Instant) -> Option<Instant> {
+        let current = self.current.view_id();
+        let timeout = self.config.timeout;
+        // When `node` stops holding the wait up (`now`: it does not).
+        let settled_at = |node: &NodeId| {
+            let failed_out = self.failed.contains(node) && !self.current.view().contains(node);
+            if *node == self.local || failed_out || self.gone.contains_key(node) {
+                return now;
+            }
+            match (self.announced.get(node), self.announced_since.get(node)) {
+                (Some((_, v)), Some(&since)) if *v == current => (since + timeout).max(now),
+                // Not at the view in force as far as this node knows: look
+                // again after a whole timeout.
+                _ => now + timeout,
+            }
+        };
+        let mut again = now;
+        for past in &self.history {
+            let Some(p) = past
+                .table
+                .primary(d.id)
+                .filter(|&p| Some(p) != past.self_index)
+            else {
+                continue;
+            };
+            let Some(node) = past.table.view().node(p) else {
+                continue;
+            };
+            // Failed over, as in `candidates`.
+            if past.failed.get(p.get()).copied().unwrap_or(false)
+                && !self.current.view().contains(node)
+            {
+                continue;
+            }
+            again = again.max(settled_at(node));
+        }
+        if let Some(Some(at)) = self.returning.get(&d) {
+            again = again.max(settled_at(at));
+        }
+        (again > now).then_some(again)
+    }
+
     /// This node became primary of a datum it does not hold.
     pub(super) fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
         s.phase = Phase::Awaiting;
