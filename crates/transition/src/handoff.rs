@@ -30,6 +30,7 @@ mod waits;
 mod work;
 
 use registry::{Phase, Registry, Slot};
+use timers::{Timer, TimerKind};
 
 /// The echo of a done marker that answers no instance of the receiver (see
 /// [`Handoff::push_state`]). Install counts never reach it.
@@ -112,67 +113,6 @@ struct Src<'a> {
     key: u64,
 }
 
-#[derive(Debug)]
-enum TimerKind {
-    RelinquishRetry {
-        datum: Datum,
-        flight: u64,
-        attempt: u8,
-    },
-    AcquireRetry {
-        datum: Datum,
-        flight: u64,
-        attempt: u8,
-    },
-    Resend {
-        key: u64,
-    },
-    ResendState {
-        to: NodeId,
-        seq: u64,
-    },
-    /// The relinquish deadline of a datum whose acquire ended after a view
-    /// had already given it to another node.
-    AbandonRelinquish {
-        datum: Datum,
-        flight: u64,
-    },
-    /// A live member outside every view here may have stayed silent for
-    /// [`silent_peer_grace`](Handoff::silent_peer_grace): settle the waits
-    /// blocked on done markers again.
-    SilentPeer,
-    /// A wait whose deadline was deferred because a holder might still act
-    /// ([`Handoff::holder_may_act`]): look at it again.
-    WaitDeadline {
-        datum: Datum,
-        flight: u64,
-    },
-}
-
-#[derive(Debug)]
-struct Timer {
-    at: Instant,
-    seq: u64,
-    kind: TimerKind,
-}
-
-impl PartialEq for Timer {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at && self.seq == other.seq
-    }
-}
-impl Eq for Timer {}
-impl PartialOrd for Timer {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Timer {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
 /// How this node came to have a datum's token (the right to acquire it).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Source {
@@ -192,28 +132,6 @@ enum Source {
     Reroute,
     /// A token this node had not acquired yet, passed on.
     PassOn,
-}
-
-enum Candidates {
-    /// No other node was primary in a recent view.
-    None,
-    /// Some were, all declared failed and out of the view in force.
-    AllGone,
-    /// Some were and are not gone: each says done once it holds nothing the
-    /// view in force gives another node (the rest failed and are out).
-    AllDone,
-    /// One left, or failed while still in the view in force: it may have
-    /// relinquished under a view not seen here and its notice be on its way,
-    /// and it will not say done. Wait for the notice or the timeout.
-    Pending,
-}
-
-#[derive(Copy, Clone)]
-enum ViewAt {
-    Current,
-    Past(usize),
-    Stale,
-    Unknown,
 }
 
 enum Primary {
@@ -689,7 +607,7 @@ impl<W> Handoff<W> {
             .map(|(d, s)| (*d, s.phase.state()))
     }
 
-    // ----- inputs ----------------------------------------------------------
+    // ----- fencing ---------------------------------------------------------
 
     /// The cluster declared *this* node failed: stop processing every datum
     /// at once. [`HandoffEvent::Fenced`] is the next event; no job, notice or
@@ -731,60 +649,11 @@ impl<W> Handoff<W> {
         self.transition = None;
     }
 
-    // ----- outputs ---------------------------------------------------------
-
-    /// The next notice batch to send. Batches fill up to `max_batch`; a
-    /// partly filled one goes out once no relinquish is queued or running,
-    /// or after `batch_linger`. Report the outcome with [`Handoff::send_done`].
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.fenced {
-            return None;
-        }
-        if self.transmits.is_empty()
-            && self.registry.count(Phase::RelinquishQueued) == 0
-            && self.registry.count(Phase::Relinquishing) == 0
-        {
-            for i in 0..self.out.len() {
-                self.flush(i);
-            }
-            self.maybe_send_done();
-        }
-        self.transmits.pop_front()
-    }
+    // ----- events ----------------------------------------------------------
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<HandoffEvent> {
         self.events.pop_front()
-    }
-
-    /// When [`Handoff::handle_timeout`] should be called next.
-    #[must_use]
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.fenced {
-            return None;
-        }
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Instant| {
-            next = Some(next.map_or(t, |n| n.min(t)));
-        };
-        if let Some(c) = self.cohorts.get(self.rcursor) {
-            consider(c.start + self.config.relinquish_timeout);
-        }
-        if let Some(c) = self.cohorts.front() {
-            consider(c.start + self.config.timeout);
-        }
-        if let Some(Reverse(t)) = self.timers.peek() {
-            consider(t.at);
-        }
-        for b in &self.out {
-            if let Some(since) = b.since {
-                consider(since + self.config.batch_linger);
-            }
-        }
-        for p in self.parked.values().chain(self.unconfirmed.as_ref()) {
-            consider(p.first + self.config.timeout);
-        }
-        next
     }
 
     // ----- internals -------------------------------------------------------
@@ -805,23 +674,6 @@ impl<W> Handoff<W> {
             Some(p) if Some(p) == self.self_index => Primary::Me,
             Some(p) => Primary::Other(p),
         }
-    }
-
-    fn backoff(&self, attempt: u8) -> Duration {
-        let factor = 1u32 << u32::from(attempt.saturating_sub(1)).min(16);
-        self.config
-            .retry_base
-            .saturating_mul(factor)
-            .min(self.config.retry_max)
-    }
-
-    fn add_timer(&mut self, at: Instant, kind: TimerKind) {
-        self.timer_seq += 1;
-        self.timers.push(Reverse(Timer {
-            at,
-            seq: self.timer_seq,
-            kind,
-        }));
     }
 
     /// Puts `d` in the cohort of instant `now`, creating it if needed.

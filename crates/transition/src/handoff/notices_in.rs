@@ -4,6 +4,14 @@
 
 use super::*;
 
+#[derive(Copy, Clone)]
+enum ViewAt {
+    Current,
+    Past(usize),
+    Stale,
+    Unknown,
+}
+
 impl<W> Handoff<W> {
     /// Decodes and takes a notice batch received from the authenticated peer `from`.
     ///
@@ -102,7 +110,7 @@ impl<W> Handoff<W> {
         Ok(report)
     }
 
-    pub(super) fn locate_view(&self, view: ViewId) -> ViewAt {
+    fn locate_view(&self, view: ViewId) -> ViewAt {
         if view == self.current.view_id() {
             return ViewAt::Current;
         }
@@ -117,7 +125,7 @@ impl<W> Handoff<W> {
     }
 
     /// One notice for a view this node knows (in force or recent).
-    pub(super) fn take_notice(
+    fn take_notice(
         &mut self,
         at: ViewAt,
         d: Datum,

@@ -3,7 +3,115 @@
 
 use super::*;
 
+#[derive(Debug)]
+pub(super) enum TimerKind {
+    RelinquishRetry {
+        datum: Datum,
+        flight: u64,
+        attempt: u8,
+    },
+    AcquireRetry {
+        datum: Datum,
+        flight: u64,
+        attempt: u8,
+    },
+    Resend {
+        key: u64,
+    },
+    ResendState {
+        to: NodeId,
+        seq: u64,
+    },
+    /// The relinquish deadline of a datum whose acquire ended after a view
+    /// had already given it to another node.
+    AbandonRelinquish {
+        datum: Datum,
+        flight: u64,
+    },
+    /// A live member outside every view here may have stayed silent for
+    /// [`silent_peer_grace`](Handoff::silent_peer_grace): settle the waits
+    /// blocked on done markers again.
+    SilentPeer,
+    /// A wait whose deadline was deferred because a holder might still act
+    /// ([`Handoff::holder_may_act`]): look at it again.
+    WaitDeadline {
+        datum: Datum,
+        flight: u64,
+    },
+}
+
+#[derive(Debug)]
+pub(super) struct Timer {
+    at: Instant,
+    seq: u64,
+    kind: TimerKind,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at && self.seq == other.seq
+    }
+}
+impl Eq for Timer {}
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Timer {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
 impl<W> Handoff<W> {
+    /// When [`Handoff::handle_timeout`] should be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.fenced {
+            return None;
+        }
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        };
+        if let Some(c) = self.cohorts.get(self.rcursor) {
+            consider(c.start + self.config.relinquish_timeout);
+        }
+        if let Some(c) = self.cohorts.front() {
+            consider(c.start + self.config.timeout);
+        }
+        if let Some(Reverse(t)) = self.timers.peek() {
+            consider(t.at);
+        }
+        for b in &self.out {
+            if let Some(since) = b.since {
+                consider(since + self.config.batch_linger);
+            }
+        }
+        for p in self.parked.values().chain(self.unconfirmed.as_ref()) {
+            consider(p.first + self.config.timeout);
+        }
+        next
+    }
+
+    pub(super) fn backoff(&self, attempt: u8) -> Duration {
+        let factor = 1u32 << u32::from(attempt.saturating_sub(1)).min(16);
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    pub(super) fn add_timer(&mut self, at: Instant, kind: TimerKind) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse(Timer {
+            at,
+            seq: self.timer_seq,
+            kind,
+        }));
+    }
+
     /// Runs everything due at `now`: relinquish deadlines, wait timeouts,
     /// retries, batch lingering, expiry of parked notices.
     pub fn handle_timeout(&mut self, now: Instant) {

@@ -4,6 +4,25 @@
 use super::*;
 
 impl<W> Handoff<W> {
+    /// The next notice batch to send. Batches fill up to `max_batch`; a
+    /// partly filled one goes out once no relinquish is queued or running,
+    /// or after `batch_linger`. Report the outcome with [`Handoff::send_done`].
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.fenced {
+            return None;
+        }
+        if self.transmits.is_empty()
+            && self.registry.count(Phase::RelinquishQueued) == 0
+            && self.registry.count(Phase::Relinquishing) == 0
+        {
+            for i in 0..self.out.len() {
+                self.flush(i);
+            }
+            self.maybe_send_done();
+        }
+        self.transmits.pop_front()
+    }
+
     /// This node has the datum's token (the right to acquire it): acquire it
     /// if primary here, else pass it to the primary, else keep it.
     pub(super) fn take_token(&mut self, d: Datum, mut s: Slot, source: Source, now: Instant) {

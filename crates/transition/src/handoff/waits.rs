@@ -4,10 +4,24 @@
 
 use super::*;
 
+enum Candidates {
+    /// No other node was primary in a recent view.
+    None,
+    /// Some were, all declared failed and out of the view in force.
+    AllGone,
+    /// Some were and are not gone: each says done once it holds nothing the
+    /// view in force gives another node (the rest failed and are out).
+    AllDone,
+    /// One left, or failed while still in the view in force: it may have
+    /// relinquished under a view not seen here and its notice be on its way,
+    /// and it will not say done. Wait for the notice or the timeout.
+    Pending,
+}
+
 impl<W> Handoff<W> {
     /// Whether the nodes other than this one that were the datum's primary
     /// in a recent view may still hold it, and who answers for them.
-    pub(super) fn candidates(&self, id: i64) -> Candidates {
+    fn candidates(&self, id: i64) -> Candidates {
         let (mut any, mut alive) = (false, false);
         for past in &self.history {
             let Some(p) = past.table.primary(id) else {
