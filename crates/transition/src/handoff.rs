@@ -427,7 +427,7 @@ impl<W> Handoff<W> {
     pub fn is_held(&self, datum: Datum) -> bool {
         self.registry
             .get(&datum)
-            .is_some_and(|s| s.phase == Phase::Held)
+            .is_some_and(|s| s.phase() == Phase::Held)
     }
 
     /// The running counters.
@@ -554,14 +554,14 @@ impl<W> Handoff<W> {
         self.registry
             .map
             .iter()
-            .filter(|(_, s)| s.phase == Phase::Awaiting)
+            .filter(|(_, s)| s.phase() == Phase::Awaiting)
             .map(|(d, _)| *d)
     }
 
     /// Where `datum` stands on this node (None: not registered).
     #[must_use]
     pub fn state(&self, datum: Datum) -> Option<DatumState> {
-        self.registry.get(&datum).map(|s| s.phase.state())
+        self.registry.get(&datum).map(|s| s.phase().state())
     }
 
     /// The fencing token of this node's ownership of `datum`: `Some` from
@@ -572,7 +572,7 @@ impl<W> Handoff<W> {
         let s = self.registry.get(&datum)?;
         use Phase::*;
         matches!(
-            s.phase,
+            s.phase(),
             Held | RelinquishQueued
                 | Relinquishing
                 | RelinquishBackoff
@@ -603,8 +603,8 @@ impl<W> Handoff<W> {
         self.registry
             .map
             .iter()
-            .filter(|(_, s)| !matches!(s.phase, Phase::Held | Phase::Free))
-            .map(|(d, s)| (*d, s.phase.state()))
+            .filter(|(_, s)| !matches!(s.phase(), Phase::Held | Phase::Free))
+            .map(|(d, s)| (*d, s.phase().state()))
     }
 
     // ----- fencing ---------------------------------------------------------

@@ -89,7 +89,10 @@ impl<W> Handoff<W> {
             .iter()
             .filter(|(d, s)| {
                 let mine = me.is_some() && table.primary(d.id) == me;
-                !matches!((s.phase, mine), (Phase::Free, false) | (Phase::Held, true))
+                !matches!(
+                    (s.phase(), mine),
+                    (Phase::Free, false) | (Phase::Held, true)
+                )
             })
             .map(|(d, _)| *d)
             .collect();

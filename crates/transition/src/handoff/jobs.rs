@@ -17,8 +17,8 @@ impl<W> Handoff<W> {
                 break;
             };
             let started = self.registry.modify(&d, |s| {
-                (s.phase == Phase::RelinquishQueued).then(|| {
-                    s.phase = Phase::Relinquishing;
+                (s.phase() == Phase::RelinquishQueued).then(|| {
+                    s.enter(Phase::Relinquishing);
                     *s
                 })
             });
@@ -44,8 +44,8 @@ impl<W> Handoff<W> {
                 break;
             };
             let started = self.registry.modify(&d, |s| {
-                (s.phase == Phase::AcquireQueued).then(|| {
-                    s.phase = Phase::Acquiring;
+                (s.phase() == Phase::AcquireQueued).then(|| {
+                    s.enter(Phase::Acquiring);
                     s.token = token;
                     *s
                 })
@@ -81,7 +81,9 @@ impl<W> Handoff<W> {
             JobKind::Acquire => Phase::Acquiring,
         };
         let current = |s: &Slot| {
-            s.phase == expected && s.flight == job.flight && u32::from(s.attempt) + 1 == job.attempt
+            s.phase() == expected
+                && s.flight == job.flight
+                && u32::from(s.attempt) + 1 == job.attempt
         };
         // The common successes, in one lookup.
         if outcome.is_ok() {
@@ -93,7 +95,7 @@ impl<W> Handoff<W> {
             let done = self.registry.modify(&d, |s| {
                 let ok = current(s);
                 if ok {
-                    s.phase = phase;
+                    s.enter(phase);
                     s.attempt = 0;
                 }
                 ok.then_some(*s)
@@ -147,11 +149,11 @@ impl<W> Handoff<W> {
                 debug!(node = %self.local, datum = %d, attempt = job.attempt, %error, "relinquish failed");
                 if mine {
                     // The datum came back here meanwhile: keep it.
-                    s.phase = Phase::Held;
+                    s.enter(Phase::Held);
                     self.registry.set(d, s);
                 } else {
                     s.attempt = s.attempt.saturating_add(1);
-                    s.phase = Phase::RelinquishBackoff;
+                    s.enter(Phase::RelinquishBackoff);
                     self.registry.set(d, s);
                     let at = now + self.backoff(s.attempt);
                     self.add_timer(
@@ -183,7 +185,7 @@ impl<W> Handoff<W> {
                     self.take_token(d, s, Source::PassOn, now);
                 } else if retry {
                     s.attempt = s.attempt.saturating_add(1);
-                    s.phase = Phase::AcquireBackoff;
+                    s.enter(Phase::AcquireBackoff);
                     self.registry.set(d, s);
                     let at = now + self.backoff(s.attempt);
                     self.add_timer(
@@ -199,7 +201,7 @@ impl<W> Handoff<W> {
                         node = %self.local, datum = %d, attempts = job.attempt,
                         "acquire keeps failing: processing the datum anyway"
                     );
-                    s.phase = Phase::Held;
+                    s.enter(Phase::Held);
                     self.registry.set(d, s);
                     self.maybe_release(d);
                 }
@@ -231,7 +233,7 @@ impl<W> Handoff<W> {
         }
         let Some(s) = self.registry.get(&datum).filter(|s| {
             matches!(
-                s.phase,
+                s.phase(),
                 Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
             )
         }) else {
@@ -241,7 +243,7 @@ impl<W> Handoff<W> {
         let given_up = self
             .registry
             .get(&datum)
-            .is_some_and(|s| s.phase == Phase::Free);
+            .is_some_and(|s| s.phase() == Phase::Free);
         self.check_ended();
         given_up
     }
@@ -256,7 +258,7 @@ impl<W> Handoff<W> {
             .iter()
             .filter(|(_, s)| {
                 matches!(
-                    s.phase,
+                    s.phase(),
                     Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
                 )
             })
@@ -268,7 +270,7 @@ impl<W> Handoff<W> {
     }
 
     pub(super) fn start_relinquish(&mut self, d: Datum, mut s: Slot, now: Instant) {
-        s.phase = Phase::RelinquishQueued;
+        s.enter(Phase::RelinquishQueued);
         s.attempt = 0;
         s.flight = self.enter_cohort(d, now);
         self.registry.set(d, s);

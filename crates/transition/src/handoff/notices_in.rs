@@ -167,13 +167,13 @@ impl<W> Handoff<W> {
             Duplicate,
         }
         let (phase, primary) = self.token_phase(d.id);
-        let taken = self.registry.modify(&d, |s| match s.phase {
+        let taken = self.registry.modify(&d, |s| match s.phase() {
             Phase::Awaiting | Phase::Relay => {
                 // A past view counts only if it was in force during this wait.
                 if spent || left_epoch.is_some_and(|left| left <= s.since) {
                     Taken::Stale
                 } else {
-                    s.phase = phase;
+                    s.enter(phase);
                     if phase == Phase::AcquireQueued {
                         s.attempt = 0;
                     }
@@ -189,7 +189,7 @@ impl<W> Handoff<W> {
                 if spent || left_epoch.is_some_and(|left| left <= s.flight) {
                     Taken::Stale
                 } else {
-                    s.phase = phase;
+                    s.enter(phase);
                     s.attempt = 0;
                     Taken::Yes
                 }

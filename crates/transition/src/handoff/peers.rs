@@ -21,9 +21,9 @@ impl<W> Handoff<W> {
             Ok(()) => {
                 for d in batch.datums {
                     let delivered = self.registry.modify(&d, |s| {
-                        let passed = s.phase == Phase::Passed;
+                        let passed = s.phase() == Phase::Passed;
                         if passed {
-                            s.phase = Phase::Free;
+                            s.enter(Phase::Free);
                             s.attempt = 0;
                         }
                         passed.then_some(*s)
@@ -52,8 +52,8 @@ impl<W> Handoff<W> {
                     let Some(mut s) = self.registry.get(&d) else {
                         continue;
                     };
-                    if s.phase == Phase::Passed {
-                        s.phase = Phase::TokenWait;
+                    if s.phase() == Phase::Passed {
+                        s.enter(Phase::TokenWait);
                         s.attempt = s.attempt.saturating_add(1);
                         attempt = attempt.max(s.attempt);
                         self.registry.set(d, s);
@@ -328,7 +328,7 @@ impl<W> Handoff<W> {
             for c in &self.cohorts {
                 for d in &c.datums {
                     if self.registry.get(d).is_some_and(|s| {
-                        s.flight == c.id && matches!(s.phase, Phase::Awaiting | Phase::Relay)
+                        s.flight == c.id && matches!(s.phase(), Phase::Awaiting | Phase::Relay)
                     }) {
                         waiting.push(*d);
                     }
@@ -347,7 +347,7 @@ impl<W> Handoff<W> {
             if let Some(s) = self
                 .registry
                 .get(&d)
-                .filter(|s| matches!(s.phase, Phase::Awaiting | Phase::Relay))
+                .filter(|s| matches!(s.phase(), Phase::Awaiting | Phase::Relay))
             {
                 self.settle_wait(d, s, now);
             }

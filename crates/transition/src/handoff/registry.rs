@@ -55,8 +55,95 @@ impl Phase {
             TokenParked => DatumState::Unowned,
         }
     }
+
+    /// Whether a datum in phase `self` may move to phase `to`: the edges of
+    /// the phase graph (`docs/transition.md`, "Per-datum phases"). Every
+    /// phase change goes through [`Slot::enter`], which checks it against
+    /// this in debug builds (so the test suites and simulator runs check the
+    /// graph). A datum is registered `Free` and may be unregistered in any
+    /// phase; a token rerouted at a view change may stay where it was.
+    ///
+    /// ```text
+    /// from               to                  when
+    /// Free               Awaiting            primary here, not held: wait for the token
+    ///                    AcquireQueued       registered here with its notice parked
+    /// Held               RelinquishQueued    a view gave it to another node
+    /// RelinquishQueued   Relinquishing       job handed out
+    ///                    Held                back here before it ran (view change, deadline)
+    ///                    Free                abandoned at the relinquish deadline
+    /// Relinquishing      AcquireQueued,      relinquished: the token goes where the
+    ///                    TokenQueued,        view in force says (here, another node,
+    ///                    TokenParked         nobody)
+    ///                    RelinquishBackoff   failed: retried after a backoff
+    ///                    Held                failed, and the datum is back here
+    ///                    Free                abandoned at the deadline (the job's outcome
+    ///                                        is ignored)
+    /// RelinquishBackoff  RelinquishQueued    retried
+    ///                    Held                back here (view change, retry, deadline)
+    ///                    Free                abandoned at the deadline
+    /// Awaiting           AcquireQueued       notice, every holder gone or done, timeout
+    ///                    Relay               a view made another node primary
+    /// Relay              Awaiting            primary here again
+    ///                    TokenQueued,        the notice came after all: passed on
+    ///                    TokenParked
+    ///                    Free                timeout
+    /// AcquireQueued      Acquiring           job handed out
+    ///                    TokenQueued,        not primary any more: passed on
+    ///                    TokenParked
+    /// Acquiring          Held                acquired (or failed `max_acquire_attempts`
+    ///                                        times: processed anyway)
+    ///                    AcquireBackoff      failed: retried after a backoff
+    ///                    TokenQueued,        failed, not primary any more: passed on
+    ///                    TokenParked
+    /// AcquireBackoff     AcquireQueued       retried
+    ///                    TokenQueued,        not primary any more: passed on
+    ///                    TokenParked
+    /// TokenQueued        Passed              its batch handed out for sending
+    /// TokenQueued,       AcquireQueued,      rerouted at a view change
+    /// TokenParked        TokenQueued,
+    ///                    TokenParked
+    ///                    Free                expired at the timeout
+    /// Passed             Free                delivered, or expired at the timeout
+    ///                    TokenWait           the send failed
+    /// TokenWait          Passed              re-sent to the same address
+    ///                    Free                the addressee is gone, or expired
+    /// Passed,            AcquireQueued,      this node's own notice came back (the
+    /// TokenWait          TokenQueued,        token is here again)
+    ///                    TokenParked
+    /// ```
+    pub(super) const fn may_enter(self, to: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, to),
+            (Free, Awaiting | AcquireQueued)
+                | (Held, RelinquishQueued)
+                | (RelinquishQueued, Relinquishing | Held | Free)
+                | (
+                    Relinquishing,
+                    AcquireQueued | TokenQueued | TokenParked | RelinquishBackoff | Held | Free
+                )
+                | (RelinquishBackoff, RelinquishQueued | Held | Free)
+                | (Awaiting, AcquireQueued | Relay)
+                | (Relay, Awaiting | TokenQueued | TokenParked | Free)
+                | (AcquireQueued, Acquiring | TokenQueued | TokenParked)
+                | (Acquiring, Held | AcquireBackoff | TokenQueued | TokenParked)
+                | (AcquireBackoff, AcquireQueued | TokenQueued | TokenParked)
+                | (TokenQueued, Passed)
+                | (
+                    TokenQueued | TokenParked,
+                    AcquireQueued | TokenQueued | TokenParked | Free
+                )
+                | (Passed, Free | TokenWait)
+                | (TokenWait, Passed | Free)
+                | (
+                    Passed | TokenWait,
+                    AcquireQueued | TokenQueued | TokenParked
+                )
+        )
+    }
 }
 
+/// One registered datum on this node: its phase and the flight it is in.
 #[derive(Copy, Clone, Debug)]
 pub(super) struct Slot {
     /// Cohort (see [`Cohort`]) whose deadlines apply to the current flight.
@@ -64,7 +151,8 @@ pub(super) struct Slot {
     /// For a wait: the epoch (cohort id) at which it began. A notice for a
     /// past view counts only if that view was still in force after this.
     pub(super) since: u64,
-    pub(super) phase: Phase,
+    /// Changed only by [`Slot::enter`].
+    phase: Phase,
     /// Attempts so far of the current job or send.
     pub(super) attempt: u8,
     /// The fencing token of the ownership that the last acquire job started
@@ -73,6 +161,29 @@ pub(super) struct Slot {
     /// How the token of the queued or running acquire reached this node
     /// (fits the slot's padding).
     pub(super) reason: JobReason,
+}
+
+impl Slot {
+    /// Where the datum stands.
+    #[inline]
+    pub(super) fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Moves the datum to phase `to`: the one place a phase changes (the
+    /// slot is then written back with [`Registry::set`], or changed in place
+    /// by [`Registry::modify`], which keep the counts). Debug builds check
+    /// that the change is an edge of the phase graph ([`Phase::may_enter`]).
+    #[inline]
+    pub(super) fn enter(&mut self, to: Phase) {
+        debug_assert!(
+            self.phase.may_enter(to),
+            "phase change {:?} -> {:?} is not in the phase graph",
+            self.phase,
+            to
+        );
+        self.phase = to;
+    }
 }
 
 /// All registered datums with their phase, and how many are in each phase.
@@ -91,6 +202,13 @@ impl Registry {
     #[inline]
     pub(super) fn set(&mut self, d: Datum, slot: Slot) {
         if let Some(s) = self.map.get_mut(&d) {
+            // A slot written back was read after the datum's last change.
+            debug_assert!(
+                s.phase == slot.phase || s.phase.may_enter(slot.phase),
+                "slot of {d} written back from a stale copy: {:?} -> {:?}",
+                s.phase,
+                slot.phase
+            );
             if let Some(c) = self.counts.get_mut(s.phase as usize) {
                 *c = c.saturating_sub(1);
             }

@@ -167,10 +167,10 @@ impl<W> Handoff<W> {
                     continue;
                 };
                 use Phase::*;
-                match s.phase {
+                match s.phase() {
                     Awaiting => self.wait_deadline(d, s, now),
                     Relay => {
-                        s.phase = Free;
+                        s.enter(Free);
                         self.registry.set(d, s);
                         if !self.returning.is_empty() {
                             self.returning.remove(&d);
@@ -178,7 +178,7 @@ impl<W> Handoff<W> {
                     }
                     TokenWait | TokenQueued | TokenParked | Passed => {
                         self.counters.notices_expired += 1;
-                        s.phase = Free;
+                        s.enter(Free);
                         self.registry.set(d, s);
                         self.token_left(d, s, None, now);
                         self.maybe_release(d);
@@ -284,7 +284,7 @@ impl<W> Handoff<W> {
         let Some(mut s) = self.registry.get(&d).filter(|s| {
             s.flight == flight
                 && matches!(
-                    s.phase,
+                    s.phase(),
                     Phase::RelinquishQueued | Phase::Relinquishing | Phase::RelinquishBackoff
                 )
         }) else {
@@ -293,8 +293,8 @@ impl<W> Handoff<W> {
         if matches!(self.primary_of(d.id), Primary::Me) {
             // The datum came back here meanwhile: nobody else will take it.
             // A running job finishes (success: acquire again; failure: kept).
-            if s.phase != Phase::Relinquishing {
-                s.phase = Phase::Held;
+            if s.phase() != Phase::Relinquishing {
+                s.enter(Phase::Held);
                 self.registry.set(d, s);
                 self.maybe_release(d);
             }
@@ -302,7 +302,7 @@ impl<W> Handoff<W> {
         }
         debug!(node = %self.local, datum = %d, "relinquish abandoned at its deadline");
         self.counters.relinquish_abandoned += 1;
-        s.phase = Phase::Free;
+        s.enter(Phase::Free);
         self.registry.set(d, s);
         self.events
             .push_back(HandoffEvent::RelinquishAbandoned { datum: d });
@@ -317,18 +317,18 @@ impl<W> Handoff<W> {
                 attempt,
             } => {
                 let Some(mut s) = self.registry.get(&datum).filter(|s| {
-                    s.phase == Phase::RelinquishBackoff
+                    s.phase() == Phase::RelinquishBackoff
                         && s.flight == flight
                         && s.attempt == attempt
                 }) else {
                     return;
                 };
                 if matches!(self.primary_of(datum.id), Primary::Me) {
-                    s.phase = Phase::Held;
+                    s.enter(Phase::Held);
                     self.registry.set(datum, s);
                     self.maybe_release(datum);
                 } else {
-                    s.phase = Phase::RelinquishQueued;
+                    s.enter(Phase::RelinquishQueued);
                     self.registry.set(datum, s);
                     self.relinquish_queue.push_back(datum);
                 }
@@ -339,12 +339,12 @@ impl<W> Handoff<W> {
                 attempt,
             } => {
                 let Some(mut s) = self.registry.get(&datum).filter(|s| {
-                    s.phase == Phase::AcquireBackoff && s.flight == flight && s.attempt == attempt
+                    s.phase() == Phase::AcquireBackoff && s.flight == flight && s.attempt == attempt
                 }) else {
                     return;
                 };
                 if matches!(self.primary_of(datum.id), Primary::Me) {
-                    s.phase = Phase::AcquireQueued;
+                    s.enter(Phase::AcquireQueued);
                     self.registry.set(datum, s);
                     self.acquire_queue.push_back(datum);
                 } else {
@@ -360,7 +360,7 @@ impl<W> Handoff<W> {
                 if let Some(s) = self
                     .registry
                     .get(&datum)
-                    .filter(|s| s.phase == Phase::Awaiting && s.flight == flight)
+                    .filter(|s| s.phase() == Phase::Awaiting && s.flight == flight)
                 {
                     self.wait_deadline(datum, s, now);
                 }
@@ -380,7 +380,7 @@ impl<W> Handoff<W> {
                     let Some(mut s) = self
                         .registry
                         .get(&d)
-                        .filter(|s| s.phase == Phase::TokenWait && s.flight == flight)
+                        .filter(|s| s.phase() == Phase::TokenWait && s.flight == flight)
                     else {
                         continue;
                     };
@@ -388,13 +388,13 @@ impl<W> Handoff<W> {
                         // Never re-addressed: the token is dropped, as if it
                         // expired; the done markers or the timeout end the wait.
                         self.counters.notices_undeliverable += 1;
-                        s.phase = Phase::Free;
+                        s.enter(Phase::Free);
                         s.attempt = 0;
                         self.registry.set(d, s);
                         self.token_left(d, s, Some(retry.address.to.clone()), now);
                         self.maybe_release(d);
                     } else {
-                        s.phase = Phase::Passed;
+                        s.enter(Phase::Passed);
                         self.registry.set(d, s);
                         datums.push(d);
                     }

@@ -27,7 +27,7 @@ impl<W> Handoff<W> {
     /// if primary here, else pass it to the primary, else keep it.
     pub(super) fn take_token(&mut self, d: Datum, mut s: Slot, source: Source, now: Instant) {
         let (phase, primary) = self.token_phase(d.id);
-        s.phase = phase;
+        s.enter(phase);
         if phase == Phase::AcquireQueued {
             s.attempt = 0;
         }
@@ -126,9 +126,9 @@ impl<W> Handoff<W> {
         let mut datums = Vec::with_capacity(pending.len());
         for d in pending {
             let passed = self.registry.modify(&d, |s| {
-                let queued = s.phase == Phase::TokenQueued;
+                let queued = s.phase() == Phase::TokenQueued;
                 if queued {
-                    s.phase = Phase::Passed;
+                    s.enter(Phase::Passed);
                 }
                 queued
             });

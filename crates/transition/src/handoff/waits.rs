@@ -118,7 +118,7 @@ impl<W> Handoff<W> {
 
     /// This node became primary of a datum it does not hold.
     pub(super) fn begin_wait(&mut self, d: Datum, mut s: Slot, now: Instant) {
-        s.phase = Phase::Awaiting;
+        s.enter(Phase::Awaiting);
         s.attempt = 0;
         s.flight = self.enter_cohort(d, now);
         s.since = s.flight;
@@ -137,14 +137,14 @@ impl<W> Handoff<W> {
     /// or the failover of that node: its done markers may predate the token
     /// reaching it (it may get it under a view it has not installed yet).
     pub(super) fn token_left(&mut self, d: Datum, s: Slot, at: Option<NodeId>, now: Instant) {
-        if s.phase != Phase::Free || !matches!(self.primary_of(d.id), Primary::Me) {
+        if s.phase() != Phase::Free || !matches!(self.primary_of(d.id), Primary::Me) {
             return;
         }
         self.returning.insert(d, at);
         let since = s.flight;
         self.begin_wait(d, s, now);
         self.registry.modify(&d, |s| {
-            if s.phase == Phase::Awaiting {
+            if s.phase() == Phase::Awaiting {
                 s.since = since;
             }
         });
@@ -158,7 +158,7 @@ impl<W> Handoff<W> {
     pub(super) fn settle_wait(&mut self, d: Datum, s: Slot, now: Instant) {
         // Only the primary may take a datum without a notice: for a relay,
         // the primary in force (not among the candidates) may hold it.
-        if s.phase != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
+        if s.phase() != Phase::Awaiting || !matches!(self.primary_of(d.id), Primary::Me) {
             return;
         }
         let mut returned = false;
@@ -213,7 +213,7 @@ impl<W> Handoff<W> {
         };
         let mine = matches!(self.primary_of(d.id), Primary::Me);
         use Phase::*;
-        match (s.phase, mine) {
+        match (s.phase(), mine) {
             // A notice on its way (`Passed`, `TokenWait`) stays addressed
             // to the node it went to; this node waits once it has left.
             (Free, true) => {
@@ -227,11 +227,11 @@ impl<W> Handoff<W> {
             (Held, false) => self.start_relinquish(d, s, now),
             (RelinquishQueued | RelinquishBackoff, true) => {
                 // Came back before the relinquish ran: keep it.
-                s.phase = Held;
+                s.enter(Held);
                 self.registry.set(d, s);
             }
             (Awaiting, false) => {
-                s.phase = Relay;
+                s.enter(Relay);
                 self.registry.set(d, s);
             }
             (Awaiting, true) => {
@@ -246,7 +246,7 @@ impl<W> Handoff<W> {
                 // A new wait: a notice sent under a view of the old one may
                 // be a token that a primary in between made worthless by
                 // taking the datum once everyone was done.
-                s.phase = Awaiting;
+                s.enter(Awaiting);
                 s.flight = self.enter_cohort(d, now);
                 s.since = s.flight;
                 self.registry.set(d, s);

@@ -24,7 +24,7 @@ impl<W> Handoff<W> {
             return by_table();
         };
         use Phase::*;
-        match s.phase {
+        match s.phase() {
             Held if self.standing => Route::Process,
             Held => Route::Hold,
             RelinquishQueued | Relinquishing | RelinquishBackoff | Awaiting | AcquireQueued
