@@ -1,5 +1,7 @@
 //! The per-node handoff state machine. See the crate docs and
-//! `docs/transition.md` for the protocol; this file is its implementation.
+//! `docs/transition.md` for the protocol. This file holds the state, its
+//! accessors, fencing and the helpers the child modules share; each child
+//! module owns one concern of the implementation.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
