@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, VarInt};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -48,6 +48,7 @@ mod errors;
 mod lifecycle;
 mod receive;
 mod send;
+mod state;
 
 use bind::*;
 pub(crate) use conn::BusyGuard;
@@ -57,6 +58,7 @@ use errors::*;
 use lifecycle::*;
 use receive::*;
 use send::*;
+use state::*;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -218,7 +220,7 @@ impl Transport {
     pub fn disconnect(&self, addr: SocketAddr) {
         let removed = lock(&self.inner.table).conns.remove(&canonical_addr(addr));
         if let Some(pc) = removed {
-            pc.conn.close(code::OK.into(), b"disconnect");
+            pc.close(code::OK, "disconnect");
         }
     }
 
@@ -374,7 +376,7 @@ impl Transport {
             };
             match sent {
                 Ok(()) => return Ok(()),
-                Err(q) if !retried && pc.closing.load(Ordering::SeqCst) => {
+                Err(q) if !retried && pc.drained() => {
                     retried = true;
                     frame = q.frame;
                 }

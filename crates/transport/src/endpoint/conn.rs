@@ -1,5 +1,6 @@
-//! One admitted connection's record ([`PeerConn`]): the peer, the QUIC
-//! connection, its send queue and writer, its budgets and its counters.
+//! One connection's record ([`PeerConn`]): the peer, the QUIC connection,
+//! its lifecycle state (moved only through [`PeerConn::apply`]), its send
+//! queue and writer, its budgets and its counters.
 
 use super::*;
 
@@ -18,20 +19,20 @@ pub(super) struct Queued {
     pub(super) _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// One admitted connection to a peer.
+/// One connection to a peer whose certificate name was verified, from its
+/// admission to its close.
 pub(crate) struct PeerConn {
     pub(super) peer: Peer,
     pub(super) conn: quinn::Connection,
     pub(super) initiated_locally: bool,
-    /// The peer's process instance, from its hello (0 until then).
-    pub(super) instance: AtomicU64,
+    /// Where the connection is in its life: one value behind one lock,
+    /// changed only by [`PeerConn::apply`] (see [`ConnState`]). A `watch`
+    /// channel so that tasks can wait for a transition.
+    pub(super) state: watch::Sender<ConnState>,
     /// The writer's queue, made (and the writer task started) by the first
     /// one-way message: many connections carry only datagrams and requests,
     /// and an idle one should not pay for a task and a queue block.
     pub(super) queue_tx: OnceLock<mpsc::UnboundedSender<Queued>>,
-    /// Set by a graceful close's drain; from then on no writer starts.
-    /// Taken around starting the writer so the two never cross.
-    pub(super) writer_barred: Mutex<bool>,
     /// Bytes allowed in the send queue.
     pub(super) budget: Arc<Semaphore>,
     /// Bi streams data channels may open at once
@@ -41,21 +42,15 @@ pub(crate) struct PeerConn {
     pub(super) share: Arc<PeerBudget>,
     /// Frames of this connection refused (caps, ratio, deadline).
     pub(super) refusals: AtomicU32,
+    /// Traffic since the watchdog's last tick.
     pub(super) active: AtomicBool,
+    /// Work in progress (requests, large and control messages).
     pub(super) busy: AtomicUsize,
-    pub(super) superseded: AtomicBool,
-    pub(super) hello_tx: Mutex<Option<oneshot::Sender<u64>>>,
-    /// Graceful close in progress (either side started it).
-    pub(super) closing: AtomicBool,
     /// Message streams this side opened / of the peer's that ended here.
     pub(super) streams_opened: AtomicU32,
     pub(super) streams_finished: AtomicU32,
-    /// Asks the writer to flush, finish its stream and stop.
-    pub(super) drain_tx: watch::Sender<bool>,
     /// Set by the writer when it stopped.
     pub(super) writer_done: watch::Sender<bool>,
-    /// The peer's `Done` (with its stream count), phase 2 of a graceful close.
-    pub(super) peer_done: watch::Sender<Option<u32>>,
     /// Request streams the peer may have open now (grows on demand up to
     /// `max_concurrent_requests`, never shrinks).
     pub(super) bi_limit: AtomicU32,
@@ -100,17 +95,113 @@ impl PeerConn {
         if let Some(tx) = self.queue_tx.get() {
             return Some(tx);
         }
-        let barred = lock(&self.writer_barred);
-        if *barred {
+        // Under the state's lock, so a drain starting now either sees the
+        // writer ([`PeerConn::start_drain`]) or bars it.
+        let state = self.state.borrow();
+        if state.bars_writer() {
             return None;
         }
-        Some(self.queue_tx.get_or_init(|| {
+        let tx = self.queue_tx.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(writer_task(inner.clone(), self.clone(), rx));
             tx
-        }))
+        });
+        drop(state);
+        Some(tx)
     }
 
+    /// Applies `event` to the connection's state ([`ConnState::apply`]),
+    /// waking the tasks that wait for a transition when the state moved.
+    /// A move to a close decided here then closes the QUIC connection,
+    /// outside the lock.
+    pub(super) fn apply(&self, event: Event) -> Result<bool, Illegal> {
+        self.apply_and(event, |_| ()).0
+    }
+
+    /// [`PeerConn::apply`], also running `also` on the state under the same
+    /// lock (whether or not the state moved).
+    fn apply_and<R: Default>(
+        &self,
+        event: Event,
+        also: impl FnOnce(&ConnState) -> R,
+    ) -> (Result<bool, Illegal>, R) {
+        let mut result = Ok(false);
+        let mut close = None;
+        let mut out = None;
+        self.state.send_if_modified(|s| {
+            result = s.apply(event);
+            if result == Ok(true)
+                && let ConnState::Closed {
+                    reason: CloseReason::Local { code, reason },
+                    ..
+                } = s
+            {
+                close = Some((*code, *reason));
+            }
+            out = Some(also(s));
+            result == Ok(true)
+        });
+        if let Some((code, reason)) = close {
+            self.conn.close(code.into(), reason.as_bytes());
+        }
+        // `send_if_modified` always runs the closure.
+        (result, out.unwrap_or_default())
+    }
+
+    /// Closes the connection here with `code` and `reason` (if QUIC has not
+    /// closed it already, which is then recorded instead).
+    pub(super) fn close(&self, code: u32, reason: &'static str) {
+        let reason = match self.conn.close_reason() {
+            Some(e) => CloseReason::Ended(e),
+            None => CloseReason::Local { code, reason },
+        };
+        let _ = self.apply(Event::Close(reason));
+    }
+
+    /// Records that QUIC closed the connection (the watchdog saw it end).
+    pub(super) fn ended(&self, e: ConnectionError) {
+        let _ = self.apply(Event::Close(CloseReason::Ended(e)));
+    }
+
+    /// Starts a graceful close ([`Event::Drain`]): `Ok(true)` if this call
+    /// started it, `Ok(false)` if one was already under way (or the
+    /// connection is closed); with whether a writer was started before the
+    /// drain barred it.
+    pub(super) fn start_drain(&self) -> (Result<bool, Illegal>, bool) {
+        self.apply_and(Event::Drain, |_| self.queue_tx.get().is_some())
+    }
+
+    /// The peer's process instance, once its hello arrived.
+    pub(super) fn instance(&self) -> Option<u64> {
+        self.state.borrow().instance()
+    }
+
+    /// Admitted, and no close under way.
+    pub(super) fn is_open(&self) -> bool {
+        matches!(*self.state.borrow(), ConnState::Open { .. })
+    }
+
+    /// A duplicate to the same process won the tie-break.
+    pub(super) fn is_superseded(&self) -> bool {
+        matches!(
+            *self.state.borrow(),
+            ConnState::Open {
+                superseded: true,
+                ..
+            }
+        )
+    }
+
+    /// A graceful close began (it may have ended since): a send that
+    /// picked this connection moves to a new one.
+    pub(super) fn drained(&self) -> bool {
+        self.state.borrow().drained()
+    }
+
+    /// Closed, as QUIC sees it: at once when the peer or QUIC ended it
+    /// (the state learns that from the watchdog a moment later), and right
+    /// after the state for a close decided here. On every send's path, so
+    /// it takes no lock of ours.
     pub(super) fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }

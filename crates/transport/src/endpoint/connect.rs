@@ -140,6 +140,14 @@ pub(super) async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
     }
 }
 
+/// How the wait for the peer's hello ended.
+enum Admission {
+    Open,
+    BadHello,
+    NoHello,
+    Closed,
+}
+
 /// Starts the tasks of a verified connection, exchanges hellos and installs
 /// it as the connection for its address.
 pub(super) async fn admit(
@@ -148,28 +156,21 @@ pub(super) async fn admit(
     peer: Peer,
     initiated_locally: bool,
 ) -> Result<Arc<PeerConn>, TransportError> {
-    let (hello_tx, hello_rx) = oneshot::channel();
     let pc = Arc::new(PeerConn {
         peer: peer.clone(),
         conn: conn.clone(),
         initiated_locally,
-        instance: AtomicU64::new(0),
+        state: watch::channel(ConnState::Admitting).0,
         queue_tx: OnceLock::new(),
-        writer_barred: Mutex::new(false),
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
         data_streams: Arc::new(Semaphore::new(inner.config.data_streams())),
         share: inner.budgets.peer(&peer.name),
         refusals: AtomicU32::new(0),
         active: AtomicBool::new(true),
         busy: AtomicUsize::new(0),
-        superseded: AtomicBool::new(false),
-        hello_tx: Mutex::new(Some(hello_tx)),
-        closing: AtomicBool::new(false),
         streams_opened: AtomicU32::new(0),
         streams_finished: AtomicU32::new(0),
-        drain_tx: watch::channel(false).0,
         writer_done: watch::channel(false).0,
-        peer_done: watch::channel(None).0,
         bi_limit: AtomicU32::new(initial_bi_streams(&inner.config)),
     });
     // Our hello: tells the peer our instance, and is the first thing the
@@ -186,34 +187,64 @@ pub(super) async fn admit(
             let _ = s.finish();
         }
     });
+    let mut state = pc.state.subscribe();
     tokio::spawn(accept_uni_loop(inner.clone(), pc.clone()));
     tokio::spawn(accept_bi_loop(inner.clone(), pc.clone()));
     tokio::spawn(datagram_loop(inner.clone(), pc.clone()));
     let dest = Dest::from(&peer);
     let timeout = inner.config.handshake_timeout;
-    let instance = tokio::select! {
-        r = tokio::time::timeout(timeout, hello_rx) => match r {
-            Ok(Ok(instance)) => instance,
-            Ok(Err(_)) => {
-                conn.close(code::PROTOCOL.into(), b"bad hello");
-                Stats::inc(&inner.stats.handshakes_rejected);
-                return Err(TransportError::Rejected { peer: dest, reason: "malformed hello".into() });
+    // The peer's hello (read by `handle_uni`) moves the state on. A close
+    // here moves it first and closes QUIC after, so the state's outcome is
+    // seen first.
+    let outcome = tokio::select! {
+        biased;
+        r = tokio::time::timeout(timeout, state.wait_for(|s| !matches!(s, ConnState::Admitting))) => {
+            match r {
+                Err(_) => Admission::NoHello,
+                Ok(Err(_)) => Admission::Closed,
+                Ok(Ok(s)) => match &*s {
+                    ConnState::Closed {
+                        reason: CloseReason::Local { reason: BAD_HELLO, .. },
+                        ..
+                    } => Admission::BadHello,
+                    ConnState::Closed { .. } => Admission::Closed,
+                    _ => Admission::Open,
+                },
             }
-            Err(_) => {
-                conn.close(code::REJECTED.into(), b"no hello");
-                Stats::inc(&inner.stats.handshakes_rejected);
-                return Err(TransportError::TimedOut { peer: dest, after: timeout });
-            }
-        },
+        }
         e = conn.closed() => {
+            pc.ended(e);
+            Admission::Closed
+        }
+    };
+    match outcome {
+        Admission::Open => {}
+        Admission::BadHello => {
+            Stats::inc(&inner.stats.handshakes_rejected);
+            return Err(TransportError::Rejected {
+                peer: dest,
+                reason: "malformed hello".into(),
+            });
+        }
+        Admission::NoHello => {
+            pc.close(code::REJECTED, "no hello");
+            Stats::inc(&inner.stats.handshakes_rejected);
+            return Err(TransportError::TimedOut {
+                peer: dest,
+                after: timeout,
+            });
+        }
+        Admission::Closed => {
+            let e = conn
+                .close_reason()
+                .unwrap_or(quinn::ConnectionError::LocallyClosed);
             let err = classify(&dest, &e);
             if matches!(err, TransportError::Rejected { .. }) {
                 Stats::inc(&inner.stats.handshakes_rejected);
             }
             return Err(err);
         }
-    };
-    pc.instance.store(instance, Ordering::Relaxed);
+    }
     Stats::inc(&inner.stats.connections_opened);
     tokio::spawn(watchdog(inner.clone(), pc.clone()));
     install(inner, &pc);
@@ -236,7 +267,12 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
         let mut table = lock(&inner.table);
         if inner.shut.load(Ordering::Relaxed) {
             drop(table);
-            pc.conn.close(code::SHUTDOWN.into(), b"shutdown");
+            pc.close(code::SHUTDOWN, "shutdown");
+            return;
+        }
+        // Closed, or closing (moved under this lock by `start_closing`):
+        // never installed.
+        if !pc.is_open() {
             return;
         }
         let addr = pc.peer.addr;
@@ -244,11 +280,7 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
             None => true,
             Some(cur) if Arc::ptr_eq(cur, pc) => return,
             Some(cur) if cur.is_closed() => true,
-            Some(cur)
-                if cur.peer.name != pc.peer.name
-                    || cur.instance.load(Ordering::Relaxed)
-                        != pc.instance.load(Ordering::Relaxed) =>
-            {
+            Some(cur) if cur.peer.name != pc.peer.name || cur.instance() != pc.instance() => {
                 // Another node, or the same node restarted: the old one is dead.
                 close_old = Some(cur.clone());
                 true
@@ -264,7 +296,7 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
         };
         if keep_new {
             if let Some(old) = table.conns.insert(addr, pc.clone()) {
-                old.superseded.store(true, Ordering::Relaxed);
+                let _ = old.apply(Event::Superseded);
             }
             let others: Vec<SocketAddr> = table
                 .conns
@@ -274,23 +306,22 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
                 .collect();
             for a in others {
                 if let Some(old) = table.conns.remove(&a) {
-                    old.superseded.store(true, Ordering::Relaxed);
+                    let _ = old.apply(Event::Superseded);
                     same_name.push(old);
                 }
             }
         } else {
-            pc.superseded.store(true, Ordering::Relaxed);
+            let _ = pc.apply(Event::Superseded);
         }
     }
     if let Some(old) = close_old {
         debug!(peer = %old.peer, "replacing the connection to a previous instance");
-        old.conn.close(code::SUPERSEDED.into(), b"replaced");
+        old.close(code::SUPERSEDED, "replaced");
     }
     for old in same_name {
         Stats::inc(&inner.stats.connections_replaced_by_name);
         warn!(peer = %old.peer, new_addr = %pc.peer.addr,
             "a newer connection of this certificate name came from another address: the older one is closed");
-        old.conn
-            .close(code::SUPERSEDED.into(), b"replaced by another address");
+        old.close(code::SUPERSEDED, "replaced by another address");
     }
 }

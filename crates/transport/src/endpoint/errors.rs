@@ -48,8 +48,7 @@ pub(super) fn strike(inner: &Inner, pc: &PeerConn) {
     if n == inner.config.max_refusals {
         Stats::inc(&inner.stats.connections_closed_for_abuse);
         warn!(peer = %pc.peer, refusals = n, "closing a connection that keeps sending refused frames");
-        pc.conn
-            .close(code::PROTOCOL.into(), b"too many refused frames");
+        pc.close(code::PROTOCOL, "too many refused frames");
     }
 }
 

@@ -16,13 +16,13 @@ pub(super) async fn writer_task(
     // a one-way message, and an idle connection should cost little.
     let mut batch = Vec::new();
     let mut buf = BytesMut::new();
-    let mut drain_rx = pc.drain_tx.subscribe();
+    let mut state = pc.state.subscribe();
     let mut draining = false;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 512) => n,
             _ = pc.conn.closed() => 0,
-            _ = drain_rx.wait_for(|d| *d), if !draining => {
+            _ = state.wait_for(ConnState::bars_writer), if !draining => {
                 // Graceful close: take what is queued, then stop.
                 draining = true;
                 rx.close();
@@ -122,19 +122,25 @@ pub(super) async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
             continue;
         }
         idle_ticks += 1;
-        let limit = if pc.superseded.load(Ordering::Relaxed) {
+        let limit = if pc.is_superseded() {
             SUPERSEDED_IDLE_TICKS
         } else {
             ticks_to_close
         };
-        if idle_ticks >= limit && !pc.closing.load(Ordering::SeqCst) {
+        if idle_ticks >= limit && pc.is_open() {
             debug!(peer = %pc.peer, "closing idle connection");
             tokio::spawn(graceful_close(inner.clone(), pc.clone()));
         }
     };
+    pc.ended(reason.clone());
     remove_from_table(&inner, &pc);
     Stats::inc(&inner.stats.connections_closed);
-    debug!(peer = %pc.peer, reason = %reason, "connection closed");
+    // The first reason known: a close decided here, or QUIC's.
+    let reason = match &*pc.state.borrow() {
+        ConnState::Closed { reason, .. } => reason.clone(),
+        _ => CloseReason::Ended(reason),
+    };
+    debug!(peer = %pc.peer, %reason, "connection closed");
 }
 
 pub(super) fn remove_from_table(inner: &Inner, pc: &Arc<PeerConn>) {
@@ -148,15 +154,28 @@ pub(super) fn remove_from_table(inner: &Inner, pc: &Arc<PeerConn>) {
     }
 }
 
-/// Stops sending on a connection: flushes and finishes the message stream
-/// (waiting until the peer has it) and waits for requests in progress.
-pub(super) async fn drain(pc: &Arc<PeerConn>) {
-    let writer = {
-        let mut barred = lock(&pc.writer_barred);
-        *barred = true;
-        pc.queue_tx.get().is_some()
-    };
-    pc.drain_tx.send_replace(true);
+/// Starts a graceful close ([`PeerConn::start_drain`]) and takes the
+/// connection out of the table, both under the table's lock: no send finds
+/// it there once it is closing, and [`install`] never puts it back.
+pub(super) fn start_closing(inner: &Inner, pc: &Arc<PeerConn>) -> (Result<bool, Illegal>, bool) {
+    let mut table = lock(&inner.table);
+    let started = pc.start_drain();
+    if started.0.is_ok()
+        && table
+            .conns
+            .get(&pc.peer.addr)
+            .is_some_and(|c| Arc::ptr_eq(c, pc))
+    {
+        table.conns.remove(&pc.peer.addr);
+    }
+    started
+}
+
+/// Stops sending on a connection once its state is
+/// [`ConnState::Closing`] (which wakes the writer): waits until the writer,
+/// if one was started, flushed and finished the message stream and the
+/// peer has it, and for requests in progress.
+pub(super) async fn drain(pc: &Arc<PeerConn>, writer: bool) {
     if writer {
         let mut done = pc.writer_done.subscribe();
         let _ = tokio::time::timeout(GRACE, done.wait_for(|d| *d)).await;
@@ -188,35 +207,47 @@ pub(super) async fn send_control(pc: &PeerConn, kind: StreamKind) -> bool {
 /// flight: both sides stop sending, flush, and read everything the other
 /// sent before the connection closes.
 ///
-/// 1. This side leaves the table (no new sends), flushes, and sends `GoAway`
-///    with the number of message streams it opened.
+/// 1. This side moves to [`ConnState::Closing`] and leaves the table (no
+///    new sends), flushes, and sends `GoAway` with the number of message
+///    streams it opened.
 /// 2. The peer does the same, reads all our streams, and answers `Done` with
 ///    its own count ([`answer_goaway`]).
-/// 3. We read all its streams and close. Each step waits at most [`GRACE`].
+/// 3. We read all its streams and close. Each step waits at most [`GRACE`]
+///    (the wait for `Done` ends early if the connection closes).
 pub(super) async fn graceful_close(inner: Arc<Inner>, pc: Arc<PeerConn>) {
-    if pc.closing.swap(true, Ordering::SeqCst) {
+    let (Ok(true), writer) = start_closing(&inner, &pc) else {
         return;
-    }
-    remove_from_table(&inner, &pc);
-    drain(&pc).await;
+    };
+    drain(&pc, writer).await;
     if send_control(&pc, StreamKind::GoAway).await {
-        let mut done = pc.peer_done.subscribe();
-        let peer_count = tokio::time::timeout(GRACE, done.wait_for(Option::is_some))
+        let mut state = pc.state.subscribe();
+        let done =
+            state.wait_for(|s| s.peer_done().is_some() || matches!(s, ConnState::Closed { .. }));
+        let peer_count = tokio::time::timeout(GRACE, done)
             .await
             .ok()
-            .and_then(|r| r.ok().and_then(|v| *v));
+            .and_then(|r| r.ok().and_then(|s| s.peer_done()));
         if let Some(peer_count) = peer_count {
             wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
         }
     }
-    pc.conn.close(code::IDLE.into(), b"idle");
+    pc.close(code::IDLE, "idle");
 }
 
 /// The peer's side of [`graceful_close`].
 pub(super) async fn answer_goaway(inner: Arc<Inner>, pc: Arc<PeerConn>, peer_count: u32) {
-    pc.closing.store(true, Ordering::SeqCst);
-    remove_from_table(&inner, &pc);
-    drain(&pc).await;
+    // A go-away may overtake the peer's hello: let the admission settle
+    // (it ends within the handshake timeout).
+    let mut state = pc.state.subscribe();
+    let settled = state.wait_for(|s| !matches!(s, ConnState::Admitting));
+    let _ = tokio::time::timeout(inner.config.handshake_timeout + GRACE, settled).await;
+    let (drain_started, writer) = start_closing(&inner, &pc);
+    if drain_started.is_err() {
+        // Still admitting: the admission's own timeout closes it.
+        debug!(peer = %pc.peer, "go-away before the hello ignored");
+        return;
+    }
+    drain(&pc, writer).await;
     wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
     send_control(&pc, StreamKind::Done).await;
     // The initiator closes; close anyway if it does not.
@@ -224,6 +255,6 @@ pub(super) async fn answer_goaway(inner: Arc<Inner>, pc: Arc<PeerConn>, peer_cou
         .await
         .is_err()
     {
-        pc.conn.close(code::IDLE.into(), b"idle");
+        pc.close(code::IDLE, "idle");
     }
 }

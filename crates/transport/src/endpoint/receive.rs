@@ -209,17 +209,16 @@ pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: q
                 Ok(f) => frame::decode_hello(&f).ok(),
                 Err(_) => None,
             };
-            let slot = lock(&pc.hello_tx).take();
-            match (hello, slot) {
-                (Some(h), Some(tx)) => {
-                    let _ = tx.send(h.instance);
+            // A bad hello fails the admission; a second hello is refused.
+            let applied = match hello {
+                Some(h) => pc.apply(Event::Hello(h.instance)),
+                None => {
+                    let _ = pc.apply(Event::BadHello);
+                    Err(Illegal)
                 }
-                (None, slot) => {
-                    Stats::inc(&inner.stats.frames_malformed);
-                    // Dropping the sender fails the admission.
-                    drop(slot);
-                }
-                (Some(_), None) => Stats::inc(&inner.stats.frames_malformed),
+            };
+            if applied.is_err() {
+                Stats::inc(&inner.stats.frames_malformed);
             }
         }
         Some(StreamKind::Messages) => {
@@ -237,7 +236,9 @@ pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: q
             if k == StreamKind::GoAway {
                 tokio::spawn(answer_goaway(inner.clone(), pc.clone(), count));
             } else {
-                pc.peer_done.send_replace(Some(count));
+                if pc.apply(Event::PeerDone(count)).is_err() {
+                    debug!(peer = %pc.peer, "done outside a graceful close ignored");
+                }
             }
         }
         _ => {
