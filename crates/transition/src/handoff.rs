@@ -4,7 +4,7 @@
 //! module owns one concern of the implementation.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use crate::{Datum, DatumType};
 mod install;
 mod jobs;
 mod notices_in;
+mod peer_state;
 mod peers;
 mod registry;
 mod timers;
@@ -31,6 +32,7 @@ mod tokens;
 mod waits;
 mod work;
 
+use peer_state::Peers;
 use registry::{Phase, Registry, Slot};
 use timers::{Timer, TimerKind};
 
@@ -159,25 +161,13 @@ pub struct Handoff<W = Vec<u8>> {
     self_index: Option<NodeIndex>,
     history: VecDeque<PastView>,
     seen: HashMap<ViewId, Instant, DetState>,
-    /// Nodes declared failed or left, with when this node learnt it: no
-    /// done marker is expected from them. Kept while a view of this node
-    /// names them, and for `16 × timeout` after they went (a view naming a
-    /// node may be installed here after its departure was learnt).
-    gone: BTreeMap<NodeId, Instant>,
-    /// Nodes declared failed while members of the view in force: their
-    /// datums may fail over (see [`Handoff::peer_failed`]).
-    failed: BTreeSet<NodeId>,
-    /// Nodes that said done under a view without themselves, with the
-    /// install count (epoch) they said it at, when no later install of
-    /// theirs was heard of and no view installed here since names them:
-    /// they hold nothing. Once gone, they are no holder to wait for (a node
-    /// that left after relinquishing everything). See
-    /// [`Handoff::note_last_word`].
-    empty_handed: BTreeMap<NodeId, u64>,
-    /// Nodes whose latest word is a done marker for a view this node has not
-    /// had in force (yet), with that word's epoch: decided when that view is
-    /// installed here (see [`Handoff::note_last_word`]).
-    pending_done: BTreeMap<NodeId, (u64, ViewId)>,
+    /// What this node knows of each peer: live members, departures,
+    /// failures, announcements, done markers owed, received and sent,
+    /// notices handed out (see [`peer_state`]). A departure is kept while a
+    /// view of this node names the node, and for `16 × timeout` after it
+    /// went (a view naming a node may be installed here after its departure
+    /// was learnt).
+    peers: Peers,
     cohorts: VecDeque<Cohort>,
     /// Cohorts before this index had their relinquish deadline processed.
     rcursor: usize,
@@ -227,9 +217,6 @@ pub struct Handoff<W = Vec<u8>> {
     standing: bool,
     now: Option<Instant>,
     transition: Option<ViewId>,
-    /// Nodes (other than this one, not gone) that may hold a datum of this
-    /// node and have not said "done" for the view in force yet.
-    done_missing: BTreeSet<NodeId>,
     /// This node's install count: which instance of the view in force its
     /// batches speak of (their `epoch`). A Lamport clock: each install
     /// moves it past every epoch heard (`heard_epoch`), so it also orders
@@ -239,36 +226,8 @@ pub struct Handoff<W = Vec<u8>> {
     heard_epoch: u64,
     /// `Some(install_seq)` once this node is done with the view in force.
     done_seq: Option<u64>,
-    /// Per peer: the latest (epoch, view) its batches said it was at.
-    announced: HashMap<NodeId, (u64, ViewId), DetState>,
-    /// Per peer: when its entry in `announced` last changed (a new install
-    /// of its was heard of). A wait ends at its deadline only once every
-    /// live node that may hold the datum announced the view in force at
-    /// least `timeout` ago (see [`Handoff::holder_may_act`]). Same keys as
-    /// `announced`.
-    announced_since: HashMap<NodeId, Instant, DetState>,
-    /// Nodes this node handed notices to at its install in force (cleared
-    /// at each install; at most the nodes of the view in force): a new
-    /// announcement of the view in force from one of them is answered at
-    /// once, done or not, so that it can take the notices it parked for that
-    /// view (see [`Handoff::confirm_parked`]).
-    notified: BTreeSet<NodeId>,
-    /// Per peer: (this node's install count, the peer's epoch) of the last
-    /// done marker sent to it.
-    answered: HashMap<NodeId, (u64, u64), DetState>,
     /// Waits that nobody alive can answer, blocked only on done markers.
     blocked_on_done: Vec<Datum>,
-    /// Live members other than this node, ready or not (see
-    /// [`Handoff::set_peers`]): each must say done before a wait ends
-    /// without a notice.
-    peers: BTreeSet<NodeId>,
-    /// When each live member outside the views here became one: a member
-    /// that never sent this node a batch is waited for at most
-    /// [`Handoff::silent_peer_grace`] from then, except by a first owner.
-    /// One entry per member of `peers`.
-    peer_since: HashMap<NodeId, Instant, DetState>,
-    /// Nodes that said done for the view in force, with their epoch.
-    done_received: BTreeMap<NodeId, u64>,
     /// Inside `install`: waits are settled once the parked notices of the
     /// new view have been taken.
     installing: bool,
@@ -313,10 +272,7 @@ impl<W> Handoff<W> {
             self_index: None,
             history: VecDeque::new(),
             seen: HashMap::default(),
-            gone: BTreeMap::new(),
-            empty_handed: BTreeMap::new(),
-            pending_done: BTreeMap::new(),
-            failed: BTreeSet::new(),
+            peers: Peers::default(),
             cohorts: VecDeque::new(),
             rcursor: 0,
             next_epoch: 1,
@@ -346,18 +302,10 @@ impl<W> Handoff<W> {
             standing: true,
             now: None,
             transition: None,
-            done_missing: BTreeSet::new(),
             install_seq: 0,
             heard_epoch: 0,
             done_seq: None,
-            announced: HashMap::default(),
-            announced_since: HashMap::default(),
-            notified: BTreeSet::new(),
-            answered: HashMap::default(),
             blocked_on_done: Vec::new(),
-            peers: BTreeSet::new(),
-            peer_since: HashMap::default(),
-            done_received: BTreeMap::new(),
             installing: false,
             acquire_superseded: HashMap::default(),
         })
@@ -450,7 +398,7 @@ impl<W> Handoff<W> {
     /// word, to hand to [`Handoff::handle_notices`].
     #[must_use]
     pub fn is_gone(&self, node: &NodeId) -> bool {
-        self.gone.contains_key(node)
+        self.peers.is_gone(node)
     }
 
     /// Whether this node may act as an owner (see [`Handoff::set_standing`]).
@@ -524,10 +472,7 @@ impl<W> Handoff<W> {
     /// members agree on the view and none has anything in flight for it.
     #[must_use]
     pub fn is_settled(&self) -> bool {
-        !self.installing
-            && self.done_seq.is_some()
-            && self.done_missing.is_empty()
-            && self.is_idle()
+        !self.installing && self.done_seq.is_some() && self.peers.none_missing() && self.is_idle()
     }
 
     /// A snapshot of what is in flight.
@@ -637,7 +582,7 @@ impl<W> Handoff<W> {
         self.retrying.clear();
         self.timers.clear();
         self.unconfirmed = None;
-        self.notified.clear();
+        self.peers.clear_notified();
         let mut held: Vec<(Datum, VecDeque<W>)> = self.held.drain().collect();
         held.sort_unstable_by_key(|(d, _)| *d);
         self.held_total = 0;

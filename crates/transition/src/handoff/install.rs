@@ -28,31 +28,17 @@ impl<W> Handoff<W> {
         let old = std::mem::replace(&mut self.current, Arc::clone(&table));
         // A node of the new view may acquire again, unless it is gone: a
         // view naming a node this node already knows left or failed is older
-        // news than its last word.
-        let gone = &self.gone;
-        self.empty_handed
-            .retain(|n, _| !table.view().contains(n) || gone.contains_key(n));
-        // Done markers for this view that came before it: decided now.
-        let id = table.view_id();
-        let due: Vec<(NodeId, u64)> = self
-            .pending_done
-            .iter()
-            .filter(|(_, (_, v))| *v == id)
-            .map(|(n, (e, _))| (n.clone(), *e))
-            .collect();
-        for (n, e) in due {
-            self.pending_done.remove(&n);
-            if !table.view().contains(&n) && self.empty_handed.get(&n).is_none_or(|x| *x < e) {
-                self.empty_handed.insert(n, e);
-            }
-        }
+        // news than its last word. Done markers for this view that came
+        // before it: decided now.
+        self.peers
+            .on_install(table.view_id(), |n| table.view().contains(n));
         let old_self = self.self_index;
         self.self_index = table.view().index_of_id(&self.local);
         let failed = old
             .view()
             .nodes()
             .iter()
-            .map(|n| self.failed.contains(n))
+            .map(|n| self.peers.is_failed(n))
             .collect();
         self.seen.insert(old.view_id(), now);
         self.seen.remove(&table.view_id());
@@ -69,7 +55,7 @@ impl<W> Handoff<W> {
         self.prune(now);
         self.counters.views += 1;
         self.install_seq = self.install_seq.max(self.heard_epoch) + 1;
-        self.notified.clear();
+        self.peers.clear_notified();
         self.reset_done();
 
         // Outgoing buffers are per node index of the view in force: their

@@ -241,9 +241,9 @@ impl<W> Handoff<W> {
     /// made at a later install than the notice's with a done marker: the
     /// sender may have counted that marker, so the notice's token is spent.
     pub(super) fn answered_later(&self, src: Src<'_>) -> bool {
-        self.answered
-            .get(src.node)
-            .is_some_and(|&(_, e)| e != FAREWELL && e > src.epoch)
+        self.peers
+            .answered(src.node)
+            .is_some_and(|(_, e)| e != FAREWELL && e > src.epoch)
     }
 
     pub(super) fn note_taken(&mut self, d: Datum, src: Src<'_>, now: Instant) {
@@ -301,14 +301,14 @@ impl<W> Handoff<W> {
     /// ([`Handoff::confirm_parked`]); parked during the install in force (a
     /// datum registered later), it was taken as it came.
     pub(super) fn sender_unmoved(&self, node: &NodeId, epoch: u64) -> bool {
-        if self.gone.contains_key(node) {
+        if self.peers.is_gone(node) {
             // It left or failed: an announcement of a later install may have
             // been lost with it (a send that failed is not retried by a node
             // that is gone), while another node, told by its done marker
             // that it holds nothing, took the datum.
             return false;
         }
-        self.announced.get(node).is_none_or(|(e, _)| *e == epoch)
+        self.peers.announced(node).is_none_or(|a| a.epoch == epoch)
     }
 
     pub(super) fn forget_parked(&mut self, d: Datum) {

@@ -2,6 +2,7 @@
 //! instance of a view, what a failed, superseded or departed peer releases,
 //! and when this node says done itself.
 
+use super::peer_state::Done;
 use super::*;
 
 impl<W> Handoff<W> {
@@ -96,7 +97,7 @@ impl<W> Handoff<W> {
             && *node != self.local
             && self.current.view().contains(node)
         {
-            self.failed.insert(node.clone());
+            self.peers.mark_failed(node);
         }
         self.peer_gone(node, now);
     }
@@ -117,8 +118,8 @@ impl<W> Handoff<W> {
         if self.fenced || *node == self.local || !self.in_views(node) {
             return;
         }
-        self.failed.insert(node.clone());
-        if !self.gone.contains_key(node) {
+        self.peers.mark_failed(node);
+        if !self.peers.is_gone(node) {
             self.peer_gone(node, now);
             return;
         }
@@ -164,35 +165,26 @@ impl<W> Handoff<W> {
         }
         let peers: BTreeSet<NodeId> = peers
             .into_iter()
-            .filter(|n| **n != self.local && !self.gone.contains_key(*n))
+            .filter(|n| **n != self.local && !self.peers.is_gone(n))
             .cloned()
             .collect();
-        if peers == self.peers {
+        let Some((added, removed)) = self.peers.set_members(&peers, now) else {
             return;
-        }
-        let added: Vec<NodeId> = peers.difference(&self.peers).cloned().collect();
-        let removed: Vec<NodeId> = self.peers.difference(&peers).cloned().collect();
-        self.peers = peers;
-        for n in &removed {
-            self.peer_since.remove(n);
-        }
+        };
         if !added.is_empty() {
             let at = now + self.silent_peer_grace();
             self.add_timer(at, TimerKind::SilentPeer);
         }
         for n in added {
-            self.peer_since.insert(n.clone(), now);
             if self.in_views(&n) {
                 continue;
             }
-            if !self.done_received.contains_key(&n) {
-                self.done_missing.insert(n.clone());
-            }
+            self.peers.expect_done(&n);
             self.push_state(n);
         }
         let mut emptied = false;
         for n in removed {
-            if !self.in_views(&n) && self.done_missing.remove(&n) {
+            if !self.in_views(&n) && self.peers.drop_missing(&n) {
                 emptied = !self.missing_done(false, now);
             }
         }
@@ -219,27 +211,27 @@ impl<W> Handoff<W> {
         self.config.timeout / 4
     }
 
-    /// Whether a wait must still wait for a done marker: some node in
-    /// `done_missing`, other than (unless `fresh`) a silent live member past
+    /// Whether a wait must still wait for a done marker: some node that
+    /// owes its done marker, other than (unless `fresh`) a silent live member past
     /// its grace (see [`Handoff::silent_peer_grace`]). Such a member is in
     /// no view here (it is no previous owner) and announced nothing: the
     /// datum's token is with the previous owners, whose word the wait has.
     pub(super) fn missing_done(&self, fresh: bool, now: Instant) -> bool {
         if fresh {
-            return !self.done_missing.is_empty();
+            return !self.peers.none_missing();
         }
         let grace = self.silent_peer_grace();
-        self.done_missing.iter().any(|n| {
-            self.announced.contains_key(n)
+        self.peers.missing().any(|n| {
+            self.peers.announced(n).is_some()
                 || self.in_views(n)
-                || self.peer_since.get(n).is_none_or(|&at| at + grace > now)
+                || self.peers.member_since(n).is_none_or(|at| at + grace > now)
         })
     }
 
     /// Whether `node`, which this node's token for a datum went to, is a
     /// live target that must say done with this instance of the view in
-    /// force before any wait ends without a notice (it is in
-    /// `done_missing`, or said done already).
+    /// force before any wait ends without a notice (it owes its done
+    /// marker, or said done already).
     ///
     /// Its done marker ends a wait for the returning token: it answers this
     /// node's announcement of the view in force, an install later than the
@@ -251,8 +243,7 @@ impl<W> Handoff<W> {
     /// that must say done too. The notice was delivered before the wait
     /// began (`token_left`), so it was at `node` before that marker counts.
     pub(super) fn answers_for(&self, node: &NodeId) -> bool {
-        self.is_target(node)
-            && (self.done_missing.contains(node) || self.done_received.contains_key(node))
+        self.is_target(node) && (self.peers.is_missing(node) || self.peers.said_done(node))
     }
 
     /// Whether the node datum `d`'s token went to (see
@@ -262,7 +253,7 @@ impl<W> Handoff<W> {
         self.returning
             .get(&d)
             .and_then(Option::as_ref)
-            .is_some_and(|n| self.is_target(n) && self.done_received.contains_key(n))
+            .is_some_and(|n| self.is_target(n) && self.peers.said_done(n))
     }
 
     pub(super) fn peer_gone(&mut self, node: &NodeId, now: Instant) {
@@ -274,29 +265,20 @@ impl<W> Handoff<W> {
             self.fence(now);
             return;
         }
-        if self.gone.contains_key(node) {
+        // Bounded: when full, the oldest departure not named by a view goes
+        // first. Gone, it is no live member, owes no done marker and no
+        // marker sent to it is remembered. Its announcement keeps its last
+        // install count: a notice it sent before it moved on and left stays
+        // spent (see `sender_unmoved`).
+        let (current, history) = (&self.current, &self.history);
+        let named = |n: &NodeId| {
+            current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
+        };
+        if !self.peers.mark_gone(node, now, named) {
             return;
         }
-        if self.gone.len() >= 65_536 {
-            // Bounded: the oldest departure not named by a view goes first.
-            let current = Arc::clone(&self.current);
-            let history = &self.history;
-            let oldest = self
-                .gone
-                .iter()
-                .filter(|(n, _)| {
-                    !current.view().contains(n)
-                        && !history.iter().any(|p| p.table.view().contains(n))
-                })
-                .min_by_key(|(_, at)| **at)
-                .map(|(n, _)| n.clone());
-            if let Some(n) = oldest {
-                self.gone.remove(&n);
-            }
-        }
-        self.gone.insert(node.clone(), now);
         info!(node = %self.local, peer = %node, "peer gone");
-        if self.failed.contains(node) {
+        if self.peers.is_failed(node) {
             for past in &mut self.history {
                 if let Some(i) = past.table.view().index_of_id(node)
                     && let Some(g) = past.failed.get_mut(i.get())
@@ -305,14 +287,8 @@ impl<W> Handoff<W> {
                 }
             }
         }
-        self.peers.remove(node);
-        // `announced` keeps its last install count: a notice it sent before
-        // it moved on and left stays spent (see `sender_unmoved`).
         // Its parked notices waiting for its word are spent (rule 5).
         self.refuse_unconfirmed(|n, _| n == node);
-        self.answered.remove(node);
-        self.done_received.remove(node);
-        self.done_missing.remove(node);
         self.release_unheld_waits(now, true);
         self.check_ended();
     }
@@ -366,13 +342,10 @@ impl<W> Handoff<W> {
                 expected.insert(n.clone());
             }
         }
-        expected.extend(self.peers.iter().cloned());
+        expected.extend(self.peers.members().cloned());
         expected.remove(&self.local);
-        for g in self.gone.keys() {
-            expected.remove(g);
-        }
-        self.done_received.clear();
-        self.done_missing = expected;
+        expected.retain(|n| !self.peers.is_gone(n));
+        self.peers.reset_done(&expected);
         self.blocked_on_done.clear();
     }
 
@@ -400,8 +373,8 @@ impl<W> Handoff<W> {
     /// node of the view in force or a recent one, not gone.
     pub(super) fn is_target(&self, node: &NodeId) -> bool {
         *node != self.local
-            && !self.gone.contains_key(node)
-            && (self.peers.contains(node) || self.in_views(node))
+            && !self.peers.is_gone(node)
+            && (self.peers.is_member(node) || self.in_views(node))
     }
 
     /// Whether this node tells `node` where it stands (announcements, done
@@ -427,8 +400,8 @@ impl<W> Handoff<W> {
             .history
             .iter()
             .flat_map(|p| p.table.view().nodes())
-            .chain(self.peers.iter())
-            .filter(|n| !self.gone.contains_key(*n));
+            .chain(self.peers.members())
+            .filter(|n| !self.peers.is_gone(n));
         current
             .chain(others)
             .filter(|n| **n != self.local)
@@ -459,13 +432,16 @@ impl<W> Handoff<W> {
         let due: Vec<NodeId> = if self.self_index.is_none() {
             self.targets()
                 .into_iter()
-                .filter(|n| self.answered.get(n).is_none_or(|(s, _)| *s != seq))
+                .filter(|n| self.peers.answered(n).is_none_or(|(s, _)| s != seq))
                 .collect()
         } else {
-            self.announced
-                .iter()
-                .filter(|(n, (e, v))| {
-                    *v == view && self.answered.get(*n) != Some(&(seq, *e)) && self.is_listener(n)
+            // In the order of the announcements' map (see `handoff/peer_state.rs`).
+            self.peers
+                .announcements()
+                .filter(|(n, a)| {
+                    a.view == view
+                        && self.peers.answered(n) != Some((seq, a.epoch))
+                        && self.is_listener(n)
                 })
                 .map(|(n, _)| n.clone())
                 .collect()
@@ -482,7 +458,7 @@ impl<W> Handoff<W> {
     /// force here or a recent one: its notices then went to this node for
     /// what this node owns (or to a primary this node was past, which passes
     /// them on). A marker for a view this node has not installed yet waits
-    /// for that view (`pending_done`): under an older view here, a node it
+    /// for that view (a pending done marker): under an older view here, a node it
     /// sent a notice to may take the datum while this node would take it
     /// too. A node done with a view without itself says so to every target
     /// (echo [`FAREWELL`]), whatever view they are at, since it may be gone
@@ -501,51 +477,21 @@ impl<W> Handoff<W> {
         epoch: u64,
         done: Option<u64>,
     ) -> bool {
-        if self
-            .pending_done
-            .get(from)
-            .is_some_and(|(e, _)| epoch > *e || done.is_some())
-        {
-            self.pending_done.remove(from);
-        }
-        let empty = match done {
-            None => false,
-            Some(_) => {
-                let table = if view == self.current.view_id() {
-                    Some(&self.current)
-                } else {
-                    self.history
-                        .iter()
-                        .find(|p| p.table.view_id() == view)
-                        .map(|p| &p.table)
-                };
-                match table {
-                    Some(t) => !t.view().contains(from),
-                    None => {
-                        if self.pending_done.len() < 65_536 {
-                            self.pending_done.insert(from.clone(), (epoch, view));
-                        }
-                        false
-                    }
-                }
-            }
-        };
-        match self.empty_handed.get(from) {
-            Some(&e) if e >= epoch => false,
-            Some(_) if !empty => {
-                self.empty_handed.remove(from);
-                false
-            }
-            Some(_) => {
-                self.empty_handed.insert(from.clone(), epoch);
-                false
-            }
-            None if empty => {
-                self.empty_handed.insert(from.clone(), epoch);
-                true
-            }
-            None => false,
-        }
+        // Whether `view`, if it is the view in force or a recent one here,
+        // names `from`.
+        let names = done.and_then(|_| {
+            let table = if view == self.current.view_id() {
+                Some(&self.current)
+            } else {
+                self.history
+                    .iter()
+                    .find(|p| p.table.view_id() == view)
+                    .map(|p| &p.table)
+            };
+            table.map(|t| t.view().contains(from))
+        });
+        self.peers
+            .note_last_word(from, view, epoch, done.is_some(), names)
     }
 
     /// What a batch from `from` says of it: it is at instance `epoch` of
@@ -565,24 +511,18 @@ impl<W> Handoff<W> {
         let done = done.then_some(echo);
         // A gone node's last batches may arrive after it left (or after it
         // was declared failed): they still tell what it held when it went.
-        let gone = self.gone.contains_key(from);
+        let gone = self.peers.is_gone(from);
         if !gone && !self.is_target(from) {
             return;
         }
         // Batches may arrive out of order: only the latest one speaks.
-        if self.announced.get(from).is_some_and(|(e, _)| epoch < *e) {
+        if self.peers.announced(from).is_some_and(|a| epoch < a.epoch) {
             return;
         }
         // It moved on: its notices from an earlier install, parked here for
         // the view in force, are spent.
         self.refuse_unconfirmed(|n, e| n == from && e < epoch);
-        let fresh = self.announced.get(from) != Some(&(epoch, view));
-        if self.announced.len() < 65_536 || self.announced.contains_key(from) {
-            self.announced.insert(from.clone(), (epoch, view));
-            if fresh {
-                self.announced_since.insert(from.clone(), now);
-            }
-        }
+        let fresh = self.peers.note_announcement(from, epoch, view, now);
         let emptied = self.note_last_word(from, view, epoch, done);
         if gone {
             if emptied {
@@ -595,7 +535,7 @@ impl<W> Handoff<W> {
             if view == self.current.view_id()
                 && self.current.view().contains(from)
                 && self.done_seq == Some(self.install_seq)
-                && self.answered.get(from) != Some(&(self.install_seq, epoch))
+                && self.peers.answered(from) != Some((self.install_seq, epoch))
             {
                 self.push_state(from.clone());
             }
@@ -610,19 +550,15 @@ impl<W> Handoff<W> {
         }
         let counted = view == current && done == Some(self.install_seq);
         if counted {
-            self.done_received.insert(from.clone(), epoch);
-            if self.done_missing.remove(from) && !self.missing_done(false, now) {
+            if self.peers.count_done(from, epoch) && !self.missing_done(false, now) {
                 self.release_unheld_waits(now, false);
             }
-        } else if self
-            .done_received
-            .get(from)
-            .is_some_and(|&e| view != current || epoch > e)
+        } else if let Done::Said(e) = self.peers.done(from)
+            && (view != current || epoch > e)
         {
             // It moved on since its marker: the marker no longer speaks for
             // the view in force here.
-            self.done_received.remove(from);
-            self.done_missing.insert(from.clone());
+            self.peers.marker_outdated(from);
         }
         // A node done with a view without itself answers every new
         // announcement with a farewell: it may have become ready again in
@@ -631,13 +567,13 @@ impl<W> Handoff<W> {
         // that announcement.
         if (view == current || self.self_index.is_none())
             && self.done_seq == Some(self.install_seq)
-            && self.answered.get(from) != Some(&(self.install_seq, epoch))
+            && self.peers.answered(from) != Some((self.install_seq, epoch))
         {
             self.push_state(from.clone());
         } else if fresh
             && view == current
             && self.done_seq != Some(self.install_seq)
-            && self.notified.contains(from)
+            && self.peers.is_notified(from)
         {
             // Not done yet, but `from` may have parked notices this node sent
             // it at this install: an announcement echoing its own lets it
@@ -657,8 +593,8 @@ impl<W> Handoff<W> {
     pub(super) fn push_state(&mut self, to: NodeId) {
         let view = self.current.view_id();
         let done = self.done_seq == Some(self.install_seq);
-        let latest = self.announced.get(&to).copied();
-        // The echo sent, and the announcement it answers (`answered`).
+        let latest = self.peers.announced(&to).map(|a| (a.epoch, a.view));
+        // The echo sent, and the announcement it answers (recorded as answered).
         let answer = match latest {
             Some((e, v)) if v == view && done => Some((e, e)),
             _ if done && self.self_index.is_none() => {
@@ -666,10 +602,9 @@ impl<W> Handoff<W> {
             }
             _ => None,
         };
-        if let Some((_, e)) = answer
-            && (self.answered.len() < 65_536 || self.answered.contains_key(&to))
-        {
-            self.answered.insert(to.clone(), (self.install_seq, e));
+        if let Some((_, e)) = answer {
+            // Not recorded for a new peer when full (see `handoff/peer_state.rs`).
+            self.peers.note_answered(&to, self.install_seq, e);
         }
         let marker = answer.is_some();
         // An announcement echoes the addressee's latest install of the view

@@ -374,7 +374,7 @@ impl<W> Handoff<W> {
                 let Some(retry) = self.retrying.remove(&key) else {
                     return;
                 };
-                let gone = self.gone.contains_key(&retry.address.to);
+                let gone = self.peers.is_gone(&retry.address.to);
                 let mut datums = Vec::new();
                 for (d, flight) in retry.datums {
                     let Some(mut s) = self
@@ -443,33 +443,13 @@ impl<W> Handoff<W> {
                 self.seen.remove(v);
             }
         }
-        if !self.gone.is_empty() {
-            let current = Arc::clone(&self.current);
-            let history = &self.history;
-            let known = |n: &NodeId| {
-                current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
-            };
-            let keep = timeout.saturating_mul(16);
-            self.gone.retain(|n, at| known(n) || *at + keep >= now);
-            // A failed node is remembered as long as its departure: a view
-            // may name it again after the views that knew it were pruned
-            // (a membership view still holding its old generation at a
-            // heal), and its datums must still fail over, not wait for the
-            // timeout as those of a node that left.
-            let gone = &self.gone;
-            self.failed.retain(|n| known(n) || gone.contains_key(n));
-            self.empty_handed
-                .retain(|n, _| known(n) || gone.contains_key(n));
-        }
-        if !self.pending_done.is_empty() {
-            let current = Arc::clone(&self.current);
-            let (history, gone, peers) = (&self.history, &self.gone, &self.peers);
-            self.pending_done.retain(|n, _| {
-                peers.contains(n)
-                    || gone.contains_key(n)
-                    || current.view().contains(n)
-                    || history.iter().any(|p| p.table.view().contains(n))
-            });
-        }
+        // Departures (with the failed and empty-handed marks of the nodes
+        // no longer gone) and pending done markers of nodes no view here
+        // names.
+        let (current, history) = (&self.current, &self.history);
+        let known = |n: &NodeId| {
+            current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
+        };
+        self.peers.prune(now, timeout.saturating_mul(16), known);
     }
 }

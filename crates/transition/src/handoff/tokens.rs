@@ -178,8 +178,8 @@ impl<W> Handoff<W> {
         self.counters.batches_sent += 1;
         self.counters.notices_sent += datums.len() as u64;
         let to = address.to.clone();
-        if address.epoch == self.install_seq && !self.notified.contains(&to) {
-            self.notified.insert(to.clone());
+        if address.epoch == self.install_seq && !self.peers.is_notified(&to) {
+            self.peers.note_notified(&to);
         }
         let batch = NoticeBatch {
             view: address.view,

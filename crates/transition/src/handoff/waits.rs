@@ -44,15 +44,15 @@ impl<W> Handoff<W> {
             if failed_out {
                 continue;
             }
-            if self.gone.contains_key(node) {
+            if self.peers.is_gone(node) {
                 // Gone after saying done under a view without it: it had
                 // relinquished everything (and delivered its notices).
-                if self.empty_handed.contains_key(node) {
+                if self.peers.is_empty_handed(node) {
                     continue;
                 }
                 return Candidates::Pending;
             }
-            // Alive: in `done_missing` until it says done for the view in force.
+            // Alive: it owes its done marker until it says done for the view in force.
             alive = true;
         }
         match (any, alive) {
@@ -79,12 +79,12 @@ impl<W> Handoff<W> {
         let timeout = self.config.timeout;
         // When `node` stops holding the wait up (`now`: it does not).
         let settled_at = |node: &NodeId| {
-            let failed_out = self.failed.contains(node) && !self.current.view().contains(node);
-            if *node == self.local || failed_out || self.gone.contains_key(node) {
+            let failed_out = self.peers.is_failed(node) && !self.current.view().contains(node);
+            if *node == self.local || failed_out || self.peers.is_gone(node) {
                 return now;
             }
-            match (self.announced.get(node), self.announced_since.get(node)) {
-                (Some((_, v)), Some(&since)) if *v == current => (since + timeout).max(now),
+            match self.peers.announced(node) {
+                Some(a) if a.view == current => (a.since + timeout).max(now),
                 // Not at the view in force as far as this node knows: look
                 // again after a whole timeout.
                 _ => now + timeout,
@@ -169,7 +169,7 @@ impl<W> Handoff<W> {
             // the view in force is required below (see `answers_for`).
             let failed_out = at
                 .as_ref()
-                .is_some_and(|n| self.failed.contains(n) && !self.current.view().contains(n));
+                .is_some_and(|n| self.peers.is_failed(n) && !self.current.view().contains(n));
             if !failed_out {
                 if !at.as_ref().is_some_and(|n| self.answers_for(n)) {
                     return;
