@@ -47,15 +47,14 @@
 //!   is not taken for empty-handed when its view is installed).
 //!
 //! The other facts are held for live members, nodes of the views here, and
-//! nodes that went (a failed or empty-handed mark is forgotten with the
-//! departure once no view names the node), with one exception: the
-//! `member_since` of a member that went stays until it is a member again,
-//! so each member that departs while this node runs leaves an entry (its
-//! name and an instant) that is never dropped: not bounded. Clearing it at
-//! the departure would change behaviour in one corner (a node whose
-//! departure was forgotten, named again by a view that has since stopped
-//! being recent, owing a done marker and having announced nothing, would
-//! hold waits up instead of being passed over as a silent member).
+//! nodes that went: a failed or empty-handed mark, and when a departed
+//! member became one, are forgotten with the departure once no view names
+//! the node ([`Peers::prune`]), so every entry is bounded by the live
+//! members, the nodes of the views and the departures remembered. (A node
+//! whose departure was forgotten and that a later view named again would,
+//! if it owed a done marker and stayed silent, hold waits up instead of
+//! being passed over as a silent member; membership never names a
+//! departed identity again.)
 //!
 //! # Why announcements are apart
 //!
@@ -391,6 +390,12 @@ impl Peers {
                 if !known && p.gone.is_none() {
                     p.failed = false;
                     p.empty_handed = None;
+                    // When a departed member became one goes with its
+                    // departure: nothing reads it for a gone node, and
+                    // kept, it would leave one entry per departure.
+                    if !p.member {
+                        p.member_since = None;
+                    }
                 }
             }
             if any_pending

@@ -170,6 +170,27 @@ fn prune_forgets_old_departures_with_their_marks() {
     q.check();
 }
 
+/// A member that departs leaves nothing behind once its departure is
+/// forgotten: when it became a member goes too, so the table is bounded by
+/// the members, the views' nodes and the departures remembered.
+#[test]
+fn a_departed_members_entry_goes_with_its_departure() {
+    let t0 = Instant::now();
+    let keep = Duration::from_secs(16);
+    let mut p = Peers::default();
+    for round in 0..100u64 {
+        let n = node(round);
+        let at = t0 + Duration::from_secs(round);
+        p.set_members(&[n.clone()].into_iter().collect(), at);
+        assert!(p.mark_gone(&n, at, |_| false));
+        p.prune(at, keep, |_| false);
+    }
+    // Only the departures of the last `keep` are remembered.
+    assert!(p.by_node.len() <= 17, "{} entries", p.by_node.len());
+    assert_eq!(p.member_since(&node(0)), None);
+    p.check();
+}
+
 #[test]
 fn pending_done_decided_at_install_and_pruned() {
     let t0 = Instant::now();
