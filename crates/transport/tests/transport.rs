@@ -443,9 +443,13 @@ async fn restarted_peer_on_the_same_address_is_reached_again() {
     b2.shutdown().await;
 }
 
-/// A raw quinn client with a certificate from the cluster CA, to send bytes
-/// the transport would never produce.
-async fn raw_client(id: &NodeIdentity, server: &Transport) -> (quinn::Endpoint, quinn::Connection) {
+/// A raw quinn connection to `server` with a certificate from the cluster
+/// CA, TLS done and nothing sent yet, to send bytes the transport would
+/// never produce.
+async fn raw_connect(
+    id: &NodeIdentity,
+    server: &Transport,
+) -> (quinn::Endpoint, quinn::Connection) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -473,15 +477,38 @@ async fn raw_client(id: &NodeIdentity, server: &Transport) -> (quinn::Endpoint, 
     )
     .await
     .unwrap();
-    // Say hello like a real node, so the server admits the connection.
+    (endpoint, conn)
+}
+
+/// Sends `bytes` on a uni stream of its own and finishes it.
+async fn send_uni(conn: &quinn::Connection, bytes: &[u8]) {
     let mut s = conn.open_uni().await.unwrap();
-    s.write_all(&frame::encode_hello(&frame::Hello {
-        version: 1,
-        instance: 42,
-    }))
-    .await
-    .unwrap();
+    s.write_all(bytes).await.unwrap();
     s.finish().unwrap();
+}
+
+/// A hello stream whose frame does not decode: the version, then a
+/// process instance cut short.
+fn bad_hello() -> Vec<u8> {
+    let body = [frame::ENVELOPE_VERSION, 0x80];
+    let mut out = vec![StreamKind::Hello as u8];
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// [`raw_connect`], then a hello like a real node's, so the server admits
+/// the connection.
+async fn raw_client(id: &NodeIdentity, server: &Transport) -> (quinn::Endpoint, quinn::Connection) {
+    let (endpoint, conn) = raw_connect(id, server).await;
+    send_uni(
+        &conn,
+        &frame::encode_hello(&frame::Hello {
+            version: 1,
+            instance: 42,
+        }),
+    )
+    .await;
     (endpoint, conn)
 }
 
@@ -817,31 +844,7 @@ async fn a_client_that_never_says_hello_is_not_admitted() {
     let (b, _b_in) = start(&ids[0], cfg);
     // The raw client completes TLS (its certificate is valid) but sends no
     // hello: b must close it and never use it.
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let id = &ids[1];
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(id.ca_pem().as_bytes()).unwrap())
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![CertificateDer::from_pem_slice(id.cert_pem().as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(id.key_pem().as_bytes()).unwrap(),
-    )
-    .unwrap();
-    tls.alpn_protocols = vec![shoal_transport::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client(localhost()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = within(ep.connect(b.local_addr(), "b").unwrap())
-        .await
-        .unwrap();
+    let (_ep, conn) = raw_connect(&ids[1], &b).await;
     let reason = within(conn.closed()).await;
     assert!(
         matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(frame::code::REJECTED)),
@@ -850,6 +853,80 @@ async fn a_client_that_never_says_hello_is_not_admitted() {
     assert_eq!(b.stats().handshakes_rejected, 1);
     assert_eq!(b.stats().connections_opened, 0);
     assert!(b.peers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_hello_closes_the_connection_and_a_second_one_is_only_counted() {
+    let (_, ids) = throwaway_cluster(&["b", "x", "y"]).unwrap();
+    let (b, mut b_in) = start(&ids[0], TransportConfig::default());
+
+    // A first hello that does not decode: not admitted, closed with PROTOCOL.
+    let (_ep_x, x) = raw_connect(&ids[1], &b).await;
+    send_uni(&x, &bad_hello()).await;
+    let reason = within(x.closed()).await;
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(frame::code::PROTOCOL)
+                && &c.reason[..] == b"bad hello"),
+        "{reason:?}"
+    );
+    eventually("the bad hello counted", || {
+        let s = b.stats();
+        s.handshakes_rejected == 1 && s.frames_malformed == 1
+    })
+    .await;
+    assert_eq!(b.stats().connections_opened, 0);
+    assert!(b.peers().is_empty());
+
+    // An admitted connection, then a second hello (a valid one with another
+    // instance, and a malformed one): each is counted as malformed and
+    // nothing else changes.
+    let (ep_y, y) = raw_client(&ids[2], &b).await;
+    // Admitted first: the hello streams are read concurrently.
+    eventually("y admitted", || b.stats().connections_opened == 1).await;
+    send_uni(
+        &y,
+        &frame::encode_hello(&frame::Hello {
+            version: frame::ENVELOPE_VERSION,
+            instance: 43,
+        }),
+    )
+    .await;
+    send_uni(&y, &bad_hello()).await;
+    eventually("both second hellos counted", || {
+        b.stats().frames_malformed == 3
+    })
+    .await;
+
+    // The connection keeps working both ways, under the same peer.
+    let mut stream = vec![StreamKind::Messages as u8];
+    stream
+        .extend_from_slice(&OutFrame::new(4, Bytes::from_static(b"still"), 1 << 20, 1).to_bytes());
+    send_uni(&y, &stream).await;
+    let m = next_message(&mut b_in).await;
+    assert_eq!(
+        (&m.body[..], m.channel, m.from.name.as_str()),
+        (&b"still"[..], 4, "y")
+    );
+    let peers = b.peers();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        (peers[0].name.as_str(), peers[0].addr),
+        ("y", ep_y.local_addr().unwrap())
+    );
+    within(b.send_datagram(&Dest::from(&peers[0]), b"back"))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(y.read_datagram()).await.unwrap(),
+        frame::encode_datagram(b"back")
+    );
+    assert!(y.close_reason().is_none());
+    let s = b.stats();
+    assert_eq!(s.handshakes_rejected, 1, "{s:?}");
+    assert_eq!(s.frames_malformed, 3, "{s:?}");
+    assert_eq!(s.connections_opened, 1, "{s:?}");
+    assert_eq!(s.connections_closed, 0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
