@@ -226,6 +226,12 @@ pub struct Handoff<W = Vec<u8>> {
     heard_epoch: u64,
     /// `Some(install_seq)` once this node is done with the view in force.
     done_seq: Option<u64>,
+    /// Nodes gone here (declared failed, the verdict since refuted) that
+    /// the view in force names again and that said done with this install:
+    /// a wait ends without a notice only once every such node did, as any
+    /// live node of the view (see [`Handoff::gone_in_view_missing`]).
+    /// Cleared at each install; at most the nodes of the view in force.
+    gone_in_view_done: BTreeSet<NodeId>,
     /// Waits that nobody alive can answer, blocked only on done markers.
     blocked_on_done: Vec<Datum>,
     /// Inside `install`: waits are settled once the parked notices of the
@@ -306,6 +312,7 @@ impl<W> Handoff<W> {
             heard_epoch: 0,
             done_seq: None,
             blocked_on_done: Vec::new(),
+            gone_in_view_done: BTreeSet::new(),
             installing: false,
             acquire_superseded: HashMap::default(),
         })

@@ -535,6 +535,75 @@ fn a_member_back_from_a_refuted_verdict_gets_the_done_markers() {
     assert!(!c.nodes[1].is_gone(&a));
 }
 
+/// Membership withdrew a failure verdict about c (c refuted it) after a
+/// had acted on it: c is gone for a but in the views again, and meanwhile
+/// took a datum from b under a view a never installed. When the view makes
+/// a the datum's primary, a must not take it on the others' done markers
+/// while c, still relinquishing it, has not said done: a gone node that the
+/// view in force names again owes its done marker like any live node
+/// (simulator, `link-flap` seed 904 at 16 nodes: two acting owners).
+#[test]
+fn a_member_back_from_a_refuted_verdict_is_waited_for_before_a_datum_is_taken() {
+    let mut c = Cluster::new(&["a", "b", "c", "d"], 0, 3);
+    let t1 = c.table_of(&[0, 1, 2]);
+    let t2 = c.table_of(&[2]);
+    let t3 = c.table_of(&[0, 1, 2, 3]);
+    let owner = |t: &PlacementTable, i: i64| t.owner_ids(i).next().cloned();
+    let x = (0..1_000)
+        .find(|&i| {
+            owner(&t1, i).as_ref() == Some(&c.ids[1])
+                && owner(&t2, i).as_ref() == Some(&c.ids[2])
+                && owner(&t3, i).as_ref() == Some(&c.ids[0])
+        })
+        .expect("some id moves b -> c -> a");
+    for n in 0..4 {
+        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), x);
+        c.nodes[n].register(d, c.now).unwrap();
+    }
+    c.settle();
+    assert_eq!(c.holders(x), vec![1]);
+    // b and c move x to c under a view a never installs.
+    c.nodes[1].install(Arc::clone(&t2), c.now);
+    c.nodes[2].install(Arc::clone(&t2), c.now);
+    settle_among(&mut c, &[1, 2]);
+    assert_eq!(c.holders(x), vec![2]);
+    // a acts on a failure verdict about c that membership then withdraws.
+    let cid = c.ids[2].clone();
+    c.nodes[0].peer_failed(&cid, c.now);
+    assert!(c.nodes[0].is_gone(&cid));
+    // Everyone installs t3 (a primary of x); c's relinquish of x does not
+    // complete yet.
+    c.install_all(&t3);
+    let mut held_job = None;
+    for _ in 0..50 {
+        for n in [0, 1, 3] {
+            c.run_jobs(n);
+        }
+        while let Some(job) = c.nodes[2].poll_job() {
+            if job.datum.id == x {
+                held_job = Some(job);
+            } else {
+                c.nodes[2].job_done(job, Ok(()), c.now);
+            }
+        }
+        for n in 0..4 {
+            while let Some(tx) = c.nodes[n].poll_transmit() {
+                c.deliver(n, &tx);
+            }
+        }
+    }
+    let job = held_job.expect("c relinquishes x");
+    let dx = c.datum(0, x);
+    assert!(
+        !c.nodes[0].is_held(dx) && c.nodes[0].counters().acquired_all_done == 0,
+        "a took x while c still held it"
+    );
+    // c's relinquish completes: its done marker lets a take x.
+    c.nodes[2].job_done(job, Ok(()), c.now);
+    c.settle();
+    assert_eq!(c.holders(x), vec![0]);
+}
+
 #[test]
 fn failed_owner_is_taken_over_once_the_others_are_done() {
     let mut c = Cluster::new(&["a", "b", "c"], 30, 3);

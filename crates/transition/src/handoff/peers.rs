@@ -217,6 +217,9 @@ impl<W> Handoff<W> {
     /// no view here (it is no previous owner) and announced nothing: the
     /// datum's token is with the previous owners, whose word the wait has.
     pub(super) fn missing_done(&self, fresh: bool, now: Instant) -> bool {
+        if self.gone_in_view_missing() {
+            return true;
+        }
         if fresh {
             return !self.peers.none_missing();
         }
@@ -347,6 +350,31 @@ impl<W> Handoff<W> {
         expected.retain(|n| !self.peers.is_gone(n));
         self.peers.reset_done(&expected);
         self.blocked_on_done.clear();
+        self.gone_in_view_done.clear();
+    }
+
+    /// Whether a node gone here that the view in force names again has not
+    /// said done with this install. Membership may withdraw a failure
+    /// verdict (the member refuted it at a higher incarnation) after this
+    /// node acted on it: the member is live and in the views again under
+    /// the same identity, and may hold datums it took meanwhile from nodes
+    /// that never saw the verdict. This node trusts no notice of it any
+    /// more, but waits for its done marker like any live node's before it
+    /// takes a datum without a notice. Not for a node a newer generation of
+    /// whose name is a member or in the view (its process ended): it says
+    /// nothing again, and the next view drops it.
+    pub(super) fn gone_in_view_missing(&self) -> bool {
+        let view = self.current.view();
+        view.nodes().iter().any(|n| {
+            *n != self.local
+                && self.peers.is_gone(n)
+                && !self.gone_in_view_done.contains(n)
+                && !view
+                    .nodes()
+                    .iter()
+                    .chain(self.peers.members())
+                    .any(|m| m.name == n.name && m.generation > n.generation)
+        })
     }
 
     /// Whether anything is left to relinquish (or acquire and then hand on)
@@ -528,6 +556,21 @@ impl<W> Handoff<W> {
             if emptied {
                 // It was a possible holder of the waits it appears in.
                 self.release_unheld_waits(now, true);
+            }
+            // Named by the view in force again: its done marker for this
+            // install is required (`gone_in_view_missing`); a later word
+            // of its replaces it.
+            let current = self.current.view_id();
+            if self.current.view().contains(from) {
+                let counted = view == current && done == Some(self.install_seq);
+                if counted {
+                    if self.gone_in_view_done.insert(from.clone()) && !self.missing_done(false, now)
+                    {
+                        self.release_unheld_waits(now, false);
+                    }
+                } else {
+                    self.gone_in_view_done.remove(from);
+                }
             }
             // Still in the view in force (a refuted verdict): its waits end
             // on the done markers, so it gets this node's, as a live node
