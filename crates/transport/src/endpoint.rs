@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -95,6 +95,18 @@ pub(crate) struct Inner {
     pub(crate) config: TransportConfig,
     pub(crate) stats: Stats,
     table: Mutex<Table>,
+    /// Numbers the connections in the order this endpoint first saw them
+    /// (see [`PeerConn::arrival`]). An accepted connection takes its number
+    /// in the accept loop, when quinn hands over the peer's first packet: one
+    /// loop, so in the order the peer's connection attempts arrived, before
+    /// any handshake or task scheduling can reorder them. A dialled one takes
+    /// it when the dial starts, just before quinn sends the first packet.
+    /// Both points precede everything the connection can carry, so a peer
+    /// that connects again (from another port, or after a restart) always
+    /// gets a larger number than its earlier connection however late that
+    /// one's admission ends; admission order (hello waits, a task starved of
+    /// CPU) cannot reorder them.
+    arrivals: AtomicU64,
     messages_tx: mpsc::Sender<Charged>,
     /// Messages on control channels, queued apart.
     control_tx: mpsc::Sender<Charged>,

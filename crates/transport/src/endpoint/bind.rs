@@ -165,6 +165,7 @@ impl Transport {
             client_any,
             stats: Stats::default(),
             table: Mutex::new(Table::default()),
+            arrivals: AtomicU64::new(0),
             messages_tx,
             control_tx,
             datagrams_tx,

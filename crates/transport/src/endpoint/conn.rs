@@ -25,6 +25,10 @@ pub(crate) struct PeerConn {
     pub(super) peer: Peer,
     pub(super) conn: quinn::Connection,
     pub(super) initiated_locally: bool,
+    /// When this endpoint first saw the connection, as a number from the
+    /// endpoint's [`Inner::arrivals`] (see there): of two connections of
+    /// one name, the one with the larger number is the newer and wins.
+    pub(super) arrival: u64,
     /// Where the connection is in its life: one value behind one lock,
     /// changed only by [`PeerConn::apply`] (see [`ConnState`]). A `watch`
     /// channel so that tasks can wait for a transition.

@@ -20,6 +20,8 @@ pub(super) async fn dial(inner: &Arc<Inner>, dest: &Dest) -> Result<Arc<PeerConn
         Some(name) => (inner.client_named.clone(), name.as_str()),
         None => (inner.client_any.clone(), ANY_NODE_SNI),
     };
+    // Numbered as the dial starts ([`Inner::arrivals`]).
+    let arrival = inner.arrivals.fetch_add(1, Ordering::Relaxed);
     let connecting = inner
         .endpoint
         .connect_with(config, addr, sni)
@@ -63,7 +65,7 @@ pub(super) async fn dial(inner: &Arc<Inner>, dest: &Dest) -> Result<Arc<PeerConn
             });
         }
     };
-    admit(inner, conn, Peer { name, addr }, true).await
+    admit(inner, conn, Peer { name, addr }, true, arrival).await
 }
 
 /// The verified name of the peer of an established connection, after
@@ -95,11 +97,14 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
             incoming.refuse();
             continue;
         }
-        tokio::spawn(accept_one(inner.clone(), incoming));
+        // Numbered here, in the one loop that sees the peers' connection
+        // attempts in the order they arrived ([`Inner::arrivals`]).
+        let arrival = inner.arrivals.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(accept_one(inner.clone(), incoming, arrival));
     }
 }
 
-pub(super) async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
+pub(super) async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming, arrival: u64) {
     let addr = canonical_addr(incoming.remote_address());
     let unknown = Dest::addr(addr);
     let connecting = match incoming.accept() {
@@ -135,7 +140,7 @@ pub(super) async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
             return;
         }
     };
-    if let Err(e) = admit(&inner, conn, Peer { name, addr }, false).await {
+    if let Err(e) = admit(&inner, conn, Peer { name, addr }, false, arrival).await {
         debug!(from = %addr, error = %e, "incoming connection not admitted");
     }
 }
@@ -155,11 +160,13 @@ pub(super) async fn admit(
     conn: quinn::Connection,
     peer: Peer,
     initiated_locally: bool,
+    arrival: u64,
 ) -> Result<Arc<PeerConn>, TransportError> {
     let pc = Arc::new(PeerConn {
         peer: peer.clone(),
         conn: conn.clone(),
         initiated_locally,
+        arrival,
         state: watch::channel(ConnState::Admitting).0,
         queue_tx: OnceLock::new(),
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
@@ -252,17 +259,27 @@ pub(super) async fn admit(
     Ok(pc)
 }
 
-/// Makes `pc` the connection used for its address, unless a live duplicate
-/// to the same process wins the tie-break. Duplicates from racing dials are
-/// resolved the same way on both sides: the connection dialed by the node
-/// with the smaller name is kept; the other is left to drain and close.
-/// One certificate name has one connection: connections of the same name
-/// at other addresses (a restarted process at a new port, or a peer
-/// dialing from many ports to multiply its per-connection windows and
-/// queues) are closed once `pc` is installed.
-pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
-    let mut close_old = None;
-    let mut same_name = Vec::new();
+/// Makes `pc` the connection used for its address and its name, unless a
+/// newer one wins. Connections are ordered by [`PeerConn::arrival`] (when
+/// this endpoint first saw them), never by when their admission ended: a
+/// connection's messages are delivered while it is still being admitted,
+/// so a late admission must not make an older connection look newer.
+///
+/// - One certificate name has one connection: when a connection of the
+///   same name is installed at another address (a restarted process at a
+///   new port, or a peer dialing from many ports to multiply its
+///   per-connection windows and queues), the older of the two is replaced,
+///   whichever of them is installed last: an older `pc` is not installed
+///   at all ([`replace_by_name`]).
+/// - At one address: duplicates from racing dials to the same process are
+///   resolved the same way on both sides, the connection dialed by the node
+///   with the smaller name is kept and the other is left to drain and
+///   close; otherwise (the peer, or we, connected again; or another node or
+///   a restarted process at that address) the newer one is kept, and an
+///   older one of another process is closed at once (that process is gone).
+pub(super) fn install(inner: &Arc<Inner>, pc: &Arc<PeerConn>) {
+    let mut close_now = None;
+    let mut by_name = Vec::new();
     {
         let mut table = lock(&inner.table);
         if inner.shut.load(Ordering::Relaxed) {
@@ -276,52 +293,65 @@ pub(super) fn install(inner: &Inner, pc: &Arc<PeerConn>) {
             return;
         }
         let addr = pc.peer.addr;
-        let keep_new = match table.conns.get(&addr) {
-            None => true,
-            Some(cur) if Arc::ptr_eq(cur, pc) => return,
-            Some(cur) if cur.is_closed() => true,
-            Some(cur) if cur.peer.name != pc.peer.name || cur.instance() != pc.instance() => {
-                // Another node, or the same node restarted: the old one is dead.
-                close_old = Some(cur.clone());
-                true
-            }
-            Some(cur) => {
-                if cur.initiated_locally == pc.initiated_locally {
-                    // Not a cross dial: the peer (or we) replaced it.
-                    true
-                } else {
+        let newer_elsewhere = table.conns.iter().find_map(|(a, c)| {
+            (*a != addr && c.peer.name == pc.peer.name && !c.is_closed() && c.arrival > pc.arrival)
+                .then_some(*a)
+        });
+        if let Some(newer) = newer_elsewhere {
+            by_name.push((pc.clone(), newer));
+        } else {
+            let keep_new = match table.conns.get(&addr) {
+                None => true,
+                Some(cur) if Arc::ptr_eq(cur, pc) => return,
+                Some(cur) if cur.is_closed() => true,
+                Some(cur) if cur.peer.name != pc.peer.name || cur.instance() != pc.instance() => {
+                    // Another node, or the same node restarted: the older
+                    // one's process is gone.
+                    let newer = cur.arrival < pc.arrival;
+                    close_now = Some(if newer { cur.clone() } else { pc.clone() });
+                    newer
+                }
+                Some(cur) if cur.initiated_locally != pc.initiated_locally => {
+                    // A cross dial: both sides keep the same one.
                     pc.initiator(&inner.me) < cur.initiator(&inner.me)
                 }
-            }
-        };
-        if keep_new {
-            if let Some(old) = table.conns.insert(addr, pc.clone()) {
-                let _ = old.apply(Event::Superseded);
-            }
-            let others: Vec<SocketAddr> = table
-                .conns
-                .iter()
-                .filter(|(a, c)| **a != addr && c.peer.name == pc.peer.name)
-                .map(|(a, _)| *a)
-                .collect();
-            for a in others {
-                if let Some(old) = table.conns.remove(&a) {
+                // Not a cross dial: the peer (or we) connected again.
+                Some(cur) => cur.arrival < pc.arrival,
+            };
+            if keep_new {
+                if let Some(old) = table.conns.insert(addr, pc.clone()) {
                     let _ = old.apply(Event::Superseded);
-                    same_name.push(old);
                 }
+                let others: Vec<SocketAddr> = table
+                    .conns
+                    .iter()
+                    .filter(|(a, c)| **a != addr && c.peer.name == pc.peer.name)
+                    .map(|(a, _)| *a)
+                    .collect();
+                for a in others {
+                    if let Some(old) = table.conns.remove(&a) {
+                        by_name.push((old, addr));
+                    }
+                }
+            } else if close_now.is_none() {
+                let _ = pc.apply(Event::Superseded);
             }
-        } else {
-            let _ = pc.apply(Event::Superseded);
         }
     }
-    if let Some(old) = close_old {
+    if let Some(old) = close_now {
         debug!(peer = %old.peer, "replacing the connection to a previous instance");
         old.close(code::SUPERSEDED, "replaced");
     }
-    for old in same_name {
-        Stats::inc(&inner.stats.connections_replaced_by_name);
-        warn!(peer = %old.peer, new_addr = %pc.peer.addr,
-            "a newer connection of this certificate name came from another address: the older one is closed");
-        old.close(code::SUPERSEDED, "replaced by another address");
+    for (old, newer) in by_name {
+        replace_by_name(inner, old, newer);
     }
+}
+
+/// Closes `old` at once, replaced by a newer connection of the same name
+/// at `newer` (another address).
+fn replace_by_name(inner: &Arc<Inner>, old: Arc<PeerConn>, newer: SocketAddr) {
+    Stats::inc(&inner.stats.connections_replaced_by_name);
+    warn!(peer = %old.peer, new_addr = %newer,
+        "a newer connection of this certificate name came from another address: the older one is closed");
+    old.close(code::SUPERSEDED, "replaced by another address");
 }
