@@ -49,6 +49,8 @@ mod lifecycle;
 mod receive;
 mod send;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use bind::*;
 pub(crate) use conn::BusyGuard;
@@ -83,6 +85,11 @@ struct Table {
     conns: HashMap<SocketAddr, Arc<PeerConn>>,
     /// Dials in progress, shared by everyone who needs the same address.
     dialing: HashMap<SocketAddr, watch::Receiver<DialResult>>,
+    /// Per name, the connection being closed gracefully because a newer one
+    /// of that name replaced it ([`install`]): at most one per name, so a
+    /// peer dialing from many ports holds at most two connections here.
+    /// Removed when it closes (the watchdog).
+    replacing: HashMap<NodeName, Arc<PeerConn>>,
 }
 
 pub(crate) struct Inner {
@@ -107,6 +114,10 @@ pub(crate) struct Inner {
     /// one's admission ends; admission order (hello waits, a task starved of
     /// CPU) cannot reorder them.
     arrivals: AtomicU64,
+    /// Tests only: the install of a connection from one of these addresses
+    /// waits until its gate opens, to drive installs out of order.
+    #[cfg(test)]
+    install_gates: Mutex<HashMap<SocketAddr, watch::Receiver<bool>>>,
     messages_tx: mpsc::Sender<Charged>,
     /// Messages on control channels, queued apart.
     control_tx: mpsc::Sender<Charged>,

@@ -1631,4 +1631,8 @@ async fn a_name_connecting_from_another_address_replaces_its_older_connection() 
     .await;
     assert_eq!(b.stats().connections_replaced_by_name, 1);
     assert_eq!(a2.open_connections(), 1);
+    // The older connection closed gracefully: nothing was lost.
+    for t in [&a1, &a2, &b] {
+        assert_eq!(t.stats().messages_lost, 0);
+    }
 }

@@ -166,6 +166,8 @@ impl Transport {
             stats: Stats::default(),
             table: Mutex::new(Table::default()),
             arrivals: AtomicU64::new(0),
+            #[cfg(test)]
+            install_gates: Mutex::default(),
             messages_tx,
             control_tx,
             datagrams_tx,

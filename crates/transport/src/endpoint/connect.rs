@@ -254,9 +254,21 @@ pub(super) async fn admit(
     }
     Stats::inc(&inner.stats.connections_opened);
     tokio::spawn(watchdog(inner.clone(), pc.clone()));
+    #[cfg(test)]
+    install_gate(inner, &pc).await;
     install(inner, &pc);
     debug!(peer = %peer, outgoing = initiated_locally, "connection admitted");
     Ok(pc)
+}
+
+/// Tests only: waits until the test opens the gate set for `pc`'s address
+/// ([`Inner::install_gates`]), if any.
+#[cfg(test)]
+async fn install_gate(inner: &Inner, pc: &PeerConn) {
+    let gate = lock(&inner.install_gates).get(&pc.peer.addr).cloned();
+    if let Some(mut gate) = gate {
+        let _ = gate.wait_for(|open| *open).await;
+    }
 }
 
 /// Makes `pc` the connection used for its address and its name, unless a
@@ -270,7 +282,8 @@ pub(super) async fn admit(
 ///   new port, or a peer dialing from many ports to multiply its
 ///   per-connection windows and queues), the older of the two is replaced,
 ///   whichever of them is installed last: an older `pc` is not installed
-///   at all ([`replace_by_name`]).
+///   at all. A replaced connection closes gracefully, so nothing it
+///   carries is lost ([`replace_by_name`]).
 /// - At one address: duplicates from racing dials to the same process are
 ///   resolved the same way on both sides, the connection dialed by the node
 ///   with the smaller name is kept and the other is left to drain and
@@ -280,6 +293,7 @@ pub(super) async fn admit(
 pub(super) fn install(inner: &Arc<Inner>, pc: &Arc<PeerConn>) {
     let mut close_now = None;
     let mut by_name = Vec::new();
+    let mut cut_short = Vec::new();
     {
         let mut table = lock(&inner.table);
         if inner.shut.load(Ordering::Relaxed) {
@@ -337,21 +351,52 @@ pub(super) fn install(inner: &Arc<Inner>, pc: &Arc<PeerConn>) {
                 let _ = pc.apply(Event::Superseded);
             }
         }
+        for (old, _) in &by_name {
+            // One graceful replacement per name at a time: one still under
+            // way is cut short.
+            if let Some(prev) = table.replacing.insert(old.peer.name.clone(), old.clone())
+                && !Arc::ptr_eq(&prev, old)
+                && !prev.is_closed()
+            {
+                cut_short.push(prev);
+            }
+        }
     }
     if let Some(old) = close_now {
         debug!(peer = %old.peer, "replacing the connection to a previous instance");
         old.close(code::SUPERSEDED, "replaced");
+    }
+    for old in cut_short {
+        warn!(peer = %old.peer,
+            "the name was replaced again while its previous connection was closing: that one is closed at once");
+        old.close(code::SUPERSEDED, REPLACED_AGAIN);
     }
     for (old, newer) in by_name {
         replace_by_name(inner, old, newer);
     }
 }
 
-/// Closes `old` at once, replaced by a newer connection of the same name
-/// at `newer` (another address).
+/// Close reason of a connection replaced by a newer one of its name.
+const REPLACED_BY_NAME: &str = "replaced by another address";
+/// Close reason of a connection whose graceful close after a replacement
+/// was cut short by a further replacement of its name.
+pub(super) const REPLACED_AGAIN: &str = "replaced again while closing";
+
+/// Closes `old`, replaced by a newer connection of the same name at
+/// `newer` (another address): gracefully ([`graceful_close`]), so what
+/// either side sent or queued on it is delivered (a send that picks it as
+/// it starts closing is moved to a new connection) rather than lost with an
+/// abrupt close. Only the most recent replacement of a name is graceful
+/// ([`install`] cuts an earlier one still under way short), which bounds
+/// what a peer dialing from many ports holds to two connections.
 fn replace_by_name(inner: &Arc<Inner>, old: Arc<PeerConn>, newer: SocketAddr) {
     Stats::inc(&inner.stats.connections_replaced_by_name);
     warn!(peer = %old.peer, new_addr = %newer,
         "a newer connection of this certificate name came from another address: the older one is closed");
-    old.close(code::SUPERSEDED, "replaced by another address");
+    tokio::spawn(graceful_close(
+        inner.clone(),
+        old,
+        code::SUPERSEDED,
+        REPLACED_BY_NAME,
+    ));
 }

@@ -129,7 +129,12 @@ pub(super) async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
         };
         if idle_ticks >= limit && pc.is_open() {
             debug!(peer = %pc.peer, "closing idle connection");
-            tokio::spawn(graceful_close(inner.clone(), pc.clone()));
+            tokio::spawn(graceful_close(
+                inner.clone(),
+                pc.clone(),
+                code::IDLE,
+                "idle",
+            ));
         }
     };
     pc.ended(reason.clone());
@@ -151,6 +156,13 @@ pub(super) fn remove_from_table(inner: &Inner, pc: &Arc<PeerConn>) {
         .is_some_and(|c| Arc::ptr_eq(c, pc))
     {
         table.conns.remove(&pc.peer.addr);
+    }
+    if table
+        .replacing
+        .get(&pc.peer.name)
+        .is_some_and(|c| Arc::ptr_eq(c, pc))
+    {
+        table.replacing.remove(&pc.peer.name);
     }
 }
 
@@ -203,9 +215,9 @@ pub(super) async fn send_control(pc: &PeerConn, kind: StreamKind) -> bool {
     }
 }
 
-/// Closes an idle or superseded connection without losing anything in
-/// flight: both sides stop sending, flush, and read everything the other
-/// sent before the connection closes.
+/// Closes an idle, superseded or replaced connection without losing
+/// anything in flight: both sides stop sending, flush, and read everything
+/// the other sent before the connection closes (with `code` and `reason`).
 ///
 /// 1. This side moves to [`ConnState::Closing`] and leaves the table (no
 ///    new sends), flushes, and sends `GoAway` with the number of message
@@ -214,7 +226,12 @@ pub(super) async fn send_control(pc: &PeerConn, kind: StreamKind) -> bool {
 ///    its own count ([`answer_goaway`]).
 /// 3. We read all its streams and close. Each step waits at most [`GRACE`]
 ///    (the wait for `Done` ends early if the connection closes).
-pub(super) async fn graceful_close(inner: Arc<Inner>, pc: Arc<PeerConn>) {
+pub(super) async fn graceful_close(
+    inner: Arc<Inner>,
+    pc: Arc<PeerConn>,
+    code: u32,
+    reason: &'static str,
+) {
     let (Ok(true), writer) = start_closing(&inner, &pc) else {
         return;
     };
@@ -231,7 +248,7 @@ pub(super) async fn graceful_close(inner: Arc<Inner>, pc: Arc<PeerConn>) {
             wait_until(|| pc.streams_finished.load(Ordering::SeqCst) >= peer_count).await;
         }
     }
-    pc.close(code::IDLE, "idle");
+    pc.close(code, reason);
 }
 
 /// The peer's side of [`graceful_close`].
