@@ -77,10 +77,10 @@ counters! {
     frames_timed_out,
     /// Connections closed because they had `max_refusals` frames refused.
     connections_closed_for_abuse,
-    /// Connections closed because a newer connection of the same
-    /// certificate name came from another address (one name, one
-    /// connection: a peer cannot multiply its per-connection share by
-    /// connecting from many ports).
+    /// Connections closed (gracefully) because a newer connection of the
+    /// same certificate name came from another address, whichever was
+    /// installed first (one name, one connection: a peer cannot multiply
+    /// its per-connection share by connecting from many ports).
     connections_replaced_by_name,
     /// Times a stream reader had to wait before reading a message's body
     /// because the inbound byte or count budget, or its sender's share of
