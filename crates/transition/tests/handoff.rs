@@ -2081,3 +2081,60 @@ fn a_silent_member_holds_a_failover_only_for_a_bounded_delay() {
         "a first owner waits for every live member"
     );
 }
+
+/// A member whose failure verdict was refuted is in the view in force
+/// again and acts: a node that holds the verdict trusts nothing it says,
+/// but still waits for it at a wait's deadline, as for any live possible
+/// holder. Here a installs the view 5 s after b and its relinquish runs
+/// until its deadline (12 s); b's wait deadline (10 s) is deferred until a
+/// timeout after a's announcement (15 s).
+#[test]
+fn a_wait_deadline_waits_for_a_holder_back_from_a_refuted_verdict() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    assert_eq!(c.holders(1), vec![0]);
+    let a = c.ids[0].clone();
+    c.nodes[1].peer_failed(&a, c.now);
+    assert!(c.nodes[1].is_gone(&a));
+    let t = c.table_of(&[0, 1]);
+    let d = c.datum(0, 1);
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    c.advance(Duration::from_secs(5));
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    let job = c.nodes[0].poll_job().expect("a relinquishes datum 1");
+    assert_eq!(job.datum, d);
+    for _ in 0..11 {
+        // Everything is delivered both ways; a's job never completes.
+        loop {
+            let mut any = false;
+            for n in 0..2 {
+                while let Some(tx) = c.nodes[n].poll_transmit() {
+                    any = true;
+                    c.deliver(n, &tx);
+                }
+            }
+            any |= c.run_jobs(1);
+            if !any {
+                break;
+            }
+        }
+        let a_acts = matches!(
+            c.nodes[0].state(d),
+            Some(DatumState::Held | DatumState::Relinquishing)
+        );
+        assert!(
+            !(a_acts && c.nodes[1].is_held(c.datum(1, 1))),
+            "b acquired while a still relinquishes, b's counters {:?}",
+            c.nodes[1].counters()
+        );
+        c.advance(Duration::from_secs(1));
+    }
+    // 5 + 10 s: a gave up at 12 s; b takes the datum.
+    c.run_jobs(1);
+    assert_eq!(c.holders(1), vec![1]);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 1);
+    assert!(c.nodes[1].counters().timeouts_deferred > 0);
+    assert!(
+        c.events(0)
+            .contains(&HandoffEvent::RelinquishAbandoned { datum: job.datum })
+    );
+}

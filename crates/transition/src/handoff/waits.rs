@@ -73,14 +73,22 @@ impl<W> Handoff<W> {
     /// relinquish. Its relinquish deadline (`relinquish_timeout` after its
     /// install, which precedes its announcement here) has passed once it
     /// announced the view in force `timeout` ago. Nodes failed out of the
-    /// view in force and gone nodes are not waited for here.
+    /// view in force and nodes that left are not waited for here; a member
+    /// back from a refuted failure verdict (failed here, named by the view
+    /// in force) is.
     pub(super) fn holder_may_act(&self, d: Datum, now: Instant) -> Option<Instant> {
         let current = self.current.view_id();
         let timeout = self.config.timeout;
         // When `node` stops holding the wait up (`now`: it does not).
         let settled_at = |node: &NodeId| {
-            let failed_out = self.peers.is_failed(node) && !self.current.view().contains(node);
-            if *node == self.local || failed_out || self.peers.is_gone(node) {
+            let failed = self.peers.is_failed(node);
+            let in_force = self.current.view().contains(node);
+            // A node that left is not waited for, nor one failed out of the
+            // view in force. One failed here whose verdict was refuted (the
+            // view in force names it again) is alive and may act: waited
+            // for, on its announcements, like any other.
+            let departed = self.peers.is_gone(node) && !(failed && in_force);
+            if *node == self.local || (failed && !in_force) || departed {
                 return now;
             }
             match self.peers.announced(node) {
