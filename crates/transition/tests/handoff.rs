@@ -2138,3 +2138,79 @@ fn a_wait_deadline_waits_for_a_holder_back_from_a_refuted_verdict() {
             .contains(&HandoffEvent::RelinquishAbandoned { datum: job.datum })
     );
 }
+
+/// A holder that never installs the view moving its datum, and says
+/// nothing, holds the new primary's wait past every deadline, also once
+/// the view in which it was primary is forgotten here (a past view is kept
+/// a `timeout` after it was left); its notice ends the wait once it
+/// installs the view. The driver calls `handle_timeout` every second.
+#[test]
+fn a_deferred_wait_outlives_the_holders_past_view() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    assert_eq!(c.holders(1), vec![0]);
+    let t = c.table_of(&[0, 1]);
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    while c.nodes[1].poll_transmit().is_some() {}
+    for s in 1..=60 {
+        c.advance(Duration::from_secs(1));
+        c.run_jobs(1);
+        while c.nodes[1].poll_transmit().is_some() {}
+        assert_eq!(c.holders(1), vec![0], "at {s} s: b acquired while a holds");
+    }
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    assert!(c.nodes[1].counters().timeouts_deferred >= 6);
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    c.settle();
+    assert_eq!(c.holders(1), vec![1]);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    let ev = c.events(1);
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, HandoffEvent::AcquiredWithoutNotice { .. })),
+        "{ev:?}"
+    );
+}
+
+/// The same holder, silent past its view being forgotten, announces the
+/// view in force without handing the datum over (its relinquish job never
+/// completes): the wait does not end before a's relinquish deadline (on
+/// a's done marker once it gave up, or a `timeout` after its announcement).
+#[test]
+fn a_deferred_wait_does_not_end_before_the_silent_holders_relinquish_deadline() {
+    let mut c = Cluster::new(&["a", "b"], 2, 1);
+    let t = c.table_of(&[0, 1]);
+    c.nodes[1].install(Arc::clone(&t), c.now);
+    while c.nodes[1].poll_transmit().is_some() {}
+    for _ in 0..30 {
+        c.advance(Duration::from_secs(1));
+        while c.nodes[1].poll_transmit().is_some() {}
+    }
+    c.nodes[0].install(Arc::clone(&t), c.now);
+    let job = c.nodes[0].poll_job().unwrap();
+    for s in 1..=10 {
+        loop {
+            let mut any = c.run_jobs(1);
+            for n in 0..2 {
+                while let Some(tx) = c.nodes[n].poll_transmit() {
+                    any = true;
+                    c.deliver(n, &tx);
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        let a_acts = c.nodes[0].state(job.datum) == Some(DatumState::Relinquishing);
+        assert!(
+            !(a_acts && c.nodes[1].is_held(c.datum(1, 1))),
+            "{s} s after a's announcement: b acquired while a relinquishes"
+        );
+        c.advance(Duration::from_secs(1));
+    }
+    c.run_jobs(1);
+    assert_eq!(c.holders(1), vec![1]);
+    assert!(
+        c.events(0)
+            .contains(&HandoffEvent::RelinquishAbandoned { datum: job.datum })
+    );
+}

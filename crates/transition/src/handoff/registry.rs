@@ -399,6 +399,7 @@ impl<W> Handoff<W> {
         }
         self.acquire_superseded.remove(&datum);
         self.returning.remove(&datum);
+        self.deferred.remove(&datum);
         if let Some(work) = self.held.remove(&datum) {
             self.held_total = self.held_total.saturating_sub(work.len());
             self.releases.push_back(Release {

@@ -267,6 +267,12 @@ impl<W> Handoff<W> {
         // at `again`.
         self.counters.timeouts_deferred += 1;
         debug!(node = %self.local, datum = %d, "wait deadline deferred: a holder may still act");
+        // The holders in the way are remembered past the recent views:
+        // the view in which one was primary may be forgotten here before it
+        // announces the view in force.
+        let mut holders = self.possible_holders(d);
+        holders.retain(|n| self.holder_settles_at(n, now) > now);
+        self.deferred.insert(d, (s.since, holders));
         s.flight = self.enter_cohort(d, now);
         self.registry.set(d, s);
         if again < now + self.config.timeout {
@@ -451,5 +457,13 @@ impl<W> Handoff<W> {
             current.view().contains(n) || history.iter().any(|p| p.table.view().contains(n))
         };
         self.peers.prune(now, timeout.saturating_mul(16), known);
+        if !self.deferred.is_empty() {
+            let registry = &self.registry;
+            self.deferred.retain(|d, (since, _)| {
+                registry
+                    .get(d)
+                    .is_some_and(|s| s.phase() == Phase::Awaiting && s.since == *since)
+            });
+        }
     }
 }

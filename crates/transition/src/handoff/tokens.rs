@@ -52,6 +52,9 @@ impl<W> Handoff<W> {
         if !self.returning.is_empty() {
             self.returning.remove(&d);
         }
+        if !self.deferred.is_empty() {
+            self.deferred.remove(&d);
+        }
         match primary {
             Primary::Me => {
                 self.acquire_queue.push_back(d);

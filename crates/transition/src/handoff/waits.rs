@@ -77,28 +77,44 @@ impl<W> Handoff<W> {
     /// back from a refuted failure verdict (failed here, named by the view
     /// in force) is.
     pub(super) fn holder_may_act(&self, d: Datum, now: Instant) -> Option<Instant> {
-        let current = self.current.view_id();
-        let timeout = self.config.timeout;
-        // When `node` stops holding the wait up (`now`: it does not).
-        let settled_at = |node: &NodeId| {
-            let failed = self.peers.is_failed(node);
-            let in_force = self.current.view().contains(node);
-            // A node that left is not waited for, nor one failed out of the
-            // view in force. One failed here whose verdict was refuted (the
-            // view in force names it again) is alive and may act: waited
-            // for, on its announcements, like any other.
-            let departed = self.peers.is_gone(node) && !(failed && in_force);
-            if *node == self.local || (failed && !in_force) || departed {
-                return now;
-            }
-            match self.peers.announced(node) {
-                Some(a) if a.view == current => (a.since + timeout).max(now),
-                // Not at the view in force as far as this node knows: look
-                // again after a whole timeout.
-                _ => now + timeout,
+        let again = self.possible_holders(d).iter().fold(now, |again, node| {
+            again.max(self.holder_settles_at(node, now))
+        });
+        (again > now).then_some(again)
+    }
+
+    /// When `node`, a possible holder of a datum this node waits for,
+    /// stops holding the wait's deadline up (`now`: it does not).
+    pub(super) fn holder_settles_at(&self, node: &NodeId, now: Instant) -> Instant {
+        let failed = self.peers.is_failed(node);
+        let in_force = self.current.view().contains(node);
+        // A node that left is not waited for, nor one failed out of the
+        // view in force. One failed here whose verdict was refuted (the
+        // view in force names it again) is alive and may act: waited for,
+        // on its announcements, like any other.
+        let departed = self.peers.is_gone(node) && !(failed && in_force);
+        if *node == self.local || (failed && !in_force) || departed {
+            return now;
+        }
+        match self.peers.announced(node) {
+            Some(a) if a.view == self.current.view_id() => (a.since + self.config.timeout).max(now),
+            // Not at the view in force as far as this node knows: look
+            // again after a whole timeout.
+            _ => now + self.config.timeout,
+        }
+    }
+
+    /// The nodes other than this one that may hold `d` while this node
+    /// waits for it: the primaries of the recent views (not failed out of
+    /// the view in force), the node this node's own token went to, and
+    /// those that deferred this wait's deadline before (`deferred`).
+    pub(super) fn possible_holders(&self, d: Datum) -> Vec<NodeId> {
+        let mut holders: Vec<NodeId> = Vec::new();
+        let mut add = |node: &NodeId| {
+            if !holders.contains(node) {
+                holders.push(node.clone());
             }
         };
-        let mut again = now;
         for past in &self.history {
             let Some(p) = past
                 .table
@@ -116,12 +132,17 @@ impl<W> Handoff<W> {
             {
                 continue;
             }
-            again = again.max(settled_at(node));
+            add(node);
         }
         if let Some(Some(at)) = self.returning.get(&d) {
-            again = again.max(settled_at(at));
+            add(at);
         }
-        (again > now).then_some(again)
+        if let Some((since, nodes)) = self.deferred.get(&d)
+            && self.registry.get(&d).is_some_and(|s| s.since == *since)
+        {
+            nodes.iter().for_each(&mut add);
+        }
+        holders
     }
 
     /// This node became primary of a datum it does not hold.
