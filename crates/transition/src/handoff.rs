@@ -195,16 +195,18 @@ pub struct Handoff<W = Vec<u8>> {
     /// [`Handoff::token_left`]. At most one entry per registered datum.
     returning: HashMap<Datum, Option<NodeId>, DetState>,
     /// Waits whose deadline was deferred ([`Handoff::wait_deadline`]), by
-    /// datum: the wait's `since` and the possible holders that held it up
-    /// at its last deferral. A holder stays one after its past view is
-    /// forgotten (`history` keeps a view only `timeout` after it was left),
-    /// until it announced the view in force `timeout` before, is failed out
-    /// or left (see [`Handoff::holder_may_act`]). At most one entry per
-    /// registered datum, each of distinct nodes of the views installed here
-    /// (the primaries of the recent views and the node a token went to);
-    /// an entry whose wait ended is dropped when the datum is taken or
-    /// unregistered, or by `prune`.
-    deferred: HashMap<Datum, (u64, Vec<NodeId>), DetState>,
+    /// datum: the possible holders that held it up at its last deferral.
+    /// A holder stays one after its past view is forgotten (`history`
+    /// keeps a view only `timeout` after it was left), until it announced
+    /// the view in force `timeout` before, is failed out or left (see
+    /// [`Handoff::holder_may_act`]), also while this node relays the datum
+    /// and when it waits for it again. At most one entry per registered
+    /// datum, each of distinct nodes of the views installed here (the
+    /// primaries of the recent views and the node a token went to); an
+    /// entry is dropped when a token for the datum arrives here or it is
+    /// unregistered, or by `prune` once the datum is neither awaited nor
+    /// relayed here.
+    deferred: HashMap<Datum, Vec<NodeId>, DetState>,
     next_retry: u64,
     timers: BinaryHeap<Reverse<Timer>>,
     timer_seq: u64,

@@ -272,7 +272,7 @@ impl<W> Handoff<W> {
         // announces the view in force.
         let mut holders = self.possible_holders(d);
         holders.retain(|n| self.holder_settles_at(n, now) > now);
-        self.deferred.insert(d, (s.since, holders));
+        self.deferred.insert(d, holders);
         s.flight = self.enter_cohort(d, now);
         self.registry.set(d, s);
         if again < now + self.config.timeout {
@@ -459,10 +459,12 @@ impl<W> Handoff<W> {
         self.peers.prune(now, timeout.saturating_mul(16), known);
         if !self.deferred.is_empty() {
             let registry = &self.registry;
-            self.deferred.retain(|d, (since, _)| {
+            // Kept while this node waits for the datum or relays it (it
+            // may wait for it again, and the holder may still hold it).
+            self.deferred.retain(|d, _| {
                 registry
                     .get(d)
-                    .is_some_and(|s| s.phase() == Phase::Awaiting && s.since == *since)
+                    .is_some_and(|s| matches!(s.phase(), Phase::Awaiting | Phase::Relay))
             });
         }
     }

@@ -107,7 +107,8 @@ impl<W> Handoff<W> {
     /// The nodes other than this one that may hold `d` while this node
     /// waits for it: the primaries of the recent views (not failed out of
     /// the view in force), the node this node's own token went to, and
-    /// those that deferred this wait's deadline before (`deferred`).
+    /// those that deferred the deadline of a wait for it before and may
+    /// still hold it (`deferred`).
     pub(super) fn possible_holders(&self, d: Datum) -> Vec<NodeId> {
         let mut holders: Vec<NodeId> = Vec::new();
         let mut add = |node: &NodeId| {
@@ -137,9 +138,7 @@ impl<W> Handoff<W> {
         if let Some(Some(at)) = self.returning.get(&d) {
             add(at);
         }
-        if let Some((since, nodes)) = self.deferred.get(&d)
-            && self.registry.get(&d).is_some_and(|s| s.since == *since)
-        {
+        if let Some(nodes) = self.deferred.get(&d) {
             nodes.iter().for_each(&mut add);
         }
         holders
