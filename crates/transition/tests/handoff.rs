@@ -2280,3 +2280,70 @@ fn a_deferred_wait_keeps_its_silent_holder_through_a_relay() {
     step(&mut c, 60);
     assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
 }
+
+/// As `a_deferred_wait_keeps_its_silent_holder_through_a_relay`, but b
+/// relays the datum longer than `timeout` (its relay ends), and c, primary
+/// of the view in between, begins waiting only after it forgot the view in
+/// which a was primary: neither may take the datum at a deadline while a,
+/// a node of the view in force last heard at a view they forgot, is silent.
+#[test]
+fn a_wait_deadline_waits_for_a_silent_node_last_heard_at_a_forgotten_view() {
+    let mut c = Cluster::new(&["a", "b", "c"], 0, 1);
+    let t0 = c.table_of(&[0]);
+    let t1 = c.table_of(&[0, 1]);
+    let t2 = c.table_of(&[0, 1, 2]);
+    let id = (0..1_000)
+        .find(|&i| {
+            t0.owner_ids(i).next() == Some(&c.ids[0])
+                && t1.owner_ids(i).next() == Some(&c.ids[1])
+                && t2.owner_ids(i).next() == Some(&c.ids[2])
+        })
+        .unwrap();
+    for n in 0..3 {
+        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), id);
+        c.nodes[n].register(d, c.now).unwrap();
+    }
+    c.settle();
+    assert_eq!(c.holders(id), vec![0]);
+    // b and c hear each other; a hears nothing and says nothing.
+    fn exchange(c: &mut Cluster) {
+        loop {
+            let mut any = c.run_jobs(1) | c.run_jobs(2);
+            for n in 1..3 {
+                while let Some(tx) = c.nodes[n].poll_transmit() {
+                    any = true;
+                    if tx.to != c.ids[0] {
+                        c.deliver(n, &tx);
+                    }
+                }
+            }
+            while c.nodes[0].poll_transmit().is_some() {}
+            if !any {
+                break;
+            }
+        }
+    }
+    let step = |c: &mut Cluster, secs: u64| {
+        for s in 0..secs {
+            c.advance(Duration::from_secs(1));
+            exchange(c);
+            assert_eq!(c.holders(id), vec![0], "{s} s into a step: a still holds");
+        }
+    };
+    for n in 1..3 {
+        c.nodes[n].install(Arc::clone(&t1), c.now);
+    }
+    exchange(&mut c);
+    step(&mut c, 30);
+    for n in 1..3 {
+        c.nodes[n].install(Arc::clone(&t2), c.now);
+    }
+    exchange(&mut c);
+    step(&mut c, 15);
+    for n in 1..3 {
+        c.nodes[n].install(Arc::clone(&t1), c.now);
+    }
+    exchange(&mut c);
+    step(&mut c, 60);
+    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+}

@@ -106,9 +106,11 @@ impl<W> Handoff<W> {
 
     /// The nodes other than this one that may hold `d` while this node
     /// waits for it: the primaries of the recent views (not failed out of
-    /// the view in force), the node this node's own token went to, and
-    /// those that deferred the deadline of a wait for it before and may
-    /// still hold it (`deferred`).
+    /// the view in force), the node this node's own token went to, the
+    /// nodes of the view in force and live members last heard at a view
+    /// this node no longer remembers (or never heard), and those that
+    /// deferred the deadline of a wait for it before and may still hold it
+    /// (`deferred`).
     pub(super) fn possible_holders(&self, d: Datum) -> Vec<NodeId> {
         let mut holders: Vec<NodeId> = Vec::new();
         let mut add = |node: &NodeId| {
@@ -137,6 +139,28 @@ impl<W> Handoff<W> {
         }
         if let Some(Some(at)) = self.returning.get(&d) {
             add(at);
+        }
+        // A node whose latest announcement heard here is of a view this
+        // node no longer remembers (or that never announced anything) may
+        // still be at a view in which it is the primary.
+        let remembered = |v: ViewId| {
+            v == self.current.view_id() || self.history.iter().any(|p| p.table.view_id() == v)
+        };
+        for node in self
+            .current
+            .view()
+            .nodes()
+            .iter()
+            .chain(self.peers.members())
+        {
+            if *node != self.local
+                && !self
+                    .peers
+                    .announced(node)
+                    .is_some_and(|a| remembered(a.view))
+            {
+                add(node);
+            }
         }
         if let Some(nodes) = self.deferred.get(&d) {
             nodes.iter().for_each(&mut add);
