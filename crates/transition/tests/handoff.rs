@@ -2215,12 +2215,13 @@ fn a_deferred_wait_does_not_end_before_the_silent_holders_relinquish_deadline() 
     );
 }
 
-/// As `a_deferred_wait_outlives_the_holders_past_view`, but the new
-/// primary b relays the datum for a while (a view makes c its primary) and
-/// becomes its primary again (the view before recurs): a, still silent,
-/// still holds it, and the wait that begins then waits for it too.
-#[test]
-fn a_deferred_wait_keeps_its_silent_holder_through_a_relay() {
+/// a holds a datum and stays silent (hears nothing, says nothing) while b
+/// and c, hearing each other, install t1 = {a, b} (b primary) for 30 s,
+/// then t2 = {a, b, c} (c primary) for `between` seconds, then t1 again
+/// for 60 s. At every second a must be the datum's only holder: no deadline
+/// of b or c may take it while a, last heard at a view they may have
+/// forgotten, is silent.
+fn a_silent_holder_keeps_its_datum_through(between: u64) {
     let mut c = Cluster::new(&["a", "b", "c"], 0, 1);
     let t0 = c.table_of(&[0]);
     let t1 = c.table_of(&[0, 1]);
@@ -2263,22 +2264,23 @@ fn a_deferred_wait_keeps_its_silent_holder_through_a_relay() {
             assert_eq!(c.holders(id), vec![0], "{s} s into a step: a still holds");
         }
     };
-    for n in 1..3 {
-        c.nodes[n].install(Arc::clone(&t1), c.now);
+    for (table, secs) in [(&t1, 30), (&t2, between), (&t1, 60)] {
+        for n in 1..3 {
+            c.nodes[n].install(Arc::clone(table), c.now);
+        }
+        exchange(&mut c);
+        step(&mut c, secs);
     }
-    exchange(&mut c);
-    step(&mut c, 30);
-    for n in 1..3 {
-        c.nodes[n].install(Arc::clone(&t2), c.now);
-    }
-    exchange(&mut c);
-    step(&mut c, 1);
-    for n in 1..3 {
-        c.nodes[n].install(Arc::clone(&t1), c.now);
-    }
-    exchange(&mut c);
-    step(&mut c, 60);
     assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+}
+
+/// As `a_deferred_wait_outlives_the_holders_past_view`, but the new
+/// primary b relays the datum for a while (a view makes c its primary) and
+/// becomes its primary again (the view before recurs): a, still silent,
+/// still holds it, and the wait that begins then waits for it too.
+#[test]
+fn a_deferred_wait_keeps_its_silent_holder_through_a_relay() {
+    a_silent_holder_keeps_its_datum_through(1);
 }
 
 /// As `a_deferred_wait_keeps_its_silent_holder_through_a_relay`, but b
@@ -2288,62 +2290,5 @@ fn a_deferred_wait_keeps_its_silent_holder_through_a_relay() {
 /// a node of the view in force last heard at a view they forgot, is silent.
 #[test]
 fn a_wait_deadline_waits_for_a_silent_node_last_heard_at_a_forgotten_view() {
-    let mut c = Cluster::new(&["a", "b", "c"], 0, 1);
-    let t0 = c.table_of(&[0]);
-    let t1 = c.table_of(&[0, 1]);
-    let t2 = c.table_of(&[0, 1, 2]);
-    let id = (0..1_000)
-        .find(|&i| {
-            t0.owner_ids(i).next() == Some(&c.ids[0])
-                && t1.owner_ids(i).next() == Some(&c.ids[1])
-                && t2.owner_ids(i).next() == Some(&c.ids[2])
-        })
-        .unwrap();
-    for n in 0..3 {
-        let d = Datum::new(c.nodes[n].lookup_type("series").unwrap(), id);
-        c.nodes[n].register(d, c.now).unwrap();
-    }
-    c.settle();
-    assert_eq!(c.holders(id), vec![0]);
-    // b and c hear each other; a hears nothing and says nothing.
-    fn exchange(c: &mut Cluster) {
-        loop {
-            let mut any = c.run_jobs(1) | c.run_jobs(2);
-            for n in 1..3 {
-                while let Some(tx) = c.nodes[n].poll_transmit() {
-                    any = true;
-                    if tx.to != c.ids[0] {
-                        c.deliver(n, &tx);
-                    }
-                }
-            }
-            while c.nodes[0].poll_transmit().is_some() {}
-            if !any {
-                break;
-            }
-        }
-    }
-    let step = |c: &mut Cluster, secs: u64| {
-        for s in 0..secs {
-            c.advance(Duration::from_secs(1));
-            exchange(c);
-            assert_eq!(c.holders(id), vec![0], "{s} s into a step: a still holds");
-        }
-    };
-    for n in 1..3 {
-        c.nodes[n].install(Arc::clone(&t1), c.now);
-    }
-    exchange(&mut c);
-    step(&mut c, 30);
-    for n in 1..3 {
-        c.nodes[n].install(Arc::clone(&t2), c.now);
-    }
-    exchange(&mut c);
-    step(&mut c, 15);
-    for n in 1..3 {
-        c.nodes[n].install(Arc::clone(&t1), c.now);
-    }
-    exchange(&mut c);
-    step(&mut c, 60);
-    assert_eq!(c.nodes[1].counters().acquired_after_timeout, 0);
+    a_silent_holder_keeps_its_datum_through(15);
 }

@@ -1242,13 +1242,20 @@ async fn a_flood_of_compressible_frames_is_held_to_its_share() {
     assert!(b.inbound_bytes_charged_by(&x) <= share);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unread_messages_push_back_by_bytes_and_lose_nothing() {
-    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+/// The byte-budget tests' configuration: messages up to 1 MiB, an inbound
+/// budget of 3 MiB (1.5 MiB per peer with two peers), 256 KiB of send queue.
+fn budget_config() -> TransportConfig {
     let mut cfg = TransportConfig::default();
     cfg.max_message_size = 1 << 20;
     cfg.inbound_bytes = 3 << 20; // 1.5 MiB per peer
     cfg.send_queue_bytes = 256 * 1024;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_messages_push_back_by_bytes_and_lose_nothing() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let cfg = budget_config();
     let (a, _a_in) = start(&ids[0], cfg.clone());
     let (b, mut b_in) = start(&ids[1], cfg);
     let to_b = dest_of(&b);
@@ -1338,10 +1345,7 @@ fn hold_everything(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_held_past_recv_keep_their_budget_until_dropped() {
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
-    let mut cfg = TransportConfig::default();
-    cfg.max_message_size = 1 << 20;
-    cfg.inbound_bytes = 3 << 20; // 1.5 MiB per peer
-    cfg.send_queue_bytes = 256 * 1024;
+    let cfg = budget_config();
     let (a, _a_in) = start(&ids[0], cfg.clone());
     let (b, b_in) = start(&ids[1], cfg);
     let to_b = dest_of(&b);
@@ -1395,10 +1399,7 @@ async fn bodies_held_past_recv_keep_their_budget_until_dropped() {
 async fn control_channels_get_through_a_full_data_share() {
     const CONTROL: u32 = 9;
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
-    let mut cfg = TransportConfig::default();
-    cfg.max_message_size = 1 << 20;
-    cfg.inbound_bytes = 3 << 20; // 1.5 MiB per peer
-    cfg.send_queue_bytes = 256 * 1024;
+    let mut cfg = budget_config();
     cfg.control_channels = vec![CONTROL];
     cfg.control_bytes = 4 << 20;
     let (a, _a_in) = start(&ids[0], cfg.clone());

@@ -314,6 +314,11 @@ impl Peers {
 
     // ----- departures ------------------------------------------------------
 
+    /// Whether any departure is remembered (a cheap test before a walk).
+    pub(super) fn any_gone(&self) -> bool {
+        self.counts.gone > 0
+    }
+
     /// Whether `node` is gone (left or declared failed), as remembered.
     pub(super) fn is_gone(&self, node: &NodeId) -> bool {
         self.by_node.get(node).is_some_and(|p| p.gone.is_some())
