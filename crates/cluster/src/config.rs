@@ -150,8 +150,9 @@ pub enum TlsConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Timing {
-    /// One data centre: probe every 200 ms, a crashed node is detected in
-    /// about 1.5–2 s.
+    /// One data centre: probe every 100 ms, a crashed node is declared dead
+    /// about 1.1–1.6 s after the crash (16 nodes), its datums taken over
+    /// about 0.25 s after that (the lease's takeover delay).
     #[default]
     Lan,
     /// Regions apart: probe every 5 s.

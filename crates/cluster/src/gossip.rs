@@ -1,7 +1,7 @@
 //! The membership task: one per node, it owns the SWIM state machine and
 //! nothing else, so probes are answered on time whatever the driver is busy
 //! with (installing a view over a million datums takes the driver a few
-//! hundred milliseconds; a probe timeout on the `lan` profile is 100 ms).
+//! hundred milliseconds; a probe timeout on the `lan` profile is 50 ms).
 //!
 //! It reads membership datagrams and reliable membership messages, runs the
 //! state machine's timers, sends its packets through its own bounded per-peer

@@ -17,8 +17,9 @@ use crate::{Error, LeaseStrategy};
 ///   probe_interval`, `max = suspicion_max_mult × min`, shrinking from `max`
 ///   to `min` as independent members confirm the suspicion;
 /// - a failed member is first probed after about one `probe_interval`, the
-///   probe fails one `probe_interval` later, and the "dead" verdict then takes
-///   a few gossip rounds to reach everyone;
+///   probe fails one `probe_interval` later, and the suspicion and then the
+///   "dead" verdict take a few network hops to reach everyone (news is
+///   gossiped at once);
 /// - each update is piggybacked `retransmit_mult × ceil(log10(N + 1))` times.
 ///
 /// [`Membership::new`]: crate::Membership::new
@@ -109,11 +110,12 @@ pub struct Config {
     pub lease: LeaseStrategy,
     /// How long an acknowledged ping keeps the lease fresh, from its send
     /// time. Long enough that a healthy node's witness pings and probes
-    /// renew it even on a lossy network (5 probe intervals on `lan`: each
+    /// renew it even on a lossy network (10 probe intervals on `lan`: each
     /// witness is pinged every half period and a lost ping retried at the
     /// next round); short, because [`takeover_delay`](Self::takeover_delay)
-    /// grows with it. [`LeaseStrategy::Majority`] needs at least 10 probe
-    /// intervals ([`validate`](Self::validate) refuses less).
+    /// grows with it. [`LeaseStrategy::Majority`] needs at least
+    /// `2 × suspicion_mult × probe_interval`, 1.6 s on `lan`
+    /// ([`validate`](Self::validate) refuses less).
     pub lease_period: Duration,
     /// The largest rate difference between two nodes' clocks, in percent:
     /// a lease of `lease_period` on a node whose clock runs slow lasts up to
@@ -130,9 +132,13 @@ pub struct Config {
     pub max_members: usize,
 }
 
-/// The shortest `lease_period`, in probe intervals, that
-/// [`LeaseStrategy::Majority`] is safe with (2 s on `lan`).
-const MAJORITY_LEASE_PROBES: u32 = 10;
+/// The shortest `lease_period` [`LeaseStrategy::Majority`] is accepted
+/// with, in units of `suspicion_mult × probe_interval` (the minimal
+/// suspicion timeout of a small cluster, the time scale on which a cut-off
+/// minority suspects the other side): 1.6 s on `lan`. With 200 ms probes and
+/// multiplier 4 the simulator found a 1 s lease unsafe (5–20 % of 16-node
+/// partitions) and 2 s safe.
+const MAJORITY_LEASE_SUSPICIONS: u32 = 2;
 
 impl Default for Config {
     fn default() -> Self {
@@ -142,23 +148,33 @@ impl Default for Config {
 
 impl Config {
     /// The default profile, for one data centre (round trips under a few
-    /// milliseconds): probe every 200 ms with a 100 ms ack timeout,
-    /// suspicion multiplier 4, 3 indirect probes, retransmit multiplier 4,
-    /// gossip to 3 members every 200 ms, push-pull every 15 s (as the seed;
-    /// memberlist: 30 s), a dead member pinged every second.
+    /// milliseconds): probe every 100 ms with a 50 ms ack timeout,
+    /// suspicion multiplier 8 (a minimal suspicion timeout of 0.96 s at 16
+    /// members), 3 indirect probes, retransmit multiplier 4, gossip to 3
+    /// members every 200 ms (news at once, at most every 50 ms), push-pull
+    /// every 15 s (as the seed; memberlist: 30 s), a dead member pinged every
+    /// second.
     ///
-    /// It probes five times as often as memberlist's LAN profile (1 s), so a
-    /// crashed member of 16 is marked dead by everyone in about 1.5–2 s
-    /// (memberlist: about 6 s). Probe traffic is about 0.5 kB/s per node,
-    /// gossip at most `3 × 1,150 B / 200 ms ≈ 17 kB/s` and only while updates
-    /// are queued. A node that stops answering for about one second (the
-    /// minimal suspicion timeout at 16 members) is declared dead: use `wan`
-    /// if pauses that long are normal.
+    /// It probes ten times as often as memberlist's LAN profile (1 s), so a
+    /// crashed member of 16 is suspected about 0.1–0.5 s after the crash and
+    /// marked dead by everyone about 1 s later (memberlist: about 6 s in
+    /// all). The suspicion timeout is the one a 200 ms probe interval with
+    /// multiplier 4 gives: probing twice as often as that only shortens the
+    /// wait for the first probe of a crashed member (SWIM's first probe of a
+    /// given member comes after an exponentially distributed wait, mean
+    /// about one probe interval; its tail was most of the spread of
+    /// failover times). Probe traffic is about 1 kB/s per node, gossip at
+    /// most `3 × 1,150 B / 200 ms ≈ 17 kB/s` and only while updates are
+    /// queued (up to four times that while news keeps arriving: a new
+    /// update brings the next round forward to 50 ms after the last). A
+    /// node that stops answering for about one second (the minimal
+    /// suspicion timeout at 16 members) is declared dead: use `wan` if
+    /// pauses that long are normal.
     pub fn lan() -> Config {
         Config {
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(100),
-            suspicion_mult: 4,
+            probe_interval: Duration::from_millis(100),
+            probe_timeout: Duration::from_millis(50),
+            suspicion_mult: 8,
             suspicion_max_mult: 6,
             indirect_checks: 3,
             retransmit_mult: 4,
@@ -218,6 +234,7 @@ impl Config {
         Config {
             probe_interval: Duration::from_millis(100),
             probe_timeout: Duration::from_millis(50),
+            suspicion_mult: 4,
             gossip_interval: Duration::from_millis(50),
             push_pull_interval: Duration::from_secs(10),
             gossip_to_dead: Duration::from_secs(15),
@@ -342,14 +359,18 @@ impl Config {
             return bad("lease_period must exceed probe_interval (probes renew the lease)");
         }
         if self.lease == LeaseStrategy::Majority
-            && self.lease_period < self.probe_interval.saturating_mul(MAJORITY_LEASE_PROBES)
+            && self.lease_period
+                < self
+                    .probe_interval
+                    .saturating_mul(self.suspicion_mult)
+                    .saturating_mul(MAJORITY_LEASE_SUSPICIONS)
         {
             // The view-majority rule decides from suspicions: with a shorter
             // lease a minority node has not suspected enough of the other
             // side before the majority takes its datums (the simulator found
             // 5-20 % of 16-node partitions unsafe at 5 probe intervals).
             return bad(
-                "LeaseStrategy::Majority needs lease_period of at least 10 probe intervals",
+                "LeaseStrategy::Majority needs lease_period of at least 2 × suspicion_mult × probe_interval",
             );
         }
         if self.max_queued_transmits == 0 || self.max_queued_events == 0 {
@@ -396,7 +417,7 @@ mod tests {
 
     #[test]
     fn the_view_majority_rule_needs_a_longer_lease_than_lan_gives() {
-        // `lan` leases last 5 probe intervals, enough for the witness rule
+        // `lan` leases last 10 probe intervals, enough for the witness rule
         // but not for the view-majority rule, which must not be chosen
         // with it silently.
         let majority = Config {

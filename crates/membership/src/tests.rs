@@ -40,8 +40,21 @@ fn node_with(config: Config, name: &str, port: u16, now: Instant) -> Node {
     .unwrap()
 }
 
+/// The timings these tests compute their figures for: `Config::lan()` with a
+/// 200 ms probe interval, a 100 ms probe timeout and suspicion multiplier 4
+/// (the `lan` profile until it probed every 100 ms). The tests check the
+/// protocol's mechanics, not the default profile's values.
+fn timing() -> Config {
+    Config {
+        probe_interval: Duration::from_millis(200),
+        probe_timeout: Duration::from_millis(100),
+        suspicion_mult: 4,
+        ..Config::lan()
+    }
+}
+
 fn node(now: Instant) -> Node {
-    node_with(Config::lan(), "me", 1, now)
+    node_with(timing(), "me", 1, now)
 }
 
 fn packet(msgs: &[Message<'_>]) -> Vec<u8> {
@@ -685,6 +698,62 @@ fn updates_are_retransmitted_up_to_the_limit() {
     assert_eq!(n.pending_broadcasts(), 0);
 }
 
+/// When the first packet carrying a suspicion of `name` leaves `n`, after
+/// `at`, driven in 1 ms steps for up to `within`.
+fn first_gossip_of_suspicion(
+    n: &mut Node,
+    name: &str,
+    at: Instant,
+    within: Duration,
+) -> Option<Duration> {
+    let mut t = at;
+    while t - at <= within {
+        n.handle_timeout(t);
+        let transmits = drain_transmits(n);
+        if sent_messages(&transmits)
+            .iter()
+            .any(|m| matches!(m, Message::Suspect(s) if s.name == name))
+        {
+            return Some(t - at);
+        }
+        t += Duration::from_millis(1);
+    }
+    None
+}
+
+#[test]
+fn news_goes_out_without_waiting_for_the_gossip_interval() {
+    let now = Instant::now();
+    let mut n = node_knowing(15, now);
+    // Drain the joins' broadcasts, then gossip once more so a round has
+    // just gone out.
+    let mut t = now;
+    for _ in 0..400 {
+        t += Duration::from_millis(10);
+        n.handle_timeout(t);
+        drain_transmits(&mut n);
+        if n.pending_broadcasts() == 0 {
+            break;
+        }
+    }
+    assert_eq!(n.pending_broadcasts(), 0);
+    // A suspicion heard right after a round: relayed at the news gap
+    // (200 ms / 4 = 50 ms after that round), not at the next periodic round
+    // 200 ms later.
+    deliver(&mut n, &[suspect("m3", 1, 1, "m7")], t);
+    let took = first_gossip_of_suspicion(&mut n, "m3", t, Duration::from_secs(1));
+    let took = took.expect("the suspicion was never gossiped");
+    assert!(took <= Duration::from_millis(50), "{took:?}");
+    // Once the news is out, rounds are periodic again: a second suspicion
+    // heard at once waits for the news gap after that round, so rounds go
+    // out at most four times per gossip interval.
+    let round = t + took;
+    deliver(&mut n, &[suspect("m4", 1, 1, "m7")], round);
+    let took = first_gossip_of_suspicion(&mut n, "m4", round, Duration::from_secs(1));
+    let took = took.expect("the second suspicion was never gossiped");
+    assert_eq!(took, Duration::from_millis(50));
+}
+
 #[test]
 fn packets_stay_within_the_size_bound_with_many_updates_queued() {
     let now = Instant::now();
@@ -716,7 +785,7 @@ fn packets_stay_within_the_size_bound_with_many_updates_queued() {
                 assert!(transmit.payload.len() <= 1150, "{}", transmit.payload.len());
                 sent += 1;
             } else {
-                assert!(transmit.payload.len() <= Config::lan().max_state_size);
+                assert!(transmit.payload.len() <= timing().max_state_size);
             }
         }
     }
@@ -767,9 +836,9 @@ fn metadata_over_the_limit_is_an_error_and_changes_nothing() {
     // Construction refuses too.
     let mut big = local("a", 3);
     big.metadata = vec![0; 600];
-    let r = Membership::new(Config::lan(), big, SmallRng::seed_from_u64(1), now);
+    let r = Membership::new(timing(), big, SmallRng::seed_from_u64(1), now);
     assert!(matches!(r, Err(Error::MetadataTooLarge { len: 600, .. })));
-    let r = Membership::new(Config::lan(), local("", 3), SmallRng::seed_from_u64(1), now);
+    let r = Membership::new(timing(), local("", 3), SmallRng::seed_from_u64(1), now);
     assert!(matches!(r, Err(Error::InvalidName { len: 0, .. })));
 }
 
@@ -828,7 +897,7 @@ fn event_queue_is_bounded() {
     let config = Config {
         max_queued_events: 4,
         view_events: false,
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with(config, "me", 1, now);
     let names: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
@@ -944,7 +1013,7 @@ fn state_is_truncated_to_max_state_size() {
     let now = Instant::now();
     let config = Config {
         max_state_size: 2000,
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with(config, "me", 1, now);
     let names: Vec<String> = (0..200).map(|i| format!("member-{i:04}")).collect();
@@ -974,7 +1043,7 @@ fn dead_and_left_members_are_reaped_after_the_configured_time() {
     let now = Instant::now();
     let config = Config {
         reap_after: Duration::from_secs(10),
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with(config, "me", 1, now);
     deliver(&mut n, &[alive("x", 1, 1, 2), alive("y", 1, 1, 3)], now);
@@ -1271,7 +1340,7 @@ impl Cluster {
 
 #[test]
 fn cluster_converges_without_false_positives() {
-    let mut c = Cluster::new(8, Config::lan());
+    let mut c = Cluster::new(8, timing());
     c.run(Duration::from_secs(60));
     for n in &c.nodes {
         assert_eq!(n.num_live(), 8, "{} sees {}", n.local().name, n.num_live());
@@ -1282,7 +1351,7 @@ fn cluster_converges_without_false_positives() {
 
 #[test]
 fn cluster_detects_a_crash_quickly() {
-    let mut c = Cluster::new(8, Config::lan());
+    let mut c = Cluster::new(8, timing());
     c.run(Duration::from_secs(5));
     c.crashed.insert(3);
     let crash = c.now;
@@ -1316,7 +1385,7 @@ fn cluster_detects_a_crash_quickly() {
 
 #[test]
 fn cluster_sees_a_leave_as_left() {
-    let mut c = Cluster::new(6, Config::lan());
+    let mut c = Cluster::new(6, timing());
     c.run(Duration::from_secs(5));
     let now = c.now;
     c.nodes[2].leave(now);
@@ -1328,14 +1397,13 @@ fn cluster_sees_a_leave_as_left() {
 
 #[test]
 fn cluster_accepts_a_restarted_generation() {
-    let mut c = Cluster::new(5, Config::lan());
+    let mut c = Cluster::new(5, timing());
     c.run(Duration::from_secs(5));
     // n4 restarts: same name and address, new generation.
     let now = c.now;
     let mut restarted = local("n4", 104);
     restarted.generation = 200;
-    c.nodes[4] =
-        Membership::new(Config::lan(), restarted, SmallRng::seed_from_u64(77), now).unwrap();
+    c.nodes[4] = Membership::new(timing(), restarted, SmallRng::seed_from_u64(77), now).unwrap();
     let seed = c.nodes[0].local().addr;
     c.nodes[4].join(&[seed], now);
     c.run(Duration::from_secs(3));
@@ -1773,7 +1841,7 @@ fn reviving_a_member_within_the_takeover_delay_tells_it_nothing() {
     // With no lease (`Off`), every verdict is acted on at once.
     let config = Config {
         lease: crate::LeaseStrategy::Off,
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with(config, "me", 1, now);
     deliver(&mut n, &[alive("x", 1, 3, 2), dead("x", 1, 3, "me")], now);
@@ -2033,7 +2101,7 @@ proptest::proptest! {
         crash in proptest::option::of((0usize..5, 1u64..15)),
         restart in proptest::option::of((0usize..5, 1u64..15)),
     ) {
-        let mut c = Cluster::new(5, Config::lan());
+        let mut c = Cluster::new(5, timing());
         c.rng = SmallRng::seed_from_u64(seed);
         c.run(Duration::from_secs(3));
         c.loss = loss;
@@ -2051,7 +2119,7 @@ proptest::proptest! {
                 let now = c.now;
                 let mut local = local(&format!("n{i}"), 100 + i as u16);
                 local.generation = 1000 + at;
-                c.nodes[i] = Membership::new(Config::lan(), local, SmallRng::seed_from_u64(seed ^ at), now).unwrap();
+                c.nodes[i] = Membership::new(timing(), local, SmallRng::seed_from_u64(seed ^ at), now).unwrap();
                 let seed_addr = c.nodes[(i + 1) % 5].local().addr;
                 c.nodes[i].join(&[seed_addr], now);
             }
@@ -2126,7 +2194,7 @@ fn pending_verdict_notices_are_resent_every_reconnect_interval_until_acked() {
         probe_timeout: Duration::from_secs(1),
         // (No lease: it would need probes to renew it.)
         lease: crate::LeaseStrategy::Off,
-        ..Config::lan()
+        ..timing()
     };
     let start = now;
     let mut n = node_with(config, "me", 1, start);
@@ -2197,13 +2265,13 @@ fn standing_events(n: &mut Node) -> Vec<crate::Standing> {
         .collect()
 }
 
-/// `Config::lan()` with the view-majority lease (`LeaseStrategy::Majority`),
+/// `timing()` with the view-majority lease (`LeaseStrategy::Majority`),
 /// which needs a 2 s lease.
 fn majority() -> Config {
     Config {
         lease: crate::LeaseStrategy::Majority,
         lease_period: Duration::from_secs(2),
-        ..Config::lan()
+        ..timing()
     }
 }
 
@@ -2292,7 +2360,7 @@ fn the_lease_lasts_lease_period_from_the_send_time_of_the_last_acked_probe() {
 #[test]
 fn a_paused_node_wakes_with_a_lapsed_lease_even_if_acks_wait_in_its_input() {
     let start = Instant::now();
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(timing(), 4, start);
     let mut t = start;
     establish(&mut n, &mut t);
     // Its next probe leaves; then the process is stopped for 8 s. The ack
@@ -2337,7 +2405,7 @@ fn a_push_pull_reply_is_contact_from_its_request() {
     let start = Instant::now();
     let config = Config {
         lease: crate::LeaseStrategy::ContactOnly,
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with(config, "me", 1, start);
     n.join(&[addr(50)], start);
@@ -2364,7 +2432,7 @@ fn a_push_pull_reply_is_contact_from_its_request() {
     let mut t = later;
     establish(&mut n, &mut t);
     // An unsolicited push-pull (a request, or from elsewhere) is not.
-    let mut m = node_with(Config::lan(), "me", 1, start);
+    let mut m = node_with(timing(), "me", 1, start);
     let request = Message::PushPull(PushPull {
         from: "seed",
         join: false,
@@ -2495,10 +2563,7 @@ fn early_verdicts_of_a_minority_do_not_shrink_the_reference_set() {
 fn other_strategies() {
     use crate::{LeaseStrategy, Standing};
     let start = Instant::now();
-    let with = |lease| Config {
-        lease,
-        ..Config::lan()
-    };
+    let with = |lease| Config { lease, ..timing() };
     // Off: always valid, no events, no takeover delay.
     let mut n = node_with_peers(with(LeaseStrategy::Off), 4, start);
     assert_eq!(n.standing(start), Standing::Valid { until: None });
@@ -2530,7 +2595,7 @@ fn other_strategies() {
         }
     );
     // A node that left has no standing.
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(timing(), 4, start);
     let mut t = start;
     establish(&mut n, &mut t);
     n.leave(t);
@@ -2540,7 +2605,7 @@ fn other_strategies() {
 #[test]
 fn a_node_with_a_valid_lease_refutes_a_verdict_at_its_incarnation_instead_of_fencing() {
     let start = Instant::now();
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(timing(), 4, start);
     let mut t = start;
     establish(&mut n, &mut t);
     drain_events(&mut n);
@@ -2555,7 +2620,7 @@ fn a_node_with_a_valid_lease_refutes_a_verdict_at_its_incarnation_instead_of_fen
     assert!(n.local().incarnation > inc, "refuted");
     // Without fresh contact the same kind of verdict fences: others may
     // have acted on it.
-    t += Config::lan().lease_period * 2;
+    t += timing().lease_period * 2;
     n.handle_timeout(t);
     drain_events(&mut n);
     assert!(!n.standing(t).is_valid());
@@ -2571,7 +2636,7 @@ fn a_node_with_a_valid_lease_refutes_a_verdict_at_its_incarnation_instead_of_fen
 /// built this way holds the same members.
 fn cluster_node(name: &str, all: &[&str], now: Instant) -> Node {
     let port = |n: &str| 10 + all.iter().position(|x| *x == n).unwrap() as u16;
-    let mut node = node_with(Config::lan(), name, port(name), now);
+    let mut node = node_with(timing(), name, port(name), now);
     let msgs: Vec<Message<'_>> = all
         .iter()
         .filter(|n| **n != name)
@@ -2638,7 +2703,7 @@ fn a_witness_majority_keeps_the_lease_and_losing_it_lapses_within_lease_period()
     use crate::Standing;
     let start = Instant::now();
     // Sixteen members: nine witnesses.
-    let mut n = node_with_peers(Config::lan(), 15, start);
+    let mut n = node_with_peers(timing(), 15, start);
     let mut t = start;
     let everyone = |_: SocketAddr| true;
     assert_eq!(
@@ -2676,16 +2741,12 @@ fn a_witness_majority_keeps_the_lease_and_losing_it_lapses_within_lease_period()
     let Standing::Valid { until: Some(until) } = n.standing(cut) else {
         panic!("{:?}", n.standing(cut));
     };
-    assert!(until <= cut + Config::lan().lease_period);
+    assert!(until <= cut + timing().lease_period);
     let in_fewer = |a: SocketAddr| fewer.contains(&a);
     let end = cut + Duration::from_secs(3);
     let lapsed = run_answering(&mut n, &mut t, end, &in_fewer);
     let lapsed = lapsed.expect("lapsed");
-    assert!(
-        lapsed <= cut + Config::lan().lease_period,
-        "{:?}",
-        lapsed - cut
-    );
+    assert!(lapsed <= cut + timing().lease_period, "{:?}", lapsed - cut);
     assert!(
         matches!(n.standing(t), Standing::NoMajority { reachable, reference } if 2 * reachable < reference),
         "{:?}",
@@ -2700,7 +2761,7 @@ fn a_lost_witness_ping_is_retried_at_the_next_round() {
     // lost must be retried at the next round (a probe interval later), or
     // the answer it was to renew expires first.
     let start = Instant::now();
-    let config = Config::lan();
+    let config = timing();
     let mut n = node_with_peers(config.clone(), 15, start);
     let mut t = start;
     run_answering(&mut n, &mut t, start + Duration::from_secs(4), &|_| true);
@@ -2801,7 +2862,7 @@ fn the_witness_set_is_frozen_while_the_lease_is_lapsed() {
     let start = Instant::now();
     let config = Config {
         reap_after: Duration::from_secs(3),
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with_peers(config, 15, start);
     let mut t = start;
@@ -2812,7 +2873,7 @@ fn the_witness_set_is_frozen_while_the_lease_is_lapsed() {
     // every member dies, is reaped, and new members join.
     let cut = t;
     let lapsed = run_answering(&mut n, &mut t, cut + Duration::from_secs(3), &|_| false);
-    assert!(lapsed.is_some_and(|at| at <= cut + Config::lan().lease_period));
+    assert!(lapsed.is_some_and(|at| at <= cut + timing().lease_period));
     let names: Vec<String> = (0..15).map(|i| format!("x{i}")).collect();
     for name in &names {
         deliver(&mut n, &[dead(name, 1, 1, "y")], t);
@@ -2860,7 +2921,7 @@ fn the_witness_set_is_frozen_while_the_lease_is_lapsed() {
 #[test]
 fn a_witness_declared_dead_under_a_valid_lease_is_replaced_after_the_linger() {
     let start = Instant::now();
-    let mut n = node_with_peers(Config::lan(), 15, start);
+    let mut n = node_with_peers(timing(), 15, start);
     let mut t = start;
     run_answering(&mut n, &mut t, start + Duration::from_secs(4), &|_| true);
     assert!(n.standing(t).is_valid());
@@ -2924,7 +2985,7 @@ fn clusters_of_one_and_two_have_one_witness() {
         assert!(n.standing(t).is_valid(), "{:?}", n.standing(t));
         let cut = t;
         let lapsed = run_answering(n, &mut t, cut + Duration::from_secs(3), &|_| false);
-        assert!(lapsed.is_some_and(|at| at <= cut + Config::lan().lease_period));
+        assert!(lapsed.is_some_and(|at| at <= cut + timing().lease_period));
         let is_witness = w[0] == *n.local().name;
         match n.standing(t) {
             Standing::NoContact { .. } => {}
@@ -2939,7 +3000,7 @@ fn clusters_of_one_and_two_have_one_witness() {
 fn reborn_node(all: &[&str], evidence: Option<crate::LeaseEvidence>, now: Instant) -> Node {
     let port = |n: &str| 10 + all.iter().position(|x| *x == n).unwrap() as u16;
     let mut node = Membership::new(
-        Config::lan(),
+        timing(),
         LocalNode {
             generation: 101,
             ..local("a", port("a"))
@@ -3257,7 +3318,7 @@ fn a_relayed_leave_is_checked_with_the_member() {
     );
     assert!(asked_alive(&drain_transmits(&mut n), addr(2)));
     // A member that left answers the check with its leave...
-    let mut x = node_with(Config::lan(), "x", 2, now);
+    let mut x = node_with(timing(), "x", 2, now);
     x.leave(now);
     drain_transmits(&mut x);
     x.handle_packet(addr(1), Some("me"), &packet(&[Message::AliveRequest]), now)
@@ -3303,7 +3364,7 @@ fn acks_count_only_from_the_probed_member() {
     // (No lease: witness pings would be the first pings to x.)
     let config = Config {
         lease: crate::LeaseStrategy::Off,
-        ..Config::lan()
+        ..timing()
     };
     for (sender, refused) in [(Some("y"), true), (None, true), (Some("x"), false)] {
         let mut n = node_with(config.clone(), "me", 1, now);
@@ -3369,7 +3430,7 @@ fn members_are_capped() {
     let now = Instant::now();
     let config = Config {
         max_members: 3,
-        ..Config::lan()
+        ..timing()
     };
     let mut n = node_with(config, "me", 1, now);
     deliver(
@@ -3464,7 +3525,7 @@ fn only_verdicts_reached_under_a_valid_lease_are_told_as_acted_on() {
     // nothing over; when they refute after the heal, telling them the
     // verdict was acted on would make them fence for nothing.
     let start = Instant::now();
-    let mut n = node_with_peers(Config::lan(), 4, start);
+    let mut n = node_with_peers(timing(), 4, start);
     let mut t = start;
     let everyone = |_: SocketAddr| true;
     run_answering(&mut n, &mut t, start + Duration::from_secs(4), &everyone);

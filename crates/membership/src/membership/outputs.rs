@@ -50,6 +50,7 @@ impl<R: Rng> Membership<R> {
     pub(super) fn queue_broadcast(&mut self, slot: u32, bytes: Vec<u8>) {
         self.stats.broadcasts_queued += 1;
         self.broadcasts.push(slot, bytes);
+        self.news_queued = true;
     }
 
     pub(super) fn broadcast_local_alive(&mut self) {

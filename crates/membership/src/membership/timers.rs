@@ -127,11 +127,28 @@ impl<R: Rng> Membership<R> {
         }
     }
 
+    /// When the next gossip round is due: every `gossip_interval`, and
+    /// sooner once a broadcast was queued since the last round, as soon as
+    /// `gossip_interval / NEWS_GAP_DIVISOR` has passed since that round. A
+    /// suspicion, verdict or refutation then reaches the cluster in a few
+    /// network hops instead of one gossip interval per hop, and rounds
+    /// still go out at most `NEWS_GAP_DIVISOR` times per interval.
+    pub(super) fn gossip_due(&self) -> Instant {
+        if self.news_queued {
+            let gap = self.config.gossip_interval / NEWS_GAP_DIVISOR;
+            self.next_gossip_at.min(later(self.last_gossip_at, gap))
+        } else {
+            self.next_gossip_at
+        }
+    }
+
     pub(super) fn fire_gossip(&mut self, now: Instant) {
-        if now < self.next_gossip_at {
+        if now < self.gossip_due() {
             return;
         }
         self.next_gossip_at = later(now, self.config.gossip_interval);
+        self.last_gossip_at = now;
+        self.news_queued = false;
         if self.broadcasts.is_empty() {
             return;
         }
