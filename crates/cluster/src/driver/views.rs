@@ -341,10 +341,13 @@ impl Driver {
         let c = self.handoff.counters();
         let b = &self.report_base;
         let p = self.handoff.progress();
+        // `awaiting()` walks the whole registry: stop once every awaiting
+        // datum was seen (none, once the handoff is over), or a progress
+        // poll on a node of a million datums costs a full scan each time.
         let awaiting = self
             .handoff
             .awaiting()
-            .take(64)
+            .take(p.awaiting.min(64))
             .map(|d| {
                 let ty = self.handoff.type_name(d.ty).unwrap_or("?").to_owned();
                 (ty, d.id)
