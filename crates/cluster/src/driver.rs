@@ -21,8 +21,8 @@ use bytes::Bytes;
 use shoal_membership::{Event as MEvent, Member};
 use shoal_placement::{NodeId, PlacementTable, View};
 use shoal_transition::{
-    Counters, Datum, DatumState, FencingToken, Handoff, HandoffEvent, Job, JobKind, NoticeBatch,
-    ReleaseTo, Route, SendId,
+    Counters, Datum, DatumState, DetState, FencingToken, Handoff, HandoffEvent, Job, JobKind,
+    NoticeBatch, ReleaseTo, Route, SendId,
 };
 use shoal_transport::{Dest, MessageReceiver, NodeName, Peer, Responder, Transport, WhenFull};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -437,7 +437,13 @@ pub(crate) struct Driver {
     transport: Transport,
     channels: Arc<ChannelTable>,
     view_tx: watch::Sender<Arc<ClusterView>>,
-    datums: HashMap<Datum, Arc<dyn ErasedDatum>>,
+    /// The application's datums, hashed as the handoff's registry is
+    /// ([`DetState`]): a view's relinquish jobs come out in the registry's
+    /// table order, so the lookup of each job's datum walks this table in
+    /// the same order (with std's random hasher each lookup of a
+    /// million-datum handoff missed the cache on the control bytes and on
+    /// the entry), and hashing an id costs a few multiplies, not SipHash.
+    datums: HashMap<Datum, Arc<dyn ErasedDatum>, DetState>,
     /// Factories of the types registered on demand, by type name.
     factories: HashMap<String, Factory>,
     links: HashMap<SocketAddr, mpsc::Sender<Out>>,
@@ -525,7 +531,7 @@ impl Driver {
             transport,
             channels,
             view_tx,
-            datums: HashMap::new(),
+            datums: HashMap::default(),
             factories: HashMap::new(),
             links: HashMap::new(),
             latest: None,

@@ -96,8 +96,13 @@ impl TypeRegistry {
 /// so a simulation run is reproducible from its seed (std's `RandomState`
 /// would draw from global randomness). Keys come from the application or,
 /// for the bounded parking map, from authenticated peers.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct DetHasher(u64);
+///
+/// Public so that a driver can key its own per-datum map with it: the
+/// relinquish jobs of a view come out in the order of the state machine's
+/// own table of datums, and a map of the same size hashed the same way is
+/// then walked in that order too, instead of at random.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct DetHasher(u64);
 
 impl Hasher for DetHasher {
     #[inline]
@@ -143,7 +148,7 @@ impl Hasher for DetHasher {
 }
 
 /// `BuildHasher` of [`DetHasher`].
-pub(crate) type DetState = BuildHasherDefault<DetHasher>;
+pub type DetState = BuildHasherDefault<DetHasher>;
 
 #[cfg(test)]
 mod tests {

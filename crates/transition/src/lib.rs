@@ -95,7 +95,7 @@ pub mod testkit;
 mod types;
 mod wire;
 
-pub use datum::{Datum, DatumType};
+pub use datum::{Datum, DatumType, DetHasher, DetState};
 pub use error::{ConfigError, HoldError, HoldErrorKind, NoticeError, RegistryError, WireError};
 pub use handoff::{Handoff, MAX_EPOCH_JUMP};
 pub use types::{
