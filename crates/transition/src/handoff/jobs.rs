@@ -5,6 +5,20 @@
 use super::*;
 
 impl<W> Handoff<W> {
+    /// The datums of the next jobs [`Handoff::poll_job`] may hand out, in
+    /// that order, at most `n`: relinquishes first, then acquisitions. A
+    /// hint, deciding nothing: an entry is skipped when its job is polled if
+    /// its datum moved on meanwhile, and a cap may hold a job back. A driver
+    /// may use it to bring what those jobs need into the cache ahead of
+    /// them.
+    pub fn next_jobs(&self, n: usize) -> impl Iterator<Item = Datum> + '_ {
+        self.relinquish_queue
+            .iter()
+            .chain(self.acquire_queue.iter())
+            .take(n)
+            .copied()
+    }
+
     /// The next relinquish or acquire job for the application, within the
     /// configured concurrency caps. Report it with [`Handoff::job_done`].
     pub fn poll_job(&mut self) -> Option<Job> {
