@@ -40,6 +40,10 @@ use timers::{Timer, TimerKind};
 /// [`Handoff::push_state`]). Install counts never reach it.
 const FAREWELL: u64 = u64::MAX;
 
+/// Datums whose registry slots are read together ahead of a loop's
+/// lookups ([`Registry::warm`]).
+const WARM_AHEAD: usize = 32;
+
 /// How far ahead of every epoch it knew a batch's epoch may be (2^32
 /// installs). Epochs grow by one per install plus what is heard, so honest
 /// nodes never come near it; a batch beyond it is refused, or a single
@@ -255,6 +259,9 @@ pub struct Handoff<W = Vec<u8>> {
     /// the acquire, or the new primary could time out first. At most one per
     /// acquire job.
     acquire_superseded: HashMap<Datum, Instant, DetState>,
+    /// Jobs [`Handoff::poll_job`] may pop before it reads the slots of the
+    /// next [`WARM_AHEAD`] queued datums again (a cache hint only).
+    warm_jobs: usize,
 }
 
 impl<W> std::fmt::Debug for Handoff<W> {
@@ -329,6 +336,7 @@ impl<W> Handoff<W> {
             gone_in_view_done: BTreeSet::new(),
             installing: false,
             acquire_superseded: HashMap::default(),
+            warm_jobs: 0,
         })
     }
 

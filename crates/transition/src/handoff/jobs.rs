@@ -30,6 +30,7 @@ impl<W> Handoff<W> {
             let Some(d) = self.relinquish_queue.pop_front() else {
                 break;
             };
+            self.warm_queued(d, false);
             let started = self.registry.modify(&d, |s| {
                 (s.phase() == Phase::RelinquishQueued).then(|| {
                     s.enter(Phase::Relinquishing);
@@ -57,6 +58,7 @@ impl<W> Handoff<W> {
             let Some(d) = self.acquire_queue.pop_front() else {
                 break;
             };
+            self.warm_queued(d, true);
             let started = self.registry.modify(&d, |s| {
                 (s.phase() == Phase::AcquireQueued).then(|| {
                     s.enter(Phase::Acquiring);
@@ -78,6 +80,29 @@ impl<W> Handoff<W> {
             }
         }
         None
+    }
+
+    /// Every [`WARM_AHEAD`] datums popped from the job queues: reads the
+    /// slots of `d` and of the datums queued after it together (see
+    /// [`Registry::warm`]), and for acquisitions (`acquire`: `d` came from
+    /// the acquire queue) the notices taken for them too, which name the
+    /// previous owner ([`Handoff::previous_owner`]).
+    #[inline]
+    fn warm_queued(&mut self, d: Datum, acquire: bool) {
+        if self.warm_jobs == 0 {
+            let next = self
+                .relinquish_queue
+                .iter()
+                .chain(self.acquire_queue.iter());
+            self.registry
+                .warm(std::iter::once(&d).chain(next.take(WARM_AHEAD - 1)));
+            if acquire {
+                let next = std::iter::once(&d).chain(self.acquire_queue.iter());
+                registry::warm(&self.taken, next.take(WARM_AHEAD), |t| t.0);
+            }
+            self.warm_jobs = WARM_AHEAD;
+        }
+        self.warm_jobs -= 1;
     }
 
     /// The outcome of a job handed out by [`Handoff::poll_job`]. `Err` holds

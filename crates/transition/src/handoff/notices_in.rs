@@ -89,7 +89,11 @@ impl<W> Handoff<W> {
             };
             let mut datums: Vec<Datum> = group.ids.iter().map(|&id| Datum::new(ty, id)).collect();
             self.registry.sort_for_locality(&mut datums);
-            for d in datums {
+            for (i, &d) in datums.iter().enumerate() {
+                if i % WARM_AHEAD == 0 {
+                    self.registry
+                        .warm(datums.get(i..).unwrap_or_default().iter().take(WARM_AHEAD));
+                }
                 let src = Src {
                     node: from,
                     epoch,

@@ -20,7 +20,11 @@ impl<W> Handoff<W> {
         }
         match outcome {
             Ok(()) => {
-                for d in batch.datums {
+                for (i, &d) in batch.datums.iter().enumerate() {
+                    if i % WARM_AHEAD == 0 {
+                        let next = batch.datums.get(i..).unwrap_or_default();
+                        self.registry.warm(next.iter().take(WARM_AHEAD));
+                    }
                     let delivered = self.registry.modify(&d, |s| {
                         let passed = s.phase() == Phase::Passed;
                         if passed {
@@ -305,7 +309,11 @@ impl<W> Handoff<W> {
         let waiting = if all {
             let mut waiting = Vec::new();
             for c in &self.cohorts {
-                for d in &c.datums {
+                for (i, d) in c.datums.iter().enumerate() {
+                    if i % WARM_AHEAD == 0 {
+                        let next = c.datums.get(i..).unwrap_or_default();
+                        self.registry.warm(next.iter().take(WARM_AHEAD));
+                    }
                     if self.registry.get(d).is_some_and(|s| {
                         s.flight == c.id && matches!(s.phase(), Phase::Awaiting | Phase::Relay)
                     }) {

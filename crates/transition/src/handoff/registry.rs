@@ -186,6 +186,24 @@ impl Slot {
     }
 }
 
+/// Reads the entries of `datums` in `map` in one tight loop and decides
+/// nothing (see [`Registry::warm`]); `read` reads what the loop that follows
+/// will.
+#[inline]
+pub(super) fn warm<'a, V>(
+    map: &HashMap<Datum, V, DetState>,
+    datums: impl IntoIterator<Item = &'a Datum>,
+    read: impl Fn(&V) -> u64,
+) {
+    let mut sum = 0u64;
+    for d in datums {
+        if let Some(v) = map.get(d) {
+            sum = sum.wrapping_add(read(v));
+        }
+    }
+    std::hint::black_box(sum);
+}
+
 /// All registered datums with their phase, and how many are in each phase.
 #[derive(Default)]
 pub(super) struct Registry {
@@ -259,6 +277,18 @@ impl Registry {
             *c = c.saturating_sub(1);
         }
         Some(s)
+    }
+
+    /// Reads the slots of `datums` in one tight loop and decides nothing:
+    /// a registry of a million datums is far larger than the cache, and
+    /// lookups that do not wait on each other miss it together, where the
+    /// same lookups spread over a loop that does work between them each
+    /// wait for their miss in turn. Called on the next few datums a loop
+    /// will look up.
+    #[inline]
+    pub(super) fn warm<'a>(&self, datums: impl IntoIterator<Item = &'a Datum>) {
+        // The flight and the phase: a slot may straddle two cache lines.
+        warm(&self.map, datums, |s| s.flight ^ s.phase as u64);
     }
 
     /// Orders datums as their slots lie in memory, so a batch of lookups
