@@ -2292,3 +2292,30 @@ fn a_deferred_wait_keeps_its_silent_holder_through_a_relay() {
 fn a_wait_deadline_waits_for_a_silent_node_last_heard_at_a_forgotten_view() {
     a_silent_holder_keeps_its_datum_through(15);
 }
+
+#[test]
+fn next_jobs_lists_the_datums_poll_job_hands_out_in_order() {
+    let mut c = Cluster::new(&["a", "b"], 200, 1);
+    let t = c.table_of(&[0, 1]);
+    c.install_all(&t);
+    let hint: Vec<Datum> = c.nodes[0].next_jobs(usize::MAX).collect();
+    assert!(hint.len() > 50, "a gives about half of its 200 datums to b");
+    assert_eq!(
+        c.nodes[0].next_jobs(5).collect::<Vec<_>>(),
+        hint[..5].to_vec()
+    );
+    let mut polled = Vec::new();
+    while let Some(job) = c.nodes[0].poll_job() {
+        assert_eq!(job.kind, JobKind::Relinquish);
+        polled.push(job.datum);
+        // What is left is listed from the next job on.
+        assert_eq!(
+            c.nodes[0].next_jobs(1).next(),
+            hint.get(polled.len()).copied()
+        );
+        let now = c.now;
+        c.nodes[0].job_done(job, Ok(()), now);
+    }
+    assert_eq!(polled, hint);
+    assert_eq!(c.nodes[0].next_jobs(usize::MAX).count(), 0);
+}
