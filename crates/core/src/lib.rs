@@ -270,13 +270,14 @@ pub enum Output<W, R> {
         /// Whether the handoff took the batch.
         accepted: bool,
     },
-    /// Work handed back undelivered (its datum was given up, or this node
-    /// stopped owning it for good). Counted as dropped (`returned`).
-    Returned {
+    /// A message the core gave up on, already counted in
+    /// [`RouteCounters::drops`]: the facade drops it, the simulator
+    /// accounts for it (its client may send it again).
+    Dropped {
         /// Why.
-        reason: ReturnReason,
-        /// The messages.
-        work: Vec<W>,
+        reason: DropReason,
+        /// The message.
+        work: W,
     },
     /// The member at this address left the cluster: its link can go.
     PeerGone(SocketAddr),
@@ -693,12 +694,9 @@ impl<W: Work, R> NodeCore<W, R> {
                 ReleaseTo::Returned(reason) => {
                     warn!(node = %self.me, datum = %release.datum, ?reason, count = release.work.len(),
                         "held messages returned undelivered");
-                    self.counters
-                        .dropped(DropReason::Returned, release.work.len() as u64);
-                    self.outputs.push_back(Output::Returned {
-                        reason,
-                        work: release.work,
-                    });
+                    for work in release.work {
+                        self.drop_work(DropReason::Returned, work);
+                    }
                 }
             }
         }

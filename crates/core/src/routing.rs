@@ -78,7 +78,7 @@ impl<W: Work, R> NodeCore<W, R> {
             ForwardOutcome::Failed(error) => {
                 // The receiver may have taken it: not sent again.
                 debug!(node = %self.me, owner = %to, %error, "acknowledged forward failed");
-                self.counters.dropped(DropReason::ForwardFailed, 1);
+                self.drop_work(DropReason::ForwardFailed, work);
             }
         }
     }
@@ -96,11 +96,18 @@ impl<W: Work, R> NodeCore<W, R> {
         self.closing
     }
 
-    /// Drops every parked message (the node stops), counted as `reason`.
+    /// Drops every parked message (the node stops), as `reason`.
     pub fn drop_parked(&mut self, reason: DropReason) {
-        let n = self.parked.len() as u64;
-        self.parked.clear();
-        self.counters.dropped(reason, n);
+        for p in std::mem::take(&mut self.parked) {
+            self.drop_work(reason, p.work);
+        }
+    }
+
+    /// Counts `work` dropped for `reason` and hands it out
+    /// ([`Output::Dropped`]).
+    pub(crate) fn drop_work(&mut self, reason: DropReason, work: W) {
+        self.counters.dropped(reason, 1);
+        self.outputs.push_back(Output::Dropped { reason, work });
     }
 
     /// Counts `n` messages the driver dropped for `reason`.
@@ -128,7 +135,7 @@ impl<W: Work, R> NodeCore<W, R> {
         }
         for p in due {
             if now >= p.expires {
-                self.counters.dropped(DropReason::Expired, 1);
+                self.drop_work(DropReason::Expired, p.work);
                 continue;
             }
             self.route(p.work, false, true, now);
@@ -221,16 +228,16 @@ impl<W: Work, R> NodeCore<W, R> {
                         HoldErrorKind::Fenced => DropReason::Fenced,
                         HoldErrorKind::NotHeld => DropReason::NotHeld,
                     };
-                    self.counters.dropped(reason, 1);
+                    self.drop_work(reason, e.work);
                 }
             },
-            Decision::Drop(reason) => self.counters.dropped(reason, 1),
+            Decision::Drop(reason) => self.drop_work(reason, work),
         }
     }
 
     pub(crate) fn park(&mut self, work: W, now: Instant) {
         if self.parked.len() >= self.config.park_capacity {
-            self.counters.dropped(DropReason::ParkFull, 1);
+            self.drop_work(DropReason::ParkFull, work);
             return;
         }
         self.counters.held += 1;
@@ -248,7 +255,7 @@ impl<W: Work, R> NodeCore<W, R> {
 
     pub(crate) fn forward_to(&mut self, node: &NodeId, work: W) {
         let Some(addr) = self.members.get(&*node.name).map(|m| m.addr) else {
-            self.counters.dropped(DropReason::UnknownOwner, 1);
+            self.drop_work(DropReason::UnknownOwner, work);
             return;
         };
         self.counters.forwarded += 1;
