@@ -47,21 +47,12 @@ impl LeaseCell {
         self.until.store(v, Ordering::Release);
     }
 
-    /// Whether the node may act as an owner at `now`.
-    pub(crate) fn valid(&self, now: Instant) -> bool {
+    /// The lease as the node core takes it.
+    pub(crate) fn lease(&self) -> shoal_core::Lease {
         match self.until.load(Ordering::Acquire) {
-            NONE => false,
-            FOREVER => true,
-            v => now < self.base + Duration::from_nanos(v),
-        }
-    }
-
-    /// When a valid lease lapses unless renewed (`None`: not valid, or no
-    /// expiry).
-    pub(crate) fn expiry(&self) -> Option<Instant> {
-        match self.until.load(Ordering::Acquire) {
-            NONE | FOREVER => None,
-            v => Some(self.base + Duration::from_nanos(v)),
+            NONE => shoal_core::Lease::None,
+            FOREVER => shoal_core::Lease::Forever,
+            v => shoal_core::Lease::Until(self.base + Duration::from_nanos(v)),
         }
     }
 }
@@ -74,16 +65,16 @@ mod tests {
     fn a_lease_lapses_at_its_deadline_and_invalid_standings_are_none() {
         let base = Instant::now();
         let cell = LeaseCell::new(base);
-        assert!(cell.valid(base + Duration::from_secs(1000)));
+        assert!(cell.lease().valid(base + Duration::from_secs(1000)));
         let until = base + Duration::from_secs(2);
         cell.set(&Standing::Valid { until: Some(until) });
-        assert!(cell.valid(base + Duration::from_millis(1999)));
-        assert!(!cell.valid(until));
-        assert_eq!(cell.expiry(), Some(until));
+        assert!(cell.lease().valid(base + Duration::from_millis(1999)));
+        assert!(!cell.lease().valid(until));
+        assert_eq!(cell.lease().expiry(), Some(until));
         cell.set(&Standing::NoContact { last_contact: None });
-        assert!(!cell.valid(base));
-        assert_eq!(cell.expiry(), None);
+        assert!(!cell.lease().valid(base));
+        assert_eq!(cell.lease().expiry(), None);
         cell.set(&Standing::Valid { until: None });
-        assert!(cell.valid(base + Duration::from_secs(1 << 20)));
+        assert!(cell.lease().valid(base + Duration::from_secs(1 << 20)));
     }
 }

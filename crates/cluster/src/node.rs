@@ -16,16 +16,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_membership::{LocalNode, Membership};
 use shoal_placement::{NodeId, PlacementTable, View};
-use shoal_transition::{DatumState, FencingToken, Handoff};
+use shoal_transition::{DatumState, FencingToken};
 use shoal_transport::{ChannelCap, ClusterCa, NodeIdentity, NodeName, Transport, TransportConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::channel::{ChannelEntry, ChannelTable, Receiver, Sender};
-use crate::config::{NodeConfig, TlsConfig};
+use crate::config::{NodeConfig, TlsConfig, TransitionMode};
 use crate::datum::{DistDatum, ErasedDatum};
-use crate::driver::{Command, Counts, Driver, DriverInputs};
+use crate::driver::{Command, Core, Counts, Driver, DriverInputs};
 use crate::error::{Error, StartError};
 use crate::gossip::{MembershipCommand, MembershipTask};
 use crate::request::{self, AckedReceiver, AckedSender, RequestChannel};
@@ -221,7 +221,19 @@ impl Node {
             ..shoal_transition::Config::default()
         };
         let me = NodeId::new(config.name.clone(), generation);
-        let handoff = Handoff::new(me.clone(), hconfig)?;
+        let core_config = shoal_core::CoreConfig {
+            strategy: config.strategy.clone(),
+            copies: config.copies,
+            install: match config.transition {
+                TransitionMode::Auto => shoal_core::InstallMode::Auto,
+                TransitionMode::Manual => shoal_core::InstallMode::Manual,
+            },
+            max_forward_hops: config.limits.max_forward_hops,
+            park_capacity: config.limits.hold_capacity,
+            park_expiry: config.transition_timeout(),
+            ..shoal_core::CoreConfig::default()
+        };
+        let core = Core::new(membership.local().clone(), hconfig, core_config)?;
         // Fail early on a strategy or copies placement refuses.
         PlacementTable::build(View::from_nodes([me]), &config.strategy, config.copies)?;
 
@@ -230,7 +242,7 @@ impl Node {
             local: local_info.clone(),
             members: vec![local_info],
             ready: View::default(),
-            placement: Arc::clone(handoff.table()),
+            placement: Arc::clone(core.handoff().table()),
             version: 0,
             fenced: false,
             standing: true,
@@ -253,8 +265,7 @@ impl Node {
         let (messages, datagrams) = incoming.split();
         let (driver, queues) = Driver::new(
             config.clone(),
-            membership.local().clone(),
-            handoff,
+            core,
             transport.clone(),
             Arc::clone(&channels),
             view_tx,

@@ -129,6 +129,32 @@ pub enum WireError {
     BadChannel(u32),
 }
 
+impl shoal_core::Work for Routed {
+    fn datum_type(&self) -> &str {
+        &self.datum_type
+    }
+
+    fn datum_id(&self) -> i64 {
+        self.id
+    }
+
+    fn hops(&self) -> u8 {
+        self.hops
+    }
+
+    fn set_hops(&mut self, hops: u8) {
+        self.hops = hops;
+    }
+
+    fn origin(&self) -> Option<&str> {
+        Some(&self.origin)
+    }
+
+    fn set_origin(&mut self, origin: &str) {
+        origin.clone_into(&mut self.origin);
+    }
+}
+
 impl Routed {
     /// Encodes the message in its version envelope.
     pub fn encode(&self) -> Bytes {

@@ -283,38 +283,6 @@ pub enum Output<W, R> {
     PeerGone(SocketAddr),
 }
 
-/// Errors of the core's own inputs.
-#[derive(Debug, PartialEq, Eq)]
-pub enum CoreError {
-    /// The handoff's configuration was refused.
-    Config(ConfigError),
-    /// A registration was refused.
-    Registry(RegistryError),
-}
-
-impl std::fmt::Display for CoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CoreError::Config(e) => write!(f, "handoff configuration: {e}"),
-            CoreError::Registry(e) => write!(f, "registration: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for CoreError {}
-
-impl From<ConfigError> for CoreError {
-    fn from(e: ConfigError) -> Self {
-        CoreError::Config(e)
-    }
-}
-
-impl From<RegistryError> for CoreError {
-    fn from(e: RegistryError) -> Self {
-        CoreError::Registry(e)
-    }
-}
-
 /// A notice batch for a view not in force here yet.
 struct EarlyNotice<R> {
     until: Instant,
@@ -379,12 +347,12 @@ impl<W: Work, R> NodeCore<W, R> {
     /// starting alone may act at once).
     ///
     /// # Errors
-    /// [`CoreError::Config`] when the handoff's configuration is refused.
+    /// When the handoff's configuration is refused.
     pub fn new(
         local: Member,
         handoff: shoal_transition::Config,
         config: CoreConfig,
-    ) -> Result<Self, CoreError> {
+    ) -> Result<Self, ConfigError> {
         let me = NodeId::new(&*local.name, local.generation);
         let handoff = Handoff::new(me.clone(), handoff)?;
         Ok(NodeCore {
@@ -550,8 +518,13 @@ impl<W: Work, R> NodeCore<W, R> {
     /// key for it (also when it was registered already).
     ///
     /// # Errors
-    /// [`CoreError::Registry`] when the handoff refuses it.
-    pub fn register(&mut self, type_name: &str, id: i64, now: Instant) -> Result<Datum, CoreError> {
+    /// When the handoff refuses it.
+    pub fn register(
+        &mut self,
+        type_name: &str,
+        id: i64,
+        now: Instant,
+    ) -> Result<Datum, RegistryError> {
         let ty = self.handoff.datum_type(type_name)?;
         let datum = Datum::new(ty, id);
         self.handoff.register(datum, now)?;
@@ -563,8 +536,8 @@ impl<W: Work, R> NodeCore<W, R> {
     /// objects when their first job comes.
     ///
     /// # Errors
-    /// [`CoreError::Registry`] when the type cannot be added.
-    pub fn set_on_demand(&mut self, type_name: &str) -> Result<(), CoreError> {
+    /// When the type cannot be added.
+    pub fn set_on_demand(&mut self, type_name: &str) -> Result<(), RegistryError> {
         let ty = self.handoff.datum_type(type_name)?;
         self.handoff.set_on_demand(ty, true);
         if !self.on_demand.iter().any(|n| n == type_name) {
@@ -738,3 +711,6 @@ fn log_event(me: &NodeId, event: &HandoffEvent) {
         | HandoffEvent::ReplicasChanged { .. } => debug!(node = %me, ?event, "handoff"),
     }
 }
+
+#[cfg(test)]
+mod tests;

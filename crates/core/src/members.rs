@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use shoal_membership::{Event, Member};
 use shoal_placement::{NodeId, PlacementTable, View, ViewMember};
-use shoal_transition::{Handoff, SendId};
+use shoal_transition::{ConfigError, Handoff, SendId};
 use tracing::{debug, info, warn};
 
-use crate::{CoreError, InstallMode, NodeCore, Output, Work};
+use crate::{InstallMode, NodeCore, Output, Work};
 
 /// The placement view of `members` (name, generation, ready).
 pub(crate) fn ready_view(members: &HashMap<Arc<str>, Member>) -> View {
@@ -92,9 +92,8 @@ impl<W: Work, R> NodeCore<W, R> {
     /// [`Self::instance`]).
     ///
     /// # Errors
-    /// [`CoreError::Config`] when the new handoff cannot be made (the old
-    /// one stays, fenced).
-    pub fn reborn(&mut self, local: Member, now: Instant) -> Result<(), CoreError> {
+    /// When the new handoff cannot be made (the old one stays, fenced).
+    pub fn reborn(&mut self, local: Member, now: Instant) -> Result<(), ConfigError> {
         let me = NodeId::new(&*local.name, local.generation);
         let mut handoff = Handoff::new(me.clone(), self.handoff.config().clone())?;
         // The old generation failed, and this node knows it for certain:

@@ -1,7 +1,53 @@
 //! The application's commands: registration (and datums made on demand),
-//! sends, holds, snapshots.
+//! transitions, a leave's steps, tokens, states and snapshots.
 
 use super::*;
+use shoal_transition::{DatumState, FencingToken};
+
+/// A request from an API handle.
+pub(crate) enum Command {
+    Register(
+        Vec<Arc<dyn ErasedDatum>>,
+        oneshot::Sender<Result<usize, Error>>,
+    ),
+    Unregister(String, Vec<i64>, oneshot::Sender<usize>),
+    /// Datums of this type are made by the factory when they are first
+    /// needed here (work at their primary, or a notice).
+    RegisterFactory(String, Factory, oneshot::Sender<Result<(), Error>>),
+    Transition {
+        install: bool,
+        deadline: Instant,
+        tx: oneshot::Sender<TransitionReport>,
+    },
+    Progress(oneshot::Sender<TransitionReport>),
+    /// A graceful leave begins (sent before the node stops being ready):
+    /// from now on a relinquish that fails is given up at once.
+    BeginLeave(oneshot::Sender<()>),
+    /// The transition of a graceful leave: as `Transition` with `install`.
+    Leave {
+        deadline: Instant,
+        tx: oneshot::Sender<TransitionReport>,
+    },
+    /// After a leave's transition: gives up every relinquish still going on
+    /// and answers with every datum given up since the leave began, and the
+    /// transition's report.
+    GiveUp(oneshot::Sender<(Vec<(String, i64)>, TransitionReport)>),
+    /// The fencing token of a datum held here.
+    Token(String, i64, oneshot::Sender<Option<FencingToken>>),
+    /// A datum's handoff state here and whether this node may act as its
+    /// owner now (held, and the lease valid).
+    DatumState(String, i64, oneshot::Sender<Option<(DatumState, bool)>>),
+    /// Completes the membership task's part of a snapshot.
+    Snapshot(Box<MembershipSnapshot>, oneshot::Sender<Snapshot>),
+    /// The last step of a leave: hand on every routed message held, parked
+    /// or queued here, wait (until `deadline`) until their receivers took
+    /// them, then stop; routed messages arriving later are refused.
+    Close {
+        deadline: Instant,
+        tx: oneshot::Sender<()>,
+    },
+    Shutdown,
+}
 
 impl Driver {
     pub(super) fn on_command(&mut self, cmd: Command, now: Instant) {
@@ -10,23 +56,19 @@ impl Driver {
                 let _ = tx.send(self.register(batch, now));
             }
             Command::RegisterFactory(name, factory, tx) => {
-                let result = self
-                    .handoff
-                    .datum_type(&name)
-                    .map(|ty| {
-                        self.handoff.set_on_demand(ty, true);
-                        self.factories.insert(name, factory);
-                    })
-                    .map_err(Error::from);
+                let result = self.core.set_on_demand(&name).map_err(Error::from);
+                if result.is_ok() {
+                    self.factories.insert(name, factory);
+                }
                 let _ = tx.send(result);
             }
             Command::Unregister(ty, ids, tx) => {
                 let mut count = 0;
-                if let Some(ty) = self.handoff.lookup_type(&ty) {
+                if let Some(ty) = self.core.handoff().lookup_type(&ty) {
                     for id in ids {
                         let datum = Datum::new(ty, id);
                         self.datums.remove(&datum);
-                        if self.handoff.unregister(datum, now) {
+                        if self.core.handoff_mut().unregister(datum, now) {
                             count += 1;
                         }
                     }
@@ -39,10 +81,7 @@ impl Driver {
                 tx,
             } => {
                 if install {
-                    if let Some(table) = self.latest.clone() {
-                        self.install(table, now);
-                    }
-                    self.drain_handoff(now);
+                    self.install_latest(now);
                 }
                 self.waiters.push(Waiter { deadline, tx });
             }
@@ -50,118 +89,114 @@ impl Driver {
                 let _ = tx.send(self.report());
             }
             Command::BeginLeave(tx) => {
-                self.leaving.get_or_insert_with(Vec::new);
+                self.core.begin_leave();
                 let _ = tx.send(());
             }
             Command::Leave { deadline, tx } => {
-                if let Some(table) = self.latest.clone() {
-                    self.install(table, now);
-                }
-                self.drain_handoff(now);
+                self.install_latest(now);
                 self.waiters.push(Waiter { deadline, tx });
             }
             Command::GiveUp(tx) => {
-                let mut given_up = self.leaving.take().unwrap_or_default();
-                given_up.extend(self.handoff.give_up_relinquishes(now));
+                let given_up = self.core.give_up(now);
                 // The done markers (farewells) go out now.
-                self.drain_handoff(now);
+                self.pump(now);
+                let handoff = self.core.handoff();
                 let names = given_up
                     .iter()
-                    .map(|d| {
-                        let ty = self.handoff.type_name(d.ty).unwrap_or("?").to_owned();
-                        (ty, d.id)
-                    })
+                    .map(|d| (handoff.type_name(d.ty).unwrap_or("?").to_owned(), d.id))
                     .collect();
                 let _ = tx.send((names, self.report()));
             }
             Command::Token(type_name, id, tx) => {
-                let token = self
-                    .handoff
+                let handoff = self.core.handoff();
+                let token = handoff
                     .lookup_type(&type_name)
-                    .and_then(|ty| self.handoff.token(Datum::new(ty, id)));
+                    .and_then(|ty| handoff.token(Datum::new(ty, id)));
                 let _ = tx.send(token);
             }
             Command::DatumState(type_name, id, tx) => {
-                let standing = self.lease.valid(now);
-                let state = self
-                    .handoff
+                let standing = self.core.lease_valid(now);
+                let handoff = self.core.handoff();
+                let state = handoff
                     .lookup_type(&type_name)
-                    .and_then(|ty| self.handoff.state(Datum::new(ty, id)))
+                    .and_then(|ty| handoff.state(Datum::new(ty, id)))
                     .map(|state| (state, standing && state == DatumState::Held));
                 let _ = tx.send(state);
             }
             Command::Snapshot(membership, tx) => {
                 let _ = tx.send(self.snapshot(*membership));
             }
-            Command::Close { deadline, tx } => self.close(deadline, tx, now),
+            Command::Close { deadline, tx } => {
+                self.closing = Some((deadline, tx));
+                // Routed messages waiting in the backlog go again, as
+                // acknowledged forwards; so do the parked ones.
+                self.core.close(now);
+                for body in self.take_backlog_routed() {
+                    match Routed::decode(&body, usize::MAX) {
+                        Ok(routed) => self.core.route_again(routed, now),
+                        Err(_) => self.malformed_routed(),
+                    }
+                }
+            }
             Command::Shutdown => self.stop = true,
         }
     }
 
+    /// Installs the newest view's table and runs what it starts at once.
+    fn install_latest(&mut self, now: Instant) {
+        let view = self.core.handoff().view_id();
+        let base = self.idle_counters();
+        if self.big_install() {
+            tokio::task::block_in_place(|| self.core.install_latest(now));
+        } else {
+            self.core.install_latest(now);
+        }
+        self.installed(view, base);
+        self.pump(now);
+    }
+
     /// The object of datum `d` of a type registered on demand, made by its
-    /// factory and kept (the handoff registered `d` on a notice, or is about
-    /// to on work). `None` for other types, or when the factory made a datum
-    /// of another id or type (logged and counted as a failed creation).
-    pub(super) fn make_on_demand(&mut self, d: Datum) -> Option<Arc<dyn ErasedDatum>> {
-        let name = self.handoff.type_name(d.ty)?;
-        let factory = self.factories.get(name)?;
-        let datum = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory(d.id))) {
+    /// factory and kept. `Ok(None)` for other types (nothing to run);
+    /// an error when the factory panicked or made another datum (the job
+    /// fails, and the handoff retries it).
+    pub(super) fn make_on_demand(
+        &mut self,
+        d: Datum,
+    ) -> Result<Option<Arc<dyn ErasedDatum>>, String> {
+        let Some(name) = self.core.handoff().type_name(d.ty) else {
+            return Ok(None);
+        };
+        let Some(factory) = self.factories.get(name) else {
+            return Ok(None);
+        };
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory(d.id)));
+        let datum = match made {
             Ok(datum) => datum,
             Err(panic) => {
-                Counts::inc(&self.counts.callback_panics);
-                metrics::counter!("shoal_callback_panics_total").increment(1);
-                warn!(node = %self.name, datum_type = name, id = d.id,
-                    panic = %panic_message(&*panic), "the factory panicked: datum not made");
-                return None;
+                self.counts.callback_panicked();
+                let panic = panic_message(&*panic);
+                warn!(node = %self.name, datum_type = name, id = d.id, %panic,
+                    "the factory panicked: datum not made");
+                return Err(format!("the factory panicked: {panic}"));
             }
         };
         if datum.id() != d.id || datum.type_name() != name {
             warn!(node = %self.name, datum_type = name, id = d.id, made = %datum.name(),
                 "the factory made another datum than the one asked for");
             metrics::counter!("shoal_on_demand_refused_total").increment(1);
-            return None;
+            return Err(format!("the factory made {}", datum.name()));
         }
         self.datums.insert(d, Arc::clone(&datum));
-        Some(datum)
+        Ok(Some(datum))
     }
 
-    /// Registers datum `d` on demand when work for it reaches this node as
-    /// its primary: its type has a factory, this node is not fenced, and
-    /// the table in force names this node. Returns whether `d` is now
-    /// registered.
-    pub(super) fn register_on_demand(&mut self, d: Datum, now: Instant) -> bool {
-        if self.fenced || !self.handoff.is_on_demand(d.ty) {
-            return false;
-        }
-        let table = self.handoff.table();
-        let mine = table
-            .primary(d.id)
-            .and_then(|i| table.view().node(i))
-            .is_some_and(|n| *n == self.me);
-        if !mine || self.make_on_demand(d).is_none() {
-            return false;
-        }
-        match self.handoff.register(d, now) {
-            Ok(_) => true,
-            Err(error) => {
-                self.datums.remove(&d);
-                debug!(node = %self.name, %error, id = d.id, "on-demand registration refused");
-                false
-            }
-        }
-    }
-
-    pub(super) fn register(
-        &mut self,
-        batch: Vec<Arc<dyn ErasedDatum>>,
-        now: Instant,
-    ) -> Result<usize, Error> {
+    fn register(&mut self, batch: Vec<Arc<dyn ErasedDatum>>, now: Instant) -> Result<usize, Error> {
         let mut added = 0;
         self.datums.reserve(batch.len());
+        let handoff = self.core.handoff_mut();
         for d in batch {
-            let ty = self.handoff.datum_type(d.type_name())?;
-            let datum = Datum::new(ty, d.id());
-            if self.handoff.register(datum, now)? {
+            let datum = Datum::new(handoff.datum_type(d.type_name())?, d.id());
+            if handoff.register(datum, now)? {
                 added += 1;
             }
             self.datums.insert(datum, d);
@@ -169,21 +204,22 @@ impl Driver {
         Ok(added)
     }
 
-    pub(super) fn snapshot(&self, membership: MembershipSnapshot) -> Snapshot {
-        let p = self.handoff.progress();
+    fn snapshot(&self, membership: MembershipSnapshot) -> Snapshot {
+        let handoff = self.core.handoff();
+        let p = handoff.progress();
         Snapshot {
             local: membership.local,
             members: membership.members,
-            view: self.handoff.view_id(),
+            view: handoff.view_id(),
             registered: p.registered,
             owned: p.held,
             in_flight: p.in_flight,
             held_work: p.held_work,
-            fenced: self.fenced,
-            transition: self.handoff.counters().clone(),
+            fenced: self.core.is_fenced(),
+            transition: handoff.counters().clone(),
             membership: membership.stats,
             transport: self.transport.stats(),
-            facade: self.counts.snapshot(),
+            facade: self.counts.snapshot(self.core.counters()),
         }
     }
 }

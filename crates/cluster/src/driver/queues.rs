@@ -1,0 +1,186 @@
+//! Bounded queues out of the driver: one per peer, drained by a link task
+//! (the driver only try-sends), the application's channels, and the
+//! backlog of items that found their queue full. While the backlog is not
+//! empty the driver takes no more routed messages, so the backlog holds at
+//! most one batch of them.
+
+use super::*;
+
+/// One item for a peer's link task.
+pub(crate) enum Out {
+    Datagram(Dest, Bytes),
+    Message(Dest, u32, Bytes),
+}
+
+/// An item waiting for room in a bounded queue (the driver's backlog).
+pub(super) enum Pending {
+    Local(mpsc::Sender<Delivery>, Delivery),
+    Peer(SocketAddr, Out),
+}
+
+/// A sender to wait on for room, cloned out of the backlog's head.
+pub(super) enum Room {
+    Local(mpsc::Sender<Delivery>),
+    Peer(mpsc::Sender<Out>),
+}
+
+pub(super) async fn wait_room(room: Option<Room>) {
+    match room {
+        Some(Room::Local(tx)) => {
+            let _ = tx.reserve().await;
+        }
+        Some(Room::Peer(tx)) => {
+            let _ = tx.reserve().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    pub(super) fn link(&mut self, addr: SocketAddr) -> mpsc::Sender<Out> {
+        if let Some(tx) = self.links.get(&addr).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.config.limits.peer_queue);
+        tokio::spawn(link_task(
+            self.transport.clone(),
+            rx,
+            Arc::clone(&self.name),
+            Arc::clone(&self.counts),
+        ));
+        self.links.insert(addr, tx.clone());
+        tx
+    }
+
+    /// Whether every peer's queue is empty.
+    pub(super) fn links_idle(&self) -> bool {
+        self.links
+            .values()
+            .all(|tx| tx.capacity() == tx.max_capacity())
+    }
+
+    pub(super) fn push(&mut self, item: Pending) {
+        if self.backlog.is_empty() {
+            if let Some(item) = self.try_push(item) {
+                self.backlog.push_back(item);
+            }
+        } else {
+            self.backlog.push_back(item);
+        }
+    }
+
+    /// Tries to hand `item` to its queue; gives it back when the queue is full.
+    fn try_push(&mut self, item: Pending) -> Option<Pending> {
+        match item {
+            Pending::Local(tx, d) => match tx.try_send(d) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(d)) => Some(Pending::Local(tx, d)),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.counts.dropped(DropReason::ChannelClosed, 1);
+                    None
+                }
+            },
+            Pending::Peer(addr, out) => {
+                let tx = self.link(addr);
+                match tx.try_send(out) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(out)) => Some(Pending::Peer(addr, out)),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.counts.dropped(DropReason::LinkClosed, 1);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn backlog_room(&mut self) -> Option<Room> {
+        match self.backlog.front()? {
+            Pending::Local(tx, _) => Some(Room::Local(tx.clone())),
+            Pending::Peer(addr, _) => {
+                let addr = *addr;
+                Some(Room::Peer(self.link(addr)))
+            }
+        }
+    }
+
+    pub(super) fn flush_backlog(&mut self) {
+        while let Some(item) = self.backlog.pop_front() {
+            if let Some(item) = self.try_push(item) {
+                self.backlog.push_front(item);
+                return;
+            }
+        }
+    }
+
+    /// Routed messages waiting in the backlog.
+    pub(super) fn backlog_routed(&self) -> usize {
+        self.backlog
+            .iter()
+            .filter(|p| match p {
+                Pending::Local(..) => true,
+                Pending::Peer(_, Out::Message(_, ch, _)) => *ch == CH_ROUTED,
+                Pending::Peer(..) => false,
+            })
+            .count()
+    }
+
+    /// Takes the routed messages out of the backlog (a leave's last step
+    /// routes them again, as acknowledged forwards).
+    pub(super) fn take_backlog_routed(&mut self) -> Vec<Bytes> {
+        let mut routed = Vec::new();
+        for item in std::mem::take(&mut self.backlog) {
+            match item {
+                Pending::Peer(_, Out::Message(_, CH_ROUTED, body)) => routed.push(body),
+                other => self.backlog.push_back(other),
+            }
+        }
+        routed
+    }
+}
+
+/// `bytes` that keep `hold` alive as long as they (or a slice of them) live.
+pub(super) fn holding(bytes: Bytes, hold: Bytes) -> Bytes {
+    struct Holding {
+        bytes: Bytes,
+        _hold: Bytes,
+    }
+    impl AsRef<[u8]> for Holding {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+    Bytes::from_owner(Holding { bytes, _hold: hold })
+}
+
+/// Sends one peer's queued items through the transport, in order. A routed
+/// message the transport fails to send is counted as dropped
+/// (`send_failed`).
+pub(crate) async fn link_task(
+    transport: Transport,
+    mut rx: mpsc::Receiver<Out>,
+    node: Arc<str>,
+    counts: Arc<Counts>,
+) {
+    while let Some(out) = rx.recv().await {
+        let result = match &out {
+            Out::Datagram(dest, payload) => transport.send_datagram(dest, payload).await,
+            Out::Message(dest, channel, body) => {
+                transport
+                    .send(dest, *channel, body.clone(), WhenFull::Wait)
+                    .await
+            }
+        };
+        if let Err(error) = result {
+            let (what, dest) = match &out {
+                Out::Datagram(dest, _) => ("datagram", dest),
+                Out::Message(dest, _, _) => ("message", dest),
+            };
+            metrics::counter!("shoal_send_failures_total", "kind" => what).increment(1);
+            debug!(%node, %dest, %error, what, "send failed");
+            if matches!(out, Out::Message(_, CH_ROUTED, _)) {
+                counts.dropped(DropReason::SendFailed, 1);
+            }
+        }
+    }
+}
