@@ -223,6 +223,8 @@ impl<W: Work, R> NodeCore<W, R> {
         }
         info!(node = %self.me, view = %table.view_id(), nodes = table.view().len(), "installing placement");
         self.handoff.install(table, now);
+        // Notices that came before their view are taken now.
+        self.release_early_notices(now);
         self.reroute_parked(now, true);
         self.view_dirty = true;
     }

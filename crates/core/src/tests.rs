@@ -236,7 +236,6 @@ fn a_notice_batch_for_a_view_not_installed_waits_for_it() {
     let soon = now + Duration::from_millis(100);
     b.handle_membership(Event::ViewChanged(vec![ma, mb]), soon);
     let ab = b.handoff().view_id();
-    b.handle_timeout(soon);
     let taken = answers(settle(&mut b, soon));
     let under_ab: Vec<u32> = (0..batches.len() as u32)
         .filter(|&i| batches[i as usize].view == ab)
