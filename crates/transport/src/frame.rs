@@ -302,6 +302,44 @@ pub fn inspect(
     })
 }
 
+thread_local! {
+    /// This thread's zstd compression context, made on first use: making
+    /// one costs more than compressing a few kilobytes.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// This thread's zstd decompression context, likewise.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses `body` at `level` with this thread's context.
+fn compress(body: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = match cell.as_mut() {
+            Some(c) => {
+                c.set_compression_level(level)?;
+                c
+            }
+            None => cell.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        compressor.compress(body)
+    })
+}
+
+/// Decompresses `body` into `out` (at most its capacity) with this
+/// thread's context.
+fn decompress(body: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match cell.as_mut() {
+            Some(d) => d,
+            None => cell.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress_to_buffer(body, out)
+    })
+}
+
 /// Decodes the body of a frame [`inspect`] accepted: zero-copy when plain; a
 /// compressed body is decompressed into a buffer of exactly the announced
 /// size, and must fill it exactly.
@@ -314,9 +352,8 @@ pub fn decode_body(frame: Bytes, inspected: &Inspected) -> Result<Bytes, DecodeE
             let mut out = Vec::with_capacity(raw_len);
             // Writes at most `raw_len` bytes: a body that decompresses to
             // more fails here instead of growing the buffer.
-            let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(&body, &mut out))
-                .map_err(|e| DecodeError::Compression(e.to_string()))?;
+            let n =
+                decompress(&body, &mut out).map_err(|e| DecodeError::Compression(e.to_string()))?;
             if n != raw_len {
                 return Err(DecodeError::Compression(format!(
                     "{n} bytes instead of the announced {raw_len}"
@@ -361,7 +398,7 @@ impl OutFrame {
             encoding: Encoding::Plain,
         };
         if body.len() >= compress_min
-            && let Ok(compressed) = zstd::bulk::compress(&body, level)
+            && let Ok(compressed) = compress(&body, level)
             && compressed.len() < body.len()
             && (body.len() as u64) <= (compressed.len() as u64).saturating_mul(u64::from(max_ratio))
         {
