@@ -37,8 +37,8 @@ use crate::gossip::{FromMembership, MembershipSnapshot};
 use crate::lease::LeaseCell;
 use crate::view::{ClusterView, NodeInfo, Snapshot, TransitionReport};
 use crate::wire::{
-    self, CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, Refusal, RefuseReason, Routed,
-    USER_CHANNEL_BIT,
+    self, CH_MEMBERSHIP, CH_NOTICES, CH_REFUSED, CH_ROUTED, CH_ROUTED_BATCH, Refusal, RefuseReason,
+    Routed, RoutedBatch, USER_CHANNEL_BIT,
 };
 
 mod commands;
@@ -95,6 +95,8 @@ struct NoticeRequest(Peer, Bytes, Option<Responder>);
 /// a leaving node refused and handed back.
 enum RoutedIn {
     Routed(Peer, Bytes, Option<Responder>),
+    /// A batch of one-way routed messages ([`RoutedBatch`]).
+    Batch(Peer, Bytes),
     Refused(Peer, Bytes, Option<Responder>),
 }
 
@@ -303,6 +305,9 @@ impl Driver {
                 match item {
                     RoutedIn::Routed(peer, body, reply) => {
                         refuse(&self.transport, &self.counts, &peer, &body, reply);
+                    }
+                    RoutedIn::Batch(peer, body) => {
+                        dispatch::refuse_batch(&self.transport, &self.counts, &peer, &body)
                     }
                     RoutedIn::Refused(_, _, reply) => answer_routed(reply, wire::ROUTED_REFUSED),
                 }

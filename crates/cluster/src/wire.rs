@@ -23,6 +23,12 @@ pub const CH_ROUTED: u32 = 3;
 /// to the node that sent them ([`Refusal`], request answered
 /// [`ROUTED_TAKEN`] once that node's driver routed it again).
 pub const CH_REFUSED: u32 = 4;
+/// Transport channel of routed messages sent together ([`RoutedBatch`]):
+/// one-way; a link to a peer batches the routed messages that queued up
+/// for it while it was sending, so an idle link sends each alone (on
+/// [`CH_ROUTED`]) and a busy one pays the transport's per-message cost once
+/// per batch.
+pub const CH_ROUTED_BATCH: u32 = 5;
 /// User channels have this bit set; internal ones never do.
 pub const USER_CHANNEL_BIT: u32 = 0x8000_0000;
 
@@ -42,6 +48,9 @@ pub const ROUTED_TAKEN: &[u8] = &[0];
 /// Answer to a routed message sent as a request: refused, this node is
 /// leaving; the sender routes it again.
 pub const ROUTED_REFUSED: &[u8] = &[1];
+
+/// Version byte of a batch of routed messages.
+pub const ROUTED_BATCH_VERSION: u8 = 1;
 
 /// Version byte of a refusal.
 pub const REFUSAL_VERSION: u8 = 1;
@@ -304,6 +313,87 @@ impl Refusal {
     }
 }
 
+/// A batch of routed messages, each kept encoded as on [`CH_ROUTED`]:
+/// `[version][count: u32 LE]` then, `count` times, `[len: u32 LE][message]`.
+pub struct RoutedBatch;
+
+impl RoutedBatch {
+    /// Bytes a message adds to a batch besides its own.
+    pub const ENTRY_OVERHEAD: usize = 4;
+    /// Bytes of the batch's header.
+    pub const HEADER: usize = 5;
+
+    /// Encodes encoded routed messages as one batch.
+    pub fn encode(messages: &[Bytes]) -> Bytes {
+        let len = Self::HEADER
+            + messages
+                .iter()
+                .map(|m| m.len() + Self::ENTRY_OVERHEAD)
+                .sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        out.push(ROUTED_BATCH_VERSION);
+        out.extend_from_slice(&(messages.len() as u32).to_le_bytes());
+        for m in messages {
+            out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            out.extend_from_slice(m);
+        }
+        Bytes::from(out)
+    }
+
+    /// The messages of a batch of at most `max` bytes, as slices of
+    /// `bytes` (each holds the batch's inbound budget until dropped); each
+    /// is then decoded with [`Routed::decode_shared`].
+    ///
+    /// # Errors
+    /// [`WireError`] for a batch that is empty, too large, of another
+    /// version, or whose lengths do not add up; the bytes change nothing.
+    pub fn split(bytes: &Bytes, max: usize) -> Result<Vec<Bytes>, WireError> {
+        if bytes.len() > max {
+            return Err(WireError::TooLarge {
+                len: bytes.len(),
+                max,
+            });
+        }
+        let (&version, rest) = bytes.split_first().ok_or(WireError::Empty)?;
+        if version != ROUTED_BATCH_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let (count, mut rest) = take_u32(rest)?;
+        // Every entry takes at least its length prefix and one byte.
+        if count as usize > rest.len() / (Self::ENTRY_OVERHEAD + 1) {
+            return Err(WireError::Malformed(format!(
+                "a batch of {count} messages in {} bytes",
+                rest.len()
+            )));
+        }
+        let mut messages = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let (len, tail) = take_u32(rest)?;
+            let len = len as usize;
+            if len == 0 || len > tail.len() {
+                return Err(WireError::Malformed(format!(
+                    "a batch entry of {len} bytes with {} left",
+                    tail.len()
+                )));
+            }
+            let (message, tail) = tail.split_at(len);
+            messages.push(bytes.slice_ref(message));
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(WireError::Trailing(rest.len()));
+        }
+        Ok(messages)
+    }
+}
+
+fn take_u32(bytes: &[u8]) -> Result<(u32, &[u8]), WireError> {
+    let (head, rest) = bytes
+        .split_first_chunk::<4>()
+        .ok_or_else(|| WireError::Malformed("a batch cut short".into()))?;
+    Ok((u32::from_le_bytes(*head), rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +414,56 @@ mod tests {
     fn round_trip() {
         let m = sample();
         assert_eq!(Routed::decode(&m.encode(), 1 << 20).unwrap(), m);
+    }
+
+    #[test]
+    fn batches_round_trip_as_slices_of_the_batch() {
+        let messages: Vec<Bytes> = (0..3)
+            .map(|i| {
+                let mut m = sample();
+                m.id = i;
+                m.encode()
+            })
+            .collect();
+        let batch = RoutedBatch::encode(&messages);
+        let split = RoutedBatch::split(&batch, 1 << 20).unwrap();
+        assert_eq!(split, messages);
+        // Zero-copy: each message points into the batch.
+        let range = batch.as_ptr() as usize..batch.as_ptr() as usize + batch.len();
+        assert!(split.iter().all(|m| range.contains(&(m.as_ptr() as usize))));
+        assert_eq!(
+            RoutedBatch::split(&RoutedBatch::encode(&[]), 64),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn batches_refuse_bad_input() {
+        let batch = RoutedBatch::encode(&[sample().encode(), sample().encode()]);
+        let bad = |v: Vec<u8>| RoutedBatch::split(&Bytes::from(v), 1 << 20);
+        assert_eq!(bad(vec![]), Err(WireError::Empty));
+        assert!(matches!(
+            RoutedBatch::split(&batch, batch.len() - 1),
+            Err(WireError::TooLarge { .. })
+        ));
+        let mut v = batch.to_vec();
+        v[0] = 7;
+        assert_eq!(bad(v), Err(WireError::Version(7)));
+        let mut v = batch.to_vec();
+        v.push(0);
+        assert_eq!(bad(v), Err(WireError::Trailing(1)));
+        // Cut short, and a count the bytes cannot hold.
+        assert!(matches!(
+            bad(batch[..batch.len() - 1].to_vec()),
+            Err(WireError::Malformed(_))
+        ));
+        let mut v = batch.to_vec();
+        v[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(bad(v), Err(WireError::Malformed(_))));
+        // An entry longer than what is left.
+        let mut v = batch.to_vec();
+        v[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(bad(v), Err(WireError::Malformed(_))));
     }
 
     #[test]

@@ -55,6 +55,23 @@ pub(super) fn refuse(
     });
 }
 
+/// Refuses every message of a batch (see [`refuse`]); a malformed batch is
+/// counted and dropped.
+pub(super) fn refuse_batch(transport: &Transport, counts: &Arc<Counts>, from: &Peer, body: &Bytes) {
+    match RoutedBatch::split(body, usize::MAX) {
+        Ok(messages) => {
+            for m in &messages {
+                refuse(transport, counts, from, m, None);
+            }
+        }
+        Err(error) => {
+            Counts::inc(&counts.malformed);
+            counts.dropped(DropReason::Malformed, 1);
+            debug!(%from, %error, "malformed batch of routed messages");
+        }
+    }
+}
+
 /// Answers a notice batch request, in a task (the answer is a stream write).
 pub(super) fn answer(reply: Option<Responder>, ok: bool) {
     if let Some(reply) = reply {
@@ -251,6 +268,19 @@ pub(super) async fn dispatch(
                 {
                     // The driver closed its queue as it stopped: refuse.
                     refuse(&transport, &counts, &from, &body, reply);
+                }
+                true
+            }
+            CH_ROUTED_BATCH if refusing => {
+                refuse_batch(&transport, &counts, &m.from, &m.body);
+                true
+            }
+            CH_ROUTED_BATCH => {
+                if let Err(mpsc::error::SendError(item)) =
+                    routed_tx.send(RoutedIn::Batch(m.from, m.body)).await
+                    && let RoutedIn::Batch(from, body) = item
+                {
+                    refuse_batch(&transport, &counts, &from, &body);
                 }
                 true
             }

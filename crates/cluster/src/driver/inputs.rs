@@ -33,6 +33,25 @@ impl Driver {
                 // Taken (routed, or dropped and counted).
                 answer_routed(reply, wire::ROUTED_TAKEN);
             }
+            RoutedIn::Batch(peer, bytes) => match RoutedBatch::split(&bytes, max) {
+                Ok(messages) => {
+                    for m in messages {
+                        match Routed::decode_shared(&m, max) {
+                            Ok(routed) => {
+                                self.core.route_from_peer(routed, peer.name.as_str(), now);
+                            }
+                            Err(error) => {
+                                self.malformed_routed();
+                                debug!(node = %self.name, from = %peer, %error, "malformed routed message");
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    self.malformed_routed();
+                    debug!(node = %self.name, from = %peer, %error, "malformed batch of routed messages");
+                }
+            },
             RoutedIn::Refused(peer, bytes, reply) => match Refusal::decode(&bytes, max) {
                 Ok(refusal) => {
                     debug!(node = %self.name, from = %peer, reason = ?refusal.reason, "routed message refused");

@@ -153,34 +153,97 @@ pub(super) fn holding(bytes: Bytes, hold: Bytes) -> Bytes {
     Bytes::from_owner(Holding { bytes, _hold: hold })
 }
 
-/// Sends one peer's queued items through the transport, in order. A routed
-/// message the transport fails to send is counted as dropped
-/// (`send_failed`).
+/// Items a link task takes from its queue at once.
+const LINK_BATCH: usize = 256;
+/// Largest batch of routed messages a link sends as one message: below the
+/// transport's inline frame limit (larger messages get a stream each).
+const ROUTED_BATCH_BYTES: usize = 16 * 1024;
+
+/// Routed messages for one peer taken from the link's queue together, sent
+/// as one [`RoutedBatch`] (or alone when there is just one).
+#[derive(Default)]
+struct Batch {
+    dest: Option<Dest>,
+    messages: Vec<Bytes>,
+    bytes: usize,
+}
+
+/// Sends one peer's queued items through the transport, in order. The
+/// routed messages that queued up together go as one batch: an idle link
+/// sends each message alone at once, a busy one pays the transport's
+/// per-message cost once per batch. A routed message the transport fails
+/// to send is counted as dropped (`send_failed`).
 pub(crate) async fn link_task(
     transport: Transport,
     mut rx: mpsc::Receiver<Out>,
     node: Arc<str>,
     counts: Arc<Counts>,
 ) {
-    while let Some(out) = rx.recv().await {
-        let result = match &out {
-            Out::Datagram(dest, payload) => transport.send_datagram(dest, payload).await,
-            Out::Message(dest, channel, body) => {
-                transport
-                    .send(dest, *channel, body.clone(), WhenFull::Wait)
-                    .await
+    let mut buf = Vec::with_capacity(LINK_BATCH);
+    let mut batch = Batch::default();
+    while rx.recv_many(&mut buf, LINK_BATCH).await > 0 {
+        for out in buf.drain(..) {
+            match out {
+                Out::Message(dest, CH_ROUTED, body)
+                    if body.len() + RoutedBatch::ENTRY_OVERHEAD + RoutedBatch::HEADER
+                        <= ROUTED_BATCH_BYTES =>
+                {
+                    let size = body.len() + RoutedBatch::ENTRY_OVERHEAD;
+                    let other_dest = batch.dest.as_ref().is_some_and(|d| *d != dest);
+                    if other_dest || batch.bytes + size + RoutedBatch::HEADER > ROUTED_BATCH_BYTES {
+                        flush(&transport, &mut batch, &node, &counts).await;
+                    }
+                    batch.dest.get_or_insert(dest);
+                    batch.bytes += size;
+                    batch.messages.push(body);
+                }
+                out => {
+                    flush(&transport, &mut batch, &node, &counts).await;
+                    send_one(&transport, out, &node, &counts).await;
+                }
             }
+        }
+        flush(&transport, &mut batch, &node, &counts).await;
+    }
+}
+
+/// Sends the batch of routed messages (alone when it holds one).
+async fn flush(transport: &Transport, batch: &mut Batch, node: &str, counts: &Counts) {
+    let Some(dest) = batch.dest.take() else {
+        return;
+    };
+    let messages = std::mem::take(&mut batch.messages);
+    batch.bytes = 0;
+    let n = messages.len() as u64;
+    let (channel, body) = match <[Bytes; 1]>::try_from(messages) {
+        Ok([one]) => (CH_ROUTED, one),
+        Err(messages) => (CH_ROUTED_BATCH, RoutedBatch::encode(&messages)),
+    };
+    if let Err(error) = transport.send(&dest, channel, body, WhenFull::Wait).await {
+        metrics::counter!("shoal_send_failures_total", "kind" => "message").increment(1);
+        debug!(%node, %dest, %error, messages = n, "routed messages not sent");
+        counts.dropped(DropReason::SendFailed, n);
+    }
+}
+
+async fn send_one(transport: &Transport, out: Out, node: &str, counts: &Counts) {
+    let result = match &out {
+        Out::Datagram(dest, payload) => transport.send_datagram(dest, payload).await,
+        Out::Message(dest, channel, body) => {
+            transport
+                .send(dest, *channel, body.clone(), WhenFull::Wait)
+                .await
+        }
+    };
+    if let Err(error) = result {
+        let (what, dest) = match &out {
+            Out::Datagram(dest, _) => ("datagram", dest),
+            Out::Message(dest, _, _) => ("message", dest),
         };
-        if let Err(error) = result {
-            let (what, dest) = match &out {
-                Out::Datagram(dest, _) => ("datagram", dest),
-                Out::Message(dest, _, _) => ("message", dest),
-            };
-            metrics::counter!("shoal_send_failures_total", "kind" => what).increment(1);
-            debug!(%node, %dest, %error, what, "send failed");
-            if matches!(out, Out::Message(_, CH_ROUTED, _)) {
-                counts.dropped(DropReason::SendFailed, 1);
-            }
+        metrics::counter!("shoal_send_failures_total", "kind" => what).increment(1);
+        debug!(%node, %dest, %error, what, "send failed");
+        if matches!(out, Out::Message(_, CH_ROUTED, _)) {
+            counts.dropped(DropReason::SendFailed, 1);
         }
     }
 }
