@@ -43,6 +43,9 @@ mod tests;
 
 use links::{LINK_IDLE, Link};
 
+/// Packets handled per wake-up of the task, before its timers run.
+const INPUT_BATCH: usize = 256;
+
 /// A request for the membership task, from an API handle.
 pub(crate) enum MembershipCommand {
     /// Join through these seeds.
@@ -212,11 +215,23 @@ impl MembershipTask {
             tokio::select! {
                 biased;
                 Some(d) = datagrams.recv() => {
-                    self.names.insert(d.from.addr, d.from.name.clone());
-                    self.handle_packet(d.from.addr, &d.from.name, &d.payload, "datagram");
+                    self.on_datagram(&d);
+                    // Everything already received is handled before the
+                    // timers of the next step: after a stall (the task
+                    // waited for a core), a probe's answer that sat in the
+                    // queue behind another datagram would otherwise be
+                    // read only after its timeout had suspected the member.
+                    for _ in 1..INPUT_BATCH {
+                        let Some(d) = datagrams.try_recv() else { break };
+                        self.on_datagram(&d);
+                    }
                 }
                 Some((from, name, bytes)) = messages.recv() => {
                     self.handle_packet(from, &name, &bytes, "message");
+                    for _ in 1..INPUT_BATCH {
+                        let Ok((from, name, bytes)) = messages.try_recv() else { break };
+                        self.handle_packet(from, &name, &bytes, "message");
+                    }
                 }
                 cmd = commands.recv(), if !blocked => match cmd {
                     Some(cmd) => self.on_command(cmd, Instant::now()),
@@ -234,6 +249,11 @@ impl MembershipTask {
             }
         }
         debug!(node = %self.name, "membership task stopped");
+    }
+
+    fn on_datagram(&mut self, d: &shoal_transport::Datagram) {
+        self.names.insert(d.from.addr, d.from.name.clone());
+        self.handle_packet(d.from.addr, &d.from.name, &d.payload, "datagram");
     }
 
     /// Hands membership a packet with the name the transport authenticated

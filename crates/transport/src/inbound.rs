@@ -393,4 +393,9 @@ impl DatagramReceiver {
     pub async fn recv(&mut self) -> Option<Datagram> {
         recv_or_shut(&mut self.0, &mut self.1).await
     }
+
+    /// The next datagram already received, without waiting.
+    pub fn try_recv(&mut self) -> Option<Datagram> {
+        self.0.try_recv().ok().map(Take::take)
+    }
 }
