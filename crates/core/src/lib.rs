@@ -74,6 +74,8 @@
 //! assert!(matches!(core.poll_output(now), Some(Output::Deliver(m)) if m.id == 7));
 //! ```
 
+#[cfg(feature = "check")]
+pub mod check;
 mod counters;
 mod members;
 mod notices;
