@@ -75,6 +75,7 @@
 mod acting;
 mod app;
 mod check;
+pub mod harness;
 mod net;
 pub mod scenario;
 mod sim;

@@ -1,9 +1,10 @@
-//! Deterministic multi-node simulation of the handoff: every scenario over
-//! many seeds, invariants checked at every step (see `testkit`).
+//! Deterministic multi-node simulation of the handoff, each node a
+//! `shoal_core::NodeCore` under a fake membership: every scenario over many
+//! seeds, invariants checked at every step (see `shoal_sim::harness`).
 //! `SHOAL_TRANSITION_SEEDS=n` runs n seeds per scenario (default 150).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use shoal_transition::testkit::{HarnessConfig, SCENARIOS, run_scenario, run_scenario_with};
+use shoal_sim::harness::{HarnessConfig, SCENARIOS, run_scenario, run_scenario_with};
 
 fn seeds() -> u64 {
     std::env::var("SHOAL_TRANSITION_SEEDS")
@@ -63,8 +64,10 @@ fn concurrent_ready() {
     run("concurrent-ready");
 }
 
-/// The check behind `concurrent_ready` can fail: without the live peers,
-/// nodes that become ready together each acquire every datum.
+/// The check behind `concurrent_ready` can fail: when the views name only
+/// the ready members (the core then does not know the live peers that are
+/// not ready yet), nodes that become ready together each acquire every
+/// datum.
 #[test]
 fn concurrent_ready_without_peers_gives_two_first_owners() {
     let caught = (0..10).any(|seed| {
@@ -129,7 +132,7 @@ fn trace_one_run() {
     let [name, seed, datum] = parts[..] else {
         panic!("SHOAL_TRANSITION_TRACE=scenario:seed:datum");
     };
-    let v = shoal_transition::testkit::run_scenario_traced(
+    let v = shoal_sim::harness::run_scenario_traced(
         name,
         seed.parse().unwrap(),
         Some(datum.parse().unwrap()),
@@ -143,7 +146,7 @@ fn trace_one_run() {
 /// one round of done markers), not by waiting out the timeout.
 #[test]
 fn kill_owner_fails_over_without_waiting_for_the_timeout() {
-    use shoal_transition::testkit::{Harness, HarnessConfig};
+    use shoal_sim::harness::{Harness, HarnessConfig};
     use std::time::Duration;
     for seed in 0..20 {
         let mut cfg = HarnessConfig::new(seed);
