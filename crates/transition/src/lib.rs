@@ -90,8 +90,6 @@
 mod datum;
 mod error;
 mod handoff;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 mod types;
 mod wire;
 
