@@ -4,7 +4,8 @@
 //!
 //! Each simulated node runs `shoal_membership::Membership` (and optionally an
 //! [`Application`] layer next to it, the extension point for transition).
-//! Nothing here reads the wall clock (except to report `wall_s`) or uses
+//! Nothing here reads the wall clock (except to report `wall_s`, and for the
+//! origin of a handoff harness run's virtual time) or uses
 //! global randomness: virtual time is a base `Instant` plus a virtual
 //! duration, and every random choice comes from generators derived from one
 //! seed (one for the network and the scenario, one per process), so the same
@@ -39,6 +40,11 @@
 //!   every step (at most one process acting as owner of a datum: holding it
 //!   under a valid lease, not frozen) and its liveness after the last heal
 //!   (`--app transition` on the command line).
+//! - **Handoff harness** ([`harness`]): a lighter simulation without SWIM,
+//!   many `shoal_core::NodeCore`s fed by a fake membership with install
+//!   skew, detection delays, lost acknowledgements and false positives,
+//!   checked by the ownership ledger every checker shares
+//!   (`shoal_core::check`).
 //! - **Scenarios** ([`scenario`]): `kill-one`, `stalled-node`,
 //!   `partition-heal`, `churn`, `update`, `random`, each producing a
 //!   [`Report`] (detection times, false positives, dissemination time,
