@@ -1,8 +1,9 @@
 //! The ownership ledger (feature `check`): the ground truth of which
 //! process holds which datum and where each piece of work was processed,
 //! and the invariants a cluster of nodes must keep, checked as events
-//! happen. The handoff harness, the simulator's campaigns and the facade's
-//! tests all check against this one set of rules:
+//! happen. It is the one set of rules for every checker of ownership: the
+//! handoff harness (`shoal_sim::harness`) checks against it, and so are the
+//! simulator's campaigns and the facade's tests to:
 //!
 //! - **single owner**: a process starts holding a datum (its acquire job
 //!   starts, or a failed acquire leaves it held) only when no other process

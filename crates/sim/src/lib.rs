@@ -43,8 +43,7 @@
 //! - **Handoff harness** ([`harness`]): a lighter simulation without SWIM,
 //!   many `shoal_core::NodeCore`s fed by a fake membership with install
 //!   skew, detection delays, lost acknowledgements and false positives,
-//!   checked by the ownership ledger every checker shares
-//!   (`shoal_core::check`).
+//!   checked by the shared ownership ledger (`shoal_core::check`).
 //! - **Scenarios** ([`scenario`]): `kill-one`, `stalled-node`,
 //!   `partition-heal`, `churn`, `update`, `random`, each producing a
 //!   [`Report`] (detection times, false positives, dissemination time,
