@@ -51,7 +51,7 @@ async fn seed_example_one_node() {
     assert_eq!(node.owners(3)[0].name, "solo");
     let report = node.leave(PATIENCE).await.unwrap();
     assert_eq!(report.relinquished, 10);
-    assert!(ledger.lock().holder.is_empty());
+    assert!(ledger.lock().nothing_held());
     assert!(ledger.violations().is_empty());
     assert!(matches!(node.set_ready(true).await, Err(Error::Shutdown)));
 }
@@ -234,12 +234,12 @@ async fn graceful_leave_relinquishes_everything() {
     let refs: Vec<&Node> = nodes.iter().collect();
     ready_all(&refs, DATUMS, &ledger).await;
     settled(&refs, 3, DATUMS, &ledger).await;
-    let held = ledger.lock().holder.values().filter(|h| *h == "c").count() as u64;
+    let held = ledger.lock().held_by("c");
     assert!(held > 0);
     let report = nodes[2].leave(PATIENCE).await.unwrap();
     assert!(report.completed);
     assert_eq!(report.relinquished, held);
-    assert!(!ledger.lock().holder.values().any(|h| h == "c"));
+    assert_eq!(ledger.lock().held_by("c"), 0);
     settled(&refs[..2], 2, DATUMS, &ledger).await;
     eventually("c is gone from the others' views", || {
         nodes[..2].iter().all(|n| n.view().member("c").is_none())
@@ -271,13 +271,7 @@ async fn a_leave_whose_relinquish_fails_gives_the_datums_up_and_the_others_take_
     settled(&refs, 3, DATUMS, &ledger).await;
     let mut failing: Vec<i64> = {
         let mut l = ledger.lock();
-        let mut held: Vec<i64> = l
-            .holder
-            .iter()
-            .filter(|(_, h)| *h == "c")
-            .map(|(id, _)| *id)
-            .collect();
-        held.sort_unstable();
+        let mut held: Vec<i64> = l.owners.held_by(&"c".to_owned());
         held.truncate(2);
         l.fail_relinquish = held.iter().map(|id| ("c".to_owned(), *id)).collect();
         held
@@ -404,7 +398,7 @@ async fn dropped_node_is_detected_and_its_datums_taken_over() {
         }
         v
     };
-    ledger.lock().dead.insert("c".into());
+    ledger.lock().declare_dead("c");
     // An abrupt stop: its peers are told nothing.
     nodes[2].crash().await;
     settled(&refs[..2], 2, DATUMS, &ledger).await;
@@ -474,7 +468,7 @@ async fn owner_messages_during_a_transition_arrive_once() {
                 // for a datum not held here is a violation (below).
                 let late = {
                     let l = ledger.lock();
-                    l.holder.get(&id) != Some(&name)
+                    l.holder(id) != Some(&name)
                         && l.relinquished.iter().any(|(n, d)| *n == name && *d == id)
                 };
                 if late {
@@ -482,7 +476,7 @@ async fn owner_messages_during_a_transition_arrive_once() {
                     continue;
                 }
                 // Processed only where the datum is held.
-                let holder = ledger.lock().holder.get(&id).cloned();
+                let holder = ledger.lock().holder(id).cloned();
                 if holder.as_deref() != Some(name.as_str()) {
                     ledger.lock().violations.push(format!(
                         "message {} for {id} processed on {name}, held by {holder:?}",
@@ -1171,7 +1165,7 @@ async fn a_node_declared_dead_rejoins_as_a_new_generation() {
     // the datum's previous one, and `settled` that every datum ends held
     // once, by its primary.
     for name in ["a", "b", "c"] {
-        ledger.lock().dead.insert(name.into());
+        ledger.lock().declare_dead(name);
     }
     let Some(cut) = Cut::new(&[port(&nodes[0]), port(&nodes[1])], &[port(&nodes[2])]) else {
         eprintln!("nftables unavailable (not root?): test skipped");
@@ -1201,7 +1195,9 @@ async fn a_node_declared_dead_rejoins_as_a_new_generation() {
     )
     .await;
     settled(&refs, 3, DATUMS, &ledger).await;
-    ledger.lock().dead.clear();
+    for name in ["a", "b", "c"] {
+        ledger.lock().revive(name);
+    }
     for n in &nodes {
         assert!(!n.view().fenced, "{} is fenced", n.local().name);
     }

@@ -97,6 +97,15 @@ impl<K: Clone + Eq + Hash + Debug> Ledger<K> {
         self.declared.insert(who.clone());
     }
 
+    /// `who` counts as live again. For checkers that key a process by its
+    /// name only, so that a node back as a new generation has the key of
+    /// the one declared failed: call it once the cluster settled again,
+    /// after the old generation's holdings were taken over
+    /// ([`Self::take_over`]).
+    pub fn revive(&mut self, who: &K) {
+        self.declared.remove(who);
+    }
+
     /// Whether the cluster declared `who` failed.
     #[must_use]
     pub fn is_declared(&self, who: &K) -> bool {
@@ -136,6 +145,23 @@ impl<K: Clone + Eq + Hash + Debug> Ledger<K> {
                  failed) hold it"
             ));
         }
+    }
+
+    /// As [`Self::start_holding`], then every holder of `datum` declared
+    /// failed stops holding it: a takeover voids a failed process's claim
+    /// (it fenced itself, or will, and never relinquishes).
+    pub fn take_over(&mut self, who: &K, datum: i64, at: Duration) {
+        self.start_holding(who, datum, at);
+        if let Some(set) = self.holders.get_mut(&datum) {
+            let declared = &self.declared;
+            set.retain(|k| k == who || !declared.contains(k));
+        }
+    }
+
+    /// How many datums some process holds.
+    #[must_use]
+    pub fn held_count(&self) -> usize {
+        self.holders.values().filter(|s| !s.is_empty()).count()
     }
 
     /// `who` stops holding `datum` (its relinquish finished, its acquire
@@ -289,6 +315,22 @@ mod tests {
         assert!(l.violations()[0].contains("acquires datum 7"));
         assert!(l.violations()[0].starts_with("10ms"));
         assert_eq!(l.holders(7), &[1, 2]);
+    }
+
+    #[test]
+    fn a_takeover_voids_a_declared_holder_and_a_revived_key_counts_again() {
+        let mut l: Ledger<u32> = Ledger::new(false);
+        l.start_holding(&1, 7, T);
+        l.start_holding(&1, 8, T);
+        l.declare_failed(&1);
+        l.take_over(&2, 7, T);
+        assert_eq!(l.holders(7), &[2]);
+        assert_eq!(l.overlaps_with_declared(), 1);
+        assert_eq!(l.held_count(), 2);
+        l.revive(&1);
+        // Live again: its stale claim on 8 counts against a newcomer.
+        l.take_over(&3, 8, T);
+        assert_eq!(l.violations().len(), 1, "{:?}", l.violations());
     }
 
     #[test]

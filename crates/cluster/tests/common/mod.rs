@@ -1,11 +1,13 @@
 //! Helpers of the facade's loopback tests: a ledger of relinquish / acquire
-//! calls that checks the single-owner invariant as they happen, and cluster
-//! start-up helpers.
+//! calls that checks the single-owner invariant as they happen (with the
+//! project's one set of ownership rules, `shoal_core::check::Ledger`, plus
+//! the fencing tokens only real callbacks carry), and cluster start-up
+//! helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shoal::{
     ClusterCa, DatumError, DistDatum, HandoffContext, JobReason, Node, NodeConfig, NodeId, NodeName,
@@ -14,14 +16,17 @@ use shoal::{
 /// Generous bound on anything a test waits for: only bounds hangs.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
 pub struct LedgerInner {
-    /// Which node holds each datum acquired (and not relinquished).
-    pub holder: HashMap<i64, String>,
+    /// Which node (by name) holds each datum acquired and not relinquished,
+    /// and the single-owner rule: a datum is acquired only where no live
+    /// node holds it. A node declared failed (`declare_dead`: killed, or a
+    /// generation the cluster fenced) may be taken over.
+    pub owners: shoal_core::check::Ledger<String>,
+    /// When the ledger was made: the origin of the times in violations.
+    pub start: Instant,
     pub relinquished: Vec<(String, i64)>,
     pub acquired: Vec<(String, i64)>,
-    /// Nodes killed without leaving: their holdings may be taken over.
-    pub dead: HashSet<String>,
+    /// Violations of the facade's own checks (tokens, processing).
     pub violations: Vec<String>,
     /// Per datum, the fencing token of its latest acquisition: the next
     /// acquisition's must be higher, and a relinquish carries it.
@@ -35,6 +40,49 @@ pub struct LedgerInner {
     pub acquire_reasons: Vec<(String, i64, JobReason, Option<NodeId>)>,
 }
 
+impl Default for LedgerInner {
+    fn default() -> Self {
+        LedgerInner {
+            owners: shoal_core::check::Ledger::new(false),
+            start: Instant::now(),
+            relinquished: Vec::new(),
+            acquired: Vec::new(),
+            violations: Vec::new(),
+            tokens: HashMap::new(),
+            fail_relinquish: HashSet::new(),
+            log: Vec::new(),
+            acquire_reasons: Vec::new(),
+        }
+    }
+}
+
+impl LedgerInner {
+    /// The node holding `id` (the latest to acquire it).
+    pub fn holder(&self, id: i64) -> Option<&String> {
+        self.owners.holders(id).last()
+    }
+
+    /// How many datums `node` holds.
+    pub fn held_by(&self, node: &str) -> u64 {
+        self.owners.held_by(&node.to_owned()).len() as u64
+    }
+
+    /// Whether nobody holds anything.
+    pub fn nothing_held(&self) -> bool {
+        self.owners.held_count() == 0
+    }
+
+    /// `node` was killed or fenced: its holdings may be taken over.
+    pub fn declare_dead(&mut self, node: &str) {
+        self.owners.declare_failed(&node.to_owned());
+    }
+
+    /// `node` (a new generation of it) is live again.
+    pub fn revive(&mut self, node: &str) {
+        self.owners.revive(&node.to_owned());
+    }
+}
+
 /// Every node's datums report here.
 #[derive(Default)]
 pub struct Ledger {
@@ -46,8 +94,12 @@ impl Ledger {
         self.inner.lock().unwrap()
     }
 
+    /// Both the ownership rules' violations and the facade's own.
     pub fn violations(&self) -> Vec<String> {
-        self.lock().violations.clone()
+        let l = self.lock();
+        let mut v = l.owners.violations().to_vec();
+        v.extend(l.violations.iter().cloned());
+        v
     }
 
     pub fn clear_history(&self) {
@@ -74,9 +126,7 @@ impl DistDatum for TestDatum {
     async fn relinquish(&self, ctx: HandoffContext) -> Result<(), DatumError> {
         let mut l = self.ledger.lock();
         if l.fail_relinquish.contains(&(self.node.clone(), self.id)) {
-            if l.holder.get(&self.id) == Some(&self.node) {
-                l.holder.remove(&self.id);
-            }
+            l.owners.stop_holding(&self.node, self.id);
             l.log
                 .push((self.node.clone(), "relinquish failed", self.id));
             return Err("cannot save the datum".into());
@@ -91,14 +141,14 @@ impl DistDatum for TestDatum {
             );
             l.violations.push(v);
         }
-        if l.holder.get(&self.id) == Some(&self.node) {
-            l.holder.remove(&self.id);
+        if l.owners.holds(&self.node, self.id) {
+            l.owners.stop_holding(&self.node, self.id);
         } else {
             let v = format!(
                 "{} relinquished {} held by {:?}",
                 self.node,
                 self.id,
-                l.holder.get(&self.id)
+                l.owners.holders(self.id)
             );
             l.violations.push(v);
         }
@@ -112,7 +162,7 @@ impl DistDatum for TestDatum {
         let token = ctx.token.get();
         if let Some(&prev) = l.tokens.get(&self.id)
             && token <= prev
-            && l.holder.get(&self.id) != Some(&self.node)
+            && !l.owners.holds(&self.node, self.id)
         {
             let v = format!(
                 "{} acquired {} under token {} after token {}",
@@ -121,17 +171,8 @@ impl DistDatum for TestDatum {
             l.violations.push(v);
         }
         l.tokens.insert(self.id, token);
-        if let Some(h) = l.holder.get(&self.id)
-            && *h != self.node
-            && !l.dead.contains(h)
-        {
-            let v = format!(
-                "{} acquired {} still held by live {}",
-                self.node, self.id, h
-            );
-            l.violations.push(v);
-        }
-        l.holder.insert(self.id, self.node.clone());
+        let at = l.start.elapsed();
+        l.owners.take_over(&self.node, self.id, at);
         l.acquired.push((self.node.clone(), self.id));
         l.log.push((self.node.clone(), "acquired", self.id));
         Ok(())
@@ -259,7 +300,7 @@ pub async fn settled(nodes: &[&Node], ready: usize, datums: i64, ledger: &Ledger
         let wrong: Vec<_> = (0..datums)
             .filter_map(|id| {
                 let primary = views[0].primary(id).map(|n| n.name.as_str());
-                let holder = l.holder.get(&id).map(String::as_str);
+                let holder = l.holder(id).map(String::as_str);
                 (holder != primary)
                     .then(|| (id, holder.map(str::to_owned), primary.map(str::to_owned)))
             })
