@@ -26,8 +26,10 @@
 //!   jobs and sends ignored, counters of every routed message's fate, and
 //!   when the published view must change.
 //!
-//! It reads no clock and does no I/O: every input carries `now`, and the
-//! outputs are polled. A driver's loop is, in this order:
+//! It reads no clock, does no I/O and uses no randomness: every input
+//! carries `now`, the outputs are polled, and the same inputs give the same
+//! outputs in the same order (nothing depends on a hash map's iteration
+//! order), so a simulation replays exactly from its seed. A driver's loop is, in this order:
 //!
 //! 1. feed inputs: [`NodeCore::set_lease`] (whenever membership's standing
 //!    may have changed), [`NodeCore::handle_membership`],
@@ -81,7 +83,7 @@ mod members;
 mod notices;
 mod routing;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -317,8 +319,9 @@ pub struct NodeCore<W, R> {
     latest: Option<Arc<PlacementTable>>,
     parked: VecDeque<Parked<W>>,
     early_notices: VecDeque<EarlyNotice<R>>,
-    /// Notice sends in flight and their addressee.
-    sends: HashMap<SendId, NodeId>,
+    /// Notice sends in flight and their addressee (ordered: cancelling them
+    /// reports failures to the handoff in one order on every run).
+    sends: BTreeMap<SendId, NodeId>,
     /// Nodes that refused a routed message (they are leaving).
     refusing: HashSet<NodeId>,
     /// The last step of a leave: forwards are acknowledged, nothing parked.
@@ -367,7 +370,7 @@ impl<W: Work, R> NodeCore<W, R> {
             latest: None,
             parked: VecDeque::new(),
             early_notices: VecDeque::new(),
-            sends: HashMap::new(),
+            sends: BTreeMap::new(),
             refusing: HashSet::new(),
             closing: false,
             forwards_in_flight: 0,
