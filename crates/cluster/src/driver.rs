@@ -126,6 +126,8 @@ pub(crate) struct Driver {
     /// Factories of the types registered on demand, by type name.
     factories: HashMap<String, Factory>,
     links: HashMap<SocketAddr, mpsc::Sender<Out>>,
+    /// Forwarding addresses by socket address (see `Driver::dest`).
+    dests: HashMap<SocketAddr, Dest>,
     backlog: VecDeque<Pending>,
     done_tx: mpsc::Sender<Done>,
     /// The notice sends in flight: stopped when the core cancels them.
@@ -164,6 +166,7 @@ impl Driver {
             datums: HashMap::default(),
             factories: HashMap::new(),
             links: HashMap::new(),
+            dests: HashMap::new(),
             backlog: VecDeque::new(),
             done_tx,
             sends: HashMap::new(),

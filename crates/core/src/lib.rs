@@ -658,7 +658,7 @@ impl<W: Work, R> NodeCore<W, R> {
                 }
                 ReleaseTo::Forward(node) => {
                     for work in release.work {
-                        self.forward_to(&node, work);
+                        self.forward_to(node.clone(), work);
                     }
                 }
                 ReleaseTo::Returned(ReturnReason::Fenced) => {

@@ -218,7 +218,7 @@ impl<W: Work, R> NodeCore<W, R> {
                     }
                     work.set_hops(work.hops().saturating_add(1));
                 }
-                self.forward_to(&node, work);
+                self.forward_to(node, work);
             }
             Decision::Hold(d) => match self.handoff.hold(d, work) {
                 Ok(()) => self.counters.held += 1,
@@ -253,7 +253,7 @@ impl<W: Work, R> NodeCore<W, R> {
         self.outputs.push_back(Output::Deliver(work));
     }
 
-    pub(crate) fn forward_to(&mut self, node: &NodeId, work: W) {
+    pub(crate) fn forward_to(&mut self, node: NodeId, work: W) {
         let Some(addr) = self.members.get(&*node.name).map(|m| m.addr) else {
             self.drop_work(DropReason::UnknownOwner, work);
             return;
@@ -265,7 +265,7 @@ impl<W: Work, R> NodeCore<W, R> {
             self.forwards_in_flight += 1;
         }
         self.outputs.push_back(Output::Forward {
-            to: node.clone(),
+            to: node,
             addr,
             work,
             acknowledged: self.closing,

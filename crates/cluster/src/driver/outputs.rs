@@ -36,6 +36,7 @@ impl Driver {
                 Output::Dropped { reason, .. } => counts::dropped_metric(reason, 1),
                 Output::PeerGone(addr) => {
                     self.links.remove(&addr);
+                    self.dests.remove(&addr);
                 }
             }
         }
@@ -62,7 +63,7 @@ impl Driver {
         acknowledged: bool,
         now: Instant,
     ) {
-        let Ok(name) = NodeName::new(&to.name) else {
+        let Some(dest) = self.dest(&to, addr) else {
             self.counts.dropped(DropReason::UnknownOwner, 1);
             if acknowledged {
                 let outcome = ForwardOutcome::Failed("invalid name".into());
@@ -70,7 +71,6 @@ impl Driver {
             }
             return;
         };
-        let dest = Dest::node(name, addr);
         if !acknowledged {
             // The encoded copy keeps the payload it was made from, so a
             // message from a peer keeps its inbound budget while it waits.
@@ -96,6 +96,19 @@ impl Driver {
         });
     }
 
+    /// The transport's address of node `to` at `addr`, kept per address
+    /// (a forward per message would otherwise check and copy the name).
+    fn dest(&mut self, to: &NodeId, addr: SocketAddr) -> Option<Dest> {
+        if let Some(dest) = self.dests.get(&addr)
+            && dest.name.as_ref().is_some_and(|n| n.as_str() == to.name)
+        {
+            return Some(dest.clone());
+        }
+        let dest = Dest::node(NodeName::new(&to.name).ok()?, addr);
+        self.dests.insert(addr, dest.clone());
+        Some(dest)
+    }
+
     fn send_notices(
         &mut self,
         instance: u64,
@@ -104,12 +117,11 @@ impl Driver {
         addr: SocketAddr,
         body: Vec<u8>,
     ) {
-        let Ok(name) = NodeName::new(&to.name) else {
+        let Some(dest) = self.dest(to, addr) else {
             let error = Err(format!("{to} has an invalid name"));
             self.core.send_done(instance, id, error, Instant::now());
             return;
         };
-        let dest = Dest::node(name, addr);
         let transport = self.transport.clone();
         let tx = self.done_tx.clone();
         let task = tokio::spawn(async move {
