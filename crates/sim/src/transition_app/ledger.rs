@@ -1,0 +1,339 @@
+//! The cross-node ledger (who holds what, work processed, counters) and the
+//! checks once a run settled.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_placement::PlacementTable;
+
+use super::{AppWork, Key, TransitionNode, TransitionSettings, TransitionStats, key_of};
+use crate::acting::ActingOwners;
+use crate::sim::Sim;
+
+/// The cross-node ledger: who holds what, work processed, counters.
+pub struct TransitionLedger {
+    pub(super) settings: TransitionSettings,
+    pub(super) base: Instant,
+    /// Datum id -> processes holding it.
+    pub(super) holders: Vec<Vec<Key>>,
+    /// Datum id -> the last process that acquired it.
+    pub(super) last_holder: Vec<Option<Key>>,
+    /// Processes some member declared failed.
+    pub(super) declared: HashSet<Key>,
+    /// Work id -> times processed.
+    pub(super) processed: Vec<u8>,
+    /// Work that may have been lost with a stopped process.
+    pub(super) maybe_lost: HashSet<u64>,
+    /// Work returned to "the client", routed again by the next live node.
+    pub(super) orphans: Vec<AppWork>,
+    /// Crashes, with the datums the crashed process held.
+    failovers: Vec<Failover>,
+    /// With leases: acting owners per datum, checked after every step.
+    pub(super) acting: ActingOwners,
+    /// With leases: the last instant after the heal at which some datum had
+    /// no ready acting owner.
+    pub(super) last_unserved: Option<Instant>,
+    /// The counters.
+    pub stats: TransitionStats,
+}
+
+/// One crash: the datums the crashed process held, when each was next
+/// acquired, and when the last survivor marked the process failed.
+struct Failover {
+    victim: Key,
+    waiting: HashSet<i64>,
+    last_acquired: Option<Instant>,
+    detected: Option<Instant>,
+}
+
+/// How long after the last survivor marked a crashed process failed every
+/// datum it held must be acquired again in `join-leave-kill`: a round of
+/// done markers and an acquire job (0 to 20 ms, failing 5 % of the time and
+/// retried), far below the 10 s transition timeout.
+pub const FAILOVER_MARGIN: Duration = Duration::from_secs(2);
+
+impl TransitionLedger {
+    /// A ledger for a run whose virtual time 0 is `base`.
+    pub fn new(settings: TransitionSettings, base: Instant) -> TransitionLedger {
+        let n = settings.datums as usize;
+        TransitionLedger {
+            settings,
+            base,
+            holders: vec![Vec::new(); n],
+            last_holder: vec![None; n],
+            declared: HashSet::new(),
+            processed: Vec::new(),
+            maybe_lost: HashSet::new(),
+            orphans: Vec::new(),
+            failovers: Vec::new(),
+            acting: ActingOwners::new(n),
+            last_unserved: None,
+            stats: TransitionStats::default(),
+        }
+    }
+
+    /// `victim` crashed holding `datums`.
+    pub(super) fn crashed(&mut self, victim: &Key, datums: &HashSet<i64>) {
+        if datums.is_empty() {
+            return;
+        }
+        self.stats.crashes += 1;
+        self.failovers.push(Failover {
+            victim: victim.clone(),
+            waiting: datums.clone(),
+            last_acquired: None,
+            detected: None,
+        });
+    }
+
+    /// A survivor marked `victim` failed at `now`.
+    pub(super) fn detected(&mut self, victim: &Key, now: Instant) {
+        for f in self.failovers.iter_mut().filter(|f| f.victim == *victim) {
+            f.detected = Some(f.detected.map_or(now, |d| d.max(now)));
+        }
+    }
+
+    /// For every crash: when its last datum was acquired again, less when
+    /// the last survivor marked it failed (None: a datum never was).
+    pub(super) fn failover_lags(&self) -> Vec<(Key, Option<Duration>)> {
+        self.failovers
+            .iter()
+            .map(|f| {
+                let lag = match (f.waiting.is_empty(), f.last_acquired, f.detected) {
+                    (true, Some(done), Some(detected)) => {
+                        Some(done.saturating_duration_since(detected))
+                    }
+                    (true, _, _) => Some(Duration::ZERO),
+                    (false, _, _) => None,
+                };
+                (f.victim.clone(), lag)
+            })
+            .collect()
+    }
+
+    /// The settings of the run.
+    pub fn settings(&self) -> &TransitionSettings {
+        &self.settings
+    }
+
+    /// `who` starts acquiring `datum`. Returns a violation if another live
+    /// process, not declared failed, holds it (without leases; with leases
+    /// such a holder may have lost its lease, and the acting-owner check
+    /// decides).
+    pub(super) fn start_holding(&mut self, who: &Key, datum: i64) -> Option<String> {
+        let declared = &self.declared;
+        let set = usize::try_from(datum)
+            .ok()
+            .and_then(|i| self.holders.get_mut(i))?;
+        let mut problem = None;
+        let mut overlap = false;
+        let mut lapsed = false;
+        for other in set.iter().filter(|k| *k != who) {
+            if declared.contains(other) || declared.contains(who) {
+                overlap = true;
+            } else if self.settings.leases {
+                lapsed = true;
+            } else {
+                problem = Some(format!(
+                    "{}/{} acquires datum {datum} while {}/{} (live, not declared failed) holds it",
+                    who.0, who.1, other.0, other.1
+                ));
+            }
+        }
+        if overlap {
+            self.stats.overlaps_with_declared += 1;
+        }
+        if lapsed {
+            self.stats.overlaps_with_lapsed += 1;
+        }
+        if !set.contains(who) {
+            set.push(who.clone());
+        }
+        problem
+    }
+
+    /// A process started acquiring `datum` at `now`.
+    pub(super) fn acquiring(&mut self, datum: i64, now: Instant) {
+        for f in &mut self.failovers {
+            if f.waiting.remove(&datum) {
+                f.last_acquired = Some(f.last_acquired.map_or(now, |t| t.max(now)));
+            }
+        }
+    }
+
+    pub(super) fn stop_holding(&mut self, who: &Key, datum: i64) {
+        if let Some(set) = usize::try_from(datum)
+            .ok()
+            .and_then(|i| self.holders.get_mut(i))
+        {
+            set.retain(|k| k != who);
+        }
+    }
+
+    pub(super) fn acquired(&mut self, who: &Key, datum: i64) {
+        self.stats.acquired += 1;
+        if let Some(last) = usize::try_from(datum)
+            .ok()
+            .and_then(|i| self.last_holder.get_mut(i))
+        {
+            if last.as_ref().is_some_and(|k| k != who) {
+                self.stats.moved += 1;
+            }
+            *last = Some(who.clone());
+        }
+    }
+
+    pub(super) fn new_work(&mut self, datum: i64) -> AppWork {
+        let id = self.processed.len() as u64;
+        self.processed.push(0);
+        self.stats.work_injected += 1;
+        AppWork { id, datum, hops: 0 }
+    }
+
+    /// Records that `item` was processed; a violation if processed before.
+    pub(super) fn process(&mut self, item: &AppWork) -> Option<String> {
+        self.stats.work_processed += 1;
+        let count = usize::try_from(item.id)
+            .ok()
+            .and_then(|i| self.processed.get_mut(i))?;
+        *count = count.saturating_add(1);
+        (*count > 1).then(|| format!("work {} processed {} times", item.id, count))
+    }
+}
+
+/// The checks once the run settled (faults over, membership converged):
+/// every live node's transitions ended and it runs the same view, every
+/// datum is held by exactly its primary (no orphan, no double owner), no
+/// work is waiting, and every work item was processed exactly once except
+/// items that may have been lost with a stopped process.
+pub fn final_check(sim: &Sim<TransitionNode>) -> Result<(), String> {
+    let ledger = sim.shared();
+    let mut table: Option<Arc<PlacementTable>> = None;
+    for n in sim.nodes() {
+        let Some(handoff) = n.app.handoff() else {
+            return Err(format!("{} has no transition layer", n.info.name));
+        };
+        if handoff.is_fenced() || n.leaving {
+            continue;
+        }
+        if !handoff.is_idle() {
+            return Err(format!(
+                "{}: transition still running: {:?}",
+                n.info.name,
+                handoff.progress()
+            ));
+        }
+        match &table {
+            None => table = Some(handoff.table().clone()),
+            Some(t) if t.view_id() != handoff.view_id() => {
+                return Err(format!(
+                    "{} runs view {} while another node runs view {}",
+                    n.info.name,
+                    handoff.view_id(),
+                    t.view_id()
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let Some(table) = table else {
+        return Err("no live node at the end".into());
+    };
+    for (id, holders) in ledger.holders.iter().enumerate() {
+        let id = i64::try_from(id).map_err(|e| e.to_string())?;
+        let primary = table
+            .primary(id)
+            .and_then(|i| table.view().node(i))
+            .map(key_of);
+        let expected: Vec<Key> = primary.into_iter().collect();
+        if *holders != expected {
+            return Err(format!(
+                "datum {id}: held by {holders:?}, its primary is {expected:?}"
+            ));
+        }
+    }
+    if let Some(bound) = ledger.settings.failover_within {
+        for (victim, lag) in ledger.failover_lags() {
+            match lag {
+                Some(lag) if lag <= bound => {}
+                Some(lag) => {
+                    return Err(format!(
+                        "datums of {}/{} acquired again {lag:?} after the last survivor marked it \
+                         failed (bound {bound:?})",
+                        victim.0, victim.1
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "datums of {}/{} never acquired again",
+                        victim.0, victim.1
+                    ));
+                }
+            }
+        }
+    }
+    if !ledger.orphans.is_empty() {
+        return Err(format!(
+            "{} work items never routed again",
+            ledger.orphans.len()
+        ));
+    }
+    for (id, &count) in ledger.processed.iter().enumerate() {
+        if count != 1 && !(count == 0 && ledger.maybe_lost.contains(&(id as u64))) {
+            return Err(format!("work {id} processed {count} times"));
+        }
+    }
+    Ok(())
+}
+
+/// With leases, once the run settled: no live process is fenced or not
+/// ready, every one holds a valid lease, every datum has a ready acting
+/// owner, and since the last heal every datum had one within the bound.
+pub fn final_check_leases(sim: &Sim<TransitionNode>) -> Result<(), String> {
+    let ledger = sim.shared();
+    let s = &ledger.settings;
+    let (Some(healed), Some(bound)) = (s.healed_at, s.recover_within) else {
+        return Ok(());
+    };
+    let now = ledger.base + sim.now();
+    for n in sim.nodes() {
+        if n.leaving {
+            continue;
+        }
+        if n.app.handoff().is_none_or(|h| h.is_fenced()) {
+            return Err(format!(
+                "{}/{} is fenced at the end",
+                n.info.name, n.info.generation
+            ));
+        }
+        if !n.membership.local().ready {
+            return Err(format!(
+                "{}/{} is not ready at the end",
+                n.info.name, n.info.generation
+            ));
+        }
+        let standing = n.membership.standing(now);
+        if !standing.is_valid() {
+            return Err(format!(
+                "{}/{} has no valid lease at the end: {standing:?}",
+                n.info.name, n.info.generation
+            ));
+        }
+    }
+    if let Some(d) = ledger.acting.an_unserved() {
+        return Err(format!(
+            "datum {d} has no ready acting owner at the end ({} such datums)",
+            ledger.acting.unserved()
+        ));
+    }
+    if let Some(last) = ledger.last_unserved {
+        let after = last.saturating_duration_since(ledger.base + healed);
+        if after > bound {
+            return Err(format!(
+                "a datum had no ready acting owner {after:?} after the last heal (bound {bound:?})"
+            ));
+        }
+    }
+    Ok(())
+}
