@@ -247,6 +247,10 @@ pub struct TransitionStats {
     pub acquire_failures: u64,
     /// Relinquishes given up.
     pub relinquish_abandoned: u64,
+    /// Datums a gracefully leaving node gave up (a relinquish failed during
+    /// its leave: `NodeCore::begin_leave` / `give_up`, as the facade's
+    /// `leave`); the new owner takes them on everyone's done markers.
+    pub leave_given_up: u64,
     /// Acquisitions that overlapped a holder declared failed (allowed).
     pub overlaps_with_declared: u64,
     /// With leases: acquisitions that overlapped a holder nobody declared

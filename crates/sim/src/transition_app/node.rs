@@ -36,8 +36,12 @@ struct RunningJob {
 /// What a message sent through the simulator carried.
 #[derive(Clone, Debug)]
 enum Pending {
-    /// A notice batch of handoff `instance`.
-    Notices { instance: u64, id: SendId },
+    /// A notice batch of handoff `instance` to `to`.
+    Notices {
+        instance: u64,
+        id: SendId,
+        to: NodeId,
+    },
     /// A notice send the core cancelled (its addressee was declared
     /// failed): its outcome is ignored.
     Cancelled,
@@ -305,9 +309,9 @@ impl TransitionNode {
             Output::SendNotices {
                 instance,
                 id,
+                to,
                 addr,
                 batch,
-                ..
             } => {
                 let bytes = batch.encode();
                 let mut payload = Vec::with_capacity(bytes.len() + 1);
@@ -315,7 +319,7 @@ impl TransitionNode {
                 payload.extend_from_slice(&bytes);
                 let message = ctx.send(addr, payload);
                 self.sends
-                    .insert(message, Pending::Notices { instance, id });
+                    .insert(message, Pending::Notices { instance, id, to });
             }
             Output::CancelNotices(id) => {
                 for pending in self.sends.values_mut() {
@@ -482,6 +486,12 @@ impl TransitionNode {
                 return;
             }
             self.departing = true;
+            // As the facade's `leave`: a relinquish that fails from now on
+            // is given up at once (its done markers let the new owner take
+            // the datum), then the node goes not ready.
+            if let Some(core) = self.core.as_mut() {
+                core.begin_leave();
+            }
             ctx.set_ready(false);
         }
         let done = self.core.as_ref().is_some_and(|c| {
@@ -489,6 +499,13 @@ impl TransitionNode {
             h.is_idle() && !h.table().view().contains(h.local())
         });
         if done && !ctx.membership().local().ready {
+            // The transition without this node is over: what was given up
+            // during it is counted (the farewells go out with the next
+            // pump), then the node leaves the membership.
+            if let Some(core) = self.core.as_mut() {
+                let given_up = core.give_up(ctx.now()).len() as u64;
+                ctx.shared().stats.leave_given_up += given_up;
+            }
             self.leaving = true;
             ctx.leave();
         }
@@ -512,6 +529,7 @@ impl TransitionNode {
                     if matches!(event, MembershipEvent::Failed(_)) {
                         ctx.shared().declared.insert(key.clone());
                         ctx.shared().detected(&key, now);
+                        self.cancel_sends_to(&NodeId::new(&*m.name, m.generation), now);
                     }
                     self.rescan = true;
                 }
@@ -542,6 +560,41 @@ impl TransitionNode {
                     core.handle_membership(event, now);
                 }
             }
+        }
+    }
+
+    /// Stops the notice sends in flight to `node`, declared failed, and
+    /// reports each failed, in the order of their ids, before the core
+    /// hears of the failure. The core would do the same
+    /// (`Output::CancelNotices`), but in the order of its hash map, which
+    /// differs between two runs of one seed: done here, the run stays
+    /// deterministic, and the core finds nothing left to cancel.
+    fn cancel_sends_to(&mut self, node: &NodeId, now: Instant) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let instance = core.instance();
+        let mut cancelled: Vec<(SendId, MessageId)> = self
+            .sends
+            .iter()
+            .filter_map(|(message, pending)| match pending {
+                Pending::Notices {
+                    instance: i,
+                    id,
+                    to,
+                } if *i == instance && to == node => Some((*id, *message)),
+                _ => None,
+            })
+            .collect();
+        cancelled.sort_unstable();
+        for (id, message) in cancelled {
+            self.sends.insert(message, Pending::Cancelled);
+            core.send_done(
+                instance,
+                id,
+                Err(format!("{node} was declared failed")),
+                now,
+            );
         }
     }
 
@@ -712,7 +765,7 @@ impl Application for TransitionNode {
             Err("not delivered".to_string())
         };
         match (self.sends.remove(&id), self.core.as_mut()) {
-            (Some(Pending::Notices { instance, id }), Some(core)) => {
+            (Some(Pending::Notices { instance, id, .. }), Some(core)) => {
                 core.send_done(instance, id, outcome, now);
             }
             (Some(Pending::Notices { .. } | Pending::Cancelled), _) => {}
