@@ -38,12 +38,8 @@ struct RunningJob {
 /// What a message sent through the simulator carried.
 #[derive(Clone, Debug)]
 enum Pending {
-    /// A notice batch of handoff `instance` to `to`.
-    Notices {
-        instance: u64,
-        id: SendId,
-        to: NodeId,
-    },
+    /// A notice batch of handoff `instance`.
+    Notices { instance: u64, id: SendId },
     /// A notice send the core cancelled (its addressee was declared
     /// failed): its outcome is ignored.
     Cancelled,
@@ -279,7 +275,6 @@ impl TransitionNode {
                     if matches!(event, MembershipEvent::Failed(_)) {
                         ctx.shared().declared.insert(key.clone());
                         ctx.shared().detected(&key, now);
-                        self.cancel_sends_to(&NodeId::new(&*m.name, m.generation), now);
                     }
                     self.rescan = true;
                 }
@@ -497,9 +492,14 @@ impl Application for TransitionNode {
                 Some(core),
             ) => {
                 // Not handled by the receiver (the simulator's reliable
-                // message says so for certain): routed again.
+                // message says so for certain).
                 if !delivered {
-                    core.route_again(work, now);
+                    // As the facade's link: a routed message the transport
+                    // failed to send is dropped and counted (here it goes
+                    // back to the client, which routes it again later).
+                    core.count_dropped(DropReason::SendFailed, 1);
+                    Self::count_dropped(DropReason::SendFailed, ctx.shared());
+                    Self::to_client(work, ctx.shared());
                 }
             }
             (

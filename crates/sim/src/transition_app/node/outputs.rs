@@ -3,15 +3,12 @@
 //! dropped work handed back to the client), the handoff's events counted,
 //! and the holdings reported to the acting-owner check.
 
-use std::time::Instant;
-
 use rand::Rng;
 use shoal_core::{DropReason, Output};
-use shoal_placement::NodeId;
-use shoal_transition::{HandoffEvent, Job, JobKind, SendId, WithoutNotice};
+use shoal_transition::{HandoffEvent, Job, JobKind, WithoutNotice};
 
 use super::{Pending, RunningJob, TransitionNode, owns};
-use crate::app::{AppCtx, MessageId};
+use crate::app::AppCtx;
 use crate::transition_app::{AppWork, TAG_NOTICES, TransitionLedger, between};
 
 impl TransitionNode {
@@ -133,9 +130,9 @@ impl TransitionNode {
             Output::SendNotices {
                 instance,
                 id,
-                to,
                 addr,
                 batch,
+                ..
             } => {
                 let bytes = batch.encode();
                 let mut payload = Vec::with_capacity(bytes.len() + 1);
@@ -143,7 +140,7 @@ impl TransitionNode {
                 payload.extend_from_slice(&bytes);
                 let message = ctx.send(addr, payload);
                 self.sends
-                    .insert(message, Pending::Notices { instance, id, to });
+                    .insert(message, Pending::Notices { instance, id });
             }
             Output::CancelNotices(id) => {
                 for pending in self.sends.values_mut() {
@@ -264,41 +261,6 @@ impl TransitionNode {
         }
         if let Some(problem) = ctx.shared().process(&item) {
             Self::violation(ctx, problem);
-        }
-    }
-
-    /// Stops the notice sends in flight to `node`, declared failed, and
-    /// reports each failed, in the order of their ids, before the core
-    /// hears of the failure. The core would do the same
-    /// (`Output::CancelNotices`), but in the order of its hash map, which
-    /// differs between two runs of one seed: done here, the run stays
-    /// deterministic, and the core finds nothing left to cancel.
-    pub(super) fn cancel_sends_to(&mut self, node: &NodeId, now: Instant) {
-        let Some(core) = self.core.as_mut() else {
-            return;
-        };
-        let instance = core.instance();
-        let mut cancelled: Vec<(SendId, MessageId)> = self
-            .sends
-            .iter()
-            .filter_map(|(message, pending)| match pending {
-                Pending::Notices {
-                    instance: i,
-                    id,
-                    to,
-                } if *i == instance && to == node => Some((*id, *message)),
-                _ => None,
-            })
-            .collect();
-        cancelled.sort_unstable();
-        for (id, message) in cancelled {
-            self.sends.insert(message, Pending::Cancelled);
-            core.send_done(
-                instance,
-                id,
-                Err(format!("{node} was declared failed")),
-                now,
-            );
         }
     }
 }
