@@ -138,7 +138,7 @@ fn nodes_ready_before_joining_give_two_owners_and_the_check_catches_it() {
     assert_eq!(r.invariant_violations, 1);
     let failure = r.failure.unwrap();
     assert!(
-        failure.contains("not declared failed) holds it"),
+        failure.contains("acquires datum") && failure.contains("not declared failed) hold it"),
         "{failure}"
     );
 }

@@ -5,26 +5,27 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_core::check::Ledger;
 use shoal_placement::PlacementTable;
 
 use super::{AppWork, Key, TransitionNode, TransitionSettings, TransitionStats, key_of};
 use crate::acting::ActingOwners;
 use crate::sim::Sim;
 
-/// The cross-node ledger: who holds what, work processed, counters.
+/// The cross-node ledger: who holds what, work processed, counters. The
+/// ownership rules are the project's one set
+/// ([`shoal_core::check::Ledger`]): a process starts holding a datum only
+/// where no other holds it unless one of them was declared failed (with
+/// leases such an overlap is only counted, and the acting-owner check
+/// decides), work is processed only where held and exactly once unless it
+/// may have been lost with a stopped process.
 pub struct TransitionLedger {
     pub(super) settings: TransitionSettings,
     pub(super) base: Instant,
-    /// Datum id -> processes holding it.
-    pub(super) holders: Vec<Vec<Key>>,
+    /// Who holds what, work issued and processed, processes declared failed.
+    pub(super) owners: Ledger<Key>,
     /// Datum id -> the last process that acquired it.
     pub(super) last_holder: Vec<Option<Key>>,
-    /// Processes some member declared failed.
-    pub(super) declared: HashSet<Key>,
-    /// Work id -> times processed.
-    pub(super) processed: Vec<u8>,
-    /// Work that may have been lost with a stopped process.
-    pub(super) maybe_lost: HashSet<u64>,
     /// Work returned to "the client", routed again by the next live node.
     pub(super) orphans: Vec<AppWork>,
     /// Crashes, with the datums the crashed process held.
@@ -57,14 +58,12 @@ impl TransitionLedger {
     /// A ledger for a run whose virtual time 0 is `base`.
     pub fn new(settings: TransitionSettings, base: Instant) -> TransitionLedger {
         let n = settings.datums as usize;
+        let leases = settings.leases;
         TransitionLedger {
             settings,
             base,
-            holders: vec![Vec::new(); n],
+            owners: Ledger::new(leases),
             last_holder: vec![None; n],
-            declared: HashSet::new(),
-            processed: Vec::new(),
-            maybe_lost: HashSet::new(),
             orphans: Vec::new(),
             failovers: Vec::new(),
             acting: ActingOwners::new(n),
@@ -117,40 +116,32 @@ impl TransitionLedger {
         &self.settings
     }
 
-    /// `who` starts acquiring `datum`. Returns a violation if another live
-    /// process, not declared failed, holds it (without leases; with leases
-    /// such a holder may have lost its lease, and the acting-owner check
-    /// decides).
-    pub(super) fn start_holding(&mut self, who: &Key, datum: i64) -> Option<String> {
-        let declared = &self.declared;
-        let set = usize::try_from(datum)
-            .ok()
-            .and_then(|i| self.holders.get_mut(i))?;
-        let mut problem = None;
-        let mut overlap = false;
-        let mut lapsed = false;
-        for other in set.iter().filter(|k| *k != who) {
-            if declared.contains(other) || declared.contains(who) {
-                overlap = true;
-            } else if self.settings.leases {
-                lapsed = true;
-            } else {
-                problem = Some(format!(
-                    "{}/{} acquires datum {datum} while {}/{} (live, not declared failed) holds it",
-                    who.0, who.1, other.0, other.1
-                ));
-            }
-        }
-        if overlap {
-            self.stats.overlaps_with_declared += 1;
-        }
-        if lapsed {
-            self.stats.overlaps_with_lapsed += 1;
-        }
-        if !set.contains(who) {
-            set.push(who.clone());
-        }
-        problem
+    /// The virtual time of `now`.
+    fn at(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.base)
+    }
+
+    /// The violations the ownership rules found since the last call.
+    fn problems(&mut self) -> Option<String> {
+        let v = self.owners.take_violations();
+        self.stats.overlaps_with_declared = self.owners.overlaps_with_declared();
+        self.stats.overlaps_with_lapsed = self.owners.overlaps_with_lapsed();
+        (!v.is_empty()).then(|| v.join("; "))
+    }
+
+    /// The cluster declared `who` failed.
+    pub(super) fn declare_failed(&mut self, who: &Key) {
+        self.owners.declare_failed(who);
+    }
+
+    /// `who` starts acquiring `datum` at `now`. Returns a violation if
+    /// another live process, not declared failed, holds it (without
+    /// leases; with leases such a holder may have lost its lease, and the
+    /// acting-owner check decides).
+    pub(super) fn start_holding(&mut self, who: &Key, datum: i64, now: Instant) -> Option<String> {
+        let at = self.at(now);
+        self.owners.start_holding(who, datum, at);
+        self.problems()
     }
 
     /// A process started acquiring `datum` at `now`.
@@ -163,12 +154,13 @@ impl TransitionLedger {
     }
 
     pub(super) fn stop_holding(&mut self, who: &Key, datum: i64) {
-        if let Some(set) = usize::try_from(datum)
-            .ok()
-            .and_then(|i| self.holders.get_mut(i))
-        {
-            set.retain(|k| k != who);
-        }
+        self.owners.stop_holding(who, datum);
+    }
+
+    /// Work `id` may have been lost with a stopped process.
+    pub(super) fn maybe_lost(&mut self, id: u64) {
+        self.owners.maybe_lost(id);
+        self.stats.work_maybe_lost += 1;
     }
 
     pub(super) fn acquired(&mut self, who: &Key, datum: i64) {
@@ -185,20 +177,19 @@ impl TransitionLedger {
     }
 
     pub(super) fn new_work(&mut self, datum: i64) -> AppWork {
-        let id = self.processed.len() as u64;
-        self.processed.push(0);
+        let id = self.owners.issued() as u64;
+        self.owners.issue(id, datum);
         self.stats.work_injected += 1;
         AppWork { id, datum, hops: 0 }
     }
 
-    /// Records that `item` was processed; a violation if processed before.
-    pub(super) fn process(&mut self, item: &AppWork) -> Option<String> {
+    /// Records that `who` processed `item` at `now`; a violation if it does
+    /// not hold the datum, or processed it before.
+    pub(super) fn process(&mut self, who: &Key, item: &AppWork, now: Instant) -> Option<String> {
         self.stats.work_processed += 1;
-        let count = usize::try_from(item.id)
-            .ok()
-            .and_then(|i| self.processed.get_mut(i))?;
-        *count = count.saturating_add(1);
-        (*count > 1).then(|| format!("work {} processed {} times", item.id, count))
+        let at = self.at(now);
+        self.owners.process(who, item.id, item.datum, at);
+        self.problems()
     }
 }
 
@@ -240,14 +231,14 @@ pub fn final_check(sim: &Sim<TransitionNode>) -> Result<(), String> {
     let Some(table) = table else {
         return Err("no live node at the end".into());
     };
-    for (id, holders) in ledger.holders.iter().enumerate() {
-        let id = i64::try_from(id).map_err(|e| e.to_string())?;
+    for id in 0..i64::from(ledger.settings.datums) {
+        let holders = ledger.owners.holders(id);
         let primary = table
             .primary(id)
             .and_then(|i| table.view().node(i))
             .map(key_of);
         let expected: Vec<Key> = primary.into_iter().collect();
-        if *holders != expected {
+        if holders != expected.as_slice() {
             return Err(format!(
                 "datum {id}: held by {holders:?}, its primary is {expected:?}"
             ));
@@ -279,10 +270,8 @@ pub fn final_check(sim: &Sim<TransitionNode>) -> Result<(), String> {
             ledger.orphans.len()
         ));
     }
-    for (id, &count) in ledger.processed.iter().enumerate() {
-        if count != 1 && !(count == 0 && ledger.maybe_lost.contains(&(id as u64))) {
-            return Err(format!("work {id} processed {count} times"));
-        }
+    if let Some(first) = ledger.owners.unprocessed(sim.now()).first() {
+        return Err(first.clone());
     }
     Ok(())
 }

@@ -273,7 +273,7 @@ impl TransitionNode {
                 let key: Key = (m.name.clone(), m.generation);
                 if key != self.key {
                     if matches!(event, MembershipEvent::Failed(_)) {
-                        ctx.shared().declared.insert(key.clone());
+                        ctx.shared().declare_failed(&key);
                         ctx.shared().detected(&key, now);
                     }
                     self.rescan = true;
@@ -283,7 +283,7 @@ impl TransitionNode {
                 }
             }
             MembershipEvent::DeclaredFailed => {
-                ctx.shared().declared.insert(self.key.clone());
+                ctx.shared().declare_failed(&self.key);
                 if let Some(core) = self.core.as_mut() {
                     core.handle_membership(event, now);
                 }
@@ -642,8 +642,7 @@ impl Application for TransitionNode {
         for pending in std::mem::take(&mut self.sends).into_values() {
             if let Pending::Work { work, .. } = pending {
                 let l = ctx.shared();
-                l.maybe_lost.insert(work.id);
-                l.stats.work_maybe_lost += 1;
+                l.maybe_lost(work.id);
             }
         }
         self.jobs.clear();
@@ -694,8 +693,7 @@ impl Application for TransitionNode {
         }
         for work in left {
             if crashed {
-                shared.maybe_lost.insert(work.id);
-                shared.stats.work_maybe_lost += 1;
+                shared.maybe_lost(work.id);
             } else {
                 Self::to_client(work, shared);
             }
@@ -703,8 +701,7 @@ impl Application for TransitionNode {
         // Work sent and not acknowledged: it may arrive or not.
         for pending in self.sends.values() {
             if let Pending::Work { work, .. } = pending {
-                shared.maybe_lost.insert(work.id);
-                shared.stats.work_maybe_lost += 1;
+                shared.maybe_lost(work.id);
             }
         }
     }

@@ -96,7 +96,7 @@ impl TransitionNode {
         if job.kind == JobKind::Acquire {
             self.holding.insert(job.datum.id);
             ctx.shared().acquiring(job.datum.id, now);
-            if let Some(problem) = ctx.shared().start_holding(&self.key, job.datum.id) {
+            if let Some(problem) = ctx.shared().start_holding(&self.key, job.datum.id, now) {
                 Self::violation(ctx, problem);
             }
         }
@@ -218,7 +218,7 @@ impl TransitionNode {
                 if !retry && held {
                     // The layer processes the datum anyway: it holds it.
                     self.holding.insert(datum.id);
-                    if let Some(problem) = ctx.shared().start_holding(&self.key, datum.id) {
+                    if let Some(problem) = ctx.shared().start_holding(&self.key, datum.id, now) {
                         Self::violation(ctx, problem);
                     }
                 }
@@ -250,16 +250,8 @@ impl TransitionNode {
                 ),
             );
         }
-        if !self.holding.contains(&item.datum) {
-            Self::violation(
-                ctx,
-                format!(
-                    "{}/{} processes work {} for datum {} it does not hold",
-                    self.key.0, self.key.1, item.id, item.datum
-                ),
-            );
-        }
-        if let Some(problem) = ctx.shared().process(&item) {
+        let now = ctx.now();
+        if let Some(problem) = ctx.shared().process(&self.key, &item, now) {
             Self::violation(ctx, problem);
         }
     }
