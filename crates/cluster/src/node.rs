@@ -181,6 +181,10 @@ impl Node {
         // twice (while decompressing, compressed and decompressed bytes
         // are charged together).
         tconfig.control_channels = vec![wire::CH_MEMBERSHIP, wire::CH_NOTICES];
+        // Batches of routed messages go out plain: compressing each costs
+        // more than the bytes it saves on the links a cluster runs on (the
+        // messages in them were compressed alone when large).
+        tconfig.plain_channels = vec![wire::CH_ROUTED_BATCH];
         let max = config.limits.max_message;
         tconfig.control_bytes = (state_cap.min(max) + notice_cap.min(max))
             .saturating_mul(4)

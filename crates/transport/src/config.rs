@@ -53,6 +53,10 @@ pub struct TransportConfig {
     pub compress_min: usize,
     /// zstd level. Default 1 (fast).
     pub compression_level: i32,
+    /// Channels whose messages are never compressed, whatever their size:
+    /// for traffic where compressing costs more CPU than it saves (many
+    /// small messages sent together on a fast network). Default empty.
+    pub plain_channels: Vec<u32>,
     /// Bytes of one-way messages queued for one peer and not yet written to
     /// QUIC. A full queue makes senders wait or fail ([`WhenFull`]).
     /// Default 4 MiB; at least 64 KiB.
@@ -160,6 +164,7 @@ impl Default for TransportConfig {
             max_message_size: 16 * 1024 * 1024,
             compress_min: 1024,
             compression_level: 1,
+            plain_channels: Vec::new(),
             send_queue_bytes: 4 * 1024 * 1024,
             inbound_messages: 8192,
             inbound_bytes: 64 * 1024 * 1024,

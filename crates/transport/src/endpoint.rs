@@ -156,10 +156,15 @@ impl Inner {
     /// within the channel's ratio cap (so a peer with the same caps never
     /// refuses it).
     pub(crate) fn out_frame(&self, channel: u32, body: Bytes) -> OutFrame {
+        let compress_min = if self.config.plain_channels.contains(&channel) {
+            usize::MAX
+        } else {
+            self.config.compress_min
+        };
         OutFrame::within_ratio(
             channel,
             body,
-            self.config.compress_min,
+            compress_min,
             self.config.compression_level,
             self.caps.of(channel).max_ratio,
         )

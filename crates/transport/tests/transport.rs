@@ -189,6 +189,35 @@ async fn messages_and_requests_both_ways() {
     .await;
 }
 
+/// A channel configured plain sends even a very compressible message as
+/// it is; other channels still compress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_channels_are_never_compressed() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.plain_channels = vec![5];
+    let (a, _a_in) = start(&ids[0], cfg);
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    // Compressible within the default ratio cap: text with a counter.
+    let mut text = Vec::new();
+    let mut i = 0u64;
+    while text.len() < 32 * 1024 {
+        text.extend_from_slice(format!("datum {i} value {} ;", i % 977).as_bytes());
+        i += 1;
+    }
+    let body = Bytes::from(text);
+    within(a.send(&dest_of(&b), 5, body.clone(), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert!(next_message(&mut b_in).await.body == body);
+    assert_eq!(a.stats().messages_compressed, 0);
+    within(a.send(&dest_of(&b), 3, body.clone(), WhenFull::Wait))
+        .await
+        .unwrap();
+    assert!(next_message(&mut b_in).await.body == body);
+    assert_eq!(a.stats().messages_compressed, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_message_is_compressed_and_restored() {
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();

@@ -157,7 +157,7 @@ pub(super) fn holding(bytes: Bytes, hold: Bytes) -> Bytes {
 const LINK_BATCH: usize = 256;
 /// Largest batch of routed messages a link sends as one message: below the
 /// transport's inline frame limit (larger messages get a stream each).
-const ROUTED_BATCH_BYTES: usize = 16 * 1024;
+const ROUTED_BATCH_BYTES: usize = 4 * 1024;
 
 /// Routed messages for one peer taken from the link's queue together, sent
 /// as one [`RoutedBatch`] (or alone when there is just one).
