@@ -107,8 +107,6 @@ pub struct RouteCounters {
     pub origin_replaced: u64,
     /// Notice batches that could not be decoded.
     pub malformed_notices: u64,
-    /// Routed messages or refusals that could not be decoded.
-    pub malformed_routed: u64,
     /// Dropped, by reason (indexed by [`DropReason::index`]).
     pub drops: [u64; 17],
 }

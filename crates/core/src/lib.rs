@@ -415,11 +415,6 @@ impl<W: Work, R> NodeCore<W, R> {
         &mut self.handoff
     }
 
-    /// The newest table built from a view.
-    pub fn latest(&self) -> Option<&Arc<PlacementTable>> {
-        self.latest.as_ref()
-    }
-
     /// Which handoff machine is in force: tag jobs and sends with it, and
     /// report their completion with it.
     pub fn instance(&self) -> u64 {

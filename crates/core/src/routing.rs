@@ -91,11 +91,6 @@ impl<W: Work, R> NodeCore<W, R> {
         self.reroute_parked(now, true);
     }
 
-    /// Whether a leave's last step began.
-    pub fn is_closing(&self) -> bool {
-        self.closing
-    }
-
     /// Drops every parked message (the node stops), as `reason`.
     pub fn drop_parked(&mut self, reason: DropReason) {
         for p in std::mem::take(&mut self.parked) {
@@ -113,12 +108,6 @@ impl<W: Work, R> NodeCore<W, R> {
     /// Counts `n` messages the driver dropped for `reason`.
     pub fn count_dropped(&mut self, reason: DropReason, n: u64) {
         self.counters.dropped(reason, n);
-    }
-
-    /// Counts a malformed routed message or refusal.
-    pub fn count_malformed_routed(&mut self) {
-        self.counters.malformed_routed += 1;
-        self.counters.dropped(DropReason::Malformed, 1);
     }
 
     /// Routes parked messages again: those due at `now`, or all of them

@@ -105,7 +105,7 @@ impl Counts {
             routed_refused: g(&self.routed_refused),
             routed_rerouted: core.rerouted,
             datagrams_dropped: g(&self.datagrams_dropped),
-            malformed: g(&self.malformed) + core.malformed_notices + core.malformed_routed,
+            malformed: g(&self.malformed) + core.malformed_notices,
             jobs_started: g(&self.jobs_started),
             callback_panics: g(&self.callback_panics),
             routed_origin_replaced: core.origin_replaced,
