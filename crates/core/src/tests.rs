@@ -106,6 +106,18 @@ fn delivered(out: &[Output<Msg, u32>]) -> Vec<Msg> {
         .collect()
 }
 
+/// Core `a` in the view of `a` and `b`, and a datum `b` owns there.
+fn a_next_to_b(now: Instant) -> (TestCore, i64) {
+    let mut a = core("a", 1);
+    a.handle_membership(
+        Event::ViewChanged(vec![member("a", 1), member("b", 2)]),
+        now,
+    );
+    settle(&mut a, now);
+    let id = owned_by(&a, "b");
+    (a, id)
+}
+
 /// A datum id whose primary in the view of `a` and `b` is `owner`.
 fn owned_by(core: &TestCore, owner: &str) -> i64 {
     let table = core.handoff().table();
@@ -122,13 +134,7 @@ fn owned_by(core: &TestCore, owner: &str) -> i64 {
 #[test]
 fn work_for_another_owner_is_forwarded_once_then_parked_and_routed_again() {
     let now = Instant::now();
-    let mut a = core("a", 1);
-    a.handle_membership(
-        Event::ViewChanged(vec![member("a", 1), member("b", 2)]),
-        now,
-    );
-    settle(&mut a, now);
-    let id = owned_by(&a, "b");
+    let (mut a, id) = a_next_to_b(now);
     // Sent here by the application: forwarded, its hop count unchanged.
     a.route_local(msg(id, 0, "a"), now);
     let out = settle(&mut a, now);
@@ -337,13 +343,7 @@ fn after_a_rebirth_the_old_generation_s_completions_are_ignored() {
 #[test]
 fn a_closing_node_forwards_with_acknowledgement_and_parks_nothing() {
     let now = Instant::now();
-    let mut a = core("a", 1);
-    a.handle_membership(
-        Event::ViewChanged(vec![member("a", 1), member("b", 2)]),
-        now,
-    );
-    settle(&mut a, now);
-    let id = owned_by(&a, "b");
+    let (mut a, id) = a_next_to_b(now);
     a.close(now);
     // Past the hop limit: a closing node forwards anyway.
     a.route_from_peer(msg(id, 1, "c"), "b", now);
