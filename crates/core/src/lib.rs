@@ -245,7 +245,7 @@ pub enum Output<W, R> {
         to: NodeId,
         /// Its address.
         addr: SocketAddr,
-        /// The message, its hop count already raised.
+        /// The message (its hop count raised when a peer had sent it here).
         work: W,
         /// Whether the receiver's answer must be reported.
         acknowledged: bool,
