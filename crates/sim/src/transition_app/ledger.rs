@@ -73,14 +73,14 @@ impl TransitionLedger {
     }
 
     /// `victim` crashed holding `datums`.
-    pub(super) fn crashed(&mut self, victim: &Key, datums: &HashSet<i64>) {
+    pub(super) fn crashed(&mut self, victim: &Key, datums: Vec<i64>) {
         if datums.is_empty() {
             return;
         }
         self.stats.crashes += 1;
         self.failovers.push(Failover {
             victim: victim.clone(),
-            waiting: datums.clone(),
+            waiting: datums.into_iter().collect(),
             last_acquired: None,
             detected: None,
         });
@@ -124,8 +124,6 @@ impl TransitionLedger {
     /// The violations the ownership rules found since the last call.
     fn problems(&mut self) -> Option<String> {
         let v = self.owners.take_violations();
-        self.stats.overlaps_with_declared = self.owners.overlaps_with_declared();
-        self.stats.overlaps_with_lapsed = self.owners.overlaps_with_lapsed();
         (!v.is_empty()).then(|| v.join("; "))
     }
 
@@ -155,6 +153,17 @@ impl TransitionLedger {
 
     pub(super) fn stop_holding(&mut self, who: &Key, datum: i64) {
         self.owners.stop_holding(who, datum);
+    }
+
+    /// Whether `who` holds `datum`.
+    pub(super) fn holds(&self, who: &Key, datum: i64) -> bool {
+        self.owners.holds(who, datum)
+    }
+
+    /// `who` stops holding everything (fenced, reborn or stopped); returns
+    /// what it held.
+    pub(super) fn drop_process(&mut self, who: &Key) -> Vec<i64> {
+        self.owners.drop_process(who)
     }
 
     /// Work `id` may have been lost with a stopped process.

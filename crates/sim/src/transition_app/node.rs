@@ -4,7 +4,7 @@
 //! order, jobs run with virtual delays and failures, reliable messages,
 //! readiness, graceful leaves, rebirths, and the ledger's checks.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -63,7 +63,6 @@ pub struct TransitionNode {
     jobs: BTreeMap<(Instant, u64), RunningJob>,
     job_seq: u64,
     sends: HashMap<MessageId, Pending>,
-    holding: HashSet<i64>,
     next_tick: Instant,
     transition_since: Option<Instant>,
     leaving: bool,
@@ -100,7 +99,6 @@ impl fmt::Debug for TransitionNode {
         f.debug_struct("TransitionNode")
             .field("name", &self.key.0)
             .field("generation", &self.key.1)
-            .field("holding", &self.holding.len())
             .finish_non_exhaustive()
     }
 }
@@ -121,11 +119,6 @@ impl TransitionNode {
     /// This node's core (None only if it could not be built).
     pub fn core(&self) -> Option<&NodeCore<AppWork, ()>> {
         self.core.as_ref()
-    }
-
-    /// Datums this process holds, as the ledger counts them.
-    pub fn holding(&self) -> usize {
-        self.holding.len()
     }
 
     fn violation(ctx: &mut AppCtx<'_, TransitionLedger>, what: String) {
@@ -405,7 +398,6 @@ impl Application for TransitionNode {
             jobs: BTreeMap::new(),
             job_seq: 0,
             sends: HashMap::new(),
-            holding: HashSet::new(),
             next_tick: now + first,
             transition_since: None,
             leaving: false,
@@ -548,17 +540,13 @@ impl Application for TransitionNode {
             match (job.kind, ok) {
                 (JobKind::Relinquish, true) => {
                     ctx.shared().stats.relinquished += 1;
-                    if self.holding.remove(&job.datum.id) {
-                        ctx.shared().stop_holding(&self.key, job.datum.id);
-                    }
+                    ctx.shared().stop_holding(&self.key, job.datum.id);
                 }
                 (JobKind::Acquire, false) => {
-                    if self.holding.remove(&job.datum.id) {
-                        ctx.shared().stop_holding(&self.key, job.datum.id);
-                    }
+                    ctx.shared().stop_holding(&self.key, job.datum.id);
                 }
                 (JobKind::Acquire, true) => {
-                    if self.holding.contains(&job.datum.id) {
+                    if ctx.shared().holds(&self.key, job.datum.id) {
                         ctx.shared().acquired(&self.key, job.datum.id);
                     }
                 }
@@ -633,9 +621,7 @@ impl Application for TransitionNode {
         let key: Key = (ctx.node().name.clone(), ctx.node().generation);
         ctx.shared().acting.retire(slot);
         ctx.shared().stats.rebirths += 1;
-        for d in std::mem::take(&mut self.holding) {
-            ctx.shared().stop_holding(&self.key, d);
-        }
+        ctx.shared().drop_process(&self.key);
         // As the facade's driver: outcomes of the old machine's jobs and
         // sends are ignored (the simulator drops the sends' outcomes; the
         // core ignores a former instance's).
@@ -667,11 +653,9 @@ impl Application for TransitionNode {
 
     fn on_stop(&mut self, node: &NodeInfo, crashed: bool, shared: &mut TransitionLedger) {
         shared.acting.retire(node.slot);
+        let held = shared.drop_process(&self.key);
         if crashed {
-            shared.crashed(&self.key, &self.holding);
-        }
-        for d in self.holding.drain() {
-            shared.stop_holding(&self.key, d);
+            shared.crashed(&self.key, held);
         }
         // Work in this process's memory (parked by the core, or held by
         // the handoff): lost with a crash, handed back to the client by an

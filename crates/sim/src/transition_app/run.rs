@@ -366,6 +366,8 @@ pub fn run(opts: &TransitionOptions) -> TransitionReport {
         report.first_lease_violation = lease.first_violation;
     }
     report.stats = sim.shared().stats.clone();
+    report.stats.overlaps_with_declared = sim.shared().owners.overlaps_with_declared();
+    report.stats.overlaps_with_lapsed = sim.shared().owners.overlaps_with_lapsed();
     report.stats.max_failover_lag_s = sim
         .shared()
         .failover_lags()

@@ -94,7 +94,6 @@ impl TransitionNode {
             );
         }
         if job.kind == JobKind::Acquire {
-            self.holding.insert(job.datum.id);
             ctx.shared().acquiring(job.datum.id, now);
             if let Some(problem) = ctx.shared().start_holding(&self.key, job.datum.id, now) {
                 Self::violation(ctx, problem);
@@ -187,9 +186,7 @@ impl TransitionNode {
         match e {
             HandoffEvent::Fenced { .. } => {
                 ctx.shared().stats.fenced += 1;
-                for d in std::mem::take(&mut self.holding) {
-                    ctx.shared().stop_holding(&self.key, d);
-                }
+                ctx.shared().drop_process(&self.key);
             }
             HandoffEvent::TransitionStarted { .. } => {
                 self.transition_since.get_or_insert(now);
@@ -205,7 +202,6 @@ impl TransitionNode {
             HandoffEvent::RelinquishAbandoned { datum } => {
                 self.touched.push(datum.id);
                 ctx.shared().stats.relinquish_abandoned += 1;
-                self.holding.remove(&datum.id);
                 ctx.shared().stop_holding(&self.key, datum.id);
             }
             HandoffEvent::AcquireFailed { datum, retry, .. } => {
@@ -217,7 +213,6 @@ impl TransitionNode {
                     .is_some_and(|c| c.handoff().is_held(datum));
                 if !retry && held {
                     // The layer processes the datum anyway: it holds it.
-                    self.holding.insert(datum.id);
                     if let Some(problem) = ctx.shared().start_holding(&self.key, datum.id, now) {
                         Self::violation(ctx, problem);
                     }
