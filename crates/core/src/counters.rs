@@ -125,9 +125,4 @@ impl RouteCounters {
     pub fn drops_for(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()]
     }
-
-    /// Messages dropped for any reason.
-    pub fn dropped_total(&self) -> u64 {
-        self.drops.iter().sum()
-    }
 }
