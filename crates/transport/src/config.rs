@@ -132,7 +132,11 @@ pub struct TransportConfig {
     /// Default 8.
     pub max_refusals: u32,
     /// Concurrent requests (and large one-way messages) a peer may have open
-    /// towards this node; more wait on the peer's side. Default 256. QUIC
+    /// towards this node on streams of their own; more wait on the peer's
+    /// side. Also bounds this node's requests on data channels in flight to
+    /// a peer, on the shared requests stream or not (this value less
+    /// [`CONTROL_STREAMS`]; nodes of a cluster are assumed to share it).
+    /// Default 256. QUIC
     /// counts a stream until its last bytes are acknowledged, so this also
     /// covers requests completed within the last ACK delay. A connection
     /// starts by allowing 16 and doubles the allowance whenever the work in

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, VarInt};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -16,10 +16,10 @@ use crate::budget::{Budgets, Charge, Class, MESSAGE_OVERHEAD, PeerBudget};
 use crate::config::{TransportConfig, WhenFull};
 use crate::error::{BindError, TransportError};
 use crate::frame::{
-    self, Cap, Caps, DecodeError, Encoding, FrameReader, INLINE_FRAME_MAX, LEN_PREFIX,
-    MAX_HEADER_LEN, MAX_HELLO_LEN, OutFrame, StreamKind, code,
+    self, Cap, Caps, DecodeError, EXCHANGE_FRAME_MAX, Encoding, ExchangeTag, FrameReader,
+    INLINE_FRAME_MAX, LEN_PREFIX, MAX_HEADER_LEN, MAX_HELLO_LEN, OutFrame, StreamKind, code,
 };
-use crate::inbound::{Charged, Datagram, Incoming, Message, Responder, SlottedDatagram};
+use crate::inbound::{AnswerTo, Charged, Datagram, Incoming, Message, Responder, SlottedDatagram};
 use crate::name::{Dest, NodeName, Peer, canonical_addr};
 use crate::sever::SeverableSocket;
 use crate::stats::{Stats, StatsSnapshot};
@@ -53,13 +53,14 @@ mod state;
 mod tests;
 
 use bind::*;
-pub(crate) use conn::BusyGuard;
 use conn::*;
+pub(crate) use conn::{BusyGuard, PeerConn};
 use connect::*;
 use errors::*;
 use lifecycle::*;
 use receive::*;
 use send::*;
+pub(crate) use send::{answer_exchange, refuse_exchange};
 use state::*;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -395,8 +396,8 @@ impl Transport {
                 }
             };
             let queued = Queued {
-                frame,
-                _permit: permit,
+                item: Item::Message(frame),
+                _permit: Some(permit),
             };
             let sent = match pc.queue(&self.inner) {
                 Some(tx) => tx.send(queued).map_err(|e| e.0),
@@ -404,9 +405,12 @@ impl Transport {
             };
             match sent {
                 Ok(()) => return Ok(()),
-                Err(q) if !retried && pc.drained() => {
+                Err(Queued {
+                    item: Item::Message(f),
+                    ..
+                }) if !retried && pc.drained() => {
                     retried = true;
-                    frame = q.frame;
+                    frame = f;
                 }
                 Err(_) => return Err(self.closed_error(&pc)),
             }
@@ -415,6 +419,16 @@ impl Transport {
 
     /// Sends a request on `channel` and waits for the answer, at most
     /// `timeout` (connection included).
+    ///
+    /// A request on a data channel whose frame fits 64 KiB goes on the
+    /// connection's long-lived requests stream, named by an id, and its
+    /// answer comes on the peer's answers stream; others (control channels,
+    /// larger requests) take a bi stream of their own. At most
+    /// [`TransportConfig::max_concurrent_requests`] less
+    /// [`crate::CONTROL_STREAMS`] requests on data channels (with large
+    /// one-way messages) are in flight to a peer at once: the next waits for
+    /// room, within `timeout`. A request waiting for its answer fails at once
+    /// when its connection closes.
     ///
     /// # Errors
     /// [`TransportError::TooLarge`] for a request above the local limit, a

@@ -10,6 +10,14 @@
 //! header   = { version: u8 = 1, channel: u32 varint, encoding }
 //! encoding = Plain | Zstd { raw_len: u64 varint }
 //! datagram = DATAGRAM_TAG:u8 payload
+//!
+//! requests  = xframe*                 (after kind Requests)
+//! answers   = xframe*                 (after kind Answers)
+//! xframe    = len:u32 LE, tag:u8, id:u64 LE, rest  (len counts tag..rest)
+//!   tag 1 request:  rest = envelope   (on a requests stream)
+//!   tag 2 response: rest = envelope   (on an answers stream)
+//!   tag 3 refusal:  rest = code:u32 LE (on an answers stream)
+//! large answer = id:u64 LE, frame     (after kind LargeAnswer)
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -57,6 +65,18 @@ pub enum StreamKind {
     /// Uni: graceful close, phase 2: "I read all your streams and stopped
     /// sending; I opened this many message streams" (u32 LE).
     Done = 6,
+    /// Uni, long-lived: requests of at most [`INLINE_FRAME_MAX`] bytes on
+    /// data channels, as exchange frames ([`ExchangeTag::Request`]) naming
+    /// each request by an id.
+    Requests = 7,
+    /// Uni, long-lived: the answers and refusals of the peer's requests
+    /// (exchange frames, [`ExchangeTag::Response`] and
+    /// [`ExchangeTag::Refusal`]). Apart from the requests, so that an
+    /// answer never waits behind a request that waits for room here.
+    Answers = 8,
+    /// Uni: the request id (u64 LE), then one response frame too large for
+    /// the answers stream, then the end of the stream.
+    LargeAnswer = 9,
 }
 
 impl StreamKind {
@@ -69,6 +89,9 @@ impl StreamKind {
             4 => Some(Self::Request),
             5 => Some(Self::GoAway),
             6 => Some(Self::Done),
+            7 => Some(Self::Requests),
+            8 => Some(Self::Answers),
+            9 => Some(Self::LargeAnswer),
             _ => None,
         }
     }
@@ -96,6 +119,78 @@ pub mod code {
     pub const GONE: u32 = 8;
     /// A frame did not arrive completely within the receiver's deadline.
     pub const TIMED_OUT: u32 = 9;
+}
+
+/// Bytes before the envelope in an exchange frame: the tag and the id.
+pub const EXCHANGE_PREFIX: usize = 9;
+
+/// Largest exchange frame (without its length prefix).
+pub const EXCHANGE_FRAME_MAX: usize = INLINE_FRAME_MAX + EXCHANGE_PREFIX;
+
+/// What an exchange frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExchangeTag {
+    /// A request (an envelope) to answer with the same id.
+    Request = 1,
+    /// The answer (an envelope) to this side's request of that id.
+    Response = 2,
+    /// The request of that id is refused with a [`code`] (u32 LE): dropped
+    /// unanswered, too large, malformed.
+    Refusal = 3,
+}
+
+/// An exchange frame split into its parts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    /// What it carries.
+    pub tag: ExchangeTag,
+    /// The request's id, chosen by the requester, unique per connection.
+    pub id: u64,
+    /// An envelope (request, response) or a refusal's code.
+    pub rest: Bytes,
+}
+
+/// Splits an exchange frame (without its length prefix), zero-copy.
+///
+/// # Errors
+/// [`DecodeError::Exchange`] for a frame shorter than its prefix, an
+/// unknown tag, or a refusal that is not exactly a code.
+pub fn split_exchange(mut frame: Bytes) -> Result<Exchange, DecodeError> {
+    if frame.len() < EXCHANGE_PREFIX {
+        return Err(DecodeError::Exchange);
+    }
+    let head = frame.split_to(EXCHANGE_PREFIX);
+    let tag = match head.first() {
+        Some(1) => ExchangeTag::Request,
+        Some(2) => ExchangeTag::Response,
+        Some(3) if frame.len() == 4 => ExchangeTag::Refusal,
+        _ => return Err(DecodeError::Exchange),
+    };
+    let mut id = [0u8; 8];
+    id.copy_from_slice(head.get(1..).unwrap_or_default());
+    Ok(Exchange {
+        tag,
+        id: u64::from_le_bytes(id),
+        rest: frame,
+    })
+}
+
+/// The code of a refusal's `rest` ([`split_exchange`] checked its length).
+pub fn refusal_code(rest: &[u8]) -> u32 {
+    let mut code = [0u8; 4];
+    if let Some(src) = rest.get(..4) {
+        code.copy_from_slice(src);
+    }
+    u32::from_le_bytes(code)
+}
+
+/// Appends a refusal exchange frame for request `id` with `code`.
+pub fn write_refusal(id: u64, code: u32, out: &mut BytesMut) {
+    out.put_u32_le((EXCHANGE_PREFIX + 4) as u32);
+    out.put_u8(ExchangeTag::Refusal as u8);
+    out.put_u64_le(id);
+    out.put_u32_le(code);
 }
 
 /// How the body of an envelope is encoded.
@@ -151,6 +246,10 @@ pub enum DecodeError {
     /// The compressed body did not decompress to its announced size.
     #[error("bad compressed body: {0}")]
     Compression(String),
+    /// An exchange frame too short for its prefix, with an unknown tag, or
+    /// a refusal without exactly a code.
+    #[error("malformed exchange frame")]
+    Exchange,
     /// A stream started with an unknown kind byte.
     #[error("unknown stream kind {0}")]
     StreamKind(u8),
@@ -438,6 +537,27 @@ impl OutFrame {
         out.put_slice(&self.body);
     }
 
+    /// Appends the frame as an exchange frame (length prefix, `tag`, `id`,
+    /// header, body) to `out`.
+    pub fn write_exchange(&self, tag: ExchangeTag, id: u64, out: &mut BytesMut) {
+        out.reserve(EXCHANGE_PREFIX + self.wire_len());
+        let mut header = [0u8; MAX_HEADER_LEN];
+        let used = postcard::to_slice(&self.header, &mut header)
+            .map(|s| s.len())
+            .unwrap_or(0);
+        out.put_u32_le((EXCHANGE_PREFIX + used + self.body.len()) as u32);
+        out.put_u8(tag as u8);
+        out.put_u64_le(id);
+        out.put_slice(header.get(..used).unwrap_or_default());
+        out.put_slice(&self.body);
+    }
+
+    /// Whether the frame fits an exchange stream (its envelope is at most
+    /// [`INLINE_FRAME_MAX`] bytes).
+    pub fn fits_inline(&self) -> bool {
+        self.wire_len() - LEN_PREFIX <= INLINE_FRAME_MAX
+    }
+
     /// The frame as the chunks to write on a stream of its own: one buffer
     /// (one allocation, one chunk for quinn) for a body of at most
     /// [`COPY_BODY_MAX`] bytes, which is copied next to its header, or the
@@ -649,8 +769,19 @@ pub fn decode_untrusted(data: &[u8], max_message: usize) -> usize {
                     {
                         decoded += 1;
                     }
-                    if decode_envelope(frame, &caps).is_ok() {
+                    if decode_envelope(frame.clone(), &caps).is_ok() {
                         decoded += 1;
+                    }
+                    // As on the exchange streams: the prefix, then the
+                    // envelope of a request or response.
+                    if let Ok(x) = split_exchange(frame) {
+                        if x.tag == ExchangeTag::Refusal {
+                            let _ = refusal_code(&x.rest);
+                        } else if let Ok(i) = inspect(&x.rest, x.rest.len(), |ch| caps.inline(ch))
+                            && decode_body(x.rest.clone(), &i).is_ok()
+                        {
+                            decoded += 1;
+                        }
                     }
                 }
                 Ok(None) => break,

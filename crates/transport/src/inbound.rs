@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::budget::{Charge, DatagramSlot, MESSAGE_OVERHEAD};
-use crate::endpoint::{BusyGuard, Inner};
+use crate::endpoint::{BusyGuard, Inner, PeerConn, answer_exchange, refuse_exchange};
 use crate::error::TransportError;
 use crate::frame::code;
 use crate::name::{Dest, Peer};
@@ -117,11 +117,25 @@ pub enum Inbound {
 /// Answers one request. Use it once; dropping it unanswered resets the
 /// request's stream so the requester learns at once.
 pub struct Responder {
-    pub(crate) stream: Option<quinn::SendStream>,
+    /// Where the answer goes; `None` once answered.
+    pub(crate) to: Option<AnswerTo>,
     pub(crate) peer: Peer,
     pub(crate) channel: u32,
     pub(crate) inner: Arc<Inner>,
     pub(crate) _busy: BusyGuard,
+}
+
+/// Where a request's answer goes.
+pub(crate) enum AnswerTo {
+    /// The request's own bi stream.
+    Stream(quinn::SendStream),
+    /// The answers stream of the connection it came on, with its id.
+    Exchange {
+        /// The connection.
+        pc: Arc<PeerConn>,
+        /// The request's id.
+        id: u64,
+    },
 }
 
 impl std::fmt::Debug for Responder {
@@ -142,7 +156,7 @@ impl Responder {
     /// when the connection or the requester went away.
     pub async fn respond(mut self, body: Bytes) -> Result<(), TransportError> {
         let dest = Dest::from(&self.peer);
-        let Some(mut stream) = self.stream.take() else {
+        let Some(to) = self.to.take() else {
             return Err(TransportError::Closed {
                 peer: dest,
                 reason: "already answered".into(),
@@ -150,7 +164,7 @@ impl Responder {
         };
         let limit = self.inner.caps.of(self.channel).max_size;
         if body.len() > limit {
-            let _ = stream.reset(code::TOO_LARGE.into());
+            refuse(to, code::TOO_LARGE);
             return Err(TransportError::TooLarge {
                 peer: dest,
                 size: body.len() as u64,
@@ -159,6 +173,12 @@ impl Responder {
             });
         }
         let frame = self.inner.out_frame(self.channel, body);
+        let mut stream = match to {
+            AnswerTo::Stream(stream) => stream,
+            AnswerTo::Exchange { pc, id } => {
+                return answer_exchange(&self.inner, &pc, id, frame).await;
+            }
+        };
         let wire = frame.wire_len() as u64;
         let mut chunks = frame.stream_chunks(None);
         let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
@@ -185,9 +205,19 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if let Some(mut stream) = self.stream.take() {
-            let _ = stream.reset(code::NO_RESPONSE.into());
+        if let Some(to) = self.to.take() {
+            refuse(to, code::NO_RESPONSE);
         }
+    }
+}
+
+/// Tells the requester its request is refused with `code`.
+fn refuse(to: AnswerTo, code: u32) {
+    match to {
+        AnswerTo::Stream(mut stream) => {
+            let _ = stream.reset(code.into());
+        }
+        AnswerTo::Exchange { pc, id } => refuse_exchange(&pc, id, code),
     }
 }
 

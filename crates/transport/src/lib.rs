@@ -10,8 +10,11 @@
 //! - **one-way messages** ([`Transport::send`]): framed on one long-lived
 //!   stream per peer, in order, through a bounded per-peer queue that makes
 //!   the sender wait or fail ([`WhenFull`]);
-//! - **requests** ([`Transport::request`]): one short stream each, answered
-//!   through the [`Responder`] in the received [`Message`].
+//! - **requests** ([`Transport::request`]): up to 64 KiB on data channels,
+//!   multiplexed by id on one long-lived requests stream per peer and their
+//!   answers on the peer's answers stream; on control channels, or larger,
+//!   one short stream each. Answered through the [`Responder`] in the
+//!   received [`Message`].
 //!
 //! Every connection is TLS 1.3 with client certificates, ALPN `shoal/1` and
 //! no 0-RTT. The peer's certificate must chain to the cluster CA

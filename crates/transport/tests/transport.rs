@@ -1,47 +1,18 @@
 //! End-to-end tests on loopback with real sockets. Timeouts only bound hangs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_transport::frame::{self, OutFrame, StreamKind};
 use shoal_transport::virtual_net::VirtualNetwork;
+mod common;
+use common::*;
+
 use shoal_transport::{
-    ClusterCa, Dest, Inbound, Incoming, Message, NodeIdentity, NodeName, Transport,
-    TransportConfig, TransportError, WhenFull, throwaway_cluster,
+    ClusterCa, Dest, Inbound, Incoming, Message, NodeName, Transport, TransportConfig,
+    TransportError, WhenFull, throwaway_cluster,
 };
-
-/// Bounds every wait: a hang fails the test, speed never does.
-const HANG: Duration = Duration::from_secs(20);
-
-async fn within<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(HANG, f).await.expect("operation hung")
-}
-
-fn localhost() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn start(id: &NodeIdentity, config: TransportConfig) -> (Transport, Incoming) {
-    Transport::bind(localhost(), id, config).unwrap()
-}
-
-fn dest_of(t: &Transport) -> Dest {
-    Dest::node(t.name().clone(), t.local_addr())
-}
-
-async fn next_message(inc: &mut Incoming) -> Message {
-    within(inc.recv_message()).await.expect("incoming closed")
-}
-
-/// Asserts nothing arrives for a while (used where delivery would be a bug).
-async fn assert_silent(inc: &mut Incoming) {
-    if let Ok(item) = tokio::time::timeout(Duration::from_millis(300), inc.recv()).await {
-        panic!("unexpected delivery: {item:?}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagram_round_trip_with_verified_sender() {
@@ -472,50 +443,6 @@ async fn restarted_peer_on_the_same_address_is_reached_again() {
     b2.shutdown().await;
 }
 
-/// A raw quinn connection to `server` with a certificate from the cluster
-/// CA, TLS done and nothing sent yet, to send bytes the transport would
-/// never produce.
-async fn raw_connect(
-    id: &NodeIdentity,
-    server: &Transport,
-) -> (quinn::Endpoint, quinn::Connection) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(id.ca_pem().as_bytes()).unwrap())
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from_pem_slice(id.cert_pem().as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(id.key_pem().as_bytes()).unwrap(),
-        )
-        .unwrap();
-    tls.alpn_protocols = vec![shoal_transport::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client(localhost()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = within(
-        endpoint
-            .connect(server.local_addr(), server.name().as_str())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    (endpoint, conn)
-}
-
-/// Sends `bytes` on a uni stream of its own and finishes it.
-async fn send_uni(conn: &quinn::Connection, bytes: &[u8]) {
-    let mut s = conn.open_uni().await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    s.finish().unwrap();
-}
-
 /// A hello stream whose frame does not decode: the version, then a
 /// process instance cut short.
 fn bad_hello() -> Vec<u8> {
@@ -524,21 +451,6 @@ fn bad_hello() -> Vec<u8> {
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     out
-}
-
-/// [`raw_connect`], then a hello like a real node's, so the server admits
-/// the connection.
-async fn raw_client(id: &NodeIdentity, server: &Transport) -> (quinn::Endpoint, quinn::Connection) {
-    let (endpoint, conn) = raw_connect(id, server).await;
-    send_uni(
-        &conn,
-        &frame::encode_hello(&frame::Hello {
-            version: 1,
-            instance: 42,
-        }),
-    )
-    .await;
-    (endpoint, conn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1001,37 +913,11 @@ async fn idle_closes_racing_with_sends_lose_nothing() {
 // ---- Inbound budgets, caps and deadlines (no peer can exhaust another's
 // memory). Assertions are on counters and bytes charged, never on speed.
 
-/// Incompressible bytes (xorshift), `n` long.
-fn noise(n: usize, seed: u32) -> Bytes {
-    let mut x = seed | 1;
-    Bytes::from(
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
-}
-
 /// A frame on a bi stream of its own: kind byte, then the frame.
 fn single(frame: &OutFrame) -> Vec<u8> {
     let mut out = vec![StreamKind::Single as u8];
     out.extend_from_slice(&frame.to_bytes());
     out
-}
-
-/// Polls `cond` until it holds (bounded by `HANG`).
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let waited = tokio::time::timeout(HANG, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "never happened: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1505,8 +1391,9 @@ async fn control_channels_get_through_a_full_data_share() {
 }
 
 /// Requests on data channels that the peer's application leaves unanswered
-/// use at most the peer's stream limit less the streams kept for control:
-/// a control request still gets a stream and its answer.
+/// are in flight at most `max_concurrent_requests` less the streams kept for
+/// control at once (the next waits for one to end): a control request still
+/// gets a stream and its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_requests_leave_streams_for_control() {
     const CONTROL: u32 = 9;
@@ -1528,7 +1415,7 @@ async fn unanswered_requests_leave_streams_for_control() {
         }));
     }
     // b's application takes two and holds them unanswered; the third waits
-    // on a's side for a stream.
+    // on a's side for room.
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(within(messages.recv()).await.expect("messages closed"));
@@ -1572,7 +1459,8 @@ async fn unanswered_requests_leave_streams_for_control() {
 
 /// The request stream limit starts small (an idle connection costs less)
 /// and grows on demand: `max_concurrent_requests` requests held open by the
-/// responder all reach it, and one more waits for room.
+/// responder all reach it, and one more waits for room. The requests are
+/// too large for the shared requests stream, so each takes a stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_stream_limit_grows_to_max_concurrent_requests() {
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
@@ -1586,8 +1474,7 @@ async fn request_stream_limit_grows_to_max_concurrent_requests() {
     for i in 0..101u32 {
         let (a, to_b) = (a.clone(), to_b.clone());
         tasks.push(tokio::spawn(async move {
-            a.request(&to_b, 1, Bytes::from(i.to_le_bytes().to_vec()), HANG)
-                .await
+            a.request(&to_b, 1, noise(70 * 1024, i + 1), HANG).await
         }));
     }
     // Nothing is answered yet: every request arrived on a stream of its own.

@@ -14,9 +14,68 @@ impl Drop for BusyGuard {
     }
 }
 
+/// What a writer puts on its stream.
+pub(super) enum Item {
+    /// A one-way message (the shared message stream).
+    Message(OutFrame),
+    /// A request (the requests stream) or the answer to one (the answers
+    /// stream).
+    Exchange {
+        tag: ExchangeTag,
+        id: u64,
+        frame: OutFrame,
+    },
+    /// A request refused with a [`code`] (the answers stream).
+    Refusal { id: u64, code: u32 },
+}
+
+impl Item {
+    /// Appends the item's frame to `buf`.
+    pub(super) fn write_to(&self, buf: &mut BytesMut) {
+        match self {
+            Self::Message(frame) => frame.write_to(buf),
+            Self::Exchange { tag, id, frame } => frame.write_exchange(*tag, *id, buf),
+            Self::Refusal { id, code } => frame::write_refusal(*id, *code, buf),
+        }
+    }
+
+    /// Counted in `messages_sent` (one-way messages and requests).
+    pub(super) fn is_message(&self) -> bool {
+        matches!(
+            self,
+            Self::Message(_)
+                | Self::Exchange {
+                    tag: ExchangeTag::Request,
+                    ..
+                }
+        )
+    }
+
+    pub(super) fn is_compressed(&self) -> bool {
+        match self {
+            Self::Message(frame) | Self::Exchange { frame, .. } => frame.is_compressed(),
+            Self::Refusal { .. } => false,
+        }
+    }
+}
+
+/// An item in a writer's queue, with the bytes of the send queue it holds
+/// (none for a refusal: a dozen bytes, at most one per request received).
 pub(super) struct Queued {
-    pub(super) frame: OutFrame,
-    pub(super) _permit: tokio::sync::OwnedSemaphorePermit,
+    pub(super) item: Item,
+    pub(super) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// How a request sent on the requests stream ended, as the reader of the
+/// answers stream learnt.
+#[derive(Debug)]
+pub(super) enum Answer {
+    /// The answer's body.
+    Body(Bytes),
+    /// The peer refused the request (a [`code`]).
+    Refused(u32),
+    /// The answer could not be taken.
+    Malformed(DecodeError),
 }
 
 /// One connection to a peer whose certificate name was verified, from its
@@ -37,10 +96,27 @@ pub(crate) struct PeerConn {
     /// one-way message: many connections carry only datagrams and requests,
     /// and an idle one should not pay for a task and a queue block.
     pub(super) queue_tx: OnceLock<mpsc::UnboundedSender<Queued>>,
+    /// The queue of the writer of this side's requests, made (and the
+    /// writer started) by the first request on a data channel that fits
+    /// the stream ([`StreamKind::Requests`]).
+    pub(super) requests_tx: OnceLock<mpsc::UnboundedSender<Queued>>,
+    /// The queue of the writer of answers and refusals to the peer's
+    /// requests ([`StreamKind::Answers`]), made by the first request
+    /// received there. Never barred: answers go out until the connection
+    /// closes (a graceful close waits for the requests in progress).
+    pub(super) answers_tx: OnceLock<mpsc::UnboundedSender<Queued>>,
+    /// This side's requests on the requests stream waiting for their
+    /// answer, by id. At most [`TransportConfig::data_streams`] (the
+    /// permits of `data_streams`); an entry leaves when its answer comes or
+    /// its requester gives up.
+    pub(super) pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    /// The next request id on the requests stream.
+    pub(super) next_request: AtomicU64,
     /// Bytes allowed in the send queue.
     pub(super) budget: Arc<Semaphore>,
-    /// Bi streams data channels may open at once
-    /// ([`TransportConfig::data_streams`]).
+    /// Requests and large one-way messages on data channels in flight at
+    /// once ([`TransportConfig::data_streams`]): each holds a bi stream, or
+    /// a request an entry of `pending`.
     pub(super) data_streams: Arc<Semaphore>,
     /// The peer's shares of the inbound budgets (shared by its connections).
     pub(super) share: Arc<PeerBudget>,
@@ -107,11 +183,55 @@ impl PeerConn {
         }
         let tx = self.queue_tx.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(writer_task(inner.clone(), self.clone(), rx));
+            tokio::spawn(writer_task(
+                inner.clone(),
+                self.clone(),
+                rx,
+                StreamKind::Messages,
+            ));
             tx
         });
         drop(state);
         Some(tx)
+    }
+
+    /// The queue of the writer of `kind` ([`StreamKind::Requests`] or
+    /// [`StreamKind::Answers`]), starting the writer on first use.
+    pub(super) fn exchange_queue(
+        self: &Arc<Self>,
+        inner: &Arc<Inner>,
+        kind: StreamKind,
+    ) -> &mpsc::UnboundedSender<Queued> {
+        let cell = if kind == StreamKind::Requests {
+            &self.requests_tx
+        } else {
+            &self.answers_tx
+        };
+        cell.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(writer_task(inner.clone(), self.clone(), rx, kind));
+            tx
+        })
+    }
+
+    /// A new request id and the receiver of its answer.
+    pub(super) fn register(&self) -> (u64, oneshot::Receiver<Answer>) {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        (id, rx)
+    }
+
+    /// Hands `answer` to the request `id`, if its requester still waits.
+    pub(super) fn answer(&self, id: u64, answer: Answer) -> bool {
+        let tx = lock(&self.pending).remove(&id);
+        tx.is_some_and(|tx| tx.send(answer).is_ok())
+    }
+
+    /// Forgets the request `id` (its requester gave up, or it was lost with
+    /// its stream: the requester then learns it).
+    pub(super) fn forget(&self, id: u64) {
+        lock(&self.pending).remove(&id);
     }
 
     /// Applies `event` to the connection's state ([`ConnState::apply`]),

@@ -117,24 +117,45 @@ pub(super) fn write_error(peer: &Dest, e: &quinn::WriteError) -> TransportError 
 
 pub(super) fn read_error(peer: &Dest, e: &quinn::ReadError) -> TransportError {
     match e {
-        quinn::ReadError::Reset(c) if *c == VarInt::from(code::TOO_LARGE) => {
-            TransportError::TooLarge {
-                peer: peer.clone(),
-                size: 0,
-                limit: 0,
-                side: "refused by the receiver",
-            }
-        }
-        quinn::ReadError::Reset(c) if *c == VarInt::from(code::NO_RESPONSE) => {
-            TransportError::Closed {
-                peer: peer.clone(),
-                reason: "the peer dropped the request without answering".into(),
-            }
+        quinn::ReadError::Reset(c)
+            if *c == VarInt::from(code::TOO_LARGE) || *c == VarInt::from(code::NO_RESPONSE) =>
+        {
+            refusal_error(peer, u32::try_from(c.into_inner()).unwrap_or(u32::MAX))
         }
         quinn::ReadError::ConnectionLost(c) => classify(peer, c),
         other => TransportError::Closed {
             peer: peer.clone(),
             reason: other.to_string(),
+        },
+    }
+}
+
+/// The error of a request the peer refused with `code` (a reset request
+/// stream, or a refusal on the answers stream).
+pub(super) fn refusal_error(peer: &Dest, code: u32) -> TransportError {
+    let peer = peer.clone();
+    match code {
+        code::TOO_LARGE => TransportError::TooLarge {
+            peer,
+            size: 0,
+            limit: 0,
+            side: "refused by the receiver",
+        },
+        code::NO_RESPONSE => TransportError::Closed {
+            peer,
+            reason: "the peer dropped the request without answering".into(),
+        },
+        code::GONE => TransportError::Closed {
+            peer,
+            reason: "the peer's application is gone".into(),
+        },
+        code::PROTOCOL => TransportError::Rejected {
+            peer,
+            reason: "the peer refused the request as malformed".into(),
+        },
+        other => TransportError::Closed {
+            peer,
+            reason: format!("the peer refused the request (code {other})"),
         },
     }
 }

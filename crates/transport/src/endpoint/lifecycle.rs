@@ -3,14 +3,24 @@
 
 use super::*;
 
-/// Writes queued one-way messages on the connection's shared stream, many
-/// frames per write. Started by the first one-way message
-/// ([`PeerConn::queue`]).
+/// Writes a connection's queued frames on one long-lived stream of `kind`,
+/// many frames per write, started on first use ([`PeerConn::queue`],
+/// [`PeerConn::exchange_queue`]):
+///
+/// - [`StreamKind::Messages`]: one-way messages. A graceful close bars the
+///   queue; what it holds is written, the stream finished (counted in the
+///   close's stream counts), and the writer reports its end.
+/// - [`StreamKind::Requests`] and [`StreamKind::Answers`]: requests; answers
+///   and refusals. Written until the connection closes, so answers still go
+///   out during a graceful close (which waits for the requests in
+///   progress); a request is not sent on a connection that is closing.
 pub(super) async fn writer_task(
     inner: Arc<Inner>,
     pc: Arc<PeerConn>,
     mut rx: mpsc::UnboundedReceiver<Queued>,
+    kind: StreamKind,
 ) {
+    let messages = kind == StreamKind::Messages;
     let mut stream: Option<quinn::SendStream> = None;
     // Allocated on first use: most connections (membership only) never send
     // a one-way message, and an idle connection should cost little.
@@ -22,7 +32,7 @@ pub(super) async fn writer_task(
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 512) => n,
             _ = pc.conn.closed() => 0,
-            _ = state.wait_for(ConnState::bars_writer), if !draining => {
+            _ = state.wait_for(ConnState::bars_writer), if messages && !draining => {
                 // Graceful close: take what is queued, then stop.
                 draining = true;
                 rx.close();
@@ -35,46 +45,47 @@ pub(super) async fn writer_task(
         if n == 0 {
             break;
         }
+        let sent = batch.iter().filter(|q| q.item.is_message()).count() as u64;
         buf.clear();
         if stream.is_none() {
             match pc.conn.open_uni().await {
                 Ok(s) => {
                     stream = Some(s);
-                    pc.streams_opened.fetch_add(1, Ordering::SeqCst);
-                    buf.extend_from_slice(&[StreamKind::Messages as u8]);
+                    if messages {
+                        pc.streams_opened.fetch_add(1, Ordering::SeqCst);
+                    }
+                    buf.extend_from_slice(&[kind as u8]);
                 }
                 Err(e) => {
-                    debug!(peer = %pc.peer, error = %e, "cannot open the message stream");
-                    Stats::add(&inner.stats.messages_lost, batch.len() as u64);
-                    batch.clear();
+                    debug!(peer = %pc.peer, error = %e, ?kind, "cannot open the stream");
+                    lose(&inner, &pc, &mut batch);
                     break;
                 }
             }
         }
         let mut compressed = 0;
         for q in &batch {
-            q.frame.write_to(&mut buf);
-            compressed += u64::from(q.frame.is_compressed());
+            q.item.write_to(&mut buf);
+            compressed += u64::from(q.item.is_compressed());
         }
         let len = buf.len() as u64;
         let Some(s) = stream.as_mut() else { break };
         match s.write_chunk(buf.split().freeze()).await {
             Ok(()) => {
-                Stats::add(&inner.stats.messages_sent, batch.len() as u64);
+                Stats::add(&inner.stats.messages_sent, sent);
                 Stats::add(&inner.stats.bytes_sent, len);
                 Stats::add(&inner.stats.messages_compressed, compressed);
                 pc.touch();
             }
             Err(e) => {
-                Stats::add(&inner.stats.messages_lost, batch.len() as u64);
+                lose(&inner, &pc, &mut batch);
                 match e {
                     quinn::WriteError::Stopped(code) => {
-                        warn!(peer = %pc.peer, %code, "peer stopped the message stream");
+                        warn!(peer = %pc.peer, %code, ?kind, "peer stopped the stream");
                         stream = None;
                     }
                     e => {
-                        debug!(peer = %pc.peer, error = %e, "message stream failed");
-                        batch.clear();
+                        debug!(peer = %pc.peer, error = %e, ?kind, "stream failed");
                         break;
                     }
                 }
@@ -92,14 +103,34 @@ pub(super) async fn writer_task(
             let _ = tokio::time::timeout(GRACE, s.stopped()).await;
         }
     }
-    pc.writer_done.send_replace(true);
+    if messages {
+        pc.writer_done.send_replace(true);
+    }
     // Whatever is still queued cannot be sent any more.
     rx.close();
-    let mut lost = 0;
-    while rx.try_recv().is_ok() {
-        lost += 1;
+    let mut rest = Vec::new();
+    while let Ok(q) = rx.try_recv() {
+        rest.push(q);
     }
-    Stats::add(&inner.stats.messages_lost, lost);
+    lose(&inner, &pc, &mut rest);
+}
+
+/// Counts the messages and requests of `batch` lost (and empties it); the
+/// requesters of lost requests learn at once.
+fn lose(inner: &Inner, pc: &PeerConn, batch: &mut Vec<Queued>) {
+    for q in batch.drain(..) {
+        if q.item.is_message() {
+            Stats::inc(&inner.stats.messages_lost);
+        }
+        if let Item::Exchange {
+            tag: ExchangeTag::Request,
+            id,
+            ..
+        } = q.item
+        {
+            pc.forget(id);
+        }
+    }
 }
 
 /// Watches a connection: removes it from the table when it ends, and closes

@@ -222,9 +222,13 @@ pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: q
             }
         }
         Some(StreamKind::Messages) => {
-            read_messages(&inner, &pc, recv).await;
+            read_messages(&inner, &pc, recv, StreamKind::Messages).await;
             pc.streams_finished.fetch_add(1, Ordering::SeqCst);
         }
+        Some(k @ (StreamKind::Requests | StreamKind::Answers)) => {
+            read_messages(&inner, &pc, recv, k).await;
+        }
+        Some(StreamKind::LargeAnswer) => read_large_answer(&inner, &pc, recv).await,
         Some(k @ (StreamKind::GoAway | StreamKind::Done)) => {
             let mut count = [0u8; 4];
             if recv.read_exact(&mut count).await.is_err() {
@@ -259,14 +263,26 @@ pub(super) enum Pass {
     Gone,
 }
 
-/// Reads the peer's shared message stream until it ends.
+/// Reads one of the peer's long-lived streams until it ends: the shared
+/// message stream, its requests stream or its answers stream (`kind`).
 ///
-/// Each frame is checked against the inline caps of its channel, then
-/// charged to the budgets before it is decompressed; when the budgets are
-/// full, what is decoded is handed over first, then the reader waits (and
-/// stops reading, so QUIC flow control pushes back on the sender).
-pub(super) async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: quinn::RecvStream) {
-    let mut reader = FrameReader::new(INLINE_FRAME_MAX);
+/// Each message or request is checked against the inline caps of its
+/// channel, then charged to the budgets before it is decompressed; when the
+/// budgets are full, what is decoded is handed over first, then the reader
+/// waits (and stops reading, so QUIC flow control pushes back on the
+/// sender). Answers are handed to their requesters and never wait.
+pub(super) async fn read_messages(
+    inner: &Arc<Inner>,
+    pc: &Arc<PeerConn>,
+    mut recv: quinn::RecvStream,
+    kind: StreamKind,
+) {
+    let max_frame = if kind == StreamKind::Messages {
+        INLINE_FRAME_MAX
+    } else {
+        EXCHANGE_FRAME_MAX
+    };
+    let mut reader = FrameReader::new(max_frame);
     // Everything on the shared stream is charged to the data budget: it
     // waits behind data anyway (this transport sends control messages on
     // streams of their own).
@@ -313,7 +329,15 @@ pub(super) async fn read_messages(inner: &Inner, pc: &Arc<PeerConn>, mut recv: q
             *chunk = Bytes::new();
         }
         pc.touch();
-        let pass = decode_buffered(inner, pc, &mut reader, &mut ready, &mut partial_since).await;
+        let pass = match kind {
+            StreamKind::Messages => {
+                decode_buffered(inner, pc, &mut reader, &mut ready, &mut partial_since).await
+            }
+            StreamKind::Requests => {
+                decode_requests(inner, pc, &mut reader, &mut ready, &mut partial_since).await
+            }
+            _ => decode_answers(inner, pc, &mut reader, &mut partial_since),
+        };
         // Everything decoded before a framing error is still delivered.
         if deliver_all(inner, &mut ready).await.is_err() {
             let _ = recv.stop(code::GONE.into());
@@ -400,6 +424,213 @@ pub(super) async fn decode_buffered(
             }
         }
     }
+}
+
+/// Takes the next whole frame buffered in `reader`; `Err` with the pass's
+/// end when the framing is lost.
+fn next_frame(
+    inner: &Inner,
+    pc: &PeerConn,
+    reader: &mut FrameReader,
+    partial_since: &mut Option<Instant>,
+) -> Result<Option<Bytes>, Pass> {
+    match reader.next_frame() {
+        Ok(Some(f)) => {
+            *partial_since = None;
+            Ok(Some(f))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            // The framing is lost: nothing after this can be trusted.
+            Stats::inc(&inner.stats.frames_malformed);
+            warn!(peer = %pc.peer, error = %e, "broken stream stopped");
+            Err(Pass::Stop(code::PROTOCOL))
+        }
+    }
+}
+
+/// Decodes the whole request frames buffered in `reader` into `ready`,
+/// charging each; a request that cannot be taken is refused on the answers
+/// stream (the framing holds, so the stream goes on).
+pub(super) async fn decode_requests(
+    inner: &Arc<Inner>,
+    pc: &Arc<PeerConn>,
+    reader: &mut FrameReader,
+    ready: &mut Ready,
+    partial_since: &mut Option<Instant>,
+) -> Pass {
+    loop {
+        let f = match next_frame(inner, pc, reader, partial_since) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Pass::More,
+            Err(pass) => return pass,
+        };
+        let x = match frame::split_exchange(f) {
+            Ok(x) if x.tag == ExchangeTag::Request => x,
+            Ok(_) | Err(_) => {
+                count_decode_error(inner, &DecodeError::Exchange);
+                debug!(peer = %pc.peer, "malformed frame on the requests stream dropped");
+                continue;
+            }
+        };
+        // Refusals and answers go out on this writer: start it now, so a
+        // responder dropped anywhere can queue its refusal without a task.
+        pc.exchange_queue(inner, StreamKind::Answers);
+        let inspected = match frame::inspect(&x.rest, x.rest.len(), |ch| inner.caps.inline(ch)) {
+            Ok(i) => i,
+            Err(e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. })) => {
+                refused(inner, pc, &e);
+                refuse_exchange(pc, x.id, code::TOO_LARGE);
+                continue;
+            }
+            Err(e) => {
+                count_decode_error(inner, &e);
+                debug!(peer = %pc.peer, error = %e, "request refused");
+                refuse_exchange(pc, x.id, code::PROTOCOL);
+                continue;
+            }
+        };
+        let want = inspected.size + MESSAGE_OVERHEAD;
+        if !inner.budgets.try_add(&mut ready.charge, want) {
+            if deliver_all(inner, ready).await.is_err() {
+                refuse_exchange(pc, x.id, code::GONE);
+                return Pass::Gone;
+            }
+            let channel = inspected.header.channel;
+            match charge_message(inner, pc, Class::Data, channel, want).await {
+                Some(c) => ready.charge = c,
+                None => {
+                    refuse_exchange(pc, x.id, code::GONE);
+                    return Pass::Gone;
+                }
+            }
+        }
+        match frame::decode_body(x.rest, &inspected) {
+            Ok(body) => ready.msgs.push(Message {
+                from: pc.peer.clone(),
+                channel: inspected.header.channel,
+                body,
+                reply: Some(Responder {
+                    to: Some(AnswerTo::Exchange {
+                        pc: pc.clone(),
+                        id: x.id,
+                    }),
+                    peer: pc.peer.clone(),
+                    channel: inspected.header.channel,
+                    inner: inner.clone(),
+                    _busy: pc.busy(),
+                }),
+            }),
+            Err(e) => {
+                ready.charge.give_back(want, 1);
+                count_decode_error(inner, &e);
+                debug!(peer = %pc.peer, error = %e, "request refused");
+                refuse_exchange(pc, x.id, code::PROTOCOL);
+            }
+        }
+    }
+}
+
+/// Hands the whole answer frames buffered in `reader` to their requesters
+/// (an answer whose requester stopped waiting is dropped). Never waits.
+pub(super) fn decode_answers(
+    inner: &Inner,
+    pc: &PeerConn,
+    reader: &mut FrameReader,
+    partial_since: &mut Option<Instant>,
+) -> Pass {
+    loop {
+        let f = match next_frame(inner, pc, reader, partial_since) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Pass::More,
+            Err(pass) => return pass,
+        };
+        let x = match frame::split_exchange(f) {
+            Ok(x) if x.tag != ExchangeTag::Request => x,
+            Ok(_) | Err(_) => {
+                count_decode_error(inner, &DecodeError::Exchange);
+                debug!(peer = %pc.peer, "malformed frame on the answers stream dropped");
+                continue;
+            }
+        };
+        let answer = if x.tag == ExchangeTag::Refusal {
+            Answer::Refused(frame::refusal_code(&x.rest))
+        } else {
+            let decoded = frame::inspect(&x.rest, x.rest.len(), |ch| inner.caps.inline(ch))
+                .and_then(|i| frame::decode_body(x.rest, &i));
+            match decoded {
+                Ok(body) => Answer::Body(body),
+                Err(e) => {
+                    match e {
+                        DecodeError::TooLarge { .. } | DecodeError::Ratio { .. } => {
+                            refused(inner, pc, &e);
+                        }
+                        _ => count_decode_error(inner, &e),
+                    }
+                    Answer::Malformed(e)
+                }
+            }
+        };
+        if !pc.answer(x.id, answer) {
+            debug!(peer = %pc.peer, id = x.id, "answer to a request no longer waiting dropped");
+        }
+    }
+}
+
+/// Reads an answer too large for the answers stream, on a stream of its
+/// own, and hands it to its requester: charged to the answer budget while
+/// it is read; the id must arrive within `frame_timeout`.
+pub(super) async fn read_large_answer(inner: &Inner, pc: &PeerConn, mut recv: quinn::RecvStream) {
+    let deadline = Instant::now() + inner.config.frame_timeout;
+    let mut id = [0u8; LARGE_ANSWER_HEAD - 1];
+    if read_exact(&mut recv, &mut id, Some(deadline))
+        .await
+        .is_err()
+    {
+        let _ = recv.stop(code::PROTOCOL.into());
+        return;
+    }
+    let id = u64::from_le_bytes(id);
+    if !lock(&pc.pending).contains_key(&id) {
+        // Nobody waits for it: do not read it.
+        let _ = recv.stop(code::OK.into());
+        return;
+    }
+    let caps = &inner.caps;
+    let read = read_frame(
+        inner,
+        pc,
+        &mut recv,
+        |ch| caps.of(ch),
+        Some(deadline),
+        Charging::Response,
+    )
+    .await;
+    let answer = match read {
+        // The charge ends here: the requester holds the answer now.
+        Ok(d) => Answer::Body(d.body),
+        Err(ReadFrameError::Refused(e)) => {
+            let _ = recv.stop(code::TOO_LARGE.into());
+            match e {
+                DecodeError::TooLarge { .. } | DecodeError::Ratio { .. } => refused(inner, pc, &e),
+                _ => count_decode_error(inner, &e),
+            }
+            Answer::Malformed(e)
+        }
+        Err(ReadFrameError::TimedOut) => {
+            Stats::inc(&inner.stats.frames_timed_out);
+            let _ = recv.stop(code::TIMED_OUT.into());
+            strike(inner, pc);
+            // The requester learns that its answer was lost.
+            pc.forget(id);
+            return;
+        }
+        Err(ReadFrameError::Stream(_) | ReadFrameError::Gone) => {
+            pc.forget(id);
+            return;
+        }
+    };
+    pc.answer(id, answer);
 }
 
 /// The budget a message on `channel` is charged to.
@@ -589,7 +820,7 @@ pub(super) async fn handle_bi(
     let (reply, verdict) = match kind {
         StreamKind::Request => (
             Some(Responder {
-                stream: Some(send),
+                to: Some(AnswerTo::Stream(send)),
                 peer: pc.peer.clone(),
                 channel: d.channel,
                 inner: inner.clone(),

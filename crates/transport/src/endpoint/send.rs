@@ -1,11 +1,126 @@
-//! The send paths on streams of their own: requests, large one-way
-//! messages and control messages, each on a bi stream (within the data
-//! stream limit, or at control priority).
+//! The send paths of requests and of what does not go on the shared
+//! message stream:
+//!
+//! - requests of at most [`INLINE_FRAME_MAX`] bytes on data channels are
+//!   multiplexed on one long-lived requests stream per connection and
+//!   direction, each named by an id; their answers come back on the peer's
+//!   answers stream (a large answer on a stream of its own);
+//! - requests on control channels or larger ones, large one-way messages
+//!   and control messages each take a bi stream of their own (within the
+//!   data stream limit, or at control priority).
 
 use super::*;
 
 impl Transport {
     pub(super) async fn request_inner(
+        &self,
+        dest: &Dest,
+        frame: OutFrame,
+    ) -> Result<Bytes, TransportError> {
+        if self.inner.config.is_control(frame.header.channel) || !frame.fits_inline() {
+            return self.request_on_stream(dest, frame).await;
+        }
+        // A connection found just as it closes gracefully takes no new
+        // request; then the request goes on a new connection, once.
+        let mut retried = false;
+        loop {
+            let pc = self.connection(dest).await?;
+            // Busy before the check: a graceful close that starts after it
+            // waits for this request.
+            let busy = pc.busy();
+            if pc.drained() {
+                drop(busy);
+                if retried {
+                    return Err(self.closed_error(&pc));
+                }
+                retried = true;
+                continue;
+            }
+            return self.exchange(&pc, frame).await;
+        }
+    }
+
+    /// Sends a request on `pc`'s requests stream and waits for its answer
+    /// (the caller's timeout bounds the wait).
+    async fn exchange(&self, pc: &Arc<PeerConn>, frame: OutFrame) -> Result<Bytes, TransportError> {
+        let inner = &self.inner;
+        let peer = Dest::from(&pc.peer);
+        let _slot = pc
+            .data_streams
+            .acquire()
+            .await
+            .map_err(|_| self.closed_error(pc))?;
+        let need = (frame::EXCHANGE_PREFIX + frame.wire_len()) as u32;
+        let permit = match pc.budget.clone().try_acquire_many_owned(need) {
+            Ok(p) => p,
+            Err(_) => pc
+                .budget
+                .clone()
+                .acquire_many_owned(need)
+                .await
+                .map_err(|_| self.closed_error(pc))?,
+        };
+        let (id, answer) = pc.register();
+        // Forgets the request if this future is dropped (its timeout).
+        let _pending = Pending { pc, id };
+        let queued = Queued {
+            item: Item::Exchange {
+                tag: ExchangeTag::Request,
+                id,
+                frame,
+            },
+            _permit: Some(permit),
+        };
+        if pc
+            .exchange_queue(inner, StreamKind::Requests)
+            .send(queued)
+            .is_err()
+        {
+            return Err(self.closed_error(pc));
+        }
+        let answer = tokio::select! {
+            a = answer => a,
+            _ = pc.conn.closed() => return Err(self.closed_error(pc)),
+        };
+        match answer {
+            Ok(Answer::Body(body)) => {
+                Stats::inc(&inner.stats.responses_received);
+                Ok(body)
+            }
+            Ok(Answer::Refused(c)) => Err(refusal_error(&peer, c)),
+            Ok(Answer::Malformed(
+                e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. }),
+            )) => {
+                let (size, limit) = match e {
+                    DecodeError::TooLarge { announced, limit } => (announced, limit),
+                    _ => (0, 0),
+                };
+                Err(TransportError::TooLarge {
+                    peer,
+                    size,
+                    limit,
+                    side: "answer over the local limit",
+                })
+            }
+            Ok(Answer::Malformed(e)) => Err(TransportError::Rejected {
+                peer,
+                reason: format!("malformed answer: {e}"),
+            }),
+            // The request was lost with its stream, or the connection
+            // closed before its answer came.
+            Err(_) => Err(match pc.conn.close_reason() {
+                Some(e) => classify(&peer, &e),
+                None => TransportError::Closed {
+                    peer,
+                    reason: "the request was lost with its stream".into(),
+                },
+            }),
+        }
+    }
+
+    /// A request on a bi stream of its own: on a control channel (at
+    /// control priority), or too large for the requests stream.
+    async fn request_on_stream(
         &self,
         dest: &Dest,
         frame: OutFrame,
@@ -159,6 +274,117 @@ impl Transport {
             }
         });
         Ok(())
+    }
+}
+
+/// A request waiting on the requests stream: forgotten when its requester
+/// stops waiting, however that happens.
+struct Pending<'a> {
+    pc: &'a PeerConn,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.pc.forget(self.id);
+    }
+}
+
+/// Answers the peer's request `id` with `frame`: on the answers stream when
+/// it fits, else on a stream of its own ([`StreamKind::LargeAnswer`]).
+/// Waits at most [`TransportConfig::send_timeout`] for room in the send
+/// queue or for the stream.
+pub(crate) async fn answer_exchange(
+    inner: &Arc<Inner>,
+    pc: &Arc<PeerConn>,
+    id: u64,
+    frame: OutFrame,
+) -> Result<(), TransportError> {
+    let peer = Dest::from(&pc.peer);
+    let timeout = inner.config.send_timeout;
+    let closed = |reason: String| TransportError::Closed {
+        peer: peer.clone(),
+        reason,
+    };
+    if frame.fits_inline() {
+        let need = (frame::EXCHANGE_PREFIX + frame.wire_len()) as u32;
+        let permit = match pc.budget.clone().try_acquire_many_owned(need) {
+            Ok(p) => p,
+            Err(_) => {
+                match tokio::time::timeout(timeout, pc.budget.clone().acquire_many_owned(need))
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(closed("connection closing".into())),
+                    Err(_) => {
+                        return Err(TransportError::TimedOut {
+                            peer,
+                            after: timeout,
+                        });
+                    }
+                }
+            }
+        };
+        let queued = Queued {
+            item: Item::Exchange {
+                tag: ExchangeTag::Response,
+                id,
+                frame,
+            },
+            _permit: Some(permit),
+        };
+        return pc
+            .exchange_queue(inner, StreamKind::Answers)
+            .send(queued)
+            .map_err(|_| closed("connection closed".into()));
+    }
+    let work = async {
+        let mut send = pc.conn.open_uni().await.map_err(|e| classify(&peer, &e))?;
+        let mut head = [0u8; LARGE_ANSWER_HEAD];
+        head[0] = StreamKind::LargeAnswer as u8;
+        if let Some(dst) = head.get_mut(1..) {
+            dst.copy_from_slice(&id.to_le_bytes());
+        }
+        send.write_all(&head)
+            .await
+            .map_err(|e| write_error(&peer, &e))?;
+        let mut chunks = frame.stream_chunks(None);
+        send.write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| write_error(&peer, &e))?;
+        let _ = send.finish();
+        Ok::<_, TransportError>(())
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(())) => {
+            Stats::add(
+                &inner.stats.bytes_sent,
+                (LARGE_ANSWER_HEAD + frame.wire_len()) as u64,
+            );
+            if frame.is_compressed() {
+                Stats::inc(&inner.stats.messages_compressed);
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(TransportError::TimedOut {
+            peer,
+            after: timeout,
+        }),
+    }
+}
+
+/// Bytes before a large answer's frame: its kind and id.
+pub(super) const LARGE_ANSWER_HEAD: usize = 9;
+
+/// Refuses the peer's request `id` with `code` on the answers stream (its
+/// writer was started when the request arrived); nothing waits.
+pub(crate) fn refuse_exchange(pc: &PeerConn, id: u64, code: u32) {
+    if let Some(tx) = pc.answers_tx.get() {
+        let _ = tx.send(Queued {
+            item: Item::Refusal { id, code },
+            _permit: None,
+        });
     }
 }
 

@@ -116,6 +116,51 @@ fn wrong_version_is_refused() {
 }
 
 #[test]
+fn exchange_frames_round_trip_and_malformed_ones_are_refused() {
+    let frame = OutFrame::new(4, Bytes::from(vec![7u8; 3000]), 64, 1);
+    let mut wire = BytesMut::new();
+    frame.write_exchange(ExchangeTag::Response, u64::MAX - 1, &mut wire);
+    write_refusal(9, code::NO_RESPONSE, &mut wire);
+    assert_eq!(
+        wire.len(),
+        EXCHANGE_PREFIX + frame.wire_len() + LEN_PREFIX + EXCHANGE_PREFIX + 4
+    );
+    let mut reader = FrameReader::new(EXCHANGE_FRAME_MAX);
+    reader.push(&wire);
+    let x = split_exchange(reader.next_frame().unwrap().unwrap()).unwrap();
+    assert_eq!((x.tag, x.id), (ExchangeTag::Response, u64::MAX - 1));
+    let (ch, body) = decode_envelope(x.rest, &caps(1 << 20)).unwrap();
+    assert_eq!((ch, &body[..]), (4, &[7u8; 3000][..]));
+    let x = split_exchange(reader.next_frame().unwrap().unwrap()).unwrap();
+    assert_eq!((x.tag, x.id), (ExchangeTag::Refusal, 9));
+    assert_eq!(refusal_code(&x.rest), code::NO_RESPONSE);
+    assert!(!reader.has_partial());
+    // Too short, an unknown tag, a refusal without exactly a code.
+    for bad in [
+        &[1u8, 0, 0][..],
+        &[4, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+        &[3, 1, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3],
+    ] {
+        assert_eq!(
+            split_exchange(Bytes::copy_from_slice(bad)),
+            Err(DecodeError::Exchange)
+        );
+    }
+    assert!(
+        OutFrame::new(
+            1,
+            Bytes::from(vec![0u8; INLINE_FRAME_MAX - 10]),
+            usize::MAX,
+            1
+        )
+        .fits_inline()
+    );
+    assert!(
+        !OutFrame::new(1, Bytes::from(vec![0u8; INLINE_FRAME_MAX]), usize::MAX, 1).fits_inline()
+    );
+}
+
+#[test]
 fn hello_round_trips() {
     let hello = Hello {
         version: ENVELOPE_VERSION,

@@ -1,0 +1,273 @@
+//! Requests multiplexed on the long-lived requests and answers streams, on
+//! loopback with real sockets. Timeouts only bound hangs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use shoal_transport::frame::{
+    self, EXCHANGE_FRAME_MAX, ExchangeTag, FrameReader, OutFrame, StreamKind, code,
+};
+use shoal_transport::{TransportConfig, TransportError, throwaway_cluster};
+
+/// Many more small requests than the responder's stream limit are in
+/// flight at once (they take no stream each), and answers given in any
+/// order reach their own requesters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_need_no_stream_each_and_answers_find_their_requester() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, _a_in) = start(&ids[0], TransportConfig::default());
+    let mut config = TransportConfig::default();
+    // With a stream per request, at most 8 could be open at once.
+    config.max_concurrent_requests = 8;
+    let (b, mut b_in) = start(&ids[1], config);
+    let to_b = dest_of(&b);
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let (a, to_b) = (a.clone(), to_b.clone());
+        tasks.push(tokio::spawn(async move {
+            let answer = a
+                .request(&to_b, 1, Bytes::from(i.to_le_bytes().to_vec()), HANG)
+                .await
+                .unwrap();
+            (i, answer)
+        }));
+    }
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        held.push(next_message(&mut b_in).await);
+    }
+    // Answered last to first: each answer is the request's body, twice.
+    while let Some(m) = held.pop() {
+        let mut twice = m.body.to_vec();
+        twice.extend_from_slice(&m.body);
+        m.reply.unwrap().respond(Bytes::from(twice)).await.unwrap();
+    }
+    for t in tasks {
+        let (i, answer) = within(t).await.unwrap();
+        let mut want = i.to_le_bytes().to_vec();
+        want.extend_from_slice(&i.to_le_bytes());
+        assert_eq!(&answer[..], &want[..]);
+    }
+    let s = a.stats();
+    assert_eq!(s.responses_received, 200);
+    assert_eq!(s.messages_lost, 0);
+}
+
+/// An answer too large for the answers stream comes on a stream of its own,
+/// and a large request on a bi stream of its own: both arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_and_answers_take_streams_of_their_own() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, _a_in) = start(&ids[0], TransportConfig::default());
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    let to_b = dest_of(&b);
+    let big = noise(300 * 1024, 7);
+    let answerer = {
+        let big = big.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let m = next_message(&mut b_in).await;
+                let answer = if m.body.len() > 1000 {
+                    Bytes::from(m.body.len().to_le_bytes().to_vec())
+                } else {
+                    big.clone()
+                };
+                m.reply.unwrap().respond(answer).await.unwrap();
+            }
+        })
+    };
+    let answer = within(a.request(&to_b, 1, Bytes::from_static(b"big?"), HANG))
+        .await
+        .unwrap();
+    assert!(answer == big, "the large answer differs");
+    let answer = within(a.request(&to_b, 1, big.clone(), HANG))
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], &big.len().to_le_bytes()[..]);
+    within(answerer).await.unwrap();
+}
+
+/// Answers never wait behind requests: with this node's budget share full
+/// of the peer's requests that its application does not take, the answers
+/// to this node's own requests still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_arrive_while_requests_wait_for_budget() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut config = TransportConfig::default();
+    config.max_message_size = 1 << 20;
+    config.inbound_bytes = 3 << 20; // 1.5 MiB per peer
+    let (a, a_in) = start(&ids[0], config);
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    let (to_a, to_b) = (dest_of(&a), dest_of(&b));
+    // b floods a with 32 KiB requests that a's application never takes.
+    let mut flood = Vec::new();
+    for i in 0..64u32 {
+        let (b, to_a) = (b.clone(), to_a.clone());
+        flood.push(tokio::spawn(async move {
+            let _ = b.request(&to_a, 1, noise(32 * 1024, i + 1), HANG).await;
+        }));
+    }
+    let share = 3 << 19;
+    eventually("a's share of b full", || {
+        a.inbound_bytes_charged_by(b.name()) + 32 * 1024 + 64 > share
+    })
+    .await;
+    // b answers a's request.
+    let answerer = tokio::spawn(async move {
+        let m = next_message(&mut b_in).await;
+        m.reply.unwrap().respond(Bytes::from_static(b"pong")).await
+    });
+    let answer = within(a.request(&to_b, 1, Bytes::from_static(b"ping"), HANG))
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], b"pong");
+    within(answerer).await.unwrap().unwrap();
+    for t in flood {
+        t.abort();
+    }
+    drop(a_in);
+}
+
+/// A request whose connection closes fails at once, not at its timeout;
+/// one that times out leaves nothing behind, and its late answer is
+/// dropped while the next request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_end_with_their_connection_or_their_timeout() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let (a, _a_in) = start(&ids[0], TransportConfig::default());
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    let to_b = dest_of(&b);
+
+    let short = Duration::from_millis(300);
+    let err = within(a.request(&to_b, 1, Bytes::from_static(b"late"), short))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::TimedOut { .. }), "{err:?}");
+    let late = next_message(&mut b_in).await;
+    late.reply
+        .unwrap()
+        .respond(Bytes::from_static(b"too late"))
+        .await
+        .unwrap();
+    let next = {
+        let (a, to_b) = (a.clone(), to_b.clone());
+        tokio::spawn(async move { a.request(&to_b, 1, Bytes::from_static(b"next"), HANG).await })
+    };
+    let m = next_message(&mut b_in).await;
+    assert_eq!(&m.body[..], b"next");
+    m.reply
+        .unwrap()
+        .respond(Bytes::from_static(b"on time"))
+        .await
+        .unwrap();
+    assert_eq!(&within(next).await.unwrap().unwrap()[..], b"on time");
+
+    // Held unanswered; then b drops the connection.
+    let held = {
+        let (a, to_b) = (a.clone(), to_b.clone());
+        let long = Duration::from_secs(600);
+        tokio::spawn(async move { a.request(&to_b, 1, Bytes::from_static(b"held"), long).await })
+    };
+    let m = next_message(&mut b_in).await;
+    b.disconnect(a.local_addr());
+    let err = within(held).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, TransportError::Closed { .. }),
+        "not failed as closed: {err:?}"
+    );
+    drop(m);
+}
+
+/// An exchange frame: length prefix, tag, id, rest.
+fn xframe(tag: u8, id: u64, rest: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.put_u32_le((frame::EXCHANGE_PREFIX + rest.len()) as u32);
+    out.put_u8(tag);
+    out.put_u64_le(id);
+    out.put_slice(rest);
+    out.to_vec()
+}
+
+/// The envelope of a frame (without its length prefix).
+fn envelope(f: &OutFrame) -> Vec<u8> {
+    f.to_bytes()[frame::LEN_PREFIX..].to_vec()
+}
+
+/// Garbage on a requests stream is counted and dropped, requests that cannot
+/// be taken are refused by id on the answers stream, a good request in
+/// between is answered, and a frame no requests stream may carry stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_by_id_and_counted() {
+    let (_, ids) = throwaway_cluster(&["b", "x"]).unwrap();
+    let (b, mut b_in) = start(&ids[0], TransportConfig::default());
+    let (_ep, raw) = raw_client(&ids[1], &b).await;
+    let responder = tokio::spawn(async move {
+        while let Some(m) = b_in.recv_message().await {
+            if let Some(reply) = m.reply {
+                reply.respond(Bytes::from_static(b"pong")).await.unwrap();
+            }
+        }
+    });
+    let mut bad_version = OutFrame::new(3, Bytes::from_static(b"v9"), 1 << 20, 1);
+    bad_version.header.version = 9;
+    let mut lying = OutFrame::new(3, Bytes::from(vec![5u8; 5000]), 1, 1);
+    lying.header.encoding = frame::Encoding::Zstd { raw_len: 1 << 40 };
+    let good = OutFrame::new(3, Bytes::from_static(b"ping"), 1 << 20, 1);
+    let mut stream = vec![StreamKind::Requests as u8];
+    stream.extend_from_slice(&xframe(1, 1, &envelope(&bad_version)));
+    stream.extend_from_slice(&xframe(1, 2, &envelope(&lying)));
+    stream.extend_from_slice(&[3, 0, 0, 0, 1, 0, 0]); // shorter than a prefix
+    stream.extend_from_slice(&xframe(2, 3, &envelope(&good))); // not a request
+    stream.extend_from_slice(&xframe(9, 4, &envelope(&good))); // unknown tag
+    stream.extend_from_slice(&xframe(1, 7, &envelope(&good)));
+    let mut s = raw.open_uni().await.unwrap();
+    s.write_all(&stream).await.unwrap();
+
+    // b's answers stream (after its hello stream).
+    let mut answers = loop {
+        let mut r = within(raw.accept_uni()).await.unwrap();
+        let mut kind = [0u8; 1];
+        r.read_exact(&mut kind).await.unwrap();
+        if kind[0] == StreamKind::Answers as u8 {
+            break r;
+        }
+    };
+    let mut reader = FrameReader::new(EXCHANGE_FRAME_MAX);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let chunk = within(answers.read_chunk(1 << 16, true))
+            .await
+            .unwrap()
+            .expect("answers stream ended");
+        reader.push(&chunk.bytes);
+        while let Some(f) = reader.next_frame().unwrap() {
+            got.push(frame::split_exchange(f).unwrap());
+        }
+    }
+    assert_eq!((got[0].tag, got[0].id), (ExchangeTag::Refusal, 1));
+    assert_eq!(frame::refusal_code(&got[0].rest), code::PROTOCOL);
+    assert_eq!((got[1].tag, got[1].id), (ExchangeTag::Refusal, 2));
+    assert_eq!(frame::refusal_code(&got[1].rest), code::TOO_LARGE);
+    assert_eq!((got[2].tag, got[2].id), (ExchangeTag::Response, 7));
+    let caps = frame::Caps::new(1 << 20, 64, &[]);
+    let (channel, body) = frame::decode_envelope(got[2].rest.clone(), &caps).unwrap();
+    assert_eq!((channel, &body[..]), (3, &b"pong"[..]));
+
+    // A length no requests stream may carry: the stream is stopped.
+    s.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
+    let stopped = within(s.stopped()).await.unwrap();
+    assert_eq!(
+        stopped,
+        Some(quinn::VarInt::from_u32(frame::code::PROTOCOL))
+    );
+    let st = b.stats();
+    // bad version, short frame, wrong tag, unknown tag, the broken stream
+    assert!(st.frames_malformed >= 5, "{st:?}");
+    assert!(st.frames_too_large >= 1, "{st:?}");
+    assert_eq!(st.messages_received, 1, "{st:?}");
+    responder.abort();
+}
