@@ -204,12 +204,28 @@ async fn handoff(a: &Args) {
     if a.json {
         println!(
             r#"{{"bench":"cluster","case":"handoff","timing":"lan","datums":{},"nodes_before":3,"nodes_after":4,"strategy":"modn","wall_s":{:.3},"lease_wait_s":{:.3},"moved":{},"relinquished":{},"acquired":{},"notices":{},"suspicions":{},"failures":{}}}"#,
-            a.datums, wall, lease_wait, moved, relinquished, acquired, notices, suspicions, failures
+            a.datums,
+            wall,
+            lease_wait,
+            moved,
+            relinquished,
+            acquired,
+            notices,
+            suspicions,
+            failures
         );
     } else {
         println!(
             "handoff  datums {:>9}  3->4 nodes  lan  wall {:>7.3} s  (lease after {:.3} s)  moved {:>8}  relinquished {:>8}  acquired {:>8}  notices {:>8}  suspicions {}  failures {}",
-            a.datums, wall, lease_wait, moved, relinquished, acquired, notices, suspicions, failures
+            a.datums,
+            wall,
+            lease_wait,
+            moved,
+            relinquished,
+            acquired,
+            notices,
+            suspicions,
+            failures
         );
     }
     for n in nodes {

@@ -552,10 +552,12 @@ impl OutFrame {
         out.put_slice(&self.body);
     }
 
-    /// Whether the frame fits an exchange stream (its envelope is at most
-    /// [`INLINE_FRAME_MAX`] bytes).
+    /// Whether the frame fits a shared stream: the message, decompressed,
+    /// with the largest header, is at most [`INLINE_FRAME_MAX`] bytes (what
+    /// a reader of a shared stream accepts, [`Caps::inline`]), so its
+    /// envelope is too.
     pub fn fits_inline(&self) -> bool {
-        self.wire_len() - LEN_PREFIX <= INLINE_FRAME_MAX
+        self.header_raw_len() <= (INLINE_FRAME_MAX - MAX_HEADER_LEN) as u64
     }
 
     /// The frame as the chunks to write on a stream of its own: one buffer

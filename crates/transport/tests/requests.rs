@@ -58,7 +58,9 @@ async fn small_requests_need_no_stream_each_and_answers_find_their_requester() {
 }
 
 /// An answer too large for the answers stream comes on a stream of its own,
-/// and a large request on a bi stream of its own: both arrive whole.
+/// and a large request on a bi stream of its own: both arrive whole, and so
+/// do compressible ones whose compressed frame would fit a shared stream
+/// (whose reader takes at most 64 KiB decompressed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_and_answers_take_streams_of_their_own() {
     let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
@@ -78,6 +80,7 @@ async fn large_requests_and_answers_take_streams_of_their_own() {
                 };
                 m.reply.unwrap().respond(answer).await.unwrap();
             }
+            b_in
         })
     };
     let answer = within(a.request(&to_b, 1, Bytes::from_static(b"big?"), HANG))
@@ -88,7 +91,34 @@ async fn large_requests_and_answers_take_streams_of_their_own() {
         .await
         .unwrap();
     assert_eq!(&answer[..], &big.len().to_le_bytes()[..]);
+    let mut b_in = within(answerer).await.unwrap();
+
+    // 256 KiB that compress within the ratio cap to less than 64 KiB, both
+    // ways.
+    let mut text = Vec::new();
+    let mut i = 0u64;
+    while text.len() < 256 * 1024 {
+        text.extend_from_slice(format!("datum {i} value {} ;", (i * 7919) % 10007).as_bytes());
+        i += 1;
+    }
+    let squashy = Bytes::from(text);
+    let frame = OutFrame::within_ratio(1, squashy.clone(), 1024, 1, 64);
+    assert!(frame.is_compressed() && frame.wire_len() < 64 * 1024);
+    let answerer = {
+        let squashy = squashy.clone();
+        tokio::spawn(async move {
+            let m = next_message(&mut b_in).await;
+            assert!(m.body == squashy, "the compressible request differs");
+            m.reply.unwrap().respond(squashy).await.unwrap();
+        })
+    };
+    let answer = within(a.request(&to_b, 1, squashy.clone(), HANG))
+        .await
+        .unwrap();
+    assert!(answer == squashy, "the compressible answer differs");
     within(answerer).await.unwrap();
+    let s = b.stats();
+    assert_eq!((s.frames_too_large, s.frames_malformed), (0, 0), "{s:?}");
 }
 
 /// Answers never wait behind requests: with this node's budget share full
