@@ -212,6 +212,57 @@ async fn requests_end_with_their_connection_or_their_timeout() {
     drop(m);
 }
 
+/// Requests from both sides at gaps around the idle timeout, so idle
+/// closes and requests keep meeting: every request is answered (one sent
+/// as its connection starts closing goes on a new connection; one in
+/// progress holds the close until its answer came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_closes_racing_with_requests_answer_every_one() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.idle_close = Duration::from_millis(200);
+    let (a, a_in) = start(&ids[0], cfg.clone());
+    let (b, b_in) = start(&ids[1], cfg);
+    let echo = |mut inbox: shoal_transport::Incoming| {
+        tokio::spawn(async move {
+            while let Some(m) = inbox.recv_message().await {
+                if let Some(reply) = m.reply {
+                    // Answered a little later, so closes meet answers too.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        reply.respond(m.body).await
+                    });
+                }
+            }
+        })
+    };
+    let (ea, eb) = (echo(a_in), echo(b_in));
+    let mut seed = 0x2545_f491_u32;
+    for i in 0..24u32 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let gap = 120 + u64::from(seed >> 16) % 260;
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let (from, to) = if i % 2 == 0 {
+            (&a, dest_of(&b))
+        } else {
+            (&b, dest_of(&a))
+        };
+        let body = Bytes::from(i.to_le_bytes().to_vec());
+        let answer = within(from.request(&to, 1, body.clone(), HANG))
+            .await
+            .unwrap();
+        assert_eq!(answer, body);
+    }
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(sa.responses_received + sb.responses_received, 24);
+    assert!(
+        sa.connections_closed + sb.connections_closed >= 2,
+        "idle closes happened: {sa:?} {sb:?}"
+    );
+    ea.abort();
+    eb.abort();
+}
+
 /// An exchange frame: length prefix, tag, id, rest.
 fn xframe(tag: u8, id: u64, rest: &[u8]) -> Vec<u8> {
     let mut out = BytesMut::new();
