@@ -218,12 +218,40 @@ pub struct Header {
 }
 
 /// The first and only frame of a [`StreamKind::Hello`] stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// On the wire: `version: u8, instance: u64 varint` (postcard), then
+/// `features: u32 varint`. A node from before the features decodes the
+/// first two fields and ignores the rest; a hello without features (from
+/// such a node) decodes with `features` 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// [`ENVELOPE_VERSION`].
     pub version: u8,
     /// Random per process start: tells a restarted peer from a racing dial.
     pub instance: u64,
+    /// What the sender's transport speaks beyond the envelope version
+    /// ([`features`]): a node uses a feature towards a peer only if the
+    /// peer's hello names it, so that nodes of two versions can run in one
+    /// cluster (a rolling upgrade).
+    pub features: u32,
+}
+
+/// The features a [`Hello`] names.
+pub mod features {
+    /// Requests multiplexed on the requests and answers streams
+    /// ([`super::StreamKind::Requests`], [`super::StreamKind::Answers`],
+    /// [`super::StreamKind::LargeAnswer`]). Towards a peer without it, every
+    /// request takes a bi stream of its own.
+    pub const REQUEST_STREAMS: u32 = 1;
+    /// Everything this version speaks.
+    pub const ALL: u32 = REQUEST_STREAMS;
+}
+
+/// The two fields every hello starts with.
+#[derive(Serialize, Deserialize)]
+struct HelloHead {
+    version: u8,
+    instance: u64,
 }
 
 /// Why bytes from the network were refused.
@@ -649,7 +677,12 @@ pub fn decode_envelope(frame: Bytes, caps: &Caps) -> Result<(u32, Bytes), Decode
 /// Encodes a [`Hello`] as a frame.
 pub fn encode_hello(hello: &Hello) -> Bytes {
     let mut body = [0u8; 32];
-    let used = postcard::to_slice(hello, &mut body)
+    let head = HelloHead {
+        version: hello.version,
+        instance: hello.instance,
+    };
+    // Head at most 1 + 10 bytes, features at most 5: always fits.
+    let used = postcard::to_slice(&(head, hello.features), &mut body)
         .map(|s| s.len())
         .unwrap_or(0);
     let mut out = BytesMut::with_capacity(1 + LEN_PREFIX + used);
@@ -664,12 +697,25 @@ pub const MAX_HELLO_LEN: usize = 64;
 
 /// Decodes a [`Hello`] frame body.
 pub fn decode_hello(frame: &[u8]) -> Result<Hello, DecodeError> {
-    let hello: Hello =
-        postcard::from_bytes(frame).map_err(|e| DecodeError::Header(e.to_string()))?;
-    if hello.version != ENVELOPE_VERSION {
-        return Err(DecodeError::Version(hello.version));
+    let (head, rest) = postcard::take_from_bytes::<HelloHead>(frame)
+        .map_err(|e| DecodeError::Header(e.to_string()))?;
+    if head.version != ENVELOPE_VERSION {
+        return Err(DecodeError::Version(head.version));
     }
-    Ok(hello)
+    // Absent in a hello from a node without features; anything after them
+    // is a later version's and ignored.
+    let features = if rest.is_empty() {
+        0
+    } else {
+        postcard::take_from_bytes::<u32>(rest)
+            .map_err(|e| DecodeError::Header(e.to_string()))?
+            .0
+    };
+    Ok(Hello {
+        version: head.version,
+        instance: head.instance,
+        features,
+    })
 }
 
 /// Splits a byte stream of length-prefixed frames back into frames.

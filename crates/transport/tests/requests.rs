@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use shoal_transport::frame::{
     self, EXCHANGE_FRAME_MAX, ExchangeTag, FrameReader, OutFrame, StreamKind, code,
 };
-use shoal_transport::{TransportConfig, TransportError, throwaway_cluster};
+use shoal_transport::{Dest, NodeName, TransportConfig, TransportError, throwaway_cluster};
 
 /// Many more small requests than the responder's stream limit are in
 /// flight at once (they take no stream each), and answers given in any
@@ -351,4 +351,81 @@ async fn malformed_requests_are_refused_by_id_and_counted() {
     assert!(st.frames_too_large >= 1, "{st:?}");
     assert_eq!(st.messages_received, 1, "{st:?}");
     responder.abort();
+}
+
+/// Towards a peer whose hello does not name the requests streams (a node of
+/// the version before them, in a rolling upgrade) every request takes a bi
+/// stream of its own; towards one that names them, the requests stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_requests_streams_gets_a_stream_per_request() {
+    let (_, ids) = throwaway_cluster(&["b", "x", "y"]).unwrap();
+    let (b, _b_in) = start(&ids[0], TransportConfig::default());
+    // x says hello as a node before the features did: two fields.
+    let (ep_x, x) = raw_connect(&ids[1], &b).await;
+    let mut old = vec![StreamKind::Hello as u8];
+    old.extend_from_slice(&2u32.to_le_bytes());
+    old.extend_from_slice(&[frame::ENVELOPE_VERSION, 42]);
+    send_uni(&x, &old).await;
+    eventually("x admitted", || {
+        b.peers().iter().any(|p| p.name.as_str() == "x")
+    })
+    .await;
+    let old_node = tokio::spawn(async move {
+        let (mut send, mut recv) = x.accept_bi().await.unwrap();
+        let request = recv.read_to_end(1000).await.unwrap();
+        assert_eq!(request[0], StreamKind::Request as u8);
+        let caps = frame::Caps::new(1 << 20, 64, &[]);
+        let (channel, body) = frame::decode_envelope(
+            Bytes::copy_from_slice(&request[1 + frame::LEN_PREFIX..]),
+            &caps,
+        )
+        .unwrap();
+        assert_eq!((channel, &body[..]), (1, &b"hi"[..]));
+        let answer = OutFrame::new(1, Bytes::from_static(b"old"), 1 << 20, 1);
+        send.write_all(&answer.to_bytes()).await.unwrap();
+        send.finish().unwrap();
+        x
+    });
+    let to_x = Dest::node(NodeName::new("x").unwrap(), ep_x.local_addr().unwrap());
+    let answer = within(b.request(&to_x, 1, Bytes::from_static(b"hi"), HANG))
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], b"old");
+    let _x = within(old_node).await.unwrap();
+
+    // y names them: b's request comes on its requests stream.
+    let (ep_y, y) = raw_client(&ids[2], &b).await;
+    eventually("y admitted", || {
+        b.peers().iter().any(|p| p.name.as_str() == "y")
+    })
+    .await;
+    let to_y = Dest::node(NodeName::new("y").unwrap(), ep_y.local_addr().unwrap());
+    let requester = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.request(&to_y, 1, Bytes::from_static(b"hi"), Duration::from_secs(5))
+                .await
+        })
+    };
+    let mut requests = loop {
+        let mut r = within(y.accept_uni()).await.unwrap();
+        let mut kind = [0u8; 1];
+        r.read_exact(&mut kind).await.unwrap();
+        if kind[0] == StreamKind::Requests as u8 {
+            break r;
+        }
+    };
+    let mut reader = FrameReader::new(EXCHANGE_FRAME_MAX);
+    let x = loop {
+        let chunk = within(requests.read_chunk(1 << 16, true))
+            .await
+            .unwrap()
+            .expect("requests stream ended");
+        reader.push(&chunk.bytes);
+        if let Some(f) = reader.next_frame().unwrap() {
+            break frame::split_exchange(f).unwrap();
+        }
+    };
+    assert_eq!(x.tag, ExchangeTag::Request);
+    requester.abort();
 }

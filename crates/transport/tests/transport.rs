@@ -830,6 +830,7 @@ async fn a_malformed_hello_closes_the_connection_and_a_second_one_is_only_counte
         &frame::encode_hello(&frame::Hello {
             version: frame::ENVELOPE_VERSION,
             instance: 43,
+            features: frame::features::ALL,
         }),
     )
     .await;

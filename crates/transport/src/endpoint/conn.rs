@@ -112,6 +112,9 @@ pub(crate) struct PeerConn {
     pub(super) pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     /// The next request id on the requests stream.
     pub(super) next_request: AtomicU64,
+    /// The features of the peer's hello ([`frame::features`]), set before
+    /// the hello moves the connection to open (0 until then).
+    pub(super) peer_features: AtomicU32,
     /// Bytes allowed in the send queue.
     pub(super) budget: Arc<Semaphore>,
     /// Requests and large one-way messages on data channels in flight at
@@ -293,6 +296,11 @@ impl PeerConn {
     /// drain barred it.
     pub(super) fn start_drain(&self) -> (Result<bool, Illegal>, bool) {
         self.apply_and(Event::Drain, |_| self.queue_tx.get().is_some())
+    }
+
+    /// Whether the peer's hello named `feature`.
+    pub(super) fn speaks(&self, feature: u32) -> bool {
+        self.peer_features.load(Ordering::SeqCst) & feature == feature
     }
 
     /// The peer's process instance, once its hello arrived.

@@ -173,6 +173,7 @@ pub(super) async fn admit(
         answers_tx: OnceLock::new(),
         pending: Mutex::new(HashMap::new()),
         next_request: AtomicU64::new(0),
+        peer_features: AtomicU32::new(0),
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
         data_streams: Arc::new(Semaphore::new(inner.config.data_streams())),
         share: inner.budgets.peer(&peer.name),
@@ -189,6 +190,7 @@ pub(super) async fn admit(
     let hello = frame::encode_hello(&frame::Hello {
         version: frame::ENVELOPE_VERSION,
         instance: inner.instance,
+        features: frame::features::ALL,
     });
     let hello_conn = conn.clone();
     tokio::spawn(async move {

@@ -211,7 +211,14 @@ pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: q
             };
             // A bad hello fails the admission; a second hello is refused.
             let applied = match hello {
-                Some(h) => pc.apply(Event::Hello(h.instance)),
+                Some(h) => {
+                    // Known before the connection is open, so every use of
+                    // it sees them. A second hello's are ignored.
+                    if pc.instance().is_none() {
+                        pc.peer_features.store(h.features, Ordering::SeqCst);
+                    }
+                    pc.apply(Event::Hello(h.instance))
+                }
                 None => {
                     let _ = pc.apply(Event::BadHello);
                     Err(Illegal)

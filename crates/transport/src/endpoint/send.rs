@@ -25,6 +25,10 @@ impl Transport {
         let mut retried = false;
         loop {
             let pc = self.connection(dest).await?;
+            if !pc.speaks(frame::features::REQUEST_STREAMS) {
+                // A peer of a version without the requests streams.
+                return self.request_on_stream(dest, frame).await;
+            }
             // Busy before the check: a graceful close that starts after it
             // waits for this request.
             let busy = pc.busy();

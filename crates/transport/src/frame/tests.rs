@@ -161,6 +161,7 @@ fn hello_round_trips() {
     let hello = Hello {
         version: ENVELOPE_VERSION,
         instance: u64::MAX,
+        features: features::ALL,
     };
     let wire = encode_hello(&hello);
     assert_eq!(wire[0], StreamKind::Hello as u8);
@@ -168,6 +169,33 @@ fn hello_round_trips() {
     reader.push(&wire[1..]);
     let frame = reader.next_frame().unwrap().unwrap();
     assert_eq!(decode_hello(&frame).unwrap(), hello);
+}
+
+/// Nodes of the version before the features and of this one understand
+/// each other's hellos.
+#[test]
+fn hellos_with_and_without_features_are_understood_both_ways() {
+    // A node without features decoded the two fields with `from_bytes`,
+    // which ignores what follows them.
+    let new = encode_hello(&Hello {
+        version: ENVELOPE_VERSION,
+        instance: 7,
+        features: features::ALL,
+    });
+    let old: (u8, u64) = postcard::from_bytes(&new[1 + LEN_PREFIX..]).unwrap();
+    assert_eq!(old, (ENVELOPE_VERSION, 7));
+    // Its hello: the two fields alone, features 0 here.
+    let old = postcard::to_allocvec(&(ENVELOPE_VERSION, 7u64)).unwrap();
+    let hello = decode_hello(&old).unwrap();
+    assert_eq!((hello.instance, hello.features), (7, 0));
+    // A later version's fields after the features are ignored.
+    let mut later = new[1 + LEN_PREFIX..].to_vec();
+    later.extend_from_slice(&[0xff, 0x01, 9]);
+    assert_eq!(decode_hello(&later).unwrap().features, features::ALL);
+    // Features cut short are malformed.
+    let mut cut = old.clone();
+    cut.push(0x80);
+    assert!(decode_hello(&cut).is_err());
 }
 
 #[test]

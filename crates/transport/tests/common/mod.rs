@@ -95,6 +95,7 @@ pub async fn raw_client(
         &frame::encode_hello(&frame::Hello {
             version: 1,
             instance: 42,
+            features: frame::features::ALL,
         }),
     )
     .await;
