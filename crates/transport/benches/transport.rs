@@ -6,8 +6,16 @@
 //! the send queue holds), request/response latency at moderate load (8
 //! requesters, one request per millisecond each) and saturated (16
 //! closed-loop requesters), handshake time (connect until both sides admitted
-//! the connection) and memory per idle connection (RSS delta over 200 idle
-//! connections, both ends in this process, divided by 200).
+//! the connection) and memory per idle connection, both ends in this process,
+//! measured twice. `idle_conn_kib`: RSS delta over 200 idle connections from
+//! 200 fresh client endpoints (bound before the measurement) to one server,
+//! divided by 200; it includes what each client endpoint pays on its first
+//! connection whatever the number of its connections (pages of quinn's
+//! endpoint receive buffer first touched, its tables' first allocations).
+//! `idle_conn_warm_kib`: the same 200 endpoints each open a second
+//! connection, to another server endpoint, while the first stays open: the
+//! RSS delta over those 200 is the cost of one more connection of an endpoint
+//! already in use (a node's endpoint holds all its connections).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -57,7 +65,7 @@ fn main() {
 }
 
 async fn run(json: bool, window: Duration) {
-    let names: Vec<String> = (0..IDLE_CONNS + 2).map(|i| format!("n{i}")).collect();
+    let names: Vec<String> = (0..IDLE_CONNS + 3).map(|i| format!("n{i}")).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let (_ca, ids) = throwaway_cluster(&name_refs).unwrap();
     let local = "127.0.0.1:0".parse().unwrap();
@@ -72,7 +80,7 @@ async fn run(json: bool, window: Duration) {
     let mut cfg = TransportConfig::default();
     cfg.socket_buffer_bytes = 256 * 1024;
     let mut clients = Vec::new();
-    for id in &ids[2..] {
+    for id in &ids[3..] {
         clients.push(Transport::bind(local, id, cfg.clone()).unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -88,6 +96,21 @@ async fn run(json: bool, window: Duration) {
     hs.sort();
     let handshake_ms = hs.iter().map(Duration::as_secs_f64).sum::<f64>() / hs.len() as f64 * 1e3;
     let idle_conn_kib = rss_after.saturating_sub(rss_before) as f64 / IDLE_CONNS as f64 / 1024.0;
+    // The same endpoints' second connections (to another server endpoint),
+    // with their first ones still open: endpoint-level memory is paid.
+    let (c, _c_in) = Transport::bind(local, &ids[2], TransportConfig::default()).unwrap();
+    let to_c = Dest::node(c.name().clone(), c.local_addr());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_before = rss_bytes();
+    for (client, _) in &clients {
+        client.connect(&to_c).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_bytes();
+    let idle_conn_warm_kib =
+        rss_after.saturating_sub(rss_before) as f64 / IDLE_CONNS as f64 / 1024.0;
+    // Back to 200 idle connections for the rest.
+    c.shutdown().await;
 
     // --- one-way throughput ---
     let received = Arc::new(AtomicU64::new(0));
@@ -193,7 +216,7 @@ async fn run(json: bool, window: Duration) {
 
     if json {
         println!(
-            "{{\"bench\":\"transport\",\"process\":\"one\",\"payload_bytes\":{PAYLOAD},\"msgs_per_s\":{msgs_per_s:.0},\"requests_per_s\":{requests_per_s:.0},\"saturated_requests_per_s\":{saturated_per_s:.0},\"saturated_p99_ms\":{saturated_p99:.3},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"handshake_ms\":{handshake_ms:.3},\"handshake_p50_ms\":{:.3},\"idle_conn_kib\":{idle_conn_kib:.1},\"idle_conns\":{IDLE_CONNS},\"window_s\":{},\"messages_lost\":{}}}",
+            "{{\"bench\":\"transport\",\"process\":\"one\",\"payload_bytes\":{PAYLOAD},\"msgs_per_s\":{msgs_per_s:.0},\"requests_per_s\":{requests_per_s:.0},\"saturated_requests_per_s\":{saturated_per_s:.0},\"saturated_p99_ms\":{saturated_p99:.3},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"handshake_ms\":{handshake_ms:.3},\"handshake_p50_ms\":{:.3},\"idle_conn_kib\":{idle_conn_kib:.1},\"idle_conn_warm_kib\":{idle_conn_warm_kib:.1},\"idle_conns\":{IDLE_CONNS},\"window_s\":{},\"messages_lost\":{}}}",
             percentile(&hs, 0.5),
             window.as_secs(),
             stats.messages_lost
@@ -215,7 +238,10 @@ async fn run(json: bool, window: Duration) {
             percentile(&hs, 0.5)
         );
         println!(
-            "  idle connection memory         {idle_conn_kib:>12.1} KiB (both ends, RSS delta / {IDLE_CONNS})"
+            "  idle connection memory         {idle_conn_kib:>12.1} KiB (both ends, RSS delta / {IDLE_CONNS}, fresh client endpoints)"
+        );
+        println!(
+            "  idle connection memory, warm   {idle_conn_warm_kib:>12.1} KiB (both ends, endpoints' second connections)"
         );
         println!(
             "  messages lost                  {:>12}",
