@@ -40,6 +40,12 @@ const GRACE: Duration = Duration::from_secs(5);
 /// stream for both ends), so an idle connection allowed 256 costs about
 /// 40 KiB more than one allowed 16.
 const INITIAL_BI_STREAMS: u32 = 16;
+/// How long a connection's writer keeps its batch (room for the messages
+/// it takes from its queue at once, grown by a burst to up to 512, about
+/// 50 KiB) while its queue stays empty; then it frees it, so a connection
+/// that carried a burst and now carries only datagrams and requests does
+/// not hold it for as long as it stays open.
+const WRITER_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 mod bind;
 mod conn;

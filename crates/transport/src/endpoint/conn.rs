@@ -39,6 +39,15 @@ impl Item {
         }
     }
 
+    /// Bytes [`Item::write_to`] appends.
+    pub(super) fn wire_len(&self) -> usize {
+        match self {
+            Self::Message(frame) => frame.wire_len(),
+            Self::Exchange { frame, .. } => frame::EXCHANGE_PREFIX + frame.wire_len(),
+            Self::Refusal { .. } => LEN_PREFIX + frame::EXCHANGE_PREFIX + 4,
+        }
+    }
+
     /// Counted in `messages_sent` (one-way messages and requests).
     pub(super) fn is_message(&self) -> bool {
         matches!(

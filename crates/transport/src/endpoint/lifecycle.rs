@@ -23,14 +23,22 @@ pub(super) async fn writer_task(
     let messages = kind == StreamKind::Messages;
     let mut stream: Option<quinn::SendStream> = None;
     // Allocated on first use: most connections (membership only) never send
-    // a one-way message, and an idle connection should cost little.
+    // a one-way message, and an idle connection should cost little. A burst
+    // grows it (up to 512 messages, about 50 KiB); it is freed once the
+    // queue stayed empty for `WRITER_RELEASE_AFTER`.
     let mut batch = Vec::new();
-    let mut buf = BytesMut::new();
     let mut state = pc.state.subscribe();
     let mut draining = false;
     loop {
+        // A timer only while the queue is empty: a writer behind a busy
+        // queue sets none.
+        let release = batch.capacity() > 0 && rx.is_empty();
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 512) => n,
+            () = tokio::time::sleep(WRITER_RELEASE_AFTER), if release => {
+                batch = Vec::new();
+                continue;
+            }
             _ = pc.conn.closed() => 0,
             _ = state.wait_for(ConnState::bars_writer), if messages && !draining => {
                 // Graceful close: take what is queued, then stop.
@@ -46,7 +54,11 @@ pub(super) async fn writer_task(
             break;
         }
         let sent = batch.iter().filter(|q| q.item.is_message()).count() as u64;
-        buf.clear();
+        // One buffer per batch, sized exactly, handed to quinn whole: none is
+        // kept between batches (a buffer split off a larger one would keep
+        // all of that one alive while the connection idles).
+        let mut buf =
+            BytesMut::with_capacity(1 + batch.iter().map(|q| q.item.wire_len()).sum::<usize>());
         if stream.is_none() {
             match pc.conn.open_uni().await {
                 Ok(s) => {
@@ -70,7 +82,7 @@ pub(super) async fn writer_task(
         }
         let len = buf.len() as u64;
         let Some(s) = stream.as_mut() else { break };
-        match s.write_chunk(buf.split().freeze()).await {
+        match s.write_chunk(buf.freeze()).await {
             Ok(()) => {
                 Stats::add(&inner.stats.messages_sent, sent);
                 Stats::add(&inner.stats.bytes_sent, len);
