@@ -763,6 +763,20 @@ impl FrameReader {
     pub fn has_partial(&self) -> bool {
         !self.buf.is_empty()
     }
+
+    /// Whether the reader holds a buffer (an allocation, empty or not).
+    pub fn holds_buffer(&self) -> bool {
+        self.buf.capacity() > 0
+    }
+
+    /// Frees the buffer when it holds no partial frame: its allocation,
+    /// shared with the frames already taken from it, is freed when they
+    /// are.
+    pub fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
 }
 
 /// Checks a received datagram and returns its payload.

@@ -270,6 +270,11 @@ pub(super) enum Pass {
     Gone,
 }
 
+/// How long a reader of a long-lived stream keeps what a burst grew (its
+/// batch of decoded messages, its frame buffer: about 140 KiB after a burst
+/// of one-way messages) once there is nothing to read.
+const READER_RELEASE_AFTER: Duration = Duration::from_secs(1);
+
 /// Reads one of the peer's long-lived streams until it ends: the shared
 /// message stream, its requests stream or its answers stream (`kind`).
 ///
@@ -318,7 +323,21 @@ pub(super) async fn read_messages(
             }
         } else {
             partial_since = None;
-            read.await
+            if ready.msgs.capacity() > 0 || reader.holds_buffer() {
+                // Nothing to read for a while: free what the last burst grew
+                // (the batch of decoded messages, the reader's buffer).
+                tokio::pin!(read);
+                match tokio::time::timeout(READER_RELEASE_AFTER, &mut read).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        ready.msgs = Vec::new();
+                        reader.release();
+                        read.await
+                    }
+                }
+            } else {
+                read.await
+            }
         };
         let n = match got {
             Ok(Some(n)) => n,

@@ -157,6 +157,23 @@ fn exchange_frames_round_trip_and_malformed_ones_are_refused() {
 }
 
 #[test]
+fn a_reader_frees_its_buffer_only_between_frames() {
+    let wire = OutFrame::new(2, Bytes::from(vec![3u8; 500]), usize::MAX, 1).to_bytes();
+    let mut reader = FrameReader::new(INLINE_FRAME_MAX);
+    reader.push(&wire[..100]);
+    reader.release();
+    assert!(reader.has_partial(), "a partial frame is kept");
+    reader.push(&wire[100..]);
+    let frame = reader.next_frame().unwrap().unwrap();
+    reader.release();
+    assert!(!reader.holds_buffer() && !reader.has_partial());
+    // The frame taken before keeps its bytes; the reader goes on.
+    assert_eq!(decode_envelope(frame, &caps(1 << 20)).unwrap().1.len(), 500);
+    reader.push(&wire);
+    assert!(reader.next_frame().unwrap().is_some());
+}
+
+#[test]
 fn hello_round_trips() {
     let hello = Hello {
         version: ENVELOPE_VERSION,
