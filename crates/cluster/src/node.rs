@@ -185,6 +185,7 @@ impl Node {
         // more than the bytes it saves on the links a cluster runs on (the
         // messages in them were compressed alone when large).
         tconfig.plain_channels = vec![wire::CH_ROUTED_BATCH];
+        tconfig.app_features = wire::features::ALL;
         let max = config.limits.max_message;
         tconfig.control_bytes = (state_cap.min(max) + notice_cap.min(max))
             .saturating_mul(4)

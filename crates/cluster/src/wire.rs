@@ -29,6 +29,18 @@ pub const CH_REFUSED: u32 = 4;
 /// [`CH_ROUTED`]) and a busy one pays the transport's per-message cost once
 /// per batch.
 pub const CH_ROUTED_BATCH: u32 = 5;
+/// Features of the facade a node announces to its peers (in the transport's
+/// hello, [`shoal_transport::TransportConfig::app_features`]); a node uses
+/// one towards a peer only if the peer announced it, so nodes of two
+/// versions can run in one cluster (a rolling upgrade).
+pub mod features {
+    /// The peer takes batches of routed messages ([`super::CH_ROUTED_BATCH`]):
+    /// towards one that does not, each routed message goes alone.
+    pub const ROUTED_BATCH: u32 = 1;
+    /// Everything this version speaks.
+    pub const ALL: u32 = ROUTED_BATCH;
+}
+
 /// User channels have this bit set; internal ones never do.
 pub const USER_CHANNEL_BIT: u32 = 0x8000_0000;
 

@@ -57,6 +57,11 @@ pub struct TransportConfig {
     /// for traffic where compressing costs more CPU than it saves (many
     /// small messages sent together on a fast network). Default empty.
     pub plain_channels: Vec<u32>,
+    /// Features of the application above the transport, announced to every
+    /// peer in the hello, for the application to read a peer's with
+    /// [`crate::Transport::peer_app_features`] before it uses one (so that
+    /// nodes of two versions can run in one cluster). Default 0.
+    pub app_features: u32,
     /// Bytes of one-way messages queued for one peer and not yet written to
     /// QUIC. A full queue makes senders wait or fail ([`WhenFull`]).
     /// Default 4 MiB; at least 64 KiB.
@@ -169,6 +174,7 @@ impl Default for TransportConfig {
             compress_min: 1024,
             compression_level: 1,
             plain_channels: Vec::new(),
+            app_features: 0,
             send_queue_bytes: 4 * 1024 * 1024,
             inbound_messages: 8192,
             inbound_bytes: 64 * 1024 * 1024,

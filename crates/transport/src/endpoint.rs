@@ -234,6 +234,14 @@ impl Transport {
             .collect()
     }
 
+    /// The application's features the peer at `dest` announced in its hello
+    /// ([`TransportConfig::app_features`]); `None` while there is no
+    /// connection to it (0 from a peer of a version without them).
+    pub fn peer_app_features(&self, dest: &Dest) -> Option<u32> {
+        self.open_connection(dest)
+            .map(|pc| pc.peer_app_features.load(Ordering::SeqCst))
+    }
+
     /// QUIC connections open right now, in either direction, duplicates
     /// included.
     pub fn open_connections(&self) -> usize {

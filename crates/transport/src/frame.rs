@@ -220,9 +220,9 @@ pub struct Header {
 /// The first and only frame of a [`StreamKind::Hello`] stream.
 ///
 /// On the wire: `version: u8, instance: u64 varint` (postcard), then
-/// `features: u32 varint`. A node from before the features decodes the
-/// first two fields and ignores the rest; a hello without features (from
-/// such a node) decodes with `features` 0.
+/// `features: u32 varint, app_features: u32 varint`. A node from before the
+/// features decodes the first two fields and ignores the rest; a hello
+/// without features (from such a node) decodes with both 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// [`ENVELOPE_VERSION`].
@@ -234,6 +234,9 @@ pub struct Hello {
     /// peer's hello names it, so that nodes of two versions can run in one
     /// cluster (a rolling upgrade).
     pub features: u32,
+    /// The application's features, for the application: the transport only
+    /// carries them ([`crate::TransportConfig::app_features`]).
+    pub app_features: u32,
 }
 
 /// The features a [`Hello`] names.
@@ -681,8 +684,8 @@ pub fn encode_hello(hello: &Hello) -> Bytes {
         version: hello.version,
         instance: hello.instance,
     };
-    // Head at most 1 + 10 bytes, features at most 5: always fits.
-    let used = postcard::to_slice(&(head, hello.features), &mut body)
+    // Head at most 1 + 10 bytes, features at most 2 × 5: always fits.
+    let used = postcard::to_slice(&(head, hello.features, hello.app_features), &mut body)
         .map(|s| s.len())
         .unwrap_or(0);
     let mut out = BytesMut::with_capacity(1 + LEN_PREFIX + used);
@@ -704,17 +707,22 @@ pub fn decode_hello(frame: &[u8]) -> Result<Hello, DecodeError> {
     }
     // Absent in a hello from a node without features; anything after them
     // is a later version's and ignored.
-    let features = if rest.is_empty() {
-        0
-    } else {
-        postcard::take_from_bytes::<u32>(rest)
-            .map_err(|e| DecodeError::Header(e.to_string()))?
-            .0
-    };
+    let mut features = [0u32; 2];
+    let mut rest = rest;
+    for f in &mut features {
+        if rest.is_empty() {
+            break;
+        }
+        let (value, after) = postcard::take_from_bytes::<u32>(rest)
+            .map_err(|e| DecodeError::Header(e.to_string()))?;
+        (*f, rest) = (value, after);
+    }
+    let [features, app_features] = features;
     Ok(Hello {
         version: head.version,
         instance: head.instance,
         features,
+        app_features,
     })
 }
 

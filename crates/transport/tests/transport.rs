@@ -831,6 +831,7 @@ async fn a_malformed_hello_closes_the_connection_and_a_second_one_is_only_counte
             version: frame::ENVELOPE_VERSION,
             instance: 43,
             features: frame::features::ALL,
+            app_features: 0,
         }),
     )
     .await;
@@ -1589,4 +1590,27 @@ async fn a_writer_that_freed_its_burst_buffers_keeps_the_order() {
     let s = a.stats();
     assert_eq!(s.messages_lost, 0, "{s:?}");
     assert_eq!(s.connections_opened, 1, "one connection throughout: {s:?}");
+}
+
+/// The application's features travel in the hello: each side reads the
+/// other's once connected, and nothing before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_features_are_read_from_the_peers_hello() {
+    let (_, ids) = throwaway_cluster(&["a", "b"]).unwrap();
+    let mut cfg = TransportConfig::default();
+    cfg.app_features = 6;
+    let (a, _a_in) = start(&ids[0], cfg);
+    let (b, mut b_in) = start(&ids[1], TransportConfig::default());
+    let (to_a, to_b) = (dest_of(&a), dest_of(&b));
+    assert_eq!(a.peer_app_features(&to_b), None);
+    within(a.send(&to_b, 1, Bytes::from_static(b"hi"), WhenFull::Wait))
+        .await
+        .unwrap();
+    next_message(&mut b_in).await;
+    assert_eq!(a.peer_app_features(&to_b), Some(0));
+    eventually("b has a's connection", || {
+        b.peer_app_features(&to_a).is_some()
+    })
+    .await;
+    assert_eq!(b.peer_app_features(&to_a), Some(6));
 }

@@ -207,19 +207,46 @@ pub(crate) async fn link_task(
     }
 }
 
-/// Sends the batch of routed messages (alone when it holds one).
+/// Sends the batch of routed messages: as one message, or each alone when
+/// it holds one or the peer does not take batches (a node of a version
+/// before them: [`wire::features::ROUTED_BATCH`]).
 async fn flush(transport: &Transport, batch: &mut Batch, node: &str, counts: &Counts) {
     let Some(dest) = batch.dest.take() else {
         return;
     };
     let messages = std::mem::take(&mut batch.messages);
     batch.bytes = 0;
-    let n = messages.len() as u64;
-    let (channel, body) = match <[Bytes; 1]>::try_from(messages) {
-        Ok([one]) => (CH_ROUTED, one),
-        Err(messages) => (CH_ROUTED_BATCH, RoutedBatch::encode(&messages)),
-    };
-    if let Err(error) = transport.send(&dest, channel, body, WhenFull::Wait).await {
+    match <[Bytes; 1]>::try_from(messages) {
+        Ok([one]) => send_routed(transport, &dest, CH_ROUTED, one, 1, node, counts).await,
+        Err(messages)
+            if transport
+                .peer_app_features(&dest)
+                .is_some_and(|f| f & wire::features::ROUTED_BATCH != 0) =>
+        {
+            let n = messages.len() as u64;
+            let body = RoutedBatch::encode(&messages);
+            send_routed(transport, &dest, CH_ROUTED_BATCH, body, n, node, counts).await;
+        }
+        Err(messages) => {
+            for one in messages {
+                send_routed(transport, &dest, CH_ROUTED, one, 1, node, counts).await;
+            }
+        }
+    }
+}
+
+/// Sends `n` routed messages as one transport message; counts them dropped
+/// (`send_failed`) if that fails.
+async fn send_routed(
+    transport: &Transport,
+    dest: &Dest,
+    channel: u32,
+    body: Bytes,
+    n: u64,
+    node: &str,
+    counts: &Counts,
+) {
+    if let Err(error) = transport.send(dest, channel, body, WhenFull::Wait).await {
         metrics::counter!("shoal_send_failures_total", "kind" => "message").increment(1);
         debug!(%node, %dest, %error, messages = n, "routed messages not sent");
         counts.dropped(DropReason::SendFailed, n);
@@ -244,6 +271,73 @@ async fn send_one(transport: &Transport, out: Out, node: &str, counts: &Counts) 
         debug!(%node, %dest, %error, what, "send failed");
         if matches!(out, Out::Message(_, CH_ROUTED, _)) {
             counts.dropped(DropReason::SendFailed, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use shoal_transport::{TransportConfig, throwaway_cluster};
+
+    use super::*;
+    use crate::wire;
+
+    /// Routed messages queued together for a peer that announced batches go
+    /// as batches; for a peer of a version without them (its hello names no
+    /// such feature), each goes alone on the routed channel.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_batches_only_for_peers_that_take_batches() {
+        let hang = Duration::from_secs(20);
+        let (_, ids) = throwaway_cluster(&["a", "new", "old"]).unwrap();
+        let local = "127.0.0.1:0".parse().unwrap();
+        let (a, _a_in) = Transport::bind(local, &ids[0], TransportConfig::default()).unwrap();
+        let mut cfg = TransportConfig::default();
+        cfg.app_features = wire::features::ALL;
+        for (id, cfg, batched) in [
+            (&ids[1], cfg, true),
+            (&ids[2], TransportConfig::default(), false),
+        ] {
+            let (peer, mut peer_in) = Transport::bind(local, id, cfg).unwrap();
+            let dest = Dest::node(peer.name().clone(), peer.local_addr());
+            tokio::time::timeout(hang, a.connect(&dest))
+                .await
+                .unwrap()
+                .unwrap();
+            let (tx, rx) = mpsc::channel(64);
+            for i in 0..20u8 {
+                tx.try_send(Out::Message(
+                    dest.clone(),
+                    CH_ROUTED,
+                    Bytes::from(vec![i; 10]),
+                ))
+                .unwrap();
+            }
+            drop(tx);
+            let counts = Arc::new(Counts::default());
+            let link = tokio::spawn(link_task(a.clone(), rx, Arc::from("a"), counts.clone()));
+            let (mut routed, mut batches) = (Vec::new(), 0);
+            while routed.len() < 20 {
+                let m = tokio::time::timeout(hang, peer_in.recv_message())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                match m.channel {
+                    CH_ROUTED => routed.push(m.body),
+                    CH_ROUTED_BATCH => {
+                        batches += 1;
+                        routed.extend(RoutedBatch::split(&m.body, 1 << 20).unwrap());
+                    }
+                    other => panic!("unexpected channel {other}"),
+                }
+            }
+            tokio::time::timeout(hang, link).await.unwrap().unwrap();
+            let want: Vec<Bytes> = (0..20u8).map(|i| Bytes::from(vec![i; 10])).collect();
+            assert_eq!(routed, want, "in order, each once");
+            assert_eq!(batches > 0, batched, "batches: {batches}");
         }
     }
 }

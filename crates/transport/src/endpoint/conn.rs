@@ -124,6 +124,8 @@ pub(crate) struct PeerConn {
     /// The features of the peer's hello ([`frame::features`]), set before
     /// the hello moves the connection to open (0 until then).
     pub(super) peer_features: AtomicU32,
+    /// The application's features of the peer's hello, likewise.
+    pub(super) peer_app_features: AtomicU32,
     /// Bytes allowed in the send queue.
     pub(super) budget: Arc<Semaphore>,
     /// Requests and large one-way messages on data channels in flight at

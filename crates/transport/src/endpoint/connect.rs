@@ -174,6 +174,7 @@ pub(super) async fn admit(
         pending: Mutex::new(HashMap::new()),
         next_request: AtomicU64::new(0),
         peer_features: AtomicU32::new(0),
+        peer_app_features: AtomicU32::new(0),
         budget: Arc::new(Semaphore::new(inner.config.send_queue_bytes)),
         data_streams: Arc::new(Semaphore::new(inner.config.data_streams())),
         share: inner.budgets.peer(&peer.name),
@@ -191,6 +192,7 @@ pub(super) async fn admit(
         version: frame::ENVELOPE_VERSION,
         instance: inner.instance,
         features: frame::features::ALL,
+        app_features: inner.config.app_features,
     });
     let hello_conn = conn.clone();
     tokio::spawn(async move {

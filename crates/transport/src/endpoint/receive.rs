@@ -216,6 +216,7 @@ pub(super) async fn handle_uni(inner: Arc<Inner>, pc: Arc<PeerConn>, mut recv: q
                     // it sees them. A second hello's are ignored.
                     if pc.instance().is_none() {
                         pc.peer_features.store(h.features, Ordering::SeqCst);
+                        pc.peer_app_features.store(h.app_features, Ordering::SeqCst);
                     }
                     pc.apply(Event::Hello(h.instance))
                 }

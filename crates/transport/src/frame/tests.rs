@@ -179,6 +179,7 @@ fn hello_round_trips() {
         version: ENVELOPE_VERSION,
         instance: u64::MAX,
         features: features::ALL,
+        app_features: u32::MAX,
     };
     let wire = encode_hello(&hello);
     assert_eq!(wire[0], StreamKind::Hello as u8);
@@ -198,17 +199,22 @@ fn hellos_with_and_without_features_are_understood_both_ways() {
         version: ENVELOPE_VERSION,
         instance: 7,
         features: features::ALL,
+        app_features: 5,
     });
     let old: (u8, u64) = postcard::from_bytes(&new[1 + LEN_PREFIX..]).unwrap();
     assert_eq!(old, (ENVELOPE_VERSION, 7));
     // Its hello: the two fields alone, features 0 here.
     let old = postcard::to_allocvec(&(ENVELOPE_VERSION, 7u64)).unwrap();
     let hello = decode_hello(&old).unwrap();
-    assert_eq!((hello.instance, hello.features), (7, 0));
+    assert_eq!(
+        (hello.instance, hello.features, hello.app_features),
+        (7, 0, 0)
+    );
     // A later version's fields after the features are ignored.
     let mut later = new[1 + LEN_PREFIX..].to_vec();
     later.extend_from_slice(&[0xff, 0x01, 9]);
-    assert_eq!(decode_hello(&later).unwrap().features, features::ALL);
+    let hello = decode_hello(&later).unwrap();
+    assert_eq!((hello.features, hello.app_features), (features::ALL, 5));
     // Features cut short are malformed.
     let mut cut = old.clone();
     cut.push(0x80);

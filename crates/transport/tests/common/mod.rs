@@ -96,6 +96,7 @@ pub async fn raw_client(
             version: 1,
             instance: 42,
             features: frame::features::ALL,
+            app_features: 0,
         }),
     )
     .await;
