@@ -319,6 +319,12 @@ impl PeerConn {
         self.state.borrow().instance()
     }
 
+    /// Closed, as the state knows it (the watchdog records a close QUIC
+    /// saw; a close decided here is recorded at once).
+    pub(super) fn is_closed_state(&self) -> bool {
+        matches!(*self.state.borrow(), ConnState::Closed { .. })
+    }
+
     /// Admitted, and no close under way.
     pub(super) fn is_open(&self) -> bool {
         matches!(*self.state.borrow(), ConnState::Open { .. })

@@ -181,6 +181,9 @@ pub(super) async fn watchdog(inner: Arc<Inner>, pc: Arc<PeerConn>) {
         }
     };
     pc.ended(reason.clone());
+    // Requests waiting for an answer on it fail now (after the state says
+    // closed: a request registered later sees that instead).
+    lock(&pc.pending).clear();
     remove_from_table(&inner, &pc);
     Stats::inc(&inner.stats.connections_closed);
     // The first reason known: a close decided here, or QUIC's.

@@ -67,6 +67,12 @@ impl Transport {
         let (id, answer) = pc.register();
         // Forgets the request if this future is dropped (its timeout).
         let _pending = Pending { pc, id };
+        // The watchdog fails every request waiting on a connection that
+        // closed, after it marked the connection closed: registered before
+        // that, this one is failed with them; after, it sees it here.
+        if pc.is_closed_state() {
+            return Err(self.closed_error(pc));
+        }
         let queued = Queued {
             item: Item::Exchange {
                 tag: ExchangeTag::Request,
@@ -82,11 +88,7 @@ impl Transport {
         {
             return Err(self.closed_error(pc));
         }
-        let answer = tokio::select! {
-            a = answer => a,
-            _ = pc.conn.closed() => return Err(self.closed_error(pc)),
-        };
-        match answer {
+        match answer.await {
             Ok(Answer::Body(body)) => {
                 Stats::inc(&inner.stats.responses_received);
                 Ok(body)
@@ -111,7 +113,7 @@ impl Transport {
                 reason: format!("malformed answer: {e}"),
             }),
             // The request was lost with its stream, or the connection
-            // closed before its answer came.
+            // closed before its answer came (the watchdog failed it).
             Err(_) => Err(match pc.conn.close_reason() {
                 Some(e) => classify(&peer, &e),
                 None => TransportError::Closed {
