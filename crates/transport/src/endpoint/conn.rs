@@ -228,6 +228,31 @@ impl PeerConn {
         })
     }
 
+    /// Queues a request (on the requests stream) or an answer (on the
+    /// answers stream) holding `permit` of the send queue; `Err` once the
+    /// writer stopped (the connection closed).
+    pub(super) fn queue_exchange(
+        self: &Arc<Self>,
+        inner: &Arc<Inner>,
+        tag: ExchangeTag,
+        id: u64,
+        frame: OutFrame,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), ()> {
+        let kind = if tag == ExchangeTag::Request {
+            StreamKind::Requests
+        } else {
+            StreamKind::Answers
+        };
+        let queued = Queued {
+            item: Item::Exchange { tag, id, frame },
+            _permit: Some(permit),
+        };
+        self.exchange_queue(inner, kind)
+            .send(queued)
+            .map_err(|_| ())
+    }
+
     /// A new request id and the receiver of its answer.
     pub(super) fn register(&self) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);

@@ -476,6 +476,31 @@ fn next_frame(
     }
 }
 
+/// The next exchange frame buffered in `reader` that a stream of `kind`
+/// may carry (requests on a requests stream, answers and refusals on an
+/// answers stream); others are counted as malformed and skipped (the
+/// framing holds). `Err` with the pass's end when the framing is lost.
+fn next_exchange(
+    inner: &Inner,
+    pc: &PeerConn,
+    reader: &mut FrameReader,
+    partial_since: &mut Option<Instant>,
+    kind: StreamKind,
+) -> Result<Option<frame::Exchange>, Pass> {
+    while let Some(f) = next_frame(inner, pc, reader, partial_since)? {
+        match frame::split_exchange(f) {
+            Ok(x) if (x.tag == ExchangeTag::Request) == (kind == StreamKind::Requests) => {
+                return Ok(Some(x));
+            }
+            Ok(_) | Err(_) => {
+                count_decode_error(inner, &DecodeError::Exchange);
+                debug!(peer = %pc.peer, ?kind, "malformed exchange frame dropped");
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Decodes the whole request frames buffered in `reader` into `ready`,
 /// charging each; a request that cannot be taken is refused on the answers
 /// stream (the framing holds, so the stream goes on).
@@ -487,18 +512,10 @@ pub(super) async fn decode_requests(
     partial_since: &mut Option<Instant>,
 ) -> Pass {
     loop {
-        let f = match next_frame(inner, pc, reader, partial_since) {
-            Ok(Some(f)) => f,
+        let x = match next_exchange(inner, pc, reader, partial_since, StreamKind::Requests) {
+            Ok(Some(x)) => x,
             Ok(None) => return Pass::More,
             Err(pass) => return pass,
-        };
-        let x = match frame::split_exchange(f) {
-            Ok(x) if x.tag == ExchangeTag::Request => x,
-            Ok(_) | Err(_) => {
-                count_decode_error(inner, &DecodeError::Exchange);
-                debug!(peer = %pc.peer, "malformed frame on the requests stream dropped");
-                continue;
-            }
         };
         // Refusals and answers go out on this writer: start it now, so a
         // responder dropped anywhere can queue its refusal without a task.
@@ -567,18 +584,10 @@ pub(super) fn decode_answers(
     partial_since: &mut Option<Instant>,
 ) -> Pass {
     loop {
-        let f = match next_frame(inner, pc, reader, partial_since) {
-            Ok(Some(f)) => f,
+        let x = match next_exchange(inner, pc, reader, partial_since, StreamKind::Answers) {
+            Ok(Some(x)) => x,
             Ok(None) => return Pass::More,
             Err(pass) => return pass,
-        };
-        let x = match frame::split_exchange(f) {
-            Ok(x) if x.tag != ExchangeTag::Request => x,
-            Ok(_) | Err(_) => {
-                count_decode_error(inner, &DecodeError::Exchange);
-                debug!(peer = %pc.peer, "malformed frame on the answers stream dropped");
-                continue;
-            }
         };
         let answer = if x.tag == ExchangeTag::Refusal {
             Answer::Refused(frame::refusal_code(&x.rest))

@@ -73,17 +73,8 @@ impl Transport {
         if pc.is_closed_state() {
             return Err(self.closed_error(pc));
         }
-        let queued = Queued {
-            item: Item::Exchange {
-                tag: ExchangeTag::Request,
-                id,
-                frame,
-            },
-            _permit: Some(permit),
-        };
         if pc
-            .exchange_queue(inner, StreamKind::Requests)
-            .send(queued)
+            .queue_exchange(inner, ExchangeTag::Request, id, frame, permit)
             .is_err()
         {
             return Err(self.closed_error(pc));
@@ -331,18 +322,9 @@ pub(crate) async fn answer_exchange(
                 }
             }
         };
-        let queued = Queued {
-            item: Item::Exchange {
-                tag: ExchangeTag::Response,
-                id,
-                frame,
-            },
-            _permit: Some(permit),
-        };
         return pc
-            .exchange_queue(inner, StreamKind::Answers)
-            .send(queued)
-            .map_err(|_| closed("connection closed".into()));
+            .queue_exchange(inner, ExchangeTag::Response, id, frame, permit)
+            .map_err(|()| closed("connection closed".into()));
     }
     let work = async {
         let mut send = pc.conn.open_uni().await.map_err(|e| classify(&peer, &e))?;
