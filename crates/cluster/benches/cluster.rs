@@ -201,31 +201,14 @@ async fn handoff(a: &Args) {
         suspicions += s.membership.suspicions - m.suspicions;
         failures += s.membership.failures - m.failures;
     }
+    let datums = a.datums;
     if a.json {
         println!(
-            r#"{{"bench":"cluster","case":"handoff","timing":"lan","datums":{},"nodes_before":3,"nodes_after":4,"strategy":"modn","wall_s":{:.3},"lease_wait_s":{:.3},"moved":{},"relinquished":{},"acquired":{},"notices":{},"suspicions":{},"failures":{}}}"#,
-            a.datums,
-            wall,
-            lease_wait,
-            moved,
-            relinquished,
-            acquired,
-            notices,
-            suspicions,
-            failures
+            r#"{{"bench":"cluster","case":"handoff","timing":"lan","datums":{datums},"nodes_before":3,"nodes_after":4,"strategy":"modn","wall_s":{wall:.3},"lease_wait_s":{lease_wait:.3},"moved":{moved},"relinquished":{relinquished},"acquired":{acquired},"notices":{notices},"suspicions":{suspicions},"failures":{failures}}}"#
         );
     } else {
         println!(
-            "handoff  datums {:>9}  3->4 nodes  lan  wall {:>7.3} s  (lease after {:.3} s)  moved {:>8}  relinquished {:>8}  acquired {:>8}  notices {:>8}  suspicions {}  failures {}",
-            a.datums,
-            wall,
-            lease_wait,
-            moved,
-            relinquished,
-            acquired,
-            notices,
-            suspicions,
-            failures
+            "handoff  datums {datums:>9}  3->4 nodes  lan  wall {wall:>7.3} s  (lease after {lease_wait:.3} s)  moved {moved:>8}  relinquished {relinquished:>8}  acquired {acquired:>8}  notices {notices:>8}  suspicions {suspicions}  failures {failures}"
         );
     }
     for n in nodes {
