@@ -400,17 +400,11 @@ pub(super) async fn decode_buffered(
     partial_since: &mut Option<Instant>,
 ) -> Pass {
     loop {
-        let f = match reader.next_frame() {
+        let f = match next_frame(inner, pc, reader, partial_since) {
             Ok(Some(f)) => f,
             Ok(None) => return Pass::More,
-            Err(e) => {
-                // The framing is lost: nothing after this can be trusted.
-                Stats::inc(&inner.stats.frames_malformed);
-                warn!(peer = %pc.peer, error = %e, "broken message stream stopped");
-                return Pass::Stop(code::PROTOCOL);
-            }
+            Err(pass) => return pass,
         };
-        *partial_since = None;
         let inspected = match frame::inspect(&f, f.len(), |ch| inner.caps.inline(ch)) {
             Ok(i) => i,
             Err(e @ (DecodeError::TooLarge { .. } | DecodeError::Ratio { .. })) => {
@@ -425,17 +419,11 @@ pub(super) async fn decode_buffered(
             }
         };
         let want = inspected.size + MESSAGE_OVERHEAD;
-        if !inner.budgets.try_add(&mut ready.charge, want) {
-            // The budget may be full of what this reader decoded: hand that
-            // over first, then wait for room.
-            if deliver_all(inner, ready).await.is_err() {
-                return Pass::Gone;
-            }
-            let channel = inspected.header.channel;
-            match charge_message(inner, pc, Class::Data, channel, want).await {
-                Some(c) => ready.charge = c,
-                None => return Pass::Gone,
-            }
+        if charge_ready(inner, pc, ready, inspected.header.channel, want)
+            .await
+            .is_err()
+        {
+            return Pass::Gone;
         }
         match frame::decode_body(f, &inspected) {
             Ok(body) => ready.msgs.push(Message {
@@ -451,6 +439,27 @@ pub(super) async fn decode_buffered(
             }
         }
     }
+}
+
+/// Adds a frame of `want` bytes on `channel` to the charge of `ready`; when
+/// the budget has no room, hands over what `ready` holds first (the budget
+/// may be full of it), then waits for room. `Err` when the application is
+/// gone.
+async fn charge_ready(
+    inner: &Inner,
+    pc: &PeerConn,
+    ready: &mut Ready,
+    channel: u32,
+    want: usize,
+) -> Result<(), ()> {
+    if inner.budgets.try_add(&mut ready.charge, want) {
+        return Ok(());
+    }
+    deliver_all(inner, ready).await?;
+    ready.charge = charge_message(inner, pc, Class::Data, channel, want)
+        .await
+        .ok_or(())?;
+    Ok(())
 }
 
 /// Takes the next whole frame buffered in `reader`; `Err` with the pass's
@@ -535,19 +544,12 @@ pub(super) async fn decode_requests(
             }
         };
         let want = inspected.size + MESSAGE_OVERHEAD;
-        if !inner.budgets.try_add(&mut ready.charge, want) {
-            if deliver_all(inner, ready).await.is_err() {
-                refuse_exchange(pc, x.id, code::GONE);
-                return Pass::Gone;
-            }
-            let channel = inspected.header.channel;
-            match charge_message(inner, pc, Class::Data, channel, want).await {
-                Some(c) => ready.charge = c,
-                None => {
-                    refuse_exchange(pc, x.id, code::GONE);
-                    return Pass::Gone;
-                }
-            }
+        if charge_ready(inner, pc, ready, inspected.header.channel, want)
+            .await
+            .is_err()
+        {
+            refuse_exchange(pc, x.id, code::GONE);
+            return Pass::Gone;
         }
         match frame::decode_body(x.rest, &inspected) {
             Ok(body) => ready.msgs.push(Message {
