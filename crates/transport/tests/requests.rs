@@ -273,6 +273,36 @@ fn xframe(tag: u8, id: u64, rest: &[u8]) -> Vec<u8> {
     out.to_vec()
 }
 
+/// The first uni stream of `kind` the server opens to the raw client
+/// `conn` (after its hello stream, say), its kind byte read.
+async fn accept_stream(conn: &quinn::Connection, kind: StreamKind) -> quinn::RecvStream {
+    loop {
+        let mut r = within(conn.accept_uni()).await.unwrap();
+        let mut first = [0u8; 1];
+        r.read_exact(&mut first).await.unwrap();
+        if first[0] == kind as u8 {
+            return r;
+        }
+    }
+}
+
+/// At least `n` exchange frames read from `recv`, split.
+async fn read_exchanges(recv: &mut quinn::RecvStream, n: usize) -> Vec<frame::Exchange> {
+    let mut reader = FrameReader::new(EXCHANGE_FRAME_MAX);
+    let mut got = Vec::new();
+    while got.len() < n {
+        let chunk = within(recv.read_chunk(1 << 16, true))
+            .await
+            .unwrap()
+            .expect("stream ended");
+        reader.push(&chunk.bytes);
+        while let Some(f) = reader.next_frame().unwrap() {
+            got.push(frame::split_exchange(f).unwrap());
+        }
+    }
+    got
+}
+
 /// The envelope of a frame (without its length prefix).
 fn envelope(f: &OutFrame) -> Vec<u8> {
     f.to_bytes()[frame::LEN_PREFIX..].to_vec()
@@ -308,27 +338,8 @@ async fn malformed_requests_are_refused_by_id_and_counted() {
     let mut s = raw.open_uni().await.unwrap();
     s.write_all(&stream).await.unwrap();
 
-    // b's answers stream (after its hello stream).
-    let mut answers = loop {
-        let mut r = within(raw.accept_uni()).await.unwrap();
-        let mut kind = [0u8; 1];
-        r.read_exact(&mut kind).await.unwrap();
-        if kind[0] == StreamKind::Answers as u8 {
-            break r;
-        }
-    };
-    let mut reader = FrameReader::new(EXCHANGE_FRAME_MAX);
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        let chunk = within(answers.read_chunk(1 << 16, true))
-            .await
-            .unwrap()
-            .expect("answers stream ended");
-        reader.push(&chunk.bytes);
-        while let Some(f) = reader.next_frame().unwrap() {
-            got.push(frame::split_exchange(f).unwrap());
-        }
-    }
+    let mut answers = accept_stream(&raw, StreamKind::Answers).await;
+    let got = read_exchanges(&mut answers, 3).await;
     assert_eq!((got[0].tag, got[0].id), (ExchangeTag::Refusal, 1));
     assert_eq!(frame::refusal_code(&got[0].rest), code::PROTOCOL);
     assert_eq!((got[1].tag, got[1].id), (ExchangeTag::Refusal, 2));
@@ -407,25 +418,8 @@ async fn a_peer_without_the_requests_streams_gets_a_stream_per_request() {
                 .await
         })
     };
-    let mut requests = loop {
-        let mut r = within(y.accept_uni()).await.unwrap();
-        let mut kind = [0u8; 1];
-        r.read_exact(&mut kind).await.unwrap();
-        if kind[0] == StreamKind::Requests as u8 {
-            break r;
-        }
-    };
-    let mut reader = FrameReader::new(EXCHANGE_FRAME_MAX);
-    let x = loop {
-        let chunk = within(requests.read_chunk(1 << 16, true))
-            .await
-            .unwrap()
-            .expect("requests stream ended");
-        reader.push(&chunk.bytes);
-        if let Some(f) = reader.next_frame().unwrap() {
-            break frame::split_exchange(f).unwrap();
-        }
-    };
-    assert_eq!(x.tag, ExchangeTag::Request);
+    let mut requests = accept_stream(&y, StreamKind::Requests).await;
+    let got = read_exchanges(&mut requests, 1).await;
+    assert_eq!(got[0].tag, ExchangeTag::Request);
     requester.abort();
 }
